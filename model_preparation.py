@@ -1,0 +1,126 @@
+"""Stage 3: choose and train the next-day temperature forecaster.
+
+Candidates are compared by time-ordered cross-validation on the training dates:
+every fold trains on earlier dates and validates on later ones, never shuffled.
+Rule: the lowest mean validation MAE wins; a candidate within ``tie_tolerance`` of
+the best counts as tied, and among tied candidates the simplest (listed first)
+wins. The winner is refitted on all training rows.
+
+Inputs:  data/train/features.csv, models/scaler.joblib (for its hash)
+Outputs: models/model.joblib  the fitted estimator with its feature list
+         models/model.json    parameters, CV scores of every candidate and of
+                              persistence, library versions, training-data hash
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+import common
+from common import FEATURES, Params, Paths, PipelineError, log
+
+STAGE = "model_preparation"
+TRAIN_COLUMNS = ["station", "target_date", "temp_today", "target", "target_ok", *FEATURES]
+
+
+def candidates(model: dict) -> dict:
+    """The estimators to compare, simplest first."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import Ridge
+
+    return {
+        "ridge": Ridge(alpha=model["ridge_alpha"]),
+        "gradient_boosting": HistGradientBoostingRegressor(
+            max_iter=model["gbr_max_iter"], learning_rate=model["gbr_learning_rate"],
+            max_leaf_nodes=model["gbr_max_leaf_nodes"], early_stopping=False, random_state=model["seed"]),
+    }
+
+
+def training_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose next-day target was really observed and not flagged, in date order."""
+    rows = table[table["target_ok"] == 1]
+    return rows.sort_values(["target_date", "station"], ignore_index=True)
+
+
+def time_folds(dates: pd.Series, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Expanding-window folds over whole dates: each validates on dates after all it trains on."""
+    from sklearn.model_selection import TimeSeriesSplit
+
+    unique = np.sort(dates.unique())
+    if len(unique) < 2 * (n_folds + 1):
+        raise PipelineError(f"only {len(unique)} training dates for model.cv_folds = {n_folds} folds")
+    position = np.searchsorted(unique, dates.to_numpy())
+    folds = []
+    for train_dates, valid_dates in TimeSeriesSplit(n_splits=n_folds).split(unique):
+        folds.append((np.flatnonzero(np.isin(position, train_dates)), np.flatnonzero(np.isin(position, valid_dates))))
+    return folds
+
+
+def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list) -> dict[str, list[float]]:
+    """Validation MAE per fold of every candidate, and of persistence on the same rows."""
+    from sklearn.base import clone
+
+    change = rows["target"] - rows["temp_today"]
+    scores: dict[str, list[float]] = {"persistence": [], **{name: [] for name in estimators}}
+    for fit_idx, valid_idx in folds:
+        fit, valid = rows.iloc[fit_idx], rows.iloc[valid_idx]
+        scores["persistence"].append(float(np.mean(np.abs(valid["target"] - valid["temp_today"]))))
+        for name, estimator in estimators.items():
+            fitted = clone(estimator).fit(fit[FEATURES], change.iloc[fit_idx])
+            scores[name].append(float(np.mean(np.abs(valid["target"] - common.forecast(fitted, valid)))))
+    return scores
+
+
+def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: float) -> str:
+    """The first candidate (simplest) whose mean CV MAE is within tie_tolerance of the best."""
+    means = {name: float(np.mean(scores[name])) for name in names}
+    best = min(means.values())
+    return next(name for name in names if means[name] <= best * (1 + tie_tolerance))
+
+
+def main(args) -> None:
+    params: Params = common.load_params(args.params)
+    paths = Paths(args.root)
+    model_params = params["model"]
+    inputs = [paths.train_features, paths.scaler]
+    common.verify_outputs_of(paths, "model_preprocessing", inputs)
+    rows = training_rows(common.read_table(paths.train_features, TRAIN_COLUMNS))
+
+    estimators = candidates(model_params)
+    folds = time_folds(rows["target_date"], model_params["cv_folds"])
+    scores = cross_validate(estimators, rows, folds)
+    chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
+    final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
+
+    record = {
+        "chosen": chosen,
+        "rule": f"lowest mean CV MAE; within {model_params['tie_tolerance']:.0%} of it the simplest candidate wins",
+        "target": "next-day temperature = temp_today + predicted change",
+        "features": FEATURES,
+        "estimator_params": {name: {k: repr(v) for k, v in est.get_params().items()}
+                             for name, est in estimators.items()},
+        "cv": {
+            "folds": len(folds),
+            "validation_dates": [[str(rows["target_date"].iloc[v].min()), str(rows["target_date"].iloc[v].max())]
+                                 for _, v in folds],
+            "mae": {name: [round(s, 4) for s in fold_scores] for name, fold_scores in scores.items()},
+            "mean_mae": {name: round(float(np.mean(s)), 4) for name, s in scores.items()},
+        },
+        "training_rows": len(rows),
+        "training_data_sha256": common.sha256_file(paths.train_features),
+        "scaler_sha256": common.sha256_file(paths.scaler),
+        "params_sha256": params.sha256,
+        "libraries": common.library_versions(),
+    }
+    common.write_joblib(paths.model, {"estimator": final, "name": chosen, "features": FEATURES})
+    common.write_json(paths.model_record, record)
+    common.record_stage(paths, STAGE, params, inputs, [paths.model, paths.model_record])
+
+    for name, mean in record["cv"]["mean_mae"].items():
+        log.info("CV MAE %-18s %.3f%s", name, mean, "  <- chosen" if name == chosen else "")
+    log.info("wrote %s (%s, %d training rows)", paths.model, chosen, len(rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run(STAGE, main, common.stage_parser(__doc__.splitlines()[0])))

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Run the four stages in order, logging each one's start, end, duration and exit status.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+STAGES=(data_creation model_preprocessing model_preparation model_testing)
+EXIT_BUSY=4
+
+usage() {
+  cat <<EOF
+Usage: ./pipeline.sh [options]
+
+Runs ${STAGES[*]} in order.
+
+Options:
+  --params FILE     parameters file passed to every stage (default: params.toml)
+  --from STAGE      start at STAGE, reusing the artifacts of the stages before it
+  --wait SECONDS    if another run holds the lock, wait up to SECONDS (default: 0, exit at once)
+  --setup-only      create .venv and install requirements.txt, then stop
+  --debug           stages print full tracebacks on errors
+  -h, --help        show this help
+
+Interpreter: \$PYTHON if set, else .venv/bin/python (created with python3, or python,
+and requirements.txt installed on first use). Logs go to logs/pipeline-<time>.log.
+Exit status: that of the first failing stage (1 internal error, 2 bad input,
+3 quality gate failed), $EXIT_BUSY if another run holds the lock, 0 on success.
+EOF
+}
+
+die() { echo "pipeline: error: $*" >&2; exit 2; }
+
+params="$ROOT/params.toml"
+from="${STAGES[0]}"
+wait_seconds=0
+setup_only=0
+stage_flags=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --params) [ $# -ge 2 ] || die "--params needs a file"; params="$2"; shift 2 ;;
+    --from) [ $# -ge 2 ] || die "--from needs a stage"; from="$2"; shift 2 ;;
+    --wait) [ $# -ge 2 ] || die "--wait needs seconds"; wait_seconds="$2"; shift 2 ;;
+    --setup-only) setup_only=1; shift ;;
+    --debug) stage_flags+=(--debug); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option '$1' (see ./pipeline.sh --help)" ;;
+  esac
+done
+[[ "$wait_seconds" =~ ^[0-9]+$ ]] || die "--wait takes whole seconds, got '$wait_seconds'"
+[ -f "$params" ] || die "parameters file not found: $params"
+params="$(cd "$(dirname "$params")" && pwd)/$(basename "$params")"
+start_index=-1
+for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$from" ] && start_index=$i; done
+[ "$start_index" -ge 0 ] || die "unknown stage '$from'; stages are: ${STAGES[*]}"
+
+# The interpreter: $PYTHON as given, else the project's .venv, made on first use.
+# A marker holding the hash of requirements.txt tells whether the install finished
+# and is current, so an interrupted install is redone rather than trusted.
+setup_venv() {
+  local venv="$ROOT/.venv" marker="$ROOT/.venv/.requirements.sha256" want base
+  want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$marker" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  base="$(command -v python3 || command -v python || true)"
+  [ -n "$base" ] || die "no python3 or python on PATH; install Python 3.11 or newer"
+  "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$("$base" --version 2>&1) is too old; Python 3.11 or newer is required"
+  echo "pipeline: installing requirements.txt into .venv (once)" >&2
+  [ -x "$venv/bin/python" ] || "$base" -m venv "$venv" \
+    || die "could not create .venv (on Debian/Ubuntu: apt-get install python3-venv)"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt" \
+    || die "pip could not install requirements.txt (see the messages above)"
+  echo "$want" > "$marker"
+}
+
+if [ -n "${PYTHON:-}" ]; then
+  command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an executable"
+  py="$PYTHON"
+else
+  setup_venv
+  py="$ROOT/.venv/bin/python"
+fi
+[ "$setup_only" = 1 ] && exit 0
+
+mkdir -p "$ROOT/logs"
+log_file="$ROOT/logs/pipeline-$(date +%Y%m%d-%H%M%S)-$$.log"
+say() { printf '%s %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" | tee -a "$log_file"; }
+
+# One run at a time per project folder. flock's lock belongs to this process's
+# open file, so the kernel releases it however the run ends (SIGKILL included):
+# a killed run never leaves a stale lock behind.
+lock_file="$ROOT/logs/.pipeline.lock"
+exec 9>>"$lock_file"
+if ! flock -w "$wait_seconds" 9; then
+  holder="$(cat "$ROOT/logs/.pipeline.pid" 2>/dev/null || echo unknown)"
+  echo "pipeline: another run (pid $holder) is using $ROOT; retry later or pass --wait SECONDS" >&2
+  exit "$EXIT_BUSY"
+fi
+echo "$$" > "$ROOT/logs/.pipeline.pid"
+
+say "pipeline: start (python $("$py" -c 'import platform; print(platform.python_version())'), params $params, log $log_file)"
+pipeline_start=$(date +%s.%N)
+for stage in "${STAGES[@]:$start_index}"; do
+  say "stage $stage: start"
+  stage_start=$(date +%s.%N)
+  set +e
+  "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" 2>&1 | tee -a "$log_file"
+  status=${PIPESTATUS[0]}
+  set -e
+  duration=$(awk -v a="$stage_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  say "stage $stage: end, ${duration}s, exit $status"
+  if [ "$status" -ne 0 ]; then
+    say "pipeline: FAILED at stage $stage (exit $status); artifacts of earlier runs are unchanged. Log: $log_file"
+    exit "$status"
+  fi
+done
+total=$(awk -v a="$pipeline_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+say "pipeline: done in ${total}s. Metrics: $ROOT/models/metrics.json"

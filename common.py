@@ -104,7 +104,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "gbr_learning_rate": (float, 1e-4, 1.0),
         "gbr_max_leaf_nodes": (int, 2, 1000),
         "tie_tolerance": (float, 0.0, 0.5),
-        "seed": (int, 0, 2**32 - 1),
+        "random_state": (int, 0, 2**32 - 1),
     },
     "evaluation": {
         "gate_min_improvement": (float, -1.0, 0.9),
@@ -473,7 +473,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     except KeyboardInterrupt:
         print(f"{stage}: interrupted; earlier artifacts are unchanged", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a clear line
+    except Exception as exc:  # the one place that turns bugs into a clear line
         if args.debug:
             raise
         print(f"{stage}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

@@ -60,7 +60,7 @@ def ar1(innovations: np.ndarray, coef: np.ndarray) -> np.ndarray:
     coef**k < 1e-12; rows start already in their stationary state because the
     first ``k`` innovations are a burn-in that is dropped.
     """
-    n_rows, n_total = innovations.shape
+    n_total = innovations.shape[1]
     burn = int(np.ceil(np.log(1e-12) / np.log(coef.max())))
     n_out = n_total - burn
     if n_out <= 0:

@@ -33,7 +33,7 @@ def candidates(model: dict) -> dict:
         "ridge": Ridge(alpha=model["ridge_alpha"]),
         "gradient_boosting": HistGradientBoostingRegressor(
             max_iter=model["gbr_max_iter"], learning_rate=model["gbr_learning_rate"],
-            max_leaf_nodes=model["gbr_max_leaf_nodes"], early_stopping=False, random_state=model["seed"]),
+            max_leaf_nodes=model["gbr_max_leaf_nodes"], early_stopping=False, random_state=model["random_state"]),
     }
 
 

@@ -62,6 +62,10 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
         log.warning("%s: ignoring unexpected column(s) %s", path, ", ".join(map(repr, extra)))
     if not text.endswith("\n"):
         raise PipelineError(f"{path}: last line has no line ending; the file looks truncated")
+    separators = pd.Series(text.splitlines()).str.count(",")
+    short = ((separators < separators.iat[0]) & (separators.index > 0)).to_numpy()
+    if short.any():
+        raise PipelineError(f"{path}: line {short.argmax() + 1} has too few fields; the file looks truncated")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except pd.errors.ParserError as exc:
@@ -69,9 +73,6 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
     line = pd.RangeIndex(2, len(table) + 2)  # line 1 is the header
-    short = table[RAW_COLUMNS].isna().any(axis=1).to_numpy()
-    if short.any():
-        raise PipelineError(f"{path}: line {line[short.argmax()]} has too few fields; the file looks truncated")
     return pd.DataFrame({
         "date": _parse_dates(path, table["date"], line),
         "temperature": _parse_temperatures(path, table["temperature"], line, min_temp, max_temp),

@@ -57,7 +57,7 @@ def score(actual: np.ndarray, predicted: np.ndarray) -> dict:
     error = predicted - actual
     total = np.sum((actual - actual.mean()) ** 2)
     return {
-        "n": int(len(actual)),
+        "n": len(actual),
         "mae": round(float(np.mean(np.abs(error))), 4),
         "rmse": round(float(np.sqrt(np.mean(error**2))), 4),
         "r2": round(float(1 - np.sum(error**2) / total), 4) if total > 0 else None,

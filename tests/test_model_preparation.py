@@ -1,0 +1,61 @@
+import json
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import model_preparation, run_stage
+
+import common
+
+
+def test_folds_validate_only_on_later_dates():
+    dates = pd.Series(np.repeat(pd.date_range("2020-01-01", periods=100).astype(str), 3))
+    folds = model_preparation.time_folds(dates, 4)
+    assert len(folds) == 4
+    for fit, valid in folds:
+        assert dates.iloc[fit].max() < dates.iloc[valid].min()
+        assert set(dates.iloc[fit]).isdisjoint(dates.iloc[valid])  # a date is never split across the two
+
+
+def test_too_few_dates_for_the_folds():
+    with pytest.raises(common.PipelineError, match="only 6 training dates"):
+        model_preparation.time_folds(pd.Series([f"2020-01-0{d}" for d in range(1, 7)]), 4)
+
+
+@pytest.mark.parametrize(("ridge", "boosting", "expected"), [
+    (1.00, 0.95, "gradient_boosting"),
+    (1.00, 0.995, "ridge"),  # within the 1 % tie tolerance: the simpler model wins
+    (0.90, 1.00, "ridge"),
+])
+def test_selection_rule(ridge, boosting, expected):
+    scores = {"persistence": [2.0], "ridge": [ridge], "gradient_boosting": [boosting]}
+    assert model_preparation.choose(scores, ["ridge", "gradient_boosting"], 0.01) == expected
+
+
+def test_record_and_model_on_the_tiny_configuration(built):
+    root, _ = built
+    record = json.loads((root / "models/model.json").read_text())
+    bundle = joblib.load(root / "models/model.joblib")
+    assert bundle["name"] == record["chosen"] and bundle["features"] == common.FEATURES
+    assert set(record["cv"]["mean_mae"]) == {"persistence", "ridge", "gradient_boosting"}
+    assert all(len(v) == record["cv"]["folds"] for v in record["cv"]["mae"].values())
+    assert record["training_data_sha256"] == common.sha256_file(root / "data/train/features.csv")
+    assert record["libraries"]["scikit-learn"] == common.library_versions()["scikit-learn"]
+    # the chosen model beats persistence in cross-validation, not only on the test year
+    assert record["cv"]["mean_mae"][record["chosen"]] < record["cv"]["mean_mae"]["persistence"]
+
+
+def test_training_uses_only_usable_rows_in_date_order(built):
+    root, _ = built
+    table = pd.read_csv(root / "data/train/features.csv")
+    rows = model_preparation.training_rows(table)
+    assert (rows["target_ok"] == 1).all() and len(rows) < len(table)
+    assert rows["target_date"].is_monotonic_increasing
+
+
+def test_same_inputs_same_model(project):
+    root, params = project
+    before = (root / "models/model.joblib").read_bytes(), (root / "models/model.json").read_bytes()
+    assert run_stage(model_preparation, root, params) == 0
+    assert ((root / "models/model.joblib").read_bytes(), (root / "models/model.json").read_bytes()) == before

@@ -1,0 +1,159 @@
+import re
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import model_preparation, model_preprocessing, run_stage, snapshot
+
+import common
+from common import FEATURES, Paths, PipelineError
+
+GOOD = "date,temperature\n2020-01-01,1.5\n2020-01-02,\n2020-01-03,-2.0\n"
+
+
+def test_scaler_is_fitted_on_training_rows_only(built):
+    root, _ = built
+    scaler = joblib.load(root / "models/scaler.joblib")
+    train = pd.read_csv(root / "data/train/features.csv")
+    test = pd.read_csv(root / "data/test/features.csv")
+    assert list(scaler.feature_names_in_) == FEATURES
+    assert scaler.n_samples_seen_ == len(train)
+    np.testing.assert_allclose(train[FEATURES].mean(), 0, atol=1e-4)
+    np.testing.assert_allclose(train[FEATURES].std(ddof=0), 1, atol=1e-3)
+    assert not np.allclose(test[FEATURES].mean(), 0, atol=1e-3)
+
+
+def test_test_data_does_not_change_what_is_learned(project):
+    root, params = project
+    paths = Paths(root)
+    before = {p: p.read_bytes() for p in (paths.detector, paths.train_features)}
+    scaler_mean = joblib.load(paths.scaler).mean_
+    for path in paths.test_raw.glob("*.csv"):
+        raw = pd.read_csv(path)
+        raw.assign(temperature=raw["temperature"] + 7.0).to_csv(path, index=False)
+    _rerecord_raw(paths, params)
+    assert run_stage(model_preprocessing, root, params) == 0
+    assert {p: p.read_bytes() for p in before} == before
+    np.testing.assert_array_equal(joblib.load(paths.scaler).mean_, scaler_mean)
+
+
+def test_ground_truth_never_reaches_features_or_model(project):
+    root, params = project
+    paths = Paths(root)
+    for table in (paths.train_features, paths.test_features, paths.train_flags, paths.test_flags):
+        assert not set(pd.read_csv(table, nrows=1).columns) & set(common.TRUTH_COLUMNS)
+    before = snapshot(root)
+    for path in paths.truth.glob("ST*.csv"):  # scramble the truth: nothing learned may move
+        truth = pd.read_csv(path)
+        truth.assign(clean_temperature=0.0, anomaly="spike").to_csv(path, index=False)
+    assert run_stage(model_preprocessing, root, params) == 0
+    assert run_stage(model_preparation, root, params) == 0
+    after = snapshot(root)
+    learned = [k for k in before if k.startswith(("data/train/features", "data/test/features", "models/model",
+                                                  "models/scaler", "models/detector", "data/train/flags"))]
+    assert len(learned) == 7
+    assert all(after[k] == before[k] for k in learned)
+
+
+def test_features_use_no_day_after_the_forecast_day():
+    dates = pd.date_range("2020-01-01", periods=200, freq="D")
+    rng = np.random.default_rng(0)
+    values = pd.DataFrame({"A": 10 + np.cumsum(rng.normal(size=200)) * 0.3}, index=dates)
+    split = pd.DataFrame({"A": "train"}, index=dates)
+
+    def features(observed):
+        detector = model_preprocessing.learn_detector(observed, split, {"window": 5, "threshold": 3.5,
+                                                                         "stuck_run": 4})
+        flags, repaired, _ = model_preprocessing.detect(observed, detector)
+        return model_preprocessing.build_features(observed, split, flags, repaired).set_index("date")
+
+    base = features(values)
+    changed = values.copy()
+    changed.iloc[150, 0] += 25.0  # a spike on day 150
+    after = features(changed)
+    forecast_day_before = dates[149]  # the row that forecasts day 150
+    columns = [c for c in FEATURES]
+    pd.testing.assert_frame_equal(base.loc[:forecast_day_before, columns], after.loc[:forecast_day_before, columns])
+    assert base.loc[forecast_day_before, "target"] != after.loc[forecast_day_before, "target"] or \
+        after.loc[forecast_day_before, "target_ok"] == 0
+
+
+def test_detector_flags_spikes_stuck_runs_and_gaps():
+    dates = pd.date_range("2020-01-01", periods=120, freq="D")
+    rng = np.random.default_rng(2)
+    series = 10 + rng.normal(0, 1, 120)
+    series[60] += 15
+    series[80:86] = series[79]
+    series[100] = np.nan
+    observed = pd.DataFrame({"A": series}, index=dates)
+    split = pd.DataFrame({"A": "train"}, index=dates)
+    detector = model_preprocessing.learn_detector(observed, split, {"window": 5, "threshold": 3.5, "stuck_run": 4})
+    flags, repaired, _ = model_preprocessing.detect(observed, detector)
+    assert flags["A"].iloc[60] == "outlier"
+    assert (flags["A"].iloc[83:86] == "stuck").all()
+    assert flags["A"].iloc[100] == "missing"
+    assert repaired["A"].notna().iloc[10:].all()
+    assert abs(repaired["A"].iloc[60] - 10) < 3
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "empty file"),
+    (b"date,temperature\n", "header only"),
+    (b"date\n2020-01-01\n", "missing column 'temperature'"),
+    (b"date;temperature\n2020-01-01;1.0\n", "wrong delimiter"),
+    (b"date,temperature\n2020-01-01,warm\n", "line 2: temperature 'warm' is not a number"),
+    (b"date,temperature\n2020-01-01,inf\n", "line 2: temperature 'inf' is not finite"),
+    (b"date,temperature\n2020-01-01,nan\n", "line 2: temperature 'nan' is not a number"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-02,99.5\n", "line 3: temperature 99.5 °C is outside"),
+    (b"date,temperature\n2020-01-01,1\n2020-02-30,2\n", "line 3: date '2020-02-30' is not a YYYY-MM-DD date"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-01,2\n", "line 3: duplicate date 2020-01-01 (also on line 2)"),
+    (b"date,temperature\n2020-01-01,1\n\xff\xfe,2\n", "not UTF-8 text (byte 0xff"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-0", "looks truncated"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-02\n", "line 3 has too few fields"),
+])
+def test_bad_station_file_gets_one_clear_message(tmp_path, content, message):
+    path = tmp_path / "ST001.csv"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError) as caught:
+        model_preprocessing.read_station_csv(path, -90.0, 60.0)
+    assert str(path) in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_good_station_file_and_extra_column(tmp_path, caplog):
+    path = tmp_path / "ST001.csv"
+    path.write_text(GOOD)
+    table = model_preprocessing.read_station_csv(path, -90.0, 60.0)
+    assert table["temperature"].isna().sum() == 1 and len(table) == 3
+    path.write_text("date,temperature,note\n2020-01-01,1.5,ok\n2020-01-02,,\n")
+    model_preprocessing.read_station_csv(path, -90.0, 60.0)
+    assert "ignoring unexpected column(s) 'note'" in caplog.text
+
+
+def test_malformed_csv_fails_cleanly_and_changes_nothing(project, capsys):
+    root, params = project
+    bad = root / "data/train/raw/ST002.csv"
+    bad.write_text(bad.read_text().replace("\n2019-02-01,", "\n2019-02-01,abc"))
+    before = snapshot(root)
+    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = rf"model_preprocessing: error: {bad}: line \d+: temperature 'abc-?[\d.]+' is not a number"
+    assert re.fullmatch(expected, err[-1])
+    assert "Traceback" not in "\n".join(err)
+    assert snapshot(root) == before
+
+
+def test_tampered_raw_file_is_refused(project, capsys):
+    root, params = project
+    path = root / "data/train/raw/ST003.csv"
+    path.write_text(path.read_text().replace("\n2019-03-01,", "\n2019-03-01,1"))
+    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert "does not match its SHA-256 in the manifest" in capsys.readouterr().err
+
+
+def _rerecord_raw(paths: Paths, params_file) -> None:
+    """Accept hand-edited raw files as if data_creation had written them."""
+    params = common.load_params(params_file)
+    outputs = common.recorded_outputs(paths, "data_creation")
+    common.record_stage(paths, "data_creation", params, [], outputs)

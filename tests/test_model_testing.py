@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pandas as pd
+from conftest import model_testing, run_stage, snapshot, write_params
+
+import common
+
+
+def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
+    root, _ = built
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    assert {"forecast", "detector", "gate", "gate_reference", "model", "stations", "model_sha256"} <= set(metrics)
+    assert set(metrics["forecast"]) == {"truth", "observed"}
+    for reference in ("truth", "observed"):
+        trained = metrics["forecast"][reference]["trained_stations"]
+        assert set(trained) == {"model", "persistence", "climatology"}
+        assert set(trained["model"]) == {"n", "mae", "rmse", "r2"}
+        assert trained["model"]["n"] == trained["persistence"]["n"] == trained["climatology"]["n"]
+        assert trained["model"]["mae"] < trained["persistence"]["mae"] < trained["climatology"]["mae"]
+        assert "climatology" not in metrics["forecast"][reference]["holdout_stations"]
+    assert metrics["gate"]["passed"] is True
+
+
+def test_detector_scores_per_kind():
+    flags = pd.DataFrame({
+        "flag": ["outlier", "none", "outlier", "stuck", "none", "missing", "none", "outlier"],
+        "anomaly": ["spike", "spike", "none", "stuck", "drift", "missing", "none", "drift"],
+    })
+    scores = model_testing.detector_scores(flags)
+    assert scores["any"] == {"days": 5, "flagged": 4, "precision": 0.75, "recall": 0.6, "f1": 0.6667}
+    # for spikes only spike days and normal days count: 1 of 2 flags right, 1 of 2 spikes found
+    assert scores["spike"]["precision"] == 0.5 and scores["spike"]["recall"] == 0.5
+    assert scores["drift"]["recall"] == 0.5
+    assert scores["level_shift"]["recall"] is None
+
+
+def test_score_matches_definitions():
+    actual, predicted = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 3.0, 2.0])
+    assert common_score(actual, predicted) == {"n": 4, "mae": 0.75, "rmse": round(np.sqrt(5 / 4), 4), "r2": 0.0}
+
+
+def common_score(actual, predicted):
+    return model_testing.score(actual, predicted)
+
+
+def test_gate_failure_exits_3_with_a_clear_line(project, capsys):
+    root, _ = project
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+                          cv_folds=3, gate_min_improvement=0.5)
+    assert run_stage(model_testing, root, strict) == common.EXIT_GATE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("model_testing: error: quality gate failed: model MAE")
+
+
+def test_tampered_model_is_refused_before_loading(project, capsys):
+    root, params = project
+    model = root / "models/model.joblib"
+    model.write_bytes(model.read_bytes()[:-10])
+    before = snapshot(root)
+    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert "model.joblib: does not match its SHA-256 in the manifest" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+def test_model_from_another_scikit_learn_is_refused(project, capsys):
+    root, params = project
+    manifest_path = root / "models/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["stages"]["model_preparation"]["libraries"]["scikit-learn"] = "0.24.2"
+    manifest_path.write_text(json.dumps(manifest))
+    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert "written with scikit-learn 0.24.2" in capsys.readouterr().err
+
+
+def test_without_ground_truth_the_detector_is_not_scored(project):
+    root, params = project
+    for path in (root / "data/truth").glob("ST*.csv"):
+        path.unlink()
+    assert run_stage(model_testing, root, params) == 0
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    assert "skipped" in metrics["detector"] and metrics["gate_reference"] == "observed"
+    assert set(metrics["forecast"]) == {"observed"}

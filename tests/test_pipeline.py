@@ -1,0 +1,81 @@
+"""End to end: pipeline.sh on the tiny configuration in a temporary copy of the project."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY, write_params
+
+FILES = ["common.py", "data_creation.py", "model_preprocessing.py", "model_preparation.py", "model_testing.py",
+         "pipeline.sh", "params.toml", "requirements.txt"]
+
+
+@pytest.fixture
+def copy(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in FILES:
+        shutil.copy2(ROOT / name, root / name)
+    write_params(root / "tiny.toml", **TINY)
+    return root
+
+
+def pipeline(root, *args, cwd=None):
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", str(root / "pipeline.sh"), *args], cwd=cwd or root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pipeline_runs_end_to_end_from_another_directory(copy, tmp_path):
+    result = pipeline(copy, "--params", "repo/tiny.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in ("data_creation", "model_preprocessing", "model_preparation", "model_testing"):
+        assert f"stage {stage}: start" in result.stdout
+        assert f"stage {stage}: end" in result.stdout and "exit 0" in result.stdout
+    assert "Test MAE / RMSE" in result.stdout
+    logs = list((copy / "logs").glob("pipeline-*.log"))
+    assert len(logs) == 1 and "stage model_testing: end" in logs[0].read_text()
+    metrics = json.loads((copy / "models/metrics.json").read_text())
+    overall = metrics["forecast"]["truth"]["all_stations"]
+    assert overall["model"]["mae"] < overall["persistence"]["mae"]
+
+
+def test_a_failing_stage_stops_the_pipeline_with_its_exit_code(copy):
+    assert pipeline(copy, "--params", "tiny.toml").returncode == 0
+    raw = copy / "data/test/raw/ST001.csv"
+    raw.write_text(raw.read_text() + "2099-01-01,oops\n")
+    result = pipeline(copy, "--params", "tiny.toml", "--from", "model_preprocessing")
+    assert result.returncode == 2
+    assert "stage model_preprocessing: start" in result.stdout
+    assert "data_creation: start" not in result.stdout
+    assert "FAILED at stage model_preprocessing (exit 2)" in result.stdout
+    assert "stage model_preparation" not in result.stdout
+
+
+def test_help_and_bad_options():
+    help_text = subprocess.run(["bash", str(ROOT / "pipeline.sh"), "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "--from STAGE" in help_text.stdout
+    bad = subprocess.run(["bash", str(ROOT / "pipeline.sh"), "--from", "nowhere"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=sys.executable))
+    assert bad.returncode == 2 and "unknown stage 'nowhere'" in bad.stderr
+
+
+def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
+    (copy / "logs").mkdir()
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(copy / "logs/.pipeline.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = pipeline(copy, "--params", "tiny.toml")
+        assert result.returncode == 4
+        assert "another run" in result.stderr
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
+    # the holder died without cleaning up: its lock must not block the next run
+    assert pipeline(copy, "--params", "tiny.toml", "--from", "data_creation").returncode == 0

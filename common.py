@@ -264,6 +264,16 @@ class Paths:
     def manifest(self) -> Path:
         return self.models / "manifest.json"
 
+    @property
+    def accepted(self) -> Path:
+        """The last model set that passed the quality gate: the one to use."""
+        return self.models / "accepted"
+
+    @property
+    def previous(self) -> Path:
+        """The accepted set before that, restorable with model_testing.py --restore."""
+        return self.models / "previous"
+
 
 # ------------------------------------------------------------------- atomic writes
 
@@ -320,6 +330,24 @@ def write_joblib(target: Path, obj: Any) -> None:
 
     with atomic_path(target) as tmp:
         joblib.dump(obj, tmp)
+
+
+def replace_folder(staged: Path, target: Path, backup: Path | None = None) -> None:
+    """Put a fully written folder in place of ``target`` by renames only.
+
+    The old ``target`` becomes ``backup`` (replacing any older backup) or is
+    deleted. Readers never see a half-filled folder.
+    """
+    import shutil
+
+    old = backup or target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staged.rename(target)
+    _fsync_dir(target.parent)
+    if backup is None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ manifest

@@ -179,18 +179,6 @@ def write_station_files(staging: Path, climates: pd.DataFrame, dates: np.ndarray
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 
-def replace_folders(staging: Path, targets: dict[str, Path]) -> None:
-    """Swap each staged folder into place, so no run leaves old and new station files mixed."""
-    for name, target in targets.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        (staging / name).rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def main(args) -> None:
     params: Params = common.load_params(args.params)
     paths = Paths(args.root)
@@ -201,7 +189,9 @@ def main(args) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_station_files(staging, climates, dates, clean, observed, labels, data["test_days"])
-        replace_folders(staging, {"train": paths.train_raw, "test": paths.test_raw, "truth": paths.truth})
+        for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            common.replace_folder(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))

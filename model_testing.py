@@ -10,11 +10,16 @@ against the injected labels.
 
 Inputs:  data/test/features.csv, data/test/flags.csv, data/truth/*.csv,
          models/scaler.joblib, models/model.joblib, models/model.json
-Outputs: models/metrics.json, and a table on stdout.
-Exit 3 when the model's MAE does not beat persistence's (the quality gate).
+Outputs: models/metrics.json, and a table on stdout; on passing the gate, a copy of
+         the scaler, detector, model and metrics in models/accepted/ (the set
+         accepted before moves to models/previous/).
+Exit 3 when the model's MAE does not beat persistence's (the quality gate); the
+accepted model is then left as it was.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -172,9 +177,48 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def accepted_files(paths: Paths) -> list:
+    return [paths.scaler, paths.detector, paths.model, paths.model_record, paths.metrics]
+
+
+def accept(paths: Paths) -> None:
+    """Copy the model set that just passed the gate to models/accepted/.
+
+    The set accepted before it becomes models/previous/. A model that fails the
+    gate, or a run that dies before this point, never touches either folder.
+    """
+    staged = paths.models / ".accepted.new"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    sums = {}
+    for path in accepted_files(paths):
+        common.write_bytes(staged / path.name, path.read_bytes())
+        sums[path.name] = common.sha256_file(staged / path.name)
+    common.write_json(staged / "SHA256SUMS.json", sums)
+    common.replace_folder(staged, paths.accepted, backup=paths.previous)
+
+
+def restore_previous(paths: Paths) -> None:
+    """Swap models/accepted and models/previous, after checking the backup is intact."""
+    sums = common.read_json(paths.previous / "SHA256SUMS.json")
+    for name, digest in sums.items():
+        path = paths.previous / name
+        if not path.exists() or common.sha256_file(path) != digest:
+            raise PipelineError(f"{path}: missing or damaged; the backup cannot be restored")
+    swap = paths.models / ".accepted.swap"
+    shutil.rmtree(swap, ignore_errors=True)
+    paths.previous.rename(swap)
+    common.replace_folder(swap, paths.accepted, backup=paths.previous)
+    log.info("restored: %s now holds the previously accepted model (the replaced one is in %s)",
+             paths.accepted, paths.previous)
+
+
 def main(args) -> None:
-    params: Params = common.load_params(args.params)
     paths = Paths(args.root)
+    if args.restore:
+        restore_previous(paths)
+        return
+    params: Params = common.load_params(args.params)
     _, bundle, record = load_verified(paths)
     test = common.read_table(paths.test_features, TEST_COLUMNS)
     flags = common.read_table(paths.test_flags, FLAG_COLUMNS)
@@ -189,9 +233,17 @@ def main(args) -> None:
 
     print(format_table(metrics))
     if not passed:
-        raise common.GateFailed(f"quality gate failed: {verdict}")
-    log.info("quality gate passed: %s", verdict)
+        raise common.GateFailed(f"quality gate failed: {verdict}; {paths.accepted} keeps the last accepted model")
+    accept(paths)
+    log.info("quality gate passed: %s; accepted into %s", verdict, paths.accepted)
+
+
+def parser():
+    parser = common.stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--restore", action="store_true",
+                        help="swap models/accepted with models/previous (undo the last acceptance) and exit")
+    return parser
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run(STAGE, main, common.stage_parser(__doc__.splitlines()[0])))
+    raise SystemExit(common.run(STAGE, main, parser()))

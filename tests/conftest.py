@@ -41,7 +41,7 @@ def write_params(path: Path, **overrides: object) -> Path:
 
 def run_stage(module, root: Path, params: Path, *extra: str) -> int:
     """Run a stage's command line in this process; returns its exit code."""
-    parser = common.stage_parser(module.__doc__.splitlines()[0])
+    parser = module.parser() if hasattr(module, "parser") else common.stage_parser(module.__doc__.splitlines()[0])
     return common.run(module.STAGE, module.main, parser, ["--root", str(root), "--params", str(params), *extra])
 
 

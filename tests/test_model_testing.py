@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pandas as pd
-from conftest import model_testing, run_stage, snapshot, write_params
+from conftest import model_preparation, model_testing, run_stage, snapshot, write_params
 
 import common
 
@@ -81,3 +81,36 @@ def test_without_ground_truth_the_detector_is_not_scored(project):
     metrics = json.loads((root / "models/metrics.json").read_text())
     assert "skipped" in metrics["detector"] and metrics["gate_reference"] == "observed"
     assert set(metrics["forecast"]) == {"observed"}
+
+
+def _accepted(root):
+    return {p.name: p.read_bytes() for p in sorted((root / "models/accepted").iterdir())}
+
+
+def test_failed_gate_keeps_the_accepted_model_and_restore_undoes_an_acceptance(project):
+    root, params = project
+    first = _accepted(root)
+    assert "model.joblib" in first and "SHA256SUMS.json" in first
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+                          cv_folds=3, gate_min_improvement=0.5)
+    assert run_stage(model_testing, root, strict) == common.EXIT_GATE
+    assert _accepted(root) == first
+
+    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+                         cv_folds=3, ridge_alpha=5000.0, tie_tolerance=0.5)
+    assert run_stage(model_preparation, root, other) == 0
+    assert run_stage(model_testing, root, other) == 0
+    second = _accepted(root)
+    assert second["model.joblib"] != first["model.joblib"]
+    assert {p.name: p.read_bytes() for p in sorted((root / "models/previous").iterdir())} == first
+
+    assert run_stage(model_testing, root, params, "--restore") == 0
+    assert _accepted(root) == first
+
+
+def test_restore_refuses_a_damaged_backup(project, capsys):
+    root, params = project
+    assert run_stage(model_testing, root, params) == 0  # now models/previous exists
+    (root / "models/previous/model.joblib").write_bytes(b"junk")
+    assert run_stage(model_testing, root, params, "--restore") == common.EXIT_BAD_INPUT
+    assert "previous/model.joblib: missing or damaged" in capsys.readouterr().err

@@ -144,14 +144,12 @@ def simulate(data: dict, anomalies: dict) -> tuple[pd.DataFrame, np.ndarray, np.
     return climates, dates, clean, np.round(observed, 1), labels
 
 
-def split_rows(climates: pd.DataFrame, n_days: int, test_days: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per station, the (first, last) day index of its training period; empty for holdouts."""
-    holdout = (climates["role"] == "holdout").to_numpy()
-    train_end = np.where(holdout, 0, n_days - test_days)
-    return holdout, train_end
+def training_days(climates: pd.DataFrame, n_days: int, test_days: int) -> np.ndarray:
+    """Per station, how many leading days go to training; none for held-out stations."""
+    return np.where(climates["role"] == "holdout", 0, n_days - test_days)
 
 
-def station_tables(station: str, dates: np.ndarray, clean: np.ndarray, observed: np.ndarray,
+def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray,
                    labels: np.ndarray, train_end: int) -> dict[str, pd.DataFrame]:
     """The three files of one station: train and test observations, and its truth."""
     day_str = pd.Series(np.datetime_as_string(dates, unit="D"))
@@ -167,11 +165,11 @@ def station_tables(station: str, dates: np.ndarray, clean: np.ndarray, observed:
 
 def write_station_files(staging: Path, climates: pd.DataFrame, dates: np.ndarray, clean: np.ndarray,
                         observed: np.ndarray, labels: np.ndarray, test_days: int) -> None:
-    _, train_end = split_rows(climates, len(dates), test_days)
+    train_end = training_days(climates, len(dates), test_days)
     for folder in ("train", "test", "truth"):
         (staging / folder).mkdir(parents=True)
     for i, station in enumerate(climates["station"]):
-        tables = station_tables(station, dates, clean[i], observed[i], labels[i], train_end[i])
+        tables = station_tables(dates, clean[i], observed[i], labels[i], train_end[i])
         for folder, table in tables.items():
             if len(table):
                 table.to_csv(staging / folder / f"{station}.csv", index=False, lineterminator="\n",

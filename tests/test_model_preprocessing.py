@@ -157,3 +157,14 @@ def _rerecord_raw(paths: Paths, params_file) -> None:
     params = common.load_params(params_file)
     outputs = common.recorded_outputs(paths, "data_creation")
     common.record_stage(paths, "data_creation", params, [], outputs)
+
+
+def test_station_with_too_few_days_fails_cleanly_and_changes_nothing(project, capsys):
+    root, params = project
+    for split in ("train", "test"):  # the count is over the station's whole record
+        short = root / f"data/{split}/raw/ST002.csv"
+        short.write_text("".join(short.read_text().splitlines(keepends=True)[:20]))
+    before = snapshot(root)
+    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert "station ST002 has only" in capsys.readouterr().err
+    assert snapshot(root) == before

@@ -114,3 +114,12 @@ def test_restore_refuses_a_damaged_backup(project, capsys):
     (root / "models/previous/model.joblib").write_bytes(b"junk")
     assert run_stage(model_testing, root, params, "--restore") == common.EXIT_BAD_INPUT
     assert "previous/model.joblib: missing or damaged" in capsys.readouterr().err
+
+
+def test_missing_scaler_fails_cleanly_and_changes_nothing(project, capsys):
+    root, params = project
+    (root / "models/scaler.joblib").unlink()
+    before = snapshot(root)
+    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert "scaler.joblib: missing; rerun model_preprocessing.py" in capsys.readouterr().err
+    assert snapshot(root) == before

@@ -166,8 +166,8 @@ def to_calendar(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return observed, split.ffill().where(inside, "")
 
 
-def trailing_residuals(observed: pd.DataFrame, window: int) -> pd.DataFrame:
-    """Each reading minus the median of the ``window`` days before it."""
+def trailing_residuals(observed: pd.DataFrame, window: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each reading minus the median of the ``window`` days before it, and that median."""
     reference = observed.shift(1).rolling(window, min_periods=window // 2).median()
     return observed - reference, reference
 

@@ -73,7 +73,7 @@ def test_features_use_no_day_after_the_forecast_day():
     changed.iloc[150, 0] += 25.0  # a spike on day 150
     after = features(changed)
     forecast_day_before = dates[149]  # the row that forecasts day 150
-    columns = [c for c in FEATURES]
+    columns = list(FEATURES)
     pd.testing.assert_frame_equal(base.loc[:forecast_day_before, columns], after.loc[:forecast_day_before, columns])
     assert base.loc[forecast_day_before, "target"] != after.loc[forecast_day_before, "target"] or \
         after.loc[forecast_day_before, "target_ok"] == 0

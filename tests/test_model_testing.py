@@ -37,11 +37,8 @@ def test_detector_scores_per_kind():
 
 def test_score_matches_definitions():
     actual, predicted = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 3.0, 2.0])
-    assert common_score(actual, predicted) == {"n": 4, "mae": 0.75, "rmse": round(np.sqrt(5 / 4), 4), "r2": 0.0}
+    assert model_testing.score(actual, predicted) == {"n": 4, "mae": 0.75, "rmse": round(np.sqrt(5 / 4), 4), "r2": 0.0}
 
-
-def common_score(actual, predicted):
-    return model_testing.score(actual, predicted)
 
 
 def test_gate_failure_exits_3_with_a_clear_line(project, capsys):

@@ -43,10 +43,18 @@ def load_verified(paths: Paths) -> tuple:
     if record.get("scaler_sha256") != common.sha256_file(paths.scaler):
         raise PipelineError(f"{paths.model}: was trained with another scaler than {paths.scaler}; "
                             "rerun model_preparation.py")
-    scaler, bundle = joblib.load(paths.scaler), joblib.load(paths.model)
+    scaler = _load(joblib, paths.scaler, "model_preprocessing")
+    bundle = _load(joblib, paths.model, "model_preparation")
     if list(getattr(scaler, "feature_names_in_", [])) != FEATURES or bundle.get("features") != FEATURES:
         raise PipelineError(f"{paths.model}: built for other features than this code's; rerun the pipeline")
     return scaler, bundle, record
+
+
+def _load(joblib, path, stage: str):
+    try:
+        return joblib.load(path)
+    except Exception as exc:  # a file the manifest vouches for but that does not unpickle
+        raise PipelineError(f"{path}: cannot be loaded ({type(exc).__name__}); rerun {stage}.py") from None
 
 
 def load_truth(truth_dir, stations) -> pd.DataFrame | None:

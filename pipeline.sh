@@ -91,10 +91,17 @@ say() { printf '%s %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" | tee -a "$log_file
 # a killed run never leaves a stale lock behind.
 lock_file="$ROOT/logs/.pipeline.lock"
 exec 9>>"$lock_file"
-if ! flock -w "$wait_seconds" 9; then
+if ! flock -n 9; then
   holder="$(cat "$ROOT/logs/.pipeline.pid" 2>/dev/null || echo unknown)"
-  echo "pipeline: another run (pid $holder) is using $ROOT; retry later or pass --wait SECONDS" >&2
-  exit "$EXIT_BUSY"
+  if [ "$wait_seconds" -eq 0 ]; then
+    echo "pipeline: another run (pid $holder) is using $ROOT; retry later or pass --wait SECONDS" >&2
+    exit "$EXIT_BUSY"
+  fi
+  echo "pipeline: another run (pid $holder) is using $ROOT; waiting up to ${wait_seconds}s for it" >&2
+  if ! flock -w "$wait_seconds" 9; then
+    echo "pipeline: gave up after ${wait_seconds}s; the run (pid $holder) still holds $lock_file" >&2
+    exit "$EXIT_BUSY"
+  fi
 fi
 echo "$$" > "$ROOT/logs/.pipeline.pid"
 

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY, snapshot, write_params
+from conftest import ROOT, STAGES, TINY, run_stage, snapshot, write_params
 
 import common
 
@@ -29,6 +29,18 @@ def test_bad_parameters_get_one_clear_message(tmp_path, edit, message):
     with pytest.raises(common.PipelineError) as caught:
         common.load_params(path)
     assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.STAGE)
+def test_every_stage_checks_parameters_before_writing_anything(project, capsys, stage):
+    root, _ = project
+    bad = root / "bad.toml"
+    bad.write_text((root / "params.toml").read_text().replace("window = 5", "window = 500"))
+    before = snapshot(root)
+    assert run_stage(stage, root, bad) == common.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{stage.STAGE}: error: {bad}: preprocessing.window = 500 is out of range [3, 90]")
+    assert snapshot(root) == before
 
 
 def test_missing_parameters_file(tmp_path):

@@ -1,4 +1,3 @@
-import re
 
 import joblib
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
 import common
-from common import FEATURES, Paths, PipelineError
+from common import FEATURES, Paths
 
 GOOD = "date,temperature\n2020-01-01,1.5\n2020-01-02,\n2020-01-03,-2.0\n"
 
@@ -99,26 +98,42 @@ def test_detector_flags_spikes_stuck_runs_and_gaps():
 
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "empty file"),
-    (b"date,temperature\n", "header only"),
-    (b"date\n2020-01-01\n", "missing column 'temperature'"),
-    (b"date;temperature\n2020-01-01;1.0\n", "wrong delimiter"),
+    (b"date,temperature\n", "header only, no data rows"),
+    (b"date\n2020-01-01\n", "missing column 'temperature' (header is 'date')"),
+    (b"date;temperature\n2020-01-01;1.0\n", "wrong delimiter in header 'date;temperature'"),
     (b"date,temperature\n2020-01-01,warm\n", "line 2: temperature 'warm' is not a number"),
     (b"date,temperature\n2020-01-01,inf\n", "line 2: temperature 'inf' is not finite"),
     (b"date,temperature\n2020-01-01,nan\n", "line 2: temperature 'nan' is not a number"),
-    (b"date,temperature\n2020-01-01,1\n2020-01-02,99.5\n", "line 3: temperature 99.5 °C is outside"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-02,99.5\n",
+     "line 3: temperature 99.5 °C is outside the possible range [-90, 60]"),
     (b"date,temperature\n2020-01-01,1\n2020-02-30,2\n", "line 3: date '2020-02-30' is not a YYYY-MM-DD date"),
     (b"date,temperature\n2020-01-01,1\n2020-01-01,2\n", "line 3: duplicate date 2020-01-01 (also on line 2)"),
-    (b"date,temperature\n2020-01-01,1\n\xff\xfe,2\n", "not UTF-8 text (byte 0xff"),
-    (b"date,temperature\n2020-01-01,1\n2020-01-0", "looks truncated"),
-    (b"date,temperature\n2020-01-01,1\n2020-01-02\n", "line 3 has too few fields"),
+    (b"date,temperature\n2020-01-01,1\n\xff\xfe,2\n", "not UTF-8 text (byte 0xff at offset 30)"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-0", "last line has no line ending; the file looks truncated"),
+    (b"date,temperature\n2020-01-01,1\n2020-01-02\n", "line 3 has too few fields; the file looks truncated"),
 ])
-def test_bad_station_file_gets_one_clear_message(tmp_path, content, message):
-    path = tmp_path / "ST001.csv"
-    path.write_bytes(content)
-    with pytest.raises(PipelineError) as caught:
-        model_preprocessing.read_station_csv(path, -90.0, 60.0)
-    assert str(path) in str(caught.value)
-    assert message in str(caught.value)
+def test_bad_station_file_fails_with_one_line_and_changes_nothing(project, capsys, content, message):
+    root, params = project
+    bad = root / "data/train/raw/ST002.csv"
+    bad.write_bytes(content)
+    before = snapshot(root)
+    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"model_preprocessing: error: {bad}: {message}")
+    assert "Traceback" not in err
+    assert snapshot(root) == before
+
+
+def test_missing_input_folder_fails_cleanly_and_changes_nothing(project, capsys):
+    import shutil
+
+    root, params = project
+    shutil.rmtree(root / "data/test/raw")
+    before = snapshot(root)
+    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"model_preprocessing: error: {root / 'data/test/raw'}: input folder not found; run data_creation.py first")
+    assert snapshot(root) == before
 
 
 def test_good_station_file_and_extra_column(tmp_path, caplog):
@@ -129,19 +144,6 @@ def test_good_station_file_and_extra_column(tmp_path, caplog):
     path.write_text("date,temperature,note\n2020-01-01,1.5,ok\n2020-01-02,,\n")
     model_preprocessing.read_station_csv(path, -90.0, 60.0)
     assert "ignoring unexpected column(s) 'note'" in caplog.text
-
-
-def test_malformed_csv_fails_cleanly_and_changes_nothing(project, capsys):
-    root, params = project
-    bad = root / "data/train/raw/ST002.csv"
-    bad.write_text(bad.read_text().replace("\n2019-02-01,", "\n2019-02-01,abc"))
-    before = snapshot(root)
-    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
-    err = capsys.readouterr().err.strip().splitlines()
-    expected = rf"model_preprocessing: error: {bad}: line \d+: temperature 'abc-?[\d.]+' is not a number"
-    assert re.fullmatch(expected, err[-1])
-    assert "Traceback" not in "\n".join(err)
-    assert snapshot(root) == before
 
 
 def test_tampered_raw_file_is_refused(project, capsys):

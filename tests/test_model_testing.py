@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import model_preparation, model_testing, run_stage, snapshot, write_params
 
 import common
@@ -50,13 +51,36 @@ def test_gate_failure_exits_3_with_a_clear_line(project, capsys):
     assert err.startswith("model_testing: error: quality gate failed: model MAE")
 
 
-def test_tampered_model_is_refused_before_loading(project, capsys):
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _corrupt_and_rerecord(path):
+    """Damage a file and its manifest entry alike, as a disk fault before hashing would."""
+    path.write_bytes(b"\x80\x04not a pickle")
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    stage = "model_preparation" if path.name == "model.joblib" else "model_preprocessing"
+    manifest["stages"][stage]["outputs"][f"models/{path.name}"] = common.sha256_file(path)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("file", "damage", "message"), [
+    ("model.joblib", lambda p: p.unlink(), "model.joblib: missing; rerun model_preparation.py"),
+    ("scaler.joblib", lambda p: p.unlink(), "scaler.joblib: missing; rerun model_preprocessing.py"),
+    ("model.joblib", _truncate, "model.joblib: does not match its SHA-256 in the manifest"),
+    ("scaler.joblib", lambda p: p.write_bytes(b"junk"), "scaler.joblib: does not match its SHA-256"),
+    ("model.joblib", _corrupt_and_rerecord, "model.joblib: cannot be loaded (KeyError); rerun model_preparation.py"),
+    # model.json also holds the scaler's hash, which catches the damaged scaler first
+    ("scaler.joblib", _corrupt_and_rerecord, "model.joblib: was trained with another scaler than"),
+])
+def test_missing_damaged_or_corrupt_artifact_is_refused_and_nothing_changes(project, capsys, file, damage, message):
     root, params = project
-    model = root / "models/model.joblib"
-    model.write_bytes(model.read_bytes()[:-10])
+    damage(root / "models" / file)
     before = snapshot(root)
     assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
-    assert "model.joblib: does not match its SHA-256 in the manifest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
     assert snapshot(root) == before
 
 
@@ -111,12 +135,3 @@ def test_restore_refuses_a_damaged_backup(project, capsys):
     (root / "models/previous/model.joblib").write_bytes(b"junk")
     assert run_stage(model_testing, root, params, "--restore") == common.EXIT_BAD_INPUT
     assert "previous/model.joblib: missing or damaged" in capsys.readouterr().err
-
-
-def test_missing_scaler_fails_cleanly_and_changes_nothing(project, capsys):
-    root, params = project
-    (root / "models/scaler.joblib").unlink()
-    before = snapshot(root)
-    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
-    assert "scaler.joblib: missing; rerun model_preprocessing.py" in capsys.readouterr().err
-    assert snapshot(root) == before

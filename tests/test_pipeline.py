@@ -79,3 +79,42 @@ def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
         holder.wait()
     # the holder died without cleaning up: its lock must not block the next run
     assert pipeline(copy, "--params", "tiny.toml", "--from", "data_creation").returncode == 0
+
+
+def test_wait_gives_up_after_its_timeout_with_a_clear_message(copy):
+    (copy / "logs").mkdir()
+    (copy / "logs/.pipeline.pid").write_text("12345\n")
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(copy / "logs/.pipeline.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = pipeline(copy, "--params", "tiny.toml", "--wait", "1")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 4
+    assert "another run (pid 12345) is using" in result.stderr and "waiting up to 1s" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("pipeline: gave up after 1s")
+    assert not (copy / "models/metrics.json").exists()
+
+
+def test_two_runs_started_together_run_one_after_the_other(copy):
+    env = dict(os.environ, PYTHON=sys.executable)
+    command = ["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml", "--wait", "240"]
+    runs = [subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    results = [(run.returncode, out, err) for run, (out, err) in zip(runs, outputs, strict=True)]
+    assert [code for code, _, _ in results] == [0, 0], results
+    waited = [err for _, _, err in results if "waiting up to 240s" in err]
+    assert len(waited) == 1
+    # the logs show the two runs did not overlap: one started after the other was done
+    spans = []
+    for log in (copy / "logs").glob("pipeline-*.log"):
+        lines = log.read_text().splitlines()
+        assert lines[-1].split(" ", 2)[2].startswith("pipeline: done")
+        spans.append((lines[0][:19], lines[-1][:19]))
+    first, second = sorted(spans)
+    assert len(spans) == 2 and first[1] <= second[0]

@@ -46,6 +46,10 @@ FEATURES = [
     "doy_cos",
     "repaired_today",
 ]
+# The spread of the day-to-day change over the last 60 days (°C), a per-row
+# metadata column: prediction intervals are this times calibrated quantiles, so
+# a station with calm weather gets a narrow band and a stormy one a wide band.
+SPREAD_COLUMN = "change_sd60"
 # Ground-truth columns live only in data/truth; a test checks none of them
 # appears in any table a model is trained or scored on.
 TRUTH_COLUMNS = ["clean_temperature", "anomaly"]
@@ -70,17 +74,20 @@ class GateFailed(PipelineError):
 
 # --------------------------------------------------------------------------- params
 
-# Each parameter: (type, minimum, maximum) or (type, allowed values). The defaults
-# live in params.toml only, so there is exactly one place to read them.
-_RANGE = tuple[type, float | None, float | None]
+# Each parameter: (type, minimum, maximum), or (str, allowed values, None). The
+# defaults live in params.toml only, so there is exactly one place to read them.
+SIMULATION = "simulation"
 PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
+        "source": (str, None, None),
+        "test_days": (int, 30, 36_500),
+        "holdout_stations": (int, 0, 100_000),
+    },
+    "simulation": {
         "seed": (int, 0, 2**32 - 1),
         "n_stations": (int, 1, 100_000),
         "start_date": (str, None, None),
         "n_years": (int, 2, 200),
-        "test_days": (int, 30, 36_500),
-        "holdout_stations": (int, 0, 100_000),
         "clean_stations": (int, 0, 100_000),
         "heavy_stations": (int, 0, 100_000),
         "heavy_factor": (float, 1.0, 20.0),
@@ -88,6 +95,14 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "anomalies": {
         **{f"{kind}_rate": (float, 0.0, 0.2) for kind in ANOMALY_KINDS},
         **{f"{kind}_days": (list, 1, 365) for kind in ANOMALY_KINDS},
+    },
+    "import": {
+        "date_column": (str, None, None),
+        "temperature_column": (str, None, None),
+        "date_format": (str, None, None),
+        "delimiter": (str, (",", ";", "\t", "|"), None),
+        "unit": (str, ("C", "F"), None),
+        "quantity": (str, ("mean", "max", "min"), None),
     },
     "preprocessing": {
         "window": (int, 3, 90),
@@ -105,9 +120,12 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "gbr_max_leaf_nodes": (int, 2, 1000),
         "tie_tolerance": (float, 0.0, 0.5),
         "random_state": (int, 0, 2**32 - 1),
+        "interval_level": (float, 0.5, 0.99),
     },
     "evaluation": {
         "gate_min_improvement": (float, -1.0, 0.9),
+        "interval_tolerance": (float, 0.0, 0.5),
+        "report_stations": (int, 0, 50),
     },
 }
 
@@ -122,6 +140,15 @@ class Params:
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.sections[section]
+
+    @property
+    def source_folder(self) -> Path | None:
+        """The folder of the user's station files, or None to simulate.
+
+        A relative folder is taken relative to the parameters file.
+        """
+        source = self.sections["data"]["source"]
+        return None if source == SIMULATION else (self.path.parent / source).resolve()
 
 
 def load_params(path: Path | str | None = None) -> Params:
@@ -164,7 +191,12 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
             raise PipelineError(f"{where} must be {kind.__name__}, got {value!r}")
         if kind is list:
             _check_length_range(where, value, low, high)
-        elif kind is not str and not (low <= value <= high):
+        elif kind is str:
+            if low is not None and value not in low:
+                raise PipelineError(f"{where} = {value!r} must be one of {', '.join(map(repr, low))}")
+            if not value:
+                raise PipelineError(f"{where} must not be empty")
+        elif not (low <= value <= high):
             raise PipelineError(f"{where} = {value!r} is out of range [{low}, {high}]")
         checked[key] = value
     return checked
@@ -178,21 +210,24 @@ def _check_length_range(where: str, value: list, low: int, high: int) -> None:
 
 
 def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
-    data, pre = s["data"], s["preprocessing"]
+    data, sim, pre = s["data"], s["simulation"], s["preprocessing"]
     import datetime as dt
 
     try:
-        dt.date.fromisoformat(data["start_date"])
+        dt.date.fromisoformat(sim["start_date"])
     except ValueError:
-        raise PipelineError(f"{path}: data.start_date must be YYYY-MM-DD, got {data['start_date']!r}") from None
-    if data["holdout_stations"] >= data["n_stations"]:
-        raise PipelineError(f"{path}: data.holdout_stations must leave at least one training station")
-    if data["clean_stations"] + data["heavy_stations"] > data["n_stations"]:
-        raise PipelineError(f"{path}: data.clean_stations + data.heavy_stations exceed data.n_stations")
-    if data["test_days"] >= data["n_years"] * 365 - pre["min_days"]:
-        raise PipelineError(f"{path}: data.test_days leaves fewer than preprocessing.min_days training days")
+        raise PipelineError(f"{path}: simulation.start_date must be YYYY-MM-DD, got {sim['start_date']!r}") from None
     if pre["min_temp"] >= pre["max_temp"]:
         raise PipelineError(f"{path}: preprocessing.min_temp must be below preprocessing.max_temp")
+    if data["source"] != SIMULATION:
+        return  # the next checks are about the simulated stations; imported ones are checked when read
+    if data["holdout_stations"] >= sim["n_stations"]:
+        raise PipelineError(f"{path}: data.holdout_stations must leave at least one training station")
+    if sim["clean_stations"] + sim["heavy_stations"] > sim["n_stations"]:
+        raise PipelineError(f"{path}: simulation.clean_stations + simulation.heavy_stations exceed "
+                            "simulation.n_stations")
+    if data["test_days"] >= sim["n_years"] * 365 - pre["min_days"]:
+        raise PipelineError(f"{path}: data.test_days leaves fewer than preprocessing.min_days training days")
 
 
 # --------------------------------------------------------------------------- paths
@@ -219,6 +254,11 @@ class Paths:
     @property
     def truth(self) -> Path:
         return self.data / "truth"
+
+    @property
+    def source_record(self) -> Path:
+        """Where the raw data came from and, for imported files, what was dropped."""
+        return self.data / "source.json"
 
     @property
     def train_features(self) -> Path:
@@ -263,6 +303,10 @@ class Paths:
     @property
     def manifest(self) -> Path:
         return self.models / "manifest.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
 
     @property
     def accepted(self) -> Path:
@@ -368,7 +412,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for name in ("numpy", "pandas", "scikit-learn", "joblib"):
+    for name in ("numpy", "pandas", "scikit-learn", "joblib", "matplotlib"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -441,7 +485,12 @@ def recorded_outputs(paths: Paths, stage: str) -> list[Path]:
 
 
 def _rel(paths: Paths, path: Path) -> str:
-    return Path(path).resolve().relative_to(paths.root.resolve()).as_posix()
+    """A path relative to the project folder; absolute for a file outside it (imported data)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(paths.root.resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()
 
 
 # ------------------------------------------------------------------------ forecasts

@@ -1,22 +1,31 @@
-"""Stage 1: simulate daily air temperature at several weather stations.
+"""Stage 1: make the raw station files: simulate stations, or import your own.
 
-Each station has its own climate (annual mean, seasonal amplitude and phase, slow
-trend), day-to-day weather persistence (AR(1) noise) and measurement noise. Five
-kinds of anomaly are injected at the rates in params.toml. Observations are split
-in time: each station's last ``test_days`` go to data/test, the earlier days to
-data/train; held-out stations go wholly to data/test. The ground truth (clean value
-and anomaly kind per day) goes only to data/truth, which no training stage reads.
+Simulation (data.source = "simulation"): each station has its own climate
+(annual mean, seasonal amplitude and phase, slow trend), day-to-day weather
+persistence (AR(1) noise) and measurement noise. Five kinds of anomaly are
+injected at the rates in params.toml. Observations are split in time: the last
+``test_days`` go to data/test, the earlier days to data/train; held-out stations
+go wholly to data/test. The ground truth (clean value and anomaly kind per day)
+goes only to data/truth, which no training stage reads.
+
+Import (data.source = a folder): each <station>.csv there is read with the column
+names, date format, delimiter and unit in [import]; rows without a usable date or
+reading, impossible readings and conflicting duplicate dates are dropped and
+counted, and the rest is split in time by the same rules. There is no ground
+truth, so data/truth is left empty.
 
 Outputs:
-    data/train/raw/<station>.csv   date, temperature (observed; missing days absent)
+    data/train/raw/<station>.csv   date, temperature in °C (missing days absent)
     data/test/raw/<station>.csv    date, temperature
-    data/truth/<station>.csv       date, clean_temperature, anomaly
-    data/truth/stations.csv        each station's climate and role
+    data/truth/<station>.csv       date, clean_temperature, anomaly (simulation only)
+    data/truth/stations.csv        each station's climate and role (simulation only)
+    data/source.json               where the data came from; per imported file, what was dropped
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import shutil
 from pathlib import Path
 
@@ -24,20 +33,20 @@ import numpy as np
 import pandas as pd
 
 import common
-from common import ANOMALY_KINDS, Params, Paths, log
+from common import ANOMALY_KINDS, Params, Paths, PipelineError, log
 
 STAGE = "data_creation"
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
 _EFFECT_ORDER = ["level_shift", "drift", "stuck", "spike", "missing"]
 
 
-def station_climates(rng: np.random.Generator, data: dict) -> pd.DataFrame:
+def station_climates(rng: np.random.Generator, sim: dict, holdout_stations: int) -> pd.DataFrame:
     """Draw each station's climate and decide its role and contamination."""
-    n = data["n_stations"]
+    n = sim["n_stations"]
     contamination = np.ones(n)
-    contamination[: data["clean_stations"]] = 0.0
-    contamination[data["clean_stations"]: data["clean_stations"] + data["heavy_stations"]] = data["heavy_factor"]
-    role = np.where(np.arange(n) >= n - data["holdout_stations"], "holdout", "train")
+    contamination[: sim["clean_stations"]] = 0.0
+    contamination[sim["clean_stations"]: sim["clean_stations"] + sim["heavy_stations"]] = sim["heavy_factor"]
+    role = np.where(np.arange(n) >= n - holdout_stations, "holdout", "train")
     width = max(3, len(str(n)))
     return pd.DataFrame({
         "station": [f"ST{i + 1:0{width}d}" for i in range(n)],
@@ -96,17 +105,18 @@ def draw_events(rng: np.random.Generator, rate: np.ndarray, days: list[int], n_d
     return covered, run_start, progress
 
 
-def simulate(data: dict, anomalies: dict) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def simulate(sim: dict, holdout_stations: int, anomalies: dict
+             ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Simulate every station. Returns climates, dates, clean, observed and labels.
 
     ``observed`` is NaN on missing days; ``labels`` holds the anomaly kind per day
     ("none" on normal days).
     """
-    rng = np.random.default_rng(data["seed"])
-    climates = station_climates(rng, data)
-    start = np.datetime64(data["start_date"], "D")
-    first = dt.date.fromisoformat(data["start_date"])
-    end = np.datetime64(first.replace(year=first.year + data["n_years"]), "D")
+    rng = np.random.default_rng(sim["seed"])
+    climates = station_climates(rng, sim, holdout_stations)
+    start = np.datetime64(sim["start_date"], "D")
+    first = dt.date.fromisoformat(sim["start_date"])
+    end = np.datetime64(first.replace(year=first.year + sim["n_years"]), "D")
     dates = np.arange(start, end)
     n_days, n_stations = len(dates), len(climates)
 
@@ -166,8 +176,6 @@ def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray,
 def write_station_files(staging: Path, climates: pd.DataFrame, dates: np.ndarray, clean: np.ndarray,
                         observed: np.ndarray, labels: np.ndarray, test_days: int) -> None:
     train_end = training_days(climates, len(dates), test_days)
-    for folder in ("train", "test", "truth"):
-        (staging / folder).mkdir(parents=True)
     for i, station in enumerate(climates["station"]):
         tables = station_tables(dates, clean[i], observed[i], labels[i], train_end[i])
         for folder, table in tables.items():
@@ -177,28 +185,191 @@ def write_station_files(staging: Path, climates: pd.DataFrame, dates: np.ndarray
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 
+# --------------------------------------------------------------------------- import
+
+# Spellings of "no reading" in real station files; compared in lower case.
+MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
+DROP_REASONS = ["missing_value", "bad_date", "not_a_number", "impossible", "conflicting_duplicate"]
+
+
+def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -> tuple[pd.DataFrame, dict]:
+    """One of the user's station files as (date, temperature in °C) and a count of what was dropped.
+
+    Rows with no date matching ``date_format``, no reading, a reading that is not
+    a number or is outside [min_temp, max_temp] are dropped; of rows sharing a
+    date, one is kept if they agree and none if they disagree (which one is
+    right cannot be known). A file that cannot be read at all raises PipelineError.
+    """
+    table = _read_user_csv(path, imp)
+    date_text = table[imp["date_column"]].str.strip()
+    dates = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce").dt.normalize()
+    if dates.isna().all():
+        raise PipelineError(f"{path}: no value in column {imp['date_column']!r} matches import.date_format "
+                            f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
+    text = table[imp["temperature_column"]].str.strip()
+    missing = text.str.lower().isin(MISSING_MARKERS)
+    values = pd.to_numeric(text.where(~missing), errors="coerce")
+    not_number = ~missing & ~np.isfinite(values)
+    if imp["unit"] == "F":
+        values = (values - 32.0) * 5.0 / 9.0
+    impossible = np.isfinite(values) & ~values.between(min_temp, max_temp)
+    bad_date = dates.isna()
+    reasons = {
+        "bad_date": bad_date,
+        "missing_value": ~bad_date & missing,
+        "not_a_number": ~bad_date & not_number,
+        "impossible": ~bad_date & impossible,
+    }
+    usable = pd.DataFrame({"date": dates, "temperature": values.round(2)})[
+        ~(bad_date | missing | not_number | impossible)]
+    spread = usable.groupby("date")["temperature"].agg(["min", "max", "size"])
+    conflicting = spread.index[spread["min"] != spread["max"]]
+    kept = usable[~usable["date"].isin(conflicting)].drop_duplicates("date")
+    report = {
+        "file": path.name,
+        "rows": len(table),
+        "kept": len(kept),
+        **{reason: int(mask.sum()) for reason, mask in reasons.items()},
+        "conflicting_duplicate": int(usable["date"].isin(conflicting).sum()),
+        "repeated_rows": int(len(usable) - usable["date"].isin(conflicting).sum() - len(kept)),
+        "out_of_order": bool(not usable["date"].is_monotonic_increasing),
+    }
+    if kept.empty:
+        raise PipelineError(f"{path}: no usable readings ({_describe(report)}); fix or remove the file")
+    kept = kept.sort_values("date", ignore_index=True)
+    report.update(first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
+                  days_without_reading=int((kept["date"].iat[-1] - kept["date"].iat[0]).days + 1 - len(kept)))
+    return kept, report
+
+
+def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                            "save the file as UTF-8") from None
+    if not text.strip():
+        raise PipelineError(f"{path}: empty file")
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
+                            skipinitialspace=True, on_bad_lines="error")
+    except pd.errors.ParserError as exc:
+        raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    header = text.splitlines()[0]
+    for key in ("date_column", "temperature_column"):
+        if imp[key] not in table.columns:
+            raise PipelineError(f"{path}: no column {imp[key]!r} (header is {header!r}); "
+                                f"set import.{key} or import.delimiter")
+    if table.empty:
+        raise PipelineError(f"{path}: header only, no data rows")
+    return table.fillna("")  # a short last line (a truncated file) leaves its fields empty
+
+
+def _describe(report: dict) -> str:
+    parts = [f"{report[reason]} {reason.replace('_', ' ')}" for reason in DROP_REASONS if report.get(reason)]
+    if report.get("repeated_rows"):
+        parts.append(f"{report['repeated_rows']} repeated rows merged")
+    if report.get("out_of_order"):
+        parts.append("dates out of order (sorted)")
+    return ", ".join(parts) or "nothing dropped"
+
+
+def split_in_time(stations: dict[str, pd.DataFrame], test_days: int, holdout_stations: int
+                  ) -> dict[str, dict[str, pd.DataFrame]]:
+    """Train and test part of each station, by the simulation's rules.
+
+    The last ``test_days`` calendar days of the whole record are the test period
+    for every station (one cut for all, so no station trains on days another is
+    tested on); the last ``holdout_stations`` stations by name go wholly to test.
+    """
+    last = max(table["date"].max() for table in stations.values())
+    cutoff = last - pd.Timedelta(days=test_days - 1)
+    names = sorted(stations)
+    holdout = set(names[len(names) - holdout_stations:]) if holdout_stations else set()
+    parts = {}
+    for name in names:
+        table = stations[name]
+        in_test = (table["date"] >= cutoff) | (name in holdout)
+        parts[name] = {"train": table[~in_test], "test": table[in_test]}
+    if all(part["train"].empty for part in parts.values()):
+        raise PipelineError(f"no station has readings before {cutoff.date()}, the start of the last "
+                            f"data.test_days = {test_days} days; lower data.test_days")
+    return parts
+
+
+def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dict, dict]:
+    """Read, clean and split every <station>.csv in ``folder``; returns the parts and a report."""
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: data.source folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+    if not files:
+        raise PipelineError(f"{folder}: no .csv files in the data.source folder")
+    if data["holdout_stations"] >= len(files):
+        raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
+                            f"({len(files)} file(s) in {folder}); set it to 0 for a single station")
+    stations, report = {}, {}
+    for path in files:
+        stations[path.stem], report[path.stem] = read_user_station(path, imp, pre["min_temp"], pre["max_temp"])
+        log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
+                 _describe(report[path.stem]))
+    parts = split_in_time(stations, data["test_days"], data["holdout_stations"])
+    for name, part in parts.items():
+        report[name].update(train_days=len(part["train"]), test_days=len(part["test"]))
+    return parts, report
+
+
+def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]]) -> None:
+    for station, split in parts.items():
+        for folder, table in split.items():
+            if len(table):
+                table.assign(date=table["date"].dt.strftime("%Y-%m-%d")).to_csv(
+                    staging / folder / f"{station}.csv", index=False, lineterminator="\n", float_format="%.2f")
+
+
+# --------------------------------------------------------------------------- main
+
+
 def main(args) -> None:
     params: Params = common.load_params(args.params)
     paths = Paths(args.root)
-    data = params["data"]
-    climates, dates, clean, observed, labels = simulate(data, params["anomalies"])
+    data, folder = params["data"], params.source_folder
 
     staging = paths.data / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_station_files(staging, climates, dates, clean, observed, labels, data["test_days"])
+        for name in ("train", "test", "truth"):
+            (staging / name).mkdir(parents=True)
+        if folder is None:
+            climates, dates, clean, observed, labels = simulate(params["simulation"], data["holdout_stations"],
+                                                                params["anomalies"])
+            write_station_files(staging, climates, dates, clean, observed, labels, data["test_days"])
+            inputs = []
+            source = {"source": common.SIMULATION, "quantity": "mean", "unit": "C", "stations": len(climates)}
+        else:
+            parts, report = import_stations(folder, data, params["import"], params["preprocessing"])
+            write_imported_files(staging, parts)
+            inputs = sorted(folder / report[name]["file"] for name in report)
+            source = {"source": str(folder), "quantity": params["import"]["quantity"],
+                      "unit": params["import"]["unit"], "stations": len(parts), "files": report}
         for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
             target.parent.mkdir(parents=True, exist_ok=True)
             common.replace_folder(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    common.write_json(paths.source_record, source)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
-    common.record_stage(paths, STAGE, params, [], outputs)
+    common.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record])
 
-    counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
-    log.info("%d stations x %d days (%s to %s); anomalous days: %s", len(climates), len(dates),
-             dates[0], dates[-1], ", ".join(f"{k} {v}" for k, v in counts.items()))
-    log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.truth)
+    if folder is None:
+        counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
+        log.info("%d stations x %d days (%s to %s); anomalous days: %s", len(climates), len(dates),
+                 dates[0], dates[-1], ", ".join(f"{k} {v}" for k, v in counts.items()))
+    else:
+        log.info("imported %d stations from %s; no ground truth, so anomaly scores will be skipped",
+                 len(parts), folder)
+    log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.source_record)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ the best counts as tied, and among tied candidates the simplest (listed first)
 wins. The winner is refitted on all training rows.
 
 Inputs:  data/train/features.csv, models/scaler.joblib (for its hash)
-Outputs: models/model.joblib  the fitted estimator with its feature list
+The validation residuals of the chosen candidate also calibrate its prediction
+interval (split-conformal in time, scaled by each row's recent spread of
+day-to-day changes), so the band's width comes from forecasts on dates the model
+was not fitted on.
+
+Outputs: models/model.joblib  the fitted estimator with its feature list and interval
          models/model.json    parameters, CV scores of every candidate and of
                               persistence, library versions, training-data hash
 """
@@ -18,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 import common
-from common import FEATURES, Params, Paths, PipelineError, log
+from common import FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
 
 STAGE = "model_preparation"
-TRAIN_COLUMNS = ["station", "target_date", "temp_today", "target", "target_ok", *FEATURES]
+TRAIN_COLUMNS = ["station", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN, *FEATURES]
 
 
 def candidates(model: dict) -> dict:
@@ -57,19 +62,42 @@ def time_folds(dates: pd.Series, n_folds: int) -> list[tuple[np.ndarray, np.ndar
     return folds
 
 
-def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list) -> dict[str, list[float]]:
-    """Validation MAE per fold of every candidate, and of persistence on the same rows."""
+def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list
+                   ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Validation MAE per fold of every candidate and of persistence on the same rows,
+    and each one's validation residuals (actual minus forecast) over all folds,
+    divided by each row's recent spread (``change_sd60``).
+    """
     from sklearn.base import clone
 
     change = rows["target"] - rows["temp_today"]
     scores: dict[str, list[float]] = {"persistence": [], **{name: [] for name in estimators}}
+    residuals: dict[str, list[np.ndarray]] = {name: [] for name in scores}
     for fit_idx, valid_idx in folds:
         fit, valid = rows.iloc[fit_idx], rows.iloc[valid_idx]
-        scores["persistence"].append(float(np.mean(np.abs(valid["target"] - valid["temp_today"]))))
+        forecasts = {"persistence": valid["temp_today"].to_numpy()}
         for name, estimator in estimators.items():
             fitted = clone(estimator).fit(fit[FEATURES], change.iloc[fit_idx])
-            scores[name].append(float(np.mean(np.abs(valid["target"] - common.forecast(fitted, valid)))))
-    return scores
+            forecasts[name] = common.forecast(fitted, valid)
+        for name, predicted in forecasts.items():
+            residual = valid["target"].to_numpy() - predicted
+            scores[name].append(float(np.mean(np.abs(residual))))
+            residuals[name].append(residual / valid[SPREAD_COLUMN].to_numpy())
+    return scores, {name: np.concatenate(parts) for name, parts in residuals.items()}
+
+
+def calibrate_interval(scaled_residuals: np.ndarray, level: float) -> dict:
+    """A central ``level`` band from residuals of forecasts on dates the model was not fitted on.
+
+    Split-conformal in time, scaled: the band is forecast + [lower, upper] times
+    the row's ``change_sd60``, with lower and upper the quantiles of the
+    validation residuals divided by their rows' ``change_sd60``. The validation
+    folds were never fitted on, so the quantiles say how far off the refitted
+    model will be on new days; the scaling keeps that true station by station.
+    """
+    lower, upper = np.quantile(scaled_residuals, [(1 - level) / 2, (1 + level) / 2])
+    return {"level": level, "lower": round(float(lower), 4), "upper": round(float(upper), 4),
+            "scale": SPREAD_COLUMN, "residuals": len(scaled_residuals)}
 
 
 def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: float) -> str:
@@ -89,9 +117,12 @@ def main(args) -> None:
 
     estimators = candidates(model_params)
     folds = time_folds(rows["target_date"], model_params["cv_folds"])
-    scores = cross_validate(estimators, rows, folds)
+    scores, residuals = cross_validate(estimators, rows, folds)
     chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
     final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
+    level = model_params["interval_level"]
+    intervals = {"model": calibrate_interval(residuals[chosen], level),
+                 "persistence": calibrate_interval(residuals["persistence"], level)}
 
     record = {
         "chosen": chosen,
@@ -107,18 +138,25 @@ def main(args) -> None:
             "mae": {name: [round(s, 4) for s in fold_scores] for name, fold_scores in scores.items()},
             "mean_mae": {name: round(float(np.mean(s)), 4) for name, s in scores.items()},
         },
+        "interval": {**intervals, "method": "split-conformal: quantiles of the validation-fold residuals "
+                                            f"divided by {SPREAD_COLUMN}; band = forecast + [lower, upper] x "
+                                            f"{SPREAD_COLUMN}"},
         "training_rows": len(rows),
         "training_data_sha256": common.sha256_file(paths.train_features),
         "scaler_sha256": common.sha256_file(paths.scaler),
         "params_sha256": params.sha256,
         "libraries": common.library_versions(),
     }
-    common.write_joblib(paths.model, {"estimator": final, "name": chosen, "features": FEATURES})
+    common.write_joblib(paths.model, {"estimator": final, "name": chosen, "features": FEATURES,
+                                      "interval": intervals["model"]})
     common.write_json(paths.model_record, record)
     common.record_stage(paths, STAGE, params, inputs, [paths.model, paths.model_record])
 
     for name, mean in record["cv"]["mean_mae"].items():
         log.info("CV MAE %-18s %.3f%s", name, mean, "  <- chosen" if name == chosen else "")
+    band = intervals["model"]
+    log.info("%.0f%% interval: forecast %+.2f to %+.2f times change_sd60 (from %d validation residuals)",
+             100 * level, band["lower"], band["upper"], band["residuals"])
     log.info("wrote %s (%s, %d training rows)", paths.model, chosen, len(rows))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 import common
-from common import FEATURES, Params, Paths, PipelineError, log
+from common import FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
 
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]
@@ -100,7 +100,8 @@ def _parse_temperatures(path: Path, text: pd.Series, line: pd.RangeIndex,
     not_number = (values.isna() & (stripped != "")).to_numpy()
     if not_number.any():
         i = not_number.argmax()
-        raise PipelineError(f"{path}: line {line[i]}: temperature {text.iloc[i]!r} is not a number")
+        raise PipelineError(f"{path}: line {line[i]}: temperature {text.iloc[i]!r} is not a number "
+                            "(leave the field empty for a missing reading)")
     infinite = np.isinf(values.to_numpy())
     if infinite.any():
         i = infinite.argmax()
@@ -251,6 +252,8 @@ def build_features(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFr
     ``target_ok`` says it was really observed and not flagged (only such rows are
     trained on). ``climatology`` is the station's training-years seasonal mean for
     t+1 (empty for stations never trained on), the climatology baseline.
+    ``change_sd60`` is the spread of recent day-to-day changes, which scales the
+    prediction interval.
     """
     dates = repaired.index
     wide = {
@@ -263,6 +266,7 @@ def build_features(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFr
         "temp_std7": repaired.rolling(7).std(),
         "temp_trend7": repaired.rolling(7).mean() - repaired.shift(7).rolling(7).mean(),
         "repaired_today": (flags != "none").astype(float).where(split != ""),
+        SPREAD_COLUMN: repaired.diff().rolling(60, min_periods=20).std(),
         "target": repaired.shift(-1),
         "target_ok": (flags.shift(-1) == "none").astype(float),
         "period": split.shift(-1),
@@ -279,10 +283,10 @@ def build_features(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFr
     long["doy_sin"], long["doy_cos"] = sin, cos
     long["target_date"] = long["date"] + pd.Timedelta(days=1)
     long["temp_today"] = long["temp_lag0"]
-    usable = long[FEATURES].notna().all(axis=1) & long["period"].isin(["train", "test"])
+    usable = long[[*FEATURES, SPREAD_COLUMN]].notna().all(axis=1) & long["period"].isin(["train", "test"])
     long = long[usable & long["target"].notna()]
     columns = ["station", "date", "target_date", "period", "temp_today", "target", "target_ok",
-               "climatology", *FEATURES]
+               "climatology", SPREAD_COLUMN, *FEATURES]
     return long[columns].sort_values(["station", "date"], ignore_index=True)
 
 

@@ -6,11 +6,14 @@ every output: ``truth``, the simulated clean temperature of every test day, and
 Two baselines are scored on the same days: persistence (tomorrow = today's
 repaired reading) and the station's climatology from its training years (stations
 never trained on have none). The anomaly detector's flags on test days are scored
-against the injected labels.
+against the injected labels. Each forecast comes with the prediction interval
+calibrated in model_preparation.py; its coverage, width and pinball loss are
+scored against both references.
 
 Inputs:  data/test/features.csv, data/test/flags.csv, data/truth/*.csv,
          models/scaler.joblib, models/model.joblib, models/model.json
-Outputs: models/metrics.json, and a table on stdout; on passing the gate, a copy of
+Outputs: models/metrics.json, and a table on stdout; reports/ with summary.md,
+         predictions.csv and PNG figures (see report.py); on passing the gate, a copy of
          the scaler, detector, model and metrics in models/accepted/ (the set
          accepted before moves to models/previous/).
 Exit 3 when the model's MAE does not beat persistence's (the quality gate); the
@@ -25,10 +28,10 @@ import numpy as np
 import pandas as pd
 
 import common
-from common import ANOMALY_KINDS, FEATURES, Params, Paths, PipelineError, log
+from common import ANOMALY_KINDS, FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
 
 STAGE = "model_testing"
-TEST_COLUMNS = ["station", "target_date", "temp_today", "climatology", *FEATURES]
+TEST_COLUMNS = ["station", "date", "target_date", "temp_today", "climatology", SPREAD_COLUMN, *FEATURES]
 FLAG_COLUMNS = ["station", "date", "observed", "flag"]
 PREDICTORS = ["model", "persistence", "climatology"]
 
@@ -100,6 +103,42 @@ def forecast_scores(frame: pd.DataFrame, actual: str) -> dict:
     return result
 
 
+def interval_score(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float) -> dict:
+    """Coverage, mean width and pinball loss of a central ``level`` interval.
+
+    The pinball loss is the mean of the two bounds' quantile losses; lower is
+    better, and it punishes both a band that misses and one that is too wide.
+    """
+    from sklearn.metrics import mean_pinball_loss
+
+    tail = (1 - level) / 2
+    pinball = (mean_pinball_loss(actual, lower, alpha=tail) + mean_pinball_loss(actual, upper, alpha=1 - tail)) / 2
+    return {
+        "n": len(actual),
+        "coverage": round(float(np.mean((actual >= lower) & (actual <= upper))), 4),
+        "below": round(float(np.mean(actual < lower)), 4),
+        "above": round(float(np.mean(actual > upper)), 4),
+        "width": round(float(np.mean(upper - lower)), 4),
+        "pinball": round(float(pinball), 4),
+    }
+
+
+def interval_scores(frame: pd.DataFrame, actual: str, level: float) -> dict:
+    """Interval scores of the model's and persistence's bands, overall, by group and per station."""
+    rows = frame.dropna(subset=[actual])
+    trained = rows["climatology"].notna()
+
+    def both(part: pd.DataFrame) -> dict:
+        y = part[actual].to_numpy()
+        return {p: interval_score(y, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(), level)
+                for p in ("model", "persistence")}
+
+    groups = {"all_stations": rows, "trained_stations": rows[trained], "holdout_stations": rows[~trained]}
+    result = {group: both(part) for group, part in groups.items() if len(part)}
+    result["per_station"] = {station: both(part)["model"] for station, part in rows.groupby("station")}
+    return result
+
+
 def detector_scores(flags: pd.DataFrame) -> dict:
     """Point-wise precision, recall and F1 of the flags against the injected labels.
 
@@ -132,23 +171,37 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def evaluate(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict) -> dict:
+def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict,
+                bands: dict) -> pd.DataFrame:
+    """Every test row with the model's and persistence's forecasts and bands, the reading and its flag,
+    and, with ground truth, the clean value and the injected anomaly."""
     frame = test.assign(model=common.forecast(bundle["estimator"], test), persistence=test["temp_today"])
+    for predictor, band in bands.items():
+        frame[f"{predictor}_lower"] = frame[predictor] + band["lower"] * frame[SPREAD_COLUMN]
+        frame[f"{predictor}_upper"] = frame[predictor] + band["upper"] * frame[SPREAD_COLUMN]
     observed = flags.rename(columns={"date": "target_date"})[["station", "target_date", "observed", "flag"]]
     frame = frame.merge(observed, on=["station", "target_date"], how="left", validate="one_to_one")
-    metrics: dict = {"forecast": {}, "stations": int(frame["station"].nunique())}
     if truth is not None:
         truth = truth.rename(columns={"date": "target_date"})
         frame = frame.merge(truth, on=["station", "target_date"], how="left", validate="one_to_one")
-        metrics["forecast"]["truth"] = forecast_scores(frame, "clean_temperature")
-        normal = frame["anomaly"] == "none"
-        labelled = flags.merge(truth.rename(columns={"target_date": "date"}), on=["station", "date"], how="left")
+    # The observed reference: readings on normal days, by the labels when there are any, else by the detector.
+    normal = frame["anomaly"] == "none" if truth is not None else frame["flag"] == "none"
+    frame["observed_normal"] = frame["observed"].where(normal)
+    return frame
+
+
+def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, level: float) -> dict:
+    metrics: dict = {"forecast": {}, "interval": {"level": level}, "stations": int(frame["station"].nunique())}
+    references = {"observed": "observed_normal"}
+    if truth is not None:
+        references = {"truth": "clean_temperature", **references}
+        labelled = flags.merge(truth, on=["station", "date"], how="left")
         metrics["detector"] = detector_scores(labelled)
     else:
-        normal = frame["flag"] == "none"
         metrics["detector"] = {"skipped": "no ground-truth labels for these stations"}
-    metrics["forecast"]["observed"] = forecast_scores(frame.assign(observed=frame["observed"].where(normal)),
-                                                      "observed")
+    for reference, column in references.items():
+        metrics["forecast"][reference] = forecast_scores(frame, column)
+        metrics["interval"][reference] = interval_scores(frame, column, level)
     metrics["gate_reference"] = "truth" if truth is not None else "observed"
     return metrics
 
@@ -174,6 +227,15 @@ def format_table(metrics: dict) -> str:
                          for p in PREDICTORS]
                 n = scores[group]["model"]["n"]
                 lines.append(f"  {group + f' (n={n})':28}" + "".join(f"{c:>20}" for c in cells))
+    interval = metrics["interval"]
+    lines.append(f"{interval['level']:.0%} prediction interval: coverage / mean width °C / pinball loss")
+    lines.append(f"  {'':36}" + "".join(f"{p:>24}" for p in ("model", "persistence")))
+    for reference in metrics["forecast"]:
+        for group, scores in interval[reference].items():
+            if group != "per_station":
+                cells = [f"{s['coverage']:.1%} / {s['width']:.2f} / {s['pinball']:.3f}" for s in scores.values()]
+                label = f"{reference} {group} (n={scores['model']['n']})"
+                lines.append(f"  {label:36}" + "".join(f"{c:>24}" for c in cells))
     detector = metrics["detector"]
     if "skipped" in detector:
         lines.append(f"Anomaly detector: not scored ({detector['skipped']})")
@@ -183,6 +245,25 @@ def format_table(metrics: dict) -> str:
             cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
             lines.append(f"  {kind:30}" + "".join(f"{c:>9}" for c in cells) + f"{s['days']:>7}")
     return "\n".join(lines)
+
+
+def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict) -> None:
+    """reports/: summary.md, predictions.csv and the figures, swapped in as one folder."""
+    import report
+
+    staged = paths.reports.with_name(".reports.new")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        names = report.figure_names(frame, evaluation["report_stations"])
+        report.write_figures(staged, frame, metrics, names)
+        common.write_csv(staged / "predictions.csv", report.predictions_table(frame))
+        summary = report.summary_markdown(metrics, source, names, evaluation["interval_tolerance"])
+        common.write_bytes(staged / "summary.md", summary.encode())
+        common.replace_folder(staged, paths.reports)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    log.info("wrote %s (summary.md, predictions.csv, %d figures)", paths.reports, len(names))
 
 
 def accepted_files(paths: Paths) -> list:
@@ -232,12 +313,17 @@ def main(args) -> None:
     flags = common.read_table(paths.test_flags, FLAG_COLUMNS)
     truth = load_truth(paths.truth, sorted(test["station"].unique()))
 
-    metrics = evaluate(test, flags, truth, bundle)
+    bands = {"model": bundle["interval"], "persistence": record["interval"]["persistence"]}
+    frame = predictions(test, flags, truth, bundle, bands)
+    metrics = evaluate(frame, flags, truth, bundle["interval"]["level"])
     passed, verdict = gate(metrics, params["evaluation"]["gate_min_improvement"])
     metrics.update(model=record["chosen"], gate={"passed": passed, "verdict": verdict},
                    model_sha256=common.sha256_file(paths.model))
     common.write_json(paths.metrics, metrics)
-    common.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.model], [paths.metrics])
+    source = common.read_json(paths.source_record) if paths.source_record.exists() else {}
+    write_report(paths, frame, metrics, source, params["evaluation"])
+    common.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.model],
+                        [paths.metrics, *sorted(paths.reports.iterdir())])
 
     print(format_table(metrics))
     if not passed:

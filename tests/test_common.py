@@ -16,12 +16,14 @@ import common
     (lambda t: t + "\n[extra]\nx = 1\n", "unknown section [extra]"),
     (lambda t: t.replace("ridge_alpha = 1.0", "ridge_alpa = 1.0"), "unknown parameter model.ridge_alpa"),
     (lambda t: t.replace("cv_folds = 4", "#"), "model.cv_folds is missing"),
-    (lambda t: t.replace("n_stations = 10", "n_stations = 0"), "data.n_stations = 0 is out of range [1, 100000]"),
-    (lambda t: t.replace("n_stations = 10", 'n_stations = "ten"'), "data.n_stations must be int, got 'ten'"),
+    (lambda t: t.replace("n_stations = 10", "n_stations = 0"), "simulation.n_stations = 0 is out of range [1, 100000]"),
+    (lambda t: t.replace("n_stations = 10", 'n_stations = "ten"'), "simulation.n_stations must be int, got 'ten'"),
     (lambda t: t.replace("spike_days = [1, 1]", "spike_days = [3, 1]"), "anomalies.spike_days must be [min, max]"),
-    (lambda t: t.replace('"2019-01-01"', '"2019-13-01"'), "data.start_date must be YYYY-MM-DD"),
+    (lambda t: t.replace('"2019-01-01"', '"2019-13-01"'), "simulation.start_date must be YYYY-MM-DD"),
     (lambda t: t.replace("holdout_stations = 1", "holdout_stations = 10"), "holdout_stations must leave"),
     (lambda t: t.replace("[data]", "[data"), "malformed parameters file"),
+    (lambda t: t.replace('unit = "C"', 'unit = "K"'), "import.unit = 'K' must be one of 'C', 'F'"),
+    (lambda t: t.replace('date_column = "date"', 'date_column = ""'), "import.date_column must not be empty"),
 ])
 def test_bad_parameters_get_one_clear_message(tmp_path, edit, message):
     path = tmp_path / "params.toml"

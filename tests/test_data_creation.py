@@ -26,8 +26,8 @@ def test_ar1_matches_the_recursion():
 @pytest.mark.parametrize("kind", common.ANOMALY_KINDS)
 def test_each_kind_matches_its_configured_rate(params, kind):
     anomalies = {k: v if k.endswith("_days") or k == f"{kind}_rate" else 0.0 for k, v in params["anomalies"].items()}
-    data = dict(params["data"], n_stations=300, clean_stations=0, heavy_stations=0, holdout_stations=0)
-    *_, observed, labels = data_creation.simulate(data, anomalies)
+    sim = dict(params["simulation"], n_stations=300, clean_stations=0, heavy_stations=0)
+    *_, observed, labels = data_creation.simulate(sim, 0, anomalies)
     realised = (labels == kind).mean()
     assert realised == pytest.approx(anomalies[f"{kind}_rate"], rel=0.12)
     assert set(np.unique(labels)) == {"none", kind}
@@ -35,15 +35,15 @@ def test_each_kind_matches_its_configured_rate(params, kind):
 
 
 def test_clean_and_heavy_stations(params):
-    climates, _, _, _, labels = data_creation.simulate(params["data"], params["anomalies"])
+    climates, _, _, _, labels = data_creation.simulate(params["simulation"], 1, params["anomalies"])
     per_station = (labels != "none").mean(axis=1)
     assert per_station[0] == 0.0  # clean_stations = 1
     assert per_station[1] > 2 * np.median(per_station[2:])  # heavy_stations = 1, factor 4
-    assert list(climates["role"]).count("holdout") == params["data"]["holdout_stations"]
+    assert list(climates["role"]).count("holdout") == 1
 
 
 def test_anomalies_change_readings_as_their_kind_says(params):
-    _, _, clean, observed, labels = data_creation.simulate(params["data"], params["anomalies"])
+    _, _, clean, observed, labels = data_creation.simulate(params["simulation"], 1, params["anomalies"])
     error = observed - clean
     normal_error = np.abs(error[labels == "none"])
     assert normal_error.max() < 3.0  # measurement noise only

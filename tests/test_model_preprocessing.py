@@ -103,7 +103,7 @@ def test_detector_flags_spikes_stuck_runs_and_gaps():
     (b"date;temperature\n2020-01-01;1.0\n", "wrong delimiter in header 'date;temperature'"),
     (b"date,temperature\n2020-01-01,warm\n", "line 2: temperature 'warm' is not a number"),
     (b"date,temperature\n2020-01-01,inf\n", "line 2: temperature 'inf' is not finite"),
-    (b"date,temperature\n2020-01-01,nan\n", "line 2: temperature 'nan' is not a number"),
+    (b"date,temperature\n2020-01-01,nan\n", "line 2: temperature 'nan' is not a number (leave the field empty"),
     (b"date,temperature\n2020-01-01,1\n2020-01-02,99.5\n",
      "line 3: temperature 99.5 °C is outside the possible range [-90, 60]"),
     (b"date,temperature\n2020-01-01,1\n2020-02-30,2\n", "line 3: date '2020-02-30' is not a YYYY-MM-DD date"),

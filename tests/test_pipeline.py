@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import ROOT, TINY, write_params
 
-FILES = ["common.py", "data_creation.py", "model_preprocessing.py", "model_preparation.py", "model_testing.py",
-         "pipeline.sh", "params.toml", "requirements.txt"]
+FILES = ["common.py", "report.py", "data_creation.py", "model_preprocessing.py", "model_preparation.py",
+         "model_testing.py", "pipeline.sh", "params.toml", "requirements.txt"]
 
 
 @pytest.fixture

@@ -1,0 +1,220 @@
+"""The human-readable report of model_testing.py: a Markdown summary and PNG figures.
+
+Everything here reads the metrics and the per-row predictions model_testing.py
+has already computed; nothing is scored twice. matplotlib is imported inside
+``write_figures`` with the headless Agg backend, so the report works on a server
+without a display and the import costs nothing to the other stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+PREDICTORS = ["model", "persistence", "climatology"]
+GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
+# Figure sizes in inches at DPI dots per inch: the PNGs are 1200x450 and 1000x500 pixels.
+DPI = 100
+FORECAST_SIZE = (12.0, 4.5)
+SUMMARY_SIZE = (10.0, 5.0)
+PREDICTION_COLUMNS = ["station", "date", "target_date", "observed", "flag", "model", "model_lower", "model_upper",
+                      "persistence", "climatology", "clean_temperature", "anomaly"]
+
+
+def reference_column(reference: str) -> str:
+    """The predictions column a metrics reference scores against."""
+    return {"truth": "clean_temperature", "observed": "observed_normal"}[reference]
+
+
+def figure_names(frame: pd.DataFrame, n_stations: int) -> dict[str, str]:
+    """File name of every figure, keyed by what it shows."""
+    names = {f"forecast {station}": f"forecast_{station}.png" for station in sorted(frame["station"].unique())[
+        :n_stations]}
+    return {**names, "error by station": "error_by_station.png", "residuals": "residuals.png"}
+
+
+# ------------------------------------------------------------------------ figures
+
+
+def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[str, str]) -> None:
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    reference = metrics["gate_reference"]
+    for key, name in names.items():
+        if key.startswith("forecast "):
+            fig = _forecast_figure(plt, frame[frame["station"] == key.removeprefix("forecast ")], metrics)
+        elif key == "error by station":
+            fig = _error_by_station_figure(plt, metrics["forecast"][reference]["per_station"], reference)
+        else:
+            fig = _residuals_figure(plt, frame, reference, metrics["interval"]["level"])
+        # No creation date or version in the file, so the same data gives the same bytes.
+        fig.savefig(folder / name, dpi=DPI, metadata={"Software": None})
+        plt.close(fig)
+
+
+def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
+    level = metrics["interval"]["level"]
+    station = rows["station"].iat[0]
+    # A daily calendar, so days without a forecast show as gaps instead of straight lines.
+    rows = rows.set_index(pd.to_datetime(rows["target_date"])).asfreq("D")
+    dates = rows.index
+    fig, ax = plt.subplots(figsize=FORECAST_SIZE, layout="constrained")
+    ax.fill_between(dates, rows["model_lower"], rows["model_upper"], color="tab:blue", alpha=0.2, linewidth=0,
+                    label=f"{level:.0%} interval")
+    ax.plot(dates, rows["model"], color="tab:blue", linewidth=1.0, label="forecast")
+    ax.plot(dates, rows["observed"], ".", color="black", markersize=2.5, label="reading")
+    if "clean_temperature" in rows:
+        ax.plot(dates, rows["clean_temperature"], color="gray", linewidth=0.6, alpha=0.8, label="true temperature")
+        injected = rows["anomaly"].notna() & ~rows["anomaly"].isin(["none", "missing"]) & rows["observed"].notna()
+        ax.plot(dates[injected], rows.loc[injected, "observed"], "o", mfc="none", color="tab:orange",
+                markersize=7, label="injected anomaly")
+    flagged = rows["flag"].isin(["outlier", "stuck"])
+    ax.plot(dates[flagged], rows.loc[flagged, "observed"], "x", color="tab:red", markersize=6,
+            label="flagged by the detector")
+    covered = metrics["interval"][metrics["gate_reference"]]["per_station"][station]["coverage"]
+    ax.set_title(f"{station}: next-day forecast on the test period ({level:.0%} interval covers {covered:.1%})")
+    ax.set_ylabel("temperature (°C)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small", ncols=3)
+    return fig
+
+
+def _error_by_station_figure(plt, per_station: dict, reference: str):
+    import numpy as np
+
+    stations = sorted(per_station)
+    x = np.arange(len(stations))
+    fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
+    width = 0.8 / len(PREDICTORS)
+    for i, predictor in enumerate(PREDICTORS):
+        mae = [per_station[s].get(predictor, {}).get("mae", np.nan) for s in stations]
+        ax.bar(x + (i - 1) * width, mae, width, label=predictor)
+    ax.set_xticks(x, stations, rotation=45 if len(stations) > 12 else 0)
+    ax.set_ylabel(f"test MAE (°C) against the {reference} temperature")
+    ax.set_title("Error by station: model and baselines (no climatology bar: station never trained on)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _residuals_figure(plt, frame: pd.DataFrame, reference: str, level: float):
+    import numpy as np
+
+    actual = frame[reference_column(reference)]
+    fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
+    bins = np.linspace(-8, 8, 81)
+    for predictor in ("persistence", "model"):
+        residual = (actual - frame[predictor]).dropna()
+        ax.hist(residual.clip(-8, 8), bins=bins, alpha=0.5, label=f"{predictor} (MAE {residual.abs().mean():.2f})")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"{reference} temperature minus forecast (°C); values beyond ±8 are drawn at ±8")
+    ax.set_ylabel("test rows")
+    ax.set_title(f"Residual distribution on the test period ({level:.0%} interval widths vary with each "
+                 "station's recent spread)")
+    ax.legend()
+    return fig
+
+
+# ------------------------------------------------------------------------ Markdown
+
+
+def summary_markdown(metrics: dict, source: dict, names: dict[str, str], tolerance: float) -> str:
+    """The report's text: data source, gate, forecast errors, intervals, detector, figures."""
+    level = metrics["interval"]["level"]
+    quantity = {"mean": "daily mean", "max": "daily maximum", "min": "daily minimum"}[source.get("quantity", "mean")]
+    lines = ["# Test report", ""]
+    if source.get("source") == "simulation":
+        lines.append(f"Data: {source['stations']} simulated stations ({quantity} temperature, °C).")
+    else:
+        n = source.get("stations", 0)
+        lines.append(f"Data: {n} station file{'s' if n != 1 else ''} from `{source.get('source')}` "
+                     f"({quantity} temperature{', converted from °F' if source.get('unit') == 'F' else ''}).")
+    passed = metrics["gate"]["passed"]
+    lines += ["", f"**Quality gate: {'passed' if passed else 'FAILED'}** — {metrics['gate']['verdict']}. "
+              f"Model: `{metrics['model']}`.", ""]
+    lines += _forecast_section(metrics)
+    lines += _interval_section(metrics, level, tolerance)
+    lines += _detector_section(metrics)
+    if source.get("files"):
+        lines += _import_section(source["files"])
+    lines += ["## Figures", ""]
+    for key, name in names.items():
+        lines += [f"![{key}]({name})", ""]
+    return "\n".join(lines)
+
+
+def _forecast_section(metrics: dict) -> list[str]:
+    lines = ["## Next-day forecast error (MAE / RMSE, °C)", ""]
+    for reference, scores in metrics["forecast"].items():
+        what = "the clean simulated temperature" if reference == "truth" else "the readings on normal days"
+        lines += [f"Against {what} (`{reference}`):", "", "| stations | rows | " + " | ".join(PREDICTORS) + " |",
+                  "|---|---:|" + "---:|" * len(PREDICTORS)]
+        for group in GROUPS:
+            if group in scores:
+                cells = [f"{s['mae']:.3f} / {s['rmse']:.3f}" if (s := scores[group].get(p)) else "-"
+                         for p in PREDICTORS]
+                lines.append(f"| {group.replace('_', ' ')} | {scores[group]['model']['n']} | " + " | ".join(cells)
+                             + " |")
+        lines.append("")
+    return lines
+
+
+def _interval_section(metrics: dict, level: float, tolerance: float) -> list[str]:
+    interval = metrics["interval"]
+    lines = [f"## {level:.0%} prediction interval", ""]
+    for reference in metrics["forecast"]:
+        overall = interval[reference]["all_stations"]["model"]
+        off = overall["coverage"] - level
+        verdict = (("within" if abs(off) <= tolerance else "NOT within")
+                   + f" {100 * tolerance:g} percentage points of the nominal {level:.0%}")
+        lines += [f"Against `{reference}`: the model's band covers **{overall['coverage']:.1%}** of test rows "
+                  f"({verdict}; {overall['below']:.1%} fall below it, {overall['above']:.1%} above), "
+                  f"mean width {overall['width']:.2f} °C.", ""]
+    reference = metrics["gate_reference"]
+    lines += [f"By group, against `{reference}` (persistence gets a band calibrated the same way):", "",
+              "| stations | model coverage | width °C | pinball | persistence coverage | width °C | pinball |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for group in GROUPS:
+        if group in interval[reference]:
+            m, p = interval[reference][group]["model"], interval[reference][group]["persistence"]
+            lines.append(f"| {group.replace('_', ' ')} | {m['coverage']:.1%} | {m['width']:.2f} | {m['pinball']:.3f} "
+                         f"| {p['coverage']:.1%} | {p['width']:.2f} | {p['pinball']:.3f} |")
+    lines += ["", "Per station: " + ", ".join(f"{station} {s['coverage']:.1%}" for station, s in
+                                               interval[reference]["per_station"].items()), ""]
+    return lines
+
+
+def _detector_section(metrics: dict) -> list[str]:
+    detector = metrics["detector"]
+    lines = ["## Anomaly detector on the test period", ""]
+    if "skipped" in detector:
+        return [*lines, f"Not scored: {detector['skipped']}. Precision and recall need to know which readings "
+                "really were faulty; the detector's verdict on every day is still in `data/test/flags.csv`.", ""]
+    lines += ["| kind | days | flagged | precision | recall | F1 |", "|---|---:|---:|---:|---:|---:|"]
+    for kind, s in detector.items():
+        cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
+        lines.append(f"| {kind} | {s['days']} | {s['flagged']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _import_section(files: dict) -> list[str]:
+    columns = ["rows", "kept", "missing_value", "bad_date", "not_a_number", "impossible", "conflicting_duplicate",
+               "repeated_rows", "days_without_reading"]
+    lines = ["## Imported files", "", "| station | " + " | ".join(c.replace("_", " ") for c in columns)
+             + " | out of order | train / test days |", "|---|" + "---:|" * len(columns) + "---|---|"]
+    for station, r in files.items():
+        lines.append(f"| {station} | " + " | ".join(str(r[c]) for c in columns)
+                     + f" | {'yes' if r['out_of_order'] else 'no'} | {r['train_days']} / {r['test_days']} |")
+    return [*lines, ""]
+
+
+def predictions_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The per-row forecasts the figures are drawn from, for anyone who wants to plot their own."""
+    return frame[[c for c in PREDICTION_COLUMNS if c in frame]]

@@ -71,3 +71,52 @@ def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under data/ and models/, to prove a failed run changed nothing."""
     return {str(p.relative_to(root)): p.read_bytes()
             for folder in ("data", "models") for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def default_built(tmp_path_factory) -> Path:
+    """A project folder where all four stages ran on the default params.toml."""
+    root = tmp_path_factory.mktemp("default")
+    run_all(root, ROOT / "params.toml")
+    return root
+
+
+# A station file as real ones come: another delimiter, column names, date format
+# and unit, rows out of order, repeated and conflicting rows, empty and NaN
+# readings, a word, a sentinel value, an impossible date and a three-week gap.
+REAL_FORMAT = {
+    "date_column": "DATE",
+    "temperature_column": "TMAX",
+    "date_format": "%d/%m/%Y",
+    "delimiter": ";",
+    "unit": "F",
+    "quantity": "max",
+    "holdout_stations": 0,
+}
+REAL_FORMAT_FLAWS = {"rows": 1078, "kept": 1057, "missing_value": 14, "bad_date": 1, "not_a_number": 1,
+                     "impossible": 1, "conflicting_duplicate": 2, "repeated_rows": 2, "out_of_order": True,
+                     "days_without_reading": 39}
+
+
+def write_real_format_station(path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(7)
+    dates = pd.date_range("2020-01-01", "2022-12-31", freq="D")
+    seasonal = 14 + 11 * np.cos(2 * np.pi * (dates.day_of_year.to_numpy() - 200) / 365.25)
+    weather = np.zeros(len(dates))
+    for t in range(1, len(dates)):  # a few thousand steps of AR(1); fine for a fixture
+        weather[t] = 0.7 * weather[t - 1] + rng.normal(0, 2.0)
+    fahrenheit = np.round((seasonal + weather) * 9 / 5 + 32, 1)
+    table = pd.DataFrame({"DATE": dates.strftime("%d/%m/%Y"), "TMAX": fahrenheit.astype(str), "NAME": "HOME"})
+    table = table.drop(index=range(300, 321))  # a gap of 21 days without rows
+    table.loc[100:111, "TMAX"] = ""  # twelve days with an empty reading
+    table.loc[[200, 201], "TMAX"] = ["NaN", "NA"]
+    table.loc[250, "TMAX"] = "err"
+    table.loc[500, "TMAX"] = "999.9"  # a sentinel, impossible as a temperature
+    table.loc[600, "DATE"] = "31/02/2021"
+    repeated = table.loc[[700, 701]]
+    conflicting = table.loc[[800]].assign(TMAX="50.0")
+    table = pd.concat([table, repeated, conflicting]).sample(frac=1.0, random_state=3)
+    table.to_csv(path, sep=";", index=False)

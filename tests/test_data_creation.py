@@ -1,9 +1,21 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, data_creation, run_stage, write_params
+from conftest import (
+    REAL_FORMAT,
+    REAL_FORMAT_FLAWS,
+    TINY,
+    data_creation,
+    run_stage,
+    snapshot,
+    write_params,
+    write_real_format_station,
+)
 
 import common
+from common import PipelineError
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +111,98 @@ def test_fewer_stations_leave_no_stale_files(built, tmp_path):
     params = write_params(tmp_path / "fewer.toml", **{**TINY, "n_stations": 3})
     assert run_stage(data_creation, root, params) == 0
     assert sorted(p.stem for p in (root / "data/test/raw").glob("*.csv")) == ["ST001", "ST002", "ST003"]
+
+
+def _import_params() -> dict:
+    params = common.load_params()
+    return {"data": dict(params["data"], holdout_stations=0), "pre": params["preprocessing"],
+            "import": {k: REAL_FORMAT.get(k, v) for k, v in params["import"].items()}}
+
+
+def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
+    write_real_format_station(tmp_path / "HOME.csv")
+    p = _import_params()
+    table, report = data_creation.read_user_station(tmp_path / "HOME.csv", p["import"], -90.0, 60.0)
+    assert {k: report[k] for k in REAL_FORMAT_FLAWS} == REAL_FORMAT_FLAWS
+    assert table["date"].is_monotonic_increasing and table["date"].is_unique
+    assert table["temperature"].between(-30, 45).all()  # converted from °F
+    assert (report["first"], report["last"]) == ("2020-01-01", "2022-12-31")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "empty file"),
+    (b"DATE;TMAX\n", "header only, no data rows"),
+    (b"DATE,TMAX\n01/01/2020,50\n", "no column 'DATE' (header is 'DATE,TMAX'); set import.date_column or "
+                                    "import.delimiter"),
+    (b"DATE;TEMP\n01/01/2020;50\n", "no column 'TMAX'"),
+    (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
+                                    "(the first is '2020-01-01')"),
+    (b"DATE;TMAX\n01/01/2020;\xff\n", "not UTF-8 text (byte 0xff at offset 21)"),
+    (b"DATE;TMAX\n01/01/2020;NaN\n02/01/2020;999\n", "no usable readings (1 missing value, 1 impossible)"),
+])
+def test_an_unusable_own_file_gets_one_clear_message(tmp_path, content, message):
+    path = tmp_path / "HOME.csv"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError) as caught:
+        data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+    assert str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_own_folder_problems_are_named(tmp_path):
+    p = _import_params()
+    with pytest.raises(PipelineError, match=r"data\.source folder not found"):
+        data_creation.import_stations(tmp_path / "nowhere", p["data"], p["import"], p["pre"])
+    with pytest.raises(PipelineError, match=r"no \.csv files in the data\.source folder"):
+        data_creation.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+    write_real_format_station(tmp_path / "HOME.csv")
+    with pytest.raises(PipelineError, match=r"data\.holdout_stations = 1 leaves no station to train on"):
+        data_creation.import_stations(tmp_path, dict(p["data"], holdout_stations=1), p["import"], p["pre"])
+    with pytest.raises(PipelineError, match="no station has readings before"):
+        data_creation.import_stations(tmp_path, dict(p["data"], test_days=5000), p["import"], p["pre"])
+
+
+def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
+    def station(start: str, end: str) -> pd.DataFrame:
+        dates = pd.date_range(start, end, freq="D")
+        return pd.DataFrame({"date": dates, "temperature": 1.0})
+
+    stations = {"A": station("2020-01-01", "2020-12-31"), "B": station("2020-03-01", "2020-10-31"),
+                "C": station("2020-01-01", "2020-12-31")}
+    parts = data_creation.split_in_time(stations, test_days=100, holdout_stations=1)
+    cutoff = pd.Timestamp("2020-12-31") - pd.Timedelta(days=99)
+    for name in ("A", "B"):
+        assert parts[name]["train"]["date"].max() < cutoff <= parts[name]["test"]["date"].min()
+    assert len(parts["B"]["test"]) == (pd.Timestamp("2020-10-31") - cutoff).days + 1  # its own last days
+    assert parts["C"]["train"].empty and len(parts["C"]["test"]) == 366
+
+
+def test_importing_writes_the_raw_contract_and_no_ground_truth(built, tmp_path):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(built[0], root)  # a simulated run first: its truth must not survive the import
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(data_creation, root, params) == 0
+    assert not list((root / "data/truth").iterdir())
+    train, test = (pd.read_csv(root / f"data/{s}/raw/HOME.csv") for s in ("train", "test"))
+    assert list(train.columns) == ["date", "temperature"]
+    assert train["date"].max() < test["date"].min() and test["date"].max() == "2022-12-31"
+    source = json.loads((root / "data/source.json").read_text())
+    assert source["source"] == str(own) and source["files"]["HOME"]["kept"] == len(train) + len(test)
+
+
+def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(built[0], root)
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own/HOME.csv").write_text("when,value\n2020-01-01,3\n")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    before = snapshot(root)
+    assert run_stage(data_creation, root, params) == common.EXIT_BAD_INPUT
+    assert "HOME.csv: no column 'DATE'" in capsys.readouterr().err.splitlines()[-1]
+    assert snapshot(root) == before

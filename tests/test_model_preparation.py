@@ -59,3 +59,21 @@ def test_same_inputs_same_model(project):
     before = (root / "models/model.joblib").read_bytes(), (root / "models/model.json").read_bytes()
     assert run_stage(model_preparation, root, params) == 0
     assert ((root / "models/model.joblib").read_bytes(), (root / "models/model.json").read_bytes()) == before
+
+
+def test_interval_is_the_central_quantile_band_of_the_scaled_residuals():
+    residuals = np.random.default_rng(0).normal(0.0, 1.0, 200_000)
+    band = model_preparation.calibrate_interval(residuals, 0.9)
+    assert band["lower"] == pytest.approx(-1.645, abs=0.02) and band["upper"] == pytest.approx(1.645, abs=0.02)
+    assert np.mean((residuals >= band["lower"]) & (residuals <= band["upper"])) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_interval_is_calibrated_on_validation_rows_only(built):
+    """The band must come from forecasts on dates the model was not fitted on, not its training fit."""
+    root, _ = built
+    record = json.loads((root / "models/model.json").read_text())
+    rows = model_preparation.training_rows(pd.read_csv(root / "data/train/features.csv"))
+    folds = model_preparation.time_folds(rows["target_date"], record["cv"]["folds"])
+    assert record["interval"]["model"]["residuals"] == sum(len(valid) for _, valid in folds) < len(rows)
+    bundle = joblib.load(root / "models/model.joblib")
+    assert bundle["interval"] == record["interval"]["model"] and bundle["interval"]["level"] == 0.9

@@ -135,3 +135,73 @@ def test_restore_refuses_a_damaged_backup(project, capsys):
     (root / "models/previous/model.joblib").write_bytes(b"junk")
     assert run_stage(model_testing, root, params, "--restore") == common.EXIT_BAD_INPUT
     assert "previous/model.joblib: missing or damaged" in capsys.readouterr().err
+
+
+def test_interval_score_matches_definitions():
+    actual = np.array([0.0, 1.0, 2.0, 10.0])
+    lower, upper = np.array([-1.0, 0.0, 2.5, 0.0]), np.array([1.0, 2.0, 3.5, 4.0])
+    s = model_testing.interval_score(actual, lower, upper, 0.9)
+    assert (s["coverage"], s["below"], s["above"], s["width"]) == (0.5, 0.25, 0.25, 2.25)
+    # a reading beyond a bound costs 0.95 per degree; one inside costs 0.05 per degree from the bound
+    lower_loss = (0.05 * 1 + 0.05 * 1 + 0.95 * 0.5 + 0.05 * 10) / 4
+    upper_loss = (0.05 * 1 + 0.05 * 1 + 0.05 * 1.5 + 0.95 * 6) / 4
+    assert s["pinball"] == round((lower_loss + upper_loss) / 2, 4)
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR", f"{path} is not a PNG"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_report_has_the_summary_predictions_and_valid_figures(built):
+    root, _ = built
+    reports = root / "reports"
+    stations = sorted(pd.read_csv(root / "data/test/features.csv")["station"].unique())
+    expected = {f"forecast_{s}.png" for s in stations[:3]} | {"error_by_station.png", "residuals.png"}
+    assert {p.name for p in reports.iterdir()} == expected | {"summary.md", "predictions.csv"}
+    for name in expected:
+        size = _png_size(reports / name)
+        assert size == ((1200, 450) if name.startswith("forecast_") else (1000, 500)), name
+        assert (reports / name).stat().st_size > 10_000  # drawn, not blank
+    summary = (reports / "summary.md").read_text()
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    coverage = metrics["interval"]["truth"]["all_stations"]["model"]["coverage"]
+    for text in ("**Quality gate: passed**", "## 90% prediction interval", f"covers **{coverage:.1%}**",
+                 "| spike |", *(f"]({name})" for name in expected)):
+        assert text in summary, text
+    predictions = pd.read_csv(reports / "predictions.csv")
+    assert len(predictions) == metrics["forecast"]["truth"]["all_stations"]["model"]["n"]
+    assert (predictions["model_lower"] <= predictions["model"]).all()
+    assert (predictions["model"] <= predictions["model_upper"]).all()
+
+
+def test_rerun_gives_byte_identical_metrics_and_report(project):
+    root, params = project
+    before = snapshot(root)
+    before.update({f"reports/{p.name}": p.read_bytes() for p in (root / "reports").iterdir()})
+    assert run_stage(model_testing, root, params) == 0
+    for name in ("models/metrics.json", *(k for k in before if k.startswith("reports/"))):
+        assert (root / name).read_bytes() == before[name], name
+
+
+def test_a_failed_gate_still_writes_the_report_and_says_so(project):
+    root, _ = project
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+                          cv_folds=3, gate_min_improvement=0.5)
+    assert run_stage(model_testing, root, strict) == common.EXIT_GATE
+    assert "**Quality gate: FAILED**" in (root / "reports/summary.md").read_text()
+
+
+def test_interval_coverage_on_the_default_data_is_within_tolerance(default_built):
+    metrics = json.loads((default_built / "models/metrics.json").read_text())
+    level, tolerance = 0.9, 0.03
+    assert metrics["interval"]["level"] == level
+    for reference in ("truth", "observed"):
+        overall = metrics["interval"][reference]["all_stations"]
+        assert abs(overall["model"]["coverage"] - level) <= tolerance, (reference, overall)
+        # a narrower and better-scored band than persistence's, calibrated the same way
+        assert overall["model"]["width"] < overall["persistence"]["width"]
+        assert overall["model"]["pinball"] < overall["persistence"]["pinball"]
+    summary = (default_built / "reports/summary.md").read_text()
+    assert summary.count("within 3 percentage points of the nominal 90%") == 2

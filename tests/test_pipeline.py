@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, write_params
+from conftest import REAL_FORMAT, REAL_FORMAT_FLAWS, ROOT, TINY, write_params, write_real_format_station
 
 FILES = ["common.py", "report.py", "data_creation.py", "model_preprocessing.py", "model_preparation.py",
          "model_testing.py", "pipeline.sh", "params.toml", "requirements.txt"]
@@ -29,30 +29,48 @@ def pipeline(root, *args, cwd=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_pipeline_runs_end_to_end_from_another_directory(copy, tmp_path):
+def test_pipeline_runs_end_to_end_from_another_directory_and_stops_at_a_failing_stage(copy, tmp_path):
     result = pipeline(copy, "--params", "repo/tiny.toml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     for stage in ("data_creation", "model_preprocessing", "model_preparation", "model_testing"):
         assert f"stage {stage}: start" in result.stdout
         assert f"stage {stage}: end" in result.stdout and "exit 0" in result.stdout
-    assert "Test MAE / RMSE" in result.stdout
+    assert "Test MAE / RMSE" in result.stdout and "prediction interval" in result.stdout
     logs = list((copy / "logs").glob("pipeline-*.log"))
     assert len(logs) == 1 and "stage model_testing: end" in logs[0].read_text()
     metrics = json.loads((copy / "models/metrics.json").read_text())
     overall = metrics["forecast"]["truth"]["all_stations"]
     assert overall["model"]["mae"] < overall["persistence"]["mae"]
+    assert (copy / "reports/summary.md").exists()
 
-
-def test_a_failing_stage_stops_the_pipeline_with_its_exit_code(copy):
-    assert pipeline(copy, "--params", "tiny.toml").returncode == 0
     raw = copy / "data/test/raw/ST001.csv"
     raw.write_text(raw.read_text() + "2099-01-01,oops\n")
-    result = pipeline(copy, "--params", "tiny.toml", "--from", "model_preprocessing")
-    assert result.returncode == 2
-    assert "stage model_preprocessing: start" in result.stdout
-    assert "data_creation: start" not in result.stdout
-    assert "FAILED at stage model_preprocessing (exit 2)" in result.stdout
-    assert "stage model_preparation" not in result.stdout
+    failed = pipeline(copy, "--params", "tiny.toml", "--from", "model_preprocessing")
+    assert failed.returncode == 2
+    assert "stage model_preprocessing: start" in failed.stdout
+    assert "data_creation: start" not in failed.stdout
+    assert "FAILED at stage model_preprocessing (exit 2)" in failed.stdout
+    assert "stage model_preparation" not in failed.stdout
+
+
+def test_a_real_format_station_file_goes_through_the_pipeline(copy):
+    (copy / "own").mkdir()
+    write_real_format_station(copy / "own/HOME.csv")
+    write_params(copy / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    result = pipeline(copy, "--params", "own.toml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "HOME.csv: 1057 of 1078 rows kept" in result.stdout
+    source = json.loads((copy / "data/source.json").read_text())
+    assert {k: source["files"]["HOME"][k] for k in REAL_FORMAT_FLAWS} == REAL_FORMAT_FLAWS
+    metrics = json.loads((copy / "models/metrics.json").read_text())
+    assert set(metrics["forecast"]) == {"observed"} and "skipped" in metrics["detector"]
+    overall = metrics["forecast"]["observed"]["all_stations"]
+    assert overall["model"]["mae"] < overall["persistence"]["mae"]
+    assert 0.8 <= metrics["interval"]["observed"]["all_stations"]["model"]["coverage"] <= 0.97
+    summary = (copy / "reports/summary.md").read_text()
+    assert "daily maximum temperature, converted from °F" in summary
+    assert "## Imported files" in summary and "Not scored: no ground-truth labels" in summary
+    assert (copy / "reports/forecast_HOME.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_help_and_bad_options():
@@ -77,8 +95,10 @@ def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
     finally:
         holder.kill()  # SIGKILL: no chance to clean up
         holder.wait()
-    # the holder died without cleaning up: its lock must not block the next run
-    assert pipeline(copy, "--params", "tiny.toml", "--from", "data_creation").returncode == 0
+    # the holder died without cleaning up: its lock must not block the next run, which
+    # gets as far as its first stage (that stage then fails: this copy has no artifacts)
+    after = pipeline(copy, "--params", "tiny.toml", "--from", "model_testing")
+    assert after.returncode == 2 and "stage model_testing: start" in after.stdout
 
 
 def test_wait_gives_up_after_its_timeout_with_a_clear_message(copy):
@@ -100,9 +120,12 @@ def test_wait_gives_up_after_its_timeout_with_a_clear_message(copy):
     assert not (copy / "models/metrics.json").exists()
 
 
-def test_two_runs_started_together_run_one_after_the_other(copy):
+def test_two_runs_started_together_run_one_after_the_other(copy, built):
+    for folder in ("data", "models"):  # artifacts to rerun the last stage on
+        shutil.copytree(built[0] / folder, copy / folder)
     env = dict(os.environ, PYTHON=sys.executable)
-    command = ["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml", "--wait", "240"]
+    command = ["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml", "--from", "model_testing",
+               "--wait", "240"]
     runs = [subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]

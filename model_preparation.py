@@ -154,6 +154,9 @@ def main(args) -> None:
 
     for name, mean in record["cv"]["mean_mae"].items():
         log.info("CV MAE %-18s %.3f%s", name, mean, "  <- chosen" if name == chosen else "")
+    if record["cv"]["mean_mae"][chosen] >= record["cv"]["mean_mae"]["persistence"]:
+        log.warning("no candidate beats persistence in cross-validation; the quality gate on the test period "
+                    "decides whether %s is accepted", chosen)
     band = intervals["model"]
     log.info("%.0f%% interval: forecast %+.2f to %+.2f times change_sd60 (from %d validation residuals)",
              100 * level, band["lower"], band["upper"], band["residuals"])

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 from conftest import REAL_FORMAT, REAL_FORMAT_FLAWS, ROOT, TINY, write_params, write_real_format_station
@@ -81,20 +82,27 @@ def test_help_and_bad_options():
     assert bad.returncode == 2 and "unknown stage 'nowhere'" in bad.stderr
 
 
-def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
-    (copy / "logs").mkdir()
+@contextmanager
+def lock_held(root):
+    """Another process holds the pipeline's lock; on leaving, it is SIGKILLed (no chance to clean up)."""
+    (root / "logs").mkdir(exist_ok=True)
     hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
             "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(copy / "logs/.pipeline.lock")],
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / "logs/.pipeline.lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        result = pipeline(copy, "--params", "tiny.toml")
-        assert result.returncode == 4
-        assert "another run" in result.stderr
+        yield
     finally:
-        holder.kill()  # SIGKILL: no chance to clean up
+        holder.kill()
         holder.wait()
+
+
+def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
+    with lock_held(copy):
+        result = pipeline(copy, "--params", "tiny.toml")
+    assert result.returncode == 4
+    assert "another run" in result.stderr
     # the holder died without cleaning up: its lock must not block the next run, which
     # gets as far as its first stage (that stage then fails: this copy has no artifacts)
     after = pipeline(copy, "--params", "tiny.toml", "--from", "model_testing")
@@ -104,16 +112,8 @@ def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
 def test_wait_gives_up_after_its_timeout_with_a_clear_message(copy):
     (copy / "logs").mkdir()
     (copy / "logs/.pipeline.pid").write_text("12345\n")
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-            "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(copy / "logs/.pipeline.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(copy):
         result = pipeline(copy, "--params", "tiny.toml", "--wait", "1")
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.returncode == 4
     assert "another run (pid 12345) is using" in result.stderr and "waiting up to 1s" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("pipeline: gave up after 1s")

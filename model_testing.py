@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 import common
+import report
 from common import ANOMALY_KINDS, FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
 
 STAGE = "model_testing"
@@ -192,14 +193,14 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
 
 def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, level: float) -> dict:
     metrics: dict = {"forecast": {}, "interval": {"level": level}, "stations": int(frame["station"].nunique())}
-    references = {"observed": "observed_normal"}
+    references = ["truth", "observed"] if truth is not None else ["observed"]
     if truth is not None:
-        references = {"truth": "clean_temperature", **references}
         labelled = flags.merge(truth, on=["station", "date"], how="left")
         metrics["detector"] = detector_scores(labelled)
     else:
         metrics["detector"] = {"skipped": "no ground-truth labels for these stations"}
-    for reference, column in references.items():
+    for reference in references:
+        column = report.REFERENCE_COLUMNS[reference]
         metrics["forecast"][reference] = forecast_scores(frame, column)
         metrics["interval"][reference] = interval_scores(frame, column, level)
     metrics["gate_reference"] = "truth" if truth is not None else "observed"
@@ -249,8 +250,6 @@ def format_table(metrics: dict) -> str:
 
 def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict) -> None:
     """reports/: summary.md, predictions.csv and the figures, swapped in as one folder."""
-    import report
-
     staged = paths.reports.with_name(".reports.new")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)

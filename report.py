@@ -18,13 +18,10 @@ GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
 DPI = 100
 FORECAST_SIZE = (12.0, 4.5)
 SUMMARY_SIZE = (10.0, 5.0)
+# The predictions column each metrics reference scores against.
+REFERENCE_COLUMNS = {"truth": "clean_temperature", "observed": "observed_normal"}
 PREDICTION_COLUMNS = ["station", "date", "target_date", "observed", "flag", "model", "model_lower", "model_upper",
                       "persistence", "climatology", "clean_temperature", "anomaly"]
-
-
-def reference_column(reference: str) -> str:
-    """The predictions column a metrics reference scores against."""
-    return {"truth": "clean_temperature", "observed": "observed_normal"}[reference]
 
 
 def figure_names(frame: pd.DataFrame, n_stations: int) -> dict[str, str]:
@@ -107,7 +104,7 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
 def _residuals_figure(plt, frame: pd.DataFrame, reference: str, level: float):
     import numpy as np
 
-    actual = frame[reference_column(reference)]
+    actual = frame[REFERENCE_COLUMNS[reference]]
     fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
     bins = np.linspace(-8, 8, 81)
     for predictor in ("persistence", "model"):

@@ -130,6 +130,19 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
+def params_text_with(overrides: dict[str, Any], base: Path = DEFAULT_PARAMS) -> str:
+    """The text of a parameters file with some values replaced; keys are unique across sections."""
+    import re
+
+    text = base.read_text()
+    for key, value in overrides.items():
+        rendered = f'"{value}"' if isinstance(value, str) else repr(value)
+        text, count = re.subn(rf"^{key} = [^#\n]*", f"{key} = {rendered}  ", text, flags=re.M)
+        if count != 1:
+            raise PipelineError(f"{base}: no parameter {key}")
+    return text
+
+
 @dataclass(frozen=True)
 class Params:
     """Validated parameters, one dict per section, plus where they came from."""

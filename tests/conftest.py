@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,13 +28,8 @@ TINY = {
 
 
 def write_params(path: Path, **overrides: object) -> Path:
-    """A copy of params.toml with some values replaced (keys are unique across sections)."""
-    text = (ROOT / "params.toml").read_text()
-    for key, value in overrides.items():
-        rendered = f'"{value}"' if isinstance(value, str) else repr(value)
-        text, count = re.subn(rf"^{key} = [^#\n]*", f"{key} = {rendered}  ", text, flags=re.M)
-        assert count == 1, f"no parameter {key} in params.toml"
-    path.write_text(text)
+    """A copy of params.toml with some values replaced."""
+    path.write_text(common.params_text_with(overrides))
     return path
 
 

@@ -518,6 +518,21 @@ def forecast(estimator: Any, table: Any) -> Any:
     return table["temp_today"].to_numpy() + estimator.predict(table[FEATURES])
 
 
+def read_text_file(path: Path) -> str:
+    """A CSV file's text, or PipelineError for a file that is missing, not UTF-8 or empty."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if not text.strip():
+        raise PipelineError(f"{path}: empty file")
+    return text
+
+
 def read_table(path: Path, required: list[str]) -> Any:
     """Read a CSV this pipeline wrote, checking the columns a stage relies on."""
     import pandas as pd

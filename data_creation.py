@@ -222,16 +222,16 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
     }
     usable = pd.DataFrame({"date": dates, "temperature": values.round(2)})[
         ~(bad_date | missing | not_number | impossible)]
-    spread = usable.groupby("date")["temperature"].agg(["min", "max", "size"])
-    conflicting = spread.index[spread["min"] != spread["max"]]
-    kept = usable[~usable["date"].isin(conflicting)].drop_duplicates("date")
+    spread = usable.groupby("date")["temperature"].agg(["min", "max"])
+    in_conflict = usable["date"].isin(spread.index[spread["min"] != spread["max"]])
+    kept = usable[~in_conflict].drop_duplicates("date")
     report = {
         "file": path.name,
         "rows": len(table),
         "kept": len(kept),
         **{reason: int(mask.sum()) for reason, mask in reasons.items()},
-        "conflicting_duplicate": int(usable["date"].isin(conflicting).sum()),
-        "repeated_rows": int(len(usable) - usable["date"].isin(conflicting).sum() - len(kept)),
+        "conflicting_duplicate": int(in_conflict.sum()),
+        "repeated_rows": int((~in_conflict).sum() - len(kept)),
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
     }
     if kept.empty:
@@ -243,14 +243,7 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
 
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                            "save the file as UTF-8") from None
-    if not text.strip():
-        raise PipelineError(f"{path}: empty file")
+    text = common.read_text_file(path)
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
                             skipinitialspace=True, on_bad_lines="error")
@@ -347,12 +340,17 @@ def main(args) -> None:
             write_station_files(staging, climates, dates, clean, observed, labels, data["test_days"])
             inputs = []
             source = {"source": common.SIMULATION, "quantity": "mean", "unit": "C", "stations": len(climates)}
+            counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
+            summary = (f"{len(climates)} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
+                       + ", ".join(f"{k} {v}" for k, v in counts.items()))
         else:
             parts, report = import_stations(folder, data, params["import"], params["preprocessing"])
             write_imported_files(staging, parts)
             inputs = sorted(folder / report[name]["file"] for name in report)
             source = {"source": str(folder), "quantity": params["import"]["quantity"],
                       "unit": params["import"]["unit"], "stations": len(parts), "files": report}
+            summary = (f"imported {len(parts)} stations from {folder}; "
+                       "no ground truth, so anomaly scores will be skipped")
         for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
             target.parent.mkdir(parents=True, exist_ok=True)
             common.replace_folder(staging / name, target)
@@ -362,13 +360,7 @@ def main(args) -> None:
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
     common.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record])
 
-    if folder is None:
-        counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
-        log.info("%d stations x %d days (%s to %s); anomalous days: %s", len(climates), len(dates),
-                 dates[0], dates[-1], ", ".join(f"{k} {v}" for k, v in counts.items()))
-    else:
-        log.info("imported %d stations from %s; no ground truth, so anomaly scores will be skipped",
-                 len(parts), folder)
+    log.info("%s", summary)
     log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.source_record)
 
 

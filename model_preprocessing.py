@@ -16,6 +16,7 @@ Outputs: data/{train,test}/features.csv  one row per station and forecast day
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -40,17 +41,8 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     An empty temperature field is a missing reading; anything else must be a
     finite number in [min_temp, max_temp]. Dates must be unique YYYY-MM-DD days.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
-    if not text.strip():
-        raise PipelineError(f"{path}: empty file")
-    header = text.splitlines()[0].strip().lstrip("\ufeff")
+    text = common.read_text_file(path)
+    header = text.splitlines()[0].strip()
     columns = [c.strip() for c in header.split(",")]
     if any(sep in header for sep in (";", "\t", "|")) and len(columns) == 1:
         raise PipelineError(f"{path}: wrong delimiter in header {header!r}; fields must be separated by commas")
@@ -67,7 +59,7 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     if short.any():
         raise PipelineError(f"{path}: line {short.argmax() + 1} has too few fields; the file looks truncated")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     if table.empty:

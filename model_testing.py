@@ -39,22 +39,22 @@ PREDICTORS = ["model", "persistence", "climatology"]
 
 def load_verified(paths: Paths) -> tuple:
     """The scaler and model, after checking both against the manifest and each other."""
-    import joblib
-
     common.verify_outputs_of(paths, "model_preprocessing", [paths.test_features, paths.test_flags, paths.scaler])
     common.verify_outputs_of(paths, "model_preparation", [paths.model, paths.model_record])
     record = common.read_json(paths.model_record)
     if record.get("scaler_sha256") != common.sha256_file(paths.scaler):
         raise PipelineError(f"{paths.model}: was trained with another scaler than {paths.scaler}; "
                             "rerun model_preparation.py")
-    scaler = _load(joblib, paths.scaler, "model_preprocessing")
-    bundle = _load(joblib, paths.model, "model_preparation")
+    scaler = _load(paths.scaler, "model_preprocessing")
+    bundle = _load(paths.model, "model_preparation")
     if list(getattr(scaler, "feature_names_in_", [])) != FEATURES or bundle.get("features") != FEATURES:
         raise PipelineError(f"{paths.model}: built for other features than this code's; rerun the pipeline")
     return scaler, bundle, record
 
 
-def _load(joblib, path, stage: str):
+def _load(path, stage: str):
+    import joblib
+
     try:
         return joblib.load(path)
     except Exception as exc:  # a file the manifest vouches for but that does not unpickle

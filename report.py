@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 PREDICTORS = ["model", "persistence", "climatology"]
@@ -26,8 +27,8 @@ PREDICTION_COLUMNS = ["station", "date", "target_date", "observed", "flag", "mod
 
 def figure_names(frame: pd.DataFrame, n_stations: int) -> dict[str, str]:
     """File name of every figure, keyed by what it shows."""
-    names = {f"forecast {station}": f"forecast_{station}.png" for station in sorted(frame["station"].unique())[
-        :n_stations]}
+    first = sorted(frame["station"].unique())[:n_stations]
+    names = {f"forecast {station}": f"forecast_{station}.png" for station in first}
     return {**names, "error by station": "error_by_station.png", "residuals": "residuals.png"}
 
 
@@ -84,8 +85,6 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
 
 
 def _error_by_station_figure(plt, per_station: dict, reference: str):
-    import numpy as np
-
     stations = sorted(per_station)
     x = np.arange(len(stations))
     fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
@@ -102,8 +101,6 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
 
 
 def _residuals_figure(plt, frame: pd.DataFrame, reference: str, level: float):
-    import numpy as np
-
     actual = frame[REFERENCE_COLUMNS[reference]]
     fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
     bins = np.linspace(-8, 8, 81)

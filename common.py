@@ -52,7 +52,7 @@ FEATURES = [
 SPREAD_COLUMN = "change_sd60"
 # Ground-truth columns live only in data/truth; a test checks none of them
 # appears in any table a model is trained or scored on.
-TRUTH_COLUMNS = ["clean_temperature", "anomaly"]
+TRUTH_COLUMNS = ["clean_temperature", "anomaly", "event"]
 ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
 
 log = logging.getLogger("pipeline")
@@ -91,6 +91,14 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "clean_stations": (int, 0, 100_000),
         "heavy_stations": (int, 0, 100_000),
         "heavy_factor": (float, 1.0, 20.0),
+        "region_km": (float, 1.0, 10_000.0),
+        "correlation_km": (float, 10.0, 100_000.0),
+        "shared_weather": (float, 0.0, 1.0),
+        "events_per_year": (float, 0.0, 100.0),
+        "event_days": (list, 1, 60),
+        "event_size": (list, 0.0, 40.0),
+        "event_radius_km": (list, 1.0, 10_000.0),
+        "resolution": (str, ("0.1C", "1F"), None),
     },
     "anomalies": {
         **{f"{kind}_rate": (float, 0.0, 0.2) for kind in ANOMALY_KINDS},
@@ -104,10 +112,19 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "unit": (str, ("C", "F"), None),
         "quantity": (str, ("mean", "max", "min"), None),
     },
-    "preprocessing": {
+    "quality_control": {
+        "detector": (str, ("network", "none"), None),
+        "neighbours": (int, 1, 50),
+        "min_correlation": (float, 0.0, 0.99),
         "window": (int, 3, 90),
-        "threshold": (float, 1.0, 50.0),
-        "stuck_run": (int, 2, 60),
+        "shift_window": (int, 3, 90),
+        "spike_threshold": (float, 1.0, 50.0),
+        "shift_threshold": (float, 1.0, 200.0),
+        "stuck_threshold": (float, 0.5, 50.0),
+        "gross_margin": (float, 1.0, 20.0),
+        "repair_confidence": (float, 0.5, 1.0),
+    },
+    "preprocessing": {
         "min_temp": (float, -100.0, 60.0),
         "max_temp": (float, -60.0, 70.0),
         "min_days": (int, 40, 100_000),
@@ -126,6 +143,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "gate_min_improvement": (float, -1.0, 0.9),
         "interval_tolerance": (float, 0.0, 0.5),
         "report_stations": (int, 0, 50),
+        "report_flags": (int, 0, 1000),
     },
 }
 
@@ -215,11 +233,14 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
     return checked
 
 
-def _check_length_range(where: str, value: list, low: int, high: int) -> None:
-    ok = (len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+def _check_length_range(where: str, value: list, low: float, high: float) -> None:
+    """A [min, max] pair: whole numbers where the bounds are whole, else any numbers."""
+    kinds = (int,) if isinstance(low, int) else (int, float)
+    ok = (len(value) == 2 and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
           and low <= value[0] <= value[1] <= high)
     if not ok:
-        raise PipelineError(f"{where} must be [min, max] whole days with {low} <= min <= max <= {high}")
+        what = "whole numbers" if kinds == (int,) else "numbers"
+        raise PipelineError(f"{where} must be [min, max] {what} with {low} <= min <= max <= {high}")
 
 
 def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
@@ -280,6 +301,11 @@ class Paths:
     @property
     def test_features(self) -> Path:
         return self.data / "test" / "features.csv"
+
+    @property
+    def flagged(self) -> Path:
+        """Every reading the detector flagged, training and test period alike."""
+        return self.data / "flagged.csv"
 
     @property
     def train_flags(self) -> Path:
@@ -533,7 +559,7 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def read_table(path: Path, required: list[str]) -> Any:
+def read_table(path: Path, required: list[str], allow_empty: bool = False) -> Any:
     """Read a CSV this pipeline wrote, checking the columns a stage relies on."""
     import pandas as pd
 
@@ -546,7 +572,7 @@ def read_table(path: Path, required: list[str]) -> Any:
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise PipelineError(f"{path}: missing column {missing[0]!r}")
-    if table.empty:
+    if table.empty and not allow_empty:
         raise PipelineError(f"{path}: no data rows")
     return table
 

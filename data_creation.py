@@ -1,12 +1,15 @@
 """Stage 1: make the raw station files: simulate stations, or import your own.
 
-Simulation (data.source = "simulation"): each station has its own climate
-(annual mean, seasonal amplitude and phase, slow trend), day-to-day weather
-persistence (AR(1) noise) and measurement noise. Five kinds of anomaly are
-injected at the rates in params.toml. Observations are split in time: the last
-``test_days`` go to data/test, the earlier days to data/train; held-out stations
-go wholly to data/test. The ground truth (clean value and anomaly kind per day)
-goes only to data/truth, which no training stage reads.
+Simulation (data.source = "simulation"): stations stand at random places in a
+region, each with its own climate (annual mean, seasonal amplitude and phase,
+slow trend). Day-to-day weather is mostly regional: neighbours share it, the
+more the closer they are; it persists from day to day, varies more in winter and
+has heavy tails, and regional cold snaps and heat waves come on top. Measurement
+noise, then five kinds of station-local sensor fault are added at the rates in
+params.toml, and readings are rounded as real ones are. Observations are split
+in time: the last ``test_days`` go to data/test, the earlier days to data/train;
+held-out stations go wholly to data/test. The ground truth (clean value, fault
+and weather event per day) goes only to data/truth, which no training stage reads.
 
 Import (data.source = a folder): each <station>.csv there is read with the column
 names, date format, delimiter and unit in [import]; rows without a usable date or
@@ -17,9 +20,10 @@ truth, so data/truth is left empty.
 Outputs:
     data/train/raw/<station>.csv   date, temperature in °C (missing days absent)
     data/test/raw/<station>.csv    date, temperature
-    data/truth/<station>.csv       date, clean_temperature, anomaly (simulation only)
-    data/truth/stations.csv        each station's climate and role (simulation only)
-    data/source.json               where the data came from; per imported file, what was dropped
+    data/truth/<station>.csv       date, clean_temperature, anomaly, event (simulation only)
+    data/truth/stations.csv        each station's position, climate and role (simulation only)
+    data/source.json               where the data came from, the first test day; per imported file,
+                                   what was dropped
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import datetime as dt
 import io
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,8 +45,20 @@ STAGE = "data_creation"
 _EFFECT_ORDER = ["level_shift", "drift", "stuck", "spike", "missing"]
 
 
+class Simulation(NamedTuple):
+    """Every simulated station: climates and positions, and per station and day (rows x days)
+    the clean temperature, the reading (NaN on missing days), the fault label and the weather event."""
+
+    climates: pd.DataFrame
+    dates: np.ndarray
+    clean: np.ndarray
+    observed: np.ndarray
+    labels: np.ndarray
+    events: np.ndarray
+
+
 def station_climates(rng: np.random.Generator, sim: dict, holdout_stations: int) -> pd.DataFrame:
-    """Draw each station's climate and decide its role and contamination."""
+    """Draw each station's position and climate, and decide its role and contamination."""
     n = sim["n_stations"]
     contamination = np.ones(n)
     contamination[: sim["clean_stations"]] = 0.0
@@ -51,13 +68,14 @@ def station_climates(rng: np.random.Generator, sim: dict, holdout_stations: int)
     return pd.DataFrame({
         "station": [f"ST{i + 1:0{width}d}" for i in range(n)],
         "role": role,
+        "x_km": rng.uniform(0.0, sim["region_km"], n),
+        "y_km": rng.uniform(0.0, sim["region_km"], n),
         "annual_mean": rng.uniform(-2.0, 18.0, n),
         "amplitude": rng.uniform(5.0, 14.0, n),
         "warmest_doy": rng.uniform(190.0, 215.0, n),
         "trend_per_year": rng.uniform(-0.02, 0.06, n),
-        "ar_coef": rng.uniform(0.6, 0.85, n),
-        "weather_sd": rng.uniform(1.2, 2.5, n),
-        "noise_sd": rng.uniform(0.2, 0.5, n),
+        "weather_sd": rng.uniform(2.0, 4.0, n),
+        "noise_sd": rng.uniform(0.1, 0.3, n),
         "contamination": contamination,
     })
 
@@ -70,7 +88,7 @@ def ar1(innovations: np.ndarray, coef: np.ndarray) -> np.ndarray:
     first ``k`` innovations are a burn-in that is dropped.
     """
     n_total = innovations.shape[1]
-    burn = int(np.ceil(np.log(1e-12) / np.log(coef.max())))
+    burn = ar1_burn_in(coef.max())
     n_out = n_total - burn
     if n_out <= 0:
         raise ValueError("ar1: fewer innovations than the burn-in")
@@ -78,6 +96,70 @@ def ar1(innovations: np.ndarray, coef: np.ndarray) -> np.ndarray:
     size = n_total + burn + 1
     full = np.fft.irfft(np.fft.rfft(innovations, size) * np.fft.rfft(kernel, size), size)
     return full[:, burn:n_total]
+
+
+def ar1_burn_in(coef: float) -> int:
+    return int(np.ceil(np.log(1e-12) / np.log(coef)))
+
+
+def regional_weather(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict,
+                     day_of_year: np.ndarray) -> np.ndarray:
+    """Day-to-day weather (stations x days, °C): shared by neighbours, seasonal in spread, heavy-tailed.
+
+    A regional field with exponential spatial correlation exp(-distance /
+    correlation_km) is drawn with random Fourier features (cost linear in
+    stations, so a national network costs no n x n matrix); each station adds a
+    small weather of its own. Both persist from day to day (AR(1)); every day's
+    regional innovation is scaled by a common random factor (a Student-t scale
+    mixture), so calm days and stormy days hit the whole region together, and
+    winter weather varies more than summer weather.
+    """
+    n_features = 512
+    xy = climates[["x_km", "y_km"]].to_numpy()
+    # The spectral density of the 2-D exponential kernel is a bivariate Cauchy distribution.
+    frequency = rng.normal(size=(n_features, 2)) / (sim["correlation_km"] * np.abs(rng.normal(size=(n_features, 1))))
+    phase = rng.uniform(0.0, 2 * np.pi, n_features)
+    basis = np.cos(frequency @ xy.T + phase[:, None])
+    basis /= np.linalg.norm(basis, axis=0)  # unit variance at every station
+
+    coef = rng.uniform(0.6, 0.8)
+    burn = ar1_burn_in(coef)
+    tails = 6.0  # degrees of freedom of the day's storminess: heavier tails than a normal distribution
+    storminess = np.sqrt((tails - 2.0) / rng.chisquare(tails, n_days + burn))
+    innovation = rng.normal(size=(n_features, n_days + burn)) * storminess * np.sqrt(1 - coef**2)
+    shared = basis.T @ ar1(innovation, np.full(n_features, coef))
+    own = ar1(rng.normal(size=(len(climates), n_days + burn)) * np.sqrt(1 - coef**2), np.full(len(climates), coef))
+    share = sim["shared_weather"]
+    season = 1.0 + 0.3 * np.cos(2 * np.pi * (day_of_year - 15) / 365.25)  # more variable in winter
+    sd = climates["weather_sd"].to_numpy()[:, None]
+    return sd * season * (np.sqrt(share) * shared + np.sqrt(1 - share) * own)
+
+
+def weather_events(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Regional cold snaps and heat waves: their effect (°C, stations x days) and labels.
+
+    Each event has a centre in or near the region, a radius, a length in days and
+    a size at its centre; its effect fades with distance (Gaussian footprint) and
+    rises and falls over its days. A station-day is labelled with the event where
+    the effect is at least 2 °C: that is weather a detector must leave alone.
+    """
+    region = sim["region_km"]
+    n_events = rng.poisson(sim["events_per_year"] * n_days / 365.25)
+    start = rng.integers(0, n_days, n_events)
+    length = rng.integers(sim["event_days"][0], sim["event_days"][1] + 1, n_events)
+    centre = rng.uniform(-0.25 * region, 1.25 * region, (n_events, 2))
+    radius = rng.uniform(*sim["event_radius_km"], n_events)
+    size = rng.uniform(*sim["event_size"], n_events) * rng.choice([-1.0, 1.0], n_events)
+    xy = climates[["x_km", "y_km"]].to_numpy()
+    effect = np.zeros((len(climates), n_days))
+    for i in range(n_events):  # a handful of events a year: a short loop over events, not days
+        distance = np.linalg.norm(xy - centre[i], axis=1)
+        days = np.arange(start[i], min(start[i] + length[i], n_days))
+        shape = np.sin(np.pi * (days - start[i] + 1) / (length[i] + 1))
+        effect[:, days] += size[i] * np.exp(-((distance / radius[i]) ** 2))[:, None] * shape
+    events = np.where(effect <= -2.0, "cold_snap", np.where(effect >= 2.0, "heat_wave", "none"))
+    return effect, events.astype(object)
 
 
 def draw_events(rng: np.random.Generator, rate: np.ndarray, days: list[int], n_days: int
@@ -105,13 +187,15 @@ def draw_events(rng: np.random.Generator, rate: np.ndarray, days: list[int], n_d
     return covered, run_start, progress
 
 
-def simulate(sim: dict, holdout_stations: int, anomalies: dict
-             ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Simulate every station. Returns climates, dates, clean, observed and labels.
+def quantise(values: np.ndarray, resolution: str) -> np.ndarray:
+    """Readings as a real station reports them: to 0.1 °C, or to whole °F (converted back to °C)."""
+    if resolution == "1F":
+        return np.round((np.round(values * 9 / 5 + 32) - 32) * 5 / 9, 2)
+    return np.round(values, 1)
 
-    ``observed`` is NaN on missing days; ``labels`` holds the anomaly kind per day
-    ("none" on normal days).
-    """
+
+def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
+    """Simulate every station: climate, shared weather and its extremes, noise, faults, quantisation."""
     rng = np.random.default_rng(sim["seed"])
     climates = station_climates(rng, sim, holdout_stations)
     start = np.datetime64(sim["start_date"], "D")
@@ -124,9 +208,9 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict
     years = np.arange(n_days) / 365.25
     c = {col: climates[col].to_numpy()[:, None] for col in climates.columns if col not in ("station", "role")}
     seasonal = c["amplitude"] * np.cos(2 * np.pi * (day_of_year - c["warmest_doy"]) / 365.25)
-    burn = int(np.ceil(np.log(1e-12) / np.log(c["ar_coef"].max())))
-    weather = ar1(rng.normal(0.0, 1.0, (n_stations, n_days + burn)) * c["weather_sd"], c["ar_coef"][:, 0])
-    clean = c["annual_mean"] + c["trend_per_year"] * years + seasonal + weather
+    weather = regional_weather(rng, climates, n_days, sim, day_of_year)
+    extremes, events = weather_events(rng, climates, n_days, sim)
+    clean = c["annual_mean"] + c["trend_per_year"] * years + seasonal + weather + extremes
     observed = clean + rng.normal(0.0, 1.0, clean.shape) * c["noise_sd"]
 
     labels = np.full(clean.shape, "none", dtype=object)
@@ -151,7 +235,7 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict
         else:
             observed = np.where(covered, np.nan, observed)
         labels[covered] = kind
-    return climates, dates, clean, np.round(observed, 1), labels
+    return Simulation(climates, dates, clean, quantise(observed, sim["resolution"]), labels, events)
 
 
 def training_days(climates: pd.DataFrame, n_days: int, test_days: int) -> np.ndarray:
@@ -159,8 +243,8 @@ def training_days(climates: pd.DataFrame, n_days: int, test_days: int) -> np.nda
     return np.where(climates["role"] == "holdout", 0, n_days - test_days)
 
 
-def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray,
-                   labels: np.ndarray, train_end: int) -> dict[str, pd.DataFrame]:
+def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, labels: np.ndarray,
+                   events: np.ndarray, train_end: int) -> dict[str, pd.DataFrame]:
     """The three files of one station: train and test observations, and its truth."""
     day_str = pd.Series(np.datetime_as_string(dates, unit="D"))
     present = ~np.isnan(observed)
@@ -169,19 +253,22 @@ def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray,
     return {
         "train": obs[present & in_train],
         "test": obs[present & ~in_train],
-        "truth": pd.DataFrame({"date": day_str, "clean_temperature": np.round(clean, 2), "anomaly": labels}),
+        "truth": pd.DataFrame({"date": day_str, "clean_temperature": np.round(clean, 2), "anomaly": labels,
+                               "event": events}),
     }
 
 
-def write_station_files(staging: Path, climates: pd.DataFrame, dates: np.ndarray, clean: np.ndarray,
-                        observed: np.ndarray, labels: np.ndarray, test_days: int) -> None:
-    train_end = training_days(climates, len(dates), test_days)
+def write_station_files(staging: Path, simulation: Simulation, test_days: int, resolution: str) -> None:
+    climates = simulation.climates
+    train_end = training_days(climates, len(simulation.dates), test_days)
+    reading_format = "%.2f" if resolution == "1F" else "%.1f"
     for i, station in enumerate(climates["station"]):
-        tables = station_tables(dates, clean[i], observed[i], labels[i], train_end[i])
+        tables = station_tables(simulation.dates, simulation.clean[i], simulation.observed[i], simulation.labels[i],
+                                simulation.events[i], train_end[i])
         for folder, table in tables.items():
             if len(table):
                 table.to_csv(staging / folder / f"{station}.csv", index=False, lineterminator="\n",
-                             float_format="%.2f" if folder == "truth" else "%.1f")
+                             float_format="%.2f" if folder == "truth" else reading_format)
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 
@@ -270,8 +357,8 @@ def _describe(report: dict) -> str:
 
 
 def split_in_time(stations: dict[str, pd.DataFrame], test_days: int, holdout_stations: int
-                  ) -> dict[str, dict[str, pd.DataFrame]]:
-    """Train and test part of each station, by the simulation's rules.
+                  ) -> tuple[dict[str, dict[str, pd.DataFrame]], pd.Timestamp]:
+    """Train and test part of each station, by the simulation's rules, and the first test day.
 
     The last ``test_days`` calendar days of the whole record are the test period
     for every station (one cut for all, so no station trains on days another is
@@ -289,11 +376,11 @@ def split_in_time(stations: dict[str, pd.DataFrame], test_days: int, holdout_sta
     if all(part["train"].empty for part in parts.values()):
         raise PipelineError(f"no station has readings before {cutoff.date()}, the start of the last "
                             f"data.test_days = {test_days} days; lower data.test_days")
-    return parts
+    return parts, cutoff
 
 
-def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dict, dict]:
-    """Read, clean and split every <station>.csv in ``folder``; returns the parts and a report."""
+def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dict, dict, str]:
+    """Read, clean and split every <station>.csv in ``folder``; returns the parts, a report and the first test day."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data.source folder not found")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
@@ -307,10 +394,10 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
         stations[path.stem], report[path.stem] = read_user_station(path, imp, pre["min_temp"], pre["max_temp"])
         log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
                  _describe(report[path.stem]))
-    parts = split_in_time(stations, data["test_days"], data["holdout_stations"])
+    parts, cutoff = split_in_time(stations, data["test_days"], data["holdout_stations"])
     for name, part in parts.items():
         report[name].update(train_days=len(part["train"]), test_days=len(part["test"]))
-    return parts, report
+    return parts, report, str(cutoff.date())
 
 
 def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]]) -> None:
@@ -335,20 +422,25 @@ def main(args) -> None:
         for name in ("train", "test", "truth"):
             (staging / name).mkdir(parents=True)
         if folder is None:
-            climates, dates, clean, observed, labels = simulate(params["simulation"], data["holdout_stations"],
-                                                                params["anomalies"])
-            write_station_files(staging, climates, dates, clean, observed, labels, data["test_days"])
+            sim = params["simulation"]
+            simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
+            write_station_files(staging, simulation, data["test_days"], sim["resolution"])
             inputs = []
-            source = {"source": common.SIMULATION, "quantity": "mean", "unit": "C", "stations": len(climates)}
+            dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
+            source = {"source": common.SIMULATION, "quantity": "mean", "unit": "C", "stations": n,
+                      "test_start": str(dates[len(dates) - data["test_days"]])}
             counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
-            summary = (f"{len(climates)} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
-                       + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            weather = int((simulation.events != "none").sum())
+            summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
+                       + ", ".join(f"{k} {v}" for k, v in counts.items())
+                       + f"; station-days in regional cold snaps or heat waves: {weather}")
         else:
-            parts, report = import_stations(folder, data, params["import"], params["preprocessing"])
+            parts, report, test_start = import_stations(folder, data, params["import"], params["preprocessing"])
             write_imported_files(staging, parts)
             inputs = sorted(folder / report[name]["file"] for name in report)
             source = {"source": str(folder), "quantity": params["import"]["quantity"],
-                      "unit": params["import"]["unit"], "stations": len(parts), "files": report}
+                      "unit": params["import"]["unit"], "stations": len(parts), "test_start": test_start,
+                      "files": report}
             summary = (f"imported {len(parts)} stations from {folder}; "
                        "no ground truth, so anomaly scores will be skipped")
         for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):

@@ -1,17 +1,20 @@
-"""Stage 2: validate the station files, flag and repair anomalies, build scaled features.
+"""Stage 2: validate the station files, quality-control the readings, build scaled features.
 
-Every reading is compared with the median of the ``window`` days before it; the
-robust scale of that difference is learned per station on training days only, and
-a day whose robust z-score exceeds ``threshold`` is flagged, as is a reading
-repeated ``stuck_run`` times in a row. Flagged and missing days are repaired with
-that trailing median. Everything is causal: a day's flag, repair and features use
+Quality control (quality_control.py) compares every reading with what its
+neighbouring stations say it should be, so a cold snap that every station sees
+stays weather while a fault at one station stands out. It learns on the days
+before the test period only, flags spikes, level shifts, drifts, stuck runs and
+gross errors with a kind and a confidence, and repairs only confident faults: a
+spike or stuck reading by its expected value, a shift or drift by removing its
+estimated offset. Everything is causal: a day's flag, repair and features use
 only that day and earlier ones, never the next day that is being forecast.
 
-Inputs:  data/train/raw/*.csv, data/test/raw/*.csv (date, temperature)
+Inputs:  data/train/raw/*.csv, data/test/raw/*.csv (date, temperature), data/source.json (test_start)
 Outputs: data/{train,test}/features.csv  one row per station and forecast day
          data/{train,test}/flags.csv     the detector's verdict on every calendar day
+         data/flagged.csv                every flagged reading, training and test period
          models/scaler.joblib            StandardScaler fitted on training features
-         models/detector.json            the detector's settings learned on training days
+         models/detector.json            what the detector learned on the days before the test period
 """
 
 from __future__ import annotations
@@ -24,12 +27,11 @@ import numpy as np
 import pandas as pd
 
 import common
+import quality_control
 from common import FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
 
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]
-MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
-CLIMATOLOGY_HARMONICS = 3
 
 
 # ------------------------------------------------------------------------ validation
@@ -141,14 +143,17 @@ def _check_station_periods(frame: pd.DataFrame, min_days: int) -> None:
                             f"at least preprocessing.min_days = {min_days} are needed to build features")
 
 
-# ------------------------------------------------------------------------- detection
+# ------------------------------------------------------------------------- calendar
 
 
-def to_calendar(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Wide tables (date x station) of observed temperature and of period (train/test).
+def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Wide tables (date x station) of observed temperature and of period.
 
     Every station gets a complete daily calendar from its first to its last day;
-    missing days are NaN. Outside a station's own period the period is "".
+    missing days are NaN. The period is "train" or "test" as the raw files say,
+    except that a held-out station's days before the test period are "history":
+    they give its features a past and its detector something to learn from, but
+    are neither trained on nor scored. Outside a station's own days it is "".
     """
     observed = frame.pivot(index="date", columns="station", values="temperature")
     observed = observed.asfreq("D")
@@ -156,52 +161,28 @@ def to_calendar(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     # A missing day belongs to the period of the day before it; days before a
     # station's first or after its last day belong to none.
     inside = split.ffill().notna() & split.bfill().notna()
-    return observed, split.ffill().where(inside, "")
+    period = split.ffill().where(inside, "")
+    before_test = pd.DataFrame(np.repeat(np.asarray(observed.index < test_start)[:, None], observed.shape[1], axis=1),
+                               index=observed.index, columns=observed.columns)
+    period = period.mask((period == "test") & before_test, "history")
+    return observed, period
 
 
-def trailing_residuals(observed: pd.DataFrame, window: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each reading minus the median of the ``window`` days before it, and that median."""
-    reference = observed.shift(1).rolling(window, min_periods=window // 2).median()
-    return observed - reference, reference
+def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
+                          ) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """The detector learned on the days before the test period, and its verdict on every day.
 
-
-def learn_detector(observed: pd.DataFrame, split: pd.DataFrame, pre: dict) -> dict:
-    """Learn the robust scale of the trailing residual per station, on training days only."""
-    residual, _ = trailing_residuals(observed, pre["window"])
-    train_residual = residual.where(split == "train")
-    centred = train_residual - train_residual.median()
-    scale = MAD_TO_SD * centred.abs().median()
-    scale = scale.dropna()
-    if scale.empty or (scale <= 0).any():
-        raise PipelineError("training data too short or too constant to learn the anomaly detector's scale")
-    return {
-        "window": pre["window"],
-        "threshold": pre["threshold"],
-        "stuck_run": pre["stuck_run"],
-        "scale": {station: round(float(v), 6) for station, v in scale.items()},
-        # A station never seen in training gets the typical training station's scale.
-        "default_scale": round(float(scale.median()), 6),
-    }
-
-
-def detect(observed: pd.DataFrame, detector: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Flag each day (none, outlier, stuck, missing) and repair flagged and missing days.
-
-    Returns flags, repaired values and robust z-scores, each date x station.
+    With ``detector = "none"`` nothing is flagged and only missing days are
+    filled (with the median of the days before), so the features stay defined.
     """
-    residual, reference = trailing_residuals(observed, detector["window"])
-    scale = pd.Series(detector["scale"]).reindex(observed.columns).fillna(detector["default_scale"])
-    z = residual / scale
-    outlier = z.abs() > detector["threshold"]
-    same = observed.diff().eq(0)
-    # Length of the current run of repeats: a cumulative count that restarts at every change.
-    run = same.cumsum() - same.cumsum().where(~same).ffill().fillna(0)
-    stuck = run >= detector["stuck_run"] - 1
-    missing = observed.isna()
-    flags = pd.DataFrame(np.select([missing, stuck, outlier], ["missing", "stuck", "outlier"], "none"),
-                         index=observed.index, columns=observed.columns)
-    repaired = observed.where(flags == "none", reference)
-    return flags, repaired, z
+    if qc["detector"] == "none":
+        return {"detector": "none"}, quality_control.no_detection(observed, qc["window"])
+    learning = period.isin(["train", "history"])
+    detector = quality_control.learn(observed, learning, qc)
+    if not any("jump_scale" in entry for entry in detector["stations"].values()):
+        raise PipelineError("the training period is too short or too constant to learn the quality control's "
+                            "scales; more training days are needed")
+    return detector, quality_control.detect(observed, detector)
 
 
 # -------------------------------------------------------------------------- features
@@ -212,41 +193,18 @@ def day_of_year_terms(dates: pd.DatetimeIndex) -> tuple[np.ndarray, np.ndarray]:
     return np.sin(angle), np.cos(angle)
 
 
-def fit_climatology(values: pd.DataFrame) -> pd.DataFrame:
-    """Per station, least-squares coefficients of a mean plus yearly harmonics."""
-    design = _harmonic_design(values.index)
-    coefs = {}
-    for station in values.columns:
-        ok = values[station].notna().to_numpy()
-        if ok.sum() >= 2 * design.shape[1]:
-            coefs[station] = np.linalg.lstsq(design[ok], values[station].to_numpy()[ok], rcond=None)[0]
-    return pd.DataFrame(coefs)
-
-
-def climatology_at(coefs: pd.DataFrame, dates: pd.DatetimeIndex, stations: pd.Index) -> pd.DataFrame:
-    table = pd.DataFrame(_harmonic_design(dates) @ coefs.to_numpy(), index=dates, columns=coefs.columns)
-    return table.reindex(columns=stations)
-
-
-def _harmonic_design(dates: pd.DatetimeIndex) -> np.ndarray:
-    angle = 2 * np.pi * (dates.day_of_year.to_numpy() - 1) / 365.25
-    terms = [np.ones(len(dates))]
-    for k in range(1, CLIMATOLOGY_HARMONICS + 1):
-        terms += [np.sin(k * angle), np.cos(k * angle)]
-    return np.column_stack(terms)
-
-
-def build_features(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFrame,
-                   repaired: pd.DataFrame) -> pd.DataFrame:
+def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per station and forecast day t with the features for forecasting day t+1.
 
-    Features use days up to t only. ``target`` is the repaired reading of t+1;
-    ``target_ok`` says it was really observed and not flagged (only such rows are
-    trained on). ``climatology`` is the station's training-years seasonal mean for
-    t+1 (empty for stations never trained on), the climatology baseline.
-    ``change_sd60`` is the spread of recent day-to-day changes, which scales the
-    prediction interval.
+    Features use days up to t only, from the repaired readings. ``target`` is
+    the reading of t+1 as observed (empty where there is none), the value every
+    forecast is scored against; ``target_ok`` says it exists and the detector did
+    not flag it (only such rows are trained on). ``climatology`` is the
+    station's training-years seasonal mean for t+1 (empty for stations never
+    trained on), the climatology baseline. ``change_sd60`` is the spread of
+    recent day-to-day changes, which scales the prediction interval.
     """
+    repaired, flag = verdict["repaired"], verdict["flag"]
     dates = repaired.index
     wide = {
         "temp_lag0": repaired,
@@ -257,16 +215,17 @@ def build_features(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFr
         "temp_mean30": repaired.rolling(30, min_periods=20).mean(),
         "temp_std7": repaired.rolling(7).std(),
         "temp_trend7": repaired.rolling(7).mean() - repaired.shift(7).rolling(7).mean(),
-        "repaired_today": (flags != "none").astype(float).where(split != ""),
+        "repaired_today": (repaired != observed).astype(float).where(period != ""),
         SPREAD_COLUMN: repaired.diff().rolling(60, min_periods=20).std(),
-        "target": repaired.shift(-1),
-        "target_ok": (flags.shift(-1) == "none").astype(float),
-        "period": split.shift(-1),
+        "target": observed.shift(-1),
+        "target_ok": (observed.shift(-1).notna() & (flag.shift(-1) == quality_control.NO_FLAG)).astype(float),
+        "period": period.shift(-1),
     }
-    train_values = observed.where((split == "train") & (flags == "none"))
+    train_values = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
     target_dates = dates + pd.Timedelta(days=1)
     wide["climatology"] = pd.DataFrame(
-        climatology_at(fit_climatology(train_values), target_dates, observed.columns).to_numpy(),
+        quality_control.climatology_at(quality_control.fit_climatology(train_values), target_dates,
+                                       observed.columns).to_numpy(),
         index=dates, columns=observed.columns)
     long = pd.DataFrame({name: table.stack(future_stack=True) for name, table in wide.items()})
     long.index.names = ["date", "station"]
@@ -276,7 +235,7 @@ def build_features(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFr
     long["target_date"] = long["date"] + pd.Timedelta(days=1)
     long["temp_today"] = long["temp_lag0"]
     usable = long[[*FEATURES, SPREAD_COLUMN]].notna().all(axis=1) & long["period"].isin(["train", "test"])
-    long = long[usable & long["target"].notna()]
+    long = long[usable]
     columns = ["station", "date", "target_date", "period", "temp_today", "target", "target_ok",
                "climatology", SPREAD_COLUMN, *FEATURES]
     return long[columns].sort_values(["station", "date"], ignore_index=True)
@@ -289,14 +248,18 @@ def fit_scaler(train: pd.DataFrame):
     return StandardScaler().fit(train[FEATURES])
 
 
-def flags_table(observed: pd.DataFrame, split: pd.DataFrame, flags: pd.DataFrame,
-                repaired: pd.DataFrame, z: pd.DataFrame) -> pd.DataFrame:
-    wide = {"period": split, "observed": observed, "repaired": repaired, "flag": flags, "z": z.round(3)}
+FLAG_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence", "score"]
+
+
+def flags_table(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The detector's verdict on every day of every station, one row each."""
+    wide = {"period": period, "observed": observed, "expected": verdict["expected"].round(2),
+            "repaired": verdict["repaired"].round(2), "flag": verdict["flag"],
+            "confidence": verdict["confidence"].round(4), "score": verdict["score"].round(3)}
     long = pd.DataFrame({name: table.stack(future_stack=True) for name, table in wide.items()})
     long.index.names = ["date", "station"]
     long = long.reset_index()
-    return long[long["period"] != ""][["station", "date", "period", "observed", "repaired", "flag", "z"]] \
-        .sort_values(["station", "date"], ignore_index=True)
+    return long[long["period"] != ""][FLAG_COLUMNS].sort_values(["station", "date"], ignore_index=True)
 
 
 def _format_dates(frame: pd.DataFrame) -> pd.DataFrame:
@@ -307,18 +270,27 @@ def _format_dates(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def read_test_start(path: Path) -> pd.Timestamp:
+    """The first day of the test period, as data_creation.py recorded it."""
+    record = common.read_json(path)
+    try:
+        return pd.Timestamp(record["test_start"])
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{path}: no valid test_start; rerun data_creation.py") from None
+
+
 def main(args) -> None:
     params: Params = common.load_params(args.params)
     paths = Paths(args.root)
-    pre = params["preprocessing"]
+    pre, qc = params["preprocessing"], params["quality_control"]
     raw_files = sorted([*paths.train_raw.glob("*.csv"), *paths.test_raw.glob("*.csv")])
     frame = load_stations(paths.train_raw, paths.test_raw, pre)
-    common.verify_outputs_of(paths, "data_creation", raw_files)
+    common.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
+    test_start = read_test_start(paths.source_record)
 
-    observed, split = to_calendar(frame)
-    detector = learn_detector(observed, split, pre)
-    flags, repaired, z = detect(observed, detector)
-    features = build_features(observed, split, flags, repaired)
+    observed, period = to_calendar(frame, test_start)
+    detector, verdict = quality_control_flags(observed, period, qc)
+    features = build_features(observed, period, verdict)
     train = features[features["period"] == "train"].reset_index(drop=True)
     test = features[features["period"] == "test"].reset_index(drop=True)
     if train.empty or test.empty:
@@ -330,22 +302,30 @@ def main(args) -> None:
     train[FEATURES] = scaler.transform(train[FEATURES])
     test[FEATURES] = scaler.transform(test[FEATURES])
 
-    all_flags = flags_table(observed, split, flags, repaired, z)
+    all_flags = flags_table(observed, period, verdict)
+    flagged = all_flags[all_flags["flag"].isin(quality_control.KINDS)]
     outputs = {
         paths.train_features: _format_dates(train.drop(columns="period")),
         paths.test_features: _format_dates(test.drop(columns="period")),
         paths.train_flags: _format_dates(all_flags[all_flags["period"] == "train"].drop(columns="period")),
         paths.test_flags: _format_dates(all_flags[all_flags["period"] == "test"].drop(columns="period")),
+        paths.flagged: _format_dates(flagged),
     }
     for path, table in outputs.items():
         common.write_csv(path, table)
     common.write_joblib(paths.scaler, scaler)
     common.write_json(paths.detector, detector)
-    common.record_stage(paths, STAGE, params, raw_files, [*outputs, paths.scaler, paths.detector])
+    common.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
+                        [*outputs, paths.scaler, paths.detector])
 
     counts = all_flags["flag"].value_counts()
-    log.info("%d stations; flagged days: %s", observed.shape[1],
-             ", ".join(f"{k} {counts.get(k, 0)}" for k in ("outlier", "stuck", "missing")))
+    repaired = int((flagged["repaired"] != flagged["observed"]).sum())
+    log.info("%d stations; flagged readings: %s (%d repaired); missing days %d", observed.shape[1],
+             ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,
+             counts.get(quality_control.MISSING, 0))
+    untested = sorted(set(observed.columns) - set(test["station"]))
+    if untested:
+        log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
     log.info("features: %d training rows, %d test rows; scaler fitted on the training rows", len(train), len(test))
 
 

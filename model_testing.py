@@ -1,16 +1,19 @@
 """Stage 4: evaluate the saved model on the test period, against baselines, with a gate.
 
-Nothing is fitted here. Forecasts are scored against two references, named in
-every output: ``truth``, the simulated clean temperature of every test day, and
-``observed``, the reading itself on days that have one and carry no anomaly.
+Nothing is fitted here. Forecasts are scored against up to three references,
+named in every output: ``truth``, the simulated clean temperature of every test
+day (simulation only); ``observed``, every reading of the test period, whatever
+the detector thought of it; and, beside it and never instead of it,
+``accepted``, the readings the detector did not flag.
 Two baselines are scored on the same days: persistence (tomorrow = today's
 repaired reading) and the station's climatology from its training years (stations
 never trained on have none). The anomaly detector's flags on test days are scored
 against the injected labels. Each forecast comes with the prediction interval
 calibrated in model_preparation.py; its coverage, width and pinball loss are
-scored against both references.
+scored against every reference. The report lists the flagged readings of the
+whole record, largest departure first.
 
-Inputs:  data/test/features.csv, data/test/flags.csv, data/truth/*.csv,
+Inputs:  data/test/features.csv, data/test/flags.csv, data/flagged.csv, data/truth/*.csv,
          models/scaler.joblib, models/model.joblib, models/model.json
 Outputs: models/metrics.json, and a table on stdout; reports/ with summary.md,
          predictions.csv and PNG figures (see report.py); on passing the gate, a copy of
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 import common
+import quality_control
 import report
 from common import ANOMALY_KINDS, FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
 
@@ -39,7 +43,8 @@ PREDICTORS = ["model", "persistence", "climatology"]
 
 def load_verified(paths: Paths) -> tuple:
     """The scaler and model, after checking both against the manifest and each other."""
-    common.verify_outputs_of(paths, "model_preprocessing", [paths.test_features, paths.test_flags, paths.scaler])
+    common.verify_outputs_of(paths, "model_preprocessing",
+                             [paths.test_features, paths.test_flags, paths.flagged, paths.scaler])
     common.verify_outputs_of(paths, "model_preparation", [paths.model, paths.model_record])
     record = common.read_json(paths.model_record)
     if record.get("scaler_sha256") != common.sha256_file(paths.scaler):
@@ -62,11 +67,19 @@ def _load(path, stage: str):
 
 
 def load_truth(truth_dir, stations) -> pd.DataFrame | None:
-    """Clean temperature and anomaly label per station and day, or None without ground truth."""
+    """Clean temperature, fault and weather event per station and day, or None without ground truth.
+
+    Truth for some stations but not all is refused: scoring only part of the
+    stations against it would silently change what the scores mean.
+    """
     files = [truth_dir / f"{station}.csv" for station in stations]
-    if not all(f.exists() for f in files):
+    present = [f.exists() for f in files]
+    if not any(present):
         return None
-    parts = [common.read_table(f, ["date", "clean_temperature", "anomaly"]).assign(station=f.stem) for f in files]
+    if not all(present):
+        missing = files[present.index(False)]
+        raise PipelineError(f"{missing}: missing, while other stations have ground truth; rerun data_creation.py")
+    parts = [common.read_table(f, ["date", *common.TRUTH_COLUMNS]).assign(station=f.stem) for f in files]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -148,7 +161,7 @@ def detector_scores(flags: pd.DataFrame) -> dict:
     kinds' anomalies neither help nor hurt it.
     """
     days = flags[flags["anomaly"] != "missing"]
-    flagged = (days["flag"] != "none").to_numpy()
+    flagged = days["flag"].isin(quality_control.KINDS).to_numpy()
 
     def prf(positive: np.ndarray, considered: np.ndarray) -> dict:
         tp = int((flagged & positive & considered).sum())
@@ -165,6 +178,10 @@ def detector_scores(flags: pd.DataFrame) -> dict:
     for kind in ANOMALY_KINDS:
         if kind != "missing":
             result[kind] = prf(label == kind, normal | (label == kind))
+    weather = normal & (days["event"] != "none").to_numpy()
+    result["weather_events"] = {"days": int(weather.sum()), "flagged": int((flagged & weather).sum()),
+                                "share": _round(float((flagged & weather).mean() / weather.mean()))
+                                if weather.any() else None}
     return result
 
 
@@ -185,15 +202,13 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
     if truth is not None:
         truth = truth.rename(columns={"date": "target_date"})
         frame = frame.merge(truth, on=["station", "target_date"], how="left", validate="one_to_one")
-    # The observed reference: readings on normal days, by the labels when there are any, else by the detector.
-    normal = frame["anomaly"] == "none" if truth is not None else frame["flag"] == "none"
-    frame["observed_normal"] = frame["observed"].where(normal)
+    frame["observed_accepted"] = frame["observed"].where(frame["flag"] == quality_control.NO_FLAG)
     return frame
 
 
 def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, level: float) -> dict:
     metrics: dict = {"forecast": {}, "interval": {"level": level}, "stations": int(frame["station"].nunique())}
-    references = ["truth", "observed"] if truth is not None else ["observed"]
+    references = ["truth", "observed", "accepted"] if truth is not None else ["observed", "accepted"]
     if truth is not None:
         labelled = flags.merge(truth, on=["station", "date"], how="left")
         metrics["detector"] = detector_scores(labelled)
@@ -219,8 +234,7 @@ def gate(metrics: dict, min_improvement: float) -> tuple[bool, str]:
 def format_table(metrics: dict) -> str:
     lines = []
     for reference, scores in metrics["forecast"].items():
-        lines.append(f"Test MAE / RMSE in °C against the {reference} temperature"
-                     + (" (clean simulated value)" if reference == "truth" else " (readings on normal days)"))
+        lines.append(f"Test MAE / RMSE in °C against the {reference} temperature ({report.REFERENCES[reference]})")
         lines.append(f"  {'':28}" + "".join(f"{p:>20}" for p in PREDICTORS))
         for group in ("all_stations", "trained_stations", "holdout_stations"):
             if group in scores:
@@ -243,12 +257,19 @@ def format_table(metrics: dict) -> str:
     else:
         lines.append("Anomaly detector on test days    precision  recall     F1   days")
         for kind, s in detector.items():
+            if kind == "weather_events":
+                continue
             cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
             lines.append(f"  {kind:30}" + "".join(f"{c:>9}" for c in cells) + f"{s['days']:>7}")
+        events = detector["weather_events"]
+        if events["days"]:
+            lines.append(f"  flagged on regional weather extremes: {events['flagged']} of {events['days']} days "
+                         f"({events['share']:.1%})")
     return "\n".join(lines)
 
 
-def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict) -> None:
+def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict,
+                 flagged: pd.DataFrame) -> None:
     """reports/: summary.md, predictions.csv and the figures, swapped in as one folder."""
     staged = paths.reports.with_name(".reports.new")
     shutil.rmtree(staged, ignore_errors=True)
@@ -257,7 +278,8 @@ def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict,
         names = report.figure_names(frame, evaluation["report_stations"])
         report.write_figures(staged, frame, metrics, names)
         common.write_csv(staged / "predictions.csv", report.predictions_table(frame))
-        summary = report.summary_markdown(metrics, source, names, evaluation["interval_tolerance"])
+        summary = report.summary_markdown(metrics, source, names, evaluation["interval_tolerance"],
+                                          report.largest_flags(flagged, evaluation["report_flags"]))
         common.write_bytes(staged / "summary.md", summary.encode())
         common.replace_folder(staged, paths.reports)
     finally:
@@ -320,8 +342,9 @@ def main(args) -> None:
                    model_sha256=common.sha256_file(paths.model))
     common.write_json(paths.metrics, metrics)
     source = common.read_json(paths.source_record) if paths.source_record.exists() else {}
-    write_report(paths, frame, metrics, source, params["evaluation"])
-    common.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.model],
+    flagged = common.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
+    write_report(paths, frame, metrics, source, params["evaluation"], flagged)
+    common.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.flagged, paths.model],
                         [paths.metrics, *sorted(paths.reports.iterdir())])
 
     print(format_table(metrics))

@@ -13,16 +13,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from quality_control import KINDS as FAULT_KINDS
+
 PREDICTORS = ["model", "persistence", "climatology"]
 GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
 # Figure sizes in inches at DPI dots per inch: the PNGs are 1200x450 and 1000x500 pixels.
 DPI = 100
 FORECAST_SIZE = (12.0, 4.5)
 SUMMARY_SIZE = (10.0, 5.0)
-# The predictions column each metrics reference scores against.
-REFERENCE_COLUMNS = {"truth": "clean_temperature", "observed": "observed_normal"}
+# The predictions column each metrics reference scores against, and what it is.
+REFERENCE_COLUMNS = {"truth": "clean_temperature", "observed": "observed", "accepted": "observed_accepted"}
+REFERENCES = {
+    "truth": "the clean simulated temperature of every test day",
+    "observed": "every reading of the test period",
+    "accepted": "only the readings the detector did not flag; a reference beside `observed`, never instead of it",
+}
 PREDICTION_COLUMNS = ["station", "date", "target_date", "observed", "flag", "model", "model_lower", "model_upper",
-                      "persistence", "climatology", "clean_temperature", "anomaly"]
+                      "persistence", "climatology", "clean_temperature", "anomaly", "event"]
+FLAGGED_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence"]
 
 
 def figure_names(frame: pd.DataFrame, n_stations: int) -> dict[str, str]:
@@ -73,7 +81,7 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
         injected = rows["anomaly"].notna() & ~rows["anomaly"].isin(["none", "missing"]) & rows["observed"].notna()
         ax.plot(dates[injected], rows.loc[injected, "observed"], "o", mfc="none", color="tab:orange",
                 markersize=7, label="injected anomaly")
-    flagged = rows["flag"].isin(["outlier", "stuck"])
+    flagged = rows["flag"].isin(FAULT_KINDS)
     ax.plot(dates[flagged], rows.loc[flagged, "observed"], "x", color="tab:red", markersize=6,
             label="flagged by the detector")
     covered = metrics["interval"][metrics["gate_reference"]]["per_station"][station]["coverage"]
@@ -119,8 +127,9 @@ def _residuals_figure(plt, frame: pd.DataFrame, reference: str, level: float):
 # ------------------------------------------------------------------------ Markdown
 
 
-def summary_markdown(metrics: dict, source: dict, names: dict[str, str], tolerance: float) -> str:
-    """The report's text: data source, gate, forecast errors, intervals, detector, figures."""
+def summary_markdown(metrics: dict, source: dict, names: dict[str, str], tolerance: float,
+                     flags: pd.DataFrame) -> str:
+    """The report's text: data source, gate, forecast errors, intervals, detector, flagged readings, figures."""
     level = metrics["interval"]["level"]
     quantity = {"mean": "daily mean", "max": "daily maximum", "min": "daily minimum"}[source.get("quantity", "mean")]
     lines = ["# Test report", ""]
@@ -136,6 +145,7 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
     lines += _forecast_section(metrics)
     lines += _interval_section(metrics, level, tolerance)
     lines += _detector_section(metrics)
+    lines += _flagged_section(flags)
     if source.get("files"):
         lines += _import_section(source["files"])
     lines += ["## Figures", ""]
@@ -147,8 +157,7 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
 def _forecast_section(metrics: dict) -> list[str]:
     lines = ["## Next-day forecast error (MAE / RMSE, °C)", ""]
     for reference, scores in metrics["forecast"].items():
-        what = "the clean simulated temperature" if reference == "truth" else "the readings on normal days"
-        lines += [f"Against {what} (`{reference}`):", "", "| stations | rows | " + " | ".join(PREDICTORS) + " |",
+        lines += [f"Against {REFERENCES[reference]} (`{reference}`):", "", "| stations | rows | " + " | ".join(PREDICTORS) + " |",
                   "|---|---:|" + "---:|" * len(PREDICTORS)]
         for group in GROUPS:
             if group in scores:
@@ -193,8 +202,36 @@ def _detector_section(metrics: dict) -> list[str]:
                 "really were faulty; the detector's verdict on every day is still in `data/test/flags.csv`.", ""]
     lines += ["| kind | days | flagged | precision | recall | F1 |", "|---|---:|---:|---:|---:|---:|"]
     for kind, s in detector.items():
+        if kind == "weather_events":
+            continue
         cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
         lines.append(f"| {kind} | {s['days']} | {s['flagged']} | " + " | ".join(cells) + " |")
+    events = detector["weather_events"]
+    if events["days"]:
+        lines += ["", f"Regional cold snaps and heat waves (weather, not faults): {events['flagged']} of their "
+                  f"{events['days']} station-days flagged ({events['share']:.1%})."]
+    return [*lines, ""]
+
+
+def largest_flags(flagged: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` flagged readings that depart most from their expected value."""
+    departure = (flagged["observed"] - flagged["expected"]).abs()
+    order = departure.sort_values(ascending=False, kind="stable").index
+    return flagged.loc[order].head(n).assign(departure=(flagged["observed"] - flagged["expected"]).round(2))
+
+
+def _flagged_section(flags: pd.DataFrame) -> list[str]:
+    lines = ["## Flagged readings", ""]
+    if flags.empty:
+        return [*lines, "The detector flagged no reading.", ""]
+    lines += ["The readings the detector flagged, training and test period alike, largest departure from the "
+              "expected value first (all of them are in `data/flagged.csv`). A reading is repaired only when the "
+              "confidence reaches `quality_control.repair_confidence`.", "",
+              "| station | date | period | reading °C | expected °C | kind | confidence | used as °C |",
+              "|---|---|---|---:|---:|---|---:|---:|"]
+    for row in flags.itertuples():
+        lines.append(f"| {row.station} | {row.date} | {row.period} | {row.observed:.1f} | {row.expected:.1f} | "
+                     f"{row.flag} | {row.confidence:.2f} | {row.repaired:.1f} |")
     return [*lines, ""]
 
 

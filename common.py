@@ -117,7 +117,6 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "neighbours": (int, 1, 50),
         "min_correlation": (float, 0.0, 0.99),
         "window": (int, 3, 90),
-        "shift_window": (int, 3, 90),
         "spike_threshold": (float, 1.0, 50.0),
         "shift_threshold": (float, 1.0, 200.0),
         "stuck_threshold": (float, 0.5, 50.0),

@@ -106,18 +106,19 @@ def regional_weather(rng: np.random.Generator, climates: pd.DataFrame, n_days: i
                      day_of_year: np.ndarray) -> np.ndarray:
     """Day-to-day weather (stations x days, °C): shared by neighbours, seasonal in spread, heavy-tailed.
 
-    A regional field with exponential spatial correlation exp(-distance /
-    correlation_km) is drawn with random Fourier features (cost linear in
-    stations, so a national network costs no n x n matrix); each station adds a
-    small weather of its own. Both persist from day to day (AR(1)); every day's
-    regional innovation is scaled by a common random factor (a Student-t scale
-    mixture), so calm days and stormy days hit the whole region together, and
-    winter weather varies more than summer weather.
+    A smooth regional field, correlated between two places as
+    exp(-(distance / correlation_km)^2 / 2), is drawn with random Fourier features
+    (cost linear in stations, so a national network needs no stations x stations
+    matrix); each station adds a weather of its own (local cloud, wind, cold-air
+    pools) that persists less. The regional field persists from day to day
+    (AR(1)); every day's regional innovation is scaled by a common random factor
+    (a Student-t scale mixture), so calm and stormy days hit the whole region
+    together; winter weather varies more than summer weather.
     """
     n_features = 512
     xy = climates[["x_km", "y_km"]].to_numpy()
-    # The spectral density of the 2-D exponential kernel is a bivariate Cauchy distribution.
-    frequency = rng.normal(size=(n_features, 2)) / (sim["correlation_km"] * np.abs(rng.normal(size=(n_features, 1))))
+    # The spectral density of the Gaussian kernel is itself Gaussian.
+    frequency = rng.normal(size=(n_features, 2)) / sim["correlation_km"]
     phase = rng.uniform(0.0, 2 * np.pi, n_features)
     basis = np.cos(frequency @ xy.T + phase[:, None])
     basis /= np.linalg.norm(basis, axis=0)  # unit variance at every station
@@ -128,7 +129,10 @@ def regional_weather(rng: np.random.Generator, climates: pd.DataFrame, n_days: i
     storminess = np.sqrt((tails - 2.0) / rng.chisquare(tails, n_days + burn))
     innovation = rng.normal(size=(n_features, n_days + burn)) * storminess * np.sqrt(1 - coef**2)
     shared = basis.T @ ar1(innovation, np.full(n_features, coef))
-    own = ar1(rng.normal(size=(len(climates), n_days + burn)) * np.sqrt(1 - coef**2), np.full(len(climates), coef))
+    # Local effects (cloud, wind, inversions at one site) persist less than the regional weather.
+    own_coef = 0.4
+    own = ar1(rng.normal(size=(len(climates), n_days + ar1_burn_in(own_coef))) * np.sqrt(1 - own_coef**2),
+              np.full(len(climates), own_coef))
     share = sim["shared_weather"]
     season = 1.0 + 0.3 * np.cos(2 * np.pi * (day_of_year - 15) / 365.25)  # more variable in winter
     sd = climates["weather_sd"].to_numpy()[:, None]

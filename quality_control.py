@@ -5,33 +5,38 @@ reading is compared with what its neighbours say it should be:
 
 * **Neighbours** are learned on the days before the test period: the stations
   whose daily anomalies (reading minus the station's seasonal climatology)
-  correlate best with this one's, at least ``min_correlation``. No coordinates are
-  needed, so this works on a user's own files. Each neighbour predicts the
-  station's anomaly by a straight line fitted on those days; the **expected
-  value** of a reading is the climatology plus the median of its neighbours'
-  predictions that day (a median, so one faulty neighbour cannot move it).
-* The **departure** (reading minus expected value) is scaled by its robust spread
-  on the learning days. A large isolated departure is a ``spike``; a departure
-  whose median over the last ``shift_window`` days is large is persistent: a
-  ``level_shift``, or a ``drift`` where it keeps growing. A run of identical
-  readings is ``stuck`` when the neighbours moved while the sensor did not, or
-  when it is longer than the station's own resolution makes likely (learned from
-  how often its learning days repeat: whole-degree °F records repeat often).
+  correlate best with this one's, at least ``min_correlation``. No coordinates
+  are needed, so this works on a user's own files. The **expected value** of a
+  reading is the climatology plus the neighbours' anomalies that day combined by
+  a regression fitted on those days (or, on days some neighbour is missing or
+  suspect, the median of each neighbour's own straight-line prediction).
+* The **departure** (reading minus expected value) persists from day to day, as
+  local weather does; its **innovation** is the part yesterday's departure does
+  not explain. Both are scaled by their robust spread on the learning days, and
+  the innovation also by the day's storminess across the network. A large
+  innovation that today's reading still carries is a ``spike``. A departure that
+  stepped away from zero some days ago and stays there is a ``level_shift``; one
+  that ramps away is a ``drift``: generalised likelihood-ratio tests for a step
+  or a ramp in a persistent series, at every start within the last 30 or 60
+  days. A run of identical readings is ``stuck`` when the neighbours moved while
+  the sensor did not, or when it is longer than the station's own resolution
+  makes likely (learned from how often its learning days repeat: whole-degree °F
+  records repeat often).
 * **Gross checks** run everywhere, and are all a station with no usable
-  neighbour gets: a departure from the median of the ``window`` days before it
-  beyond ``gross_margin`` times the 99.9th percentile of the station's own
-  learning days (so its own weather is almost never flagged), and runs of
-  repeats beyond what its resolution makes likely.
+  neighbour gets: a jump from the median of the ``window`` days before beyond
+  ``gross_margin`` times the 99.9th percentile of the station's own learning
+  days (so its own weather is almost never flagged), and over-long repeats.
 
-Every flag carries its kind and a confidence: 0.5 at the flag's threshold, odds
-multiplied by e² for each robust standard deviation beyond it. Only flags with at
-least ``repair_confidence`` are repaired: a spike, stuck or gross reading by its
-expected value, a level shift or drift by removing the estimated offset (the
-median departure of the last ``shift_window`` days). A missing day gets the
+Every flag carries its kind and a confidence: 0.5 at its threshold, the odds
+multiplied by e² for each unit of evidence beyond it (a heuristic, not a
+calibrated probability). Only flags with at least ``repair_confidence`` are
+repaired: a spike, stuck or gross reading by its expected value, a level shift
+or drift by removing the offset the test estimated. A missing day gets the
 expected value, so features stay defined. Flags of day *t* use readings of days
-up to *t* only; the neighbours are checked in two passes, the second leaving out
+up to *t* only. The neighbours are checked in two passes, the second leaving out
 readings the first flagged, so a faulty neighbour does not make a station look
-faulty.
+faulty; and learning is repeated without the readings the previous round
+flagged, so faults in the training years do not blur what is learned.
 """
 
 from __future__ import annotations
@@ -49,13 +54,15 @@ MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 GROSS_QUANTILE = 0.999
 # Natural runs of identical readings longer than the stuck check allows happen at
 # most this often per station and year.
-NATURAL_RUNS_PER_YEAR = 0.5
+NATURAL_RUNS_PER_YEAR = 0.1
 CONFIDENCE_SLOPE = 2.0
-# The level-shift CUSUM: innovations count beyond this allowance, each at most the cap,
-# and evidence older than the window is forgotten.
-CUSUM_ALLOWANCE = 0.5
-CUSUM_CAP = 4.0
-CUSUM_WINDOW = 45
+LEARNING_ROUNDS = 2
+# The step test looks back 1-30 days for the day a level shift began, the ramp test
+# 7-60 days for the day a drift began; one day's innovation counts at most
+# INNOVATION_CAP robust standard deviations.
+STEP_LAGS = range(1, 31)
+RAMP_LAGS = range(7, 61)
+INNOVATION_CAP = 4.0
 
 
 def harmonic_design(dates: pd.DatetimeIndex) -> np.ndarray:
@@ -111,56 +118,84 @@ def _pair_statistics(anomaly: np.ndarray) -> tuple[np.ndarray, ...]:
     return corr, slope, intercept, shared
 
 
-def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, list]:
-    """For each station, its best-correlated stations on the learning days with a line predicting it."""
-    corr, slope, intercept, shared = _pair_statistics(anomaly.to_numpy())
+def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, dict]:
+    """For each station, its best-correlated stations on the learning days and how they predict it.
+
+    Each neighbour gets a straight line predicting the station from it alone; the
+    chosen neighbours together get a multiple regression, used on days all of
+    them report (more precise than any one line), with the median of the single
+    lines as the fallback on other days.
+    """
+    values = anomaly.to_numpy()
+    corr, slope, intercept, shared = _pair_statistics(values)
     stations = list(anomaly.columns)
     usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation) & np.isfinite(slope)
     np.fill_diagonal(usable, False)
     ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
     neighbours = {}
-    for i, station in enumerate(stations):  # one short list per station
+    for i, station in enumerate(stations):  # one short list and one small regression per station
         chosen = [j for j in ranked[i] if usable[i, j]]
-        neighbours[station] = [{"station": stations[j], "correlation": round(float(corr[i, j]), 4),
-                                "slope": round(float(slope[i, j]), 6), "intercept": round(float(intercept[i, j]), 6)}
-                               for j in chosen]
+        weights, constant = _joint_regression(values[:, i], values[:, chosen])
+        neighbours[station] = {
+            "constant": constant,
+            "buddies": [{"station": stations[j], "correlation": round(float(corr[i, j]), 4),
+                         "slope": round(float(slope[i, j]), 6), "intercept": round(float(intercept[i, j]), 6),
+                         "weight": weight} for j, weight in zip(chosen, weights, strict=True)],
+        }
     return neighbours
 
 
-def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, list]) -> pd.DataFrame:
-    """Each station's anomaly as its neighbours predict it: the median of their straight-line predictions
-    on the same day (NaN where no neighbour has a reading)."""
+def _joint_regression(target: np.ndarray, predictors: np.ndarray) -> tuple[list[float | None], float | None]:
+    """Least-squares weights of the predictors and a constant, on days all of them and the target have;
+    None where there are too few such days."""
+    both = ~np.isnan(target) & ~np.isnan(predictors).any(axis=1)
+    if predictors.shape[1] == 0 or both.sum() < MIN_OVERLAP_DAYS:
+        return [None] * predictors.shape[1], None
+    design = np.column_stack([np.ones(both.sum()), predictors[both]])
+    coefs = np.linalg.lstsq(design, target[both], rcond=None)[0]
+    return [round(float(c), 6) for c in coefs[1:]], round(float(coefs[0]), 6)
+
+
+def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
+    """Each station's anomaly as its neighbours predict it (NaN where none of them has a reading).
+
+    The joint regression where every neighbour reports, else the median of the
+    single-neighbour lines of those that do (a median, so one odd neighbour
+    cannot move it far).
+    """
     stations = list(anomaly.columns)
     position = {station: i for i, station in enumerate(stations)}
-    width = max((len(v) for v in neighbours.values()), default=0)
+    width = max((len(v["buddies"]) for v in neighbours.values()), default=0)
     if width == 0:
         return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
     index = np.full((len(stations), width), len(stations))  # points at an all-NaN column
-    slope = np.zeros((len(stations), width))
-    intercept = np.zeros((len(stations), width))
+    slope, intercept, weight = (np.zeros((len(stations), width)) for _ in range(3))
+    constant = np.full(len(stations), np.nan)
     for station, found in neighbours.items():
         if station not in position:
             continue
         i = position[station]
-        for m, neighbour in enumerate(n for n in found if n["station"] in position):
-            index[i, m] = position[neighbour["station"]]
-            slope[i, m], intercept[i, m] = neighbour["slope"], neighbour["intercept"]
+        buddies = [b for b in found["buddies"] if b["station"] in position]
+        complete = found["constant"] is not None and len(buddies) == len(found["buddies"])
+        constant[i] = found["constant"] if complete else np.nan
+        for m, buddy in enumerate(buddies):
+            index[i, m] = position[buddy["station"]]
+            slope[i, m], intercept[i, m] = buddy["slope"], buddy["intercept"]
+            weight[i, m] = buddy["weight"] if complete else 0.0
     padded = np.column_stack([anomaly.to_numpy(), np.full(len(anomaly), np.nan)])
-    predictions = intercept + slope * padded[:, index]  # days x stations x neighbours
+    readings = padded[:, index]  # days x stations x neighbours
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # days when no neighbour has a reading
-        median = np.nanmedian(predictions, axis=2)
-    return pd.DataFrame(median, index=anomaly.index, columns=anomaly.columns)
+        median = np.nanmedian(intercept + slope * readings, axis=2)
+    used = index < len(stations)
+    joint = constant + np.where(used, weight * readings, 0.0).sum(axis=2)
+    joint[np.isnan(np.where(used, readings, 0.0)).any(axis=2)] = np.nan
+    return pd.DataFrame(np.where(np.isnan(joint), median, joint), index=anomaly.index, columns=anomaly.columns)
 
 
 def trailing_median(observed: pd.DataFrame, window: int) -> pd.DataFrame:
     """The median of the ``window`` days before each day (at least half of them observed)."""
     return observed.shift(1).rolling(window, min_periods=max(1, window // 2)).median()
-
-
-def offset_estimate(departure: pd.DataFrame, window: int) -> pd.DataFrame:
-    """The persistent part of the departure: its median over the last ``window`` days, today included."""
-    return departure.rolling(window, min_periods=window // 2 + 1).median()
 
 
 def repeat_runs(observed: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -196,29 +231,42 @@ def confidence(score: pd.DataFrame | np.ndarray, threshold: float | pd.Series) -
 def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict) -> dict:
     """Everything the detector needs, learned from readings on ``learning`` days only.
 
+    Faults in the learning days would weaken the neighbours' correlations and
+    widen the scales, so learning is repeated: after each round, the readings
+    that round's detector flags are left out of the next (``LEARNING_ROUNDS``).
     Returns a JSON-ready dict: settings, per-station climatology coefficients,
-    neighbours with their prediction lines, robust scales and gross thresholds.
+    neighbours with their prediction lines, robust scales and thresholds.
     """
-    values = observed.where(learning)
-    coefs = fit_climatology(values)
-    anomaly = values - climatology_at(coefs, observed.index, observed.columns)
-    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"])
-    settings = {key: qc[key] for key in ("window", "shift_window", "spike_threshold", "shift_threshold",
-                                         "stuck_threshold", "repair_confidence")}
-    detector = {**settings, "stations": {}}
-    first_pass = _network_departures(observed, {"climatology": coefs, "neighbours": neighbours}, None)
-    departure = first_pass["departure"].where(learning)
-    persistence = _lag_one_correlation(departure)
-    innovation = _innovation(first_pass["departure"], persistence).where(learning)
+    settings = {key: qc[key] for key in ("window", "spike_threshold", "shift_threshold", "stuck_threshold",
+                                         "repair_confidence")}
     jump = observed - trailing_median(observed, qc["window"])
     jump_scale = _robust_scale(jump.where(learning))
     jump_z = (jump.where(learning) / jump_scale).abs()
-    gross = qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE)
+    gross = {"jump_scale": jump_scale, "gross_threshold": qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE)}
+    trusted = learning
+    for _ in range(LEARNING_ROUNDS):
+        detector = _fit(observed, learning, trusted, qc, settings, gross)
+        flags = detect(observed.where(learning), detector)["flag"]
+        trusted = learning & ~flags.isin(KINDS)
+    return _fit(observed, learning, trusted, qc, settings, gross)
+
+
+def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, qc: dict, settings: dict,
+         gross: dict[str, pd.Series]) -> dict:
+    """One round of learning: climatology, neighbours and scales from the ``trusted`` readings."""
+    values = observed.where(trusted)
+    coefs = fit_climatology(values)
+    anomaly = values - climatology_at(coefs, observed.index, observed.columns)
+    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"])
+    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
+    persistence = _lag_one_correlation(departure)
+    innovation = _innovation(departure, persistence, _robust_scale(departure))
     scales = {"departure_scale": _robust_scale(departure), "persistence": persistence,
-              "innovation_scale": _robust_scale(innovation), "jump_scale": jump_scale, "gross_threshold": gross}
-    run_length = natural_run_length(values)
+              "innovation_scale": _robust_scale(innovation), **gross}
+    run_length = natural_run_length(observed.where(learning))
+    detector = {**settings, "stations": {}}
     for station in observed.columns:
-        entry = {"neighbours": neighbours.get(station, []), "stuck_run": int(run_length[station])}
+        entry = {"neighbours": neighbours[station], "stuck_run": int(run_length[station])}
         if station in coefs:
             entry["climatology"] = [round(float(c), 6) for c in coefs[station]]
         for name, series in scales.items():
@@ -237,23 +285,72 @@ def _lag_one_correlation(departure: pd.DataFrame) -> pd.Series:
     return clipped.corrwith(clipped.shift(1)).clip(lower=0.0, upper=0.95)
 
 
-def _innovation(departure: pd.DataFrame, persistence: pd.Series) -> pd.DataFrame:
-    """The part of today's departure that the last days' departures do not explain.
+def _innovation(departure: pd.DataFrame, persistence: pd.Series, scale: pd.Series) -> pd.DataFrame:
+    """The part of today's departure that yesterday's does not explain (departures persist, as weather does).
 
-    The prediction is the persistence times the median of the three days
-    before, so a single faulty day does not disturb the next days' innovations.
+    Yesterday's departure is clipped at three robust standard deviations, so a
+    spike yesterday does not make today look like the opposite spike.
     """
-    recent = departure.shift(1).rolling(3, min_periods=1).median().fillna(0.0)
-    return departure - recent * persistence
+    yesterday = departure.shift(1).clip(lower=-3 * scale, upper=3 * scale, axis=1).fillna(0.0)
+    return departure - yesterday * persistence
 
 
-def _windowed_cusum(z: pd.DataFrame, allowance: float, cap: float, window: int) -> pd.DataFrame:
-    """The largest sum of (clipped z - allowance) over any run of days ending today within ``window``:
-    a CUSUM that forgets evidence older than the window, computed with cumulative sums (no loop)."""
-    step = z.clip(lower=-cap, upper=cap).fillna(0.0) - allowance
-    total = step.cumsum()
-    earlier = total.shift(1).fillna(0.0).rolling(window, min_periods=1).min().clip(upper=0.0)
-    return (total - earlier).clip(lower=0.0)
+def storminess(innovation_z: pd.DataFrame) -> pd.Series:
+    """How unsettled each day is across the network: the root mean square of all stations' (capped)
+    innovations that day, at least 0.75 (1 where fewer than three stations report).
+
+    Weather that differs more between stations on stormy days than on calm ones
+    is common to the region, so dividing by it makes a stormy day's departures
+    as comparable as a calm day's; the cap keeps one faulty station from
+    deciding it.
+    """
+    typical = np.sqrt((innovation_z.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP) ** 2).mean(axis=1))
+    reporting = innovation_z.notna().sum(axis=1)
+    return typical.where(reporting >= 3, 1.0).clip(lower=0.75).fillna(1.0)
+
+
+def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: range, shape: str
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evidence that the departure left zero some days ago, by a step or a ramp, and today's offset.
+
+    A departure that persists with coefficient phi and carries an offset m(u)
+    from day s on has innovations m(u) - phi m(u-1): for a step of size D, D on
+    day s and (1 - phi) D after; for a ramp growing by r a day, r ((1 - phi) k + 1)
+    on the k-th day. The test statistic for a change that began ``lag`` days ago
+    is the sum of the innovations (each capped, so one spike cannot pass for a
+    change) weighted by that pattern, over its standard deviation: a
+    generalised likelihood ratio test. The largest absolute statistic over
+    ``lags`` is returned, signed, with the offset it implies today, both in
+    robust standard deviations of the innovation.
+    """
+    capped = innovation_z.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP).fillna(0.0)
+    carry = (1.0 - persistence).to_numpy()[None, :]
+    values = capped.to_numpy()
+    day = np.arange(len(values), dtype=float)[:, None]
+    plain = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)])
+    timed = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values * day, axis=0)])
+    best = np.zeros_like(values)
+    offset = np.zeros_like(values)
+    for lag in lags:  # one whole-table step per candidate start, not per day
+        rows = np.arange(lag, len(values))
+        window = plain[rows + 1] - plain[rows - lag]
+        if shape == "step":  # the first day weighs 1, the later ones (1 - phi)
+            first = values[rows - lag]
+            weighted = first + carry * (window - first)
+            norm = 1.0 + lag * carry**2
+            today = weighted / norm
+        else:
+            k_sum = timed[rows + 1] - timed[rows - lag] - (day[rows] - lag) * window
+            weighted = carry * k_sum + window
+            k = np.arange(lag + 1)
+            norm = (carry**2) * (k**2).sum() + 2 * carry * k.sum() + (lag + 1)
+            today = weighted / norm * (lag + 1)
+        statistic = weighted / np.sqrt(norm)
+        better = np.abs(statistic) > np.abs(best[rows])
+        best[rows] = np.where(better, statistic, best[rows])
+        offset[rows] = np.where(better, today, offset[rows])
+    return (pd.DataFrame(best, index=capped.index, columns=capped.columns),
+            pd.DataFrame(offset, index=capped.index, columns=capped.columns))
 
 
 def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None) -> dict:
@@ -265,6 +362,14 @@ def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataF
     return {"expected": expected, "departure": observed - expected}
 
 
+def held(start: pd.DataFrame, hold: pd.DataFrame) -> pd.DataFrame:
+    """True on days ``hold`` has held without a break since a day ``start`` was true (causal hysteresis)."""
+    rows = np.arange(len(start))[:, None]
+    last_start = np.maximum.accumulate(np.where(start.to_numpy(), rows, -1), axis=0)
+    last_break = np.maximum.accumulate(np.where(hold.to_numpy(), -1, rows), axis=0)
+    return pd.DataFrame((last_start > last_break) & hold.to_numpy(), index=start.index, columns=start.columns)
+
+
 def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:
     return pd.Series({s: detector["stations"].get(s, {}).get(key, np.nan) for s in stations}, dtype=float)
 
@@ -272,8 +377,10 @@ def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:
 def detect(observed: pd.DataFrame, detector: dict) -> dict[str, pd.DataFrame]:
     """Flag every reading and repair the confident faults (date x station tables).
 
-    Returns ``flag`` (none, missing, or a kind of fault), ``confidence``,
-    ``score`` (the robust z-score that decided it), ``expected`` and ``repaired``.
+    Returns ``flag`` (none, missing, or a kind of fault), ``confidence`` (of
+    flags only), ``score`` (the robust z-score of the departure from the
+    expected value; of the jump from the days before where a station has no
+    neighbours), ``expected`` and ``repaired``.
     """
     stations = observed.columns
     coefs = pd.DataFrame({s: e["climatology"] for s, e in detector["stations"].items()
@@ -292,25 +399,33 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     scale = _station_table(detector, stations, "departure_scale")
     persistence = _station_table(detector, stations, "persistence")
     innovation_scale = _station_table(detector, stations, "innovation_scale")
+    # A station with no learning days at all gets the gross check of the typical station.
     jump_scale = _station_table(detector, stations, "jump_scale")
+    jump_scale = jump_scale.fillna(jump_scale.median())
     gross_threshold = _station_table(detector, stations, "gross_threshold")
-    stuck_run = _station_table(detector, stations, "stuck_run").fillna(1e9)
+    gross_threshold = gross_threshold.fillna(gross_threshold.median())
+    stuck_run = _station_table(detector, stations, "stuck_run")
+    stuck_run = stuck_run.fillna(stuck_run.median())
 
     departure, expected = network["departure"], network["expected"]
     z = departure / scale
-    innovation = _innovation(departure, persistence)
+    innovation = _innovation(departure, persistence, scale)
     innovation_z = innovation / innovation_scale
-    offset = offset_estimate(departure, detector["shift_window"])
+    day = storminess(innovation_z)
+    calm = innovation_z.div(day, axis=0)
+    step_z, step = change_evidence(calm, persistence, STEP_LAGS, "step")
+    ramp_z, ramp = change_evidence(calm, persistence, RAMP_LAGS, "ramp")
+    drifting = ramp_z.abs() > step_z.abs()
+    offset = (step.mask(drifting, ramp) * innovation_scale).mul(day, axis=0)
     reference = trailing_median(observed, detector["window"])
     jump_z = (observed - reference) / jump_scale
 
-    up = _windowed_cusum(innovation_z, CUSUM_ALLOWANCE, CUSUM_CAP, CUSUM_WINDOW)
-    down = _windowed_cusum(-innovation_z, CUSUM_ALLOWANCE, CUSUM_CAP, CUSUM_WINDOW)
-    shift_z = up.where(departure > 0, down)
-    # Persistent: the evidence for a changed level is strong and today's reading shares the offset.
-    persistent = (shift_z > detector["shift_threshold"]) & (np.sign(departure) == np.sign(offset)) \
-        & (departure.abs() > 0.5 * offset.abs())
-    growing = (offset - offset.shift(detector["shift_window"])).abs() > 2 * scale
+    shift_z = np.maximum(step_z.abs(), ramp_z.abs())
+    # Persistent: strong evidence of a step or ramp that today's reading still carries; once
+    # found, it stays flagged while the evidence stays above half the threshold.
+    carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs())
+    persistent = held(carries & (shift_z > detector["shift_threshold"]),
+                      carries & (shift_z > 0.5 * detector["shift_threshold"]))
     spike = (innovation_z.abs() > detector["spike_threshold"]) & (np.sign(innovation) == np.sign(departure)) \
         & (departure.abs() >= 0.5 * innovation.abs()) & ~persistent
     gross = jump_z.abs() > gross_threshold
@@ -328,7 +443,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
 
     missing = observed.isna()
     flag = np.select(
-        [missing.to_numpy(), stuck.to_numpy(), gross.to_numpy(), (persistent & growing).to_numpy(),
+        [missing.to_numpy(), stuck.to_numpy(), gross.to_numpy(), (persistent & drifting).to_numpy(),
          persistent.to_numpy(), spike.to_numpy()],
         [MISSING, "stuck", "gross", "drift", "level_shift", "spike"], NO_FLAG)
     flag = pd.DataFrame(flag, index=observed.index, columns=stations)
@@ -336,11 +451,12 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     neighbour_score = (innovation_z.abs() - detector["spike_threshold"]).where(flag == "spike")
     shift_score = (shift_z - detector["shift_threshold"]).where(flag.isin(["level_shift", "drift"]))
     gross_score = (jump_z.abs() - gross_threshold).where(flag == "gross")
-    stuck_natural = pd.DataFrame(np.where(streak, 1.0, 0.0), index=observed.index, columns=stations)
-    stuck_score = (z - pd.DataFrame(np.take_along_axis(z_values, start, axis=0), index=observed.index,
-                                    columns=stations)).abs() - detector["stuck_threshold"]
-    stuck_score = np.maximum(stuck_score.fillna(-np.inf), stuck_natural * (run - stuck_run + 1)).where(
-        flag == "stuck")
+    # A streak earns one unit of evidence per reading beyond the natural run length.
+    streak_score = pd.DataFrame(np.where(streak, run - stuck_run + 1, -np.inf), index=observed.index,
+                                columns=stations)
+    moved_score = pd.DataFrame(np.abs(z_values - np.take_along_axis(z_values, start, axis=0)),
+                               index=observed.index, columns=stations) - detector["stuck_threshold"]
+    stuck_score = np.maximum(moved_score.fillna(-np.inf), streak_score).where(flag == "stuck")
     excess = neighbour_score.fillna(shift_score).fillna(gross_score).fillna(stuck_score)
     sure = pd.DataFrame(confidence(excess, 0.0), index=observed.index, columns=stations).where(flag.isin(KINDS))
 
@@ -350,7 +466,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     repaired = repaired.mask(confident & flag.isin(["spike", "stuck", "gross"]), fallback)
     repaired = repaired.mask(confident & flag.isin(["level_shift", "drift"]), observed - offset)
     repaired = repaired.mask(missing, fallback)
-    score = z.abs().where(flag != "gross", jump_z.abs())
+    score = z.abs().fillna(jump_z.abs())
     return {"flag": flag, "confidence": sure, "score": score, "expected": fallback, "repaired": repaired}
 
 

@@ -157,8 +157,8 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
 def _forecast_section(metrics: dict) -> list[str]:
     lines = ["## Next-day forecast error (MAE / RMSE, °C)", ""]
     for reference, scores in metrics["forecast"].items():
-        lines += [f"Against {REFERENCES[reference]} (`{reference}`):", "", "| stations | rows | " + " | ".join(PREDICTORS) + " |",
-                  "|---|---:|" + "---:|" * len(PREDICTORS)]
+        lines += [f"Against {REFERENCES[reference]} (`{reference}`):", "",
+                  "| stations | rows | " + " | ".join(PREDICTORS) + " |", "|---|---:|" + "---:|" * len(PREDICTORS)]
         for group in GROUPS:
             if group in scores:
                 cells = [f"{s['mae']:.3f} / {s['rmse']:.3f}" if (s := scores[group].get(p)) else "-"

@@ -41,6 +41,7 @@ flagged, so faults in the training years do not blur what is learned.
 
 from __future__ import annotations
 
+import statistics
 import warnings
 
 import numpy as np
@@ -55,6 +56,8 @@ GROSS_QUANTILE = 0.999
 # Natural runs of identical readings longer than the stuck check allows happen at
 # most this often per station and year.
 NATURAL_RUNS_PER_YEAR = 0.1
+# Of a station's days, at most this share may be natural repeats flagged stuck by the neighbours' test.
+NATURAL_REPEATS_FLAGGED = 0.0005
 CONFIDENCE_SLOPE = 2.0
 LEARNING_ROUNDS = 2
 # The step test looks back 1-30 days for the day a level shift began, the ramp test
@@ -208,18 +211,56 @@ def repeat_runs(observed: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     return run + 1, start
 
 
-def natural_run_length(observed: pd.DataFrame) -> pd.Series:
-    """Per station, the shortest run of identical readings its resolution makes rare enough to call stuck.
-
-    With a share ``p`` of days repeating the day before, runs of ``k`` identical
-    readings occur about 365 p^(k-1) times a year; the answer is the smallest
-    ``k >= 3`` for which that is at most ``NATURAL_RUNS_PER_YEAR``.
-    """
+def repeat_share(observed: pd.DataFrame) -> pd.Series:
+    """Per station, the share of readings equal to the day before's (of days both were read)."""
     pairs = observed.notna() & observed.shift(1).notna()
-    repeat_share = (observed.diff().eq(0) & pairs).sum() / pairs.sum().clip(lower=1)
-    p = repeat_share.clip(lower=1e-4, upper=0.9)
-    k = 1 + np.ceil(np.log(NATURAL_RUNS_PER_YEAR / 365.0) / np.log(p))
-    return k.clip(lower=3).astype(int)
+    share = (observed.diff().eq(0) & pairs).sum() / pairs.sum().clip(lower=1)
+    return share.clip(lower=1e-4, upper=0.9)
+
+
+def stuck_test(observed: pd.DataFrame, z: pd.DataFrame, share: pd.Series, least: float
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Which readings are a stuck sensor repeating itself, and by how much evidence.
+
+    A run of ``m`` identical readings happens naturally with probability about
+    p^(m-1), where ``p`` is the station's share of days repeating the day before
+    (learned: whole-degree °F readings repeat far more often than 0.1 °C ones).
+    While the sensor repeats, its neighbours keep moving: ``z`` (the departure
+    from them in robust standard deviations) changes since the run began. A
+    repeat is stuck when natural runs that long, and that far from what the
+    neighbours say, would be flagged on at most ``NATURAL_REPEATS_FLAGGED`` of
+    the days: a long enough run needs no neighbour at all (the only stuck check
+    a station without neighbours gets), a short one needs the neighbours to have
+    moved at least ``least`` standard deviations. Once stuck, the rest of the run
+    is stuck too. The evidence is the log of how much rarer than allowed the run
+    is, or the distance moved beyond the threshold, whichever is larger.
+    """
+    run, start = repeat_runs(observed)
+    length = run.to_numpy()
+    natural = np.exp((length - 1) * np.log(share.to_numpy())[None, :])
+    tail = NATURAL_REPEATS_FLAGGED / (2 * natural)
+    normal = statistics.NormalDist()
+    needed = np.vectorize(lambda t: max(least, normal.inv_cdf(1 - t)) if t < 0.5 else least)(tail)
+    # Standard deviations of the difference of two independent departures: what neighbours show
+    # around a sensor that really did not change.
+    values = z.to_numpy() / np.sqrt(2)
+    moved = np.abs(values - np.take_along_axis(values, start, axis=0))
+    by_length = np.where(natural <= NATURAL_REPEATS_FLAGGED,
+                         np.log(NATURAL_REPEATS_FLAGGED / np.maximum(natural, 1e-300)), -np.inf)
+    evidence = np.maximum(np.where(np.isnan(moved), -np.inf, moved - needed), by_length)
+    evidence = np.where(length > 1, evidence, -np.inf)
+    rows = np.arange(len(observed))[:, None]
+    last_found = np.maximum.accumulate(np.where(evidence >= 0, rows, -1), axis=0)
+    stuck = (length > 1) & (last_found >= start)
+    # A day later in a stuck run keeps the strongest evidence the run has shown so far (up to a month back).
+    strongest = evidence.copy()
+    for lag in range(1, min(31, len(evidence))):
+        earlier = np.full_like(evidence, -np.inf)
+        earlier[lag:] = evidence[:-lag]
+        strongest = np.where(rows - lag >= start, np.maximum(strongest, earlier), strongest)
+    best = pd.DataFrame(np.where(stuck, np.maximum(strongest, 0.0), np.nan), index=observed.index,
+                        columns=observed.columns)
+    return pd.DataFrame(stuck, index=observed.index, columns=observed.columns), best
 
 
 def confidence(score: pd.DataFrame | np.ndarray, threshold: float | pd.Series) -> np.ndarray:
@@ -263,15 +304,16 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     innovation = _innovation(departure, persistence, _robust_scale(departure))
     scales = {"departure_scale": _robust_scale(departure), "persistence": persistence,
               "innovation_scale": _robust_scale(innovation), **gross}
-    run_length = natural_run_length(observed.where(learning))
+    share = repeat_share(values)
+
     detector = {**settings, "stations": {}}
     for station in observed.columns:
-        entry = {"neighbours": neighbours[station], "stuck_run": int(run_length[station])}
+        entry = {"neighbours": neighbours[station], "repeat_share": round(float(share[station]), 6)}
         if station in coefs:
             entry["climatology"] = [round(float(c), 6) for c in coefs[station]]
         for name, series in scales.items():
             value = series.get(station, np.nan)
-            if np.isfinite(value) and value > 0:
+            if np.isfinite(value) and (value > 0 or name == "persistence"):
                 entry[name] = round(float(value), 6)
         detector["stations"][station] = entry
     return detector
@@ -404,8 +446,8 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     jump_scale = jump_scale.fillna(jump_scale.median())
     gross_threshold = _station_table(detector, stations, "gross_threshold")
     gross_threshold = gross_threshold.fillna(gross_threshold.median())
-    stuck_run = _station_table(detector, stations, "stuck_run")
-    stuck_run = stuck_run.fillna(stuck_run.median())
+    share = _station_table(detector, stations, "repeat_share")
+    share = share.fillna(share.median())
 
     departure, expected = network["departure"], network["expected"]
     z = departure / scale
@@ -430,16 +472,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
         & (departure.abs() >= 0.5 * innovation.abs()) & ~persistent
     gross = jump_z.abs() > gross_threshold
 
-    run, start = repeat_runs(observed)
-    z_values = z.to_numpy()
-    moved = np.abs(z_values - np.take_along_axis(z_values, start, axis=0)) > detector["stuck_threshold"]
-    moved &= (run > 1).to_numpy()
-    # Once the neighbours have moved away from a run of repeats, the rest of the run is stuck too.
-    rows = np.arange(len(observed))[:, None]
-    last_moved = np.maximum.accumulate(np.where(moved, rows, -1), axis=0)
-    stuck_by_network = (run > 1).to_numpy() & (last_moved >= start)
-    streak = run.to_numpy() >= stuck_run.to_numpy()[None, :]
-    stuck = pd.DataFrame(stuck_by_network | streak, index=observed.index, columns=stations)
+    stuck, stuck_score = stuck_test(observed, z, share, detector["stuck_threshold"])
 
     missing = observed.isna()
     flag = np.select(
@@ -451,12 +484,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     neighbour_score = (innovation_z.abs() - detector["spike_threshold"]).where(flag == "spike")
     shift_score = (shift_z - detector["shift_threshold"]).where(flag.isin(["level_shift", "drift"]))
     gross_score = (jump_z.abs() - gross_threshold).where(flag == "gross")
-    # A streak earns one unit of evidence per reading beyond the natural run length.
-    streak_score = pd.DataFrame(np.where(streak, run - stuck_run + 1, -np.inf), index=observed.index,
-                                columns=stations)
-    moved_score = pd.DataFrame(np.abs(z_values - np.take_along_axis(z_values, start, axis=0)),
-                               index=observed.index, columns=stations) - detector["stuck_threshold"]
-    stuck_score = np.maximum(moved_score.fillna(-np.inf), streak_score).where(flag == "stuck")
+    stuck_score = stuck_score.where(flag == "stuck")
     excess = neighbour_score.fillna(shift_score).fillna(gross_score).fillna(stuck_score)
     sure = pd.DataFrame(confidence(excess, 0.0), index=observed.index, columns=stations).where(flag.isin(KINDS))
 

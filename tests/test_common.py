@@ -41,7 +41,7 @@ def test_every_stage_checks_parameters_before_writing_anything(project, capsys, 
     before = snapshot(root)
     assert run_stage(stage, root, bad) == common.EXIT_BAD_INPUT
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"{stage.STAGE}: error: {bad}: preprocessing.window = 500 is out of range [3, 90]")
+        f"{stage.STAGE}: error: {bad}: quality_control.window = 500 is out of range [3, 90]")
     assert snapshot(root) == before
 
 

@@ -1,4 +1,6 @@
 
+import json
+
 import joblib
 import numpy as np
 import pandas as pd
@@ -24,13 +26,18 @@ def test_scaler_is_fitted_on_training_rows_only(built):
 
 
 def test_test_data_does_not_change_what_is_learned(project):
+    """Neighbours, scales and the scaler are learned before the test period: changing every test reading
+    (a held-out station's earlier days are its history, not test data) changes none of them."""
     root, params = project
     paths = Paths(root)
     before = {p: p.read_bytes() for p in (paths.detector, paths.train_features)}
     scaler_mean = joblib.load(paths.scaler).mean_
+    test_start = json.loads(paths.source_record.read_text())["test_start"]
     for path in paths.test_raw.glob("*.csv"):
         raw = pd.read_csv(path)
-        raw.assign(temperature=raw["temperature"] + 7.0).to_csv(path, index=False)
+        in_test = raw["date"] >= test_start
+        raw.assign(temperature=raw["temperature"].where(~in_test, raw["temperature"] + 7.0)).to_csv(
+            path, index=False, float_format="%.1f")
     _rerecord_raw(paths, params)
     assert run_stage(model_preprocessing, root, params) == 0
     assert {p: p.read_bytes() for p in before} == before
@@ -56,44 +63,26 @@ def test_ground_truth_never_reaches_features_or_model(project):
 
 
 def test_features_use_no_day_after_the_forecast_day():
-    dates = pd.date_range("2020-01-01", periods=200, freq="D")
+    dates = pd.date_range("2020-01-01", periods=400, freq="D")
     rng = np.random.default_rng(0)
-    values = pd.DataFrame({"A": 10 + np.cumsum(rng.normal(size=200)) * 0.3}, index=dates)
-    split = pd.DataFrame({"A": "train"}, index=dates)
+    shared = np.cumsum(rng.normal(size=400)) * 0.3
+    values = pd.DataFrame({name: 10 + shared + rng.normal(0, 0.3, 400) for name in "ABC"}, index=dates)
+    period = pd.DataFrame(np.where(np.arange(400) < 300, "train", "test")[:, None].repeat(3, axis=1),
+                          index=dates, columns=values.columns)
+    qc = common.load_params()["quality_control"]
 
     def features(observed):
-        detector = model_preprocessing.learn_detector(observed, split, {"window": 5, "threshold": 3.5,
-                                                                         "stuck_run": 4})
-        flags, repaired, _ = model_preprocessing.detect(observed, detector)
-        return model_preprocessing.build_features(observed, split, flags, repaired).set_index("date")
+        _, verdict = model_preprocessing.quality_control_flags(observed, period, qc)
+        return model_preprocessing.build_features(observed, period, verdict).set_index(["station", "date"])
 
     base = features(values)
     changed = values.copy()
-    changed.iloc[150, 0] += 25.0  # a spike on day 150
+    changed.iloc[350:, 0] += 25.0  # station A goes wrong from day 350 on
     after = features(changed)
-    forecast_day_before = dates[149]  # the row that forecasts day 150
-    columns = list(FEATURES)
-    pd.testing.assert_frame_equal(base.loc[:forecast_day_before, columns], after.loc[:forecast_day_before, columns])
-    assert base.loc[forecast_day_before, "target"] != after.loc[forecast_day_before, "target"] or \
-        after.loc[forecast_day_before, "target_ok"] == 0
-
-
-def test_detector_flags_spikes_stuck_runs_and_gaps():
-    dates = pd.date_range("2020-01-01", periods=120, freq="D")
-    rng = np.random.default_rng(2)
-    series = 10 + rng.normal(0, 1, 120)
-    series[60] += 15
-    series[80:86] = series[79]
-    series[100] = np.nan
-    observed = pd.DataFrame({"A": series}, index=dates)
-    split = pd.DataFrame({"A": "train"}, index=dates)
-    detector = model_preprocessing.learn_detector(observed, split, {"window": 5, "threshold": 3.5, "stuck_run": 4})
-    flags, repaired, _ = model_preprocessing.detect(observed, detector)
-    assert flags["A"].iloc[60] == "outlier"
-    assert (flags["A"].iloc[83:86] == "stuck").all()
-    assert flags["A"].iloc[100] == "missing"
-    assert repaired["A"].notna().iloc[10:].all()
-    assert abs(repaired["A"].iloc[60] - 10) < 3
+    forecast_day_before = dates[349]  # the rows that forecast day 350
+    earlier = base.index.get_level_values("date") <= forecast_day_before
+    pd.testing.assert_frame_equal(base.loc[earlier, FEATURES], after.loc[earlier, FEATURES])
+    assert base.loc[("A", forecast_day_before), "target"] != after.loc[("A", forecast_day_before), "target"]
 
 
 @pytest.mark.parametrize(("content", "message"), [

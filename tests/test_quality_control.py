@@ -1,0 +1,145 @@
+"""The network quality control: what it learns, what it flags, what it repairs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import common
+import quality_control as qc
+
+DAYS = 3 * 365
+TEST_FROM = 2 * 365  # the first two years are the learning days
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict:
+    return common.load_params()["quality_control"]
+
+
+def network(n_stations: int = 5, seed: int = 0, resolution: float = 0.1) -> pd.DataFrame:
+    """Daily readings of stations that share most of their weather (dates x stations)."""
+    rng = np.random.default_rng(seed)
+    dates = pd.date_range("2020-01-01", periods=DAYS, freq="D")
+    season = 10 - 9 * np.cos(2 * np.pi * (dates.day_of_year.to_numpy() - 20) / 365.25)
+    shared = np.zeros(DAYS)
+    for t in range(1, DAYS):  # a few hundred steps of AR(1); fine for a fixture
+        shared[t] = 0.7 * shared[t - 1] + rng.normal(0, 2.2)
+    readings = {f"S{i}": season + rng.uniform(-3, 3) + shared * rng.uniform(0.9, 1.1)
+                + rng.normal(0, 0.6, DAYS) for i in range(n_stations)}
+    return (pd.DataFrame(readings, index=dates) / resolution).round() * resolution
+
+
+def learning_days(observed: pd.DataFrame) -> pd.DataFrame:
+    early = np.arange(len(observed)) < TEST_FROM
+    return pd.DataFrame(np.repeat(early[:, None], observed.shape[1], axis=1), index=observed.index,
+                        columns=observed.columns)
+
+
+def verdict(observed: pd.DataFrame, settings: dict) -> tuple[dict, dict[str, pd.DataFrame]]:
+    detector = qc.learn(observed, learning_days(observed), settings)
+    return detector, qc.detect(observed, detector)
+
+
+def faults(result: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    return result["flag"].isin(qc.KINDS)
+
+
+def test_neighbours_are_learned_on_the_learning_days_only(settings):
+    observed = network()
+    detector = qc.learn(observed, learning_days(observed), settings)
+    changed = observed.copy()
+    changed.iloc[TEST_FROM:] += np.random.default_rng(1).normal(0, 5, changed.iloc[TEST_FROM:].shape)
+    assert qc.learn(changed, learning_days(changed), settings) == detector
+    buddies = detector["stations"]["S0"]["neighbours"]["buddies"]
+    assert [b["station"] for b in buddies] and all(b["correlation"] > 0.8 for b in buddies)
+
+
+def test_a_regional_cold_snap_is_weather_not_a_fault(settings):
+    observed = network()
+    snap = observed.index[TEST_FROM + 30: TEST_FROM + 33]
+    depth = np.array([-11.0, -9.5, -10.5, -12.0, -8.5])  # every station, a little differently
+    observed.loc[snap] += depth
+    _, result = verdict(observed, settings)
+    assert not faults(result).loc[snap].to_numpy().any()
+    assert (result["repaired"].loc[snap] == observed.loc[snap]).all().all()
+
+
+def test_a_3_degree_shift_at_one_of_five_stations_is_found_within_days_and_mostly_removed(settings):
+    observed = network()
+    clean = observed.copy()
+    start, length = TEST_FROM + 40, 40
+    observed.iloc[start: start + length, 2] += 3.0
+    _, result = verdict(observed, settings)
+    flagged = faults(result)["S2"].to_numpy()
+    first = int(np.argmax(flagged[start:]))
+    assert flagged[start:].any() and first <= 7, first
+    assert flagged[start + 10: start + length].mean() > 0.9
+    assert result["flag"]["S2"].iloc[start + 10: start + length].isin(["level_shift", "drift"]).mean() > 0.9
+    repaired = result["repaired"]["S2"].iloc[start + 10: start + length]
+    left = (repaired - clean["S2"].iloc[start + 10: start + length]).mean()
+    assert abs(left) < 1.0  # of the 3 °C offset
+    others = faults(result).drop(columns="S2").iloc[start: start + length]
+    assert not others.to_numpy().any()  # the neighbours of a faulty station are not blamed
+
+
+def test_spikes_and_stuck_runs_are_flagged_and_repaired_by_the_expected_value(settings):
+    observed = network()
+    clean = observed.copy()
+    observed.iloc[TEST_FROM + 10, 1] += 9.0
+    observed.iloc[TEST_FROM + 60: TEST_FROM + 68, 3] = observed.iloc[TEST_FROM + 59, 3]
+    _, result = verdict(observed, settings)
+    assert result["flag"].iloc[TEST_FROM + 10, 1] == "spike"
+    assert abs(result["repaired"].iloc[TEST_FROM + 10, 1] - clean.iloc[TEST_FROM + 10, 1]) < 2.5
+    stuck = result["flag"].iloc[TEST_FROM + 60: TEST_FROM + 68, 3]
+    assert (stuck == "stuck").mean() >= 0.75
+    assert result["confidence"].where(faults(result)).stack().dropna().between(0.5, 1.0).all()
+
+
+def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
+    observed = network()
+    detector = qc.learn(observed, learning_days(observed), settings)
+    day = TEST_FROM + 100
+    changed = observed.copy()
+    rng = np.random.default_rng(5)
+    changed.iloc[day + 1:] += rng.normal(0, 8, changed.iloc[day + 1:].shape)
+    changed.iloc[day + 5: day + 30, 0] += 6.0
+    before, after = qc.detect(observed, detector), qc.detect(changed, detector)
+    for name in ("flag", "confidence", "repaired", "expected"):
+        pd.testing.assert_frame_equal(before[name].iloc[: day + 1], after[name].iloc[: day + 1])
+    assert not before["flag"].iloc[day + 1:].equals(after["flag"].iloc[day + 1:])
+
+
+def test_a_single_station_gets_only_gross_checks(settings):
+    observed = network(n_stations=1)
+    july = observed.index[TEST_FROM + 190]
+    observed.loc[july, "S0"] = -57.8
+    cold_front = observed.index[TEST_FROM + 40: TEST_FROM + 42]
+    observed.loc[cold_front, "S0"] -= 10.0
+    detector, result = verdict(observed, settings)
+    assert detector["stations"]["S0"]["neighbours"]["buddies"] == []
+    flagged = faults(result)["S0"]
+    assert result["flag"].loc[july, "S0"] == "gross" and result["repaired"].loc[july, "S0"] > 0
+    assert not flagged.loc[cold_front].any()
+    assert set(result["flag"]["S0"][flagged]) <= {"gross", "stuck"}
+    assert flagged.drop(july).mean() < 0.001
+
+
+def test_whole_degree_fahrenheit_repeats_are_not_taken_for_a_stuck_sensor(settings):
+    celsius = network(resolution=0.1)
+    fahrenheit = network(resolution=1.0 * 5 / 9)  # whole °F steps, in °C
+    runs = {}
+    for name, observed in (("C", celsius), ("F", fahrenheit)):
+        detector, result = verdict(observed, settings)
+        runs[name] = detector["stations"]["S0"]["repeat_share"]
+        assert (result["flag"] == "stuck").to_numpy().mean() < 0.002, name
+    assert runs["F"] > runs["C"]
+
+
+def test_without_detection_only_missing_days_are_filled():
+    observed = network(n_stations=2)
+    observed.iloc[100:103, 0] = np.nan
+    result = qc.no_detection(observed, 5)
+    assert set(result["flag"].stack()) == {"none", "missing"}
+    assert result["repaired"].iloc[100:103, 0].notna().all()
+    pd.testing.assert_frame_equal(result["repaired"].drop(index=observed.index[100:103]),
+                                  observed.drop(index=observed.index[100:103]))

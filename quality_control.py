@@ -352,8 +352,8 @@ def storminess(innovation_z: pd.DataFrame) -> pd.Series:
 
 
 def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: range, shape: str
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evidence that the departure left zero some days ago, by a step or a ramp, and today's offset.
+                    ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Evidence that the departure left zero some days ago, by a step or a ramp, and since when.
 
     A departure that persists with coefficient phi and carries an offset m(u)
     from day s on has innovations m(u) - phi m(u-1): for a step of size D, D on
@@ -361,18 +361,16 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: ra
     on the k-th day. The test statistic for a change that began ``lag`` days ago
     is the sum of the innovations (each capped, so one spike cannot pass for a
     change) weighted by that pattern, over its standard deviation: a
-    generalised likelihood ratio test. The largest absolute statistic over
-    ``lags`` is returned, signed, with the offset it implies today, both in
-    robust standard deviations of the innovation.
+    generalised likelihood ratio test. Returns the statistic of the best lag in
+    ``lags``, signed, and that lag.
     """
-    capped = innovation_z.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP).fillna(0.0)
+    values = innovation_z.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP).fillna(0.0).to_numpy()
     carry = (1.0 - persistence).to_numpy()[None, :]
-    values = capped.to_numpy()
     day = np.arange(len(values), dtype=float)[:, None]
     plain = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)])
     timed = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values * day, axis=0)])
     best = np.zeros_like(values)
-    offset = np.zeros_like(values)
+    best_lag = np.zeros(values.shape, dtype=int)
     for lag in lags:  # one whole-table step per candidate start, not per day
         rows = np.arange(lag, len(values))
         window = plain[rows + 1] - plain[rows - lag]
@@ -380,19 +378,30 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: ra
             first = values[rows - lag]
             weighted = first + carry * (window - first)
             norm = 1.0 + lag * carry**2
-            today = weighted / norm
-        else:
+        else:  # the k-th day weighs (1 - phi) k + 1
             k_sum = timed[rows + 1] - timed[rows - lag] - (day[rows] - lag) * window
             weighted = carry * k_sum + window
             k = np.arange(lag + 1)
             norm = (carry**2) * (k**2).sum() + 2 * carry * k.sum() + (lag + 1)
-            today = weighted / norm * (lag + 1)
         statistic = weighted / np.sqrt(norm)
         better = np.abs(statistic) > np.abs(best[rows])
         best[rows] = np.where(better, statistic, best[rows])
-        offset[rows] = np.where(better, today, offset[rows])
-    return (pd.DataFrame(best, index=capped.index, columns=capped.columns),
-            pd.DataFrame(offset, index=capped.index, columns=capped.columns))
+        best_lag[rows] = np.where(better, lag, best_lag[rows])
+    return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
+
+
+def mean_since(values: pd.DataFrame, lag: np.ndarray) -> pd.DataFrame:
+    """The mean of each column's values over the last ``lag + 1`` days (NaN days left out)."""
+    present = values.notna().to_numpy()
+    filled = np.where(present, values.to_numpy(), 0.0)
+    total = np.vstack([np.zeros((1, filled.shape[1])), np.cumsum(filled, axis=0)])
+    count = np.vstack([np.zeros((1, filled.shape[1])), np.cumsum(present, axis=0)])
+    end = np.arange(len(filled))[:, None] + 1
+    begin = np.maximum(end - lag - 1, 0)
+    n = np.take_along_axis(count, end, axis=0) - np.take_along_axis(count, begin, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (np.take_along_axis(total, end, axis=0) - np.take_along_axis(total, begin, axis=0)) / n
+    return pd.DataFrame(mean, index=values.index, columns=values.columns)
 
 
 def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None) -> dict:
@@ -455,10 +464,11 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     innovation_z = innovation / innovation_scale
     day = storminess(innovation_z)
     calm = innovation_z.div(day, axis=0)
-    step_z, step = change_evidence(calm, persistence, STEP_LAGS, "step")
-    ramp_z, ramp = change_evidence(calm, persistence, RAMP_LAGS, "ramp")
+    step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step")
+    ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp")
     drifting = ramp_z.abs() > step_z.abs()
-    offset = (step.mask(drifting, ramp) * innovation_scale).mul(day, axis=0)
+    # The offset to remove: the mean departure since a step began; twice it since a ramp began.
+    offset = mean_since(departure, step_lag).mask(drifting, 2 * mean_since(departure, ramp_lag))
     reference = trailing_median(observed, detector["window"])
     jump_z = (observed - reference) / jump_scale
 
@@ -468,17 +478,19 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs())
     persistent = held(carries & (shift_z > detector["shift_threshold"]),
                       carries & (shift_z > 0.5 * detector["shift_threshold"]))
+    # A spike: a sudden departure that today's reading carries, alone or on top of a shift or drift.
     spike = (innovation_z.abs() > detector["spike_threshold"]) & (np.sign(innovation) == np.sign(departure)) \
-        & (departure.abs() >= 0.5 * innovation.abs()) & ~persistent
+        & (departure.abs() >= 0.5 * innovation.abs()) \
+        & (~persistent | ((departure - offset).abs() > detector["spike_threshold"] * innovation_scale))
     gross = jump_z.abs() > gross_threshold
 
     stuck, stuck_score = stuck_test(observed, z, share, detector["stuck_threshold"])
 
     missing = observed.isna()
     flag = np.select(
-        [missing.to_numpy(), stuck.to_numpy(), gross.to_numpy(), (persistent & drifting).to_numpy(),
-         persistent.to_numpy(), spike.to_numpy()],
-        [MISSING, "stuck", "gross", "drift", "level_shift", "spike"], NO_FLAG)
+        [missing.to_numpy(), stuck.to_numpy(), gross.to_numpy(), spike.to_numpy(),
+         (persistent & drifting).to_numpy(), persistent.to_numpy()],
+        [MISSING, "stuck", "gross", "spike", "drift", "level_shift"], NO_FLAG)
     flag = pd.DataFrame(flag, index=observed.index, columns=stations)
 
     neighbour_score = (innovation_z.abs() - detector["spike_threshold"]).where(flag == "spike")
@@ -486,6 +498,8 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     gross_score = (jump_z.abs() - gross_threshold).where(flag == "gross")
     stuck_score = stuck_score.where(flag == "stuck")
     excess = neighbour_score.fillna(shift_score).fillna(gross_score).fillna(stuck_score)
+    # A reading that far from what its neighbours say is a confident fault, whatever its kind.
+    excess = np.fmax(excess, (z.abs() - detector["spike_threshold"]).where(flag.isin(KINDS)))
     sure = pd.DataFrame(confidence(excess, 0.0), index=observed.index, columns=stations).where(flag.isin(KINDS))
 
     fallback = expected.fillna(reference)

@@ -12,8 +12,8 @@ def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
     root, _ = built
     metrics = json.loads((root / "models/metrics.json").read_text())
     assert {"forecast", "detector", "gate", "gate_reference", "model", "stations", "model_sha256"} <= set(metrics)
-    assert set(metrics["forecast"]) == {"truth", "observed"}
-    for reference in ("truth", "observed"):
+    assert set(metrics["forecast"]) == {"truth", "observed", "accepted"}
+    for reference in ("truth", "observed", "accepted"):
         trained = metrics["forecast"][reference]["trained_stations"]
         assert set(trained) == {"model", "persistence", "climatology"}
         assert set(trained["model"]) == {"n", "mae", "rmse", "r2"}
@@ -25,8 +25,9 @@ def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
 
 def test_detector_scores_per_kind():
     flags = pd.DataFrame({
-        "flag": ["outlier", "none", "outlier", "stuck", "none", "missing", "none", "outlier"],
-        "anomaly": ["spike", "spike", "none", "stuck", "drift", "missing", "none", "drift"],
+        "flag": ["spike", "none", "spike", "stuck", "none", "missing", "none", "drift", "none"],
+        "anomaly": ["spike", "spike", "none", "stuck", "drift", "missing", "none", "drift", "none"],
+        "event": ["none", "none", "cold_snap", "none", "none", "none", "heat_wave", "none", "none"],
     })
     scores = model_testing.detector_scores(flags)
     assert scores["any"] == {"days": 5, "flagged": 4, "precision": 0.75, "recall": 0.6, "f1": 0.6667}
@@ -34,6 +35,8 @@ def test_detector_scores_per_kind():
     assert scores["spike"]["precision"] == 0.5 and scores["spike"]["recall"] == 0.5
     assert scores["drift"]["recall"] == 0.5
     assert scores["level_shift"]["recall"] is None
+    # of the two weather-extreme days with no fault, one was flagged
+    assert scores["weather_events"] == {"days": 2, "flagged": 1, "share": 0.5}
 
 
 def test_score_matches_definitions():
@@ -101,7 +104,42 @@ def test_without_ground_truth_the_detector_is_not_scored(project):
     assert run_stage(model_testing, root, params) == 0
     metrics = json.loads((root / "models/metrics.json").read_text())
     assert "skipped" in metrics["detector"] and metrics["gate_reference"] == "observed"
-    assert set(metrics["forecast"]) == {"observed"}
+    assert set(metrics["forecast"]) == {"observed", "accepted"}
+
+
+def test_truth_for_some_stations_only_is_refused(project, capsys):
+    root, params = project
+    (root / "data/truth/ST002.csv").unlink()
+    before = snapshot(root)
+    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert "ST002.csv: missing, while other stations have ground truth" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+def test_observed_scores_count_every_test_reading_and_accepted_ones_are_a_subset(built):
+    root, _ = built
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    test = pd.read_csv(root / "data/test/features.csv")
+    forecast_rows = test["target"].notna().sum()  # every test reading that has a forecast
+    observed = metrics["forecast"]["observed"]["all_stations"]["model"]["n"]
+    accepted = metrics["forecast"]["accepted"]["all_stations"]["model"]["n"]
+    flags = pd.read_csv(root / "data/test/flags.csv")
+    assert observed == forecast_rows
+    assert accepted == forecast_rows - test.merge(
+        flags[flags["flag"] != "none"].rename(columns={"date": "target_date"}), on=["station", "target_date"]
+    )["target"].notna().sum() < observed
+
+
+def test_a_held_out_station_is_scored_on_the_test_period_only(built):
+    root, _ = built
+    test_start = json.loads((root / "data/source.json").read_text())["test_start"]
+    predictions = pd.read_csv(root / "reports/predictions.csv")
+    held_out = pd.read_csv(root / "data/truth/stations.csv").query("role == 'holdout'")["station"]
+    rows = predictions[predictions["station"].isin(held_out)]
+    assert len(rows) and rows["target_date"].min() >= test_start
+    assert predictions["target_date"].min() >= test_start
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    assert metrics["forecast"]["truth"]["holdout_stations"]["model"]["n"] == len(rows)
 
 
 def _accepted(root):
@@ -197,11 +235,22 @@ def test_interval_coverage_on_the_default_data_is_within_tolerance(default_built
     metrics = json.loads((default_built / "models/metrics.json").read_text())
     level, tolerance = 0.9, 0.03
     assert metrics["interval"]["level"] == level
-    for reference in ("truth", "observed"):
+    for reference in ("truth", "accepted"):
         overall = metrics["interval"][reference]["all_stations"]
         assert abs(overall["model"]["coverage"] - level) <= tolerance, (reference, overall)
         # a narrower and better-scored band than persistence's, calibrated the same way
         assert overall["model"]["width"] < overall["persistence"]["width"]
         assert overall["model"]["pinball"] < overall["persistence"]["pinball"]
+    # every reading, faulty ones included, is reported too, and cannot be covered better than the clean truth
+    observed = metrics["interval"]["observed"]["all_stations"]["model"]["coverage"]
+    assert observed < metrics["interval"]["truth"]["all_stations"]["model"]["coverage"]
     summary = (default_built / "reports/summary.md").read_text()
-    assert summary.count("within 3 percentage points of the nominal 90%") == 2
+    assert summary.count("within 3 percentage points of the nominal 90%") >= 2
+
+
+def test_on_the_default_simulation_the_detector_finds_faults_and_leaves_weather_alone(default_built):
+    """Loose floors, far below the figures in the README, so that a broken detector fails here."""
+    detector = json.loads((default_built / "models/metrics.json").read_text())["detector"]
+    for kind, floor in (("spike", 0.8), ("stuck", 0.75), ("level_shift", 0.6), ("drift", 0.4)):
+        assert detector[kind]["f1"] >= floor, (kind, detector[kind])
+    assert detector["weather_events"]["share"] <= 0.02

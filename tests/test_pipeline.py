@@ -7,6 +7,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+import pandas as pd
 import pytest
 from conftest import REAL_FORMAT, REAL_FORMAT_FLAWS, ROOT, TINY, write_params, write_real_format_station
 
@@ -64,7 +65,11 @@ def test_a_real_format_station_file_goes_through_the_pipeline(copy):
     source = json.loads((copy / "data/source.json").read_text())
     assert {k: source["files"]["HOME"][k] for k in REAL_FORMAT_FLAWS} == REAL_FORMAT_FLAWS
     metrics = json.loads((copy / "models/metrics.json").read_text())
-    assert set(metrics["forecast"]) == {"observed"} and "skipped" in metrics["detector"]
+    assert set(metrics["forecast"]) == {"observed", "accepted"} and "skipped" in metrics["detector"]
+    flags = pd.concat([pd.read_csv(copy / f"data/{split}/flags.csv") for split in ("train", "test")])
+    readings = flags["observed"].notna()
+    flagged = flags["flag"].isin(["spike", "level_shift", "drift", "stuck"])  # anything but gross errors
+    assert flagged.sum() < 0.001 * readings.sum()
     overall = metrics["forecast"]["observed"]["all_stations"]
     assert overall["model"]["mae"] < overall["persistence"]["mae"]
     assert 0.8 <= metrics["interval"]["observed"]["all_stations"]["model"]["coverage"] <= 0.97

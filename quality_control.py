@@ -60,6 +60,7 @@ NATURAL_RUNS_PER_YEAR = 0.1
 NATURAL_REPEATS_FLAGGED = 0.0005
 CONFIDENCE_SLOPE = 2.0
 LEARNING_ROUNDS = 2
+PROVISIONAL_CORRELATION = 0.5
 # The step test looks back 1-30 days for the day a level shift began, the ramp test
 # 7-60 days for the day a drift began; one day's innovation counts at most
 # INNOVATION_CAP robust standard deviations.
@@ -284,9 +285,12 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict) -> dict:
     jump_scale = _robust_scale(jump.where(learning))
     jump_z = (jump.where(learning) / jump_scale).abs()
     gross = {"jump_scale": jump_scale, "gross_threshold": qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE)}
+    # The provisional rounds only decide which readings to trust, so they accept weaker neighbours: a
+    # faulty station's correlations are low until its faults are left out.
+    provisional = dict(qc, min_correlation=min(qc["min_correlation"], PROVISIONAL_CORRELATION))
     trusted = learning
     for _ in range(LEARNING_ROUNDS):
-        detector = _fit(observed, learning, trusted, qc, settings, gross)
+        detector = _fit(observed, learning, trusted, provisional, settings, gross)
         flags = detect(observed.where(learning), detector)["flag"]
         trusted = learning & ~flags.isin(KINDS)
     return _fit(observed, learning, trusted, qc, settings, gross)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from conftest import REAL_FORMAT, REAL_FORMAT_FLAWS, ROOT, TINY, write_params, write_real_format_station
 
-FILES = ["common.py", "quality_control.py", "report.py", "data_creation.py", "model_preprocessing.py", "model_preparation.py",
-         "model_testing.py", "pipeline.sh", "params.toml", "requirements.txt"]
+FILES = ["common.py", "quality_control.py", "report.py", "data_creation.py", "model_preprocessing.py",
+         "model_preparation.py", "model_testing.py", "pipeline.sh", "params.toml", "requirements.txt"]
 
 
 @pytest.fixture

@@ -53,9 +53,6 @@ MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standar
 HARMONICS = 3  # yearly harmonics of the seasonal climatology
 MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 GROSS_QUANTILE = 0.999
-# Natural runs of identical readings longer than the stuck check allows happen at
-# most this often per station and year.
-NATURAL_RUNS_PER_YEAR = 0.1
 # Of a station's days, at most this share may be natural repeats flagged stuck by the neighbours' test.
 NATURAL_REPEATS_FLAGGED = 0.0005
 CONFIDENCE_SLOPE = 2.0
@@ -237,11 +234,15 @@ def stuck_test(observed: pd.DataFrame, z: pd.DataFrame, share: pd.Series, least:
     is, or the distance moved beyond the threshold, whichever is larger.
     """
     run, start = repeat_runs(observed)
-    length = run.to_numpy()
+    length = run.to_numpy().astype(int)
     natural = np.exp((length - 1) * np.log(share.to_numpy())[None, :])
-    tail = NATURAL_REPEATS_FLAGGED / (2 * natural)
+    # The distance needed depends on the station and the run's length only: a small table, looked up.
+    longest = min(int(length.max(initial=1)), 60)
+    table_natural = np.exp(np.arange(longest)[:, None] * np.log(share.to_numpy())[None, :])
     normal = statistics.NormalDist()
-    needed = np.vectorize(lambda t: max(least, normal.inv_cdf(1 - t)) if t < 0.5 else least)(tail)
+    table = np.array([[max(least, normal.inv_cdf(1 - t)) if t < 0.5 else least for t in row]
+                      for row in NATURAL_REPEATS_FLAGGED / (2 * table_natural)])
+    needed = np.take_along_axis(table, np.minimum(length, longest) - 1, axis=0)
     # Standard deviations of the difference of two independent departures: what neighbours show
     # around a sensor that really did not change.
     values = z.to_numpy() / np.sqrt(2)

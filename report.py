@@ -16,6 +16,9 @@ import pandas as pd
 from quality_control import KINDS as FAULT_KINDS
 
 PREDICTORS = ["model", "persistence", "climatology"]
+# One colour per predictor in every figure.
+COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab:green"}
+FORECAST_DAYS = 365  # the forecast figure shows at most the last year of the test period, so days stay readable
 GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
 # Figure sizes in inches at DPI dots per inch: the PNGs are 1200x450 and 1000x500 pixels.
 DPI = 100
@@ -59,7 +62,7 @@ def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[
         elif key == "error by station":
             fig = _error_by_station_figure(plt, metrics["forecast"][reference]["per_station"], reference)
         else:
-            fig = _residuals_figure(plt, frame, reference, metrics["interval"]["level"])
+            fig = _residuals_figure(plt, frame, reference)
         # No creation date or version in the file, so the same data gives the same bytes.
         fig.savefig(folder / name, dpi=DPI, metadata={"Software": None})
         plt.close(fig)
@@ -70,11 +73,14 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     station = rows["station"].iat[0]
     # A daily calendar, so days without a forecast show as gaps instead of straight lines.
     rows = rows.set_index(pd.to_datetime(rows["target_date"])).asfreq("D")
+    shown = rows.index >= rows.index[-1] - pd.Timedelta(days=FORECAST_DAYS - 1)
+    period = "the test period" if shown.all() else f"the last {FORECAST_DAYS} days of the test period"
+    rows = rows[shown]
     dates = rows.index
     fig, ax = plt.subplots(figsize=FORECAST_SIZE, layout="constrained")
-    ax.fill_between(dates, rows["model_lower"], rows["model_upper"], color="tab:blue", alpha=0.2, linewidth=0,
-                    label=f"{level:.0%} interval")
-    ax.plot(dates, rows["model"], color="tab:blue", linewidth=1.0, label="forecast")
+    ax.fill_between(dates, rows["model_lower"], rows["model_upper"], color=COLOURS["model"], alpha=0.2,
+                    linewidth=0, label=f"{level:.0%} interval")
+    ax.plot(dates, rows["model"], color=COLOURS["model"], linewidth=1.0, label="forecast")
     ax.plot(dates, rows["observed"], ".", color="black", markersize=2.5, label="reading")
     if "clean_temperature" in rows:
         ax.plot(dates, rows["clean_temperature"], color="gray", linewidth=0.6, alpha=0.8, label="true temperature")
@@ -85,7 +91,8 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     ax.plot(dates[flagged], rows.loc[flagged, "observed"], "x", color="tab:red", markersize=6,
             label="flagged by the detector")
     covered = metrics["interval"][metrics["gate_reference"]]["per_station"][station]["coverage"]
-    ax.set_title(f"{station}: next-day forecast on the test period ({level:.0%} interval covers {covered:.1%})")
+    ax.set_title(f"{station}: next-day forecast on {period} ({level:.0%} interval covers {covered:.1%} "
+                 "of the whole test period)")
     ax.set_ylabel("temperature (°C)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", ncols=3)
@@ -99,27 +106,29 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
     width = 0.8 / len(PREDICTORS)
     for i, predictor in enumerate(PREDICTORS):
         mae = [per_station[s].get(predictor, {}).get("mae", np.nan) for s in stations]
-        ax.bar(x + (i - 1) * width, mae, width, label=predictor)
+        ax.bar(x + (i - 1) * width, mae, width, label=predictor, color=COLOURS[predictor])
     ax.set_xticks(x, stations, rotation=45 if len(stations) > 12 else 0)
     ax.set_ylabel(f"test MAE (°C) against the {reference} temperature")
-    ax.set_title("Error by station: model and baselines (no climatology bar: station never trained on)")
+    untrained = [s for s in stations if "climatology" not in per_station[s]]
+    note = f" (no climatology bar: {', '.join(untrained)} never trained on)" if untrained else ""
+    ax.set_title(f"Error by station: model and baselines{note}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     return fig
 
 
-def _residuals_figure(plt, frame: pd.DataFrame, reference: str, level: float):
+def _residuals_figure(plt, frame: pd.DataFrame, reference: str):
     actual = frame[REFERENCE_COLUMNS[reference]]
     fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
     bins = np.linspace(-8, 8, 81)
     for predictor in ("persistence", "model"):
         residual = (actual - frame[predictor]).dropna()
-        ax.hist(residual.clip(-8, 8), bins=bins, alpha=0.5, label=f"{predictor} (MAE {residual.abs().mean():.2f})")
+        ax.hist(residual.clip(-8, 8), bins=bins, alpha=0.5, color=COLOURS[predictor],
+                label=f"{predictor} (MAE {residual.abs().mean():.2f})")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"{reference} temperature minus forecast (°C); values beyond ±8 are drawn at ±8")
     ax.set_ylabel("test rows")
-    ax.set_title(f"Residual distribution on the test period ({level:.0%} interval widths vary with each "
-                 "station's recent spread)")
+    ax.set_title(f"Residual distribution on the test period, all stations ({actual.notna().sum()} forecasts)")
     ax.legend()
     return fig
 

@@ -17,19 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
-
-STAGES = ["data_creation", "model_preprocessing", "model_preparation", "model_testing"]
+import cli
+import errors
+import storage
+from params import params_text_with
 
 
 def run_stage(stage: str, root: Path, params: Path) -> tuple[float, float]:
     """Wall seconds and peak resident memory (MB) of one stage process."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(common.ROOT / f"{stage}.py"), "--root", str(root),
+    process = subprocess.Popen([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root),
                                 "--params", str(params)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) not in (common.EXIT_OK, common.EXIT_GATE):  # a failed gate still ran
+    if os.waitstatus_to_exitcode(status) not in (errors.EXIT_OK, errors.EXIT_GATE):  # a failed gate still ran
         raise SystemExit(f"benchmark: {stage} failed: {process.stderr.read().decode().strip()}")
     return seconds, usage.ru_maxrss / 1024
 
@@ -42,11 +43,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
         root = Path(folder)
         params = root / "params.toml"
-        params.write_text(common.params_text_with({"n_stations": args.stations, "n_years": args.years}))
+        params.write_text(params_text_with({"n_stations": args.stations, "n_years": args.years}))
         print(f"{args.stations} stations x {args.years} years, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
         print(f"{'stage':22}{'seconds':>9}{'peak MB':>9}")
         total = 0.0
-        for stage in STAGES:
+        for stage in cli.STAGES:
             seconds, peak = run_stage(stage, root, params)
             total += seconds
             print(f"{stage:22}{seconds:>9.1f}{peak:>9.0f}", flush=True)

@@ -28,6 +28,7 @@ Outputs:
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import io
 import shutil
@@ -37,8 +38,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-import common
-from common import ANOMALY_KINDS, Params, Paths, PipelineError, log
+import cli
+import manifest
+import storage
+from cli import log
+from errors import PipelineError
+from params import ANOMALY_KINDS, SIMULATION, Params, load_params
+from storage import Paths
 
 STAGE = "data_creation"
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
@@ -204,7 +210,11 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
     climates = station_climates(rng, sim, holdout_stations)
     start = np.datetime64(sim["start_date"], "D")
     first = dt.date.fromisoformat(sim["start_date"])
-    end = np.datetime64(first.replace(year=first.year + sim["n_years"]), "D")
+    year = first.year + sim["n_years"]
+    # n_years later, to the day; a start on 29 February ends on 1 March of a common year
+    last = first.replace(year=year) if calendar.isleap(year) or (first.month, first.day) != (2, 29) \
+        else dt.date(year, 3, 1)
+    end = np.datetime64(last, "D")
     dates = np.arange(start, end)
     n_days, n_stations = len(dates), len(climates)
 
@@ -280,14 +290,16 @@ def write_station_files(staging: Path, simulation: Simulation, test_days: int, r
 
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
-DROP_REASONS = ["missing_value", "bad_date", "not_a_number", "impossible", "conflicting_duplicate"]
+DROP_REASONS = ["missing_value", "bad_date", "future_date", "not_a_number", "impossible", "conflicting_duplicate"]
 
 
 def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -> tuple[pd.DataFrame, dict]:
     """One of the user's station files as (date, temperature in °C) and a count of what was dropped.
 
-    Rows with no date matching ``date_format``, no reading, a reading that is not
-    a number or is outside [min_temp, max_temp] are dropped; of rows sharing a
+    Rows with no date matching ``date_format``, a date after today (no record
+    can hold a reading from the future, and one such row would move the test
+    period for every station), no reading, a reading that is not a number or is
+    outside [min_temp, max_temp] are dropped; of rows sharing a
     date, one is kept if they agree and none if they disagree (which one is
     right cannot be known). A file that cannot be read at all raises PipelineError.
     """
@@ -301,12 +313,14 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
     missing = text.str.lower().isin(MISSING_MARKERS)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
     not_number = ~missing & ~np.isfinite(values)
-    if imp["unit"] == "F":
-        values = (values - 32.0) * 5.0 / 9.0
-    impossible = np.isfinite(values) & ~values.between(min_temp, max_temp)
-    bad_date = dates.isna()
+    with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
+        values = (values - 32.0) * 5.0 / 9.0 if imp["unit"] == "F" else values
+    impossible = ~missing & ~not_number & ~values.between(min_temp, max_temp)
+    future = dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()
+    bad_date = dates.isna() | future
     reasons = {
-        "bad_date": bad_date,
+        "bad_date": dates.isna(),
+        "future_date": future,
         "missing_value": ~bad_date & missing,
         "not_a_number": ~bad_date & not_number,
         "impossible": ~bad_date & impossible,
@@ -334,7 +348,7 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
 
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
-    text = common.read_text_file(path)
+    text = storage.read_text_file(path)
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
                             skipinitialspace=True, on_bad_lines="error")
@@ -387,7 +401,7 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
     """Read, clean and split every <station>.csv in ``folder``; returns the parts, a report and the first test day."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data.source folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+    files = storage.station_files(folder)
     if not files:
         raise PipelineError(f"{folder}: no .csv files in the data.source folder")
     if data["holdout_stations"] >= len(files):
@@ -416,7 +430,7 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
 
 
 def main(args) -> None:
-    params: Params = common.load_params(args.params)
+    params: Params = load_params(args.params)
     paths = Paths(args.root)
     data, folder = params["data"], params.source_folder
 
@@ -431,7 +445,7 @@ def main(args) -> None:
             write_station_files(staging, simulation, data["test_days"], sim["resolution"])
             inputs = []
             dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
-            source = {"source": common.SIMULATION, "quantity": "mean", "unit": "C", "stations": n,
+            source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "stations": n,
                       "test_start": str(dates[len(dates) - data["test_days"]])}
             counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
             weather = int((simulation.events != "none").sum())
@@ -449,16 +463,16 @@ def main(args) -> None:
                        "no ground truth, so anomaly scores will be skipped")
         for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
             target.parent.mkdir(parents=True, exist_ok=True)
-            common.replace_folder(staging / name, target)
+            storage.replace_folder(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    common.write_json(paths.source_record, source)
+    storage.write_json(paths.source_record, source)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
-    common.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record])
+    manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record], first=True)
 
     log.info("%s", summary)
     log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.source_record)
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run(STAGE, main, common.stage_parser(__doc__.splitlines()[0])))
+    raise SystemExit(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0])))

@@ -22,8 +22,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-import common
-from common import FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
+import cli
+import features
+import manifest
+import storage
+from cli import log
+from errors import PipelineError
+from features import FEATURES, SPREAD_COLUMN
+from params import Params, load_params
+from storage import Paths
 
 STAGE = "model_preparation"
 TRAIN_COLUMNS = ["station", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN, *FEATURES]
@@ -78,7 +85,7 @@ def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list
         forecasts = {"persistence": valid["temp_today"].to_numpy()}
         for name, estimator in estimators.items():
             fitted = clone(estimator).fit(fit[FEATURES], change.iloc[fit_idx])
-            forecasts[name] = common.forecast(fitted, valid)
+            forecasts[name] = features.forecast(fitted, valid)
         for name, predicted in forecasts.items():
             residual = valid["target"].to_numpy() - predicted
             scores[name].append(float(np.mean(np.abs(residual))))
@@ -108,12 +115,12 @@ def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: floa
 
 
 def main(args) -> None:
-    params: Params = common.load_params(args.params)
+    params: Params = load_params(args.params)
     paths = Paths(args.root)
     model_params = params["model"]
     inputs = [paths.train_features, paths.scaler]
-    common.verify_outputs_of(paths, "model_preprocessing", inputs)
-    rows = training_rows(common.read_table(paths.train_features, TRAIN_COLUMNS))
+    manifest.verify_outputs_of(paths, "model_preprocessing", inputs)
+    rows = training_rows(storage.read_table(paths.train_features, TRAIN_COLUMNS))
 
     estimators = candidates(model_params)
     folds = time_folds(rows["target_date"], model_params["cv_folds"])
@@ -142,15 +149,15 @@ def main(args) -> None:
                                             f"divided by {SPREAD_COLUMN}; band = forecast + [lower, upper] x "
                                             f"{SPREAD_COLUMN}"},
         "training_rows": len(rows),
-        "training_data_sha256": common.sha256_file(paths.train_features),
-        "scaler_sha256": common.sha256_file(paths.scaler),
+        "training_data_sha256": storage.sha256_file(paths.train_features),
+        "scaler_sha256": storage.sha256_file(paths.scaler),
         "params_sha256": params.sha256,
-        "libraries": common.library_versions(),
+        "libraries": manifest.library_versions(),
     }
-    common.write_joblib(paths.model, {"estimator": final, "name": chosen, "features": FEATURES,
+    storage.write_joblib(paths.model, {"estimator": final, "name": chosen, "features": FEATURES,
                                       "interval": intervals["model"]})
-    common.write_json(paths.model_record, record)
-    common.record_stage(paths, STAGE, params, inputs, [paths.model, paths.model_record])
+    storage.write_json(paths.model_record, record)
+    manifest.record_stage(paths, STAGE, params, inputs, [paths.model, paths.model_record])
 
     for name, mean in record["cv"]["mean_mae"].items():
         log.info("CV MAE %-18s %.3f%s", name, mean, "  <- chosen" if name == chosen else "")
@@ -164,4 +171,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run(STAGE, main, common.stage_parser(__doc__.splitlines()[0])))
+    raise SystemExit(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0])))

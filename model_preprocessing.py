@@ -26,9 +26,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import common
+import cli
+import features
+import manifest
 import quality_control
-from common import FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
+import storage
+from cli import log
+from errors import PipelineError
+from features import FEATURES, SPREAD_COLUMN
+from params import Params, load_params
+from storage import Paths
 
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]
@@ -43,7 +50,7 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     An empty temperature field is a missing reading; anything else must be a
     finite number in [min_temp, max_temp]. Dates must be unique YYYY-MM-DD days.
     """
-    text = common.read_text_file(path)
+    text = storage.read_text_file(path)
     header = text.splitlines()[0].strip()
     columns = [c.strip() for c in header.split(",")]
     if any(sep in header for sep in (";", "\t", "|")) and len(columns) == 1:
@@ -116,7 +123,7 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict) -> pd.DataFrame:
         raise PipelineError(f"{train_dir}: input folder not found; run data_creation.py first")
     parts = []
     for split, folder in (("train", train_dir), ("test", test_dir)):
-        for path in sorted(folder.glob("*.csv")):
+        for path in storage.station_files(folder):
             table = read_station_csv(path, pre["min_temp"], pre["max_temp"])
             parts.append(table.assign(station=path.stem, split=split, source=str(path)))
     if not any(p["split"].iat[0] == "train" for p in parts):
@@ -188,11 +195,6 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
 # -------------------------------------------------------------------------- features
 
 
-def day_of_year_terms(dates: pd.DatetimeIndex) -> tuple[np.ndarray, np.ndarray]:
-    angle = 2 * np.pi * (dates.day_of_year.to_numpy() - 1) / 365.25
-    return np.sin(angle), np.cos(angle)
-
-
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per station and forecast day t with the features for forecasting day t+1.
 
@@ -206,21 +208,14 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     """
     repaired, flag = verdict["repaired"], verdict["flag"]
     dates = repaired.index
-    wide = {
-        "temp_lag0": repaired,
-        "temp_lag1": repaired.shift(1),
-        "temp_lag2": repaired.shift(2),
-        "temp_lag3": repaired.shift(3),
-        "temp_mean7": repaired.rolling(7).mean(),
-        "temp_mean30": repaired.rolling(30, min_periods=20).mean(),
-        "temp_std7": repaired.rolling(7).std(),
-        "temp_trend7": repaired.rolling(7).mean() - repaired.shift(7).rolling(7).mean(),
-        "repaired_today": (repaired != observed).astype(float).where(period != ""),
-        SPREAD_COLUMN: repaired.diff().rolling(60, min_periods=20).std(),
+    repaired_today = (repaired != observed).astype(float).where(period != "")
+    wide = {name: feature(repaired, repaired_today) for name, feature in features.STATION_FEATURES.items()}
+    wide.update({
+        SPREAD_COLUMN: features.spread(repaired),
         "target": observed.shift(-1),
         "target_ok": (observed.shift(-1).notna() & (flag.shift(-1) == quality_control.NO_FLAG)).astype(float),
         "period": period.shift(-1),
-    }
+    })
     train_values = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
     target_dates = dates + pd.Timedelta(days=1)
     wide["climatology"] = pd.DataFrame(
@@ -230,8 +225,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     long = pd.DataFrame({name: table.stack(future_stack=True) for name, table in wide.items()})
     long.index.names = ["date", "station"]
     long = long.reset_index()
-    sin, cos = day_of_year_terms(pd.DatetimeIndex(long["date"]) + pd.Timedelta(days=1))
-    long["doy_sin"], long["doy_cos"] = sin, cos
+    long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["date"]) + pd.Timedelta(days=1))
     long["target_date"] = long["date"] + pd.Timedelta(days=1)
     long["temp_today"] = long["temp_lag0"]
     usable = long[[*FEATURES, SPREAD_COLUMN]].notna().all(axis=1) & long["period"].isin(["train", "test"])
@@ -272,7 +266,7 @@ def _format_dates(frame: pd.DataFrame) -> pd.DataFrame:
 
 def read_test_start(path: Path) -> pd.Timestamp:
     """The first day of the test period, as data_creation.py recorded it."""
-    record = common.read_json(path)
+    record = storage.read_json(path)
     try:
         return pd.Timestamp(record["test_start"])
     except (KeyError, TypeError, ValueError):
@@ -280,22 +274,27 @@ def read_test_start(path: Path) -> pd.Timestamp:
 
 
 def main(args) -> None:
-    params: Params = common.load_params(args.params)
+    params: Params = load_params(args.params)
     paths = Paths(args.root)
     pre, qc = params["preprocessing"], params["quality_control"]
-    raw_files = sorted([*paths.train_raw.glob("*.csv"), *paths.test_raw.glob("*.csv")])
+    raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)]) \
+        if paths.train_raw.is_dir() and paths.test_raw.is_dir() else []
     frame = load_stations(paths.train_raw, paths.test_raw, pre)
-    common.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
+    manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
     test_start = read_test_start(paths.source_record)
 
     observed, period = to_calendar(frame, test_start)
     detector, verdict = quality_control_flags(observed, period, qc)
-    features = build_features(observed, period, verdict)
-    train = features[features["period"] == "train"].reset_index(drop=True)
-    test = features[features["period"] == "test"].reset_index(drop=True)
+    rows = build_features(observed, period, verdict)
+    train = rows[rows["period"] == "train"].reset_index(drop=True)
+    test = rows[rows["period"] == "test"].reset_index(drop=True)
     if train.empty or test.empty:
         raise PipelineError(f"no {'training' if train.empty else 'test'} rows left after building features; "
                             "the stations are too short for the feature windows")
+    if not set(test["station"]) & set(train["station"]):
+        raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
+                            "the quality gate would judge the model on held-out stations only: check the "
+                            "stations' last dates or lower data.test_days")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scaler = fit_scaler(train)
@@ -312,10 +311,10 @@ def main(args) -> None:
         paths.flagged: _format_dates(flagged),
     }
     for path, table in outputs.items():
-        common.write_csv(path, table)
-    common.write_joblib(paths.scaler, scaler)
-    common.write_json(paths.detector, detector)
-    common.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
+        storage.write_csv(path, table)
+    storage.write_joblib(paths.scaler, scaler)
+    storage.write_json(paths.detector, detector)
+    manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
                         [*outputs, paths.scaler, paths.detector])
 
     counts = all_flags["flag"].value_counts()
@@ -330,4 +329,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run(STAGE, main, common.stage_parser(__doc__.splitlines()[0])))
+    raise SystemExit(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0])))

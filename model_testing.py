@@ -30,40 +30,41 @@ import shutil
 import numpy as np
 import pandas as pd
 
-import common
+import cli
+import errors
+import features
+import manifest
 import quality_control
+import registry
 import report
-from common import ANOMALY_KINDS, FEATURES, SPREAD_COLUMN, Params, Paths, PipelineError, log
+import storage
+from cli import log
+from errors import PipelineError
+from features import FEATURES, SPREAD_COLUMN
+from params import ANOMALY_KINDS, Params, load_params
+from report import PREDICTORS
+from storage import Paths
 
 STAGE = "model_testing"
 TEST_COLUMNS = ["station", "date", "target_date", "temp_today", "climatology", SPREAD_COLUMN, *FEATURES]
 FLAG_COLUMNS = ["station", "date", "observed", "flag"]
-PREDICTORS = ["model", "persistence", "climatology"]
 
 
 def load_verified(paths: Paths) -> tuple:
-    """The scaler and model, after checking both against the manifest and each other."""
-    common.verify_outputs_of(paths, "model_preprocessing",
-                             [paths.test_features, paths.test_flags, paths.flagged, paths.scaler])
-    common.verify_outputs_of(paths, "model_preparation", [paths.model, paths.model_record])
-    record = common.read_json(paths.model_record)
-    if record.get("scaler_sha256") != common.sha256_file(paths.scaler):
+    """The scaler and model, after checking both against the manifest, their signatures and each other."""
+    manifest.verify_outputs_of(paths, "model_preprocessing",
+                               [paths.test_features, paths.test_flags, paths.flagged, paths.scaler])
+    manifest.verify_outputs_of(paths, "model_preparation", [paths.model, paths.model_record])
+    record = storage.read_json(paths.model_record)
+    if not isinstance(record, dict) or record.get("scaler_sha256") != storage.sha256_file(paths.scaler):
         raise PipelineError(f"{paths.model}: was trained with another scaler than {paths.scaler}; "
                             "rerun model_preparation.py")
-    scaler = _load(paths.scaler, "model_preprocessing")
-    bundle = _load(paths.model, "model_preparation")
-    if list(getattr(scaler, "feature_names_in_", [])) != FEATURES or bundle.get("features") != FEATURES:
+    scaler = manifest.load_output(paths, "model_preprocessing", paths.scaler)
+    bundle = manifest.load_output(paths, "model_preparation", paths.model)
+    if list(getattr(scaler, "feature_names_in_", [])) != FEATURES or not isinstance(bundle, dict) \
+            or bundle.get("features") != FEATURES:
         raise PipelineError(f"{paths.model}: built for other features than this code's; rerun the pipeline")
     return scaler, bundle, record
-
-
-def _load(path, stage: str):
-    import joblib
-
-    try:
-        return joblib.load(path)
-    except Exception as exc:  # a file the manifest vouches for but that does not unpickle
-        raise PipelineError(f"{path}: cannot be loaded ({type(exc).__name__}); rerun {stage}.py") from None
 
 
 def load_truth(truth_dir, stations) -> pd.DataFrame | None:
@@ -79,8 +80,26 @@ def load_truth(truth_dir, stations) -> pd.DataFrame | None:
     if not all(present):
         missing = files[present.index(False)]
         raise PipelineError(f"{missing}: missing, while other stations have ground truth; rerun data_creation.py")
-    parts = [common.read_table(f, ["date", *common.TRUTH_COLUMNS]).assign(station=f.stem) for f in files]
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat([_truth_file(f) for f in files], ignore_index=True)
+
+
+def _truth_file(path) -> pd.DataFrame:
+    table = storage.read_table(path, ["date", *storage.TRUTH_COLUMNS])
+    allowed = {"anomaly": {"none", *ANOMALY_KINDS}, "event": {"none", "cold_snap", "heat_wave"}}
+    problem = None
+    if not pd.api.types.is_numeric_dtype(table["clean_temperature"]):
+        problem = "clean_temperature is not numeric"
+    elif (pd.to_datetime(table["date"], format="%Y-%m-%d", errors="coerce").isna().any()
+          or table["date"].duplicated().any()):
+        problem = "dates are not unique YYYY-MM-DD days"
+    else:
+        for column, values in allowed.items():
+            unknown = set(table[column]) - values
+            if unknown:
+                problem = f"unknown {column} label {sorted(map(str, unknown))[0]!r}"
+    if problem:
+        raise PipelineError(f"{path}: damaged ground truth ({problem}); rerun data_creation.py")
+    return table.assign(station=path.stem)
 
 
 def score(actual: np.ndarray, predicted: np.ndarray) -> dict:
@@ -193,7 +212,7 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
                 bands: dict) -> pd.DataFrame:
     """Every test row with the model's and persistence's forecasts and bands, the reading and its flag,
     and, with ground truth, the clean value and the injected anomaly."""
-    frame = test.assign(model=common.forecast(bundle["estimator"], test), persistence=test["temp_today"])
+    frame = test.assign(model=features.forecast(bundle["estimator"], test), persistence=test["temp_today"])
     for predictor, band in bands.items():
         frame[f"{predictor}_lower"] = frame[predictor] + band["lower"] * frame[SPREAD_COLUMN]
         frame[f"{predictor}_upper"] = frame[predictor] + band["upper"] * frame[SPREAD_COLUMN]
@@ -231,43 +250,6 @@ def gate(metrics: dict, min_improvement: float) -> tuple[bool, str]:
     return model < limit, verdict
 
 
-def format_table(metrics: dict) -> str:
-    lines = []
-    for reference, scores in metrics["forecast"].items():
-        lines.append(f"Test MAE / RMSE in °C against the {reference} temperature ({report.REFERENCES[reference]})")
-        lines.append(f"  {'':28}" + "".join(f"{p:>20}" for p in PREDICTORS))
-        for group in ("all_stations", "trained_stations", "holdout_stations"):
-            if group in scores:
-                cells = [f"{s['mae']:.3f} / {s['rmse']:.3f}" if (s := scores[group].get(p)) else "-"
-                         for p in PREDICTORS]
-                n = scores[group]["model"]["n"]
-                lines.append(f"  {group + f' (n={n})':28}" + "".join(f"{c:>20}" for c in cells))
-    interval = metrics["interval"]
-    lines.append(f"{interval['level']:.0%} prediction interval: coverage / mean width °C / pinball loss")
-    lines.append(f"  {'':36}" + "".join(f"{p:>24}" for p in ("model", "persistence")))
-    for reference in metrics["forecast"]:
-        for group, scores in interval[reference].items():
-            if group != "per_station":
-                cells = [f"{s['coverage']:.1%} / {s['width']:.2f} / {s['pinball']:.3f}" for s in scores.values()]
-                label = f"{reference} {group} (n={scores['model']['n']})"
-                lines.append(f"  {label:36}" + "".join(f"{c:>24}" for c in cells))
-    detector = metrics["detector"]
-    if "skipped" in detector:
-        lines.append(f"Anomaly detector: not scored ({detector['skipped']})")
-    else:
-        lines.append("Anomaly detector on test days    precision  recall     F1   days")
-        for kind, s in detector.items():
-            if kind == "weather_events":
-                continue
-            cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
-            lines.append(f"  {kind:30}" + "".join(f"{c:>9}" for c in cells) + f"{s['days']:>7}")
-        events = detector["weather_events"]
-        if events["days"]:
-            lines.append(f"  flagged on regional weather extremes: {events['flagged']} of {events['days']} days "
-                         f"({events['share']:.1%})")
-    return "\n".join(lines)
-
-
 def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict,
                  flagged: pd.DataFrame) -> None:
     """reports/: summary.md, predictions.csv and the figures, swapped in as one folder."""
@@ -277,61 +259,25 @@ def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict,
     try:
         names = report.figure_names(frame, evaluation["report_stations"])
         report.write_figures(staged, frame, metrics, names)
-        common.write_csv(staged / "predictions.csv", report.predictions_table(frame))
+        storage.write_csv(staged / "predictions.csv", report.predictions_table(frame))
         summary = report.summary_markdown(metrics, source, names, evaluation["interval_tolerance"],
                                           report.largest_flags(flagged, evaluation["report_flags"]))
-        common.write_bytes(staged / "summary.md", summary.encode())
-        common.replace_folder(staged, paths.reports)
+        storage.write_bytes(staged / "summary.md", summary.encode())
+        storage.replace_folder(staged, paths.reports)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     log.info("wrote %s (summary.md, predictions.csv, %d figures)", paths.reports, len(names))
 
 
-def accepted_files(paths: Paths) -> list:
-    return [paths.scaler, paths.detector, paths.model, paths.model_record, paths.metrics]
-
-
-def accept(paths: Paths) -> None:
-    """Copy the model set that just passed the gate to models/accepted/.
-
-    The set accepted before it becomes models/previous/. A model that fails the
-    gate, or a run that dies before this point, never touches either folder.
-    """
-    staged = paths.models / ".accepted.new"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
-    sums = {}
-    for path in accepted_files(paths):
-        common.write_bytes(staged / path.name, path.read_bytes())
-        sums[path.name] = common.sha256_file(staged / path.name)
-    common.write_json(staged / "SHA256SUMS.json", sums)
-    common.replace_folder(staged, paths.accepted, backup=paths.previous)
-
-
-def restore_previous(paths: Paths) -> None:
-    """Swap models/accepted and models/previous, after checking the backup is intact."""
-    sums = common.read_json(paths.previous / "SHA256SUMS.json")
-    for name, digest in sums.items():
-        path = paths.previous / name
-        if not path.exists() or common.sha256_file(path) != digest:
-            raise PipelineError(f"{path}: missing or damaged; the backup cannot be restored")
-    swap = paths.models / ".accepted.swap"
-    shutil.rmtree(swap, ignore_errors=True)
-    paths.previous.rename(swap)
-    common.replace_folder(swap, paths.accepted, backup=paths.previous)
-    log.info("restored: %s now holds the previously accepted model (the replaced one is in %s)",
-             paths.accepted, paths.previous)
-
-
 def main(args) -> None:
     paths = Paths(args.root)
     if args.restore:
-        restore_previous(paths)
+        registry.restore_previous(paths)
         return
-    params: Params = common.load_params(args.params)
+    params: Params = load_params(args.params)
     _, bundle, record = load_verified(paths)
-    test = common.read_table(paths.test_features, TEST_COLUMNS)
-    flags = common.read_table(paths.test_flags, FLAG_COLUMNS)
+    test = storage.read_table(paths.test_features, TEST_COLUMNS)
+    flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
     truth = load_truth(paths.truth, sorted(test["station"].unique()))
 
     bands = {"model": bundle["interval"], "persistence": record["interval"]["persistence"]}
@@ -339,27 +285,30 @@ def main(args) -> None:
     metrics = evaluate(frame, flags, truth, bundle["interval"]["level"])
     passed, verdict = gate(metrics, params["evaluation"]["gate_min_improvement"])
     metrics.update(model=record["chosen"], gate={"passed": passed, "verdict": verdict},
-                   model_sha256=common.sha256_file(paths.model))
-    common.write_json(paths.metrics, metrics)
-    source = common.read_json(paths.source_record) if paths.source_record.exists() else {}
-    flagged = common.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
+                   model_sha256=storage.sha256_file(paths.model))
+    storage.write_json(paths.metrics, metrics)
+    source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
+    flagged = storage.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
     write_report(paths, frame, metrics, source, params["evaluation"], flagged)
-    common.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.flagged, paths.model],
+    manifest.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.flagged, paths.model],
                         [paths.metrics, *sorted(paths.reports.iterdir())])
 
-    print(format_table(metrics))
+    print(report.console_table(metrics))
     if not passed:
-        raise common.GateFailed(f"quality gate failed: {verdict}; {paths.accepted} keeps the last accepted model")
-    accept(paths)
+        raise errors.GateFailed(f"quality gate failed: {verdict}; {paths.accepted} keeps the last accepted model")
+    signatures = {**manifest.stage_entry(paths, "model_preprocessing")["signatures"],
+                  **manifest.stage_entry(paths, "model_preparation")["signatures"]}
+    registry.accept(paths, {path: signatures.get(manifest.relative(paths, path))
+                            for path in (paths.scaler, paths.model)})
     log.info("quality gate passed: %s; accepted into %s", verdict, paths.accepted)
 
 
 def parser():
-    parser = common.stage_parser(__doc__.splitlines()[0])
+    parser = cli.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--restore", action="store_true",
                         help="swap models/accepted with models/previous (undo the last acceptance) and exit")
     return parser
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run(STAGE, main, parser()))
+    raise SystemExit(cli.run(STAGE, main, parser()))

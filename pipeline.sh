@@ -3,7 +3,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-STAGES=(data_creation model_preprocessing model_preparation model_testing)
+mapfile -t STAGES < "$ROOT/stages.txt"  # the one list of stages, read by the benchmark and the tests too
 EXIT_BUSY=4
 
 usage() {
@@ -76,6 +76,20 @@ setup_venv() {
 if [ -n "${PYTHON:-}" ]; then
   command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an executable"
   py="$PYTHON"
+  problem="$("$py" -c '
+import sys
+if sys.version_info < (3, 11):
+    print("is Python %d.%d; 3.11 or newer is required" % sys.version_info[:2]); raise SystemExit
+missing = []
+for name in ("numpy", "pandas", "sklearn", "joblib", "matplotlib"):
+    try:
+        __import__(name)
+    except ImportError:
+        missing.append(name)
+if missing:
+    print("lacks " + ", ".join(missing) + "; install requirements.txt into it, or unset PYTHON to use .venv")
+' 2>&1 | tail -n 1)" || problem="does not run"
+  [ -z "$problem" ] || die "PYTHON=$PYTHON $problem"
 else
   setup_venv
   py="$ROOT/.venv/bin/python"
@@ -104,22 +118,55 @@ if ! flock -n 9; then
   fi
 fi
 echo "$$" > "$ROOT/logs/.pipeline.pid"
+export PIPELINE_LOCK_FD=9  # the stages inherit this locked descriptor instead of taking the lock again
+
+# A signal to this script (the pid the busy message names) reaches the running stage, which stops
+# cleanly; the pipeline waits for it, then ends.
+completed=()
+outcome() {
+  if [ "${#completed[@]}" -eq 0 ]; then
+    echo "no stage of this run completed; the manifest still describes the earlier runs' artifacts. Log: $log_file"
+  else
+    echo "stages completed and replaced their outputs: ${completed[*]}; later stages' artifacts are from earlier runs and the manifest makes the next stage refuse the mix. Log: $log_file"
+  fi
+}
+child=""
+stop() {
+  local signal_name="$1" code="$2"
+  [ -n "$child" ] && kill -s "$signal_name" "$child" 2>/dev/null && wait "$child" 2>/dev/null
+  say "pipeline: stopped by SIG$signal_name; $(outcome)"
+  exit "$code"
+}
+trap 'stop TERM 143' TERM
+trap 'stop INT 130' INT
 
 say "pipeline: start (python $("$py" -c 'import platform; print(platform.python_version())'), params $params, log $log_file)"
+fifos="$(mktemp -d)"
+trap 'rm -rf "$fifos"' EXIT
+mkfifo "$fifos/out" "$fifos/err"
 pipeline_start=$(date +%s.%N)
 for stage in "${STAGES[@]:$start_index}"; do
   say "stage $stage: start"
   stage_start=$(date +%s.%N)
+  # stdout and stderr each to the terminal and to the log, through two FIFOs; the stage runs in the
+  # background, so a signal to this script can be passed on to it.
+  tee -a "$log_file" < "$fifos/out" & tee_out=$!
+  tee -a "$log_file" < "$fifos/err" >&2 & tee_err=$!
+  "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" > "$fifos/out" 2> "$fifos/err" &
+  child=$!
   set +e
-  "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" 2>&1 | tee -a "$log_file"
-  status=${PIPESTATUS[0]}
+  wait "$child"
+  status=$?
   set -e
+  child=""
+  wait "$tee_out" "$tee_err" || true
   duration=$(awk -v a="$stage_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   say "stage $stage: end, ${duration}s, exit $status"
   if [ "$status" -ne 0 ]; then
-    say "pipeline: FAILED at stage $stage (exit $status); artifacts of earlier runs are unchanged. Log: $log_file"
+    say "pipeline: FAILED at stage $stage (exit $status); $(outcome)"
     exit "$status"
   fi
+  completed+=("$stage")
 done
 total=$(awk -v a="$pipeline_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 say "pipeline: done in ${total}s. Metrics: $ROOT/models/metrics.json"

@@ -133,6 +133,47 @@ def _residuals_figure(plt, frame: pd.DataFrame, reference: str):
     return fig
 
 
+# ------------------------------------------------------------------------ console
+
+
+def console_table(metrics: dict) -> str:
+    """The metrics as the plain-text tables model_testing.py prints."""
+    lines = []
+    for reference, scores in metrics["forecast"].items():
+        lines.append(f"Test MAE / RMSE in °C against the {reference} temperature ({REFERENCES[reference]})")
+        lines.append(f"  {'':28}" + "".join(f"{p:>20}" for p in PREDICTORS))
+        for group in ("all_stations", "trained_stations", "holdout_stations"):
+            if group in scores:
+                cells = [f"{s['mae']:.3f} / {s['rmse']:.3f}" if (s := scores[group].get(p)) else "-"
+                         for p in PREDICTORS]
+                n = scores[group]["model"]["n"]
+                lines.append(f"  {group + f' (n={n})':28}" + "".join(f"{c:>20}" for c in cells))
+    interval = metrics["interval"]
+    lines.append(f"{interval['level']:.0%} prediction interval: coverage / mean width °C / pinball loss")
+    lines.append(f"  {'':36}" + "".join(f"{p:>24}" for p in ("model", "persistence")))
+    for reference in metrics["forecast"]:
+        for group, scores in interval[reference].items():
+            if group != "per_station":
+                cells = [f"{s['coverage']:.1%} / {s['width']:.2f} / {s['pinball']:.3f}" for s in scores.values()]
+                label = f"{reference} {group} (n={scores['model']['n']})"
+                lines.append(f"  {label:36}" + "".join(f"{c:>24}" for c in cells))
+    detector = metrics["detector"]
+    if "skipped" in detector:
+        lines.append(f"Anomaly detector: not scored ({detector['skipped']})")
+    else:
+        lines.append("Anomaly detector on test days    precision  recall     F1   days")
+        for kind, s in detector.items():
+            if kind == "weather_events":
+                continue
+            cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
+            lines.append(f"  {kind:30}" + "".join(f"{c:>9}" for c in cells) + f"{s['days']:>7}")
+        events = detector["weather_events"]
+        if events["days"]:
+            lines.append(f"  flagged on regional weather extremes: {events['flagged']} of {events['days']} days "
+                         f"({events['share']:.1%})")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------ Markdown
 
 
@@ -245,12 +286,12 @@ def _flagged_section(flags: pd.DataFrame) -> list[str]:
 
 
 def _import_section(files: dict) -> list[str]:
-    columns = ["rows", "kept", "missing_value", "bad_date", "not_a_number", "impossible", "conflicting_duplicate",
-               "repeated_rows", "days_without_reading"]
+    columns = ["rows", "kept", "missing_value", "bad_date", "future_date", "not_a_number", "impossible",
+               "conflicting_duplicate", "repeated_rows", "days_without_reading"]
     lines = ["## Imported files", "", "| station | " + " | ".join(c.replace("_", " ") for c in columns)
              + " | out of order | train / test days |", "|---|" + "---:|" * len(columns) + "---|---|"]
     for station, r in files.items():
-        lines.append(f"| {station} | " + " | ".join(str(r[c]) for c in columns)
+        lines.append(f"| {station} | " + " | ".join(str(r.get(c, 0)) for c in columns)
                      + f" | {'yes' if r['out_of_order'] else 'no'} | {r['train_days']} / {r['test_days']} |")
     return [*lines, ""]
 

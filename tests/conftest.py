@@ -11,13 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import cli  # noqa: E402
 import data_creation  # noqa: E402
+import manifest  # noqa: E402
 import model_preparation  # noqa: E402
 import model_preprocessing  # noqa: E402
 import model_testing  # noqa: E402
+from params import params_text_with  # noqa: E402
 
 STAGES = [data_creation, model_preprocessing, model_preparation, model_testing]
+assert [module.STAGE for module in STAGES] == cli.STAGES, "stages.txt and the tests disagree"
 TINY = {
     "n_stations": 5,
     "n_years": 3,
@@ -27,16 +30,26 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory) -> Path:
+    """Every test, and every process a test starts, signs models with a key of the test session's own."""
+    path = tmp_path_factory.mktemp("key") / "signing.key"
+    patch = pytest.MonkeyPatch()
+    patch.setenv(manifest.KEY_ENVIRONMENT, str(path))
+    yield path
+    patch.undo()
+
+
 def write_params(path: Path, **overrides: object) -> Path:
     """A copy of params.toml with some values replaced."""
-    path.write_text(common.params_text_with(overrides))
+    path.write_text(params_text_with(overrides))
     return path
 
 
 def run_stage(module, root: Path, params: Path, *extra: str) -> int:
     """Run a stage's command line in this process; returns its exit code."""
-    parser = module.parser() if hasattr(module, "parser") else common.stage_parser(module.__doc__.splitlines()[0])
-    return common.run(module.STAGE, module.main, parser, ["--root", str(root), "--params", str(params), *extra])
+    parser = module.parser() if hasattr(module, "parser") else cli.stage_parser(module.__doc__.splitlines()[0])
+    return cli.run(module.STAGE, module.main, parser, ["--root", str(root), "--params", str(params), *extra])
 
 
 def run_all(root: Path, params: Path) -> None:

@@ -9,7 +9,9 @@ import time
 import pytest
 from conftest import ROOT, STAGES, TINY, run_stage, snapshot, write_params
 
-import common
+import errors
+import storage
+from params import load_params
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -28,8 +30,8 @@ import common
 def test_bad_parameters_get_one_clear_message(tmp_path, edit, message):
     path = tmp_path / "params.toml"
     path.write_text(edit((ROOT / "params.toml").read_text()))
-    with pytest.raises(common.PipelineError) as caught:
-        common.load_params(path)
+    with pytest.raises(errors.PipelineError) as caught:
+        load_params(path)
     assert message in str(caught.value) and str(path) in str(caught.value)
 
 
@@ -39,21 +41,21 @@ def test_every_stage_checks_parameters_before_writing_anything(project, capsys, 
     bad = root / "bad.toml"
     bad.write_text((root / "params.toml").read_text().replace("window = 5", "window = 500"))
     before = snapshot(root)
-    assert run_stage(stage, root, bad) == common.EXIT_BAD_INPUT
+    assert run_stage(stage, root, bad) == errors.EXIT_BAD_INPUT
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"{stage.STAGE}: error: {bad}: quality_control.window = 500 is out of range [3, 90]")
     assert snapshot(root) == before
 
 
 def test_missing_parameters_file(tmp_path):
-    with pytest.raises(common.PipelineError, match="parameters file not found"):
-        common.load_params(tmp_path / "none.toml")
+    with pytest.raises(errors.PipelineError, match="parameters file not found"):
+        load_params(tmp_path / "none.toml")
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "a.csv"
     target.write_text("old\n")
-    with pytest.raises(RuntimeError), common.atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError), storage.atomic_path(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("disk full")
     assert target.read_text() == "old\n"

@@ -14,13 +14,15 @@ from conftest import (
     write_real_format_station,
 )
 
-import common
-from common import PipelineError
+import errors
+import storage
+from errors import PipelineError
+from params import ANOMALY_KINDS, load_params
 
 
 @pytest.fixture(scope="module")
 def params():
-    return common.load_params()
+    return load_params()
 
 
 def test_ar1_matches_the_recursion():
@@ -35,7 +37,7 @@ def test_ar1_matches_the_recursion():
     np.testing.assert_allclose(fast, slow[:, burn:], atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", common.ANOMALY_KINDS)
+@pytest.mark.parametrize("kind", ANOMALY_KINDS)
 def test_each_kind_matches_its_configured_rate(params, kind):
     anomalies = {k: v if k.endswith("_days") or k == f"{kind}_rate" else 0.0 for k, v in params["anomalies"].items()}
     sim = dict(params["simulation"], n_stations=300, clean_stations=0, heavy_stations=0)
@@ -163,7 +165,7 @@ def test_observation_files_hold_no_ground_truth(built):
     for path in (root / "data").glob("*/raw/*.csv"):
         assert list(pd.read_csv(path, nrows=1).columns) == ["date", "temperature"]
     truth = pd.read_csv(next((root / "data/truth").glob("ST*.csv")))
-    assert list(truth.columns) == ["date", *common.TRUTH_COLUMNS]
+    assert list(truth.columns) == ["date", *storage.TRUTH_COLUMNS]
     stations = pd.read_csv(root / "data/truth/stations.csv")
     assert {"station", "role", "x_km", "y_km"} <= set(stations.columns)
 
@@ -179,7 +181,7 @@ def test_fewer_stations_leave_no_stale_files(built, tmp_path):
 
 
 def _import_params() -> dict:
-    params = common.load_params()
+    params = load_params()
     return {"data": dict(params["data"], holdout_stations=0), "pre": params["preprocessing"],
             "import": {k: REAL_FORMAT.get(k, v) for k, v in params["import"].items()}}
 
@@ -268,6 +270,6 @@ def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
     (tmp_path / "own/HOME.csv").write_text("when,value\n2020-01-01,3\n")
     params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     before = snapshot(root)
-    assert run_stage(data_creation, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(data_creation, root, params) == errors.EXIT_BAD_INPUT
     assert "HOME.csv: no column 'DATE'" in capsys.readouterr().err.splitlines()[-1]
     assert snapshot(root) == before

@@ -6,7 +6,10 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, run_stage
 
-import common
+import errors
+import features
+import manifest
+import storage
 
 
 def test_folds_validate_only_on_later_dates():
@@ -19,7 +22,7 @@ def test_folds_validate_only_on_later_dates():
 
 
 def test_too_few_dates_for_the_folds():
-    with pytest.raises(common.PipelineError, match="only 6 training dates"):
+    with pytest.raises(errors.PipelineError, match="only 6 training dates"):
         model_preparation.time_folds(pd.Series([f"2020-01-0{d}" for d in range(1, 7)]), 4)
 
 
@@ -37,11 +40,11 @@ def test_record_and_model_on_the_tiny_configuration(built):
     root, _ = built
     record = json.loads((root / "models/model.json").read_text())
     bundle = joblib.load(root / "models/model.joblib")
-    assert bundle["name"] == record["chosen"] and bundle["features"] == common.FEATURES
+    assert bundle["name"] == record["chosen"] and bundle["features"] == features.FEATURES
     assert set(record["cv"]["mean_mae"]) == {"persistence", "ridge", "gradient_boosting"}
     assert all(len(v) == record["cv"]["folds"] for v in record["cv"]["mae"].values())
-    assert record["training_data_sha256"] == common.sha256_file(root / "data/train/features.csv")
-    assert record["libraries"]["scikit-learn"] == common.library_versions()["scikit-learn"]
+    assert record["training_data_sha256"] == storage.sha256_file(root / "data/train/features.csv")
+    assert record["libraries"]["scikit-learn"] == manifest.library_versions()["scikit-learn"]
     # the chosen model beats persistence in cross-validation, not only on the test year
     assert record["cv"]["mean_mae"][record["chosen"]] < record["cv"]["mean_mae"]["persistence"]
 

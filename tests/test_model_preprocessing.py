@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
-import common
-from common import FEATURES, Paths
+import errors
+import manifest
+import storage
+from features import FEATURES
+from params import load_params
+from storage import Paths
 
 GOOD = "date,temperature\n2020-01-01,1.5\n2020-01-02,\n2020-01-03,-2.0\n"
 
@@ -48,7 +52,7 @@ def test_ground_truth_never_reaches_features_or_model(project):
     root, params = project
     paths = Paths(root)
     for table in (paths.train_features, paths.test_features, paths.train_flags, paths.test_flags):
-        assert not set(pd.read_csv(table, nrows=1).columns) & set(common.TRUTH_COLUMNS)
+        assert not set(pd.read_csv(table, nrows=1).columns) & set(storage.TRUTH_COLUMNS)
     before = snapshot(root)
     for path in paths.truth.glob("ST*.csv"):  # scramble the truth: nothing learned may move
         truth = pd.read_csv(path)
@@ -69,7 +73,7 @@ def test_features_use_no_day_after_the_forecast_day():
     values = pd.DataFrame({name: 10 + shared + rng.normal(0, 0.3, 400) for name in "ABC"}, index=dates)
     period = pd.DataFrame(np.where(np.arange(400) < 300, "train", "test")[:, None].repeat(3, axis=1),
                           index=dates, columns=values.columns)
-    qc = common.load_params()["quality_control"]
+    qc = load_params()["quality_control"]
 
     def features(observed):
         _, verdict = model_preprocessing.quality_control_flags(observed, period, qc)
@@ -106,7 +110,7 @@ def test_bad_station_file_fails_with_one_line_and_changes_nothing(project, capsy
     bad = root / "data/train/raw/ST002.csv"
     bad.write_bytes(content)
     before = snapshot(root)
-    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(f"model_preprocessing: error: {bad}: {message}")
     assert "Traceback" not in err
@@ -119,7 +123,7 @@ def test_missing_input_folder_fails_cleanly_and_changes_nothing(project, capsys)
     root, params = project
     shutil.rmtree(root / "data/test/raw")
     before = snapshot(root)
-    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"model_preprocessing: error: {root / 'data/test/raw'}: input folder not found; run data_creation.py first")
     assert snapshot(root) == before
@@ -139,15 +143,15 @@ def test_tampered_raw_file_is_refused(project, capsys):
     root, params = project
     path = root / "data/train/raw/ST003.csv"
     path.write_text(path.read_text().replace("\n2019-03-01,", "\n2019-03-01,1"))
-    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     assert "does not match its SHA-256 in the manifest" in capsys.readouterr().err
 
 
 def _rerecord_raw(paths: Paths, params_file) -> None:
     """Accept hand-edited raw files as if data_creation had written them."""
-    params = common.load_params(params_file)
-    outputs = common.recorded_outputs(paths, "data_creation")
-    common.record_stage(paths, "data_creation", params, [], outputs)
+    params = load_params(params_file)
+    outputs = manifest.recorded_outputs(paths, "data_creation")
+    manifest.record_stage(paths, "data_creation", params, [], outputs)
 
 
 def test_station_with_too_few_days_fails_cleanly_and_changes_nothing(project, capsys):
@@ -156,6 +160,6 @@ def test_station_with_too_few_days_fails_cleanly_and_changes_nothing(project, ca
         short = root / f"data/{split}/raw/ST002.csv"
         short.write_text("".join(short.read_text().splitlines(keepends=True)[:20]))
     before = snapshot(root)
-    assert run_stage(model_preprocessing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     assert "station ST002 has only" in capsys.readouterr().err
     assert snapshot(root) == before

@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, model_testing, run_stage, snapshot, write_params
 
-import common
+import errors
+import manifest
+import storage
 
 
 def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
@@ -49,7 +51,7 @@ def test_gate_failure_exits_3_with_a_clear_line(project, capsys):
     root, _ = project
     strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
                           cv_folds=3, gate_min_improvement=0.5)
-    assert run_stage(model_testing, root, strict) == common.EXIT_GATE
+    assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("model_testing: error: quality gate failed: model MAE")
 
@@ -58,14 +60,27 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:-10])
 
 
-def _corrupt_and_rerecord(path):
-    """Damage a file and its manifest entry alike, as a disk fault before hashing would."""
-    path.write_bytes(b"\x80\x04not a pickle")
+def _rerecord(path, sign: bool) -> None:
+    """Record a file's new hash in the manifest, and with ``sign`` its signature too."""
     manifest_path = path.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    record = json.loads(manifest_path.read_text())
     stage = "model_preparation" if path.name == "model.joblib" else "model_preprocessing"
-    manifest["stages"][stage]["outputs"][f"models/{path.name}"] = common.sha256_file(path)
-    manifest_path.write_text(json.dumps(manifest))
+    record["stages"][stage]["outputs"][f"models/{path.name}"] = storage.sha256_file(path)
+    if sign:
+        record["stages"][stage]["signatures"][f"models/{path.name}"] = manifest.signature(path)
+    manifest_path.write_text(json.dumps(record))
+
+
+def _corrupt_and_rerecord(path):
+    """Damage a file and its manifest entry alike, as a disk fault before hashing and signing would."""
+    path.write_bytes(b"\x80\x04not a pickle")
+    _rerecord(path, sign=True)
+
+
+def _replace_and_rehash(path):
+    """What someone who can write models/ but cannot read the signing key can do."""
+    path.write_bytes(b"\x80\x04not a pickle")
+    _rerecord(path, sign=False)
 
 
 @pytest.mark.parametrize(("file", "damage", "message"), [
@@ -74,6 +89,7 @@ def _corrupt_and_rerecord(path):
     ("model.joblib", _truncate, "model.joblib: does not match its SHA-256 in the manifest"),
     ("scaler.joblib", lambda p: p.write_bytes(b"junk"), "scaler.joblib: does not match its SHA-256"),
     ("model.joblib", _corrupt_and_rerecord, "model.joblib: cannot be loaded (KeyError); rerun model_preparation.py"),
+    ("model.joblib", _replace_and_rehash, "model.joblib: not signed with this machine's model-signing key"),
     # model.json also holds the scaler's hash, which catches the damaged scaler first
     ("scaler.joblib", _corrupt_and_rerecord, "model.joblib: was trained with another scaler than"),
 ])
@@ -81,7 +97,7 @@ def test_missing_damaged_or_corrupt_artifact_is_refused_and_nothing_changes(proj
     root, params = project
     damage(root / "models" / file)
     before = snapshot(root)
-    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert message in err.splitlines()[-1] and "Traceback" not in err
     assert snapshot(root) == before
@@ -93,7 +109,7 @@ def test_model_from_another_scikit_learn_is_refused(project, capsys):
     manifest = json.loads(manifest_path.read_text())
     manifest["stages"]["model_preparation"]["libraries"]["scikit-learn"] = "0.24.2"
     manifest_path.write_text(json.dumps(manifest))
-    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
     assert "written with scikit-learn 0.24.2" in capsys.readouterr().err
 
 
@@ -111,7 +127,7 @@ def test_truth_for_some_stations_only_is_refused(project, capsys):
     root, params = project
     (root / "data/truth/ST002.csv").unlink()
     before = snapshot(root)
-    assert run_stage(model_testing, root, params) == common.EXIT_BAD_INPUT
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
     assert "ST002.csv: missing, while other stations have ground truth" in capsys.readouterr().err
     assert snapshot(root) == before
 
@@ -149,10 +165,10 @@ def _accepted(root):
 def test_failed_gate_keeps_the_accepted_model_and_restore_undoes_an_acceptance(project):
     root, params = project
     first = _accepted(root)
-    assert "model.joblib" in first and "SHA256SUMS.json" in first
+    assert "model.joblib" in first and "SIGNATURES.json" in first
     strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
                           cv_folds=3, gate_min_improvement=0.5)
-    assert run_stage(model_testing, root, strict) == common.EXIT_GATE
+    assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     assert _accepted(root) == first
 
     other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
@@ -171,8 +187,9 @@ def test_restore_refuses_a_damaged_backup(project, capsys):
     root, params = project
     assert run_stage(model_testing, root, params) == 0  # now models/previous exists
     (root / "models/previous/model.joblib").write_bytes(b"junk")
-    assert run_stage(model_testing, root, params, "--restore") == common.EXIT_BAD_INPUT
-    assert "previous/model.joblib: missing or damaged" in capsys.readouterr().err
+    assert run_stage(model_testing, root, params, "--restore") == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "model.joblib: not signed with this machine's model-signing key" in err and "cannot be restored" in err
 
 
 def test_interval_score_matches_definitions():
@@ -227,7 +244,7 @@ def test_a_failed_gate_still_writes_the_report_and_says_so(project):
     root, _ = project
     strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
                           cv_folds=3, gate_min_improvement=0.5)
-    assert run_stage(model_testing, root, strict) == common.EXIT_GATE
+    assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     assert "**Quality gate: FAILED**" in (root / "reports/summary.md").read_text()
 
 
@@ -254,3 +271,50 @@ def test_on_the_default_simulation_the_detector_finds_faults_and_leaves_weather_
     for kind, floor in (("spike", 0.8), ("stuck", 0.75), ("level_shift", 0.6), ("drift", 0.4)):
         assert detector[kind]["f1"] >= floor, (kind, detector[kind])
     assert detector["weather_events"]["share"] <= 0.02
+
+
+class _Payload:
+    """A pickle that, when loaded, leaves a marker file: what a planted model would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_model_never_runs_nor_becomes_the_accepted_one(project, tmp_path, capsys):
+    import joblib
+
+    root, params = project
+    marker = tmp_path / "planted-code-ran"
+    accepted = {p.name: p.read_bytes() for p in (root / "models/accepted").iterdir()}
+    joblib.dump(_Payload(str(marker)), root / "models/model.joblib")
+    _rerecord(root / "models/model.joblib", sign=False)  # the hash is right; the signature cannot be
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
+    assert "not signed with this machine's model-signing key" in capsys.readouterr().err
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in (root / "models/accepted").iterdir()} == accepted
+
+
+def test_a_planted_previous_set_is_never_restored(project, tmp_path, capsys):
+    import joblib
+
+    root, params = project
+    assert run_stage(model_testing, root, params, "--restore") == errors.EXIT_BAD_INPUT  # no previous yet
+    assert "no previously accepted model to restore" in capsys.readouterr().err
+    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+                         cv_folds=3, ridge_alpha=5000.0, tie_tolerance=0.5)
+    assert run_stage(model_preparation, root, other) == 0
+    assert run_stage(model_testing, root, other) == 0  # now models/previous holds the first set
+    marker = tmp_path / "planted-code-ran"
+    previous = root / "models/previous"
+    joblib.dump(_Payload(str(marker)), previous / "model.joblib")
+    signatures = json.loads((previous / "SIGNATURES.json").read_text())
+    signatures["model.joblib"] = "0" * 64  # rewritable, but not computable without the key
+    (previous / "SIGNATURES.json").write_text(json.dumps(signatures))
+    accepted = {p.name: p.read_bytes() for p in (root / "models/accepted").iterdir()}
+    assert run_stage(model_testing, root, params, "--restore") == errors.EXIT_BAD_INPUT
+    assert "not signed with this machine's model-signing key" in capsys.readouterr().err
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in (root / "models/accepted").iterdir()} == accepted

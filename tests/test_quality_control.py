@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import common
 import quality_control as qc
+from params import load_params
 
 DAYS = 3 * 365
 TEST_FROM = 2 * 365  # the first two years are the learning days
@@ -13,7 +13,7 @@ TEST_FROM = 2 * 365  # the first two years are the learning days
 
 @pytest.fixture(scope="module")
 def settings() -> dict:
-    return common.load_params()["quality_control"]
+    return load_params()["quality_control"]
 
 
 def network(n_stations: int = 5, seed: int = 0, resolution: float = 0.1) -> pd.DataFrame:

@@ -1,0 +1,143 @@
+"""How a stage runs from the command line: its options, the project lock, and one clear line on failure.
+
+Every entry point (each stage run alone, ``model_testing.py --restore``) takes
+the same lock as ``pipeline.sh``, so nothing writes under a live run; a stage
+started by ``pipeline.sh`` inherits the pipeline's lock instead (the pipeline
+passes its locked file descriptor down and names it in ``PIPELINE_LOCK_FD``).
+Only the standard library is imported here, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Busy, PipelineError
+from params import DEFAULT_PARAMS
+from storage import ROOT, Paths
+
+log = logging.getLogger("pipeline")
+MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
+INHERITED_LOCK = "PIPELINE_LOCK_FD"
+STAGES = (ROOT / "stages.txt").read_text().split()  # in the order pipeline.sh runs them
+EXIT_TERMINATED = 143
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C, cleaning up temporary files on the way out."""
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
+                        help="parameters file (default: params.toml beside this script)")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="project folder holding data/ and models/ (default: this script's folder)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line of at most MAX_MESSAGE characters."""
+    flat = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return flat if len(flat) <= MAX_MESSAGE else flat[:MAX_MESSAGE - 20] + f"… ({len(flat):,} characters)"
+
+
+@contextmanager
+def project_lock(root: Path) -> Iterator[None]:
+    """Hold the project's lock for the duration, or raise Busy naming the run that holds it.
+
+    A descriptor inherited from pipeline.sh counts only if it really is the
+    locked lock file of this project.
+    """
+    import fcntl
+
+    lock_path = Paths(root).lock
+    inherited = os.environ.get(INHERITED_LOCK, "")
+    if inherited.isdigit() and _is_lock_file(int(inherited), lock_path):
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (lock_path.parent / ".pipeline.pid").read_text().strip() \
+                if (lock_path.parent / ".pipeline.pid").exists() else "unknown"
+            raise Busy(f"another run (pid {holder}) is using {root}; retry when it has finished") from None
+        (lock_path.parent / ".pipeline.pid").write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        handle.close()  # closing the descriptor releases the lock
+
+
+def _is_lock_file(fd: int, lock_path: Path) -> bool:
+    import fcntl
+
+    try:
+        same = os.path.samestat(os.fstat(fd), lock_path.stat())
+        if same:  # a descriptor of the same open file that holds the lock can take it again at once
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return same
+    except OSError:
+        return False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+        argv: list[str] | None = None) -> int:
+    """Run a stage's ``main`` under the project lock; every failure becomes one line on stderr and an exit code.
+
+    With ``--debug`` the traceback is printed too, and the exit code stays the same.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Formatter(stage))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with project_lock(args.root):
+            main(args)
+    except PipelineError as exc:
+        return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+        return _fail(args, f"{stage}: stopped ({'interrupted' if code == EXIT_INTERRUPTED else 'terminated'}); "
+                           "files it already replaced are complete, and the manifest still describes the "
+                           "previous run until it finishes", code)
+    except Exception as exc:  # the one place that turns bugs into a clear line
+        return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
+                           "(rerun with --debug for the traceback)", EXIT_INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return EXIT_OK
+
+
+def _fail(args: argparse.Namespace, line: str, code: int) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    return code
+
+
+class _Formatter(logging.Formatter):
+    """``HH:MM:SS stage: message``, with ``warning:`` before a warning's message."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+        self.stage = stage
+
+    def format(self, record: logging.LogRecord) -> str:
+        marker = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"{self.formatTime(record, self.datefmt)} {self.stage}: {marker}{record.getMessage()}"

@@ -1,0 +1,28 @@
+"""Errors a user can act on, and the exit codes every entry point returns (README, "What can go wrong")."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug or an unexpected environment problem
+EXIT_BAD_INPUT = 2  # bad data, parameters, arguments or artifacts: the user can fix it
+EXIT_GATE = 3  # the model was built but failed the quality gate
+EXIT_BUSY = 4  # another run holds the project's lock
+EXIT_INTERRUPTED = 130
+
+
+class PipelineError(Exception):
+    """A problem the user can fix: bad input, parameters or artifacts (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class GateFailed(PipelineError):
+    """The new model did not beat the baseline it must beat (exit 3)."""
+
+    exit_code = EXIT_GATE
+
+
+class Busy(PipelineError):
+    """Another run holds the project's lock (exit 4)."""
+
+    exit_code = EXIT_BUSY

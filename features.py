@@ -1,0 +1,55 @@
+"""The model's features, each defined next to its name, and how a forecast is made from them.
+
+Every feature of a station on day t is computed from its repaired readings up
+to day t (a date x station table): nothing here may look at day t+1, the day
+being forecast. The day-of-year terms describe the target day, which is known
+in advance. Anything else in a features table is metadata (identifiers,
+targets, baselines) and never reaches a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# The spread of the day-to-day change over the last 60 days (°C), a per-row
+# metadata column: prediction intervals are this times calibrated quantiles, so
+# a station with calm weather gets a narrow band and a stormy one a wide band.
+SPREAD_COLUMN = "change_sd60"
+
+# name -> f(repaired readings, repaired-today indicator); both date x station tables.
+STATION_FEATURES: dict[str, Callable[[Any, Any], Any]] = {
+    "temp_lag0": lambda t, _: t,
+    "temp_lag1": lambda t, _: t.shift(1),
+    "temp_lag2": lambda t, _: t.shift(2),
+    "temp_lag3": lambda t, _: t.shift(3),
+    "temp_mean7": lambda t, _: t.rolling(7).mean(),
+    "temp_mean30": lambda t, _: t.rolling(30, min_periods=20).mean(),
+    "temp_std7": lambda t, _: t.rolling(7).std(),
+    "temp_trend7": lambda t, _: t.rolling(7).mean() - t.shift(7).rolling(7).mean(),
+    "repaired_today": lambda _, repaired: repaired,
+}
+# Sine and cosine of the target day's position in the year.
+CALENDAR_FEATURES = ["doy_sin", "doy_cos"]
+FEATURES = [*STATION_FEATURES, *CALENDAR_FEATURES]
+
+
+def spread(repaired: Any) -> Any:
+    """``change_sd60``: the standard deviation of the last 60 day-to-day changes (at least 20 of them)."""
+    return repaired.diff().rolling(60, min_periods=20).std()
+
+
+def day_of_year_terms(dates: Any) -> tuple[Any, Any]:
+    import numpy as np
+
+    angle = 2 * np.pi * (dates.day_of_year.to_numpy() - 1) / 365.25
+    return np.sin(angle), np.cos(angle)
+
+
+def forecast(estimator: Any, table: Any) -> Any:
+    """Next-day temperature: today's (repaired) reading plus the predicted change.
+
+    Models learn the change from today rather than the level, which puts stations
+    with different climates on one scale.
+    """
+    return table["temp_today"].to_numpy() + estimator.predict(table[FEATURES])

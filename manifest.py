@@ -1,0 +1,193 @@
+"""What each stage wrote (the manifest), and the signatures that make loading a model safe.
+
+The manifest, ``models/manifest.json``, records per stage the SHA-256 of its
+inputs and outputs, the parameters' hash and the library versions; a stage
+refuses inputs that are not exactly what the stage before it wrote. A hash is an
+integrity check, not proof of origin: anyone who can write a model file can
+rewrite its hash too. Model files are pickles, and unpickling can run code, so
+every pickle a stage writes is also signed with HMAC-SHA256 under a secret key
+kept outside the project folder (``~/.config/station-pipeline/signing.key``,
+created on first use, readable by its owner only; ``PIPELINE_SIGNING_KEY``
+names another file). No pickle is unpickled, promoted or restored unless its
+signature checks. Someone who can write the project folder but cannot read the
+key cannot make the pipeline run their code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import platform
+import secrets
+from pathlib import Path
+from typing import Any
+
+from errors import PipelineError
+from storage import Paths, sha256_file, write_json
+
+KEY_ENVIRONMENT = "PIPELINE_SIGNING_KEY"
+DEFAULT_KEY = Path("~/.config/station-pipeline/signing.key")
+SIGNED_SUFFIXES = (".joblib",)  # the files whose loading can run code
+
+
+# ------------------------------------------------------------------------ signatures
+
+
+def key_path() -> Path:
+    return Path(os.environ.get(KEY_ENVIRONMENT) or DEFAULT_KEY).expanduser()
+
+
+def signing_key() -> bytes:
+    """The secret key, created (32 random bytes, mode 0600) the first time it is needed."""
+    path = key_path()
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+        key = path.read_bytes()
+    except FileExistsError:  # another process created it a moment ago
+        key = path.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot create or read the model-signing key ({exc.strerror}); set "
+                            f"{KEY_ENVIRONMENT} to a file outside the project that only you can read") from None
+    if len(key) < 16:
+        raise PipelineError(f"{path}: the model-signing key is damaged (shorter than 16 bytes); delete it and "
+                            "rerun ./pipeline.sh")
+    return key
+
+
+def signature(path: Path) -> str:
+    digest = hmac.new(signing_key(), digestmod=hashlib.sha256)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_signature(path: Path, expected: str | None, remedy: str) -> None:
+    """Refuse a pickle whose signature is missing or wrong: it may have been planted."""
+    if not isinstance(expected, str) or not hmac.compare_digest(signature(path), expected):
+        raise PipelineError(f"{path}: not signed with this machine's model-signing key ({key_path()}); refusing "
+                            f"to load it, because loading a model can run code. {remedy}")
+
+
+def load_signed(path: Path, expected: str | None, stage: str) -> Any:
+    """Unpickle a model file only after its signature checks."""
+    import joblib
+
+    remedy = f"Rerun {stage}.py"
+    check_signature(path, expected, remedy)
+    try:
+        return joblib.load(path)
+    except Exception as exc:  # signed by us, yet it does not unpickle: a disk fault or a library change
+        raise PipelineError(f"{path}: cannot be loaded ({type(exc).__name__}); rerun {stage}.py") from None
+
+
+# -------------------------------------------------------------------------- manifest
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour or pickles the artifacts depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "pandas", "scikit-learn", "joblib", "matplotlib"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any]:
+    """The manifest; a damaged one is an error, or, for the stage that starts a run afresh, a new one."""
+    if not paths.manifest.exists():
+        return {"stages": {}}
+    try:
+        manifest = json.loads(paths.manifest.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) \
+                or not all(isinstance(entry, dict) for entry in manifest["stages"].values()):
+            raise ValueError("no valid 'stages'")
+    except (ValueError, UnicodeDecodeError) as exc:
+        if fresh_if_damaged:
+            return {"stages": {}}
+        raise PipelineError(f"{paths.manifest}: corrupt manifest ({str(exc)[:100]}); run ./pipeline.sh from the "
+                            "start (data_creation.py writes a new one)") from None
+    return manifest
+
+
+def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outputs: list[Path],
+                 first: bool = False) -> None:
+    """Record the SHA-256 of a stage's outputs (and signatures of its pickles), with its inputs, parameters
+    and libraries.
+
+    Written last, after every output is in place: a stage killed earlier leaves
+    the manifest describing the previous run, and the next stage notices. The
+    first stage (``first``) starts a new manifest, dropping every later stage's
+    record, since their outputs no longer match the new data.
+    """
+    manifest = {"stages": {}} if first else read_manifest(paths)
+    manifest["stages"][stage] = {
+        "params": {"file": str(params.path), "sha256": params.sha256},
+        "inputs": {relative(paths, p): sha256_file(p) for p in sorted(inputs)},
+        "outputs": {relative(paths, p): sha256_file(p) for p in sorted(outputs)},
+        "signatures": {relative(paths, p): signature(p) for p in sorted(outputs) if p.suffix in SIGNED_SUFFIXES},
+        "libraries": library_versions(),
+    }
+    write_json(paths.manifest, manifest)
+
+
+def stage_entry(paths: Paths, stage: str) -> dict[str, Any]:
+    entry = read_manifest(paths)["stages"].get(stage)
+    if entry is None:
+        raise PipelineError(f"{paths.manifest}: no record of stage {stage}; run it first")
+    for key in ("outputs", "libraries"):
+        if not isinstance(entry.get(key), dict):
+            raise PipelineError(f"{paths.manifest}: damaged record of stage {stage} (no {key}); rerun {stage}.py")
+    return entry
+
+
+def verify_outputs_of(paths: Paths, stage: str, files: list[Path]) -> None:
+    """Refuse files that are not exactly what ``stage`` last wrote."""
+    entry = stage_entry(paths, stage)
+    recorded = entry["outputs"]
+    for path in files:
+        key = relative(paths, path)
+        if not path.exists():
+            raise PipelineError(f"{path}: missing; rerun {stage}.py")
+        if key not in recorded:
+            raise PipelineError(f"{path}: not written by {stage}.py (not in the manifest); rerun {stage}.py")
+        if sha256_file(path) != recorded[key]:
+            raise PipelineError(f"{path}: does not match its SHA-256 in the manifest "
+                                f"(changed since {stage}.py wrote it); rerun {stage}.py")
+    versions = library_versions()
+    if entry["libraries"].get("scikit-learn") != versions["scikit-learn"]:
+        raise PipelineError(
+            f"{files[0]}: written with scikit-learn {entry['libraries'].get('scikit-learn')}, "
+            f"this is {versions['scikit-learn']}; rerun {stage}.py or install requirements.txt")
+
+
+def load_output(paths: Paths, stage: str, path: Path) -> Any:
+    """A pickle ``stage`` wrote, after checking its hash and its signature."""
+    verify_outputs_of(paths, stage, [path])
+    return load_signed(path, stage_entry(paths, stage).get("signatures", {}).get(relative(paths, path)), stage)
+
+
+def recorded_outputs(paths: Paths, stage: str) -> list[Path]:
+    entry = read_manifest(paths)["stages"].get(stage, {})
+    return [paths.root / key for key in entry.get("outputs", {})]
+
+
+def relative(paths: Paths, path: Path) -> str:
+    """A path relative to the project folder; absolute for a file outside it (imported data)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(paths.root.resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()

@@ -1,0 +1,210 @@
+"""The parameters: their schema (type and range of every key), and loading and checking params.toml.
+
+Every key is required and an unknown key is an error, so a typo cannot silently
+fall back to a default; the defaults live in params.toml only. Only the standard
+library is imported, so ``--help`` and parameter errors answer at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from errors import PipelineError
+
+DEFAULT_PARAMS = Path(__file__).resolve().parent / "params.toml"
+ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
+
+
+# Each parameter: (type, minimum, maximum), or (str, allowed values, None).
+SIMULATION = "simulation"
+PARAM_SCHEMA: dict[str, dict[str, Any]] = {
+    "data": {
+        "source": (str, None, None),
+        "test_days": (int, 30, 36_500),
+        "holdout_stations": (int, 0, 100_000),
+    },
+    "simulation": {
+        "seed": (int, 0, 2**32 - 1),
+        "n_stations": (int, 1, 100_000),
+        "start_date": (str, None, None),
+        "n_years": (int, 2, 200),
+        "clean_stations": (int, 0, 100_000),
+        "heavy_stations": (int, 0, 100_000),
+        "heavy_factor": (float, 1.0, 20.0),
+        "region_km": (float, 1.0, 10_000.0),
+        "correlation_km": (float, 10.0, 100_000.0),
+        "shared_weather": (float, 0.0, 1.0),
+        "events_per_year": (float, 0.0, 100.0),
+        "event_days": (list, 1, 60),
+        "event_size": (list, 0.0, 40.0),
+        "event_radius_km": (list, 1.0, 10_000.0),
+        "resolution": (str, ("0.1C", "1F"), None),
+    },
+    "anomalies": {
+        **{f"{kind}_rate": (float, 0.0, 0.2) for kind in ANOMALY_KINDS},
+        **{f"{kind}_days": (list, 1, 365) for kind in ANOMALY_KINDS},
+    },
+    "import": {
+        "date_column": (str, None, None),
+        "temperature_column": (str, None, None),
+        "date_format": (str, None, None),
+        "delimiter": (str, (",", ";", "\t", "|"), None),
+        "unit": (str, ("C", "F"), None),
+        "quantity": (str, ("mean", "max", "min"), None),
+    },
+    "quality_control": {
+        "detector": (str, ("network", "none"), None),
+        "neighbours": (int, 1, 50),
+        "min_correlation": (float, 0.0, 0.99),
+        "window": (int, 3, 90),
+        "spike_threshold": (float, 1.0, 50.0),
+        "shift_threshold": (float, 1.0, 200.0),
+        "stuck_threshold": (float, 0.5, 50.0),
+        "gross_margin": (float, 1.0, 20.0),
+        "repair_confidence": (float, 0.5, 1.0),
+    },
+    "preprocessing": {
+        "min_temp": (float, -100.0, 60.0),
+        "max_temp": (float, -60.0, 70.0),
+        "min_days": (int, 40, 100_000),
+    },
+    "model": {
+        "cv_folds": (int, 2, 20),
+        "ridge_alpha": (float, 0.0, 1e6),
+        "gbr_max_iter": (int, 10, 5000),
+        "gbr_learning_rate": (float, 1e-4, 1.0),
+        "gbr_max_leaf_nodes": (int, 2, 1000),
+        "tie_tolerance": (float, 0.0, 0.5),
+        "random_state": (int, 0, 2**32 - 1),
+        "interval_level": (float, 0.5, 0.99),
+    },
+    "evaluation": {
+        "gate_min_improvement": (float, -1.0, 0.9),
+        "interval_tolerance": (float, 0.0, 0.5),
+        "report_stations": (int, 0, 50),
+        "report_flags": (int, 0, 1000),
+    },
+}
+
+
+def params_text_with(overrides: dict[str, Any], base: Path = DEFAULT_PARAMS) -> str:
+    """The text of a parameters file with some values replaced; keys are unique across sections."""
+    import re
+
+    text = base.read_text()
+    for key, value in overrides.items():
+        rendered = f'"{value}"' if isinstance(value, str) else repr(value)
+        text, count = re.subn(rf"^{key} = [^#\n]*", f"{key} = {rendered}  ", text, flags=re.M)
+        if count != 1:
+            raise PipelineError(f"{base}: no parameter {key}")
+    return text
+
+
+@dataclass(frozen=True)
+class Params:
+    """Validated parameters, one dict per section, plus where they came from."""
+
+    sections: dict[str, dict[str, Any]]
+    path: Path
+    sha256: str
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    @property
+    def source_folder(self) -> Path | None:
+        """The folder of the user's station files, or None to simulate.
+
+        A relative folder is taken relative to the parameters file.
+        """
+        source = self.sections["data"]["source"]
+        return None if source == SIMULATION else (self.path.parent / source).resolve()
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Read and validate a TOML parameters file; every key is required, none unknown."""
+    path = Path(path) if path else DEFAULT_PARAMS
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: parameters file not found") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read parameters file ({exc.strerror})") from None
+    try:
+        raw = tomllib.loads(raw_bytes.decode("utf-8-sig"))  # an editor's byte-order mark is not an error
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PipelineError(f"{path}: malformed parameters file ({exc})") from None
+    sections = {name: _check_section(path, name, raw.get(name), schema)
+                for name, schema in PARAM_SCHEMA.items()}
+    unknown = sorted(set(raw) - set(PARAM_SCHEMA))
+    if unknown:
+        raise PipelineError(f"{path}: unknown section [{unknown[0]}]")
+    _check_cross_constraints(path, sections)
+    return Params(sections, path, hashlib.sha256(raw_bytes).hexdigest())
+
+
+def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path}: missing section [{name}]")
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise PipelineError(f"{path}: unknown parameter {name}.{unknown[0]}")
+    checked = {}
+    for key, (kind, low, high) in schema.items():
+        where = f"{path}: {name}.{key}"
+        if key not in values:
+            raise PipelineError(f"{where} is missing")
+        value = values[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PipelineError(f"{where} must be {kind.__name__}, got {value!r}")
+        if kind is list:
+            _check_length_range(where, value, low, high)
+        elif kind is str:
+            if low is not None and value not in low:
+                raise PipelineError(f"{where} = {value!r} must be one of {', '.join(map(repr, low))}")
+            if not value:
+                raise PipelineError(f"{where} must not be empty")
+        elif not (low <= value <= high):
+            raise PipelineError(f"{where} = {value!r} is out of range [{low}, {high}]")
+        checked[key] = value
+    return checked
+
+
+def _check_length_range(where: str, value: list, low: float, high: float) -> None:
+    """A [min, max] pair: whole numbers where the bounds are whole, else any numbers."""
+    kinds = (int,) if isinstance(low, int) else (int, float)
+    ok = (len(value) == 2 and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+          and low <= value[0] <= value[1] <= high)
+    if not ok:
+        what = "whole numbers" if kinds == (int,) else "numbers"
+        raise PipelineError(f"{where} must be [min, max] {what} with {low} <= min <= max <= {high}")
+
+
+def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
+    data, sim, pre = s["data"], s["simulation"], s["preprocessing"]
+    import datetime as dt
+
+    try:
+        start = dt.date.fromisoformat(sim["start_date"])
+    except ValueError:
+        raise PipelineError(f"{path}: simulation.start_date must be YYYY-MM-DD, got {sim['start_date']!r}") from None
+    if not 1800 <= start.year <= 9999 - sim["n_years"]:
+        raise PipelineError(f"{path}: simulation.start_date {sim['start_date']!r} plus simulation.n_years = "
+                            f"{sim['n_years']} must stay within the years 1800 to 9999")
+    if pre["min_temp"] >= pre["max_temp"]:
+        raise PipelineError(f"{path}: preprocessing.min_temp must be below preprocessing.max_temp")
+    if data["source"] != SIMULATION:
+        return  # the next checks are about the simulated stations; imported ones are checked when read
+    if data["holdout_stations"] >= sim["n_stations"]:
+        raise PipelineError(f"{path}: data.holdout_stations must leave at least one training station")
+    if sim["clean_stations"] + sim["heavy_stations"] > sim["n_stations"]:
+        raise PipelineError(f"{path}: simulation.clean_stations + simulation.heavy_stations exceed "
+                            "simulation.n_stations")
+    if data["test_days"] >= sim["n_years"] * 365 - pre["min_days"]:
+        raise PipelineError(f"{path}: data.test_days leaves fewer than preprocessing.min_days training days")

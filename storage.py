@@ -1,0 +1,340 @@
+"""Where every artifact lives, how it is written safely, and the only code that reads or writes tables.
+
+Writes are atomic: a temporary file beside the target, flushed to disk, then
+renamed over it, so a reader sees the old complete file or the new complete
+file. A temporary file carries its writer's process id, and only a dead
+writer's leftovers are removed. Folders are replaced by renames only, never
+left missing. Inputs are read only from regular files of bounded size, so a
+FIFO, a device or a huge file named like a station file is refused instead of
+hanging the stage or filling the memory. Only the standard library is imported
+at module level; pandas and joblib are imported where a table or a model is
+read or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from errors import PipelineError
+
+ROOT = Path(__file__).resolve().parent
+# Ground-truth columns live only in data/truth; a test checks none of them
+# appears in any table a model is trained or scored on.
+TRUTH_COLUMNS = ["clean_temperature", "anomaly", "event"]
+MAX_INPUT_BYTES = 1 << 30  # a station file larger than 1 GiB is refused rather than read
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every artifact lives; a test's tmp_path can stand in for ROOT."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train_raw(self) -> Path:
+        return self.data / "train" / "raw"
+
+    @property
+    def test_raw(self) -> Path:
+        return self.data / "test" / "raw"
+
+    @property
+    def truth(self) -> Path:
+        return self.data / "truth"
+
+    @property
+    def source_record(self) -> Path:
+        """Where the raw data came from, the first test day and, for imported files, what was dropped."""
+        return self.data / "source.json"
+
+    @property
+    def train_features(self) -> Path:
+        return self.data / "train" / "features.csv"
+
+    @property
+    def test_features(self) -> Path:
+        return self.data / "test" / "features.csv"
+
+    @property
+    def flagged(self) -> Path:
+        """Every reading the detector flagged, training and test period alike."""
+        return self.data / "flagged.csv"
+
+    @property
+    def train_flags(self) -> Path:
+        return self.data / "train" / "flags.csv"
+
+    @property
+    def test_flags(self) -> Path:
+        return self.data / "test" / "flags.csv"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def scaler(self) -> Path:
+        return self.models / "scaler.joblib"
+
+    @property
+    def detector(self) -> Path:
+        return self.models / "detector.json"
+
+    @property
+    def model(self) -> Path:
+        return self.models / "model.joblib"
+
+    @property
+    def model_record(self) -> Path:
+        return self.models / "model.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.models / "metrics.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.models / "manifest.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def accepted(self) -> Path:
+        """The last model set that passed the quality gate: the one to use."""
+        return self.models / "accepted"
+
+    @property
+    def previous(self) -> Path:
+        """The accepted set before that, restorable with model_testing.py --restore."""
+        return self.models / "previous"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.logs / ".pipeline.lock"
+
+
+# ------------------------------------------------------------------- atomic writes
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path, name: str) -> None:
+    """Remove temporary files of ``name`` left by writers that died; never a live writer's."""
+    for stale in folder.glob(f".{name}.*.tmp"):
+        owner = stale.name[len(name) + 2:].split(".", 1)[0]
+        if owner.isdigit() and not _pid_alive(int(owner)):
+            stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it into place only on success.
+
+    The temporary file lives in the same folder (so the rename is atomic on POSIX),
+    carries this process's id in its name, is fsync'ed before the rename, and is
+    removed if anything goes wrong.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(target.parent, target.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are ordinary files
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(target: Path, payload: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(payload)
+
+
+def write_json(target: Path, obj: Any) -> None:
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def write_csv(target: Path, frame: Any) -> None:
+    """Write a DataFrame as CSV atomically; floats keep 6 significant decimals."""
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+
+
+def write_joblib(target: Path, obj: Any) -> None:
+    import joblib
+
+    with atomic_path(target) as tmp:
+        joblib.dump(obj, tmp)
+
+
+def replace_folder(staged: Path, target: Path, backup: Path | None = None) -> None:
+    """Put a fully written folder in place of ``target`` by renames only.
+
+    The old ``target`` becomes ``backup`` (replacing an older backup) or is
+    deleted. ``target`` is never missing for longer than one rename, and if
+    putting ``staged`` in place fails, the old target and backup are put back.
+    """
+    parking = target.with_name(f".{target.name}.old")
+    old_backup = None if backup is None else backup.with_name(f".{backup.name}.old")
+    for leftover in (parking, old_backup):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
+    keep_as = backup or parking
+    try:
+        if backup is not None and backup.exists():
+            backup.rename(old_backup)
+        if target.exists():
+            target.rename(keep_as)
+        staged.rename(target)
+    except OSError:
+        if not target.exists() and keep_as.exists():
+            keep_as.rename(target)
+        if old_backup is not None and old_backup.exists() and not backup.exists():
+            old_backup.rename(backup)
+        raise
+    fsync_folder(target.parent)
+    shutil.rmtree(parking, ignore_errors=True)
+    if old_backup is not None:
+        shutil.rmtree(old_backup, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_regular_file(path: Path, limit: int = MAX_INPUT_BYTES) -> int:
+    """The size of ``path``, or PipelineError unless it is a regular file of at most ``limit`` bytes.
+
+    Checked before opening, so a FIFO (which would block), a device such as
+    /dev/zero (which never ends), a folder or a symlink loop named like a data
+    file gets a clear message instead.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except OSError as exc:  # a symlink loop, a permission problem
+        raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) \
+            else "a device or socket"
+        raise PipelineError(f"{path}: not a regular file ({kind})")
+    if info.st_size > limit:
+        raise PipelineError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} a data file may have")
+    return info.st_size
+
+
+def read_text_file(path: Path) -> str:
+    """A CSV file's text, or PipelineError for a file that is missing, not regular, too large, not UTF-8 or
+    empty."""
+    check_regular_file(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if not text.strip():
+        raise PipelineError(f"{path}: empty file")
+    return text
+
+
+def read_json(path: Path) -> Any:
+    try:
+        check_regular_file(path)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except PipelineError as exc:
+        if not path.exists():
+            raise PipelineError(f"{path}: file not found; run the earlier stages first") from None
+        raise exc from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: corrupt JSON ({exc})") from None
+
+
+def read_table(path: Path, required: list[str], allow_empty: bool = False) -> Any:
+    """Read a CSV this pipeline wrote, checking the columns a stage relies on.
+
+    Station names are text ("NA", "null" and "001" are names, not a missing
+    value or the number 1); only an empty field is a missing value.
+    """
+    import pandas as pd
+
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found; run the earlier stages first")
+    check_regular_file(path)
+    try:
+        table = pd.read_csv(path, dtype={"station": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable CSV ({str(exc).strip()[:200]})") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+    if table.empty and not allow_empty:
+        raise PipelineError(f"{path}: no data rows")
+    return table
+
+
+def station_files(folder: Path) -> list[Path]:
+    """Every ``*.csv`` entry of a folder, sorted; two names that differ only in case are refused (one station
+    would silently hide the other on a case-insensitive disk or in a report)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv")
+    seen: dict[str, Path] = {}
+    for path in files:
+        other = seen.setdefault(path.stem.lower(), path)
+        if other != path:
+            raise PipelineError(f"{path}: station name differs from {other.name} only in case; rename one")
+    return files

@@ -273,3 +273,18 @@ def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
     assert run_stage(data_creation, root, params) == errors.EXIT_BAD_INPUT
     assert "HOME.csv: no column 'DATE'" in capsys.readouterr().err.splitlines()[-1]
     assert snapshot(root) == before
+
+
+def test_a_future_date_and_an_overflowing_reading_are_dropped_and_counted(tmp_path):
+    path = tmp_path / "HOME.csv"
+    rows = [f"{day:02d}/01/2020;{40 + day}" for day in range(1, 29)]
+    path.write_text("DATE;TMAX\n" + "\n".join([*rows, "01/01/2099;50", "29/01/2020;1.7e308"]) + "\n")
+    table, report = data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+    assert report["future_date"] == 1 and report["impossible"] == 1 and report["kept"] == 28
+    assert table["date"].max() == pd.Timestamp("2020-01-28") and np.isfinite(table["temperature"]).all()
+
+
+def test_a_start_on_29_february_ends_whole_years_later(params):
+    sim = dict(params["simulation"], start_date="2020-02-29", n_years=2, n_stations=2)
+    dates = data_creation.simulate(sim, 0, params["anomalies"]).dates
+    assert str(dates[0]) == "2020-02-29" and str(dates[-1]) == "2022-02-28"

@@ -145,3 +145,55 @@ def test_two_runs_started_together_run_one_after_the_other(copy, built):
         spans.append((lines[0][:19], lines[-1][:19]))
     first, second = sorted(spans)
     assert len(spans) == 2 and first[1] <= second[0]
+
+
+def test_errors_go_to_stderr_and_a_run_that_changed_nothing_says_so(copy):
+    (copy / "bad.toml").write_text((copy / "tiny.toml").read_text().replace("cv_folds = 3", "cv_folds = 1"))
+    failed = pipeline(copy, "--params", "bad.toml")
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith("data_creation: error:")
+    assert "error:" not in failed.stdout
+    assert "no stage of this run completed" in failed.stdout
+
+
+def test_a_failure_after_stage_1_names_what_was_replaced(copy):
+    assert pipeline(copy, "--params", "tiny.toml").returncode == 0
+    strict = copy / "strict.toml"
+    strict.write_text((copy / "tiny.toml").read_text().replace("gate_min_improvement = 0.0",
+                                                                "gate_min_improvement = 0.5"))
+    result = pipeline(copy, "--params", "strict.toml")
+    assert result.returncode == 3
+    assert ("stages completed and replaced their outputs: data_creation model_preprocessing model_preparation"
+            in result.stdout)
+
+
+def test_sigterm_to_the_pipeline_stops_the_running_stage_and_frees_the_lock(copy):
+    import fcntl
+    import signal
+    import time
+
+    process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
+                               env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list((copy / "logs").glob("pipeline-*.log")) if (copy / "logs").exists() else []
+        if logs and "stage model_preprocessing: start" in logs[0].read_text():
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, (out, err)
+    assert "pipeline: stopped by SIGTERM" in out
+    with open(copy / "logs/.pipeline.lock", "a") as handle:  # no orphaned stage still holds it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_python_without_the_requirements_is_named(copy, tmp_path):
+    bare = tmp_path / "bare-python"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")  # no site-packages: no numpy
+    bare.chmod(0o755)
+    result = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
+                            env=dict(os.environ, PYTHON=str(bare)), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"pipeline: error: PYTHON={bare} lacks numpy")

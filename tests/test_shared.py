@@ -1,0 +1,300 @@
+"""The shared floor: parameters, storage, the lock and the runner, the manifest, the model registry."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+from conftest import ROOT, STAGES, TINY, run_stage, snapshot, write_params
+
+import errors
+import manifest
+import storage
+from params import load_params
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t + "\n[extra]\nx = 1\n", "unknown section [extra]"),
+    (lambda t: t.replace("ridge_alpha = 1.0", "ridge_alpa = 1.0"), "unknown parameter model.ridge_alpa"),
+    (lambda t: t.replace("cv_folds = 4", "#"), "model.cv_folds is missing"),
+    (lambda t: t.replace("n_stations = 10", "n_stations = 0"), "simulation.n_stations = 0 is out of range [1, 100000]"),
+    (lambda t: t.replace("n_stations = 10", 'n_stations = "ten"'), "simulation.n_stations must be int, got 'ten'"),
+    (lambda t: t.replace("spike_days = [1, 1]", "spike_days = [3, 1]"), "anomalies.spike_days must be [min, max]"),
+    (lambda t: t.replace('"2019-01-01"', '"2019-13-01"'), "simulation.start_date must be YYYY-MM-DD"),
+    (lambda t: t.replace("holdout_stations = 1", "holdout_stations = 10"), "holdout_stations must leave"),
+    (lambda t: t.replace("[data]", "[data"), "malformed parameters file"),
+    (lambda t: t.replace('unit = "C"', 'unit = "K"'), "import.unit = 'K' must be one of 'C', 'F'"),
+    (lambda t: t.replace('date_column = "date"', 'date_column = ""'), "import.date_column must not be empty"),
+    (lambda t: t.replace('"2019-01-01"', '"9999-01-01"'), "must stay within the years 1800 to 9999"),
+])
+def test_bad_parameters_get_one_clear_message(tmp_path, edit, message):
+    path = tmp_path / "params.toml"
+    path.write_text(edit((ROOT / "params.toml").read_text()))
+    with pytest.raises(errors.PipelineError) as caught:
+        load_params(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.STAGE)
+def test_every_stage_checks_parameters_before_writing_anything(project, capsys, stage):
+    root, _ = project
+    bad = root / "bad.toml"
+    bad.write_text((root / "params.toml").read_text().replace("window = 5", "window = 500"))
+    before = snapshot(root)
+    assert run_stage(stage, root, bad) == errors.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{stage.STAGE}: error: {bad}: quality_control.window = 500 is out of range [3, 90]")
+    assert snapshot(root) == before
+
+
+def test_missing_parameters_file(tmp_path):
+    with pytest.raises(errors.PipelineError, match="parameters file not found"):
+        load_params(tmp_path / "none.toml")
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "a.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError), storage.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.csv"]
+
+
+def test_killed_stage_leaves_no_partial_file_and_the_rerun_succeeds(built, tmp_path):
+    """SIGKILL model_preprocessing while it writes, then check and rerun."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(built[0], root)
+    params = write_params(root / "big.toml", **{**TINY, "n_stations": 40})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    stage = [sys.executable, str(ROOT / "data_creation.py"), "--root", str(root), "--params", str(params)]
+    assert subprocess.run(stage, env=env, capture_output=True).returncode == 0
+    before = snapshot(root)
+
+    stage[1] = str(ROOT / "model_preprocessing.py")
+    proc = subprocess.Popen(stage, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((root / "data").rglob(".*.tmp")):
+        time.sleep(0.001)
+    assert list((root / "data").rglob(".*.tmp")), "never caught the stage mid-write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    after = snapshot(root)
+    changed = [name for name in before if after.get(name) != before[name]]
+    for name in changed:  # a changed file is a complete new one, never a truncated one
+        assert after[name].endswith(b"\n") or name.endswith(".joblib")
+    # the manifest still describes the old run, so the next stage refuses the mix
+    assert after["models/manifest.json"] == before["models/manifest.json"]
+
+    assert subprocess.run(stage, env=env, capture_output=True).returncode == 0
+    assert not list(root.rglob(".*.tmp"))
+    stage[1] = str(ROOT / "model_preparation.py")
+    assert subprocess.run(stage, env=env, capture_output=True).returncode == 0
+
+
+def test_a_byte_order_mark_in_the_parameters_file_is_accepted(tmp_path):
+    path = tmp_path / "params.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + (ROOT / "params.toml").read_bytes())
+    assert load_params(path)["simulation"]["seed"] == 42
+
+
+def test_debug_prints_the_traceback_and_keeps_the_exit_code(project, capsys):
+    root, _ = project
+    bad = root / "bad.toml"
+    bad.write_text((root / "params.toml").read_text().replace("window = 5", "window = 500"))
+    assert run_stage(STAGES[2], root, bad, "--debug") == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("model_preparation: error:")
+
+
+def test_an_error_message_is_one_bounded_line(tmp_path, capsys):
+    import cli
+
+    def fails(args):
+        raise errors.PipelineError("bad \x00\x01 bytes\n" + "x" * 5_000_000)
+
+    assert cli.run("stage", fails, cli.stage_parser("test"), ["--root", str(tmp_path)]) == errors.EXIT_BAD_INPUT
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and len(line) <= cli.MAX_MESSAGE + 30 and "characters)" in line
+
+
+def test_warnings_carry_a_marker(tmp_path, capsys):
+    import logging
+
+    import cli
+
+    def warns(args):
+        logging.getLogger("pipeline").warning("something to look at")
+
+    assert cli.run("stage", warns, cli.stage_parser("test"), ["--root", str(tmp_path)]) == 0
+    assert "stage: warning: something to look at" in capsys.readouterr().err
+
+
+@contextmanager
+def lock_held_by_another_process(root):
+    """A live process holds the project's lock (as a running pipeline.sh would)."""
+    (root / "logs").mkdir(exist_ok=True)
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / "logs/.pipeline.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.STAGE)
+def test_a_stage_run_alone_waits_for_no_one_and_writes_nothing_under_a_live_run(project, capsys, stage):
+    root, params = project
+    before = snapshot(root)
+    with lock_held_by_another_process(root):
+        assert run_stage(stage, root, params) == errors.EXIT_BUSY
+    assert "another run" in capsys.readouterr().err.splitlines()[-1]
+    assert snapshot(root) == before
+
+
+def test_restore_takes_the_lock_too(project, capsys):
+    root, params = project
+    with lock_held_by_another_process(root):
+        assert run_stage(STAGES[3], root, params, "--restore") == errors.EXIT_BUSY
+
+
+def test_only_a_dead_writers_temporary_files_are_removed(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        live_tmp = tmp_path / f".a.csv.{sleeper.pid}.abc.tmp"
+        dead_tmp = tmp_path / f".a.csv.{dead.stdout.strip()}.def.tmp"
+        live_tmp.write_text("being written")
+        dead_tmp.write_text("left by a killed writer")
+        storage.write_bytes(tmp_path / "a.csv", b"new\n")
+        assert live_tmp.exists() and not dead_tmp.exists()
+        assert (tmp_path / "a.csv").read_bytes() == b"new\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_empty_or_damaged_manifest_is_no_dead_end(project, capsys):
+    root, params = project
+    (root / "models/manifest.json").write_text("")
+    assert run_stage(STAGES[1], root, params) == errors.EXIT_BAD_INPUT
+    assert "run ./pipeline.sh from the start" in capsys.readouterr().err
+    for module in STAGES:  # the first stage starts a new manifest; the others follow
+        assert run_stage(module, root, params) == 0, module.STAGE
+    record = json.loads((root / "models/manifest.json").read_text())
+    record["stages"]["model_preparation"]["outputs"] = "damaged"
+    (root / "models/manifest.json").write_text(json.dumps(record))
+    assert run_stage(STAGES[3], root, params) == errors.EXIT_BAD_INPUT
+    assert "damaged record of stage model_preparation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "loop"])
+def test_a_station_file_that_is_not_a_regular_file_is_refused_at_once(project, capsys, kind):
+    root, params = project
+    path = root / "data/train/raw/ZZZ.csv"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(path)
+    before = snapshot(root)
+    started = time.monotonic()
+    assert run_stage(STAGES[1], root, params) == errors.EXIT_BAD_INPUT
+    assert time.monotonic() - started < 60  # (a FIFO would block forever)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"{path}:" in err and ("not a regular file" in err or "cannot be read" in err), err
+    assert snapshot(root) == before
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"x" * 1000)
+    with pytest.raises(errors.PipelineError, match="more than the 100 a data file may have"):
+        storage.check_regular_file(path, limit=100)
+
+
+def test_station_names_are_text_everywhere(tmp_path):
+    """Files named NA, null, 001 and 1 are four stations, end to end."""
+    import pandas as pd
+    from conftest import REAL_FORMAT, run_all, write_real_format_station
+
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("NA", "null", "001", "1"):
+        write_real_format_station(own / f"{name}.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    run_all(tmp_path / "root", params)
+    predictions = pd.read_csv(tmp_path / "root/reports/predictions.csv", dtype={"station": str},
+                              keep_default_na=False)
+    assert sorted(set(predictions["station"])) == ["001", "1", "NA", "null"]
+
+
+def test_two_station_files_differing_only_in_case_are_refused(tmp_path, capsys):
+    from conftest import REAL_FORMAT, write_real_format_station
+
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "ST001.csv")
+    write_real_format_station(own / "st001.CSV")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(STAGES[0], tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "st001.CSV: station name differs from ST001.csv only in case" in err
+
+
+def test_a_failed_promotion_changes_neither_the_accepted_nor_the_previous_model(project, monkeypatch):
+    import registry
+
+    root, _ = project
+    paths = storage.Paths(root)
+    links = {name: os.readlink(root / "models" / name) if (root / "models" / name).is_symlink() else None
+             for name in ("accepted", "previous")}
+    accepted = {p.name: p.read_bytes() for p in paths.accepted.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry, "write_bytes", disk_full)
+    signatures = {path: manifest.signature(path) for path in (paths.scaler, paths.model)}
+    with pytest.raises(OSError):
+        registry.accept(paths, signatures)
+    assert {p.name: p.read_bytes() for p in paths.accepted.iterdir()} == accepted
+    assert all(os.readlink(root / "models" / name) == target for name, target in links.items() if target)
+
+
+def test_a_promotion_killed_between_its_two_renames_leaves_a_complete_accepted_model(project, monkeypatch):
+    import registry
+
+    root, _ = project
+    paths = storage.Paths(root)
+    registry.accept(paths, {path: manifest.signature(path) for path in (paths.scaler, paths.model)})
+    before = {p.name: p.read_bytes() for p in paths.accepted.iterdir()}
+    other = write_params(root / "other.toml", **TINY, ridge_alpha=5000.0, tie_tolerance=0.5)
+    assert run_stage(STAGES[2], root, other) == 0
+    real_point, calls = registry._point, []
+
+    def dies_on_second(link, name):
+        calls.append(link.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the two renames
+        real_point(link, name)
+
+    monkeypatch.setattr(registry, "_point", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        registry.accept(paths, {path: manifest.signature(path) for path in (paths.scaler, paths.model)})
+    assert {p.name: p.read_bytes() for p in paths.accepted.iterdir()} == before

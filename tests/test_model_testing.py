@@ -318,3 +318,56 @@ def test_a_planted_previous_set_is_never_restored(project, tmp_path, capsys):
     assert "not signed with this machine's model-signing key" in capsys.readouterr().err
     assert not marker.exists()
     assert {p.name: p.read_bytes() for p in (root / "models/accepted").iterdir()} == accepted
+
+
+def test_figures_keep_one_colour_per_predictor_true_titles_and_a_readable_year():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.colors as colours
+    import matplotlib.pyplot as plt
+
+    import report
+
+    scores = {"mae": 1.0}
+    per_station = {"A": {p: scores for p in report.PREDICTORS}, "B": {"model": scores, "persistence": scores}}
+    fig = report._error_by_station_figure(plt, per_station, "truth")
+    assert "B never trained on" in fig.axes[0].get_title()
+    fig = report._error_by_station_figure(plt, {"A": per_station["A"]}, "truth")
+    assert "no climatology" not in fig.axes[0].get_title()
+
+    days = pd.date_range("2000-01-01", periods=800, freq="D")
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame({"station": "A", "target_date": days.strftime("%Y-%m-%d"), "model": rng.normal(size=800),
+                         "observed": rng.normal(size=800), "flag": "none"})
+    rows["model_lower"], rows["model_upper"] = rows["model"] - 1, rows["model"] + 1
+    rows["persistence"] = rows["model"]
+    metrics = {"interval": {"level": 0.9, "truth": {"per_station": {"A": {"coverage": 0.9}}}},
+               "gate_reference": "truth"}
+    fig = report._forecast_figure(plt, rows, metrics)
+    left, right = fig.axes[0].get_xlim()
+    assert right - left < 450 and "last 365 days" in fig.axes[0].get_title()  # 365 days and margins
+
+    frame = rows.assign(clean_temperature=rows["observed"])
+    fig = report._residuals_figure(plt, frame, "truth")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    colour = {label.split(" ")[0]: colours.to_hex(handle.get_facecolor()[:3])
+              for handle, label in zip(handles, labels, strict=True)}
+    assert colour == {p: colours.to_hex(report.COLOURS[p]) for p in ("model", "persistence")}
+    assert "interval" not in fig.axes[0].get_title()
+    plt.close("all")
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda t: t.replace("none", "broken", 1), "unknown anomaly label 'broken'"),
+    (lambda t: t.replace("\n2019-01-02,", "\n2019-01-02,warm", 1), "clean_temperature is not numeric"),
+    (lambda t: t.replace("\n2019-01-02,", "\n2019-01-01,", 1), "dates are not unique YYYY-MM-DD days"),
+])
+def test_damaged_ground_truth_is_refused_with_exit_2(project, capsys, edit, problem):
+    root, params = project
+    path = root / "data/truth/ST002.csv"
+    path.write_text(edit(path.read_text()))
+    before = snapshot(root)
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
+    assert f"ST002.csv: damaged ground truth ({problem})" in capsys.readouterr().err
+    assert snapshot(root) == before

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,19 @@ def write_real_format_station(path: Path) -> None:
     conflicting = table.loc[[800]].assign(TMAX="50.0")
     table = pd.concat([table, repeated, conflicting]).sample(frac=1.0, random_state=3)
     table.to_csv(path, sep=";", index=False)
+
+
+@contextmanager
+def lock_held(root):
+    """Another process holds the pipeline's lock; on leaving, it is SIGKILLed (no chance to clean up)."""
+    (root / "logs").mkdir(exist_ok=True)
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / "logs/.pipeline.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

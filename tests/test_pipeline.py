@@ -5,11 +5,18 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pandas as pd
 import pytest
-from conftest import REAL_FORMAT, REAL_FORMAT_FLAWS, ROOT, TINY, write_params, write_real_format_station
+from conftest import (
+    REAL_FORMAT,
+    REAL_FORMAT_FLAWS,
+    ROOT,
+    TINY,
+    lock_held,
+    write_params,
+    write_real_format_station,
+)
 
 FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"]
 
@@ -84,22 +91,6 @@ def test_help_and_bad_options():
     bad = subprocess.run(["bash", str(ROOT / "pipeline.sh"), "--from", "nowhere"], capture_output=True, text=True,
                          env=dict(os.environ, PYTHON=sys.executable))
     assert bad.returncode == 2 and "unknown stage 'nowhere'" in bad.stderr
-
-
-@contextmanager
-def lock_held(root):
-    """Another process holds the pipeline's lock; on leaving, it is SIGKILLed (no chance to clean up)."""
-    (root / "logs").mkdir(exist_ok=True)
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-            "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / "logs/.pipeline.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):

@@ -6,10 +6,9 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
-from conftest import ROOT, STAGES, TINY, run_stage, snapshot, write_params
+from conftest import ROOT, STAGES, TINY, lock_held, run_stage, snapshot, write_params
 
 import errors
 import manifest
@@ -138,27 +137,11 @@ def test_warnings_carry_a_marker(tmp_path, capsys):
     assert "stage: warning: something to look at" in capsys.readouterr().err
 
 
-@contextmanager
-def lock_held_by_another_process(root):
-    """A live process holds the project's lock (as a running pipeline.sh would)."""
-    (root / "logs").mkdir(exist_ok=True)
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-            "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / "logs/.pipeline.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield holder
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 @pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.STAGE)
 def test_a_stage_run_alone_waits_for_no_one_and_writes_nothing_under_a_live_run(project, capsys, stage):
     root, params = project
     before = snapshot(root)
-    with lock_held_by_another_process(root):
+    with lock_held(root):
         assert run_stage(stage, root, params) == errors.EXIT_BUSY
     assert "another run" in capsys.readouterr().err.splitlines()[-1]
     assert snapshot(root) == before
@@ -166,7 +149,7 @@ def test_a_stage_run_alone_waits_for_no_one_and_writes_nothing_under_a_live_run(
 
 def test_restore_takes_the_lock_too(project, capsys):
     root, params = project
-    with lock_held_by_another_process(root):
+    with lock_held(root):
         assert run_stage(STAGES[3], root, params, "--restore") == errors.EXIT_BUSY
 
 

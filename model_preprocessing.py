@@ -289,8 +289,9 @@ def main(args) -> None:
     train = rows[rows["period"] == "train"].reset_index(drop=True)
     test = rows[rows["period"] == "test"].reset_index(drop=True)
     if train.empty or test.empty:
-        raise PipelineError(f"no {'training' if train.empty else 'test'} rows left after building features; "
-                            "the stations are too short for the feature windows")
+        raise PipelineError(f"no {'training' if train.empty else 'test'} rows left after building features; the "
+                            f"{'training' if train.empty else 'test'} period (test from {test_start.date()}) has too "
+                            "few readings with the history the features need (30 days)")
     if not set(test["station"]) & set(train["station"]):
         raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
                             "the quality gate would judge the model on held-out stations only: check the "

@@ -163,3 +163,21 @@ def test_station_with_too_few_days_fails_cleanly_and_changes_nothing(project, ca
     assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     assert "station ST002 has only" in capsys.readouterr().err
     assert snapshot(root) == before
+
+
+def test_a_test_period_only_held_out_stations_reach_is_refused(tmp_path, capsys):
+    """A held-out station that runs a year longer than the others must not leave the gate to it alone."""
+    from conftest import REAL_FORMAT, TINY, data_creation, write_params, write_real_format_station
+
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "A.csv")
+    write_real_format_station(own / "B.csv")
+    with open(own / "B.csv", "a") as handle:
+        for day in pd.date_range("2023-01-01", "2023-12-31"):
+            handle.write(f"{day:%d/%m/%Y};{60 + 20 * np.sin(day.day_of_year / 58):.1f};HOME\n")
+    params = write_params(tmp_path / "own.toml", **TINY, **dict(REAL_FORMAT, holdout_stations=1), source="own")
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
+    assert "no station trained on has readings in the test period" in capsys.readouterr().err

@@ -19,8 +19,11 @@ Outputs: models/model.joblib  the fitted estimator with its feature list and int
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
+import threadpoolctl
 
 import cli
 import features
@@ -122,11 +125,15 @@ def main(args) -> None:
     manifest.verify_outputs_of(paths, "model_preprocessing", inputs)
     rows = training_rows(storage.read_table(paths.train_features, TRAIN_COLUMNS))
 
-    estimators = candidates(model_params)
-    folds = time_folds(rows["target_date"], model_params["cv_folds"])
-    scores, residuals = cross_validate(estimators, rows, folds)
-    chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
-    final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
+    threads, why = cli.thread_budget()
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
+    log.info("using %d thread(s) (%s)", threads, why)
+    with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
+        estimators = candidates(model_params)
+        folds = time_folds(rows["target_date"], model_params["cv_folds"])
+        scores, residuals = cross_validate(estimators, rows, folds)
+        chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
+        final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
     level = model_params["interval_level"]
     intervals = {"model": calibrate_interval(residuals[chosen], level),
                  "persistence": calibrate_interval(residuals["persistence"], level)}

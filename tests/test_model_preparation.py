@@ -80,3 +80,25 @@ def test_interval_is_calibrated_on_validation_rows_only(built):
     assert record["interval"]["model"]["residuals"] == sum(len(valid) for _, valid in folds) < len(rows)
     bundle = joblib.load(root / "models/model.joblib")
     assert bundle["interval"] == record["interval"]["model"] and bundle["interval"]["level"] == 0.9
+
+
+def test_the_model_is_byte_identical_whatever_the_thread_count(project, monkeypatch):
+    root, params = project
+    models = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("PIPELINE_THREADS", threads)
+        assert run_stage(model_preparation, root, params) == 0
+        models[threads] = (root / "models/model.joblib").read_bytes(), (root / "models/model.json").read_bytes()
+    assert models["1"] == models["2"]
+
+
+def test_the_thread_budget_is_the_override_or_at_most_the_usable_cpus(monkeypatch):
+    import os
+
+    import cli
+
+    monkeypatch.setenv("PIPELINE_THREADS", "3")
+    assert cli.thread_budget() == (3, "PIPELINE_THREADS")
+    monkeypatch.delenv("PIPELINE_THREADS")
+    threads, why = cli.thread_budget()
+    assert 1 <= threads <= len(os.sched_getaffinity(0)) and "CPUs" in why

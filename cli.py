@@ -20,13 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Busy, PipelineError
-from params import DEFAULT_PARAMS
+from params import DEFAULT_PARAMS, STAGES
 from storage import ROOT, Paths
 
 log = logging.getLogger("pipeline")
 MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
 INHERITED_LOCK = "PIPELINE_LOCK_FD"
-STAGES = (ROOT / "stages.txt").read_text().split()  # in the order pipeline.sh runs them
+
 EXIT_TERMINATED = 143
 
 
@@ -177,3 +177,26 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         marker = "warning: " if record.levelno >= logging.WARNING else ""
         return f"{self.formatTime(record, self.datefmt)} {self.stage}: {marker}{record.getMessage()}"
+
+
+def up_to_date(argv: list[str] | None = None) -> int:
+    """``python cli.py STAGE --params P [--root R]``: exit 0 when the stage need not run again, else 1;
+    prints the reason either way. pipeline.sh asks this before every stage (unless --force)."""
+    import manifest
+    from params import load_params
+
+    parser = argparse.ArgumentParser(description="Whether a stage's record in the manifest still holds.")
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--root", type=Path, default=ROOT)
+    args = parser.parse_args(argv)
+    try:
+        reason = manifest.why_stale(Paths(args.root), args.stage, load_params(args.params))
+    except PipelineError as exc:  # the stage itself will report it properly
+        reason = one_line(str(exc))
+    print(f"{args.stage}: up to date" if reason is None else f"{args.stage}: runs ({reason})")
+    return 0 if reason is None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(up_to_date())

@@ -122,8 +122,46 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
     return manifest
 
 
+def code_hash(stage: str) -> str:
+    """A hash of the code a stage runs: its script and every shared module beside it (not the other stages)."""
+    from params import STAGES
+    from storage import ROOT
+
+    digest = hashlib.sha256()
+    for path in sorted(ROOT.glob("*.py")):
+        if path.stem == stage or (path.stem not in STAGES and path.name != "benchmark.py"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def why_stale(paths: Paths, stage: str, params: Any) -> str | None:
+    """Why ``stage`` must run again, or None when its record still holds: the parameters it reads, its code,
+    its inputs and its outputs (each by SHA-256) are what it last ran with and wrote."""
+    try:
+        entry = read_manifest(paths)["stages"].get(stage)
+    except PipelineError:
+        return "the manifest is damaged"
+    if not isinstance(entry, dict):
+        return "no record of an earlier run"
+    if entry.get("params_read") != params.stage_hash(stage):
+        return "its parameters changed"
+    if entry.get("code") != code_hash(stage):
+        return "its code changed"
+    if entry.get("gate_passed") is False:
+        return "its last run failed the quality gate"
+    for kind in ("inputs", "outputs"):
+        files = entry.get(kind)
+        if not isinstance(files, dict):
+            return "its record is damaged"
+        for key, digest in files.items():
+            path = Path(key) if Path(key).is_absolute() else paths.root / key
+            if not path.is_file() or sha256_file(path) != digest:
+                return f"{key} changed since it ran"
+    return None
+
+
 def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outputs: list[Path],
-                 first: bool = False) -> None:
+                 first: bool = False, gate_passed: bool | None = None) -> None:
     """Record the SHA-256 of a stage's outputs (and signatures of its pickles), with its inputs, parameters
     and libraries.
 
@@ -135,11 +173,15 @@ def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outp
     manifest = {"stages": {}} if first else read_manifest(paths)
     manifest["stages"][stage] = {
         "params": {"file": str(params.path), "sha256": params.sha256},
+        "params_read": params.stage_hash(stage),
+        "code": code_hash(stage),
         "inputs": {relative(paths, p): sha256_file(p) for p in sorted(inputs)},
         "outputs": {relative(paths, p): sha256_file(p) for p in sorted(outputs)},
         "signatures": {relative(paths, p): signature(p) for p in sorted(outputs) if p.suffix in SIGNED_SUFFIXES},
         "libraries": library_versions(),
     }
+    if gate_passed is not None:
+        manifest["stages"][stage]["gate_passed"] = gate_passed
     write_json(paths.manifest, manifest)
 
 

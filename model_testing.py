@@ -290,16 +290,17 @@ def main(args) -> None:
     source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
     flagged = storage.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
     write_report(paths, frame, metrics, source, params["evaluation"], flagged)
-    manifest.record_stage(paths, STAGE, params, [paths.test_features, paths.test_flags, paths.flagged, paths.model],
-                        [paths.metrics, *sorted(paths.reports.iterdir())])
-
     print(report.console_table(metrics))
+    inputs = [paths.test_features, paths.test_flags, paths.flagged, paths.scaler, paths.model, paths.model_record]
+    outputs = [paths.metrics, *sorted(paths.reports.iterdir())]
     if not passed:
+        manifest.record_stage(paths, STAGE, params, inputs, outputs, gate_passed=False)
         raise errors.GateFailed(f"quality gate failed: {verdict}; {paths.accepted} keeps the last accepted model")
     signatures = {**manifest.stage_entry(paths, "model_preprocessing")["signatures"],
                   **manifest.stage_entry(paths, "model_preparation")["signatures"]}
     registry.accept(paths, {path: signatures.get(manifest.relative(paths, path))
                             for path in (paths.scaler, paths.model)})
+    manifest.record_stage(paths, STAGE, params, inputs, outputs, gate_passed=True)
     log.info("quality gate passed: %s; accepted into %s", verdict, paths.accepted)
 
 

@@ -16,6 +16,11 @@ from typing import Any
 from errors import PipelineError
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent / "params.toml"
+# stage -> the parameter sections it reads, in the order pipeline.sh runs the stages (stages.txt)
+STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
+                  for line in (Path(__file__).resolve().parent / "stages.txt").read_text().splitlines()
+                  if line.strip() and not line.startswith("#")}
+STAGES = list(STAGE_SECTIONS)
 ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
 
 
@@ -114,6 +119,15 @@ class Params:
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.sections[section]
+
+    def stage_hash(self, stage: str) -> str:
+        """A hash of the parameters ``stage`` reads: its sections only, so editing another's reruns nothing."""
+        import json
+
+        read = {name: self.sections[name] for name in STAGE_SECTIONS[stage]}
+        if stage == STAGES[0]:
+            read["source_folder"] = str(self.source_folder)  # a relative folder moves with the file
+        return hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest()
 
     @property
     def source_folder(self) -> Path | None:

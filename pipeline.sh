@@ -3,7 +3,10 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mapfile -t STAGES < "$ROOT/stages.txt"  # the one list of stages, read by the benchmark and the tests too
+STAGES=()  # the one list of stages, in stages.txt (read by the benchmark and the tests too)
+while read -r name _; do
+  [ -n "$name" ] && [ "${name:0:1}" != "#" ] && STAGES+=("$name")
+done < "$ROOT/stages.txt"
 EXIT_BUSY=4
 
 usage() {
@@ -15,6 +18,7 @@ Runs ${STAGES[*]} in order.
 Options:
   --params FILE     parameters file passed to every stage (default: params.toml)
   --from STAGE      start at STAGE, reusing the artifacts of the stages before it
+  --force           run every stage, even those whose inputs, parameters and code are unchanged
   --wait SECONDS    if another run holds the lock, wait up to SECONDS (default: 0, exit at once)
   --setup-only      create .venv and install requirements.txt, then stop
   --debug           stages print full tracebacks on errors
@@ -33,6 +37,7 @@ params="$ROOT/params.toml"
 from="${STAGES[0]}"
 wait_seconds=0
 setup_only=0
+force=0
 stage_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,6 +45,7 @@ while [ $# -gt 0 ]; do
     --from) [ $# -ge 2 ] || die "--from needs a stage"; from="$2"; shift 2 ;;
     --wait) [ $# -ge 2 ] || die "--wait needs seconds"; wait_seconds="$2"; shift 2 ;;
     --setup-only) setup_only=1; shift ;;
+    --force) force=1; shift ;;
     --debug) stage_flags+=(--debug); shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see ./pipeline.sh --help)" ;;
@@ -146,7 +152,13 @@ trap 'rm -rf "$fifos"' EXIT
 mkfifo "$fifos/out" "$fifos/err"
 pipeline_start=$(date +%s.%N)
 for stage in "${STAGES[@]:$start_index}"; do
-  say "stage $stage: start"
+  # A stage whose parameters, code, inputs and outputs are as the manifest recorded them is skipped.
+  if [ "$force" = 0 ] && verdict="$("$py" "$ROOT/cli.py" "$stage" --params "$params" 2>&1)"; then
+    say "$verdict"
+    completed+=("$stage")
+    continue
+  fi
+  say "stage $stage: start${verdict:+ (${verdict#*: runs (}}"
   stage_start=$(date +%s.%N)
   # stdout and stderr each to the terminal and to the log, through two FIFOs; the stage runs in the
   # background, so a signal to this script can be passed on to it.

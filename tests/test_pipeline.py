@@ -18,6 +18,8 @@ from conftest import (
     write_real_format_station,
 )
 
+import cli
+
 FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"]
 
 
@@ -188,3 +190,33 @@ def test_a_python_without_the_requirements_is_named(copy, tmp_path):
                             env=dict(os.environ, PYTHON=str(bare)), capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"pipeline: error: PYTHON={bare} lacks numpy")
+
+
+def test_a_rerun_does_only_the_work_whose_inputs_parameters_or_code_changed(copy):
+    def ran(result):
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [stage for stage in cli.STAGES if f"stage {stage}: start" in result.stdout]
+
+    assert ran(pipeline(copy, "--params", "tiny.toml")) == cli.STAGES
+    metrics = (copy / "models/metrics.json").read_bytes()
+    again = pipeline(copy, "--params", "tiny.toml")
+    assert ran(again) == [] and all(f"{stage}: up to date" in again.stdout for stage in cli.STAGES)
+    assert (copy / "models/metrics.json").read_bytes() == metrics
+
+    (copy / "tiny.toml").write_text((copy / "tiny.toml").read_text().replace("report_flags = 20", "report_flags = 5"))
+    assert ran(pipeline(copy, "--params", "tiny.toml")) == ["model_testing"]
+
+    with open(copy / "model_preparation.py", "a") as handle:
+        handle.write("# an edit\n")
+    assert ran(pipeline(copy, "--params", "tiny.toml")) == ["model_preparation", "model_testing"]
+
+    features = copy / "data/train/features.csv"
+    features.write_bytes(features.read_bytes() + b"\n")  # an artifact whose hash no longer matches
+    assert ran(pipeline(copy, "--params", "tiny.toml")) == ["model_preprocessing"]  # same bytes again after it
+
+    strict = copy / "strict.toml"
+    strict.write_text((copy / "tiny.toml").read_text().replace("gate_min_improvement = 0.0",
+                                                                "gate_min_improvement = 0.5"))
+    assert pipeline(copy, "--params", "strict.toml").returncode == 3
+    assert pipeline(copy, "--params", "strict.toml").returncode == 3  # a failed gate is never "up to date"
+    assert ran(pipeline(copy, "--params", "tiny.toml", "--force")) == cli.STAGES

@@ -1,10 +1,15 @@
-"""Time every stage on a larger simulated configuration and print the figures.
+"""Time every stage on larger simulated configurations and print the figures.
 
 Each stage runs as its own process, as pipeline.sh runs it, so the times include
-Python start-up and imports. Nothing here is asserted: it measures.
+Python start-up and imports. Per stage: wall time, CPU time, peak resident
+memory, and station-days per second. With ``--floor``, the default
+configuration's run is also set against its import floor: the time the four
+processes need just to start and import what each stage uses. Nothing here is
+asserted: it measures.
 
-    .venv/bin/python benchmark.py                        # 100 stations x 10 years
-    .venv/bin/python benchmark.py --stations 1000 --years 10
+    .venv/bin/python benchmark.py                               # 100 stations x 10 years
+    .venv/bin/python benchmark.py --sizes 100x10,300x10,1000x10
+    .venv/bin/python benchmark.py --sizes 10x4 --floor           # the default run against its floor
 """
 
 from __future__ import annotations
@@ -20,39 +25,80 @@ from pathlib import Path
 import cli
 import errors
 import storage
-from params import params_text_with
+from params import DEFAULT_PARAMS, params_text_with
+
+# What each stage imports, for the import floor: its module and the libraries it loads when it runs.
+STAGE_IMPORTS = {
+    "data_creation": ["data_creation"],
+    "model_preprocessing": ["model_preprocessing", "sklearn.preprocessing", "joblib"],
+    "model_preparation": ["model_preparation", "sklearn.ensemble", "sklearn.linear_model",
+                          "sklearn.model_selection", "joblib"],
+    "model_testing": ["model_testing", "sklearn.metrics", "matplotlib.pyplot", "joblib"],
+}
 
 
-def run_stage(stage: str, root: Path, params: Path) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MB) of one stage process."""
+def measure(command: list[str]) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds, peak resident MB and exit code of one process."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root),
-                                "--params", str(params)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=storage.ROOT)
     _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) not in (errors.EXIT_OK, errors.EXIT_GATE):  # a failed gate still ran
-        raise SystemExit(f"benchmark: {stage} failed: {process.stderr.read().decode().strip()}")
-    return seconds, usage.ru_maxrss / 1024
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (errors.EXIT_OK, errors.EXIT_GATE):  # a failed gate still ran every step
+        raise SystemExit(f"benchmark: {' '.join(command[1:3])} failed: {process.stderr.read().decode().strip()}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, str(code)
+
+
+def run_size(stations: int, years: int) -> float:
+    """Run the four stages on ``stations`` x ``years`` in a temporary folder, print a row per stage."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+        root = Path(folder)
+        params = root / "params.toml"
+        params.write_text(params_text_with({"n_stations": stations, "n_years": years}))
+        station_days = stations * years * 365.25
+        print(f"\n{stations} stations x {years} years ({station_days:,.0f} station-days)")
+        print(f"{'stage':22}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}{'station-days/s':>16}")
+        total = 0.0
+        for stage in cli.STAGES:
+            wall, cpu, peak, _ = measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root),
+                                          "--params", str(params)])
+            total += wall
+            print(f"{stage:22}{wall:>8.1f}{cpu:>8.1f}{peak:>9.0f}{station_days / wall:>16,.0f}", flush=True)
+        print(f"{'total':22}{total:>8.1f}")
+        return total
+
+
+def import_floor() -> float:
+    """Seconds the four stage processes need to start and import what their stages use."""
+    floor = 0.0
+    for modules in STAGE_IMPORTS.values():
+        code = "import " + ", ".join(modules)
+        floor += min(measure([sys.executable, "-c", code])[0] for _ in range(3))
+    return floor
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stations", type=int, default=100)
-    parser.add_argument("--years", type=int, default=10)
+    parser.add_argument("--sizes", default="100x10", help="comma-separated STATIONSxYEARS (default 100x10)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the default run against the import floor of its four processes")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
-        root = Path(folder)
-        params = root / "params.toml"
-        params.write_text(params_text_with({"n_stations": args.stations, "n_years": args.years}))
-        print(f"{args.stations} stations x {args.years} years, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-        print(f"{'stage':22}{'seconds':>9}{'peak MB':>9}")
-        total = 0.0
-        for stage in cli.STAGES:
-            seconds, peak = run_stage(stage, root, params)
-            total += seconds
-            print(f"{stage:22}{seconds:>9.1f}{peak:>9.0f}", flush=True)
-        rows = sum(1 for _ in open(root / "data/train/features.csv")) - 1
-        print(f"{'total':22}{total:>9.1f}    ({rows:,} training feature rows)")
+    print(f"{len(os.sched_getaffinity(0))} usable CPUs, python {sys.version.split()[0]}")
+    for size in args.sizes.split(","):
+        stations, years = (int(part) for part in size.lower().split("x"))
+        run_size(stations, years)
+    if args.floor:
+        with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+            runs = []
+            for _ in range(2):
+                start = time.perf_counter()
+                for stage in cli.STAGES:
+                    measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", folder,
+                             "--params", str(DEFAULT_PARAMS)])
+                runs.append(time.perf_counter() - start)
+        floor = import_floor()
+        print(f"\ndefault run {min(runs):.1f} s (best of 2), import floor {floor:.1f} s: "
+              f"{min(runs) / floor:.2f} x the floor")
 
 
 if __name__ == "__main__":

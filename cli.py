@@ -70,6 +70,30 @@ def _busy_jiffies() -> float:
     return sum(ticks[:8]) - idle - iowait  # user, nice, system, irq, softirq and steal
 
 
+class Progress:
+    """Logs ``what: done of total, elapsed, about N s left`` at most every ``interval`` seconds, and nothing
+    for work that finishes within the first interval."""
+
+    def __init__(self, what: str, total: int, interval: float = 5.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.what, self.total, self.interval = what, total, interval
+        self.clock = clock or time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0
+
+    def step(self, count: int = 1) -> None:
+        self.done += count
+        now = self.clock()
+        if now - self.last >= self.interval and self.done < self.total:
+            self.last = now
+            elapsed = now - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            log.info("%s: %d of %d, %.0f s so far, about %.0f s left", self.what, self.done, self.total,
+                     elapsed, left)
+
+
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,

@@ -276,6 +276,7 @@ def write_station_files(staging: Path, simulation: Simulation, test_days: int, r
     climates = simulation.climates
     train_end = training_days(climates, len(simulation.dates), test_days)
     reading_format = "%.2f" if resolution == "1F" else "%.1f"
+    progress = cli.Progress("station files written", len(climates))
     for i, station in enumerate(climates["station"]):
         tables = station_tables(simulation.dates, simulation.clean[i], simulation.observed[i], simulation.labels[i],
                                 simulation.events[i], train_end[i])
@@ -283,6 +284,7 @@ def write_station_files(staging: Path, simulation: Simulation, test_days: int, r
             if len(table):
                 table.to_csv(staging / folder / f"{station}.csv", index=False, lineterminator="\n",
                              float_format="%.2f" if folder == "truth" else reading_format)
+        progress.step()
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 

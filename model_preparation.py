@@ -83,12 +83,14 @@ def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list
     change = rows["target"] - rows["temp_today"]
     scores: dict[str, list[float]] = {"persistence": [], **{name: [] for name in estimators}}
     residuals: dict[str, list[np.ndarray]] = {name: [] for name in scores}
+    progress = cli.Progress("cross-validation fits", len(folds) * len(estimators))
     for fit_idx, valid_idx in folds:
         fit, valid = rows.iloc[fit_idx], rows.iloc[valid_idx]
         forecasts = {"persistence": valid["temp_today"].to_numpy()}
         for name, estimator in estimators.items():
             fitted = clone(estimator).fit(fit[FEATURES], change.iloc[fit_idx])
             forecasts[name] = features.forecast(fitted, valid)
+            progress.step()
         for name, predicted in forecasts.items():
             residual = valid["target"].to_numpy() - predicted
             scores[name].append(float(np.mean(np.abs(residual))))

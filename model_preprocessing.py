@@ -311,8 +311,10 @@ def main(args) -> None:
         paths.test_flags: _format_dates(all_flags[all_flags["period"] == "test"].drop(columns="period")),
         paths.flagged: _format_dates(flagged),
     }
+    progress = cli.Progress("tables written", len(outputs))
     for path, table in outputs.items():
         storage.write_csv(path, table)
+        progress.step()
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],

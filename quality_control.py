@@ -47,6 +47,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from cli import Progress
+
 KINDS = ["gross", "spike", "level_shift", "drift", "stuck"]
 NO_FLAG, MISSING = "none", "missing"
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
@@ -290,10 +292,12 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict) -> dict:
     # faulty station's correlations are low until its faults are left out.
     provisional = dict(qc, min_correlation=min(qc["min_correlation"], PROVISIONAL_CORRELATION))
     trusted = learning
+    progress = Progress("quality control learning rounds", LEARNING_ROUNDS + 1)
     for _ in range(LEARNING_ROUNDS):
         detector = _fit(observed, learning, trusted, provisional, settings, gross)
         flags = detect(observed.where(learning), detector)["flag"]
         trusted = learning & ~flags.isin(KINDS)
+        progress.step()
     return _fit(observed, learning, trusted, qc, settings, gross)
 
 

@@ -281,3 +281,24 @@ def test_a_promotion_killed_between_its_two_renames_leaves_a_complete_accepted_m
     with pytest.raises(KeyboardInterrupt):
         registry.accept(paths, {path: manifest.signature(path) for path in (paths.scaler, paths.model)})
     assert {p.name: p.read_bytes() for p in paths.accepted.iterdir()} == before
+
+
+def test_progress_is_logged_on_slow_work_only(caplog):
+    import logging
+
+    import cli
+
+    now = [0.0]
+    caplog.set_level(logging.INFO, logger="pipeline")
+    quick = cli.Progress("quick things", 3, interval=5.0, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 1.0
+        quick.step()
+    slow = cli.Progress("slow things", 10, interval=5.0, clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 2.0
+        slow.step()
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if line.startswith("quick things")]
+    progress = [line for line in lines if line.startswith("slow things")]
+    assert progress[0] == "slow things: 3 of 10, 6 s so far, about 14 s left" and 3 <= len(progress) <= 4

@@ -58,6 +58,21 @@ def training_rows(table: pd.DataFrame) -> pd.DataFrame:
     return rows.sort_values(["target_date", "station"], ignore_index=True)
 
 
+def cv_sample(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:
+    """At most about ``max_rows`` of the training rows for model selection, so its cost stays bounded.
+
+    Whole stations are kept (every k-th by name, all their dates), so every
+    fold still validates on dates after all it trains on, and the sample is the
+    same on every run. All rows when there are no more than ``max_rows``.
+    """
+    if len(rows) <= max_rows:
+        return rows
+    stations = sorted(rows["station"].unique())
+    step = -(-len(rows) // max_rows)  # ceiling division
+    kept = rows[rows["station"].isin(stations[::step])]
+    return kept.reset_index(drop=True)
+
+
 def time_folds(dates: pd.Series, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Expanding-window folds over whole dates: each validates on dates after all it trains on."""
     from sklearn.model_selection import TimeSeriesSplit
@@ -130,10 +145,15 @@ def main(args) -> None:
     threads, why = cli.thread_budget()
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
     log.info("using %d thread(s) (%s)", threads, why)
+    sample = cv_sample(rows, model_params["cv_max_rows"])
+    if len(sample) < len(rows):
+        log.info("cross-validation on %d of %d training rows (every station's rows of %d of %d stations); the "
+                 "chosen model is then fitted on all rows", len(sample), len(rows), sample["station"].nunique(),
+                 rows["station"].nunique())
     with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
         estimators = candidates(model_params)
-        folds = time_folds(rows["target_date"], model_params["cv_folds"])
-        scores, residuals = cross_validate(estimators, rows, folds)
+        folds = time_folds(sample["target_date"], model_params["cv_folds"])
+        scores, residuals = cross_validate(estimators, sample, folds)
         chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
         final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
     level = model_params["interval_level"]
@@ -149,8 +169,10 @@ def main(args) -> None:
                              for name, est in estimators.items()},
         "cv": {
             "folds": len(folds),
-            "validation_dates": [[str(rows["target_date"].iloc[v].min()), str(rows["target_date"].iloc[v].max())]
-                                 for _, v in folds],
+            "rows": len(sample),
+            "stations": int(sample["station"].nunique()),
+            "validation_dates": [[str(sample["target_date"].iloc[v].min()),
+                                  str(sample["target_date"].iloc[v].max())] for _, v in folds],
             "mae": {name: [round(s, 4) for s in fold_scores] for name, fold_scores in scores.items()},
             "mean_mae": {name: round(float(np.mean(s)), 4) for name, s in scores.items()},
         },

@@ -79,6 +79,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     },
     "model": {
         "cv_folds": (int, 2, 20),
+        "cv_max_rows": (int, 1_000, 100_000_000),
         "ridge_alpha": (float, 0.0, 1e6),
         "gbr_max_iter": (int, 10, 5000),
         "gbr_learning_rate": (float, 1e-4, 1.0),

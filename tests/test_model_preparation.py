@@ -102,3 +102,20 @@ def test_the_thread_budget_is_the_override_or_at_most_the_usable_cpus(monkeypatc
     monkeypatch.delenv("PIPELINE_THREADS")
     threads, why = cli.thread_budget()
     assert 1 <= threads <= len(os.sched_getaffinity(0)) and "CPUs" in why
+
+
+def test_model_selection_cost_is_bounded_and_the_final_fit_uses_every_row(project):
+    from conftest import TINY, write_params
+
+    root, _ = project
+    params = write_params(root / "bounded.toml", **TINY, cv_max_rows=1000)
+    assert run_stage(model_preparation, root, params) == 0
+    record = json.loads((root / "models/model.json").read_text())
+    all_rows = model_preparation.training_rows(pd.read_csv(root / "data/train/features.csv"))
+    assert record["training_rows"] == len(all_rows) > record["cv"]["rows"]
+    assert record["cv"]["stations"] < all_rows["station"].nunique()
+    sample = model_preparation.cv_sample(all_rows, 1000)
+    assert sample["target_date"].is_monotonic_increasing  # still in time order
+    per_station = all_rows.groupby("station").size()
+    assert (sample.groupby("station").size() == per_station[sample["station"].unique()]).all()  # whole stations
+    assert model_preparation.cv_sample(all_rows, len(all_rows)) is all_rows

@@ -16,9 +16,9 @@ whole record, largest departure first.
 Inputs:  data/test/features.csv, data/test/flags.csv, data/flagged.csv, data/truth/*.csv,
          models/scaler.joblib, models/model.joblib, models/model.json
 Outputs: models/metrics.json, and a table on stdout; reports/ with summary.md,
-         predictions.csv and PNG figures (see report.py); on passing the gate, a copy of
-         the scaler, detector, model and metrics in models/accepted/ (the set
-         accepted before moves to models/previous/).
+         predictions.csv and PNG figures (see report.py); on passing the gate, a signed
+         set of the scaler, detector, model, record and metrics becomes models/accepted
+         (the set accepted before becomes models/previous; see registry.py).
 Exit 3 when the model's MAE does not beat persistence's (the quality gate); the
 accepted model is then left as it was.
 """

@@ -318,7 +318,7 @@ def main(args) -> None:
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
-                        [*outputs, paths.scaler, paths.detector])
+                          [*outputs, paths.scaler, paths.detector])
 
     counts = all_flags["flag"].value_counts()
     repaired = int((flagged["repaired"] != flagged["observed"]).sum())

@@ -130,8 +130,10 @@ def project_lock(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = (lock_path.parent / ".pipeline.pid").read_text().strip() \
-                if (lock_path.parent / ".pipeline.pid").exists() else "unknown"
+            pid_file = lock_path.parent / ".pipeline.pid"
+            holder = "".join(c for c in pid_file.read_text(errors="replace")[:20] if c.isdigit()) \
+                if pid_file.is_file() else ""
+            holder = holder or "unknown"
             raise Busy(f"another run (pid {holder}) is using {root}; retry when it has finished") from None
         (lock_path.parent / ".pipeline.pid").write_text(f"{os.getpid()}\n")
         yield

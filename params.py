@@ -22,6 +22,7 @@ STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
                   if line.strip() and not line.startswith("#")}
 STAGES = list(STAGE_SECTIONS)
 ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
+MAX_PARAMS_BYTES = 1 << 20
 
 
 # Each parameter: (type, minimum, maximum), or (str, allowed values, None).
@@ -142,11 +143,14 @@ class Params:
 
 def load_params(path: Path | str | None = None) -> Params:
     """Read and validate a TOML parameters file; every key is required, none unknown."""
+    from storage import check_regular_file
+
     path = Path(path) if path else DEFAULT_PARAMS
+    if not path.exists() and not path.is_symlink():
+        raise PipelineError(f"{path}: parameters file not found")
+    check_regular_file(path, limit=MAX_PARAMS_BYTES)  # a FIFO would block, a device never end
     try:
         raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: parameters file not found") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read parameters file ({exc.strerror})") from None
     try:

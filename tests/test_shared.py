@@ -302,3 +302,14 @@ def test_progress_is_logged_on_slow_work_only(caplog):
     assert not [line for line in lines if line.startswith("quick things")]
     progress = [line for line in lines if line.startswith("slow things")]
     assert progress[0] == "slow things: 3 of 10, 6 s so far, about 14 s left" and 3 <= len(progress) <= 4
+
+
+def test_a_parameters_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "params.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.PipelineError, match="not a regular file"):
+        load_params(fifo)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(errors.PipelineError, match="more than the"):
+        load_params(big)

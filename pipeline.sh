@@ -112,7 +112,7 @@ say() { printf '%s %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" | tee -a "$log_file
 lock_file="$ROOT/logs/.pipeline.lock"
 exec 9>>"$lock_file"
 if ! flock -n 9; then
-  holder="$(head -c 20 "$ROOT/logs/.pipeline.pid" 2>/dev/null | tr -cd '0-9')"
+  holder="$(head -c 20 "$ROOT/logs/.pipeline.pid" 2>/dev/null | tr -cd '0-9' || true)"
   holder="${holder:-unknown}"
   if [ "$wait_seconds" -eq 0 ]; then
     echo "pipeline: another run (pid $holder) is using $ROOT; retry later or pass --wait SECONDS" >&2

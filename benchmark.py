@@ -27,13 +27,14 @@ import errors
 import storage
 from params import DEFAULT_PARAMS, params_text_with
 
-# What each stage imports, for the import floor: its module and the libraries it loads when it runs.
+# What each stage imports, for the import floor: its module and the libraries it loads when it runs
+# (the stage modules import numpy and pandas lazily, so they are named here).
 STAGE_IMPORTS = {
-    "data_creation": ["data_creation"],
-    "model_preprocessing": ["model_preprocessing", "sklearn.preprocessing", "joblib"],
-    "model_preparation": ["model_preparation", "sklearn.ensemble", "sklearn.linear_model",
+    "data_creation": ["numpy", "pandas", "data_creation"],
+    "model_preprocessing": ["numpy", "pandas", "model_preprocessing", "sklearn.preprocessing", "joblib"],
+    "model_preparation": ["numpy", "pandas", "model_preparation", "sklearn.ensemble", "sklearn.linear_model",
                           "sklearn.model_selection", "joblib"],
-    "model_testing": ["model_testing", "sklearn.metrics", "matplotlib.pyplot", "joblib"],
+    "model_testing": ["numpy", "pandas", "model_testing", "sklearn.metrics", "matplotlib.pyplot", "joblib"],
 }
 
 

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 from errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Busy, PipelineError
 from params import DEFAULT_PARAMS, STAGES
@@ -92,6 +93,26 @@ class Progress:
             left = elapsed / self.done * (self.total - self.done)
             log.info("%s: %d of %d, %.0f s so far, about %.0f s left", self.what, self.done, self.total,
                      elapsed, left)
+
+
+def lazy_import(name: str) -> ModuleType:
+    """``name`` as a module that is really imported on first use (importlib's LazyLoader).
+
+    The stages import numpy and pandas this way, so ``--help`` and an argument
+    error answer before the 0.3 s those imports take.
+    """
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"No module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

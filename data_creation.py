@@ -35,9 +35,6 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-import pandas as pd
-
 import cli
 import manifest
 import storage
@@ -45,6 +42,9 @@ from cli import log
 from errors import PipelineError
 from params import ANOMALY_KINDS, SIMULATION, Params, load_params
 from storage import Paths
+
+np = cli.lazy_import("numpy")
+pd = cli.lazy_import("pandas")
 
 STAGE = "data_creation"
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.

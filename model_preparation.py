@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pandas as pd
 import threadpoolctl
 
 import cli
@@ -34,6 +32,9 @@ from errors import PipelineError
 from features import FEATURES, SPREAD_COLUMN
 from params import Params, load_params
 from storage import Paths
+
+np = cli.lazy_import("numpy")
+pd = cli.lazy_import("pandas")
 
 STAGE = "model_preparation"
 TRAIN_COLUMNS = ["station", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN, *FEATURES]

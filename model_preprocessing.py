@@ -23,9 +23,6 @@ import io
 import warnings
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 import cli
 import features
 import manifest
@@ -36,6 +33,9 @@ from errors import PipelineError
 from features import FEATURES, SPREAD_COLUMN
 from params import Params, load_params
 from storage import Paths
+
+np = cli.lazy_import("numpy")
+pd = cli.lazy_import("pandas")
 
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
-import pandas as pd
-
 import cli
 import errors
 import features
@@ -44,6 +41,9 @@ from features import FEATURES, SPREAD_COLUMN
 from params import ANOMALY_KINDS, Params, load_params
 from report import PREDICTORS
 from storage import Paths
+
+np = cli.lazy_import("numpy")
+pd = cli.lazy_import("pandas")
 
 STAGE = "model_testing"
 TEST_COLUMNS = ["station", "date", "target_date", "temp_today", "climatology", SPREAD_COLUMN, *FEATURES]

@@ -44,10 +44,10 @@ from __future__ import annotations
 import statistics
 import warnings
 
-import numpy as np
-import pandas as pd
+from cli import Progress, lazy_import
 
-from cli import Progress
+np = lazy_import("numpy")
+pd = lazy_import("pandas")
 
 KINDS = ["gross", "spike", "level_shift", "drift", "stuck"]
 NO_FLAG, MISSING = "none", "missing"

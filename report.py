@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
+from cli import lazy_import
 from quality_control import KINDS as FAULT_KINDS
+
+np = lazy_import("numpy")
+pd = lazy_import("pandas")
 
 PREDICTORS = ["model", "persistence", "climatology"]
 # One colour per predictor in every figure.

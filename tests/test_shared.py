@@ -313,3 +313,15 @@ def test_a_parameters_file_that_is_not_a_regular_file_is_refused(tmp_path):
     big.write_bytes(b"#" * (2 << 20))
     with pytest.raises(errors.PipelineError, match="more than the"):
         load_params(big)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.STAGE)
+def test_help_answers_without_importing_the_numerical_libraries(stage):
+    probe = ("import sys, runpy; sys.argv = ['stage', '--help']\n"
+             f"try:\n    runpy.run_path({str(ROOT / (stage.STAGE + '.py'))!r}, run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "loaded = [n for n in ('numpy', 'pandas', 'sklearn', 'matplotlib') if n in sys.modules\n"
+             "          and type(sys.modules[n]).__name__ != '_LazyModule']\n"
+             "print('loaded:', *loaded)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert "usage:" in result.stdout and result.stdout.strip().splitlines()[-1] == "loaded:", result.stdout

@@ -267,10 +267,9 @@ def stuck_test(observed: pd.DataFrame, z: pd.DataFrame, share: pd.Series, least:
     return pd.DataFrame(stuck, index=observed.index, columns=observed.columns), best
 
 
-def confidence(score: pd.DataFrame | np.ndarray, threshold: float | pd.Series) -> np.ndarray:
-    """0.5 at the threshold, towards 1 beyond it: odds times e^CONFIDENCE_SLOPE per unit of score."""
-    excess = np.asarray(score - threshold, dtype=float)
-    return 1.0 / (1.0 + np.exp(-CONFIDENCE_SLOPE * np.clip(excess, -30, 30)))
+def confidence(excess: pd.DataFrame | np.ndarray) -> np.ndarray:
+    """0.5 at a flag's threshold (``excess`` 0), towards 1 beyond it: odds times e^CONFIDENCE_SLOPE per unit."""
+    return 1.0 / (1.0 + np.exp(-CONFIDENCE_SLOPE * np.clip(np.asarray(excess, dtype=float), -30, 30)))
 
 
 def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict) -> dict:
@@ -509,7 +508,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict) -> dict[str
     excess = neighbour_score.fillna(shift_score).fillna(gross_score).fillna(stuck_score)
     # A reading that far from what its neighbours say is a confident fault, whatever its kind.
     excess = np.fmax(excess, (z.abs() - detector["spike_threshold"]).where(flag.isin(KINDS)))
-    sure = pd.DataFrame(confidence(excess, 0.0), index=observed.index, columns=stations).where(flag.isin(KINDS))
+    sure = pd.DataFrame(confidence(excess), index=observed.index, columns=stations).where(flag.isin(KINDS))
 
     fallback = expected.fillna(reference)
     confident = sure >= detector["repair_confidence"]

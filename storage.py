@@ -228,35 +228,24 @@ def write_joblib(target: Path, obj: Any) -> None:
         joblib.dump(obj, tmp)
 
 
-def replace_folder(staged: Path, target: Path, backup: Path | None = None) -> None:
+def replace_folder(staged: Path, target: Path) -> None:
     """Put a fully written folder in place of ``target`` by renames only.
 
-    The old ``target`` becomes ``backup`` (replacing an older backup) or is
-    deleted. ``target`` is never missing for longer than one rename, and if
-    putting ``staged`` in place fails, the old target and backup are put back.
+    The old ``target`` is parked beside it, then deleted once the new one is in
+    place; if putting ``staged`` in place fails, the old one is put back.
     """
     parking = target.with_name(f".{target.name}.old")
-    old_backup = None if backup is None else backup.with_name(f".{backup.name}.old")
-    for leftover in (parking, old_backup):
-        if leftover is not None:
-            shutil.rmtree(leftover, ignore_errors=True)
-    keep_as = backup or parking
+    shutil.rmtree(parking, ignore_errors=True)
     try:
-        if backup is not None and backup.exists():
-            backup.rename(old_backup)
         if target.exists():
-            target.rename(keep_as)
+            target.rename(parking)
         staged.rename(target)
     except OSError:
-        if not target.exists() and keep_as.exists():
-            keep_as.rename(target)
-        if old_backup is not None and old_backup.exists() and not backup.exists():
-            old_backup.rename(backup)
+        if not target.exists() and parking.exists():
+            parking.rename(target)
         raise
     fsync_folder(target.parent)
     shutil.rmtree(parking, ignore_errors=True)
-    if old_backup is not None:
-        shutil.rmtree(old_backup, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- reading

@@ -87,7 +87,7 @@ import sys
 if sys.version_info < (3, 11):
     print("is Python %d.%d; 3.11 or newer is required" % sys.version_info[:2]); raise SystemExit
 missing = []
-for name in ("numpy", "pandas", "sklearn", "joblib", "matplotlib"):
+for name in ("numpy", "pandas", "sklearn", "joblib", "matplotlib", "pyarrow"):
     try:
         __import__(name)
     except ImportError:

@@ -97,7 +97,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for name in ("numpy", "pandas", "scikit-learn", "joblib", "matplotlib"):
+    for name in ("numpy", "pandas", "scikit-learn", "joblib", "matplotlib", "pyarrow"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

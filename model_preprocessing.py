@@ -195,6 +195,16 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
 # -------------------------------------------------------------------------- features
 
 
+def to_long(wide: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Date x station tables of one shape as one long table (date, station, one column per table), by
+    flattening their arrays: no index alignment, so it costs little time or memory at scale."""
+    first = next(iter(wide.values()))
+    n_dates, n_stations = first.shape
+    return pd.DataFrame({"date": np.repeat(first.index.to_numpy(), n_stations),
+                         "station": np.tile(first.columns.to_numpy(dtype=object), n_dates),
+                         **{name: table.to_numpy().ravel() for name, table in wide.items()}})
+
+
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per station and forecast day t with the features for forecasting day t+1.
 
@@ -222,9 +232,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
         quality_control.climatology_at(quality_control.fit_climatology(train_values), target_dates,
                                        observed.columns).to_numpy(),
         index=dates, columns=observed.columns)
-    long = pd.DataFrame({name: table.stack(future_stack=True) for name, table in wide.items()})
-    long.index.names = ["date", "station"]
-    long = long.reset_index()
+    long = to_long(wide)
     long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["date"]) + pd.Timedelta(days=1))
     long["target_date"] = long["date"] + pd.Timedelta(days=1)
     long["temp_today"] = long["temp_lag0"]
@@ -250,9 +258,7 @@ def flags_table(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str,
     wide = {"period": period, "observed": observed, "expected": verdict["expected"].round(2),
             "repaired": verdict["repaired"].round(2), "flag": verdict["flag"],
             "confidence": verdict["confidence"].round(4), "score": verdict["score"].round(3)}
-    long = pd.DataFrame({name: table.stack(future_stack=True) for name, table in wide.items()})
-    long.index.names = ["date", "station"]
-    long = long.reset_index()
+    long = to_long(wide)
     return long[long["period"] != ""][FLAG_COLUMNS].sort_values(["station", "date"], ignore_index=True)
 
 

@@ -325,3 +325,20 @@ def test_help_answers_without_importing_the_numerical_libraries(stage):
              "print('loaded:', *loaded)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert "usage:" in result.stdout and result.stdout.strip().splitlines()[-1] == "loaded:", result.stdout
+
+
+def test_tables_round_trip_with_awkward_text_and_missing_values(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame({"station": ["plain", 'with, comma and "quote"'], "x": [1.23456789, np.nan],
+                          "n": [1, 2]})
+    path = tmp_path / "t.csv"
+    storage.write_csv(path, frame)
+    text = path.read_text()
+    assert text.splitlines()[0] == "station,x,n" and "1.234568" in text
+    back = storage.read_table(path, ["station", "x", "n"])
+    assert back["station"].tolist() == frame["station"].tolist()
+    assert back["x"].iloc[0] == 1.234568 and np.isnan(back["x"].iloc[1])
+    storage.write_csv(path, frame.iloc[:1])  # nothing to quote: no quotes at all
+    assert '"' not in path.read_text()

@@ -283,6 +283,9 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict) -> dict:
     """
     settings = {key: qc[key] for key in ("window", "spike_threshold", "shift_threshold", "stuck_threshold",
                                          "repair_confidence")}
+    # Everything here is causal, so the days after the last learning day change nothing: leave them out.
+    last = learning.any(axis=1)[::-1].idxmax() if learning.to_numpy().any() else observed.index[-1]
+    observed, learning = observed.loc[:last], learning.loc[:last]
     jump = observed - trailing_median(observed, qc["window"])
     jump_scale = _robust_scale(jump.where(learning))
     jump_z = (jump.where(learning) / jump_scale).abs()

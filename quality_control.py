@@ -382,22 +382,24 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: ra
     timed = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values * day, axis=0)])
     best = np.zeros_like(values)
     best_lag = np.zeros(values.shape, dtype=int)
-    for lag in lags:  # one whole-table step per candidate start, not per day
-        rows = np.arange(lag, len(values))
-        window = plain[rows + 1] - plain[rows - lag]
+    end = len(values)
+    for lag in lags:  # one whole-table step per candidate start, not per day; slices are views, not copies
+        if lag >= end:
+            continue
+        window = plain[lag + 1:] - plain[:end - lag]  # the innovations of days t - lag .. t
         if shape == "step":  # the first day weighs 1, the later ones (1 - phi)
-            first = values[rows - lag]
+            first = values[:end - lag]
             weighted = first + carry * (window - first)
             norm = 1.0 + lag * carry**2
         else:  # the k-th day weighs (1 - phi) k + 1
-            k_sum = timed[rows + 1] - timed[rows - lag] - (day[rows] - lag) * window
+            k_sum = timed[lag + 1:] - timed[:end - lag] - (day[lag:] - lag) * window
             weighted = carry * k_sum + window
             k = np.arange(lag + 1)
             norm = (carry**2) * (k**2).sum() + 2 * carry * k.sum() + (lag + 1)
         statistic = weighted / np.sqrt(norm)
-        better = np.abs(statistic) > np.abs(best[rows])
-        best[rows] = np.where(better, statistic, best[rows])
-        best_lag[rows] = np.where(better, lag, best_lag[rows])
+        better = np.abs(statistic) > np.abs(best[lag:])
+        best[lag:][better] = statistic[better]
+        best_lag[lag:][better] = lag
     return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
 
 

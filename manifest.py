@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import PipelineError
-from storage import Paths, sha256_file, write_json
+from storage import Paths, check_regular_file, sha256_file, write_json
 
 KEY_ENVIRONMENT = "PIPELINE_SIGNING_KEY"
 DEFAULT_KEY = Path("~/.config/station-pipeline/signing.key")
@@ -63,6 +63,7 @@ def signing_key() -> bytes:
 
 
 def signature(path: Path) -> str:
+    check_regular_file(path, limit=None)  # a FIFO planted as a model would block the check itself
     digest = hmac.new(signing_key(), digestmod=hashlib.sha256)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -110,11 +111,12 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
     if not paths.manifest.exists():
         return {"stages": {}}
     try:
+        check_regular_file(paths.manifest)
         manifest = json.loads(paths.manifest.read_text())
         if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) \
                 or not all(isinstance(entry, dict) for entry in manifest["stages"].values()):
             raise ValueError("no valid 'stages'")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, PipelineError) as exc:
         if fresh_if_damaged:
             return {"stages": {}}
         raise PipelineError(f"{paths.manifest}: corrupt manifest ({str(exc)[:100]}); run ./pipeline.sh from the "

@@ -283,9 +283,8 @@ def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
     pre, qc = params["preprocessing"], params["quality_control"]
-    raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)]) \
-        if paths.train_raw.is_dir() and paths.test_raw.is_dir() else []
     frame = load_stations(paths.train_raw, paths.test_raw, pre)
+    raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
     manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
     test_start = read_test_start(paths.source_record)
 

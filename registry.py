@@ -20,7 +20,7 @@ from pathlib import Path
 
 from errors import PipelineError
 from manifest import check_signature, signature
-from storage import Paths, fsync_folder, sha256_file, write_bytes, write_json
+from storage import Paths, fsync_folder, read_json, sha256_file, write_bytes, write_json
 
 log = logging.getLogger("pipeline")
 SIGNATURES = "SIGNATURES.json"
@@ -87,8 +87,8 @@ def _set_name(signatures: dict[str, str]) -> str:
 
 def _verify_set(folder: Path) -> None:
     try:
-        signatures = json.loads((folder / SIGNATURES).read_text())
-    except (OSError, ValueError):
+        signatures = read_json(folder / SIGNATURES)
+    except PipelineError:
         raise PipelineError(f"{folder / SIGNATURES}: missing or damaged; the set cannot be restored") from None
     expected = {path.name for path in folder.iterdir()} - {SIGNATURES}
     if not isinstance(signatures, dict) or set(signatures) != expected:

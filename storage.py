@@ -252,8 +252,10 @@ def replace_folder(staged: Path, target: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a regular file (anything else is refused rather than read: a FIFO would block)."""
     import hashlib
 
+    check_regular_file(path, limit=None)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -261,8 +263,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_regular_file(path: Path, limit: int = MAX_INPUT_BYTES) -> int:
-    """The size of ``path``, or PipelineError unless it is a regular file of at most ``limit`` bytes.
+def check_regular_file(path: Path, limit: int | None = MAX_INPUT_BYTES) -> int:
+    """The size of ``path``, or PipelineError unless it is a regular file of at most ``limit`` bytes (any size
+    for ``None``).
 
     Checked before opening, so a FIFO (which would block), a device such as
     /dev/zero (which never ends), a folder or a symlink loop named like a data
@@ -278,7 +281,7 @@ def check_regular_file(path: Path, limit: int = MAX_INPUT_BYTES) -> int:
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) \
             else "a device or socket"
         raise PipelineError(f"{path}: not a regular file ({kind})")
-    if info.st_size > limit:
+    if limit is not None and info.st_size > limit:
         raise PipelineError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} a data file may have")
     return info.st_size
 
@@ -301,13 +304,11 @@ def read_text_file(path: Path) -> str:
 
 
 def read_json(path: Path) -> Any:
+    if not path.exists() and not path.is_symlink():
+        raise PipelineError(f"{path}: file not found; run the earlier stages first")
+    check_regular_file(path)
     try:
-        check_regular_file(path)
         return json.loads(path.read_text(encoding="utf-8"))
-    except PipelineError as exc:
-        if not path.exists():
-            raise PipelineError(f"{path}: file not found; run the earlier stages first") from None
-        raise exc from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: corrupt JSON ({exc})") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +34,7 @@ TINY = {
 
 
 @pytest.fixture(scope="session", autouse=True)
-def signing_key(tmp_path_factory) -> Path:
+def signing_key(tmp_path_factory) -> Iterator[Path]:
     """Every test, and every process a test starts, signs models with a key of the test session's own."""
     path = tmp_path_factory.mktemp("key") / "signing.key"
     patch = pytest.MonkeyPatch()
@@ -72,7 +73,7 @@ def built(tmp_path_factory) -> tuple[Path, Path]:
 def project(built, tmp_path) -> tuple[Path, Path]:
     """A private copy of ``built`` that a test may change."""
     root = tmp_path / "project"
-    shutil.copytree(built[0], root)
+    shutil.copytree(built[0], root, symlinks=True)  # models/accepted stays a link, as the stage made it
     return root, root / "params.toml"
 
 

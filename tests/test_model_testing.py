@@ -158,6 +158,14 @@ def test_a_held_out_station_is_scored_on_the_test_period_only(built):
     assert metrics["forecast"]["truth"]["holdout_stations"]["model"]["n"] == len(rows)
 
 
+def accept_another_model(root) -> None:
+    """Train and accept a different model (heavily regularised Ridge) in ``root``."""
+    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+                         cv_folds=3, ridge_alpha=5000.0, tie_tolerance=0.5)
+    assert run_stage(model_preparation, root, other) == 0
+    assert run_stage(model_testing, root, other) == 0
+
+
 def _accepted(root):
     return {p.name: p.read_bytes() for p in sorted((root / "models/accepted").iterdir())}
 
@@ -171,10 +179,7 @@ def test_failed_gate_keeps_the_accepted_model_and_restore_undoes_an_acceptance(p
     assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     assert _accepted(root) == first
 
-    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
-                         cv_folds=3, ridge_alpha=5000.0, tie_tolerance=0.5)
-    assert run_stage(model_preparation, root, other) == 0
-    assert run_stage(model_testing, root, other) == 0
+    accept_another_model(root)  # the first accepted set becomes models/previous
     second = _accepted(root)
     assert second["model.joblib"] != first["model.joblib"]
     assert {p.name: p.read_bytes() for p in sorted((root / "models/previous").iterdir())} == first
@@ -185,7 +190,7 @@ def test_failed_gate_keeps_the_accepted_model_and_restore_undoes_an_acceptance(p
 
 def test_restore_refuses_a_damaged_backup(project, capsys):
     root, params = project
-    assert run_stage(model_testing, root, params) == 0  # now models/previous exists
+    accept_another_model(root)  # the first accepted set becomes models/previous
     (root / "models/previous/model.joblib").write_bytes(b"junk")
     assert run_stage(model_testing, root, params, "--restore") == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
@@ -303,10 +308,7 @@ def test_a_planted_previous_set_is_never_restored(project, tmp_path, capsys):
     root, params = project
     assert run_stage(model_testing, root, params, "--restore") == errors.EXIT_BAD_INPUT  # no previous yet
     assert "no previously accepted model to restore" in capsys.readouterr().err
-    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
-                         cv_folds=3, ridge_alpha=5000.0, tie_tolerance=0.5)
-    assert run_stage(model_preparation, root, other) == 0
-    assert run_stage(model_testing, root, other) == 0  # now models/previous holds the first set
+    accept_another_model(root)  # the first accepted set becomes models/previous
     marker = tmp_path / "planted-code-ran"
     previous = root / "models/previous"
     joblib.dump(_Payload(str(marker)), previous / "model.joblib")
@@ -371,3 +373,19 @@ def test_damaged_ground_truth_is_refused_with_exit_2(project, capsys, edit, prob
     assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
     assert f"ST002.csv: damaged ground truth ({problem})" in capsys.readouterr().err
     assert snapshot(root) == before
+
+
+def test_a_fifo_planted_as_a_model_file_is_refused_at_once(project, capsys):
+    import os
+
+    root, params = project
+    accept_another_model(root)  # the first accepted set becomes models/previous
+    planted = root / "models/previous/model.joblib"
+    planted.unlink()
+    os.mkfifo(planted)
+    assert run_stage(model_testing, root, params, "--restore") == errors.EXIT_BAD_INPUT
+    assert "not a regular file (a FIFO)" in capsys.readouterr().err
+    (root / "models/model.joblib").unlink()
+    os.mkfifo(root / "models/model.joblib")
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
+    assert "model.joblib: not a regular file (a FIFO)" in capsys.readouterr().err

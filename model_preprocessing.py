@@ -39,6 +39,7 @@ pd = cli.lazy_import("pandas")
 
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]
+STATION_BLOCK = 100  # stations whose features are built at a time: bounds the memory at scale
 
 
 # ------------------------------------------------------------------------ validation
@@ -164,11 +165,15 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp) -> tuple[pd.DataF
     """
     observed = frame.pivot(index="date", columns="station", values="temperature")
     observed = observed.asfreq("D")
-    split = frame.pivot(index="date", columns="station", values="split").reindex(observed.index)
+    # Pivoted as numbers (0 train, 1 test): pivoting a text column is many times slower at scale.
+    split = frame.assign(split=(frame["split"] == "test").astype(float)).pivot(
+        index="date", columns="station", values="split").reindex(observed.index)
     # A missing day belongs to the period of the day before it; days before a
     # station's first or after its last day belong to none.
     inside = split.ffill().notna() & split.bfill().notna()
-    period = split.ffill().where(inside, "")
+    labels = np.array(["train", "test", ""], dtype=object)  # shared objects, not one string per day
+    codes = np.where(inside, (split.ffill() == 1.0).astype(int), 2)
+    period = pd.DataFrame(labels[codes], index=observed.index, columns=observed.columns)
     before_test = pd.DataFrame(np.repeat(np.asarray(observed.index < test_start)[:, None], observed.shape[1], axis=1),
                                index=observed.index, columns=observed.columns)
     period = period.mask((period == "test") & before_test, "history")
@@ -185,24 +190,29 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     if qc["detector"] == "none":
         return {"detector": "none"}, quality_control.no_detection(observed, qc["window"])
     learning = period.isin(["train", "history"])
-    detector = quality_control.learn(observed, learning, qc)
+    threads = 1
+    if observed.shape[1] > quality_control.STATION_BLOCK:  # more than one block of stations to share out
+        threads, why = cli.thread_budget()
+        log.info("quality control on %d thread(s) (%s)", threads, why)
+    detector = quality_control.learn(observed, learning, qc, threads)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
         raise PipelineError("the training period is too short or too constant to learn the quality control's "
                             "scales; more training days are needed")
-    return detector, quality_control.detect(observed, detector)
+    return detector, quality_control.detect(observed, detector, threads)
 
 
 # -------------------------------------------------------------------------- features
 
 
 def to_long(wide: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Date x station tables of one shape as one long table (date, station, one column per table), by
-    flattening their arrays: no index alignment, so it costs little time or memory at scale."""
+    """Date x station tables of one shape as one long table (station, date, one column per table), in
+    station then date order, by flattening their arrays: no index alignment and no sort, so it costs
+    little time or memory at scale."""
     first = next(iter(wide.values()))
     n_dates, n_stations = first.shape
-    return pd.DataFrame({"date": np.repeat(first.index.to_numpy(), n_stations),
-                         "station": np.tile(first.columns.to_numpy(dtype=object), n_dates),
-                         **{name: table.to_numpy().ravel() for name, table in wide.items()}})
+    return pd.DataFrame({"station": np.repeat(first.columns.to_numpy(dtype=object), n_dates),
+                         "date": np.tile(first.index.to_numpy(), n_stations),
+                         **{name: table.to_numpy().T.ravel() for name, table in wide.items()}})
 
 
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -240,7 +250,30 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     long = long[usable]
     columns = ["station", "date", "target_date", "period", "temp_today", "target", "target_ok",
                "climatology", SPREAD_COLUMN, *FEATURES]
-    return long[columns].sort_values(["station", "date"], ignore_index=True)
+    return long[columns].reset_index(drop=True)
+
+
+def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
+                           test_start: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
+    (a station's features depend on its own readings only, so the rows are the same), or PipelineError
+    when either is empty or no test station was trained on."""
+    parts: dict[str, list[pd.DataFrame]] = {"train": [], "test": []}
+    for begin in range(0, observed.shape[1], STATION_BLOCK):
+        block = observed.columns[begin:begin + STATION_BLOCK]
+        rows = build_features(observed[block], period[block], {name: table[block] for name, table in verdict.items()})
+        for name, part in parts.items():
+            part.append(rows[rows["period"] == name])
+    train, test = (pd.concat(parts.pop(name), ignore_index=True) for name in ("train", "test"))
+    if train.empty or test.empty:
+        which = "training" if train.empty else "test"
+        raise PipelineError(f"no {which} rows left after building features; the {which} period (test from "
+                            f"{test_start.date()}) has too few readings with the history the features need (30 days)")
+    if not set(test["station"]) & set(train["station"]):
+        raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
+                            "the quality gate would judge the model on held-out stations only: check the "
+                            "stations' last dates or lower data.test_days")
+    return train, test
 
 
 def fit_scaler(train: pd.DataFrame):
@@ -248,6 +281,13 @@ def fit_scaler(train: pd.DataFrame):
     from sklearn.preprocessing import StandardScaler
 
     return StandardScaler().fit(train[FEATURES])
+
+
+def scale_features(rows: pd.DataFrame, scaler) -> None:
+    """Standardise the feature columns in place, one column at a time: what ``scaler.transform`` computes
+    (minus the mean, over the scale), without a copy of the whole table."""
+    for i, name in enumerate(FEATURES):
+        rows[name] = (rows[name].to_numpy() - scaler.mean_[i]) / scaler.scale_[i]
 
 
 FLAG_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence", "score"]
@@ -259,15 +299,7 @@ def flags_table(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str,
             "repaired": verdict["repaired"].round(2), "flag": verdict["flag"],
             "confidence": verdict["confidence"].round(4), "score": verdict["score"].round(3)}
     long = to_long(wide)
-    return long[long["period"] != ""][FLAG_COLUMNS].sort_values(["station", "date"], ignore_index=True)
-
-
-def _format_dates(frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame.copy()
-    for column in ("date", "target_date"):
-        if column in out:
-            out[column] = out[column].dt.strftime("%Y-%m-%d")
-    return out
+    return long[long["period"] != ""][FLAG_COLUMNS].reset_index(drop=True)
 
 
 def read_test_start(path: Path) -> pd.Timestamp:
@@ -289,37 +321,33 @@ def main(args) -> None:
     test_start = read_test_start(paths.source_record)
 
     observed, period = to_calendar(frame, test_start)
+    del frame
     detector, verdict = quality_control_flags(observed, period, qc)
-    rows = build_features(observed, period, verdict)
-    train = rows[rows["period"] == "train"].reset_index(drop=True)
-    test = rows[rows["period"] == "test"].reset_index(drop=True)
-    if train.empty or test.empty:
-        raise PipelineError(f"no {'training' if train.empty else 'test'} rows left after building features; the "
-                            f"{'training' if train.empty else 'test'} period (test from {test_start.date()}) has too "
-                            "few readings with the history the features need (30 days)")
-    if not set(test["station"]) & set(train["station"]):
-        raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
-                            "the quality gate would judge the model on held-out stations only: check the "
-                            "stations' last dates or lower data.test_days")
+    train, test = training_and_test_rows(observed, period, verdict, test_start)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scaler = fit_scaler(train)
-    train[FEATURES] = scaler.transform(train[FEATURES])
-    test[FEATURES] = scaler.transform(test[FEATURES])
+    scale_features(train, scaler)
+    scale_features(test, scaler)
+    tested, n_train, n_test = set(test["station"]), len(train), len(test)
 
+    # Each table is written as soon as it is made and then let go: at scale they are large.
+    progress = cli.Progress("tables written", 5)
+    del train["period"], test["period"]
+    storage.write_csv(paths.train_features, train)
+    del train
+    progress.step()
+    storage.write_csv(paths.test_features, test)
+    del test
+    progress.step()
     all_flags = flags_table(observed, period, verdict)
+    del verdict
     flagged = all_flags[all_flags["flag"].isin(quality_control.KINDS)]
-    outputs = {
-        paths.train_features: _format_dates(train.drop(columns="period")),
-        paths.test_features: _format_dates(test.drop(columns="period")),
-        paths.train_flags: _format_dates(all_flags[all_flags["period"] == "train"].drop(columns="period")),
-        paths.test_flags: _format_dates(all_flags[all_flags["period"] == "test"].drop(columns="period")),
-        paths.flagged: _format_dates(flagged),
-    }
-    progress = cli.Progress("tables written", len(outputs))
-    for path, table in outputs.items():
-        storage.write_csv(path, table)
+    for path, part in ((paths.train_flags, "train"), (paths.test_flags, "test")):
+        storage.write_csv(path, all_flags[all_flags["period"] == part].drop(columns="period"))
         progress.step()
+    storage.write_csv(paths.flagged, flagged)
+    outputs = [paths.train_features, paths.test_features, paths.train_flags, paths.test_flags, paths.flagged]
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
@@ -330,10 +358,10 @@ def main(args) -> None:
     log.info("%d stations; flagged readings: %s (%d repaired); missing days %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,
              counts.get(quality_control.MISSING, 0))
-    untested = sorted(set(observed.columns) - set(test["station"]))
+    untested = sorted(set(observed.columns) - tested)
     if untested:
         log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
-    log.info("features: %d training rows, %d test rows; scaler fitted on the training rows", len(train), len(test))
+    log.info("features: %d training rows, %d test rows; scaler fitted on the training rows", n_train, n_test)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,18 @@ def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
     assert not before["flag"].iloc[day + 1:].equals(after["flag"].iloc[day + 1:])
 
 
+def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monkeypatch):
+    observed = network(n_stations=7, seed=2)
+    observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
+    reference = verdict(observed, settings)
+    monkeypatch.setattr(qc, "STATION_BLOCK", 2)
+    detector = qc.learn(observed, learning_days(observed), settings, threads=3)
+    assert detector == reference[0]
+    blocked = qc.detect(observed, detector, threads=3)
+    for name, table in reference[1].items():
+        pd.testing.assert_frame_equal(blocked[name], table)
+
+
 def test_a_single_station_gets_only_gross_checks(settings):
     observed = network(n_stations=1)
     july = observed.index[TEST_FROM + 190]

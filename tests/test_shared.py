@@ -342,3 +342,26 @@ def test_tables_round_trip_with_awkward_text_and_missing_values(tmp_path):
     assert back["x"].iloc[0] == 1.234568 and np.isnan(back["x"].iloc[1])
     storage.write_csv(path, frame.iloc[:1])  # nothing to quote: no quotes at all
     assert '"' not in path.read_text()
+
+
+def test_table_bytes_do_not_depend_on_the_chunk_size(tmp_path, monkeypatch):
+    import pandas as pd
+
+    frame = pd.DataFrame({"station": ["a", "b", "c, quoted", "d"], "x": [0.1234567, 2.0, None, -1.5],
+                          "date": pd.to_datetime(["2020-01-01", "2020-01-02", None, "2020-01-04"])})
+    whole, chunked = tmp_path / "whole.csv", tmp_path / "chunked.csv"
+    storage.write_csv(whole, frame)
+    monkeypatch.setattr(storage, "CSV_CHUNK_ROWS", 1)
+    storage.write_csv(chunked, frame)
+    assert chunked.read_bytes() == whole.read_bytes()
+    assert whole.read_text().splitlines()[3] == '"c, quoted",,'
+
+
+def test_tables_write_days_as_dates_and_keep_times_that_are_not_whole_days(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "t.csv"
+    storage.write_csv(path, pd.DataFrame({"date": pd.to_datetime(["2020-02-29", "2021-01-01"])}))
+    assert path.read_text().splitlines() == ["date", "2020-02-29", "2021-01-01"]
+    storage.write_csv(path, pd.DataFrame({"date": pd.to_datetime(["2020-02-29 13:30", "2021-01-01"], format="ISO8601")}))
+    assert path.read_text().splitlines()[1].startswith("2020-02-29 13:30")

@@ -363,5 +363,6 @@ def test_tables_write_days_as_dates_and_keep_times_that_are_not_whole_days(tmp_p
     path = tmp_path / "t.csv"
     storage.write_csv(path, pd.DataFrame({"date": pd.to_datetime(["2020-02-29", "2021-01-01"])}))
     assert path.read_text().splitlines() == ["date", "2020-02-29", "2021-01-01"]
-    storage.write_csv(path, pd.DataFrame({"date": pd.to_datetime(["2020-02-29 13:30", "2021-01-01"], format="ISO8601")}))
+    with_time = pd.to_datetime(["2020-02-29 13:30", "2021-01-01"], format="ISO8601")
+    storage.write_csv(path, pd.DataFrame({"date": with_time}))
     assert path.read_text().splitlines()[1].startswith("2020-02-29 13:30")

@@ -7,7 +7,7 @@ more the closer they are; it persists from day to day, varies more in winter and
 has heavy tails, and regional cold snaps and heat waves come on top. Measurement
 noise, then five kinds of station-local sensor fault are added at the rates in
 params.toml, and readings are rounded as real ones are. Observations are split
-in time: the last ``test_days`` go to data/test, the earlier days to data/train;
+in time: the last ``test_steps`` go to data/test, the earlier days to data/train;
 held-out stations go wholly to data/test. The ground truth (clean value, fault
 and weather event per day) goes only to data/truth, which no training stage reads.
 
@@ -41,6 +41,7 @@ import storage
 from cli import log
 from errors import PipelineError
 from params import ANOMALY_KINDS, SIMULATION, Params, load_params
+from steps import FREQUENCIES
 from storage import Paths
 
 np = cli.lazy_import("numpy")
@@ -252,9 +253,9 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
     return Simulation(climates, dates, clean, quantise(observed, sim["resolution"]), labels, events)
 
 
-def training_days(climates: pd.DataFrame, n_days: int, test_days: int) -> np.ndarray:
+def training_days(climates: pd.DataFrame, n_days: int, test_steps: int) -> np.ndarray:
     """Per station, how many leading days go to training; none for held-out stations."""
-    return np.where(climates["role"] == "holdout", 0, n_days - test_days)
+    return np.where(climates["role"] == "holdout", 0, n_days - test_steps)
 
 
 def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, labels: np.ndarray,
@@ -272,9 +273,9 @@ def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, l
     }
 
 
-def write_station_files(staging: Path, simulation: Simulation, test_days: int, resolution: str) -> None:
+def write_station_files(staging: Path, simulation: Simulation, test_steps: int, resolution: str) -> None:
     climates = simulation.climates
-    train_end = training_days(climates, len(simulation.dates), test_days)
+    train_end = training_days(climates, len(simulation.dates), test_steps)
     reading_format = "%.2f" if resolution == "1F" else "%.1f"
     progress = cli.Progress("station files written", len(climates))
     for i, station in enumerate(climates["station"]):
@@ -344,9 +345,54 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
     if kept.empty:
         raise PipelineError(f"{path}: no usable readings ({_describe(report)}); fix or remove the file")
     kept = kept.sort_values("date", ignore_index=True)
-    report.update(first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
-                  days_without_reading=int((kept["date"].iat[-1] - kept["date"].iat[0]).days + 1 - len(kept)))
+    try:
+        frequency = infer_frequency(pd.DatetimeIndex(kept["date"]))
+    except ValueError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+    if frequency == "monthly":
+        kept["date"] = kept["date"].dt.to_period("M").dt.to_timestamp()
+    span = len(pd.date_range(kept["date"].iat[0], kept["date"].iat[-1], freq=FREQUENCIES[frequency]))
+    report.update(frequency=frequency, first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
+                  steps_without_reading=span - len(kept))
     return kept, report
+
+
+MONTHLY_STRETCH = 12  # this many month-apart readings in a row make a daily file mixed
+
+
+def infer_frequency(dates: pd.DatetimeIndex) -> str:
+    """``daily`` or ``monthly`` from sorted, unique dates, or ValueError saying why neither fits.
+
+    Daily: most readings are one day apart (gaps of any length are missing
+    days). Monthly: at most one reading per month, on the same day of the month
+    or on the month's last day, most of them one month apart. A single reading
+    says nothing about its step; it is called daily.
+    """
+    if len(dates) < 2:
+        return "daily"
+    gaps = np.diff(dates.to_numpy()).astype("timedelta64[D]").astype(int)
+    typical = int(np.median(gaps))
+    if typical == 1:
+        monthly = (gaps >= 28) & (gaps <= 31)
+        run = np.convolve(monthly, np.ones(MONTHLY_STRETCH, dtype=int), mode="valid")
+        if (run == MONTHLY_STRETCH).any():  # a year of month-apart readings is a monthly stretch, not gaps
+            i = int(np.argmax(run == MONTHLY_STRETCH))
+            raise ValueError(f"mixed steps: readings are mostly a day apart, but from {dates[i].date()} to "
+                             f"{dates[i + MONTHLY_STRETCH].date()} they are a month apart")
+        return "daily"
+    if 28 <= typical <= 31:
+        same_month = np.flatnonzero(np.diff((dates.year * 12 + dates.month).to_numpy()) < 1)
+        if len(same_month):
+            i = same_month[0]
+            raise ValueError(f"mixed steps: readings are mostly a month apart, but {dates[i].date()} and "
+                             f"{dates[i + 1].date()} fall in the same month")
+        if dates.day.nunique() > 1 and not dates.is_month_end.all():
+            days = ", ".join(map(str, sorted(dates.day.unique())[:3]))
+            raise ValueError(f"mixed steps: readings are mostly a month apart, but not on the same day of each "
+                             f"month (days {days}, ...)")
+        return "monthly"
+    raise ValueError(f"irregular steps: readings are typically {typical} days apart; only daily and monthly "
+                     "series can be used (resample yours to one of them)")
 
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
@@ -376,16 +422,17 @@ def _describe(report: dict) -> str:
     return ", ".join(parts) or "nothing dropped"
 
 
-def split_in_time(stations: dict[str, pd.DataFrame], test_days: int, holdout_stations: int
-                  ) -> tuple[dict[str, dict[str, pd.DataFrame]], pd.Timestamp]:
-    """Train and test part of each station, by the simulation's rules, and the first test day.
+def split_in_time(stations: dict[str, pd.DataFrame], test_steps: int, holdout_stations: int,
+                  frequency: str = "daily") -> tuple[dict[str, dict[str, pd.DataFrame]], pd.Timestamp]:
+    """Train and test part of each station, by the simulation's rules, and the first test step.
 
-    The last ``test_days`` calendar days of the whole record are the test period
-    for every station (one cut for all, so no station trains on days another is
-    tested on); the last ``holdout_stations`` stations by name go wholly to test.
+    The last ``test_steps`` steps (days or months) of the whole record are the
+    test period for every station (one cut for all, so no station trains on
+    steps another is tested on); the last ``holdout_stations`` stations by name
+    go wholly to test.
     """
     last = max(table["date"].max() for table in stations.values())
-    cutoff = last - pd.Timedelta(days=test_days - 1)
+    cutoff = pd.date_range(end=last, periods=test_steps, freq=FREQUENCIES[frequency])[0]
     names = sorted(stations)
     holdout = set(names[len(names) - holdout_stations:]) if holdout_stations else set()
     parts = {}
@@ -395,7 +442,7 @@ def split_in_time(stations: dict[str, pd.DataFrame], test_days: int, holdout_sta
         parts[name] = {"train": table[~in_test], "test": table[in_test]}
     if all(part["train"].empty for part in parts.values()):
         raise PipelineError(f"no station has readings before {cutoff.date()}, the start of the last "
-                            f"data.test_days = {test_days} days; lower data.test_days")
+                            f"data.test_steps = {test_steps} steps; lower data.test_steps")
     return parts, cutoff
 
 
@@ -414,10 +461,25 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
         stations[path.stem], report[path.stem] = read_user_station(path, imp, pre["min_temp"], pre["max_temp"])
         log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
                  _describe(report[path.stem]))
-    parts, cutoff = split_in_time(stations, data["test_days"], data["holdout_stations"])
+    frequency = common_frequency(report, data["frequency"], folder)
+    parts, cutoff = split_in_time(stations, data["test_steps"], data["holdout_stations"], frequency)
     for name, part in parts.items():
-        report[name].update(train_days=len(part["train"]), test_days=len(part["test"]))
+        report[name].update(train_steps=len(part["train"]), test_steps=len(part["test"]))
     return parts, report, str(cutoff.date())
+
+
+def common_frequency(report: dict[str, dict], wanted: str, folder: Path) -> str:
+    """The one frequency of all files (as ``data.frequency`` asks, unless "auto"), or PipelineError."""
+    found = {name: entry["frequency"] for name, entry in report.items()}
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+        example = {kind: next(name for name, f in found.items() if f == kind) for kind in kinds}
+        raise PipelineError(f"{folder}: mixed frequencies: {example['daily']}.csv is daily, "
+                            f"{example['monthly']}.csv is monthly; one frequency per run")
+    if wanted != "auto" and kinds[0] != wanted:
+        name = next(iter(found))
+        raise PipelineError(f"{folder / (name + '.csv')}: readings are {kinds[0]}, but data.frequency is {wanted!r}")
+    return kinds[0]
 
 
 def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]]) -> None:
@@ -444,11 +506,11 @@ def main(args) -> None:
         if folder is None:
             sim = params["simulation"]
             simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
-            write_station_files(staging, simulation, data["test_days"], sim["resolution"])
+            write_station_files(staging, simulation, data["test_steps"], sim["resolution"])
             inputs = []
             dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
-            source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "stations": n,
-                      "test_start": str(dates[len(dates) - data["test_days"]])}
+            source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
+                      "test_start": str(dates[len(dates) - data["test_steps"]])}
             counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
             weather = int((simulation.events != "none").sum())
             summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
@@ -458,9 +520,10 @@ def main(args) -> None:
             parts, report, test_start = import_stations(folder, data, params["import"], params["preprocessing"])
             write_imported_files(staging, parts)
             inputs = sorted(folder / report[name]["file"] for name in report)
+            frequency = next(iter(report.values()))["frequency"]
             source = {"source": str(folder), "quantity": params["import"]["quantity"],
-                      "unit": params["import"]["unit"], "stations": len(parts), "test_start": test_start,
-                      "files": report}
+                      "unit": params["import"]["unit"], "frequency": frequency, "stations": len(parts),
+                      "test_start": test_start, "files": report}
             summary = (f"imported {len(parts)} stations from {folder}; "
                        "no ground truth, so anomaly scores will be skipped")
         for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):

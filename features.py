@@ -39,6 +39,12 @@ def spread(repaired: Any) -> Any:
     return repaired.diff().rolling(60, min_periods=20).std()
 
 
+def mean_change(values: Any) -> Any:
+    """``drift``: each station's mean change from one step to the next (a date x station table's columns),
+    the slope of the drift baseline."""
+    return values.diff().mean()
+
+
 def day_of_year_terms(dates: Any) -> tuple[Any, Any]:
     import numpy as np
 

@@ -1,4 +1,4 @@
-"""Stage 3: choose and train the next-day temperature forecaster.
+"""Stage 3: choose and train the forecaster of every step ahead (the next day, by default).
 
 Candidates are compared by time-ordered cross-validation on the training dates:
 every fold trains on earlier dates and validates on later ones, never shuffled.
@@ -12,9 +12,12 @@ interval (split-conformal in time, scaled by each row's recent spread of
 day-to-day changes), so the band's width comes from forecasts on dates the model
 was not fitted on.
 
-Outputs: models/model.joblib  the fitted estimator with its feature list and interval
+With ``forecast.horizon`` = H, this is done for each step 1..H on its own
+rows (direct models: the model of step h learns the change from t to t+h).
+
+Outputs: models/model.joblib  per step: the fitted estimator and its interval; the feature list
          models/model.json    parameters, CV scores of every candidate and of
-                              persistence, library versions, training-data hash
+                              persistence (per step), library versions, training-data hash
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ np = cli.lazy_import("numpy")
 pd = cli.lazy_import("pandas")
 
 STAGE = "model_preparation"
-TRAIN_COLUMNS = ["station", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN, *FEATURES]
+MIN_FOLD_ROWS = 30  # a fold trains on at least this many rows, or it is not used
+TRAIN_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN,
+                 *FEATURES]
 
 
 def candidates(model: dict) -> dict:
@@ -88,6 +93,26 @@ def time_folds(dates: pd.Series, n_folds: int) -> list[tuple[np.ndarray, np.ndar
     return folds
 
 
+def purged(folds: list[tuple[np.ndarray, np.ndarray]], rows: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The folds without training rows whose target comes after the first validation origin.
+
+    Forecasting h steps ahead from origin t, only targets up to t are known; a
+    fold that trained on later ones would validate with knowledge of the future.
+    One step ahead nothing is left out (every training target is before the first
+    validation target, so at or before its origin). Folds left with fewer than
+    ``MIN_FOLD_ROWS`` training rows are dropped.
+    """
+    targets, origins = rows["target_date"].to_numpy(), rows["date"].to_numpy()
+    kept = [(fit[targets[fit] <= origins[valid].min()], valid) for fit, valid in folds]
+    kept = [(fit, valid) for fit, valid in kept if len(fit) >= MIN_FOLD_ROWS]
+    if not kept:
+        step = int(rows["step"].iat[0])
+        raise PipelineError(f"too few training steps to validate forecasts {step} steps ahead: every fold is left "
+                            f"with fewer than {MIN_FOLD_ROWS} training rows once targets after its first forecast "
+                            "origin are left out; lower forecast.horizon or data.test_steps, or add history")
+    return kept
+
+
 def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list
                    ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
     """Validation MAE per fold of every candidate and of persistence on the same rows,
@@ -135,6 +160,35 @@ def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: floa
     return next(name for name in names if means[name] <= best * (1 + tie_tolerance))
 
 
+def fit_step(rows: pd.DataFrame, model_params: dict) -> dict:
+    """Choose, calibrate and fit the forecaster of one step ahead, from that step's training rows."""
+    sample = cv_sample(rows, model_params["cv_max_rows"])
+    estimators = candidates(model_params)
+    folds = purged(time_folds(sample["target_date"], model_params["cv_folds"]), sample)
+    scores, residuals = cross_validate(estimators, sample, folds)
+    chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
+    final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
+    level = model_params["interval_level"]
+    intervals = {"model": calibrate_interval(residuals[chosen], level),
+                 "persistence": calibrate_interval(residuals["persistence"], level)}
+    record = {
+        "chosen": chosen,
+        "cv": {
+            "folds": len(folds),
+            "rows": len(sample),
+            "stations": int(sample["station"].nunique()),
+            "validation_dates": [[str(sample["target_date"].iloc[v].min()),
+                                  str(sample["target_date"].iloc[v].max())] for _, v in folds],
+            "mae": {name: [round(s, 4) for s in fold_scores] for name, fold_scores in scores.items()},
+            "mean_mae": {name: round(float(np.mean(s)), 4) for name, s in scores.items()},
+        },
+        "interval": intervals,
+        "training_rows": len(rows),
+    }
+    return {"estimator": final, "name": chosen, "interval": intervals["model"], "record": record,
+            "estimators": estimators}
+
+
 def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
@@ -146,60 +200,59 @@ def main(args) -> None:
     threads, why = cli.thread_budget()
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
     log.info("using %d thread(s) (%s)", threads, why)
-    sample = cv_sample(rows, model_params["cv_max_rows"])
-    if len(sample) < len(rows):
-        log.info("cross-validation on %d of %d training rows (every station's rows of %d of %d stations); the "
-                 "chosen model is then fitted on all rows", len(sample), len(rows), sample["station"].nunique(),
-                 rows["station"].nunique())
+    first = rows[rows["step"] == 1]
+    sample_size = len(cv_sample(first, model_params["cv_max_rows"]))
+    if sample_size < len(first):
+        log.info("cross-validation on about %d of %d training rows per step (every station's rows of some "
+                 "stations); the chosen model is then fitted on all rows", sample_size, len(first))
+    steps = sorted(int(s) for s in rows["step"].unique())
+    fitted = []
     with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
-        estimators = candidates(model_params)
-        folds = time_folds(sample["target_date"], model_params["cv_folds"])
-        scores, residuals = cross_validate(estimators, sample, folds)
-        chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
-        final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
-    level = model_params["interval_level"]
-    intervals = {"model": calibrate_interval(residuals[chosen], level),
-                 "persistence": calibrate_interval(residuals["persistence"], level)}
+        for step in steps:  # one direct model per step ahead, each with its own interval
+            fitted.append(fit_step(rows[rows["step"] == step].reset_index(drop=True), model_params))
+            if len(steps) > 1:
+                log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), fitted[-1]["name"],
+                         fitted[-1]["record"]["cv"]["mean_mae"][fitted[-1]["name"]],
+                         fitted[-1]["record"]["cv"]["mean_mae"]["persistence"])
 
+    next_step = fitted[0]["record"]
     record = {
-        "chosen": chosen,
+        **next_step,
         "rule": f"lowest mean CV MAE; within {model_params['tie_tolerance']:.0%} of it the simplest candidate wins",
-        "target": "next-day temperature = temp_today + predicted change",
+        "target": "the value h steps ahead = temp_today + the change predicted by the model of step h",
+        "horizon": len(steps),
+        "steps": [{"step": step, **{k: f["record"][k] for k in ("chosen", "cv", "interval")}}
+                  for step, f in zip(steps, fitted, strict=True)],
         "features": FEATURES,
         "estimator_params": {name: {k: repr(v) for k, v in est.get_params().items()}
-                             for name, est in estimators.items()},
-        "cv": {
-            "folds": len(folds),
-            "rows": len(sample),
-            "stations": int(sample["station"].nunique()),
-            "validation_dates": [[str(sample["target_date"].iloc[v].min()),
-                                  str(sample["target_date"].iloc[v].max())] for _, v in folds],
-            "mae": {name: [round(s, 4) for s in fold_scores] for name, fold_scores in scores.items()},
-            "mean_mae": {name: round(float(np.mean(s)), 4) for name, s in scores.items()},
-        },
-        "interval": {**intervals, "method": "split-conformal: quantiles of the validation-fold residuals "
-                                            f"divided by {SPREAD_COLUMN}; band = forecast + [lower, upper] x "
-                                            f"{SPREAD_COLUMN}"},
+                             for name, est in fitted[0]["estimators"].items()},
         "training_rows": len(rows),
         "training_data_sha256": storage.sha256_file(paths.train_features),
         "scaler_sha256": storage.sha256_file(paths.scaler),
         "params_sha256": params.sha256,
         "libraries": manifest.library_versions(),
     }
-    storage.write_joblib(paths.model, {"estimator": final, "name": chosen, "features": FEATURES,
-                                      "interval": intervals["model"]})
+    record["interval"] = {**record["interval"], "method": "split-conformal: quantiles of the validation-fold "
+                          f"residuals divided by {SPREAD_COLUMN}; band = forecast + [lower, upper] x {SPREAD_COLUMN}"}
+    bundle = {"features": FEATURES,
+              "steps": [{"step": step, "estimator": f["estimator"], "name": f["name"], "interval": f["interval"],
+                         "baseline_intervals": {"persistence": f["record"]["interval"]["persistence"]}}
+                        for step, f in zip(steps, fitted, strict=True)]}
+    storage.write_joblib(paths.model, bundle)
     storage.write_json(paths.model_record, record)
     manifest.record_stage(paths, STAGE, params, inputs, [paths.model, paths.model_record])
 
+    chosen = record["chosen"]
     for name, mean in record["cv"]["mean_mae"].items():
         log.info("CV MAE %-18s %.3f%s", name, mean, "  <- chosen" if name == chosen else "")
     if record["cv"]["mean_mae"][chosen] >= record["cv"]["mean_mae"]["persistence"]:
         log.warning("no candidate beats persistence in cross-validation; the quality gate on the test period "
                     "decides whether %s is accepted", chosen)
-    band = intervals["model"]
+    band = record["interval"]["model"]
     log.info("%.0f%% interval: forecast %+.2f to %+.2f times change_sd60 (from %d validation residuals)",
-             100 * level, band["lower"], band["upper"], band["residuals"])
-    log.info("wrote %s (%s, %d training rows)", paths.model, chosen, len(rows))
+             100 * band["level"], band["lower"], band["upper"], band["residuals"])
+    log.info("wrote %s (%s, %d training rows%s)", paths.model, chosen, len(rows),
+             f", {len(steps)} steps ahead" if len(steps) > 1 else "")
 
 
 if __name__ == "__main__":

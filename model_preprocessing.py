@@ -32,6 +32,7 @@ from cli import log
 from errors import PipelineError
 from features import FEATURES, SPREAD_COLUMN
 from params import Params, load_params
+from steps import FREQUENCIES
 from storage import Paths
 
 np = cli.lazy_import("numpy")
@@ -130,11 +131,11 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict) -> pd.DataFrame:
     if not any(p["split"].iat[0] == "train" for p in parts):
         raise PipelineError(f"{train_dir}: no station CSVs to train on")
     frame = pd.concat(parts, ignore_index=True)
-    _check_station_periods(frame, pre["min_days"])
+    _check_station_periods(frame, pre["min_steps"])
     return frame.drop(columns="source")
 
 
-def _check_station_periods(frame: pd.DataFrame, min_days: int) -> None:
+def _check_station_periods(frame: pd.DataFrame, min_steps: int) -> None:
     by_split = frame.groupby(["station", "split"])["date"].agg(["min", "max"]).unstack("split")
     if "test" in by_split:
         overlap = by_split[("max", "train")] >= by_split[("min", "test")]
@@ -144,27 +145,28 @@ def _check_station_periods(frame: pd.DataFrame, min_days: int) -> None:
                                 "the split must be in time order")
     observed = frame.dropna(subset=["temperature"])
     counts = observed.groupby("station").size().reindex(frame["station"].unique(), fill_value=0)
-    if (counts < min_days).any():
+    if (counts < min_steps).any():
         station = counts.idxmin()
         source = frame.loc[frame["station"] == station, "source"].iat[0]
         raise PipelineError(f"{source}: station {station} has only {counts[station]} observed days; "
-                            f"at least preprocessing.min_days = {min_days} are needed to build features")
+                            f"at least preprocessing.min_steps = {min_steps} are needed to build features")
 
 
 # ------------------------------------------------------------------------- calendar
 
 
-def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = "daily"
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Wide tables (date x station) of observed temperature and of period.
 
-    Every station gets a complete daily calendar from its first to its last day;
-    missing days are NaN. The period is "train" or "test" as the raw files say,
+    Every station gets a complete calendar of ``frequency`` steps from its first
+    to its last step; missing steps are NaN. The period is "train" or "test" as the raw files say,
     except that a held-out station's days before the test period are "history":
     they give its features a past and its detector something to learn from, but
     are neither trained on nor scored. Outside a station's own days it is "".
     """
     observed = frame.pivot(index="date", columns="station", values="temperature")
-    observed = observed.asfreq("D")
+    observed = observed.asfreq(FREQUENCIES[frequency])
     # Pivoted as numbers (0 train, 1 test): pivoting a text column is many times slower at scale.
     split = frame.assign(split=(frame["split"] == "test").astype(float)).pivot(
         index="date", columns="station", values="split").reindex(observed.index)
@@ -215,53 +217,71 @@ def to_long(wide: dict[str, pd.DataFrame]) -> pd.DataFrame:
                          **{name: table.to_numpy().T.ravel() for name, table in wide.items()}})
 
 
-def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per station and forecast day t with the features for forecasting day t+1.
+def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
+                   horizon: int = 1) -> pd.DataFrame:
+    """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
-    Features use days up to t only, from the repaired readings. ``target`` is
-    the reading of t+1 as observed (empty where there is none), the value every
-    forecast is scored against; ``target_ok`` says it exists and the detector did
-    not flag it (only such rows are trained on). ``climatology`` is the
-    station's training-years seasonal mean for t+1 (empty for stations never
-    trained on), the climatology baseline. ``change_sd60`` is the spread of
-    recent day-to-day changes, which scales the prediction interval.
+    Features use steps up to t only, from the repaired readings; the calendar
+    terms describe the target t+h. ``target`` is the reading of t+h as observed
+    (empty where there is none), the value every forecast is scored against;
+    ``target_ok`` says it exists and the detector did not flag it (only such
+    rows are trained on). ``climatology`` is the station's training-years
+    seasonal mean at t+h and ``drift`` its mean change per step over the
+    training years (both empty for stations never trained on): baselines.
+    ``change_sd60`` is the spread of recent step-to-step changes, which scales
+    the prediction interval. The ``period`` of a row is that of its target; from
+    a station's last test steps, the steps beyond its record are "test" rows with
+    no target: the forecast ahead.
     """
     repaired, flag = verdict["repaired"], verdict["flag"]
-    dates = repaired.index
+    dates, stations = repaired.index, repaired.columns
+
+    def table(values) -> pd.DataFrame:  # a date x station table of these values (broadcast if need be)
+        return pd.DataFrame(np.broadcast_to(values, repaired.shape), index=dates, columns=stations)
+
     repaired_today = (repaired != observed).astype(float).where(period != "")
     wide = {name: feature(repaired, repaired_today) for name, feature in features.STATION_FEATURES.items()}
-    wide.update({
-        SPREAD_COLUMN: features.spread(repaired),
-        "target": observed.shift(-1),
-        "target_ok": (observed.shift(-1).notna() & (flag.shift(-1) == quality_control.NO_FLAG)).astype(float),
-        "period": period.shift(-1),
-    })
-    train_values = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
-    target_dates = dates + pd.Timedelta(days=1)
-    wide["climatology"] = pd.DataFrame(
-        quality_control.climatology_at(quality_control.fit_climatology(train_values), target_dates,
-                                       observed.columns).to_numpy(),
-        index=dates, columns=observed.columns)
-    long = to_long(wide)
-    long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["date"]) + pd.Timedelta(days=1))
-    long["target_date"] = long["date"] + pd.Timedelta(days=1)
+    wide[SPREAD_COLUMN] = features.spread(repaired)
+    usable = table(np.logical_and.reduce([values.notna().to_numpy() for values in wide.values()]))
+    trained = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
+    coefs, drift = quality_control.fit_climatology(trained), features.mean_change(trained)
+    last_test = period.eq("test") & period.shift(-1).fillna("").ne("test")
+    parts = []
+    for step in range(1, horizon + 1):
+        target_dates = dates.shift(step)
+        # Origins within ``step`` steps of a station's last test step forecast beyond its record.
+        ahead = last_test.iloc[::-1].astype(float).rolling(step, min_periods=1).max().iloc[::-1].astype(bool)
+        target_period = period.shift(-step)
+        long = to_long({
+            **wide,
+            "usable": usable,
+            "step": table(step),
+            "target_date": table(target_dates.to_numpy()[:, None]),
+            "target": observed.shift(-step),
+            "target_ok": (observed.shift(-step).notna() & (flag.shift(-step) == quality_control.NO_FLAG)).astype(float),
+            "period": target_period.mask(ahead & target_period.ne("test"), "test"),
+            "climatology": table(quality_control.climatology_at(coefs, target_dates, stations).to_numpy()),
+            "drift": table(drift.reindex(stations).to_numpy()),
+        })
+        parts.append(long[long.pop("usable") & long["period"].isin(["train", "test"])])
+    long = pd.concat(parts, ignore_index=True).sort_values(["station", "date", "step"], ignore_index=True) \
+        if horizon > 1 else parts[0].reset_index(drop=True)
+    long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["target_date"]))
     long["temp_today"] = long["temp_lag0"]
-    usable = long[[*FEATURES, SPREAD_COLUMN]].notna().all(axis=1) & long["period"].isin(["train", "test"])
-    long = long[usable]
-    columns = ["station", "date", "target_date", "period", "temp_today", "target", "target_ok",
-               "climatology", SPREAD_COLUMN, *FEATURES]
-    return long[columns].reset_index(drop=True)
+    return long[["station", "date", "step", "target_date", "period", "temp_today", "target", "target_ok",
+                 "climatology", "drift", SPREAD_COLUMN, *FEATURES]]
 
 
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
-                           test_start: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           test_start: pd.Timestamp, horizon: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
     (a station's features depend on its own readings only, so the rows are the same), or PipelineError
     when either is empty or no test station was trained on."""
     parts: dict[str, list[pd.DataFrame]] = {"train": [], "test": []}
     for begin in range(0, observed.shape[1], STATION_BLOCK):
         block = observed.columns[begin:begin + STATION_BLOCK]
-        rows = build_features(observed[block], period[block], {name: table[block] for name, table in verdict.items()})
+        rows = build_features(observed[block], period[block], {name: table[block] for name, table in verdict.items()},
+                              horizon)
         for name, part in parts.items():
             part.append(rows[rows["period"] == name])
     train, test = (pd.concat(parts.pop(name), ignore_index=True) for name in ("train", "test"))
@@ -272,15 +292,16 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     if not set(test["station"]) & set(train["station"]):
         raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
                             "the quality gate would judge the model on held-out stations only: check the "
-                            "stations' last dates or lower data.test_days")
+                            "stations' last dates or lower data.test_steps")
     return train, test
 
 
 def fit_scaler(train: pd.DataFrame):
-    """StandardScaler on the training features only."""
+    """StandardScaler on the training features only, of the rows one step ahead (each forecast origin once,
+    so forecasting further ahead leaves the next-step forecasts exactly as they were)."""
     from sklearn.preprocessing import StandardScaler
 
-    return StandardScaler().fit(train[FEATURES])
+    return StandardScaler().fit(train.loc[train["step"] == 1, FEATURES])
 
 
 def scale_features(rows: pd.DataFrame, scaler) -> None:
@@ -302,13 +323,16 @@ def flags_table(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str,
     return long[long["period"] != ""][FLAG_COLUMNS].reset_index(drop=True)
 
 
-def read_test_start(path: Path) -> pd.Timestamp:
-    """The first day of the test period, as data_creation.py recorded it."""
+def read_source(path: Path) -> tuple[pd.Timestamp, str]:
+    """The first step of the test period and the series' frequency, as data_creation.py recorded them."""
     record = storage.read_json(path)
     try:
-        return pd.Timestamp(record["test_start"])
+        test_start, frequency = pd.Timestamp(record["test_start"]), record["frequency"]
     except (KeyError, TypeError, ValueError):
-        raise PipelineError(f"{path}: no valid test_start; rerun data_creation.py") from None
+        raise PipelineError(f"{path}: no valid test_start and frequency; rerun data_creation.py") from None
+    if frequency not in FREQUENCIES:
+        raise PipelineError(f"{path}: unknown frequency {frequency!r}; rerun data_creation.py")
+    return test_start, frequency
 
 
 def main(args) -> None:
@@ -318,12 +342,12 @@ def main(args) -> None:
     frame = load_stations(paths.train_raw, paths.test_raw, pre)
     raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
     manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
-    test_start = read_test_start(paths.source_record)
+    test_start, frequency = read_source(paths.source_record)
 
-    observed, period = to_calendar(frame, test_start)
+    observed, period = to_calendar(frame, test_start, frequency)
     del frame
     detector, verdict = quality_control_flags(observed, period, qc)
-    train, test = training_and_test_rows(observed, period, verdict, test_start)
+    train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scaler = fit_scaler(train)
@@ -355,7 +379,7 @@ def main(args) -> None:
 
     counts = all_flags["flag"].value_counts()
     repaired = int((flagged["repaired"] != flagged["observed"]).sum())
-    log.info("%d stations; flagged readings: %s (%d repaired); missing days %d", observed.shape[1],
+    log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,
              counts.get(quality_control.MISSING, 0))
     untested = sorted(set(observed.columns) - tested)

@@ -46,7 +46,8 @@ np = cli.lazy_import("numpy")
 pd = cli.lazy_import("pandas")
 
 STAGE = "model_testing"
-TEST_COLUMNS = ["station", "date", "target_date", "temp_today", "climatology", SPREAD_COLUMN, *FEATURES]
+TEST_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "climatology", "drift", SPREAD_COLUMN,
+                *FEATURES]
 FLAG_COLUMNS = ["station", "date", "observed", "flag"]
 
 
@@ -62,7 +63,7 @@ def load_verified(paths: Paths) -> tuple:
     scaler = manifest.load_output(paths, "model_preprocessing", paths.scaler)
     bundle = manifest.load_output(paths, "model_preparation", paths.model)
     if list(getattr(scaler, "feature_names_in_", [])) != FEATURES or not isinstance(bundle, dict) \
-            or bundle.get("features") != FEATURES:
+            or bundle.get("features") != FEATURES or not isinstance(bundle.get("steps"), list):
         raise PipelineError(f"{paths.model}: built for other features than this code's; rerun the pipeline")
     return scaler, bundle, record
 
@@ -120,7 +121,7 @@ def forecast_scores(frame: pd.DataFrame, actual: str) -> dict:
     where it exists (stations seen in training), so its group leaves the others out.
     """
     rows = frame.dropna(subset=[actual])
-    trained = rows["climatology"].notna()
+    trained = rows["climatology"].notna() & rows["drift"].notna()
     groups = {
         "all_stations": (rows, ["model", "persistence"]),
         "trained_stations": (rows[trained], PREDICTORS),
@@ -208,19 +209,37 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict,
-                bands: dict) -> pd.DataFrame:
-    """Every test row with the model's and persistence's forecasts and bands, the reading and its flag,
-    and, with ground truth, the clean value and the injected anomaly."""
-    frame = test.assign(model=features.forecast(bundle["estimator"], test), persistence=test["temp_today"])
-    for predictor, band in bands.items():
-        frame[f"{predictor}_lower"] = frame[predictor] + band["lower"] * frame[SPREAD_COLUMN]
-        frame[f"{predictor}_upper"] = frame[predictor] + band["upper"] * frame[SPREAD_COLUMN]
+def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict) -> pd.DataFrame:
+    """Every test row with the forecasts of the model and the baselines, the model's and persistence's
+    bands, the reading and its flag, and, with ground truth, the clean value and the injected anomaly.
+
+    Each row is forecast by the model of its step ahead, with that step's band.
+    Baselines: persistence (the last reading), climatology (the training-years
+    seasonal mean) and drift (the last reading plus the station's mean change
+    per step in training, times the step).
+    """
+    frame = test.assign(model=np.nan, persistence=test["temp_today"],
+                        drift=test["temp_today"] + test["step"] * test["drift"])
+    for band in ("model_lower", "model_upper", "persistence_lower", "persistence_upper"):
+        frame[band] = np.nan
+    by_step = {entry["step"]: entry for entry in bundle["steps"]}
+    unknown = sorted(set(frame["step"].astype(int)) - set(by_step))
+    if unknown:
+        raise PipelineError(f"test rows {unknown[0]} steps ahead, but the model has no forecaster for that step; "
+                            "rerun the pipeline")
+    for step, rows in frame.groupby("step").groups.items():
+        entry = by_step[int(step)]
+        part = frame.loc[rows]
+        frame.loc[rows, "model"] = features.forecast(entry["estimator"], part)
+        bands = {"model": entry["interval"], **entry["baseline_intervals"]}
+        for predictor, band in bands.items():
+            frame.loc[rows, f"{predictor}_lower"] = frame.loc[rows, predictor] + band["lower"] * part[SPREAD_COLUMN]
+            frame.loc[rows, f"{predictor}_upper"] = frame.loc[rows, predictor] + band["upper"] * part[SPREAD_COLUMN]
     observed = flags.rename(columns={"date": "target_date"})[["station", "target_date", "observed", "flag"]]
-    frame = frame.merge(observed, on=["station", "target_date"], how="left", validate="one_to_one")
+    frame = frame.merge(observed, on=["station", "target_date"], how="left", validate="many_to_one")
     if truth is not None:
         truth = truth.rename(columns={"date": "target_date"})
-        frame = frame.merge(truth, on=["station", "target_date"], how="left", validate="one_to_one")
+        frame = frame.merge(truth, on=["station", "target_date"], how="left", validate="many_to_one")
     frame["observed_accepted"] = frame["observed"].where(frame["flag"] == quality_control.NO_FLAG)
     return frame
 
@@ -238,7 +257,25 @@ def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | Non
         metrics["forecast"][reference] = forecast_scores(frame, column)
         metrics["interval"][reference] = interval_scores(frame, column, level)
     metrics["gate_reference"] = "truth" if truth is not None else "observed"
+    metrics["by_step"] = step_scores(frame, metrics["gate_reference"], level)
     return metrics
+
+
+def step_scores(frame: pd.DataFrame, reference: str, level: float) -> dict:
+    """Per step ahead, against ``reference``: the scores of the model and every baseline on the same rows
+    (stations seen in training, where every baseline exists), and the model's and persistence's bands."""
+    column = report.REFERENCE_COLUMNS[reference]
+    rows = frame.dropna(subset=[column])
+    rows = rows[rows["climatology"].notna() & rows["drift"].notna()]
+    result = {}
+    for step, part in rows.groupby("step"):
+        actual = part[column].to_numpy()
+        result[str(int(step))] = {
+            "forecast": {p: score(actual, part[p].to_numpy()) for p in PREDICTORS},
+            "interval": {p: interval_score(actual, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(),
+                                           level) for p in ("model", "persistence")},
+        }
+    return result
 
 
 def gate(metrics: dict, min_improvement: float) -> tuple[bool, str]:
@@ -280,14 +317,14 @@ def main(args) -> None:
     flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
     truth = load_truth(paths.truth, sorted(test["station"].unique()))
 
-    bands = {"model": bundle["interval"], "persistence": record["interval"]["persistence"]}
-    frame = predictions(test, flags, truth, bundle, bands)
-    metrics = evaluate(frame, flags, truth, bundle["interval"]["level"])
+    source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
+    frame = predictions(test, flags, truth, bundle)
+    metrics = evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
+    metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))
     passed, verdict = gate(metrics, params["evaluation"]["gate_min_improvement"])
     metrics.update(model=record["chosen"], gate={"passed": passed, "verdict": verdict},
                    model_sha256=storage.sha256_file(paths.model))
     storage.write_json(paths.metrics, metrics)
-    source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
     flagged = storage.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
     write_report(paths, frame, metrics, source, params["evaluation"], flagged)
     print(report.console_table(metrics))

@@ -30,7 +30,8 @@ SIMULATION = "simulation"
 PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
         "source": (str, None, None),
-        "test_days": (int, 30, 36_500),
+        "frequency": (str, ("auto", "daily", "monthly"), None),
+        "test_steps": (int, 2, 36_500),
         "holdout_stations": (int, 0, 100_000),
     },
     "simulation": {
@@ -59,7 +60,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "temperature_column": (str, None, None),
         "date_format": (str, None, None),
         "delimiter": (str, (",", ";", "\t", "|"), None),
-        "unit": (str, ("C", "F"), None),
+        "unit": (str, ("C", "F", "none"), None),
         "quantity": (str, ("mean", "max", "min"), None),
     },
     "quality_control": {
@@ -74,9 +75,12 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "repair_confidence": (float, 0.5, 1.0),
     },
     "preprocessing": {
-        "min_temp": (float, -100.0, 60.0),
-        "max_temp": (float, -60.0, 70.0),
-        "min_days": (int, 40, 100_000),
+        "min_temp": (float, -1e9, 1e9),
+        "max_temp": (float, -1e9, 1e9),
+        "min_steps": (int, 40, 100_000),
+    },
+    "forecast": {
+        "horizon": (int, 1, 366),
     },
     "model": {
         "cv_folds": (int, 2, 20),
@@ -96,6 +100,10 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "report_flags": (int, 0, 1000),
     },
 }
+
+
+# Parameters an older parameters file may still use, and their names now.
+RENAMED = {"data.test_days": "data.test_steps", "preprocessing.min_days": "preprocessing.min_steps"}
 
 
 def params_text_with(overrides: dict[str, Any], base: Path = DEFAULT_PARAMS) -> str:
@@ -171,7 +179,9 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
         raise PipelineError(f"{path}: missing section [{name}]")
     unknown = sorted(set(values) - set(schema))
     if unknown:
-        raise PipelineError(f"{path}: unknown parameter {name}.{unknown[0]}")
+        renamed = RENAMED.get(f"{name}.{unknown[0]}")
+        hint = f"; it is now {renamed} (the same meaning, counted in steps of the series)" if renamed else ""
+        raise PipelineError(f"{path}: unknown parameter {name}.{unknown[0]}{hint}")
     checked = {}
     for key, (kind, low, high) in schema.items():
         where = f"{path}: {name}.{key}"
@@ -225,5 +235,8 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
     if sim["clean_stations"] + sim["heavy_stations"] > sim["n_stations"]:
         raise PipelineError(f"{path}: simulation.clean_stations + simulation.heavy_stations exceed "
                             "simulation.n_stations")
-    if data["test_days"] >= sim["n_years"] * 365 - pre["min_days"]:
-        raise PipelineError(f"{path}: data.test_days leaves fewer than preprocessing.min_days training days")
+    if data["test_steps"] >= sim["n_years"] * 365 - pre["min_steps"]:
+        raise PipelineError(f"{path}: data.test_steps leaves fewer than preprocessing.min_steps training days")
+    if data["frequency"] == "monthly":
+        raise PipelineError(f"{path}: data.frequency = 'monthly' needs your own files (data.source); "
+                            "the simulation is daily")

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from cli import lazy_import
 from quality_control import KINDS as FAULT_KINDS
+from steps import FREQUENCIES
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 
-PREDICTORS = ["model", "persistence", "climatology"]
+PREDICTORS = ["model", "persistence", "climatology", "drift"]
 # One colour per predictor in every figure.
-COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab:green"}
-FORECAST_DAYS = 365  # the forecast figure shows at most the last year of the test period, so days stay readable
+COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab:green", "drift": "tab:purple"}
+FORECAST_STEPS = 365  # the forecast figure shows at most the last 365 steps of the test period, so they stay readable
 GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
 # Figure sizes in inches at DPI dots per inch: the PNGs are 1200x450 and 1000x500 pixels.
 DPI = 100
@@ -32,8 +33,8 @@ REFERENCES = {
     "observed": "every reading of the test period",
     "accepted": "only the readings the detector did not flag; a reference beside `observed`, never instead of it",
 }
-PREDICTION_COLUMNS = ["station", "date", "target_date", "observed", "flag", "model", "model_lower", "model_upper",
-                      "persistence", "climatology", "clean_temperature", "anomaly", "event"]
+PREDICTION_COLUMNS = ["station", "date", "step", "target_date", "observed", "flag", "model", "model_lower",
+                      "model_upper", "persistence", "climatology", "drift", "clean_temperature", "anomaly", "event"]
 FLAGGED_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence"]
 
 
@@ -41,7 +42,10 @@ def figure_names(frame: pd.DataFrame, n_stations: int) -> dict[str, str]:
     """File name of every figure, keyed by what it shows."""
     first = sorted(frame["station"].unique())[:n_stations]
     names = {f"forecast {station}": f"forecast_{station}.png" for station in first}
-    return {**names, "error by station": "error_by_station.png", "residuals": "residuals.png"}
+    names.update({"error by station": "error_by_station.png", "residuals": "residuals.png"})
+    if frame["step"].max() > 1:
+        names["error by step"] = "error_by_step.png"
+    return names
 
 
 # ------------------------------------------------------------------------ figures
@@ -62,8 +66,10 @@ def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[
             fig = _forecast_figure(plt, frame[frame["station"] == key.removeprefix("forecast ")], metrics)
         elif key == "error by station":
             fig = _error_by_station_figure(plt, metrics["forecast"][reference]["per_station"], reference)
+        elif key == "error by step":
+            fig = _error_by_step_figure(plt, metrics["by_step"], reference, metrics["interval"]["level"])
         else:
-            fig = _residuals_figure(plt, frame, reference)
+            fig = _residuals_figure(plt, frame[frame["step"] == 1], reference)
         # No creation date or version in the file, so the same data gives the same bytes.
         fig.savefig(folder / name, dpi=DPI, metadata={"Software": None})
         plt.close(fig)
@@ -72,10 +78,11 @@ def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[
 def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     level = metrics["interval"]["level"]
     station = rows["station"].iat[0]
-    # A daily calendar, so days without a forecast show as gaps instead of straight lines.
-    rows = rows.set_index(pd.to_datetime(rows["target_date"])).asfreq("D")
-    shown = rows.index >= rows.index[-1] - pd.Timedelta(days=FORECAST_DAYS - 1)
-    period = "the test period" if shown.all() else f"the last {FORECAST_DAYS} days of the test period"
+    # A regular calendar, so steps without a forecast show as gaps instead of straight lines.
+    rows = rows[rows["step"] == 1]
+    rows = rows.set_index(pd.to_datetime(rows["target_date"])).asfreq(FREQUENCIES[metrics.get("frequency", "daily")])
+    shown = np.arange(len(rows)) >= len(rows) - FORECAST_STEPS
+    period = "the test period" if shown.all() else f"the last {FORECAST_STEPS} steps of the test period"
     rows = rows[shown]
     dates = rows.index
     fig, ax = plt.subplots(figsize=FORECAST_SIZE, layout="constrained")
@@ -92,7 +99,7 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     ax.plot(dates[flagged], rows.loc[flagged, "observed"], "x", color="tab:red", markersize=6,
             label="flagged by the detector")
     covered = metrics["interval"][metrics["gate_reference"]]["per_station"][station]["coverage"]
-    ax.set_title(f"{station}: next-day forecast on {period} ({level:.0%} interval covers {covered:.1%} "
+    ax.set_title(f"{station}: next-step forecast on {period} ({level:.0%} interval covers {covered:.1%} "
                  "of the whole test period)")
     ax.set_ylabel("temperature (°C)")
     ax.grid(alpha=0.3)
@@ -107,14 +114,38 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
     width = 0.8 / len(PREDICTORS)
     for i, predictor in enumerate(PREDICTORS):
         mae = [per_station[s].get(predictor, {}).get("mae", np.nan) for s in stations]
-        ax.bar(x + (i - 1) * width, mae, width, label=predictor, color=COLOURS[predictor])
+        ax.bar(x + (i - (len(PREDICTORS) - 1) / 2) * width, mae, width, label=predictor, color=COLOURS[predictor])
     ax.set_xticks(x, stations, rotation=45 if len(stations) > 12 else 0)
     ax.set_ylabel(f"test MAE (°C) against the {reference} temperature")
     untrained = [s for s in stations if "climatology" not in per_station[s]]
-    note = f" (no climatology bar: {', '.join(untrained)} never trained on)" if untrained else ""
+    note = f" (no climatology or drift bar: {', '.join(untrained)} never trained on)" if untrained else ""
     ax.set_title(f"Error by station: model and baselines{note}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
+    return fig
+
+
+def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
+    steps = sorted(by_step, key=int)
+    x = [int(s) for s in steps]
+    fig, (error, width) = plt.subplots(1, 2, figsize=SUMMARY_SIZE, layout="constrained")
+    for predictor in PREDICTORS:
+        error.plot(x, [by_step[s]["forecast"][predictor]["mae"] for s in steps], "o-", markersize=3,
+                   color=COLOURS[predictor], label=predictor)
+    error.set_xlabel("steps ahead")
+    error.set_ylabel(f"test MAE against the {reference} values")
+    error.set_title("Error grows with the step")
+    error.legend(fontsize="small")
+    for predictor in ("model", "persistence"):
+        width.plot(x, [by_step[s]["interval"][predictor]["width"] for s in steps], "o-", markersize=3,
+                   color=COLOURS[predictor], label=predictor)
+    coverage = ", ".join(f"{by_step[s]['interval']['model']['coverage']:.0%}" for s in (steps[0], steps[-1]))
+    width.set_xlabel("steps ahead")
+    width.set_ylabel(f"mean width of the {level:.0%} band")
+    width.set_title(f"So does the band (model coverage at the first and last step: {coverage})", fontsize="medium")
+    width.legend(fontsize="small")
+    for ax in (error, width):
+        ax.grid(alpha=0.3)
     return fig
 
 
@@ -194,6 +225,8 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
     lines += ["", f"**Quality gate: {'passed' if passed else 'FAILED'}** — {metrics['gate']['verdict']}. "
               f"Model: `{metrics['model']}`.", ""]
     lines += _forecast_section(metrics)
+    if len(metrics["by_step"]) > 1:
+        lines += _step_section(metrics)
     lines += _interval_section(metrics, level, tolerance)
     lines += _detector_section(metrics)
     lines += _flagged_section(flags)
@@ -206,7 +239,9 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
 
 
 def _forecast_section(metrics: dict) -> list[str]:
-    lines = ["## Next-day forecast error (MAE / RMSE, °C)", ""]
+    steps = len(metrics["by_step"])
+    what = "Next-step forecast" if steps <= 1 else f"Forecast error over steps 1 to {steps} ahead, pooled"
+    lines = [f"## {what} (MAE / RMSE)", ""]
     for reference, scores in metrics["forecast"].items():
         lines += [f"Against {REFERENCES[reference]} (`{reference}`):", "",
                   "| stations | rows | " + " | ".join(PREDICTORS) + " |", "|---|---:|" + "---:|" * len(PREDICTORS)]
@@ -218,6 +253,22 @@ def _forecast_section(metrics: dict) -> list[str]:
                              + " |")
         lines.append("")
     return lines
+
+
+def _step_section(metrics: dict) -> list[str]:
+    reference, level = metrics["gate_reference"], metrics["interval"]["level"]
+    lines = [f"## By step ahead (against `{reference}`, stations seen in training)", "",
+             "| step | rows | " + " | ".join(f"{p} MAE" for p in PREDICTORS)
+             + f" | model R² | {level:.0%} band coverage | width | pinball |",
+             "|---:|---:|" + "---:|" * (len(PREDICTORS) + 4)]
+    for step, scores in sorted(metrics["by_step"].items(), key=lambda item: int(item[0])):
+        forecast, band = scores["forecast"], scores["interval"]["model"]
+        r2 = forecast["model"]["r2"]
+        lines.append(f"| {step} | {forecast['model']['n']} | "
+                     + " | ".join(f"{forecast[p]['mae']:.3f}" for p in PREDICTORS)
+                     + f" | {r2 if r2 is None else f'{r2:.3f}'} | {band['coverage']:.1%} | {band['width']:.2f} | "
+                       f"{band['pinball']:.3f} |")
+    return [*lines, ""]
 
 
 def _interval_section(metrics: dict, level: float, tolerance: float) -> list[str]:
@@ -288,12 +339,12 @@ def _flagged_section(flags: pd.DataFrame) -> list[str]:
 
 def _import_section(files: dict) -> list[str]:
     columns = ["rows", "kept", "missing_value", "bad_date", "future_date", "not_a_number", "impossible",
-               "conflicting_duplicate", "repeated_rows", "days_without_reading"]
+               "conflicting_duplicate", "repeated_rows", "steps_without_reading"]
     lines = ["## Imported files", "", "| station | " + " | ".join(c.replace("_", " ") for c in columns)
              + " | out of order | train / test days |", "|---|" + "---:|" * len(columns) + "---|---|"]
     for station, r in files.items():
         lines.append(f"| {station} | " + " | ".join(str(r.get(c, 0)) for c in columns)
-                     + f" | {'yes' if r['out_of_order'] else 'no'} | {r['train_days']} / {r['test_days']} |")
+                     + f" | {'yes' if r['out_of_order'] else 'no'} | {r['train_steps']} / {r['test_steps']} |")
     return [*lines, ""]
 
 

@@ -27,7 +27,7 @@ assert [module.STAGE for module in STAGES] == cli.STAGES, "stages.txt and the te
 TINY = {
     "n_stations": 5,
     "n_years": 3,
-    "test_days": 120,
+    "test_steps": 120,
     "gbr_max_iter": 60,
     "cv_folds": 3,
 }
@@ -77,6 +77,20 @@ def project(built, tmp_path) -> tuple[Path, Path]:
     return root, root / "params.toml"
 
 
+@pytest.fixture(scope="session")
+def horizon_built(built, tmp_path_factory) -> Path:
+    """``built``'s simulated data, with stages 2-4 run again to forecast 1, 2 and 3 days ahead."""
+    root = tmp_path_factory.mktemp("horizon") / "project"
+    shutil.copytree(built[0], root, symlinks=True)
+    params = write_params(root / "horizon.toml", **TINY, horizon=HORIZON)
+    for module in STAGES[1:]:
+        assert run_stage(module, root, params) == 0, f"{module.STAGE} failed"
+    return root
+
+
+HORIZON = 3
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under data/ and models/, to prove a failed run changed nothing."""
     return {str(p.relative_to(root)): p.read_bytes()
@@ -105,7 +119,7 @@ REAL_FORMAT = {
 }
 REAL_FORMAT_FLAWS = {"rows": 1078, "kept": 1057, "missing_value": 14, "bad_date": 1, "not_a_number": 1,
                      "impossible": 1, "conflicting_duplicate": 2, "repeated_rows": 2, "out_of_order": True,
-                     "days_without_reading": 39}
+                     "steps_without_reading": 39}
 
 
 def write_real_format_station(path: Path) -> None:

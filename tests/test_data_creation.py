@@ -149,7 +149,7 @@ def test_split_is_in_time_and_holdout_stations_never_reach_training(built):
     stations = pd.read_csv(root / "data/truth/stations.csv")
     test_start = json.loads((root / "data/source.json").read_text())["test_start"]
     last_day = pd.read_csv(next((root / "data/truth").glob("ST0*.csv")))["date"].max()
-    assert pd.Timestamp(last_day) - pd.Timestamp(test_start) == pd.Timedelta(days=TINY["test_days"] - 1)
+    assert pd.Timestamp(last_day) - pd.Timestamp(test_start) == pd.Timedelta(days=TINY["test_steps"] - 1)
     for station, role in zip(stations["station"], stations["role"], strict=True):
         test = pd.read_csv(root / f"data/test/raw/{station}.csv")
         train_file = root / f"data/train/raw/{station}.csv"
@@ -225,7 +225,7 @@ def test_own_folder_problems_are_named(tmp_path):
     with pytest.raises(PipelineError, match=r"data\.holdout_stations = 1 leaves no station to train on"):
         data_creation.import_stations(tmp_path, dict(p["data"], holdout_stations=1), p["import"], p["pre"])
     with pytest.raises(PipelineError, match="no station has readings before"):
-        data_creation.import_stations(tmp_path, dict(p["data"], test_days=5000), p["import"], p["pre"])
+        data_creation.import_stations(tmp_path, dict(p["data"], test_steps=5000), p["import"], p["pre"])
 
 
 def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
@@ -235,7 +235,7 @@ def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
 
     stations = {"A": station("2020-01-01", "2020-12-31"), "B": station("2020-03-01", "2020-10-31"),
                 "C": station("2020-01-01", "2020-12-31")}
-    parts, cutoff = data_creation.split_in_time(stations, test_days=100, holdout_stations=1)
+    parts, cutoff = data_creation.split_in_time(stations, test_steps=100, holdout_stations=1)
     assert cutoff == pd.Timestamp("2020-12-31") - pd.Timedelta(days=99)
     for name in ("A", "B"):
         assert parts[name]["train"]["date"].max() < cutoff <= parts[name]["test"]["date"].min()
@@ -288,3 +288,53 @@ def test_a_start_on_29_february_ends_whole_years_later(params):
     sim = dict(params["simulation"], start_date="2020-02-29", n_years=2, n_stations=2)
     dates = data_creation.simulate(sim, 0, params["anomalies"]).dates
     assert str(dates[0]) == "2020-02-29" and str(dates[-1]) == "2022-02-28"
+
+
+@pytest.mark.parametrize("dates, expected", [
+    (pd.date_range("2020-01-01", periods=90, freq="D"), "daily"),
+    (pd.date_range("2020-01-01", periods=90, freq="D").delete(range(20, 50)), "daily"),  # a month-long gap
+    (pd.date_range("1960-01-01", periods=120, freq="MS"), "monthly"),
+    (pd.date_range("1960-01-31", periods=120, freq="ME"), "monthly"),
+    (pd.date_range("1960-01-01", periods=120, freq="MS").delete([7, 8, 30]), "monthly"),  # missing months
+])
+def test_the_step_of_a_series_is_read_from_its_dates(dates, expected):
+    assert data_creation.infer_frequency(pd.DatetimeIndex(dates)) == expected
+
+
+@pytest.mark.parametrize("dates, message", [
+    (pd.date_range("2020-01-05", periods=60, freq="W"), "irregular steps: readings are typically 7 days apart"),
+    (pd.date_range("1990-01-01", periods=40, freq="MS").append(pd.date_range("1993-05-02", periods=10)),
+     "mixed steps: readings are mostly a month apart, but 1993-05-02 and 1993-05-03 fall in the same month"),
+    (pd.date_range("1990-01-01", periods=15, freq="MS").append(pd.date_range("1991-04-01", periods=300)),
+     "mixed steps: readings are mostly a day apart, but from 1990-01-01 to 1991-01-01 they are a month apart"),
+    (pd.date_range("2000-01-01", periods=24, freq="MS").map(lambda d: d.replace(day=15) if d.month == 6 else d),
+     "mixed steps: readings are mostly a month apart, but not on the same day of each month"),
+])
+def test_irregular_or_mixed_steps_are_refused_with_a_reason(dates, message):
+    with pytest.raises(ValueError, match=message):
+        data_creation.infer_frequency(pd.DatetimeIndex(dates))
+
+
+def _monthly_file(path, start: str = "1960-01", months: int = 240) -> None:
+    dates = pd.date_range(f"{start}-01", periods=months, freq="MS")
+    values = 10 + 8 * np.sin(2 * np.pi * dates.month.to_numpy() / 12) + np.random.default_rng(1).normal(0, 1, months)
+    pd.DataFrame({"DATE": dates.strftime("%Y-%m-%d"), "TMAX": values.round(1)}).to_csv(path, sep=";", index=False)
+
+
+def test_monthly_files_are_imported_as_monthly_steps_and_mixed_frequencies_refused(tmp_path):
+    p = _import_params()
+    imp = dict(p["import"], date_format="%Y-%m-%d", unit="C")
+    data = dict(p["data"], test_steps=24)
+    _monthly_file(tmp_path / "A.csv")
+    _monthly_file(tmp_path / "B.csv", start="1961-01")
+    parts, report, test_start = data_creation.import_stations(tmp_path, data, imp, p["pre"])
+    assert test_start == "1979-01-01" and report["A"]["frequency"] == "monthly"
+    assert len(parts["B"]["test"]) == 24 and parts["B"]["test"]["date"].dt.day.eq(1).all()
+    assert len(parts["A"]["test"]) == 12  # A ends a year before B: its last 12 months are in the test period
+    assert report["B"]["steps_without_reading"] == 0 and report["B"]["train_steps"] == 240 - 24
+    with pytest.raises(PipelineError, match=r"readings are monthly, but data\.frequency is 'daily'"):
+        data_creation.import_stations(tmp_path, dict(data, frequency="daily"), imp, p["pre"])
+    dates = pd.date_range("1975-01-01", periods=400, freq="D")
+    pd.DataFrame({"DATE": dates.strftime("%Y-%m-%d"), "TMAX": 10.0}).to_csv(tmp_path / "C.csv", sep=";", index=False)
+    with pytest.raises(PipelineError, match=r"mixed frequencies: C.csv is daily, A.csv is monthly; one frequency"):
+        data_creation.import_stations(tmp_path, data, imp, p["pre"])

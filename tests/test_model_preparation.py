@@ -40,7 +40,7 @@ def test_record_and_model_on_the_tiny_configuration(built):
     root, _ = built
     record = json.loads((root / "models/model.json").read_text())
     bundle = joblib.load(root / "models/model.joblib")
-    assert bundle["name"] == record["chosen"] and bundle["features"] == features.FEATURES
+    assert bundle["steps"][0]["name"] == record["chosen"] and bundle["features"] == features.FEATURES
     assert set(record["cv"]["mean_mae"]) == {"persistence", "ridge", "gradient_boosting"}
     assert all(len(v) == record["cv"]["folds"] for v in record["cv"]["mae"].values())
     assert record["training_data_sha256"] == storage.sha256_file(root / "data/train/features.csv")
@@ -79,7 +79,7 @@ def test_interval_is_calibrated_on_validation_rows_only(built):
     folds = model_preparation.time_folds(rows["target_date"], record["cv"]["folds"])
     assert record["interval"]["model"]["residuals"] == sum(len(valid) for _, valid in folds) < len(rows)
     bundle = joblib.load(root / "models/model.joblib")
-    assert bundle["interval"] == record["interval"]["model"] and bundle["interval"]["level"] == 0.9
+    assert bundle["steps"][0]["interval"] == record["interval"]["model"] and record["interval"]["model"]["level"] == 0.9
 
 
 def test_the_model_is_byte_identical_whatever_the_thread_count(project, monkeypatch):
@@ -119,3 +119,37 @@ def test_model_selection_cost_is_bounded_and_the_final_fit_uses_every_row(projec
     per_station = all_rows.groupby("station").size()
     assert (sample.groupby("station").size() == per_station[sample["station"].unique()]).all()  # whole stations
     assert model_preparation.cv_sample(all_rows, len(all_rows)) is all_rows
+
+
+def test_every_step_ahead_gets_its_own_model_and_a_band_from_its_own_validation_rows(horizon_built):
+    from conftest import HORIZON
+
+    record = json.loads((horizon_built / "models/model.json").read_text())
+    bundle = joblib.load(horizon_built / "models/model.joblib")
+    rows = model_preparation.training_rows(pd.read_csv(horizon_built / "data/train/features.csv"))
+    assert [entry["step"] for entry in record["steps"]] == list(range(1, HORIZON + 1)) == \
+        [entry["step"] for entry in bundle["steps"]]
+    widths = []
+    for entry, fitted in zip(record["steps"], bundle["steps"], strict=True):
+        step_rows = rows[rows["step"] == entry["step"]].reset_index(drop=True)
+        folds = model_preparation.purged(model_preparation.time_folds(step_rows["target_date"], entry["cv"]["folds"]),
+                                         step_rows)
+        assert entry["interval"]["model"]["residuals"] == sum(len(valid) for _, valid in folds) < len(step_rows)
+        assert fitted["interval"] == entry["interval"]["model"]
+        widths.append(entry["interval"]["model"]["upper"] - entry["interval"]["model"]["lower"])
+    assert widths == sorted(widths) and widths[0] < widths[-1]  # further ahead, wider
+
+
+def test_folds_leave_out_training_targets_a_forecast_could_not_have_known():
+    dates = pd.Series(pd.date_range("2020-01-01", periods=400, freq="D"))
+    for step in (1, 5):
+        rows = pd.DataFrame({"date": dates, "target_date": dates + pd.Timedelta(days=step), "step": step})
+        folds = model_preparation.purged(model_preparation.time_folds(rows["target_date"], 3), rows)
+        for fit, valid in folds:
+            assert rows["target_date"].iloc[fit].max() <= rows["date"].iloc[valid].min()
+            assert len(fit) == (rows["target_date"].iloc[fit].max() - rows["target_date"].min()).days + 1
+        plain = model_preparation.time_folds(rows["target_date"], 3)
+        assert sum(len(f) for f, _ in folds) == sum(len(f) for f, _ in plain) - (len(plain) * (step - 1))
+    with pytest.raises(errors.PipelineError, match="too few training steps to validate forecasts 300 steps ahead"):
+        rows = pd.DataFrame({"date": dates, "target_date": dates + pd.Timedelta(days=300), "step": 300})
+        model_preparation.purged(model_preparation.time_folds(rows["target_date"], 3), rows)

@@ -17,9 +17,11 @@ def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
     assert set(metrics["forecast"]) == {"truth", "observed", "accepted"}
     for reference in ("truth", "observed", "accepted"):
         trained = metrics["forecast"][reference]["trained_stations"]
-        assert set(trained) == {"model", "persistence", "climatology"}
+        assert set(trained) == {"model", "persistence", "climatology", "drift"}
         assert set(trained["model"]) == {"n", "mae", "rmse", "r2"}
-        assert trained["model"]["n"] == trained["persistence"]["n"] == trained["climatology"]["n"]
+        assert trained["model"]["n"] == trained["persistence"]["n"] == trained["climatology"]["n"] \
+            == trained["drift"]["n"]
+        assert trained["model"]["mae"] < trained["drift"]["mae"]
         assert trained["model"]["mae"] < trained["persistence"]["mae"] < trained["climatology"]["mae"]
         assert "climatology" not in metrics["forecast"][reference]["holdout_stations"]
     assert metrics["gate"]["passed"] is True
@@ -49,7 +51,7 @@ def test_score_matches_definitions():
 
 def test_gate_failure_exits_3_with_a_clear_line(project, capsys):
     root, _ = project
-    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,
                           cv_folds=3, gate_min_improvement=0.5)
     assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -153,6 +155,7 @@ def test_a_held_out_station_is_scored_on_the_test_period_only(built):
     held_out = pd.read_csv(root / "data/truth/stations.csv").query("role == 'holdout'")["station"]
     rows = predictions[predictions["station"].isin(held_out)]
     assert len(rows) and rows["target_date"].min() >= test_start
+    rows = rows.dropna(subset=["clean_temperature"])  # the forecast beyond the record has nothing to score
     assert predictions["target_date"].min() >= test_start
     metrics = json.loads((root / "models/metrics.json").read_text())
     assert metrics["forecast"]["truth"]["holdout_stations"]["model"]["n"] == len(rows)
@@ -160,7 +163,7 @@ def test_a_held_out_station_is_scored_on_the_test_period_only(built):
 
 def accept_another_model(root) -> None:
     """Train and accept a different model (heavily regularised Ridge) in ``root``."""
-    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+    other = write_params(root / "other.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,
                          cv_folds=3, ridge_alpha=5000.0, tie_tolerance=0.5)
     assert run_stage(model_preparation, root, other) == 0
     assert run_stage(model_testing, root, other) == 0
@@ -174,7 +177,7 @@ def test_failed_gate_keeps_the_accepted_model_and_restore_undoes_an_acceptance(p
     root, params = project
     first = _accepted(root)
     assert "model.joblib" in first and "SIGNATURES.json" in first
-    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,
                           cv_folds=3, gate_min_improvement=0.5)
     assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     assert _accepted(root) == first
@@ -231,7 +234,10 @@ def test_report_has_the_summary_predictions_and_valid_figures(built):
                  "| spike |", *(f"]({name})" for name in expected)):
         assert text in summary, text
     predictions = pd.read_csv(reports / "predictions.csv")
-    assert len(predictions) == metrics["forecast"]["truth"]["all_stations"]["model"]["n"]
+    scored = predictions.dropna(subset=["clean_temperature"])
+    assert len(scored) == metrics["forecast"]["truth"]["all_stations"]["model"]["n"]
+    ahead = predictions[predictions["clean_temperature"].isna()]  # one forecast beyond each record's end
+    assert len(ahead) == predictions["station"].nunique() and ahead["observed"].isna().all()
     assert (predictions["model_lower"] <= predictions["model"]).all()
     assert (predictions["model"] <= predictions["model_upper"]).all()
 
@@ -247,7 +253,7 @@ def test_rerun_gives_byte_identical_metrics_and_report(project):
 
 def test_a_failed_gate_still_writes_the_report_and_says_so(project):
     root, _ = project
-    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_days=120, gbr_max_iter=60,
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,
                           cv_folds=3, gate_min_improvement=0.5)
     assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     assert "**Quality gate: FAILED**" in (root / "reports/summary.md").read_text()
@@ -340,15 +346,15 @@ def test_figures_keep_one_colour_per_predictor_true_titles_and_a_readable_year()
 
     days = pd.date_range("2000-01-01", periods=800, freq="D")
     rng = np.random.default_rng(0)
-    rows = pd.DataFrame({"station": "A", "target_date": days.strftime("%Y-%m-%d"), "model": rng.normal(size=800),
-                         "observed": rng.normal(size=800), "flag": "none"})
+    rows = pd.DataFrame({"station": "A", "step": 1, "target_date": days.strftime("%Y-%m-%d"),
+                         "model": rng.normal(size=800), "observed": rng.normal(size=800), "flag": "none"})
     rows["model_lower"], rows["model_upper"] = rows["model"] - 1, rows["model"] + 1
     rows["persistence"] = rows["model"]
     metrics = {"interval": {"level": 0.9, "truth": {"per_station": {"A": {"coverage": 0.9}}}},
                "gate_reference": "truth"}
     fig = report._forecast_figure(plt, rows, metrics)
     left, right = fig.axes[0].get_xlim()
-    assert right - left < 450 and "last 365 days" in fig.axes[0].get_title()  # 365 days and margins
+    assert right - left < 450 and "last 365 steps" in fig.axes[0].get_title()  # 365 days and margins
 
     frame = rows.assign(clean_temperature=rows["observed"])
     fig = report._residuals_figure(plt, frame, "truth")
@@ -389,3 +395,27 @@ def test_a_fifo_planted_as_a_model_file_is_refused_at_once(project, capsys):
     os.mkfifo(root / "models/model.joblib")
     assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
     assert "model.joblib: not a regular file (a FIFO)" in capsys.readouterr().err
+
+
+def test_forecasts_several_steps_ahead_are_scored_per_step_and_step_one_is_unchanged(built, horizon_built):
+    from conftest import HORIZON
+
+    one = json.loads((built[0] / "models/metrics.json").read_text())
+    several = json.loads((horizon_built / "models/metrics.json").read_text())
+    assert list(several["by_step"]) == [str(step) for step in range(1, HORIZON + 1)] and several["horizon"] == HORIZON
+    assert several["by_step"]["1"]["forecast"] == one["by_step"]["1"]["forecast"]
+    assert several["by_step"]["1"]["forecast"]["model"] == one["forecast"]["truth"]["trained_stations"]["model"]
+    steps = [several["by_step"][str(step)] for step in range(1, HORIZON + 1)]
+    persistence = [s["forecast"]["persistence"]["mae"] for s in steps]
+    assert persistence == sorted(persistence) and persistence[0] < persistence[-1]
+    assert all(s["forecast"]["model"]["mae"] < s["forecast"]["persistence"]["mae"] for s in steps)
+    widths = [s["interval"]["model"]["width"] for s in steps]
+    assert widths[0] < widths[-1] and all(0.75 <= s["interval"]["model"]["coverage"] <= 0.99 for s in steps)
+    first = pd.read_csv(built[0] / "reports/predictions.csv")
+    later = pd.read_csv(horizon_built / "reports/predictions.csv")
+    pd.testing.assert_frame_equal(later[later["step"] == 1].reset_index(drop=True), first)
+    ahead = later[later["target_date"] > later.dropna(subset=["clean_temperature"])["target_date"].max()]
+    assert sorted(ahead["step"].unique()) == list(range(1, HORIZON + 1))  # the forecast beyond the record
+    summary = (horizon_built / "reports/summary.md").read_text()
+    assert "## By step ahead" in summary and "](error_by_step.png)" in summary
+    assert (horizon_built / "reports/error_by_step.png").stat().st_size > 10_000

@@ -261,30 +261,29 @@ def training_days(climates: pd.DataFrame, n_days: int, test_steps: int) -> np.nd
 def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, labels: np.ndarray,
                    events: np.ndarray, train_end: int) -> dict[str, pd.DataFrame]:
     """The three files of one station: train and test observations, and its truth."""
-    day_str = pd.Series(np.datetime_as_string(dates, unit="D"))
+    days = pd.Series(dates.astype("datetime64[ns]"))
     present = ~np.isnan(observed)
-    obs = pd.DataFrame({"date": day_str, "temperature": observed})
+    obs = pd.DataFrame({"date": days, "temperature": observed})
     in_train = np.arange(len(dates)) < train_end
     return {
         "train": obs[present & in_train],
         "test": obs[present & ~in_train],
-        "truth": pd.DataFrame({"date": day_str, "clean_temperature": np.round(clean, 2), "anomaly": labels,
-                               "event": events}),
+        "truth": pd.DataFrame({"date": days, "clean_temperature": clean, "anomaly": labels, "event": events}),
     }
 
 
 def write_station_files(staging: Path, simulation: Simulation, test_steps: int, resolution: str) -> None:
     climates = simulation.climates
     train_end = training_days(climates, len(simulation.dates), test_steps)
-    reading_format = "%.2f" if resolution == "1F" else "%.1f"
+    places = {"temperature": 2 if resolution == "1F" else 1, "clean_temperature": 2}
     progress = cli.Progress("station files written", len(climates))
     for i, station in enumerate(climates["station"]):
         tables = station_tables(simulation.dates, simulation.clean[i], simulation.observed[i], simulation.labels[i],
                                 simulation.events[i], train_end[i])
         for folder, table in tables.items():
             if len(table):
-                table.to_csv(staging / folder / f"{station}.csv", index=False, lineterminator="\n",
-                             float_format="%.2f" if folder == "truth" else reading_format)
+                storage.write_csv(staging / folder / f"{station}.csv", table,
+                                  fixed={k: v for k, v in places.items() if k in table}, staged=True)
         progress.step()
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
@@ -486,8 +485,7 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
     for station, split in parts.items():
         for folder, table in split.items():
             if len(table):
-                table.assign(date=table["date"].dt.strftime("%Y-%m-%d")).to_csv(
-                    staging / folder / f"{station}.csv", index=False, lineterminator="\n", float_format="%.2f")
+                storage.write_csv(staging / folder / f"{station}.csv", table, fixed={"temperature": 2}, staged=True)
 
 
 # --------------------------------------------------------------------------- main

@@ -53,6 +53,9 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     finite number in [min_temp, max_temp]. Dates must be unique YYYY-MM-DD days.
     """
     text = storage.read_text_file(path)
+    clean = _read_clean_station_csv(text, min_temp, max_temp)
+    if clean is not None:
+        return clean
     header = text.splitlines()[0].strip()
     columns = [c.strip() for c in header.split(",")]
     if any(sep in header for sep in (";", "\t", "|")) and len(columns) == 1:
@@ -80,6 +83,39 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
         "date": _parse_dates(path, table["date"], line),
         "temperature": _parse_temperatures(path, table["temperature"], line, min_temp, max_temp),
     }).sort_values("date", ignore_index=True)
+
+
+def _read_clean_station_csv(text: str, min_temp: float, max_temp: float) -> pd.DataFrame | None:
+    """A file as the pipeline writes it, parsed by pyarrow in one pass; None if anything about it is off.
+
+    Files the pipeline wrote are read several times faster this way; any file
+    this fast path does not fully accept (another header, blanks, a bad line,
+    a duplicate date, an impossible value) is read again by the careful path,
+    which names the line and the problem.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    if not text.startswith("date,temperature\n") or not text.endswith("\n"):
+        return None
+    try:
+        table = pa_csv.read_csv(
+            io.BytesIO(text.encode()),
+            convert_options=pa_csv.ConvertOptions(column_types={"date": pa.date32(), "temperature": pa.float64()},
+                                                  null_values=[""], strings_can_be_null=False,
+                                                  quoted_strings_can_be_null=False),
+            read_options=pa_csv.ReadOptions(use_threads=False))
+    except pa.ArrowInvalid:
+        return None
+    if table.column_names != RAW_COLUMNS or table.num_rows == 0 or table.column("date").null_count:
+        return None
+    dates = pd.Series(table.column("date").to_numpy().astype("datetime64[us]"))
+    values = pd.Series(table.column("temperature").to_numpy(zero_copy_only=False), dtype=float)
+    readings = values.to_numpy()[~table.column("temperature").is_null().to_numpy(zero_copy_only=False)]
+    if not (np.isfinite(readings).all() and (readings >= min_temp).all() and (readings <= max_temp).all()) \
+            or dates.duplicated().any():
+        return None
+    return pd.DataFrame({"date": dates, "temperature": values}).sort_values("date", ignore_index=True)
 
 
 def _parse_dates(path: Path, text: pd.Series, line: pd.RangeIndex) -> pd.Series:

@@ -95,7 +95,7 @@ def _truth_file(path) -> pd.DataFrame:
         problem = "dates are not unique YYYY-MM-DD days"
     else:
         for column, values in allowed.items():
-            unknown = set(table[column]) - values
+            unknown = set(table[column].unique()) - values
             if unknown:
                 problem = f"unknown {column} label {sorted(map(str, unknown))[0]!r}"
     if problem:
@@ -137,16 +137,22 @@ def forecast_scores(frame: pd.DataFrame, actual: str) -> dict:
     return result
 
 
+def pinball_loss(actual: np.ndarray, quantile: np.ndarray, alpha: float) -> float:
+    """The mean quantile (pinball) loss of forecasting the ``alpha`` quantile; scikit-learn's
+    ``mean_pinball_loss``, without its input checks, which cost more than the sum at a thousand stations."""
+    diff = actual - quantile
+    above = (diff >= 0).astype(diff.dtype)
+    return float(np.mean(alpha * above * diff - (1 - alpha) * (1 - above) * diff))
+
+
 def interval_score(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float) -> dict:
     """Coverage, mean width and pinball loss of a central ``level`` interval.
 
     The pinball loss is the mean of the two bounds' quantile losses; lower is
     better, and it punishes both a band that misses and one that is too wide.
     """
-    from sklearn.metrics import mean_pinball_loss
-
     tail = (1 - level) / 2
-    pinball = (mean_pinball_loss(actual, lower, alpha=tail) + mean_pinball_loss(actual, upper, alpha=1 - tail)) / 2
+    pinball = (pinball_loss(actual, lower, tail) + pinball_loss(actual, upper, 1 - tail)) / 2
     return {
         "n": len(actual),
         "coverage": round(float(np.mean((actual >= lower) & (actual <= upper))), 4),

@@ -22,6 +22,7 @@ PREDICTORS = ["model", "persistence", "climatology", "drift"]
 COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab:green", "drift": "tab:purple"}
 FORECAST_STEPS = 365  # the forecast figure shows at most the last 365 steps of the test period, so they stay readable
 GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
+STATION_BARS = 40  # the error-by-station figure shows at most this many stations
 # Figure sizes in inches at DPI dots per inch: the PNGs are 1200x450 and 1000x500 pixels.
 DPI = 100
 FORECAST_SIZE = (12.0, 4.5)
@@ -109,6 +110,12 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
 
 def _error_by_station_figure(plt, per_station: dict, reference: str):
     stations = sorted(per_station)
+    shown = ""
+    if len(stations) > STATION_BARS:  # a large network: the stations where the model gains least
+        gain = {s: per_station[s]["model"]["mae"] / max(per_station[s]["persistence"]["mae"], 1e-9) for s in stations}
+        worst = sorted(stations, key=lambda s: (-gain[s], s))[:STATION_BARS]
+        shown = f"; the {STATION_BARS} of {len(stations)} stations where the model gains least on persistence"
+        stations = sorted(worst)
     x = np.arange(len(stations))
     fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
     width = 0.8 / len(PREDICTORS)
@@ -119,7 +126,7 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
     ax.set_ylabel(f"test MAE (°C) against the {reference} temperature")
     untrained = [s for s in stations if "climatology" not in per_station[s]]
     note = f" (no climatology or drift bar: {', '.join(untrained)} never trained on)" if untrained else ""
-    ax.set_title(f"Error by station: model and baselines{note}")
+    ax.set_title(f"Error by station: model and baselines{note}{shown}", fontsize="medium" if shown else None)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     return fig

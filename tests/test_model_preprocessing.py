@@ -181,3 +181,17 @@ def test_a_test_period_only_held_out_stations_reach_is_refused(tmp_path, capsys)
     assert run_stage(data_creation, root, params) == 0
     assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     assert "no station trained on has readings in the test period" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", [
+    "date,temperature\n2020-01-02,1.5\n2020-01-01,\n2020-01-04,-0.5\n",  # as the pipeline writes, out of order
+    "date,temperature\n2020-01-01, 1.5\n2020-01-02,2\n",  # a blank: only the careful path reads it
+    "date,temperature,note\n2020-01-01,1.5,x\n",  # an extra column: the careful path warns about it
+])
+def test_the_fast_reader_and_the_careful_one_agree(tmp_path, monkeypatch, text):
+    path = tmp_path / "A.csv"
+    path.write_text(text)
+    fast = model_preprocessing.read_station_csv(path, -90.0, 60.0)
+    monkeypatch.setattr(model_preprocessing, "_read_clean_station_csv", lambda *args: None)
+    pd.testing.assert_frame_equal(fast, model_preprocessing.read_station_csv(path, -90.0, 60.0))
+    assert fast["date"].is_monotonic_increasing

@@ -419,3 +419,13 @@ def test_forecasts_several_steps_ahead_are_scored_per_step_and_step_one_is_uncha
     summary = (horizon_built / "reports/summary.md").read_text()
     assert "## By step ahead" in summary and "](error_by_step.png)" in summary
     assert (horizon_built / "reports/error_by_step.png").stat().st_size > 10_000
+
+
+def test_pinball_loss_is_scikit_learns():
+    from sklearn.metrics import mean_pinball_loss
+
+    rng = np.random.default_rng(3)
+    actual, quantile = rng.normal(size=500), rng.normal(size=500)
+    for alpha in (0.05, 0.5, 0.95):
+        assert model_testing.pinball_loss(actual, quantile, alpha) == pytest.approx(
+            mean_pinball_loss(actual, quantile, alpha=alpha), rel=1e-12)

@@ -60,8 +60,9 @@ def candidates(model: dict) -> dict:
 
 def training_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Rows whose next-day target was really observed and not flagged, in date order."""
-    rows = table[table["target_ok"] == 1]
-    return rows.sort_values(["target_date", "station"], ignore_index=True)
+    kept = np.flatnonzero((table["target_ok"] == 1).to_numpy())
+    order = np.lexsort((table["station"].to_numpy()[kept], table["target_date"].to_numpy()[kept]))
+    return table.take(kept[order]).reset_index(drop=True)  # one copy, however large the table
 
 
 def cv_sample(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:
@@ -209,7 +210,8 @@ def main(args) -> None:
     fitted = []
     with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
         for step in steps:  # one direct model per step ahead, each with its own interval
-            fitted.append(fit_step(rows[rows["step"] == step].reset_index(drop=True), model_params))
+            step_rows = rows if len(steps) == 1 else rows[rows["step"] == step].reset_index(drop=True)
+            fitted.append(fit_step(step_rows, model_params))
             if len(steps) > 1:
                 log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), fitted[-1]["name"],
                          fitted[-1]["record"]["cv"]["mean_mae"][fitted[-1]["name"]],

@@ -71,6 +71,24 @@ def _busy_jiffies() -> float:
     return sum(ticks[:8]) - idle - iowait  # user, nice, system, irq, softirq and steal
 
 
+def release_memory() -> None:
+    """Hand memory freed so far back to the system, between the phases of a large stage.
+
+    glibc keeps freed blocks below its mmap threshold for reuse, so without this
+    a stage's resident size stays at the high-water mark of its last phase and
+    the next phase's peak adds to it (stage 2 at 1,000 stations: 2.4 GB peak
+    without, 2.2 GB with). Does nothing where there is no glibc.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Progress:
     """Logs ``what: done of total, elapsed, about N s left`` at most every ``interval`` seconds, and nothing
     for work that finishes within the first interval."""

@@ -313,14 +313,19 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
     (a station's features depend on its own readings only, so the rows are the same), or PipelineError
     when either is empty or no test station was trained on."""
-    parts: dict[str, list[pd.DataFrame]] = {"train": [], "test": []}
+    # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
+    # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
+    pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for begin in range(0, observed.shape[1], STATION_BLOCK):
         block = observed.columns[begin:begin + STATION_BLOCK]
         rows = build_features(observed[block], period[block], {name: table[block] for name, table in verdict.items()},
                               horizon)
-        for name, part in parts.items():
-            part.append(rows[rows["period"] == name])
-    train, test = (pd.concat(parts.pop(name), ignore_index=True) for name in ("train", "test"))
+        for name, columns in pieces.items():
+            chosen = (rows["period"] == name).to_numpy()
+            for column in rows.columns:
+                columns.setdefault(column, []).append(rows[column].to_numpy()[chosen])
+        del rows
+    train, test = (_joined(pieces.pop(name)) for name in ("train", "test"))
     if train.empty or test.empty:
         which = "training" if train.empty else "test"
         raise PipelineError(f"no {which} rows left after building features; the {which} period (test from "
@@ -338,6 +343,13 @@ def fit_scaler(train: pd.DataFrame):
     from sklearn.preprocessing import StandardScaler
 
     return StandardScaler().fit(train.loc[train["step"] == 1, FEATURES])
+
+
+def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
+    joined = {}
+    for column in list(pieces):
+        joined[column] = np.concatenate(pieces.pop(column))
+    return pd.DataFrame(joined, copy=False)
 
 
 def scale_features(rows: pd.DataFrame, scaler) -> None:
@@ -383,7 +395,9 @@ def main(args) -> None:
     observed, period = to_calendar(frame, test_start, frequency)
     del frame
     detector, verdict = quality_control_flags(observed, period, qc)
+    cli.release_memory()
     train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"])
+    cli.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scaler = fit_scaler(train)

@@ -349,6 +349,7 @@ def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
     joined = {}
     for column in list(pieces):
         joined[column] = np.concatenate(pieces.pop(column))
+        cli.release_memory(collect=False)  # the pieces' memory goes back before the next column is joined
     return pd.DataFrame(joined, copy=False)
 
 

@@ -350,7 +350,7 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
         raise PipelineError(f"{path}: {exc}") from None
     if frequency == "monthly":
         kept["date"] = kept["date"].dt.to_period("M").dt.to_timestamp()
-    span = len(pd.date_range(kept["date"].iat[0], kept["date"].iat[-1], freq=FREQUENCIES[frequency]))
+    span = len(pd.date_range(kept["date"].iat[0], kept["date"].iat[-1], freq=FREQUENCIES.get(frequency, "D")))
     report.update(frequency=frequency, first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
                   steps_without_reading=span - len(kept))
     return kept, report
@@ -365,10 +365,10 @@ def infer_frequency(dates: pd.DatetimeIndex) -> str:
     Daily: most readings are one day apart (gaps of any length are missing
     days). Monthly: at most one reading per month, on the same day of the month
     or on the month's last day, most of them one month apart. A single reading
-    says nothing about its step; it is called daily.
+    says nothing about its step: ``unknown``, which fits the other files' step.
     """
     if len(dates) < 2:
-        return "daily"
+        return "unknown"
     gaps = np.diff(dates.to_numpy()).astype("timedelta64[D]").astype(int)
     typical = int(np.median(gaps))
     if typical == 1:
@@ -461,6 +461,8 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
         log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
                  _describe(report[path.stem]))
     frequency = common_frequency(report, data["frequency"], folder)
+    for entry in report.values():  # a one-reading file takes the step of the others
+        entry["frequency"] = frequency
     parts, cutoff = split_in_time(stations, data["test_steps"], data["holdout_stations"], frequency)
     for name, part in parts.items():
         report[name].update(train_steps=len(part["train"]), test_steps=len(part["test"]))
@@ -469,13 +471,13 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
 
 def common_frequency(report: dict[str, dict], wanted: str, folder: Path) -> str:
     """The one frequency of all files (as ``data.frequency`` asks, unless "auto"), or PipelineError."""
-    found = {name: entry["frequency"] for name, entry in report.items()}
-    kinds = sorted(set(found.values()))
+    found = {name: entry["frequency"] for name, entry in report.items() if entry["frequency"] != "unknown"}
+    kinds = sorted(set(found.values())) or [wanted if wanted != "auto" else "daily"]
     if len(kinds) > 1:
         example = {kind: next(name for name, f in found.items() if f == kind) for kind in kinds}
         raise PipelineError(f"{folder}: mixed frequencies: {example['daily']}.csv is daily, "
                             f"{example['monthly']}.csv is monthly; one frequency per run")
-    if wanted != "auto" and kinds[0] != wanted:
+    if wanted != "auto" and found and kinds[0] != wanted:
         name = next(iter(found))
         raise PipelineError(f"{folder / (name + '.csv')}: readings are {kinds[0]}, but data.frequency is {wanted!r}")
     return kinds[0]

@@ -338,3 +338,6 @@ def test_monthly_files_are_imported_as_monthly_steps_and_mixed_frequencies_refus
     pd.DataFrame({"DATE": dates.strftime("%Y-%m-%d"), "TMAX": 10.0}).to_csv(tmp_path / "C.csv", sep=";", index=False)
     with pytest.raises(PipelineError, match=r"mixed frequencies: C.csv is daily, A.csv is monthly; one frequency"):
         data_creation.import_stations(tmp_path, data, imp, p["pre"])
+    (tmp_path / "C.csv").write_text("DATE;TMAX\n1979-06-01;12.5\n")  # one reading: no step of its own
+    _, report, _ = data_creation.import_stations(tmp_path, data, imp, p["pre"])
+    assert report["C"]["frequency"] == "monthly"

@@ -224,6 +224,10 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
     lines = ["# Test report", ""]
     if source.get("source") == "simulation":
         lines.append(f"Data: {source['stations']} simulated stations ({quantity} temperature, °C).")
+    elif source.get("unit") == "none":
+        n = source.get("stations", 0)
+        lines.append(f"Data: {n} series from `{source.get('source')}`, {source.get('frequency', 'daily')}, used as "
+                     "they are (not temperatures: read °C below as the series' own unit).")
     else:
         n = source.get("stations", 0)
         lines.append(f"Data: {n} station file{'s' if n != 1 else ''} from `{source.get('source')}` "

@@ -9,8 +9,8 @@ spike or stuck reading by its expected value, a shift or drift by removing its
 estimated offset. Everything is causal: a day's flag, repair and features use
 only that day and earlier ones, never the next day that is being forecast.
 
-Inputs:  data/train/raw/*.csv, data/test/raw/*.csv (date, temperature), data/source.json (test_start)
-Outputs: data/{train,test}/features.csv  one row per station and forecast day
+Inputs:  data/train/raw/*.csv, data/test/raw/*.csv (date, temperature), data/source.json (test_start, frequency)
+Outputs: data/{train,test}/features.csv  one row per station, forecast origin and step ahead
          data/{train,test}/flags.csv     the detector's verdict on every calendar day
          data/flagged.csv                every flagged reading, training and test period
          models/scaler.joblib            StandardScaler fitted on training features

@@ -5,11 +5,14 @@ named in every output: ``truth``, the simulated clean temperature of every test
 day (simulation only); ``observed``, every reading of the test period, whatever
 the detector thought of it; and, beside it and never instead of it,
 ``accepted``, the readings the detector did not flag.
-Two baselines are scored on the same days: persistence (tomorrow = today's
-repaired reading) and the station's climatology from its training years (stations
-never trained on have none). The anomaly detector's flags on test days are scored
-against the injected labels. Each forecast comes with the prediction interval
-calibrated in model_preparation.py; its coverage, width and pinball loss are
+Forecasts of every step ahead are scored, each by its step's model and band,
+pooled and per step. Three baselines are scored on the same rows: persistence
+(the last repaired reading), the station's climatology from its training years,
+and drift (the last reading plus the station's mean training-years change per
+step, times the step); stations never trained on have neither of the last two.
+The anomaly detector's flags on test days are scored against the injected
+labels. Each forecast comes with the prediction interval calibrated in
+model_preparation.py; its coverage, width and pinball loss are
 scored against every reference. The report lists the flagged readings of the
 whole record, largest departure first.
 

@@ -330,7 +330,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
         which = "training" if train.empty else "test"
         raise PipelineError(f"no {which} rows left after building features; the {which} period (test from "
                             f"{test_start.date()}) has too few readings with the history the features need (30 days)")
-    if not set(test["station"]) & set(train["station"]):
+    if not set(test["station"].unique()) & set(train["station"].unique()):
         raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
                             "the quality gate would judge the model on held-out stations only: check the "
                             "stations' last dates or lower data.test_steps")
@@ -404,7 +404,7 @@ def main(args) -> None:
         scaler = fit_scaler(train)
     scale_features(train, scaler)
     scale_features(test, scaler)
-    tested, n_train, n_test = set(test["station"]), len(train), len(test)
+    tested, n_train, n_test = set(test["station"].unique()), len(train), len(test)
 
     # Each table is written as soon as it is made and then let go: at scale they are large.
     progress = cli.Progress("tables written", 5)

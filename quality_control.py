@@ -187,13 +187,20 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.D
             slope[i, m], intercept[i, m] = buddy["slope"], buddy["intercept"]
             weight[i, m] = buddy["weight"] if complete else 0.0
     padded = np.column_stack([anomaly.to_numpy(), np.full(len(anomaly), np.nan)])
-    readings = padded[:, index]  # days x stations x neighbours
-    used = index < len(stations)
-    joint = constant + np.where(used, weight * readings, 0.0).sum(axis=2)
-    joint[np.isnan(np.where(used, readings, 0.0)).any(axis=2)] = np.nan
+    # One neighbour slot at a time (date x station tables), not a date x station x neighbour array:
+    # the same sums in the same order, a fraction of the memory traffic.
+    total, missing = None, np.zeros(anomaly.shape, dtype=bool)
+    for m in range(width):
+        readings = padded[:, index[:, m]]
+        used = index[:, m] < len(stations)
+        term = np.where(used, weight[:, m] * readings, 0.0)
+        total = term if total is None else total + term
+        missing |= used & np.isnan(readings)
+    joint = constant + total
+    joint[missing] = np.nan
     fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
     days, columns = np.nonzero(fallback)
-    lines = intercept[columns] + slope[columns] * readings[days, columns]
+    lines = intercept[columns] + slope[columns] * padded[days[:, None], index[columns]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # days when no neighbour has a reading
         joint[days, columns] = np.nanmedian(lines, axis=1)

@@ -19,6 +19,9 @@ from params import load_params
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda t: t + "\n[extra]\nx = 1\n", "unknown section [extra]"),
     (lambda t: t.replace("ridge_alpha = 1.0", "ridge_alpa = 1.0"), "unknown parameter model.ridge_alpa"),
+    (lambda t: t.replace("test_steps = 365", "test_days = 365"),
+     "unknown parameter data.test_days; it is now data.test_steps (the same meaning, counted in steps"),
+    (lambda t: t.replace('frequency = "auto"', 'frequency = "monthly"'), "needs your own files (data.source)"),
     (lambda t: t.replace("cv_folds = 4", "#"), "model.cv_folds is missing"),
     (lambda t: t.replace("n_stations = 10", "n_stations = 0"), "simulation.n_stations = 0 is out of range [1, 100000]"),
     (lambda t: t.replace("n_stations = 10", 'n_stations = "ten"'), "simulation.n_stations must be int, got 'ten'"),

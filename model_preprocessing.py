@@ -184,7 +184,7 @@ def _check_station_periods(frame: pd.DataFrame, min_steps: int) -> None:
     if (counts < min_steps).any():
         station = counts.idxmin()
         source = frame.loc[frame["station"] == station, "source"].iat[0]
-        raise PipelineError(f"{source}: station {station} has only {counts[station]} observed days; "
+        raise PipelineError(f"{source}: station {station} has only {counts[station]} observed steps; "
                             f"at least preprocessing.min_steps = {min_steps} are needed to build features")
 
 

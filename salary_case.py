@@ -195,13 +195,26 @@ def figures(out: Path, market: pd.DataFrame, forecast: pd.DataFrame, paths: np.n
     plt.close(fig)
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=7, help="seed of the market simulation and the draws")
-    parser.add_argument("--draws", type=int, default=20_000, help="market paths drawn (default 20000)")
+    parser.add_argument("--seed", type=_at_least(0), default=7, help="seed of the market simulation and the draws")
+    parser.add_argument("--draws", type=_at_least(100), default=20_000,
+                        help="market paths drawn, at least 100 (default 20000)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "salary_case",
                         help="folder for results.json and the figures (default docs/salary_case)")
     args = parser.parse_args()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot be created ({exc.strerror})")
 
     market = simulate_market(args.seed)
     with tempfile.TemporaryDirectory(prefix="salary-case-") as work:
@@ -233,7 +246,6 @@ def main() -> int:
                                             for p, r in naive.items()},
         "draws": args.draws, "seed": args.seed,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     figures(args.out, market, forecast, paths, {p: priced[p] for p in ("median", "lower quartile", "re-forecast")})
 

@@ -186,8 +186,7 @@ def fit_step(rows: pd.DataFrame, model_params: dict) -> dict:
         "interval": intervals,
         "training_rows": len(rows),
     }
-    return {"estimator": final, "name": chosen, "interval": intervals["model"], "record": record,
-            "estimators": estimators}
+    return {"estimator": final, "record": record, "estimators": estimators}
 
 
 def main(args) -> None:
@@ -213,9 +212,9 @@ def main(args) -> None:
             step_rows = rows if len(steps) == 1 else rows[rows["step"] == step].reset_index(drop=True)
             fitted.append(fit_step(step_rows, model_params))
             if len(steps) > 1:
-                log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), fitted[-1]["name"],
-                         fitted[-1]["record"]["cv"]["mean_mae"][fitted[-1]["name"]],
-                         fitted[-1]["record"]["cv"]["mean_mae"]["persistence"])
+                done = fitted[-1]["record"]
+                log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["chosen"],
+                         done["cv"]["mean_mae"][done["chosen"]], done["cv"]["mean_mae"]["persistence"])
 
     next_step = fitted[0]["record"]
     record = {
@@ -237,7 +236,8 @@ def main(args) -> None:
     record["interval"] = {**record["interval"], "method": "split-conformal: quantiles of the validation-fold "
                           f"residuals divided by {SPREAD_COLUMN}; band = forecast + [lower, upper] x {SPREAD_COLUMN}"}
     bundle = {"features": FEATURES,
-              "steps": [{"step": step, "estimator": f["estimator"], "name": f["name"], "interval": f["interval"],
+              "steps": [{"step": step, "estimator": f["estimator"], "name": f["record"]["chosen"],
+                         "interval": f["record"]["interval"]["model"],
                          "baseline_intervals": {"persistence": f["record"]["interval"]["persistence"]}}
                         for step, f in zip(steps, fitted, strict=True)]}
     storage.write_joblib(paths.model, bundle)

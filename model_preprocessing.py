@@ -329,7 +329,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     if train.empty or test.empty:
         which = "training" if train.empty else "test"
         raise PipelineError(f"no {which} rows left after building features; the {which} period (test from "
-                            f"{test_start.date()}) has too few readings with the history the features need (30 days)")
+                            f"{test_start.date()}) has too few readings with the history the features need (30 steps)")
     if not set(test["station"].unique()) & set(train["station"].unique()):
         raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
                             "the quality gate would judge the model on held-out stations only: check the "

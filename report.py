@@ -352,7 +352,7 @@ def _import_section(files: dict) -> list[str]:
     columns = ["rows", "kept", "missing_value", "bad_date", "future_date", "not_a_number", "impossible",
                "conflicting_duplicate", "repeated_rows", "steps_without_reading"]
     lines = ["## Imported files", "", "| station | " + " | ".join(c.replace("_", " ") for c in columns)
-             + " | out of order | train / test days |", "|---|" + "---:|" * len(columns) + "---|---|"]
+             + " | out of order | train / test steps |", "|---|" + "---:|" * len(columns) + "---|---|"]
     for station, r in files.items():
         lines.append(f"| {station} | " + " | ".join(str(r.get(c, 0)) for c in columns)
                      + f" | {'yes' if r['out_of_order'] else 'no'} | {r['train_steps']} / {r['test_steps']} |")

@@ -96,10 +96,10 @@ class Progress:
     for work that finishes within the first interval."""
 
     def __init__(self, what: str, total: int, interval: float = 5.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, quiet: bool = False) -> None:
         import time
 
-        self.what, self.total, self.interval = what, total, interval
+        self.what, self.total, self.interval = what, total, float("inf") if quiet else interval
         self.clock = clock or time.monotonic
         self.start = self.last = self.clock()
         self.done = 0

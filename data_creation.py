@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import cli
+import compute
 import manifest
 import storage
 from cli import log
@@ -48,6 +49,7 @@ np = cli.lazy_import("numpy")
 pd = cli.lazy_import("pandas")
 
 STAGE = "data_creation"
+STATIONS_PER_CHUNK = 50  # stations whose files one task writes or reads
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
 _EFFECT_ORDER = ["level_shift", "drift", "stuck", "spike", "missing"]
 
@@ -272,20 +274,29 @@ def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, l
     }
 
 
-def write_station_files(staging: Path, simulation: Simulation, test_steps: int, resolution: str) -> None:
+def write_station_files(staging: Path, simulation: Simulation, test_steps: int, resolution: str,
+                        pool: compute.Pool | None = None) -> None:
+    """Every station's train, test and truth files into ``staging``, ``STATIONS_PER_CHUNK`` stations per
+    task of ``pool`` (on a cluster the workers write them: the folder is on shared storage)."""
     climates = simulation.climates
     train_end = training_days(climates, len(simulation.dates), test_steps)
+    blocks = compute.chunks(range(len(climates)), STATIONS_PER_CHUNK)
+    chunks = [(climates["station"].to_numpy()[b], simulation.clean[b], simulation.observed[b], simulation.labels[b],
+               simulation.events[b], train_end[b]) for b in (slice(r.start, r.stop) for r in blocks)]
+    (pool or compute.Threads()).map(write_station_chunk, chunks, what="station files written (chunks)",
+                                    staging=staging, dates=simulation.dates, resolution=resolution)
+    climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
+
+
+def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resolution: str) -> None:
+    """The files of a few stations: (names, clean, observed, labels, events, training days), one row each."""
     places = {"temperature": 2 if resolution == "1F" else 1, "clean_temperature": 2}
-    progress = cli.Progress("station files written", len(climates))
-    for i, station in enumerate(climates["station"]):
-        tables = station_tables(simulation.dates, simulation.clean[i], simulation.observed[i], simulation.labels[i],
-                                simulation.events[i], train_end[i])
+    for station, clean, observed, labels, events, train_end in zip(*chunk, strict=True):
+        tables = station_tables(dates, clean, observed, labels, events, train_end)
         for folder, table in tables.items():
             if len(table):
                 storage.write_csv(staging / folder / f"{station}.csv", table,
                                   fixed={k: v for k, v in places.items() if k in table}, staged=True)
-        progress.step()
-    climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 
 # --------------------------------------------------------------------------- import
@@ -445,8 +456,10 @@ def split_in_time(stations: dict[str, pd.DataFrame], test_steps: int, holdout_st
     return parts, cutoff
 
 
-def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dict, dict, str]:
-    """Read, clean and split every <station>.csv in ``folder``; returns the parts, a report and the first test day."""
+def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: compute.Pool | None = None
+                    ) -> tuple[dict, dict, str]:
+    """Read, clean and split every <station>.csv in ``folder`` (read on ``pool``); returns the parts, a report
+    and the first test day."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data.source folder not found")
     files = storage.station_files(folder)
@@ -455,9 +468,12 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
     if data["holdout_stations"] >= len(files):
         raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
                             f"({len(files)} file(s) in {folder}); set it to 0 for a single station")
+    read = (pool or compute.Threads()).map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK),
+                                           what="station files read (chunks)", imp=imp,
+                                           min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     stations, report = {}, {}
-    for path in files:
-        stations[path.stem], report[path.stem] = read_user_station(path, imp, pre["min_temp"], pre["max_temp"])
+    for path, (table, counts) in zip(files, (one for chunk in read for one in chunk), strict=True):
+        stations[path.stem], report[path.stem] = table, counts
         log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
                  _describe(report[path.stem]))
     frequency = common_frequency(report, data["frequency"], folder)
@@ -467,6 +483,11 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict) -> tuple[dic
     for name, part in parts.items():
         report[name].update(train_steps=len(part["train"]), test_steps=len(part["test"]))
     return parts, report, str(cutoff.date())
+
+
+def read_user_stations(paths: list[Path], imp: dict, min_temp: float, max_temp: float) -> list[tuple]:
+    """``read_user_station`` of each file."""
+    return [read_user_station(path, imp, min_temp, max_temp) for path in paths]
 
 
 def common_frequency(report: dict[str, dict], wanted: str, folder: Path) -> str:
@@ -506,7 +527,8 @@ def main(args) -> None:
         if folder is None:
             sim = params["simulation"]
             simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
-            write_station_files(staging, simulation, data["test_steps"], sim["resolution"])
+            with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+                write_station_files(staging, simulation, data["test_steps"], sim["resolution"], pool)
             inputs = []
             dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
             source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
@@ -517,7 +539,9 @@ def main(args) -> None:
                        + ", ".join(f"{k} {v}" for k, v in counts.items())
                        + f"; station-days in regional cold snaps or heat waves: {weather}")
         else:
-            parts, report, test_start = import_stations(folder, data, params["import"], params["preprocessing"])
+            with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+                parts, report, test_start = import_stations(folder, data, params["import"], params["preprocessing"],
+                                                            pool)
             write_imported_files(staging, parts)
             inputs = sorted(folder / report[name]["file"] for name in report)
             frequency = next(iter(report.values()))["frequency"]

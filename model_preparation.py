@@ -27,6 +27,7 @@ import os
 import threadpoolctl
 
 import cli
+import compute
 import features
 import manifest
 import storage
@@ -114,30 +115,40 @@ def purged(folds: list[tuple[np.ndarray, np.ndarray]], rows: pd.DataFrame) -> li
     return kept
 
 
-def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list
+def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list, pool: compute.Pool | None = None
                    ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
     """Validation MAE per fold of every candidate and of persistence on the same rows,
     and each one's validation residuals (actual minus forecast) over all folds,
-    divided by each row's recent spread (``change_sd60``).
+    divided by each row's recent spread (``change_sd60``). The fits (candidates x
+    folds) are independent and run on ``pool``.
     """
-    from sklearn.base import clone
-
-    change = rows["target"] - rows["temp_today"]
+    pool = pool or compute.Threads()
+    fits = [(fold, name) for fold in range(len(folds)) for name in estimators]
+    forecasts = pool.map(fit_and_forecast, fits, what="cross-validation fits", rows=pool.share(rows),
+                         folds=pool.share(folds), estimators=estimators)
+    forecast_of = dict(zip(fits, forecasts, strict=True))
     scores: dict[str, list[float]] = {"persistence": [], **{name: [] for name in estimators}}
     residuals: dict[str, list[np.ndarray]] = {name: [] for name in scores}
-    progress = cli.Progress("cross-validation fits", len(folds) * len(estimators))
-    for fit_idx, valid_idx in folds:
-        fit, valid = rows.iloc[fit_idx], rows.iloc[valid_idx]
-        forecasts = {"persistence": valid["temp_today"].to_numpy()}
-        for name, estimator in estimators.items():
-            fitted = clone(estimator).fit(fit[FEATURES], change.iloc[fit_idx])
-            forecasts[name] = features.forecast(fitted, valid)
-            progress.step()
-        for name, predicted in forecasts.items():
+    for fold, (_, valid_idx) in enumerate(folds):
+        valid = rows.iloc[valid_idx]
+        predicted_by = {"persistence": valid["temp_today"].to_numpy(),
+                        **{name: forecast_of[fold, name] for name in estimators}}
+        for name, predicted in predicted_by.items():
             residual = valid["target"].to_numpy() - predicted
             scores[name].append(float(np.mean(np.abs(residual))))
             residuals[name].append(residual / valid[SPREAD_COLUMN].to_numpy())
     return scores, {name: np.concatenate(parts) for name, parts in residuals.items()}
+
+
+def fit_and_forecast(fit: tuple[int, str], rows: pd.DataFrame, folds: list, estimators: dict) -> np.ndarray:
+    """The forecasts for fold ``fit[0]``'s validation rows by candidate ``fit[1]`` fitted on its training rows."""
+    from sklearn.base import clone
+
+    fold, name = fit
+    fit_idx, valid_idx = folds[fold]
+    change = rows["target"] - rows["temp_today"]
+    fitted = clone(estimators[name]).fit(rows[FEATURES].iloc[fit_idx], change.iloc[fit_idx])
+    return features.forecast(fitted, rows.iloc[valid_idx])
 
 
 def calibrate_interval(scaled_residuals: np.ndarray, level: float) -> dict:
@@ -161,12 +172,13 @@ def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: floa
     return next(name for name in names if means[name] <= best * (1 + tie_tolerance))
 
 
-def fit_step(rows: pd.DataFrame, model_params: dict) -> dict:
-    """Choose, calibrate and fit the forecaster of one step ahead, from that step's training rows."""
+def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None = None) -> dict:
+    """Choose, calibrate and fit the forecaster of one step ahead, from that step's training rows
+    (the cross-validation fits on ``pool``, the final fit here)."""
     sample = cv_sample(rows, model_params["cv_max_rows"])
     estimators = candidates(model_params)
     folds = purged(time_folds(sample["target_date"], model_params["cv_folds"]), sample)
-    scores, residuals = cross_validate(estimators, sample, folds)
+    scores, residuals = cross_validate(estimators, sample, folds, pool)
     chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
     final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
     level = model_params["interval_level"]
@@ -207,10 +219,11 @@ def main(args) -> None:
                  "stations); the chosen model is then fitted on all rows", sample_size, len(first))
     steps = sorted(int(s) for s in rows["step"].unique())
     fitted = []
-    with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
+    with threadpoolctl.threadpool_limits(limits=threads), \
+            compute.pool(params["compute"]["scheduler"], paths.root) as pool:  # BLAS, already loaded with numpy
         for step in steps:  # one direct model per step ahead, each with its own interval
             step_rows = rows if len(steps) == 1 else rows[rows["step"] == step].reset_index(drop=True)
-            fitted.append(fit_step(step_rows, model_params))
+            fitted.append(fit_step(step_rows, model_params, pool))
             if len(steps) > 1:
                 done = fitted[-1]["record"]
                 log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["chosen"],

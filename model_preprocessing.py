@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import cli
+import compute
 import features
 import manifest
 import quality_control
@@ -41,6 +42,7 @@ pd = cli.lazy_import("pandas")
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]
 STATION_BLOCK = 100  # stations whose features are built at a time: bounds the memory at scale
+FILES_PER_CHUNK = 50  # station files read and checked by one task of a cluster
 
 
 # ------------------------------------------------------------------------ validation
@@ -153,22 +155,28 @@ def _parse_temperatures(path: Path, text: pd.Series, line: pd.RangeIndex,
     return values
 
 
-def load_stations(train_dir: Path, test_dir: Path, pre: dict) -> pd.DataFrame:
-    """All raw files as one long table: station, date, temperature, split."""
+def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool | None = None) -> pd.DataFrame:
+    """All raw files as one long table: station, date, temperature, split (files read on ``pool``)."""
     if not test_dir.is_dir():
         raise PipelineError(f"{test_dir}: input folder not found; run data_creation.py first")
     if not train_dir.is_dir():
         raise PipelineError(f"{train_dir}: input folder not found; run data_creation.py first")
-    parts = []
-    for split, folder in (("train", train_dir), ("test", test_dir)):
-        for path in storage.station_files(folder):
-            table = read_station_csv(path, pre["min_temp"], pre["max_temp"])
-            parts.append(table.assign(station=path.stem, split=split, source=str(path)))
-    if not any(p["split"].iat[0] == "train" for p in parts):
+    files = [(split, path) for split, folder in (("train", train_dir), ("test", test_dir))
+             for path in storage.station_files(folder)]
+    if not any(split == "train" for split, _ in files):
         raise PipelineError(f"{train_dir}: no station CSVs to train on")
-    frame = pd.concat(parts, ignore_index=True)
+    parts = (pool or compute.Threads()).map(read_station_files, compute.chunks(files, FILES_PER_CHUNK),
+                                            what="station files read (chunks)",
+                                            min_temp=pre["min_temp"], max_temp=pre["max_temp"])
+    frame = pd.concat([table for chunk in parts for table in chunk], ignore_index=True)
     _check_station_periods(frame, pre["min_steps"])
     return frame.drop(columns="source")
+
+
+def read_station_files(files: list[tuple[str, Path]], min_temp: float, max_temp: float) -> list[pd.DataFrame]:
+    """``read_station_csv`` of each (split, path), with the station, split and file named in every row."""
+    return [read_station_csv(path, min_temp, max_temp).assign(station=path.stem, split=split, source=str(path))
+            for split, path in files]
 
 
 def _check_station_periods(frame: pd.DataFrame, min_steps: int) -> None:
@@ -218,9 +226,10 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     return observed, period
 
 
-def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
-                          ) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """The detector learned on the days before the test period, and its verdict on every day.
+def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict,
+                          pool: compute.Pool | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """The detector learned on the days before the test period, and its verdict on every day (its station
+    blocks on ``pool`` when that is a cluster, else on the threads this process may use).
 
     With ``detector = "none"`` nothing is flagged and only missing days are
     filled (with the median of the days before), so the features stay defined.
@@ -228,15 +237,17 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     if qc["detector"] == "none":
         return {"detector": "none"}, quality_control.no_detection(observed, qc["window"])
     learning = period.isin(["train", "history"])
-    threads = 1
-    if observed.shape[1] > quality_control.STATION_BLOCK:  # more than one block of stations to share out
-        threads, why = cli.thread_budget()
-        log.info("quality control on %d thread(s) (%s)", threads, why)
-    detector = quality_control.learn(observed, learning, qc, threads)
+    if pool is None or not pool.cluster:
+        threads = 1
+        if observed.shape[1] > quality_control.STATION_BLOCK:  # more than one block of stations to share out
+            threads, why = cli.thread_budget()
+            log.info("quality control on %d thread(s) (%s)", threads, why)
+        pool = compute.Threads(threads)
+    detector = quality_control.learn(observed, learning, qc, pool)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
         raise PipelineError("the training period is too short or too constant to learn the quality control's "
                             "scales; more training days are needed")
-    return detector, quality_control.detect(observed, detector, threads)
+    return detector, quality_control.detect(observed, detector, pool)
 
 
 # -------------------------------------------------------------------------- features
@@ -309,22 +320,23 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
 
 
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
-                           test_start: pd.Timestamp, horizon: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           test_start: pd.Timestamp, horizon: int = 1, pool: compute.Pool | None = None
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
-    (a station's features depend on its own readings only, so the rows are the same), or PipelineError
-    when either is empty or no test station was trained on."""
+    (a station's features depend on its own readings only, so the rows are the same) on ``pool``, or
+    PipelineError when either is empty or no test station was trained on."""
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
+    blocks = [observed.columns[begin:begin + STATION_BLOCK] for begin in range(0, observed.shape[1], STATION_BLOCK)]
+    inputs = [(observed[block], period[block], {name: table[block] for name, table in verdict.items()})
+              for block in blocks]
+    built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
-    for begin in range(0, observed.shape[1], STATION_BLOCK):
-        block = observed.columns[begin:begin + STATION_BLOCK]
-        rows = build_features(observed[block], period[block], {name: table[block] for name, table in verdict.items()},
-                              horizon)
+    for block in built:
         for name, columns in pieces.items():
-            chosen = (rows["period"] == name).to_numpy()
-            for column in rows.columns:
-                columns.setdefault(column, []).append(rows[column].to_numpy()[chosen])
-        del rows
+            for column, values in block[name].items():
+                columns.setdefault(column, []).append(values)
+    del built
     train, test = (_joined(pieces.pop(name)) for name in ("train", "test"))
     if train.empty or test.empty:
         which = "training" if train.empty else "test"
@@ -335,6 +347,16 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
                             "the quality gate would judge the model on held-out stations only: check the "
                             "stations' last dates or lower data.test_steps")
     return train, test
+
+
+def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
+    """The feature columns of one block of stations (observed, period, verdict), split into "train" and "test"."""
+    rows = build_features(*block, horizon)
+    split = {}
+    for name in ("train", "test"):
+        chosen = (rows["period"] == name).to_numpy()
+        split[name] = {column: rows[column].to_numpy()[chosen] for column in rows.columns}
+    return split
 
 
 def fit_scaler(train: pd.DataFrame):
@@ -388,17 +410,19 @@ def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
     pre, qc = params["preprocessing"], params["quality_control"]
-    frame = load_stations(paths.train_raw, paths.test_raw, pre)
-    raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
-    manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
-    test_start, frequency = read_source(paths.source_record)
+    with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+        frame = load_stations(paths.train_raw, paths.test_raw, pre, pool)
+        raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
+        manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
+        test_start, frequency = read_source(paths.source_record)
 
-    observed, period = to_calendar(frame, test_start, frequency)
-    del frame
-    detector, verdict = quality_control_flags(observed, period, qc)
-    cli.release_memory()
-    train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"])
-    cli.release_memory()
+        observed, period = to_calendar(frame, test_start, frequency)
+        del frame
+        detector, verdict = quality_control_flags(observed, period, qc, pool)
+        cli.release_memory()
+        train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
+                                             pool)
+        cli.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scaler = fit_scaler(train)

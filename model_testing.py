@@ -28,9 +28,11 @@ accepted model is then left as it was.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import cli
+import compute
 import errors
 import features
 import manifest
@@ -49,6 +51,7 @@ np = cli.lazy_import("numpy")
 pd = cli.lazy_import("pandas")
 
 STAGE = "model_testing"
+STATION_BLOCK = 200  # stations whose test rows are forecast by one task
 TEST_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "climatology", "drift", SPREAD_COLUMN,
                 *FEATURES]
 FLAG_COLUMNS = ["station", "date", "observed", "flag"]
@@ -218,14 +221,16 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict) -> pd.DataFrame:
+def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict,
+                pool: compute.Pool | None = None) -> pd.DataFrame:
     """Every test row with the forecasts of the model and the baselines, the model's and persistence's
     bands, the reading and its flag, and, with ground truth, the clean value and the injected anomaly.
 
     Each row is forecast by the model of its step ahead, with that step's band.
     Baselines: persistence (the last reading), climatology (the training-years
     seasonal mean) and drift (the last reading plus the station's mean change
-    per step in training, times the step).
+    per step in training, times the step). The model's forecasts are made in
+    blocks of stations on ``pool``.
     """
     frame = test.assign(model=np.nan, persistence=test["temp_today"],
                         drift=test["temp_today"] + test["step"] * test["drift"])
@@ -236,10 +241,10 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
     if unknown:
         raise PipelineError(f"test rows {unknown[0]} steps ahead, but the model has no forecaster for that step; "
                             "rerun the pipeline")
+    frame["model"] = model_forecasts(frame, bundle, pool or compute.Threads())
     for step, rows in frame.groupby("step").groups.items():
         entry = by_step[int(step)]
         part = frame.loc[rows]
-        frame.loc[rows, "model"] = features.forecast(entry["estimator"], part)
         bands = {"model": entry["interval"], **entry["baseline_intervals"]}
         for predictor, band in bands.items():
             frame.loc[rows, f"{predictor}_lower"] = frame.loc[rows, predictor] + band["lower"] * part[SPREAD_COLUMN]
@@ -251,6 +256,32 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
         frame = frame.merge(truth, on=["station", "target_date"], how="left", validate="many_to_one")
     frame["observed_accepted"] = frame["observed"].where(frame["flag"] == quality_control.NO_FLAG)
     return frame
+
+
+def model_forecasts(test: pd.DataFrame, bundle: dict, pool: compute.Pool) -> np.ndarray:
+    """The model's forecast of every test row, by the model of its step, ``STATION_BLOCK`` stations at a time."""
+    block = pd.factorize(test["station"])[0] // STATION_BLOCK
+    order = np.argsort(block, kind="stable")
+    bounds = np.searchsorted(block[order], np.arange(block.max(initial=-1) + 2))
+    rows = [order[begin:end] for begin, end in itertools.pairwise(bounds)]
+    columns = ["step", "temp_today", *FEATURES]
+    done = pool.map(forecast_block, [test[columns].iloc[r] for r in rows], what="forecast blocks",
+                    estimators={entry["step"]: entry["estimator"] for entry in bundle["steps"]})
+    forecasts = np.full(len(test), np.nan)
+    for r, values in zip(rows, done, strict=True):
+        forecasts[r] = values
+    return forecasts
+
+
+def forecast_block(rows: pd.DataFrame, estimators: dict) -> np.ndarray:
+    """``features.forecast`` of each row by the estimator of its step."""
+    step = rows["step"].to_numpy()
+    forecasts = np.full(len(rows), np.nan)
+    for ahead, estimator in estimators.items():
+        chosen = step == ahead
+        if chosen.any():
+            forecasts[chosen] = features.forecast(estimator, rows[chosen])
+    return forecasts
 
 
 def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, level: float) -> dict:
@@ -327,7 +358,8 @@ def main(args) -> None:
     truth = load_truth(paths.truth, sorted(test["station"].unique()))
 
     source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
-    frame = predictions(test, flags, truth, bundle)
+    with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+        frame = predictions(test, flags, truth, bundle, pool)
     metrics = evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
     metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))
     passed, verdict = gate(metrics, params["evaluation"]["gate_min_improvement"])

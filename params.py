@@ -25,7 +25,29 @@ ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
 MAX_PARAMS_BYTES = 1 << 20
 
 
-# Each parameter: (type, minimum, maximum), or (str, allowed values, None).
+LOCAL_CLUSTER = "local:"
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "ws://", "wss://")
+MAX_LOCAL_WORKERS = 256
+
+
+def scheduler_problem(value: str) -> str | None:
+    """What is wrong with a ``compute.scheduler`` value, or None: "" (this process),
+    "local:N" (a LocalCluster of N worker processes) or a scheduler's address."""
+    if value == "":
+        return None
+    if value.startswith(LOCAL_CLUSTER):
+        count = value[len(LOCAL_CLUSTER):]
+        if count.isdigit() and 1 <= int(count) <= MAX_LOCAL_WORKERS:
+            return None
+        return f"{value!r}: local:N needs N, the number of worker processes, from 1 to {MAX_LOCAL_WORKERS}"
+    if value.startswith(SCHEDULER_SCHEMES) and len(value.split("://", 1)[1]) > 0:
+        return None
+    return (f"{value!r} must be empty (run here), 'local:N' (N worker processes on this machine) "
+            "or a scheduler's address such as 'tcp://host:8786'")
+
+
+# Each parameter: (type, minimum, maximum), (str, allowed values, None), or (str, a function returning
+# what is wrong with a value or None, None).
 SIMULATION = "simulation"
 PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
@@ -92,6 +114,9 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "tie_tolerance": (float, 0.0, 0.5),
         "random_state": (int, 0, 2**32 - 1),
         "interval_level": (float, 0.5, 0.99),
+    },
+    "compute": {
+        "scheduler": (str, scheduler_problem, None),
     },
     "evaluation": {
         "gate_min_improvement": (float, -1.0, 0.9),
@@ -194,6 +219,10 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
             raise PipelineError(f"{where} must be {kind.__name__}, got {value!r}")
         if kind is list:
             _check_length_range(where, value, low, high)
+        elif kind is str and callable(low):
+            problem = low(value)
+            if problem:
+                raise PipelineError(f"{where} = {problem}")
         elif kind is str:
             if low is not None and value not in low:
                 raise PipelineError(f"{where} = {value!r} must be one of {', '.join(map(repr, low))}")

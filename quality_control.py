@@ -44,7 +44,9 @@ from __future__ import annotations
 import statistics
 import warnings
 
+import compute
 from cli import Progress, lazy_import
+from compute import Pool
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
@@ -284,7 +286,7 @@ def confidence(excess: pd.DataFrame | np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-CONFIDENCE_SLOPE * np.clip(np.asarray(excess, dtype=float), -30, 30)))
 
 
-def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, threads: int = 1) -> dict:
+def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool | None = None) -> dict:
     """Everything the detector needs, learned from readings on ``learning`` days only.
 
     Faults in the learning days would weaken the neighbours' correlations and
@@ -311,7 +313,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, threads: int
         detector = _fit(observed, learning, trusted, provisional, settings, gross)
         # One pass is enough to decide which readings to trust (the second changed F1 by at most 0.02 on
         # three simulated networks) and a third of the work.
-        flags = detect(observed.where(learning), detector, threads, second_pass=False)["flag"]
+        flags = detect(observed.where(learning), detector, pool, second_pass=False)["flag"]
         trusted = learning & ~flags.isin(KINDS)
         progress.step()
     return _fit(observed, learning, trusted, qc, settings, gross)
@@ -377,7 +379,7 @@ def storminess(innovation_z: pd.DataFrame) -> pd.Series:
 
 
 def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: range, shape: str,
-                    threads: int = 1) -> tuple[pd.DataFrame, np.ndarray]:
+                    pool: Pool | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Evidence that the departure left zero some days ago, by a step or a ramp, and since when.
 
     A departure that persists with coefficient phi and carries an offset m(u)
@@ -391,33 +393,23 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: ra
 
     Stations are independent here, so they are worked through in blocks of
     ``STATION_BLOCK`` columns (small enough to stay in the CPU cache, which
-    makes the many passes over them about twice as fast), ``threads`` blocks at a
-    time; the result does not depend on either.
+    makes the many passes over them about twice as fast), on ``pool``'s threads
+    or workers; the result does not depend on where they ran.
     """
     values = innovation_z.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP).fillna(0.0).to_numpy()
     carry = (1.0 - persistence).to_numpy()[None, :]
-    best = np.zeros_like(values)
-    best_lag = np.zeros(values.shape, dtype=int)
-
-    def one_block(begin: int) -> None:
-        block = slice(begin, begin + STATION_BLOCK)
-        best[:, block], best_lag[:, block] = _change_block(values[:, block], carry[:, block], lags, shape)
-
-    blocks = range(0, values.shape[1], STATION_BLOCK)
-    if threads > 1 and len(blocks) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # numpy releases the GIL in these loops
-            list(pool.map(one_block, blocks))
-    else:
-        for begin in blocks:
-            one_block(begin)
+    blocks = [(values[:, begin:begin + STATION_BLOCK], carry[:, begin:begin + STATION_BLOCK])
+              for begin in range(0, values.shape[1], STATION_BLOCK)]
+    done = (pool or compute.Threads()).map(change_block, blocks, lags=lags, shape=shape)
+    best = np.hstack([b for b, _ in done]) if done else np.zeros_like(values)
+    best_lag = np.hstack([lag for _, lag in done]) if done else np.zeros(values.shape, dtype=int)
     return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
 
 
-def _change_block(values: np.ndarray, carry: np.ndarray, lags: range, shape: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """``change_evidence`` for one block of stations, on plain arrays, reusing its work buffers."""
+def change_block(block: tuple[np.ndarray, np.ndarray], lags: range, shape: str) -> tuple[np.ndarray, np.ndarray]:
+    """``change_evidence`` for one block of stations (capped innovations, 1 - persistence), on plain arrays,
+    reusing its work buffers."""
+    values, carry = block
     n = len(values)
     day = np.arange(n, dtype=float)[:, None]
     plain = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)])
@@ -489,7 +481,7 @@ def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:
     return pd.Series({s: detector["stations"].get(s, {}).get(key, np.nan) for s in stations}, dtype=float)
 
 
-def detect(observed: pd.DataFrame, detector: dict, threads: int = 1, second_pass: bool = True
+def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, second_pass: bool = True
            ) -> dict[str, pd.DataFrame]:
     """Flag every reading and repair the confident faults (date x station tables).
 
@@ -503,14 +495,14 @@ def detect(observed: pd.DataFrame, detector: dict, threads: int = 1, second_pass
                           if "climatology" in e and s in stations})
     model = {"climatology": coefs.reindex(columns=[s for s in stations if s in coefs]),
              "neighbours": {s: e["neighbours"] for s, e in detector["stations"].items()}}
-    result = _classify(observed, detector, _network_departures(observed, model, None), threads)
+    result = _classify(observed, detector, _network_departures(observed, model, None), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
         suspect = result["flag"].isin(KINDS)
-        result = _classify(observed, detector, _network_departures(observed, model, suspect), threads)
+        result = _classify(observed, detector, _network_departures(observed, model, suspect), pool)
     return result
 
 
-def _classify(observed: pd.DataFrame, detector: dict, network: dict, threads: int) -> dict[str, pd.DataFrame]:
+def _classify(observed: pd.DataFrame, detector: dict, network: dict, pool: Pool | None) -> dict[str, pd.DataFrame]:
     stations = observed.columns
     scale = _station_table(detector, stations, "departure_scale")
     persistence = _station_table(detector, stations, "persistence")
@@ -529,8 +521,8 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict, threads: in
     innovation_z = innovation / innovation_scale
     day = storminess(innovation_z)
     calm = innovation_z.div(day, axis=0)
-    step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", threads)
-    ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", threads)
+    step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", pool)
+    ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", pool)
     drifting = ramp_z.abs() > step_z.abs()
     # The offset to remove: the mean departure since a step began; twice it since a ramp began.
     offset = mean_since(departure, step_lag).mask(drifting, 2 * mean_since(departure, ramp_lag))

@@ -10,7 +10,7 @@ else
   "$ROOT/pipeline.sh" --setup-only
   py="$ROOT/.venv/bin/python"
   marker="$ROOT/.venv/.requirements-dev.sha256"
-  want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+  want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dask.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$marker" 2>/dev/null)" != "$want" ]; then
     echo "tests: installing requirements-dev.txt into .venv (once)" >&2
     "$py" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements-dev.txt"

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import compute
 import quality_control as qc
 from params import load_params
 
@@ -114,9 +115,9 @@ def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monk
     observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
     reference = verdict(observed, settings)
     monkeypatch.setattr(qc, "STATION_BLOCK", 2)
-    detector = qc.learn(observed, learning_days(observed), settings, threads=3)
+    detector = qc.learn(observed, learning_days(observed), settings, compute.Threads(3))
     assert detector == reference[0]
-    blocked = qc.detect(observed, detector, threads=3)
+    blocked = qc.detect(observed, detector, compute.Threads(3))
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)
 

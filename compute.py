@@ -1,0 +1,253 @@
+"""Where a stage's chunks of work run: on this process's threads, or on a Dask cluster (``[compute] scheduler``).
+
+A stage hands its per-station chunks (and stage 3 its cross-validation fits) to
+``pool.map``; the chunks are pure functions of their inputs and come back in
+order, so the results, and every byte written from them, are the same wherever
+they ran. Workers of a cluster only compute; the stage process writes, except
+stage 1's station files, which workers write into the staging folder that the
+stage then swaps in whole, so a failed run never leaves a partial artifact.
+
+Only the standard library is imported here; Dask is imported only when a
+cluster is asked for, and is an optional install (requirements-dask.txt).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cli
+from errors import PipelineError
+from params import LOCAL_CLUSTER
+
+log = logging.getLogger("pipeline")
+
+CONNECT_SECONDS = 20
+# How long a stage waits with no worker connected before it gives up, and how often it looks.
+NO_WORKERS_SECONDS = 120.0
+POLL_SECONDS = 2.0
+# Dask retries the chunks of a worker that dies on the others; one chunk that takes
+# this many workers down with it is failed (it may not fit a worker's memory).
+ALLOWED_FAILURES = 3
+CODE = Path(__file__).resolve().parent
+
+
+class Threads:
+    """Chunks run in this process, on ``threads`` threads (one: in order, in this thread)."""
+
+    cluster = False
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = max(1, threads)
+
+    def share(self, value: Any) -> Any:
+        """``value`` as an argument that every chunk of a ``map`` receives."""
+        return value
+
+    def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
+            **shared: Any) -> list[Any]:
+        """``[function(item, **shared) for item in items]``, in order; with ``what``, progress is logged
+        under that name when the chunks take a while."""
+        progress = cli.Progress(what or "", len(items), quiet=what is None)
+        if self.threads == 1 or len(items) < 2:
+            results = []
+            for item in items:
+                results.append(function(item, **shared))
+                progress.step()
+            return results
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            futures = [pool.submit(function, item, **shared) for item in items]
+            results = []
+            for future in futures:
+                results.append(future.result())
+                progress.step()
+        return results
+
+
+class Cluster:
+    """Chunks run on the workers of a Dask cluster. Each chunk's input travels inside its task, and a
+    ``share``d value as a task of its own: the scheduler keeps both, so the chunks of a worker that dies
+    are run again elsewhere from the same input."""
+
+    cluster = True
+
+    def __init__(self, client: Any, scheduler: str) -> None:
+        self.client, self.scheduler = client, scheduler
+
+    def share(self, value: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "large graph": the value is sent once, on purpose
+            return self.client.submit(same, value, pure=False)
+
+    def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
+            **shared: Any) -> list[Any]:
+        if not items:
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            futures = self.client.map(function, list(items), pure=False, **shared)
+        try:
+            self._wait(futures, what)
+            return self.client.gather(futures)
+        except Exception as exc:
+            name = type(exc).__name__
+            if name == "KilledWorker":
+                raise PipelineError(f"{what or function.__name__}: a chunk took down {ALLOWED_FAILURES} Dask workers "
+                                    "in turn (killed, or out of memory); give the workers more memory or use "
+                                    "more of them") from None
+            if name in ("FuturesCancelledError", "CancelledError"):
+                raise PipelineError(f"{what or function.__name__}: the Dask cluster at {self.scheduler} dropped the "
+                                    "work (its scheduler restarted or lost this stage); run the stage again") from None
+            raise
+        finally:
+            self.client.cancel(futures)
+
+    def _wait(self, futures: list, what: str | None) -> None:
+        """Until every chunk is done or one failed; logs progress, and fails when no worker is left."""
+        from distributed import wait
+
+        progress = cli.Progress(what or "", len(futures), quiet=what is None)
+        pending, alone_since = list(futures), None
+        while pending:
+            try:
+                wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            still = [f for f in pending if f.status == "pending"]
+            if any(f.status != "finished" for f in pending if f not in still):
+                return  # a chunk failed: gather raises its error
+            progress.step(len(pending) - len(still))
+            pending = still
+            if pending and not self.client.scheduler_info(n_workers=-1).get("workers"):
+                alone_since = alone_since or time.monotonic()
+                if time.monotonic() - alone_since > NO_WORKERS_SECONDS:
+                    raise PipelineError(f"no Dask worker connected to {self.scheduler} for "
+                                        f"{NO_WORKERS_SECONDS:.0f} s; start workers (README, \"More than one "
+                                        "machine\") or leave compute.scheduler empty")
+            else:
+                alone_since = None
+
+
+@contextmanager
+def pool(scheduler: str, root: Path, threads: int = 1) -> Iterator[Threads | Cluster]:
+    """The pool a stage's chunks run on: this process's ``threads`` when ``scheduler`` is empty, else a
+    Dask cluster whose every worker has been checked to see ``root``."""
+    if not scheduler:
+        yield Threads(threads)
+        return
+    try:
+        import distributed
+    except ImportError:
+        raise PipelineError(f"compute.scheduler = {scheduler!r} needs Dask, an optional install: "
+                            "pip install -r requirements-dask.txt (README, \"More than one machine\")") from None
+    import dask
+
+    for name in ("distributed", "tornado", "asyncio"):  # a restarted worker is reported here, as one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES - 1}), \
+            _client(distributed, scheduler) as client:
+        _check_workers(client, root, scheduler)
+        yield Cluster(client, scheduler)
+        peaks = client.run(worker_peak_mb, on_error="return")
+        log.info("Dask workers' peak memory: %s MB", ", ".join(
+            f"{peak:.0f}" for _, peak in sorted(peaks.items()) if isinstance(peak, float)) or "unknown")
+
+
+@contextmanager
+def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
+    if scheduler.startswith(LOCAL_CLUSTER):
+        workers = int(scheduler[len(LOCAL_CLUSTER):])
+        # One thread per worker process, and one for its numerical libraries: the processes share the CPUs.
+        single = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # the worker processes' start-up chatter
+        try:
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None, silence_logs=logging.CRITICAL, env=single)
+        except (RuntimeError, OSError, TimeoutError) as exc:
+            raise PipelineError(f"could not start a Dask LocalCluster of {workers} worker process(es) "
+                                f"(compute.scheduler): {type(exc).__name__}: {exc}") from None
+        with cluster, distributed.Client(cluster) as client:
+            log.info("Dask LocalCluster of %d worker process(es) at %s", workers, cluster.scheduler_address)
+            yield client
+        return
+    try:
+        client = distributed.Client(scheduler, timeout=f"{CONNECT_SECONDS}s")
+    except (OSError, TimeoutError) as exc:
+        raise PipelineError(f"cannot reach the Dask scheduler at {scheduler} (compute.scheduler): "
+                            f"{type(exc).__name__}: {exc}") from None
+    with client:
+        log.info("Dask scheduler %s with %d worker(s)", scheduler, len(client.scheduler_info()["workers"]))
+        yield client
+
+
+def _check_workers(client: Any, root: Path, scheduler: str) -> None:
+    """Fail with one clear line unless every worker runs the code this process runs and reads the
+    files this process writes there (a token file is written and read back)."""
+    token = uuid.uuid4().hex
+    probe = root / f".compute-check-{token}"
+    probe.write_text(token)
+    try:
+        seen = client.run(worker_view, str(root), probe.name, on_error="return")
+    finally:
+        probe.unlink(missing_ok=True)
+    for worker, view in sorted(seen.items()):
+        if isinstance(view, (ImportError, AttributeError)):  # it could not unpickle this module's function
+            raise PipelineError(f"Dask worker {worker} cannot import this project's code ({type(view).__name__}: "
+                                f"{view}); start the workers with PYTHONPATH={CODE} (README, \"More than one "
+                                "machine\")")
+    # A worker that died meanwhile is not asked again: its chunks go to the others, or to its restart.
+    problem = storage_problem({w: v for w, v in seen.items() if isinstance(v, dict)}, root, token, CODE)
+    if problem:
+        raise PipelineError(problem)
+
+
+def worker_peak_mb() -> float:
+    """Run on each worker: its peak resident memory so far, in MB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def same(value: Any) -> Any:
+    return value
+
+
+def worker_view(root: str, probe: str) -> dict[str, str]:
+    """Run on each worker: where it finds the project's code, and what it reads in the probe file."""
+    try:
+        content = (Path(root) / probe).read_text()
+    except OSError as exc:
+        content = f"cannot read it: {exc.strerror}"
+    return {"code": str(Path(__file__).resolve().parent), "probe": content}
+
+
+def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, code: Path) -> str | None:
+    """What is wrong with the workers' view of the project, or None (``seen``: worker -> worker_view;
+    ``code``: the folder this process runs the project's code from)."""
+    if not seen:
+        return "the Dask cluster has no workers; start some (README, \"More than one machine\")"
+    for worker, view in sorted(seen.items()):
+        if view["probe"] != token:
+            return (f"Dask worker {worker} cannot see the project folder {root} ({view['probe'][:80]}); the "
+                    "workers need it on shared storage at the same path")
+        if Path(view["code"]) != code:
+            return (f"Dask worker {worker} runs this project's code from {view['code']}, not from {code}; "
+                    f"start the workers with PYTHONPATH={code}")
+    return None
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+Pool = Threads | Cluster

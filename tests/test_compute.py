@@ -1,0 +1,185 @@
+"""Where the chunks run: this process's threads, or a Dask cluster that gives the same bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, STAGES, TINY, run_stage, write_params
+
+import compute
+from errors import PipelineError
+from params import scheduler_problem
+
+COMPARED = ("data", "reports", "models/metrics.json", "models/model.joblib", "models/scaler.joblib",
+            "models/detector.json")
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """The data, features, flags, models, metrics and report of a run, by path."""
+    found = {}
+    for name in COMPARED:
+        path = root / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                found[str(file.relative_to(root))] = file.read_bytes()
+    return found
+
+
+def double(item: int, plus: int = 0) -> int:
+    return 2 * item + plus
+
+
+def die_once(item: int, marker: str) -> int:
+    """Kills the worker it runs on the first time item 0 runs; then works."""
+    if item == 0 and not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 2 * item
+
+
+def always_die(item: int) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return item
+
+
+@pytest.mark.parametrize("value", ["", "local:1", "local:4", "tcp://10.0.0.5:8786", "tls://scheduler:8786"])
+def test_scheduler_values_that_are_accepted(value):
+    assert scheduler_problem(value) is None
+
+
+@pytest.mark.parametrize("value", ["local", "local:0", "local:x", "local:999", "10.0.0.5:8786", "tcp://", "dask"])
+def test_scheduler_values_that_are_refused_say_what_is_accepted(value):
+    problem = scheduler_problem(value)
+    assert problem and repr(value) in problem
+
+
+def test_a_bad_scheduler_in_the_parameters_is_one_clear_line(tmp_path):
+    params = write_params(tmp_path / "p.toml", scheduler="local:0")
+    done = subprocess.run([sys.executable, str(ROOT / "model_testing.py"), "--params", str(params), "--root",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"model_testing: error: {params}: compute.scheduler = 'local:0': local:N needs N, the number of worker "
+        "processes, from 1 to 256"]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_keep_the_order_and_pass_shared_values(threads):
+    assert compute.Threads(threads).map(double, list(range(7)), plus=1) == [2 * i + 1 for i in range(7)]
+
+
+def test_the_local_run_does_not_import_dask(built):
+    """The default install has no Dask: a run with compute.scheduler empty never imports it."""
+    root, params = built
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import cli, model_testing; "
+              "code = cli.run('model_testing', model_testing.main, model_testing.parser(), sys.argv[2:]); "
+              "print(code, 'dask' in sys.modules, 'distributed' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT), "--root", str(root), "--params", str(params)],
+                          capture_output=True, text=True)
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stderr
+
+
+def test_without_dask_a_cluster_asks_for_the_optional_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # what "not installed" looks like to import
+    with pytest.raises(PipelineError, match=r"requirements-dask\.txt"), compute.pool("local:1", tmp_path):
+        pass
+
+
+def test_an_unreachable_scheduler_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(compute, "CONNECT_SECONDS", 1)
+    with pytest.raises(PipelineError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"), \
+            compute.pool("tcp://127.0.0.1:9", tmp_path):
+        pass
+
+
+def test_workers_that_cannot_see_the_folder_or_run_other_code_are_named(tmp_path):
+    code = compute.CODE
+    good = {"code": str(code), "probe": "token"}
+    assert compute.storage_problem({"tcp://a:1": good}, tmp_path, "token", code) is None
+    blind = {"tcp://a:1": good, "tcp://b:1": {"code": str(code), "probe": "cannot read it: No such file"}}
+    problem = compute.storage_problem(blind, tmp_path, "token", code)
+    assert "tcp://b:1" in problem and str(tmp_path) in problem and "shared storage" in problem
+    other = {"tcp://a:1": {"code": "/elsewhere", "probe": "token"}}
+    assert "PYTHONPATH" in compute.storage_problem(other, tmp_path, "token", code)
+    assert "no workers" in compute.storage_problem({}, tmp_path, "token", code)
+
+
+def test_a_cluster_checks_its_workers_and_keeps_the_order(tmp_path):
+    with compute.pool("local:2", tmp_path) as pool:
+        assert pool.cluster
+        assert pool.map(double, list(range(9)), plus=pool.share(1)) == [2 * i + 1 for i in range(9)]
+    assert not list(tmp_path.glob(".compute-check-*"))  # the probe file is gone
+
+
+def test_a_killed_worker_s_chunks_run_again_on_the_others(tmp_path):
+    marker = tmp_path / "died"
+    with compute.pool("local:2", tmp_path) as pool:
+        assert pool.map(die_once, list(range(6)), marker=str(marker)) == [0, 2, 4, 6, 8, 10]
+    assert marker.exists()  # a worker really died on chunk 0
+
+
+def test_a_chunk_that_kills_every_worker_it_meets_fails_with_one_line(tmp_path):
+    with pytest.raises(PipelineError, match="took down 3 Dask workers in turn") as caught, \
+            compute.pool("local:2", tmp_path) as pool:
+        pool.map(always_die, [1], what="station files read (chunks)")
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("station files read (chunks):")
+
+
+def test_a_cluster_run_gives_the_same_bytes_as_a_local_run(built, tmp_path):
+    """All four stages on a LocalCluster of two worker processes, against the local run of the same parameters."""
+    local_root, _ = built
+    params = write_params(tmp_path / "params.toml", **TINY, scheduler="local:2")
+    for module in STAGES:
+        assert run_stage(module, tmp_path, params) == 0, module.STAGE
+    local, cluster = outputs(local_root), outputs(tmp_path)
+    assert sorted(cluster) == sorted(local)
+    assert [name for name in local if local[name] != cluster[name]] == []
+
+
+def test_a_worker_killed_during_a_stage_changes_nothing(project):
+    """Stage 2 on two worker processes, one of them killed while the stage runs: the stage still gives the
+    local run's bytes."""
+    root, _ = project
+    local = outputs(root)
+    params = write_params(root / "cluster.toml", **TINY, scheduler="local:2")
+    stage = subprocess.Popen([sys.executable, str(ROOT / "model_preprocessing.py"), "--root", str(root),
+                              "--params", str(params)], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(stage.stderr), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and stage.poll() is None and time.monotonic() < deadline:
+        workers = [pid for pid in _children(stage.pid) if "spawn_main" in _command(pid)]
+        if any("Dask LocalCluster" in line for line in lines) and workers:  # the cluster is up: the stage works
+            os.kill(workers[0], signal.SIGKILL)
+            killed = workers[0]
+        time.sleep(0.01)
+    stage.wait(timeout=120)
+    reader.join(timeout=10)
+    errors = "".join(lines)
+    assert killed is not None, "the stage ended before a worker could be killed"
+    assert stage.returncode == 0, errors
+    assert outputs(root) == local
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        found += [int(child) for child in children]
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -10,6 +10,11 @@ asserted: it measures.
     .venv/bin/python benchmark.py                               # 100 stations x 10 years
     .venv/bin/python benchmark.py --sizes 100x10,300x10,1000x10
     .venv/bin/python benchmark.py --sizes 10x4 --floor           # the default run against its floor
+    .venv/bin/python benchmark.py --sizes 1000x10 --scheduler local:2   # on a Dask LocalCluster
+
+On a cluster, "peak MB" is the largest of the stage process and its workers
+(the stage process, which holds the network-wide tables, in practice), and the
+workers' own peaks, as the stage logs them, are printed beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import cli
 import errors
 import storage
+from compute import WORKER_PEAKS
 from params import DEFAULT_PARAMS, params_text_with
 
 # What each stage imports, for the import floor: its module and the libraries it loads when it runs
@@ -39,32 +45,40 @@ STAGE_IMPORTS = {
 
 
 def measure(command: list[str]) -> tuple[float, float, float, str]:
-    """Wall seconds, CPU seconds, peak resident MB and exit code of one process."""
+    """Wall seconds, CPU seconds, peak resident MB and what the process logged last about its workers' peak
+    memory (empty if nothing)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=storage.ROOT)
+    logged = process.stderr.read().decode()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code not in (errors.EXIT_OK, errors.EXIT_GATE):  # a failed gate still ran every step
-        raise SystemExit(f"benchmark: {' '.join(command[1:3])} failed: {process.stderr.read().decode().strip()}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, str(code)
+        raise SystemExit(f"benchmark: {' '.join(command[1:3])} failed: {logged.strip()}")
+    workers = [line.split(WORKER_PEAKS, 1)[1].strip() for line in logged.splitlines() if WORKER_PEAKS in line]
+    # The children's own CPU time (a cluster's workers) is in the waited process's usage only if it waited for
+    # them; LocalCluster does, so CPU covers the workers too.
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, workers[-1] if workers else ""
 
 
-def run_size(stations: int, years: int) -> float:
+def run_size(stations: int, years: int, scheduler: str = "") -> float:
     """Run the four stages on ``stations`` x ``years`` in a temporary folder, print a row per stage."""
     with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
         root = Path(folder)
         params = root / "params.toml"
-        params.write_text(params_text_with({"n_stations": stations, "n_years": years}))
+        params.write_text(params_text_with({"n_stations": stations, "n_years": years, "scheduler": scheduler}))
         station_days = stations * years * 365.25
-        print(f"\n{stations} stations x {years} years ({station_days:,.0f} station-days)")
-        print(f"{'stage':22}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}{'station-days/s':>16}")
+        print(f"\n{stations} stations x {years} years ({station_days:,.0f} station-days)"
+              + (f" on {scheduler}" if scheduler else ""))
+        print(f"{'stage':22}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}{'station-days/s':>16}"
+              + ("  workers' peak MB" if scheduler else ""))
         total = 0.0
         for stage in cli.STAGES:
-            wall, cpu, peak, _ = measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root),
-                                          "--params", str(params)])
+            wall, cpu, peak, workers = measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root",
+                                                str(root), "--params", str(params)])
             total += wall
-            print(f"{stage:22}{wall:>8.1f}{cpu:>8.1f}{peak:>9.0f}{station_days / wall:>16,.0f}", flush=True)
+            print(f"{stage:22}{wall:>8.1f}{cpu:>8.1f}{peak:>9.0f}{station_days / wall:>16,.0f}"
+                  + (f"  {workers}" if scheduler else ""), flush=True)
         print(f"{'total':22}{total:>8.1f}")
         return total
 
@@ -81,13 +95,14 @@ def import_floor() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100x10", help="comma-separated STATIONSxYEARS (default 100x10)")
+    parser.add_argument("--scheduler", default="", help="compute.scheduler for the --sizes runs, e.g. local:2")
     parser.add_argument("--floor", action="store_true",
                         help="also time the default run against the import floor of its four processes")
     args = parser.parse_args()
     print(f"{len(os.sched_getaffinity(0))} usable CPUs, python {sys.version.split()[0]}")
     for size in args.sizes.split(","):
         stations, years = (int(part) for part in size.lower().split("x"))
-        run_size(stations, years)
+        run_size(stations, years, args.scheduler)
     if args.floor:
         with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
             runs = []

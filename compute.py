@@ -17,7 +17,6 @@ import logging
 import os
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +36,8 @@ POLL_SECONDS = 2.0
 # this many workers down with it is failed (it may not fit a worker's memory).
 ALLOWED_FAILURES = 3
 CODE = Path(__file__).resolve().parent
+CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
+WORKER_PEAKS = "Dask workers' peak memory (MB):"
 
 
 class Threads:
@@ -74,45 +75,59 @@ class Threads:
 
 
 class Cluster:
-    """Chunks run on the workers of a Dask cluster. Each chunk's input travels inside its task, and a
-    ``share``d value as a task of its own: the scheduler keeps both, so the chunks of a worker that dies
-    are run again elsewhere from the same input."""
+    """Chunks run on the workers of a Dask cluster. Inputs are scattered straight to the workers (sending
+    them inside the tasks, through the scheduler, took three times as long); a worker that dies takes the
+    inputs it held with it, so the chunks left undone are sent again, up to ``ALLOWED_FAILURES`` times."""
 
     cluster = True
 
     def __init__(self, client: Any, scheduler: str) -> None:
         self.client, self.scheduler = client, scheduler
 
-    def share(self, value: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "large graph": the value is sent once, on purpose
-            return self.client.submit(same, value, pure=False)
+    def share(self, value: Any) -> Shared:
+        return Shared(value)
 
     def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
             **shared: Any) -> list[Any]:
-        if not items:
-            return []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            futures = self.client.map(function, list(items), pure=False, **shared)
-        try:
-            self._wait(futures, what)
-            return self.client.gather(futures)
-        except Exception as exc:
-            name = type(exc).__name__
-            if name == "KilledWorker":
-                raise PipelineError(f"{what or function.__name__}: a chunk took down {ALLOWED_FAILURES} Dask workers "
-                                    "in turn (killed, or out of memory); give the workers more memory or use "
-                                    "more of them") from None
-            if name in ("FuturesCancelledError", "CancelledError"):
-                raise PipelineError(f"{what or function.__name__}: the Dask cluster at {self.scheduler} dropped the "
-                                    "work (its scheduler restarted or lost this stage); run the stage again") from None
-            raise
-        finally:
-            self.client.cancel(futures)
+        name = what or function.__name__
+        results: dict[int, Any] = {}
+        for _ in range(ALLOWED_FAILURES):
+            todo = [i for i in range(len(items)) if i not in results]
+            if not todo:
+                break
+            futures = self.client.map(function, self.client.scatter([items[i] for i in todo], hash=False),
+                                      pure=False, **{key: self._sent(value) for key, value in shared.items()})
+            try:
+                self._wait(futures, what)
+                failed = [f for f in futures if f.status == "error"]
+                if failed:
+                    failed[0].result()  # raises the chunk's own error
+                done = [(i, f) for i, f in zip(todo, futures, strict=True) if f.status == "finished"]
+                results.update(zip([i for i, _ in done], self.client.gather([f for _, f in done]), strict=True))
+            except Exception as exc:
+                if type(exc).__name__ == "KilledWorker":
+                    raise PipelineError(self._died(name)) from None
+                if type(exc).__name__ not in CANCELLED:
+                    raise
+            finally:
+                self.client.cancel(futures)
+            if len(results) < len(items):
+                log.warning("%s: a Dask worker died holding the inputs of %d chunk(s); sending them again", name,
+                            len(items) - len(results))
+        if len(results) < len(items):
+            raise PipelineError(self._died(name))
+        return [results[i] for i in range(len(items))]
+
+    def _died(self, name: str) -> str:
+        return (f"{name}: Dask workers of {self.scheduler} died {ALLOWED_FAILURES} times running this stage's "
+                "chunks (killed, or out of memory); give the workers more memory or use more of them, and run again")
+
+    def _sent(self, value: Any) -> Any:
+        """A shared value as every worker's own copy (sent afresh for every map: a worker may have died)."""
+        return self.client.scatter(value.value, broadcast=True, hash=False) if isinstance(value, Shared) else value
 
     def _wait(self, futures: list, what: str | None) -> None:
-        """Until every chunk is done or one failed; logs progress, and fails when no worker is left."""
+        """Until no chunk is pending or one failed; logs progress, and fails when no worker is left."""
         from distributed import wait
 
         progress = cli.Progress(what or "", len(futures), quiet=what is None)
@@ -122,9 +137,12 @@ class Cluster:
                 wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 pass
+            except Exception as exc:
+                if type(exc).__name__ not in CANCELLED:
+                    raise
             still = [f for f in pending if f.status == "pending"]
-            if any(f.status != "finished" for f in pending if f not in still):
-                return  # a chunk failed: gather raises its error
+            if any(f.status == "error" for f in pending):
+                return
             progress.step(len(pending) - len(still))
             pending = still
             if pending and not self.client.scheduler_info(n_workers=-1).get("workers"):
@@ -135,6 +153,13 @@ class Cluster:
                                         "machine\") or leave compute.scheduler empty")
             else:
                 alone_since = None
+
+
+class Shared:
+    """A value every chunk of a cluster's ``map`` receives."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 @contextmanager
@@ -158,8 +183,9 @@ def pool(scheduler: str, root: Path, threads: int = 1) -> Iterator[Threads | Clu
         _check_workers(client, root, scheduler)
         yield Cluster(client, scheduler)
         peaks = client.run(worker_peak_mb, on_error="return")
-        log.info("Dask workers' peak memory: %s MB", ", ".join(
+        log.info("%s %s", WORKER_PEAKS, ", ".join(
             f"{peak:.0f}" for _, peak in sorted(peaks.items()) if isinstance(peak, float)) or "unknown")
+
 
 
 @contextmanager
@@ -210,15 +236,18 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
         raise PipelineError(problem)
 
 
-def worker_peak_mb() -> float:
-    """Run on each worker: its peak resident memory so far, in MB."""
-    import resource
+def worker_peak_mb() -> float | None:
+    """Run on each worker: its peak resident memory so far, in MB (None where /proc does not tell).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def same(value: Any) -> Any:
-    return value
+    Read from /proc rather than getrusage: a process started by fork and exec
+    inherits its parent's high-water mark in getrusage, not in VmHWM.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kilobytes = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(kilobytes) / 1024 if kilobytes else None
 
 
 def worker_view(root: str, probe: str) -> dict[str, str]:

@@ -280,19 +280,31 @@ def write_station_files(staging: Path, simulation: Simulation, test_steps: int, 
     task of ``pool`` (on a cluster the workers write them: the folder is on shared storage)."""
     climates = simulation.climates
     train_end = training_days(climates, len(simulation.dates), test_steps)
-    blocks = compute.chunks(range(len(climates)), STATIONS_PER_CHUNK)
-    chunks = [(climates["station"].to_numpy()[b], simulation.clean[b], simulation.observed[b], simulation.labels[b],
-               simulation.events[b], train_end[b]) for b in (slice(r.start, r.stop) for r in blocks)]
+    # The label tables travel as small integer codes: text columns of millions of cells are slow to send.
+    (label_codes, label_names), (event_codes, event_names) = (
+        _codes(simulation.labels), _codes(simulation.events))
+    chunks = [(climates["station"].to_numpy()[b], simulation.clean[b], simulation.observed[b], label_codes[b],
+               event_codes[b], train_end[b])
+              for b in (slice(r.start, r.stop) for r in compute.chunks(range(len(climates)), STATIONS_PER_CHUNK))]
     (pool or compute.Threads()).map(write_station_chunk, chunks, what="station files written (chunks)",
-                                    staging=staging, dates=simulation.dates, resolution=resolution)
+                                    staging=staging, dates=simulation.dates, resolution=resolution,
+                                    names=(label_names, event_names))
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 
-def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resolution: str) -> None:
-    """The files of a few stations: (names, clean, observed, labels, events, training days), one row each."""
+def _codes(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    codes, names = pd.factorize(table.ravel())
+    return codes.astype(np.int8).reshape(table.shape), np.asarray(names, dtype=object)
+
+
+def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resolution: str,
+                        names: tuple[np.ndarray, np.ndarray]) -> None:
+    """The files of a few stations: (names, clean, observed, label codes, event codes, training days), one row
+    each; ``names`` turns the codes back into labels and events."""
     places = {"temperature": 2 if resolution == "1F" else 1, "clean_temperature": 2}
+    label_names, event_names = names
     for station, clean, observed, labels, events, train_end in zip(*chunk, strict=True):
-        tables = station_tables(dates, clean, observed, labels, events, train_end)
+        tables = station_tables(dates, clean, observed, label_names[labels], event_names[events], train_end)
         for folder, table in tables.items():
             if len(table):
                 storage.write_csv(staging / folder / f"{station}.csv", table,
@@ -514,47 +526,55 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
 # --------------------------------------------------------------------------- main
 
 
+def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
+    """Simulate the network into ``staging``; returns the inputs (none), the source record and a summary."""
+    data, sim = params["data"], params["simulation"]
+    simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
+    write_station_files(staging, simulation, data["test_steps"], sim["resolution"], pool)
+    dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
+    source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
+              "test_start": str(dates[len(dates) - data["test_steps"]])}
+    counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
+    weather = int((simulation.events != "none").sum())
+    summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
+               + ", ".join(f"{k} {v}" for k, v in counts.items())
+               + f"; station-days in regional cold snaps or heat waves: {weather}")
+    return [], source, summary
+
+
+def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
+    """Import the user's files from ``folder`` into ``staging``; returns them, the source record and a summary."""
+    parts, report, test_start = import_stations(folder, params["data"], params["import"], params["preprocessing"],
+                                                pool)
+    write_imported_files(staging, parts)
+    source = {"source": str(folder), "quantity": params["import"]["quantity"], "unit": params["import"]["unit"],
+              "frequency": next(iter(report.values()))["frequency"], "stations": len(parts),
+              "test_start": test_start, "files": report}
+    summary = f"imported {len(parts)} stations from {folder}; no ground truth, so anomaly scores will be skipped"
+    return sorted(folder / report[name]["file"] for name in report), source, summary
+
+
 def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
-    data, folder = params["data"], params.source_folder
+    folder = params.source_folder
 
     staging = paths.data / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        for name in ("train", "test", "truth"):
-            (staging / name).mkdir(parents=True)
-        if folder is None:
-            sim = params["simulation"]
-            simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
-            with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
-                write_station_files(staging, simulation, data["test_steps"], sim["resolution"], pool)
-            inputs = []
-            dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
-            source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
-                      "test_start": str(dates[len(dates) - data["test_steps"]])}
-            counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
-            weather = int((simulation.events != "none").sum())
-            summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
-                       + ", ".join(f"{k} {v}" for k, v in counts.items())
-                       + f"; station-days in regional cold snaps or heat waves: {weather}")
-        else:
-            with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
-                parts, report, test_start = import_stations(folder, data, params["import"], params["preprocessing"],
-                                                            pool)
-            write_imported_files(staging, parts)
-            inputs = sorted(folder / report[name]["file"] for name in report)
-            frequency = next(iter(report.values()))["frequency"]
-            source = {"source": str(folder), "quantity": params["import"]["quantity"],
-                      "unit": params["import"]["unit"], "frequency": frequency, "stations": len(parts),
-                      "test_start": test_start, "files": report}
-            summary = (f"imported {len(parts)} stations from {folder}; "
-                       "no ground truth, so anomaly scores will be skipped")
-        for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            storage.replace_folder(staging / name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # The workers start before the simulation fills this process's memory (they are forked from it).
+    with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+        try:
+            for name in ("train", "test", "truth"):
+                (staging / name).mkdir(parents=True)
+            if folder is None:
+                inputs, source, summary = simulated_files(staging, params, pool)
+            else:
+                inputs, source, summary = imported_files(staging, folder, params, pool)
+            for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                storage.replace_folder(staging / name, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     storage.write_json(paths.source_record, source)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
     manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record], first=True)

@@ -201,33 +201,37 @@ def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None =
     return {"estimator": final, "record": record, "estimators": estimators}
 
 
+def fit_one_of(steps: list[int], step: int, rows: pd.DataFrame, model_params: dict, pool: compute.Pool) -> dict:
+    """``fit_step`` for one of the direct models (one per step ahead, each with its own interval)."""
+    step_rows = rows if len(steps) == 1 else rows[rows["step"] == step].reset_index(drop=True)
+    fitted = fit_step(step_rows, model_params, pool)
+    if len(steps) > 1:
+        done = fitted["record"]
+        log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["chosen"],
+                 done["cv"]["mean_mae"][done["chosen"]], done["cv"]["mean_mae"]["persistence"])
+    return fitted
+
+
 def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
     model_params = params["model"]
     inputs = [paths.train_features, paths.scaler]
     manifest.verify_outputs_of(paths, "model_preprocessing", inputs)
-    rows = training_rows(storage.read_table(paths.train_features, TRAIN_COLUMNS))
-
-    threads, why = cli.thread_budget()
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
-    log.info("using %d thread(s) (%s)", threads, why)
-    first = rows[rows["step"] == 1]
-    sample_size = len(cv_sample(first, model_params["cv_max_rows"]))
-    if sample_size < len(first):
-        log.info("cross-validation on about %d of %d training rows per step (every station's rows of some "
-                 "stations); the chosen model is then fitted on all rows", sample_size, len(first))
-    steps = sorted(int(s) for s in rows["step"].unique())
-    fitted = []
-    with threadpoolctl.threadpool_limits(limits=threads), \
-            compute.pool(params["compute"]["scheduler"], paths.root) as pool:  # BLAS, already loaded with numpy
-        for step in steps:  # one direct model per step ahead, each with its own interval
-            step_rows = rows if len(steps) == 1 else rows[rows["step"] == step].reset_index(drop=True)
-            fitted.append(fit_step(step_rows, model_params, pool))
-            if len(steps) > 1:
-                done = fitted[-1]["record"]
-                log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["chosen"],
-                         done["cv"]["mean_mae"][done["chosen"]], done["cv"]["mean_mae"]["persistence"])
+    # The workers of a cluster start first, while this process is small (they are forked from it).
+    with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+        rows = training_rows(storage.read_table(paths.train_features, TRAIN_COLUMNS))
+        threads, why = cli.thread_budget()
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
+        log.info("using %d thread(s) (%s)", threads, why)
+        first = rows[rows["step"] == 1]
+        sample_size = len(cv_sample(first, model_params["cv_max_rows"]))
+        if sample_size < len(first):
+            log.info("cross-validation on about %d of %d training rows per step (every station's rows of some "
+                     "stations); the chosen model is then fitted on all rows", sample_size, len(first))
+        steps = sorted(int(s) for s in rows["step"].unique())
+        with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
+            fitted = [fit_one_of(steps, step, rows, model_params, pool) for step in steps]
 
     next_step = fitted[0]["record"]
     record = {

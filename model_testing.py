@@ -352,14 +352,14 @@ def main(args) -> None:
         registry.restore_previous(paths)
         return
     params: Params = load_params(args.params)
-    _, bundle, record = load_verified(paths)
-    test = storage.read_table(paths.test_features, TEST_COLUMNS)
-    flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
-    truth = load_truth(paths.truth, sorted(test["station"].unique()))
-
-    source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
+    # The workers of a cluster start first, while this process is small (they are forked from it).
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
+        _, bundle, record = load_verified(paths)
+        test = storage.read_table(paths.test_features, TEST_COLUMNS)
+        flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
+        truth = load_truth(paths.truth, sorted(test["station"].unique()))
         frame = predictions(test, flags, truth, bundle, pool)
+    source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
     metrics = evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
     metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))
     passed, verdict = gate(metrics, params["evaluation"]["gate_min_improvement"])

@@ -13,6 +13,7 @@ cluster is asked for, and is an optional install (requirements-dask.txt).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ POLL_SECONDS = 2.0
 # this many workers down with it is failed (it may not fit a worker's memory).
 ALLOWED_FAILURES = 3
 CODE = Path(__file__).resolve().parent
+IN_FLIGHT_PER_WORKER = 2  # chunks sent to a worker before its first is back: one running, one ready
 CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
 WORKER_PEAKS = "Dask workers' peak memory (MB):"
 
@@ -75,9 +77,11 @@ class Threads:
 
 
 class Cluster:
-    """Chunks run on the workers of a Dask cluster. Inputs are scattered straight to the workers (sending
-    them inside the tasks, through the scheduler, took three times as long); a worker that dies takes the
-    inputs it held with it, so the chunks left undone are sent again, up to ``ALLOWED_FAILURES`` times."""
+    """Chunks run on the workers of a Dask cluster, at most ``IN_FLIGHT_PER_WORKER`` per worker at a time,
+    each chunk's input scattered straight to a worker (sending it inside the task, through the scheduler,
+    took three times as long) and its result fetched and dropped as soon as it is done, so a worker's
+    memory is bounded by the chunk size, not by the number of stations. A worker that dies takes its
+    chunks' inputs with it: those chunks are sent again, up to ``ALLOWED_FAILURES`` times."""
 
     cluster = True
 
@@ -90,69 +94,79 @@ class Cluster:
     def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
             **shared: Any) -> list[Any]:
         name = what or function.__name__
+        progress = cli.Progress(what or "", len(items), quiet=what is None)
         results: dict[int, Any] = {}
         for _ in range(ALLOWED_FAILURES):
             todo = [i for i in range(len(items)) if i not in results]
             if not todo:
                 break
-            futures = self.client.map(function, self.client.scatter([items[i] for i in todo], hash=False),
-                                      pure=False, **{key: self._sent(value) for key, value in shared.items()})
+            sent = {key: self._sent(value) for key, value in shared.items()}
             try:
-                self._wait(futures, what)
-                failed = [f for f in futures if f.status == "error"]
-                if failed:
-                    failed[0].result()  # raises the chunk's own error
-                done = [(i, f) for i, f in zip(todo, futures, strict=True) if f.status == "finished"]
-                results.update(zip([i for i, _ in done], self.client.gather([f for _, f in done]), strict=True))
+                self._run(function, {i: items[i] for i in todo}, sent, results, progress)
             except Exception as exc:
                 if type(exc).__name__ == "KilledWorker":
                     raise PipelineError(self._died(name)) from None
-                if type(exc).__name__ not in CANCELLED:
-                    raise
-            finally:
-                self.client.cancel(futures)
+                raise
             if len(results) < len(items):
                 log.warning("%s: a Dask worker died holding the inputs of %d chunk(s); sending them again", name,
                             len(items) - len(results))
         if len(results) < len(items):
             raise PipelineError(self._died(name))
-        return [results[i] for i in range(len(items))]
+        return [results.pop(i) for i in range(len(items))]
+
+    def _run(self, function: Callable[..., Any], items: dict[int, Any], sent: dict[str, Any],
+             results: dict[int, Any], progress: cli.Progress) -> None:
+        """Runs ``items`` (index -> input) a window at a time, putting each result in ``results``; a chunk
+        whose input died with its worker is left out, a chunk's own error is raised."""
+        from distributed import wait
+
+        waiting = iter(items.items())
+        window = IN_FLIGHT_PER_WORKER * max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+        running: dict[Any, int] = {}
+        alone_since = None
+        try:
+            while True:
+                for index, item in itertools.islice(waiting, window - len(running)):
+                    [data] = self.client.scatter([item], hash=False)
+                    running[self.client.submit(function, data, pure=False, **sent)] = index
+                if not running:
+                    return
+                try:
+                    wait(list(running), timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    pass
+                except Exception as exc:
+                    if type(exc).__name__ not in CANCELLED:
+                        raise
+                for future in [f for f in running if f.status != "pending"]:
+                    index = running.pop(future)
+                    if future.status == "finished":
+                        results[index] = future.result()
+                        progress.step()
+                    elif future.status == "error":
+                        future.result()  # raises the chunk's own error
+                    future.release()
+                alone_since = self._check_alone(alone_since)
+        finally:
+            self.client.cancel(list(running))
+
+    def _check_alone(self, alone_since: float | None) -> float | None:
+        """When no worker has been connected since ``alone_since`` for too long, PipelineError."""
+        if self.client.scheduler_info(n_workers=-1).get("workers"):
+            return None
+        alone_since = alone_since or time.monotonic()
+        if time.monotonic() - alone_since > NO_WORKERS_SECONDS:
+            raise PipelineError(f"no Dask worker connected to {self.scheduler} for {NO_WORKERS_SECONDS:.0f} s; "
+                                "start workers (README, \"More than one machine\") or leave compute.scheduler empty")
+        return alone_since
 
     def _died(self, name: str) -> str:
         return (f"{name}: Dask workers of {self.scheduler} died {ALLOWED_FAILURES} times running this stage's "
                 "chunks (killed, or out of memory); give the workers more memory or use more of them, and run again")
 
     def _sent(self, value: Any) -> Any:
-        """A shared value as every worker's own copy (sent afresh for every map: a worker may have died)."""
+        """A shared value as every worker's own copy (sent afresh for every round: a worker may have died)."""
         return self.client.scatter(value.value, broadcast=True, hash=False) if isinstance(value, Shared) else value
-
-    def _wait(self, futures: list, what: str | None) -> None:
-        """Until no chunk is pending or one failed; logs progress, and fails when no worker is left."""
-        from distributed import wait
-
-        progress = cli.Progress(what or "", len(futures), quiet=what is None)
-        pending, alone_since = list(futures), None
-        while pending:
-            try:
-                wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                pass
-            except Exception as exc:
-                if type(exc).__name__ not in CANCELLED:
-                    raise
-            still = [f for f in pending if f.status == "pending"]
-            if any(f.status == "error" for f in pending):
-                return
-            progress.step(len(pending) - len(still))
-            pending = still
-            if pending and not self.client.scheduler_info(n_workers=-1).get("workers"):
-                alone_since = alone_since or time.monotonic()
-                if time.monotonic() - alone_since > NO_WORKERS_SECONDS:
-                    raise PipelineError(f"no Dask worker connected to {self.scheduler} for "
-                                        f"{NO_WORKERS_SECONDS:.0f} s; start workers (README, \"More than one "
-                                        "machine\") or leave compute.scheduler empty")
-            else:
-                alone_since = None
 
 
 class Shared:

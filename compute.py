@@ -206,6 +206,10 @@ def pool(scheduler: str, root: Path, threads: int = 1) -> Iterator[Threads | Clu
 def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
     if scheduler.startswith(LOCAL_CLUSTER):
         workers = int(scheduler[len(LOCAL_CLUSTER):])
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if workers > cpus:
+            log.warning("%d worker processes on %d CPUs: they take turns, and each holds its own chunks in memory",
+                        workers, cpus)
         # One thread per worker process, and one for its numerical libraries: the processes share the CPUs.
         single = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # the worker processes' start-up chatter
@@ -232,6 +236,13 @@ def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
 def _check_workers(client: Any, root: Path, scheduler: str) -> None:
     """Fail with one clear line unless every worker runs the code this process runs and reads the
     files this process writes there (a token file is written and read back)."""
+    try:  # the scheduler unpickles the tasks, so it needs the code too
+        scheduler_code = client.run_on_scheduler(code_folder)
+    except Exception as exc:
+        scheduler_code = f"{type(exc).__name__}: {exc}"
+    if scheduler_code != str(CODE):
+        raise PipelineError(f"the Dask scheduler {scheduler} cannot use this project's code from {CODE} "
+                            f"({scheduler_code}); start it with PYTHONPATH={CODE} (README, \"More than one machine\")")
     token = uuid.uuid4().hex
     probe = root / f".compute-check-{token}"
     probe.write_text(token)
@@ -240,10 +251,11 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
     finally:
         probe.unlink(missing_ok=True)
     for worker, view in sorted(seen.items()):
-        if isinstance(view, (ImportError, AttributeError)):  # it could not unpickle this module's function
-            raise PipelineError(f"Dask worker {worker} cannot import this project's code ({type(view).__name__}: "
-                                f"{view}); start the workers with PYTHONPATH={CODE} (README, \"More than one "
-                                "machine\")")
+        if isinstance(view, Exception) and not isinstance(view, OSError):  # OSError: it died meanwhile
+            if "No module named" in str(view) or isinstance(view, ImportError):
+                raise PipelineError(f"Dask worker {worker} cannot import this project's code ({view}); start the "
+                                    f"workers with PYTHONPATH={CODE} (README, \"More than one machine\")")
+            raise PipelineError(f"Dask worker {worker} failed its check of the project folder: {view}")
     # A worker that died meanwhile is not asked again: its chunks go to the others, or to its restart.
     problem = storage_problem({w: v for w, v in seen.items() if isinstance(v, dict)}, root, token, CODE)
     if problem:
@@ -262,6 +274,11 @@ def worker_peak_mb() -> float | None:
         return None
     kilobytes = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
     return int(kilobytes) / 1024 if kilobytes else None
+
+
+def code_folder() -> str:
+    """Run on the scheduler: where it finds the project's code."""
+    return str(CODE)
 
 
 def worker_view(root: str, probe: str) -> dict[str, str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,41 @@ def test_a_cluster_run_gives_the_same_bytes_as_a_local_run(built, tmp_path):
     local, cluster = outputs(local_root), outputs(tmp_path)
     assert sorted(cluster) == sorted(local)
     assert [name for name in local if local[name] != cluster[name]] == []
+
+
+@pytest.fixture
+def scheduler(tmp_path) -> Iterator[str]:
+    """A Dask scheduler and two worker processes started as a user starts them (README), on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    dask = str(Path(sys.executable).parent / "dask")
+    started = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                                env=environment, cwd=tmp_path, stderr=subprocess.DEVNULL)]
+    started.append(subprocess.Popen([dask, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                     "--no-dashboard"], env=environment, cwd=tmp_path, stderr=subprocess.DEVNULL))
+    try:
+        import distributed
+
+        with distributed.Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_a_run_on_a_real_scheduler_gives_the_same_bytes(built, tmp_path, scheduler):
+    """The four stages against a scheduler and workers running as their own processes."""
+    root = tmp_path / "project"
+    root.mkdir()
+    params = write_params(root / "params.toml", **TINY, scheduler=scheduler)
+    for module in STAGES:
+        assert run_stage(module, root, params) == 0, module.STAGE
+    assert outputs(root) == outputs(built[0])
 
 
 def test_a_worker_killed_during_a_stage_changes_nothing(project):

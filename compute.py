@@ -33,10 +33,11 @@ CONNECT_SECONDS = 20
 # How long a stage waits with no worker connected before it gives up, and how often it looks.
 NO_WORKERS_SECONDS = 120.0
 POLL_SECONDS = 2.0
-# Dask retries the chunks of a worker that dies on the others; one chunk that takes
-# this many workers down with it is failed (it may not fit a worker's memory).
+# A worker that dies takes the chunks it held with it; they are sent again, and after this
+# many rounds, or a chunk that took this many workers down with it, the stage fails.
 ALLOWED_FAILURES = 3
 CODE = Path(__file__).resolve().parent
+SCATTER_RETRY_SECONDS = 1.0  # the scheduler notices a dead worker within about a second
 IN_FLIGHT_PER_WORKER = 2  # chunks sent to a worker before its first is back: one running, one ready
 CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
 WORKER_PEAKS = "Dask workers' peak memory (MB):"
@@ -127,7 +128,7 @@ class Cluster:
         try:
             while True:
                 for index, item in itertools.islice(waiting, window - len(running)):
-                    [data] = self.client.scatter([item], hash=False)
+                    [data] = self._scatter([item])
                     running[self.client.submit(function, data, pure=False, **sent)] = index
                 if not running:
                     return
@@ -141,8 +142,11 @@ class Cluster:
                 for future in [f for f in running if f.status != "pending"]:
                     index = running.pop(future)
                     if future.status == "finished":
-                        results[index] = future.result()
-                        progress.step()
+                        try:
+                            results[index] = future.result()
+                            progress.step()
+                        except OSError:  # the worker holding the result died: the chunk runs again
+                            pass
                     elif future.status == "error":
                         future.result()  # raises the chunk's own error
                     future.release()
@@ -166,7 +170,17 @@ class Cluster:
 
     def _sent(self, value: Any) -> Any:
         """A shared value as every worker's own copy (sent afresh for every round: a worker may have died)."""
-        return self.client.scatter(value.value, broadcast=True, hash=False) if isinstance(value, Shared) else value
+        return self._scatter(value.value, broadcast=True) if isinstance(value, Shared) else value
+
+    def _scatter(self, data: Any, broadcast: bool = False) -> Any:
+        """``client.scatter``, tried again while the scheduler still lists a worker that has just died."""
+        for attempt in range(1, ALLOWED_FAILURES + 1):
+            try:
+                return self.client.scatter(data, broadcast=broadcast, hash=False)
+            except OSError:  # the connection to a dead worker closed (distributed's CommClosedError)
+                time.sleep(SCATTER_RETRY_SECONDS * attempt)
+        raise PipelineError(f"cannot send chunks to the Dask workers of {self.scheduler}: they died "
+                            f"{ALLOWED_FAILURES} times in a row; check their memory and restarts")
 
 
 class Shared:
@@ -199,7 +213,6 @@ def pool(scheduler: str, root: Path, threads: int = 1) -> Iterator[Threads | Clu
         peaks = client.run(worker_peak_mb, on_error="return")
         log.info("%s %s", WORKER_PEAKS, ", ".join(
             f"{peak:.0f}" for _, peak in sorted(peaks.items()) if isinstance(peak, float)) or "unknown")
-
 
 
 @contextmanager
@@ -287,7 +300,7 @@ def worker_view(root: str, probe: str) -> dict[str, str]:
         content = (Path(root) / probe).read_text()
     except OSError as exc:
         content = f"cannot read it: {exc.strerror}"
-    return {"code": str(Path(__file__).resolve().parent), "probe": content}
+    return {"code": str(CODE), "probe": content}
 
 
 def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, code: Path) -> str | None:
@@ -303,6 +316,22 @@ def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, cod
             return (f"Dask worker {worker} runs this project's code from {view['code']}, not from {code}; "
                     f"start the workers with PYTHONPATH={code}")
     return None
+
+
+class OnDemand(Sequence):
+    """A sequence whose item ``i`` is ``make(i)``, made when a chunk is about to run: a stage's chunks are
+    copies of parts of its tables, which would otherwise all exist at once beside the tables."""
+
+    def __init__(self, make: Callable[[int], Any], count: int) -> None:
+        self.make, self.count = make, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.make(index)
 
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -328,8 +328,8 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = [observed.columns[begin:begin + STATION_BLOCK] for begin in range(0, observed.shape[1], STATION_BLOCK)]
-    inputs = [(observed[block], period[block], {name: table[block] for name, table in verdict.items()})
-              for block in blocks]
+    inputs = compute.OnDemand(lambda i: (observed[blocks[i]], period[blocks[i]],
+                                         {name: table[blocks[i]] for name, table in verdict.items()}), len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:

@@ -264,8 +264,9 @@ def model_forecasts(test: pd.DataFrame, bundle: dict, pool: compute.Pool) -> np.
     order = np.argsort(block, kind="stable")
     bounds = np.searchsorted(block[order], np.arange(block.max(initial=-1) + 2))
     rows = [order[begin:end] for begin, end in itertools.pairwise(bounds)]
-    columns = ["step", "temp_today", *FEATURES]
-    done = pool.map(forecast_block, [test[columns].iloc[r] for r in rows], what="forecast blocks",
+    columns = test.columns.get_indexer(["step", "temp_today", *FEATURES])
+    done = pool.map(forecast_block, compute.OnDemand(lambda i: test.iloc[rows[i], columns], len(rows)),
+                    what="forecast blocks",
                     estimators={entry["step"]: entry["estimator"] for entry in bundle["steps"]})
     forecasts = np.full(len(test), np.nan)
     for r, values in zip(rows, done, strict=True):

@@ -180,9 +180,11 @@ def test_a_run_on_a_real_scheduler_gives_the_same_bytes(built, tmp_path, schedul
     assert outputs(root) == outputs(built[0])
 
 
-def test_a_worker_killed_during_a_stage_changes_nothing(project):
-    """Stage 2 on two worker processes, one of them killed while the stage runs: the stage still gives the
-    local run's bytes."""
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.4])
+def test_a_worker_killed_during_a_stage_changes_nothing(project, delay):
+    """Stage 2 on two worker processes, one of them killed while the stage runs (``delay`` seconds after
+    its cluster is up: while the files are read, the detector runs or the features are built): the stage
+    still gives the local run's bytes."""
     root, _ = project
     local = outputs(root)
     params = write_params(root / "cluster.toml", **TINY, scheduler="local:2")
@@ -196,13 +198,15 @@ def test_a_worker_killed_during_a_stage_changes_nothing(project):
     while killed is None and stage.poll() is None and time.monotonic() < deadline:
         workers = [pid for pid in _children(stage.pid) if "spawn_main" in _command(pid)]
         if any("Dask LocalCluster" in line for line in lines) and workers:  # the cluster is up: the stage works
+            time.sleep(delay)
             os.kill(workers[0], signal.SIGKILL)
-            killed = workers[0]
+            # still working: running, and the workers' peaks (logged once every chunk is back) not yet logged
+            killed = stage.poll() is None and not any(compute.WORKER_PEAKS in line for line in lines)
         time.sleep(0.01)
     stage.wait(timeout=120)
     reader.join(timeout=10)
     errors = "".join(lines)
-    assert killed is not None, "the stage ended before a worker could be killed"
+    assert killed, "the stage's chunks were all done before a worker could be killed"
     assert stage.returncode == 0, errors
     assert outputs(root) == local
 

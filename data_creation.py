@@ -561,7 +561,6 @@ def main(args) -> None:
 
     staging = paths.data / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    # The workers start before the simulation fills this process's memory (they are forked from it).
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         try:
             for name in ("train", "test", "truth"):

@@ -218,7 +218,6 @@ def main(args) -> None:
     model_params = params["model"]
     inputs = [paths.train_features, paths.scaler]
     manifest.verify_outputs_of(paths, "model_preprocessing", inputs)
-    # The workers of a cluster start first, while this process is small (they are forked from it).
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         rows = training_rows(storage.read_table(paths.train_features, TRAIN_COLUMNS))
         threads, why = cli.thread_budget()

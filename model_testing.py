@@ -353,7 +353,6 @@ def main(args) -> None:
         registry.restore_previous(paths)
         return
     params: Params = load_params(args.params)
-    # The workers of a cluster start first, while this process is small (they are forked from it).
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         _, bundle, record = load_verified(paths)
         test = storage.read_table(paths.test_features, TEST_COLUMNS)

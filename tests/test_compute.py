@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, STAGES, TINY, run_stage, write_params
+from conftest import REAL_FORMAT, ROOT, STAGES, TINY, run_stage, write_params, write_real_format_station
 
 import compute
 from errors import PipelineError
@@ -143,6 +143,23 @@ def test_a_cluster_run_gives_the_same_bytes_as_a_local_run(built, tmp_path):
     local, cluster = outputs(local_root), outputs(tmp_path)
     assert sorted(cluster) == sorted(local)
     assert [name for name in local if local[name] != cluster[name]] == []
+
+
+def test_own_files_are_read_on_the_workers_as_here_and_a_bad_one_is_one_line(tmp_path, capsys):
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("HOME", "FARM"):
+        write_real_format_station(own / f"{name}.csv")
+    roots = {}
+    for scheduler in ("", "local:2"):
+        root = roots[scheduler] = tmp_path / (scheduler.replace(":", "") or "here")
+        root.mkdir()
+        params = write_params(root / "own.toml", **TINY, **REAL_FORMAT, source=str(own), scheduler=scheduler)
+        assert run_stage(STAGES[0], root, params) == 0
+    assert outputs(roots[""]) == outputs(roots["local:2"])
+    (own / "FARM.csv").write_text("when,value\n2020-01-01,3\n")
+    assert run_stage(STAGES[0], roots["local:2"], params) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"data_creation: error: {own / 'FARM.csv'}: no column")
 
 
 @pytest.fixture

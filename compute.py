@@ -13,6 +13,7 @@ cluster is asked for, and is an optional install (requirements-dask.txt).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -37,6 +38,7 @@ POLL_SECONDS = 2.0
 # many rounds, or a chunk that took this many workers down with it, the stage fails.
 ALLOWED_FAILURES = 3
 CODE = Path(__file__).resolve().parent
+LOCAL_WORKERS_PER_CPU = 4
 SCATTER_RETRY_SECONDS = 1.0  # the scheduler notices a dead worker within about a second
 IN_FLIGHT_PER_WORKER = 2  # chunks sent to a worker before its first is back: one running, one ready
 CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
@@ -220,6 +222,9 @@ def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
     if scheduler.startswith(LOCAL_CLUSTER):
         workers = int(scheduler[len(LOCAL_CLUSTER):])
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if workers > LOCAL_WORKERS_PER_CPU * cpus:  # each is a Python process holding chunks: memory, not speed
+            raise PipelineError(f"compute.scheduler = {scheduler!r} asks for {workers} worker processes on {cpus} "
+                                f"CPU(s); at most {LOCAL_WORKERS_PER_CPU * cpus} here")
         if workers > cpus:
             log.warning("%d worker processes on %d CPUs: they take turns, and each holds its own chunks in memory",
                         workers, cpus)
@@ -270,7 +275,10 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
                                     f"workers with PYTHONPATH={CODE} (README, \"More than one machine\")")
             raise PipelineError(f"Dask worker {worker} failed its check of the project folder: {view}")
     # A worker that died meanwhile is not asked again: its chunks go to the others, or to its restart.
-    problem = storage_problem({w: v for w, v in seen.items() if isinstance(v, dict)}, root, token, CODE)
+    import manifest
+
+    problem = storage_problem({w: v for w, v in seen.items() if isinstance(v, dict)}, root, token, CODE,
+                              manifest.code_hash())
     if problem:
         raise PipelineError(problem)
 
@@ -294,18 +302,29 @@ def code_folder() -> str:
     return str(CODE)
 
 
+@functools.cache
+def loaded_code() -> str:
+    """A hash of the project's code as this process first saw it: a worker that outlives a stage keeps the
+    modules it imported then, whatever is on disk later."""
+    import manifest
+
+    return manifest.code_hash()
+
+
 def worker_view(root: str, probe: str) -> dict[str, str]:
-    """Run on each worker: where it finds the project's code, and what it reads in the probe file."""
+    """Run on each worker: where it finds the project's code, which version of it, and what it reads in the
+    probe file."""
     try:
         content = (Path(root) / probe).read_text()
     except OSError as exc:
         content = f"cannot read it: {exc.strerror}"
-    return {"code": str(CODE), "probe": content}
+    return {"code": str(CODE), "version": loaded_code(), "probe": content}
 
 
-def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, code: Path) -> str | None:
+def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, code: Path, version: str
+                    ) -> str | None:
     """What is wrong with the workers' view of the project, or None (``seen``: worker -> worker_view;
-    ``code``: the folder this process runs the project's code from)."""
+    ``code`` and ``version``: the folder and the hash of the code this process runs)."""
     if not seen:
         return "the Dask cluster has no workers; start some (README, \"More than one machine\")"
     for worker, view in sorted(seen.items()):
@@ -315,6 +334,9 @@ def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, cod
         if Path(view["code"]) != code:
             return (f"Dask worker {worker} runs this project's code from {view['code']}, not from {code}; "
                     f"start the workers with PYTHONPATH={code}")
+        if view["version"] != version:
+            return (f"Dask worker {worker} runs this project's code as it was when the worker started, and it has "
+                    "changed since; restart the workers (and the scheduler) so that they load it again")
     return None
 
 

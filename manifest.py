@@ -124,14 +124,15 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
     return manifest
 
 
-def code_hash(stage: str) -> str:
-    """A hash of the code a stage runs: its script and every shared module beside it (not the other stages)."""
+def code_hash(stage: str | None = None) -> str:
+    """A hash of the code a stage runs: its script and every shared module beside it (not the other stages);
+    with no stage, of every module of the project."""
     from params import STAGES
     from storage import ROOT
 
     digest = hashlib.sha256()
     for path in sorted(ROOT.glob("*.py")):
-        if path.stem == stage or (path.stem not in STAGES and path.name != "benchmark.py"):
+        if stage is None or path.stem == stage or (path.stem not in STAGES and path.name != "benchmark.py"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import REAL_FORMAT, ROOT, STAGES, TINY, run_stage, write_params, write_real_format_station
 
 import compute
+import manifest
 from errors import PipelineError
 from params import scheduler_problem
 
@@ -94,6 +95,13 @@ def test_without_dask_a_cluster_asks_for_the_optional_install(tmp_path, monkeypa
         pass
 
 
+def test_a_local_cluster_far_larger_than_the_cpus_is_refused(tmp_path):
+    cpus = len(os.sched_getaffinity(0))
+    with pytest.raises(PipelineError, match=f"asks for {4 * cpus + 1} worker processes on {cpus} CPU"), \
+            compute.pool(f"local:{4 * cpus + 1}", tmp_path):
+        pass
+
+
 def test_an_unreachable_scheduler_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(compute, "CONNECT_SECONDS", 1)
     with pytest.raises(PipelineError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"), \
@@ -102,15 +110,26 @@ def test_an_unreachable_scheduler_is_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_workers_that_cannot_see_the_folder_or_run_other_code_are_named(tmp_path):
-    code = compute.CODE
-    good = {"code": str(code), "probe": "token"}
-    assert compute.storage_problem({"tcp://a:1": good}, tmp_path, "token", code) is None
-    blind = {"tcp://a:1": good, "tcp://b:1": {"code": str(code), "probe": "cannot read it: No such file"}}
-    problem = compute.storage_problem(blind, tmp_path, "token", code)
+    code, version = compute.CODE, "v1"
+    good = {"code": str(code), "version": version, "probe": "token"}
+    assert compute.storage_problem({"tcp://a:1": good}, tmp_path, "token", code, version) is None
+    blind = {"tcp://a:1": good, "tcp://b:1": {**good, "probe": "cannot read it: No such file"}}
+    problem = compute.storage_problem(blind, tmp_path, "token", code, version)
     assert "tcp://b:1" in problem and str(tmp_path) in problem and "shared storage" in problem
-    other = {"tcp://a:1": {"code": "/elsewhere", "probe": "token"}}
-    assert "PYTHONPATH" in compute.storage_problem(other, tmp_path, "token", code)
-    assert "no workers" in compute.storage_problem({}, tmp_path, "token", code)
+    elsewhere = {"tcp://a:1": {**good, "code": "/elsewhere"}}
+    assert "PYTHONPATH" in compute.storage_problem(elsewhere, tmp_path, "token", code, version)
+    stale = {"tcp://a:1": {**good, "version": "v0"}}
+    assert "restart the workers" in compute.storage_problem(stale, tmp_path, "token", code, version)
+    assert "no workers" in compute.storage_problem({}, tmp_path, "token", code, version)
+
+
+def test_a_worker_that_outlives_a_code_change_is_told_to_restart(tmp_path, scheduler, monkeypatch):
+    """The workers of a running cluster keep the modules they imported: after an edit they are refused."""
+    with compute.pool(scheduler, tmp_path):
+        pass  # the workers have seen the code as it is
+    monkeypatch.setattr(manifest, "code_hash", lambda stage=None: "edited since")
+    with pytest.raises(PipelineError, match="restart the workers"), compute.pool(scheduler, tmp_path):
+        pass
 
 
 def test_a_cluster_checks_its_workers_and_keeps_the_order(tmp_path):

@@ -69,6 +69,10 @@ STEP_LAGS = range(1, 31)
 RAMP_LAGS = range(7, 61)
 INNOVATION_CAP = 4.0
 STATION_BLOCK = 64  # stations per block of the step and ramp tests
+VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
+# What the verdict reads, per station and overall (the order of STATION_KEYS is how verdict() unpacks them).
+STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share"]
+VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence"]
 
 
 def harmonic_design(dates: pd.DatetimeIndex) -> np.ndarray:
@@ -503,45 +507,63 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
 
 
 def _classify(observed: pd.DataFrame, detector: dict, network: dict, pool: Pool | None) -> dict[str, pd.DataFrame]:
+    """The verdict on every reading, given the departures from the neighbours. Only the day's storminess
+    needs the whole network; the rest is station by station, so on a cluster it runs in blocks of
+    ``VERDICT_BLOCK`` stations on the workers (the same values as in one piece)."""
     stations = observed.columns
-    scale = _station_table(detector, stations, "departure_scale")
-    persistence = _station_table(detector, stations, "persistence")
-    innovation_scale = _station_table(detector, stations, "innovation_scale")
-    # A station with no learning days at all gets the gross check of the typical station.
-    jump_scale = _station_table(detector, stations, "jump_scale")
-    jump_scale = jump_scale.fillna(jump_scale.median())
-    gross_threshold = _station_table(detector, stations, "gross_threshold")
-    gross_threshold = gross_threshold.fillna(gross_threshold.median())
-    share = _station_table(detector, stations, "repeat_share")
-    share = share.fillna(share.median())
+    per_station = {key: _station_table(detector, stations, key) for key in STATION_KEYS}
+    # A station with no learning days at all gets the checks of the typical station.
+    for key in ("jump_scale", "gross_threshold", "repeat_share"):
+        per_station[key] = per_station[key].fillna(per_station[key].median())
+    innovation = _innovation(network["departure"], per_station["persistence"], per_station["departure_scale"])
+    tables = {"observed": observed, "departure": network["departure"], "expected": network["expected"],
+              "innovation": innovation}
+    day = storminess(innovation / per_station["innovation_scale"])
+    settings = {key: detector[key] for key in VERDICT_SETTINGS}
+    if pool is None or not pool.cluster or len(stations) <= VERDICT_BLOCK:
+        return verdict((tables, per_station), day, settings, pool)
+    blocks = [stations[begin:begin + VERDICT_BLOCK] for begin in range(0, len(stations), VERDICT_BLOCK)]
+    parts = pool.map(verdict, compute.OnDemand(
+        lambda i: ({key: table[blocks[i]] for key, table in tables.items()},
+                   {key: values[blocks[i]] for key, values in per_station.items()}), len(blocks)),
+        day=pool.share(day), settings=settings)
+    return {key: pd.concat([part[key] for part in parts], axis=1) for key in parts[0]}
 
-    departure, expected = network["departure"], network["expected"]
+
+def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd.Series, settings: dict,
+            pool: Pool | None = None) -> dict[str, pd.DataFrame]:
+    """``_classify`` for some stations: (their date x station tables, their learned values), the day's
+    storminess over the whole network, and the detector's thresholds; ``pool`` runs the change tests."""
+    tables, per_station = block
+    observed, departure, expected, innovation = (tables[key] for key in ("observed", "departure", "expected",
+                                                                         "innovation"))
+    stations = observed.columns
+    scale, persistence, innovation_scale, jump_scale, gross_threshold, share = (
+        per_station[key] for key in STATION_KEYS)
     z = departure / scale
-    innovation = _innovation(departure, persistence, scale)
     innovation_z = innovation / innovation_scale
-    day = storminess(innovation_z)
     calm = innovation_z.div(day, axis=0)
     step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", pool)
     ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", pool)
     drifting = ramp_z.abs() > step_z.abs()
     # The offset to remove: the mean departure since a step began; twice it since a ramp began.
     offset = mean_since(departure, step_lag).mask(drifting, 2 * mean_since(departure, ramp_lag))
-    reference = trailing_median(observed, detector["window"])
+    reference = trailing_median(observed, settings["window"])
     jump_z = (observed - reference) / jump_scale
 
     shift_z = np.maximum(step_z.abs(), ramp_z.abs())
     # Persistent: strong evidence of a step or ramp that today's reading still carries; once
     # found, it stays flagged while the evidence stays above half the threshold.
     carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs())
-    persistent = held(carries & (shift_z > detector["shift_threshold"]),
-                      carries & (shift_z > 0.5 * detector["shift_threshold"]))
+    persistent = held(carries & (shift_z > settings["shift_threshold"]),
+                      carries & (shift_z > 0.5 * settings["shift_threshold"]))
     # A spike: a sudden departure that today's reading carries, alone or on top of a shift or drift.
-    spike = (innovation_z.abs() > detector["spike_threshold"]) & (np.sign(innovation) == np.sign(departure)) \
+    spike = (innovation_z.abs() > settings["spike_threshold"]) & (np.sign(innovation) == np.sign(departure)) \
         & (departure.abs() >= 0.5 * innovation.abs()) \
-        & (~persistent | ((departure - offset).abs() > detector["spike_threshold"] * innovation_scale))
+        & (~persistent | ((departure - offset).abs() > settings["spike_threshold"] * innovation_scale))
     gross = jump_z.abs() > gross_threshold
 
-    stuck, stuck_score = stuck_test(observed, z, share, detector["stuck_threshold"])
+    stuck, stuck_score = stuck_test(observed, z, share, settings["stuck_threshold"])
 
     missing = observed.isna()
     flag = np.select(
@@ -550,17 +572,17 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict, pool: Pool 
         [MISSING, "stuck", "gross", "spike", "drift", "level_shift"], NO_FLAG)
     flag = pd.DataFrame(flag, index=observed.index, columns=stations)
 
-    neighbour_score = (innovation_z.abs() - detector["spike_threshold"]).where(flag == "spike")
-    shift_score = (shift_z - detector["shift_threshold"]).where(flag.isin(["level_shift", "drift"]))
+    neighbour_score = (innovation_z.abs() - settings["spike_threshold"]).where(flag == "spike")
+    shift_score = (shift_z - settings["shift_threshold"]).where(flag.isin(["level_shift", "drift"]))
     gross_score = (jump_z.abs() - gross_threshold).where(flag == "gross")
     stuck_score = stuck_score.where(flag == "stuck")
     excess = neighbour_score.fillna(shift_score).fillna(gross_score).fillna(stuck_score)
     # A reading that far from what its neighbours say is a confident fault, whatever its kind.
-    excess = np.fmax(excess, (z.abs() - detector["spike_threshold"]).where(flag.isin(KINDS)))
+    excess = np.fmax(excess, (z.abs() - settings["spike_threshold"]).where(flag.isin(KINDS)))
     sure = pd.DataFrame(confidence(excess), index=observed.index, columns=stations).where(flag.isin(KINDS))
 
     fallback = expected.fillna(reference)
-    confident = sure >= detector["repair_confidence"]
+    confident = sure >= settings["repair_confidence"]
     repaired = observed.copy()
     repaired = repaired.mask(confident & flag.isin(["spike", "stuck", "gross"]), fallback)
     repaired = repaired.mask(confident & flag.isin(["level_shift", "drift"]), observed - offset)

@@ -122,6 +122,26 @@ def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monk
         pd.testing.assert_frame_equal(blocked[name], table)
 
 
+class BlockedPool(compute.Threads):
+    """Runs here, but takes a cluster's path: the verdict in blocks of stations."""
+
+    cluster = True
+
+
+def test_the_verdict_in_blocks_of_stations_is_the_verdict_in_one_piece(settings, monkeypatch):
+    observed = network(n_stations=7, seed=2)
+    observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
+    observed.iloc[TEST_FROM + 100:TEST_FROM + 110, 5] = 12.3
+    reference = verdict(observed, settings)
+    monkeypatch.setattr(qc, "VERDICT_BLOCK", 2)
+    detector = qc.learn(observed, learning_days(observed), settings, BlockedPool(2))
+    assert detector == reference[0]
+    blocked = qc.detect(observed, detector, BlockedPool(2))
+    assert set(blocked["flag"].stack()) >= {"drift", "stuck"}  # the blocks really had faults to find
+    for name, table in reference[1].items():
+        pd.testing.assert_frame_equal(blocked[name], table)
+
+
 def test_a_single_station_gets_only_gross_checks(settings):
     observed = network(n_stations=1)
     july = observed.index[TEST_FROM + 190]

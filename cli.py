@@ -50,7 +50,7 @@ def thread_budget() -> tuple[int, str]:
     chosen = os.environ.get("PIPELINE_THREADS", "")
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen), "PIPELINE_THREADS"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     try:
         first, own_first = _busy_jiffies(), os.times()
         time.sleep(0.1)
@@ -62,6 +62,11 @@ def thread_budget() -> tuple[int, str]:
     busy = max(0.0, (second - first - own) / (0.1 * ticks))
     threads = max(1, cpus - round(busy))
     return threads, f"{cpus} CPUs, {busy:.1f} busy with other work"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _busy_jiffies() -> float:

@@ -193,11 +193,11 @@ class Shared:
 
 
 @contextmanager
-def pool(scheduler: str, root: Path, threads: int = 1) -> Iterator[Threads | Cluster]:
-    """The pool a stage's chunks run on: this process's ``threads`` when ``scheduler`` is empty, else a
+def pool(scheduler: str, root: Path) -> Iterator[Threads | Cluster]:
+    """The pool a stage's chunks run on: this process (one thread) when ``scheduler`` is empty, else a
     Dask cluster whose every worker has been checked to see ``root``."""
     if not scheduler:
-        yield Threads(threads)
+        yield Threads()
         return
     try:
         import distributed
@@ -221,7 +221,7 @@ def pool(scheduler: str, root: Path, threads: int = 1) -> Iterator[Threads | Clu
 def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
     if scheduler.startswith(LOCAL_CLUSTER):
         workers = int(scheduler[len(LOCAL_CLUSTER):])
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = cli.usable_cpus()
         if workers > LOCAL_WORKERS_PER_CPU * cpus:  # each is a Python process holding chunks: memory, not speed
             raise PipelineError(f"compute.scheduler = {scheduler!r} asks for {workers} worker processes on {cpus} "
                                 f"CPU(s); at most {LOCAL_WORKERS_PER_CPU * cpus} here")

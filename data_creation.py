@@ -285,7 +285,7 @@ def write_station_files(staging: Path, simulation: Simulation, test_steps: int, 
         _codes(simulation.labels), _codes(simulation.events))
     chunks = [(climates["station"].to_numpy()[b], simulation.clean[b], simulation.observed[b], label_codes[b],
                event_codes[b], train_end[b])
-              for b in (slice(r.start, r.stop) for r in compute.chunks(range(len(climates)), STATIONS_PER_CHUNK))]
+              for b in (slice(i, i + STATIONS_PER_CHUNK) for i in range(0, len(climates), STATIONS_PER_CHUNK))]
     (pool or compute.Threads()).map(write_station_chunk, chunks, what="station files written (chunks)",
                                     staging=staging, dates=simulation.dates, resolution=resolution,
                                     names=(label_names, event_names))

@@ -327,7 +327,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     PipelineError when either is empty or no test station was trained on."""
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
-    blocks = [observed.columns[begin:begin + STATION_BLOCK] for begin in range(0, observed.shape[1], STATION_BLOCK)]
+    blocks = compute.chunks(observed.columns, STATION_BLOCK)
     inputs = compute.OnDemand(lambda i: (observed[blocks[i]], period[blocks[i]],
                                          {name: table[blocks[i]] for name, table in verdict.items()}), len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)

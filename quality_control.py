@@ -522,7 +522,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict, pool: Pool 
     settings = {key: detector[key] for key in VERDICT_SETTINGS}
     if pool is None or not pool.cluster or len(stations) <= VERDICT_BLOCK:
         return verdict((tables, per_station), day, settings, pool)
-    blocks = [stations[begin:begin + VERDICT_BLOCK] for begin in range(0, len(stations), VERDICT_BLOCK)]
+    blocks = compute.chunks(stations, VERDICT_BLOCK)
     parts = pool.map(verdict, compute.OnDemand(
         lambda i: ({key: table[blocks[i]] for key, table in tables.items()},
                    {key: values[blocks[i]] for key, values in per_station.items()}), len(blocks)),

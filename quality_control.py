@@ -18,10 +18,12 @@ reading is compared with what its neighbours say it should be:
   stepped away from zero some days ago and stays there is a ``level_shift``; one
   that ramps away is a ``drift``: generalised likelihood-ratio tests for a step
   or a ramp in a persistent series, at every start within the last 30 or 60
-  days. A run of identical readings is ``stuck`` when the neighbours moved while
-  the sensor did not, or when it is longer than the station's own resolution
-  makes likely (learned from how often its learning days repeat: whole-degree °F
-  records repeat often).
+  days; it stays flagged only while today's reading and the last week's mean
+  departure still carry the offset, so a fault that ended is let go. A run of
+  identical readings is ``stuck`` when the neighbours moved while the sensor
+  did not, or when it is longer than the station's own resolution makes likely
+  (learned from how often its learning days repeat: whole-degree °F records
+  repeat often).
 * **Gross checks** run everywhere, and are all a station with no usable
   neighbour gets: a jump from the median of the ``window`` days before beyond
   ``gross_margin`` times the 99.9th percentile of the station's own learning
@@ -36,7 +38,11 @@ expected value, so features stay defined. Flags of day *t* use readings of days
 up to *t* only. The neighbours are checked in two passes, the second leaving out
 readings the first flagged, so a faulty neighbour does not make a station look
 faulty; and learning is repeated without the readings the previous round
-flagged, so faults in the training years do not blur what is learned.
+flagged (a shift or drift from the day the test says it began, not only from
+the day it was found), so faults in the training years do not blur what is
+learned. A fault missed in some season would still bend that season's
+climatology; the departures from the neighbours show it, so their own seasonal
+mean, fitted robustly (Tukey's biweight), is folded into the climatology.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ KINDS = ["gross", "spike", "level_shift", "drift", "stuck"]
 NO_FLAG, MISSING = "none", "missing"
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 HARMONICS = 3  # yearly harmonics of the seasonal climatology
+ROBUST_ITERATIONS = 5
+BIWEIGHT_C = 4.685  # Tukey's biweight constant: 95 % efficiency on normal data
 MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 GROSS_QUANTILE = 0.999
 # Of a station's days, at most this share may be natural repeats flagged stuck by the neighbours' test.
@@ -68,11 +76,15 @@ PROVISIONAL_CORRELATION = 0.5
 STEP_LAGS = range(1, 31)
 RAMP_LAGS = range(7, 61)
 INNOVATION_CAP = 4.0
+# A shift or drift is flagged only while the mean departure of the last RECENT_DAYS days still
+# carries it, at least RECENT_Z standard deviations of such a mean from zero.
+RECENT_DAYS = 7
+RECENT_Z = 2.5
 STATION_BLOCK = 64  # stations per block of the step and ramp tests
 VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
 # What the verdict reads, per station and overall (the order of STATION_KEYS is how verdict() unpacks them).
 STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share"]
-VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence"]
+VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence", "onsets"]
 
 
 def harmonic_design(dates: pd.DatetimeIndex) -> np.ndarray:
@@ -94,6 +106,30 @@ def fit_climatology(values: pd.DataFrame) -> pd.DataFrame:
         if ok.sum() >= 10 * design.shape[1]:
             coefs[station] = np.linalg.lstsq(design[ok], values[station].to_numpy()[ok], rcond=None)[0]
     return pd.DataFrame(coefs, columns=pd.Index(list(coefs), dtype=object))
+
+
+def robust_seasonal_fit(values: pd.DataFrame, iterations: int = ROBUST_ITERATIONS) -> pd.DataFrame:
+    """Per station, yearly harmonics fitted to ``values`` by iteratively reweighted least squares with
+    Tukey's biweight: days further than BIWEIGHT_C robust standard deviations (of the least-squares
+    residuals) from the fit get no weight, so a few weeks of a sensor fault do not move it. Stations
+    with too few values are left out."""
+    design = harmonic_design(values.index)
+    terms = design.shape[1]
+    data = values.to_numpy()
+    present = ~np.isnan(data)
+    keep = present.sum(axis=0) >= 10 * terms
+    data, present = np.where(present, data, 0.0)[:, keep], present[:, keep]
+    products = (design[:, :, None] * design[:, None, :]).reshape(len(design), -1).T  # (terms², days)
+    weight, scale = present.astype(float), None
+    for _ in range(iterations):  # a few whole-network steps, each a batch of small solves
+        gram = (products @ weight).T.reshape(-1, terms, terms) + 1e-9 * np.eye(terms)
+        fit = np.linalg.solve(gram, (design.T @ (weight * data)).T[:, :, None])[:, :, 0].T
+        residual = np.where(present, data - design @ fit, np.nan)
+        if scale is None:
+            scale = np.maximum(_robust_scale(pd.DataFrame(residual)).to_numpy(), 1e-9)
+        u = residual / (BIWEIGHT_C * scale)
+        weight = np.where(present & (np.abs(u) < 1), (1 - u**2) ** 2, 0.0)
+    return pd.DataFrame(fit, columns=values.columns[keep])
 
 
 def climatology_at(coefs: pd.DataFrame, dates: pd.DatetimeIndex, stations: pd.Index) -> pd.DataFrame:
@@ -317,8 +353,10 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         detector = _fit(observed, learning, trusted, provisional, settings, gross)
         # One pass is enough to decide which readings to trust (the second changed F1 by at most 0.02 on
         # three simulated networks) and a third of the work.
-        flags = detect(observed.where(learning), detector, pool, second_pass=False)["flag"]
-        trusted = learning & ~flags.isin(KINDS)
+        found = detect(observed.where(learning), detector, pool, second_pass=False, onsets=True)
+        # Learning need not be causal: a shift or drift is left out from the day it began, not only
+        # from the day it was found.
+        trusted = learning & ~found["flag"].isin(KINDS) & ~since_onset(found["onset"])
         progress.step()
     return _fit(observed, learning, trusted, qc, settings, gross)
 
@@ -330,6 +368,11 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     coefs = fit_climatology(values)
     anomaly = values - climatology_at(coefs, observed.index, observed.columns)
     neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"])
+    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
+    # A fault the detector missed in some season biases that season's climatology; against the
+    # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it.
+    correction = robust_seasonal_fit(departure)
+    coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
     departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
     persistence = _lag_one_correlation(departure)
     innovation = _innovation(departure, persistence, _robust_scale(departure))
@@ -450,6 +493,16 @@ def change_block(block: tuple[np.ndarray, np.ndarray], lags: range, shape: str) 
     return best, best_lag
 
 
+def recent_evidence(z: pd.DataFrame, persistence: pd.Series, days: int) -> pd.DataFrame:
+    """The mean of the last ``days`` values of ``z`` (departures in standard deviations, persisting from
+    day to day with lag-one correlation ``persistence``), in standard deviations of such a mean."""
+    phi = persistence.clip(upper=0.95)
+    # The variance of the mean of n AR(1) values of unit variance.
+    variance = ((1 + phi) / (1 - phi) - 2 * phi * (1 - phi**days) / (days * (1 - phi) ** 2)) / days
+    mean = z.rolling(days, min_periods=(days + 1) // 2).mean()
+    return mean / np.sqrt(variance)
+
+
 def mean_since(values: pd.DataFrame, lag: np.ndarray) -> pd.DataFrame:
     """The mean of each column's values over the last ``lag + 1`` days (NaN days left out)."""
     present = values.notna().to_numpy()
@@ -485,20 +538,22 @@ def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:
     return pd.Series({s: detector["stations"].get(s, {}).get(key, np.nan) for s in stations}, dtype=float)
 
 
-def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, second_pass: bool = True
-           ) -> dict[str, pd.DataFrame]:
+def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, second_pass: bool = True,
+           onsets: bool = False) -> dict[str, pd.DataFrame]:
     """Flag every reading and repair the confident faults (date x station tables).
 
     Returns ``flag`` (none, missing, or a kind of fault), ``confidence`` (of
     flags only), ``score`` (the robust z-score of the departure from the
     expected value; of the jump from the days before where a station has no
-    neighbours), ``expected`` and ``repaired``.
+    neighbours), ``expected`` and ``repaired``; with ``onsets``, also ``onset``:
+    for a level shift or drift, the row where the test estimates it began.
     """
     stations = observed.columns
     coefs = pd.DataFrame({s: e["climatology"] for s, e in detector["stations"].items()
                           if "climatology" in e and s in stations})
     model = {"climatology": coefs.reindex(columns=[s for s in stations if s in coefs]),
              "neighbours": {s: e["neighbours"] for s, e in detector["stations"].items()}}
+    detector = {**detector, "onsets": onsets}
     result = _classify(observed, detector, _network_departures(observed, model, None), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
         suspect = result["flag"].isin(KINDS)
@@ -554,7 +609,9 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
     shift_z = np.maximum(step_z.abs(), ramp_z.abs())
     # Persistent: strong evidence of a step or ramp that today's reading still carries; once
     # found, it stays flagged while the evidence stays above half the threshold.
-    carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs())
+    recent = recent_evidence(departure.div(day, axis=0) / scale, persistence, RECENT_DAYS)
+    carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs()) \
+        & (np.sign(recent) == np.sign(offset)) & (recent.abs() > RECENT_Z)
     persistent = held(carries & (shift_z > settings["shift_threshold"]),
                       carries & (shift_z > 0.5 * settings["shift_threshold"]))
     # A spike: a sudden departure that today's reading carries, alone or on top of a shift or drift.
@@ -588,7 +645,21 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
     repaired = repaired.mask(confident & flag.isin(["level_shift", "drift"]), observed - offset)
     repaired = repaired.mask(missing, fallback)
     score = z.abs().fillna(jump_z.abs())
-    return {"flag": flag, "confidence": sure, "score": score, "expected": fallback, "repaired": repaired}
+    result = {"flag": flag, "confidence": sure, "score": score, "expected": fallback, "repaired": repaired}
+    if settings["onsets"]:
+        rows = np.arange(len(observed))[:, None]
+        began = rows - np.where(drifting, ramp_lag, step_lag)
+        result["onset"] = pd.DataFrame(np.where(persistent, began, -1), index=observed.index, columns=stations)
+    return result
+
+
+def since_onset(onset: pd.DataFrame) -> pd.DataFrame:
+    """True on every day from the onset of a flagged shift or drift to the day it was flagged (``onset``:
+    the row where the change began, on its flagged days; -1 elsewhere)."""
+    rows = np.arange(len(onset))[:, None]
+    began = np.where(onset.to_numpy() >= 0, onset.to_numpy(), len(onset))
+    earliest_later = np.minimum.accumulate(began[::-1], axis=0)[::-1]
+    return pd.DataFrame(earliest_later <= rows, index=onset.index, columns=onset.columns)
 
 
 def no_detection(observed: pd.DataFrame, window: int) -> dict[str, pd.DataFrame]:

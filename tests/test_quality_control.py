@@ -176,3 +176,57 @@ def test_without_detection_only_missing_days_are_filled():
     assert result["repaired"].iloc[100:103, 0].notna().all()
     pd.testing.assert_frame_equal(result["repaired"].drop(index=observed.index[100:103]),
                                   observed.drop(index=observed.index[100:103]))
+
+
+def local_weather(n_stations: int, seed: int, persistence: float = 0.6, sd: float = 0.8) -> np.ndarray:
+    """Weather of each station's own (AR(1)), which its neighbours do not share: persistent departures."""
+    rng = np.random.default_rng(100 + seed)
+    kicks = rng.normal(0, sd * np.sqrt(1 - persistence**2), (DAYS, n_stations))
+    weather = np.zeros_like(kicks)
+    for t in range(1, DAYS):  # a few hundred steps; fine for a fixture
+        weather[t] = persistence * weather[t - 1] + kicks[t]
+    return weather
+
+
+@pytest.mark.parametrize("size, length", [(3.0, 40), (-4.0, 30)])
+def test_a_shift_that_ended_is_not_flagged_in_the_weeks_after(settings, size, length):
+    start, after = TEST_FROM + 40, []
+    for seed in range(6):
+        observed = network(seed=seed) + local_weather(5, seed)
+        observed.iloc[start: start + length, 2] += size
+        _, result = verdict(observed, settings)
+        flagged = faults(result)["S2"]
+        assert flagged.iloc[start + 10: start + length].mean() > 0.6
+        later = flagged.iloc[start + length + 3: start + length + 40]
+        after += list(later[later].index)
+    assert not after
+
+
+def test_a_shift_in_the_learning_years_is_left_out_from_the_day_it_began():
+    onset = pd.DataFrame({"a": [-1, -1, -1, -1, 1, 1, -1, -1], "b": [-1] * 7 + [7]})
+    assert qc.since_onset(onset)["a"].tolist() == [False, True, True, True, True, True, False, False]
+    assert qc.since_onset(onset)["b"].tolist() == [False] * 7 + [True]
+
+
+def test_the_seasonal_fit_is_not_moved_by_a_few_weeks_of_fault():
+    dates = pd.date_range("2020-01-01", periods=DAYS, freq="D")
+    rng = np.random.default_rng(3)
+    departure = pd.DataFrame({"S0": rng.normal(0, 0.7, DAYS)}, index=dates)
+    departure.iloc[290:340, 0] += 4.0  # one autumn of three
+    robust = qc.harmonic_design(dates) @ qc.robust_seasonal_fit(departure)["S0"].to_numpy()
+    plain = qc.harmonic_design(dates) @ qc.fit_climatology(departure)["S0"].to_numpy()
+    autumn = slice(290, 340)
+    assert np.abs(plain[autumn]).max() > 1.0  # least squares takes a third of the fault for the season
+    assert np.abs(robust[autumn]).max() < 0.3
+
+
+def test_a_drift_in_the_learning_years_does_not_bend_the_climatology(settings):
+    for seed in (4, 5):
+        observed = network(seed=seed)
+        clean_detector = qc.learn(observed, learning_days(observed), settings)
+        # An autumn drift at S1 before the test year: its first weeks are too small to be flagged.
+        observed.iloc[280:340, 1] += np.linspace(0, 5, 60)
+        detector = qc.learn(observed, learning_days(observed), settings)
+        moved = np.subtract(detector["stations"]["S1"]["climatology"], clean_detector["stations"]["S1"]["climatology"])
+        bent = qc.harmonic_design(observed.index[280:340]) @ moved
+        assert np.abs(bent).max() < 0.4

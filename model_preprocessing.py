@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cli
@@ -253,15 +254,22 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
 # -------------------------------------------------------------------------- features
 
 
-def to_long(wide: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def to_long(wide: dict[str, pd.DataFrame], rows: np.ndarray | None = None) -> pd.DataFrame:
     """Date x station tables of one shape as one long table (station, date, one column per table), in
     station then date order, by flattening their arrays: no index alignment and no sort, so it costs
-    little time or memory at scale."""
+    little time or memory at scale. ``rows``: which of the flattened station-days to keep (all if None),
+    taken column by column, so the whole long table is never made when only a part is wanted."""
     first = next(iter(wide.values()))
     n_dates, n_stations = first.shape
-    return pd.DataFrame({"station": np.repeat(first.columns.to_numpy(dtype=object), n_dates),
-                         "date": np.tile(first.index.to_numpy(), n_stations),
-                         **{name: table.to_numpy().T.ravel() for name, table in wide.items()}})
+    keep = slice(None) if rows is None else rows
+    station = first.columns.to_numpy(dtype=object)
+    if rows is None:
+        stations = np.repeat(station, n_dates)
+    else:  # one station number per kept row, not one object per station-day
+        stations = station[np.nonzero(rows)[0] // n_dates]
+    return pd.DataFrame({"station": stations,
+                         "date": np.tile(first.index.to_numpy(), n_stations)[keep],
+                         **{name: table.to_numpy().T.ravel()[keep] for name, table in wide.items()}})
 
 
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
@@ -385,13 +393,18 @@ def scale_features(rows: pd.DataFrame, scaler) -> None:
 FLAG_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence", "score"]
 
 
-def flags_table(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The detector's verdict on every day of every station, one row each."""
-    wide = {"period": period, "observed": observed, "expected": verdict["expected"].round(2),
+def flags_tables(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]
+                 ) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The detector's verdict, one row per station and day: each period's rows ("train", "test"), then
+    every flagged row ("flagged"), made one table at a time (at scale each is large)."""
+    wide = {"observed": observed, "expected": verdict["expected"].round(2),
             "repaired": verdict["repaired"].round(2), "flag": verdict["flag"],
             "confidence": verdict["confidence"].round(4), "score": verdict["score"].round(3)}
-    long = to_long(wide)
-    return long[long["period"] != ""][FLAG_COLUMNS].reset_index(drop=True)
+    periods = period.to_numpy().T.ravel()
+    for part in ("train", "test"):
+        yield part, to_long(wide, periods == part)
+    flagged = np.isin(verdict["flag"].to_numpy().T.ravel(), quality_control.KINDS) & (periods != "")
+    yield "flagged", to_long({**wide, "period": period}, flagged)[FLAG_COLUMNS]
 
 
 def read_source(path: Path) -> tuple[pd.Timestamp, str]:
@@ -439,21 +452,20 @@ def main(args) -> None:
     storage.write_csv(paths.test_features, test)
     del test
     progress.step()
-    all_flags = flags_table(observed, period, verdict)
-    del verdict
-    flagged = all_flags[all_flags["flag"].isin(quality_control.KINDS)]
-    for path, part in ((paths.train_flags, "train"), (paths.test_flags, "test")):
-        storage.write_csv(path, all_flags[all_flags["period"] == part].drop(columns="period"))
+    counts = pd.Series(verdict["flag"].where(period != "").to_numpy().ravel()).value_counts()
+    flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}
+    for part, table in flags_tables(observed, period, verdict):
+        storage.write_csv(flag_paths[part], table)
         progress.step()
-    storage.write_csv(paths.flagged, flagged)
+        if part == "flagged":
+            repaired = int((table["repaired"] != table["observed"]).sum())
+    del verdict, table
     outputs = [paths.train_features, paths.test_features, paths.train_flags, paths.test_flags, paths.flagged]
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
                           [*outputs, paths.scaler, paths.detector])
 
-    counts = all_flags["flag"].value_counts()
-    repaired = int((flagged["repaired"] != flagged["observed"]).sum())
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,
              counts.get(quality_control.MISSING, 0))

@@ -115,20 +115,25 @@ def robust_seasonal_fit(values: pd.DataFrame, iterations: int = ROBUST_ITERATION
     with too few values are left out."""
     design = harmonic_design(values.index)
     terms = design.shape[1]
-    data = values.to_numpy()
-    present = ~np.isnan(data)
+    present = values.notna().to_numpy()
     keep = present.sum(axis=0) >= 10 * terms
-    data, present = np.where(present, data, 0.0)[:, keep], present[:, keep]
+    present = present[:, keep]
+    data = np.where(present, values.to_numpy()[:, keep], 0.0)
     products = (design[:, :, None] * design[:, None, :]).reshape(len(design), -1).T  # (terms², days)
     weight, scale = present.astype(float), None
-    for _ in range(iterations):  # a few whole-network steps, each a batch of small solves
+    for _ in range(iterations):  # a few whole-network steps, each a batch of small solves, in place
         gram = (products @ weight).T.reshape(-1, terms, terms) + 1e-9 * np.eye(terms)
-        fit = np.linalg.solve(gram, (design.T @ (weight * data)).T[:, :, None])[:, :, 0].T
-        residual = np.where(present, data - design @ fit, np.nan)
+        weight *= data
+        fit = np.linalg.solve(gram, (design.T @ weight).T[:, :, None])[:, :, 0].T
+        u = np.subtract(data, design @ fit, out=weight)
         if scale is None:
-            scale = np.maximum(_robust_scale(pd.DataFrame(residual)).to_numpy(), 1e-9)
-        u = residual / (BIWEIGHT_C * scale)
-        weight = np.where(present & (np.abs(u) < 1), (1 - u**2) ** 2, 0.0)
+            scale = np.maximum(_robust_scale(pd.DataFrame(np.where(present, u, np.nan))).to_numpy(), 1e-9)
+        u /= BIWEIGHT_C * scale
+        np.square(u, out=u)
+        np.subtract(1.0, u, out=u)
+        np.clip(u, 0.0, None, out=u)
+        np.square(u, out=u)  # (1 - u²)² inside the biweight's reach, 0 beyond
+        weight = np.multiply(u, present, out=u)
     return pd.DataFrame(fit, columns=values.columns[keep])
 
 
@@ -372,6 +377,7 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     # A fault the detector missed in some season biases that season's climatology; against the
     # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it.
     correction = robust_seasonal_fit(departure)
+    del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
     departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
     persistence = _lag_one_correlation(departure)

@@ -272,8 +272,23 @@ def to_long(wide: dict[str, pd.DataFrame], rows: np.ndarray | None = None) -> pd
                          **{name: table.to_numpy().T.ravel()[keep] for name, table in wide.items()}})
 
 
+def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, flag: pd.DataFrame,
+                         detector: dict | None = None) -> pd.DataFrame:
+    """Each station's seasonal mean over its training steps that were not flagged (the climatology
+    baseline's coefficients): yearly harmonics where those steps cover the year; else the seasons the
+    detector took for it from its neighbours, moved to the station's own level, or that level alone
+    (a station that started a few months ago has no seasons of its own to show)."""
+    trained = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
+    coefs = quality_control.fit_climatology(trained)
+    seen = quality_control.covers_the_year(trained)
+    learned = (detector or {}).get("stations", {})
+    shapes = {station: learned.get(station, {}).get("climatology") for station in seen.index[~seen]
+              if station in coefs}
+    return quality_control.borrow_seasons(coefs, trained, shapes)
+
+
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
-                   horizon: int = 1) -> pd.DataFrame:
+                   horizon: int = 1, climatology: pd.DataFrame | None = None) -> pd.DataFrame:
     """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
     Features use steps up to t only, from the repaired readings; the calendar
@@ -281,8 +296,10 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     (empty where there is none), the value every forecast is scored against;
     ``target_ok`` says it exists and the detector did not flag it (only such
     rows are trained on). ``climatology`` is the station's training-years
-    seasonal mean at t+h and ``drift`` its mean change per step over the
-    training years (both empty for stations never trained on): baselines.
+    seasonal mean at t+h (from the coefficients ``climatology``, or
+    ``baseline_climatology`` without the detector's seasons) and ``drift`` its
+    mean change per step over the training years (both empty for stations never
+    trained on): baselines.
     ``change_sd60`` is the spread of recent step-to-step changes, which scales
     the prediction interval. The ``period`` of a row is that of its target; from
     a station's last test steps, the steps beyond its record are "test" rows with
@@ -299,7 +316,8 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     wide[SPREAD_COLUMN] = features.spread(repaired)
     usable = table(np.logical_and.reduce([values.notna().to_numpy() for values in wide.values()]))
     trained = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
-    coefs, drift = quality_control.fit_climatology(trained), features.mean_change(trained)
+    coefs = baseline_climatology(observed, period, flag) if climatology is None else climatology
+    drift = features.mean_change(trained)
     last_test = period.eq("test") & period.shift(-1).fillna("").ne("test")
     parts = []
     for step in range(1, horizon + 1):
@@ -328,16 +346,19 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
 
 
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
-                           test_start: pd.Timestamp, horizon: int = 1, pool: compute.Pool | None = None
-                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           test_start: pd.Timestamp, horizon: int = 1, pool: compute.Pool | None = None,
+                           detector: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
     (a station's features depend on its own readings only, so the rows are the same) on ``pool``, or
-    PipelineError when either is empty or no test station was trained on."""
+    PipelineError when either is empty or no test station was trained on. The climatology baseline is
+    fitted once for all stations (``baseline_climatology``, with the ``detector``'s seasons)."""
+    coefs = baseline_climatology(observed, period, verdict["flag"], detector)
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = compute.chunks(observed.columns, STATION_BLOCK)
     inputs = compute.OnDemand(lambda i: (observed[blocks[i]], period[blocks[i]],
-                                         {name: table[blocks[i]] for name, table in verdict.items()}), len(blocks))
+                                         {name: table[blocks[i]] for name, table in verdict.items()},
+                                         coefs[[s for s in blocks[i] if s in coefs]]), len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:
@@ -358,8 +379,10 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
 
 
 def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
-    """The feature columns of one block of stations (observed, period, verdict), split into "train" and "test"."""
-    rows = build_features(*block, horizon)
+    """The feature columns of one block of stations (observed, period, verdict, climatology coefficients),
+    split into "train" and "test"."""
+    observed, period, verdict, climatology = block
+    rows = build_features(observed, period, verdict, horizon, climatology)
     split = {}
     for name in ("train", "test"):
         chosen = (rows["period"] == name).to_numpy()
@@ -434,7 +457,7 @@ def main(args) -> None:
         detector, verdict = quality_control_flags(observed, period, qc, pool)
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
-                                             pool)
+                                             pool, detector)
         cli.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

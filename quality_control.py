@@ -43,6 +43,15 @@ the day it was found), so faults in the training years do not blur what is
 learned. A fault missed in some season would still bend that season's
 climatology; the departures from the neighbours show it, so their own seasonal
 mean, fitted robustly (Tukey's biweight), is folded into the climatology.
+
+A station whose learning days do not reach into every calendar month (one that
+started less than a year before the test period) cannot fit its own seasons:
+harmonics fitted to a few months swing wildly in the others. It takes the
+seasons of its neighbours that cover the year, scaled to its own level and
+swing; its repeat share is shrunk towards the network's; and in the months it
+never saw, slow departures are not flagged as shifts or drifts (spikes, stuck
+and gross readings still are), since there its borrowed climatology may be off
+by a degree or two for weeks.
 """
 
 from __future__ import annotations
@@ -61,12 +70,18 @@ KINDS = ["gross", "spike", "level_shift", "drift", "stuck"]
 NO_FLAG, MISSING = "none", "missing"
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 HARMONICS = 3  # yearly harmonics of the seasonal climatology
+MONTH_SHARE = 0.2  # a calendar month counts as seen with at least this share of an average month's readings
+# A station seeing part of the year takes its neighbours' seasons scaled to its own swing, when the seasons
+# it saw vary by at least SEASONS_SEEN °C (standard deviation) and within this ratio either way.
+SEASONS_SEEN = 2.0
+MAX_AMPLITUDE_RATIO = 2.0
 ROBUST_ITERATIONS = 5
 BIWEIGHT_C = 4.685  # Tukey's biweight constant: 95 % efficiency on normal data
 MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 GROSS_QUANTILE = 0.999
 # Of a station's days, at most this share may be natural repeats flagged stuck by the neighbours' test.
 NATURAL_REPEATS_FLAGGED = 0.0005
+REPEAT_PRIOR_PAIRS = 180
 CONFIDENCE_SLOPE = 2.0
 LEARNING_ROUNDS = 2
 PROVISIONAL_CORRELATION = 0.5
@@ -83,17 +98,58 @@ RECENT_Z = 2.5
 STATION_BLOCK = 64  # stations per block of the step and ramp tests
 VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
 # What the verdict reads, per station and overall (the order of STATION_KEYS is how verdict() unpacks them).
-STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share"]
+STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share",
+                "seen_months"]
+ALL_MONTHS = 2**12 - 1  # seen_months: bit m - 1 set when calendar month m was seen in the learning days
 VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence", "onsets"]
 
 
-def harmonic_design(dates: pd.DatetimeIndex) -> np.ndarray:
-    """A constant and ``HARMONICS`` yearly sine/cosine pairs at each date."""
+def harmonic_design(dates: pd.DatetimeIndex, harmonics: int = HARMONICS) -> np.ndarray:
+    """A constant and ``harmonics`` yearly sine/cosine pairs at each date."""
     angle = 2 * np.pi * (dates.day_of_year.to_numpy() - 1) / 365.25
     terms = [np.ones(len(dates))]
-    for k in range(1, HARMONICS + 1):
+    for k in range(1, harmonics + 1):
         terms += [np.sin(k * angle), np.cos(k * angle)]
     return np.column_stack(terms)
+
+
+def months_seen(values: pd.DataFrame) -> pd.DataFrame:
+    """Calendar month (1-12) x station: whether the station's readings reach into that month (at least
+    ``MONTH_SHARE`` of an average month's readings)."""
+    present = values.notna()
+    per_month = present.groupby(values.index.month).sum().reindex(range(1, 13), fill_value=0)
+    least = np.maximum(1.0, MONTH_SHARE * present.sum() / 12)
+    return (per_month >= least) & present.any()
+
+
+def covers_the_year(values: pd.DataFrame) -> pd.Series:
+    """Per station, whether its readings reach into every calendar month: only then do yearly harmonics
+    fitted to them say something about every season, instead of guessing the months never seen."""
+    return months_seen(values).all()
+
+
+def borrow_seasons(coefs: pd.DataFrame, values: pd.DataFrame, shapes: dict[str, np.ndarray | None]) -> pd.DataFrame:
+    """Climatology coefficients for the stations in ``shapes`` (those whose readings do not cover the
+    year): the seasonal shape given for each (an array of coefficients), fitted to the station's
+    readings by its level and, where they span enough of the seasons to tell, its amplitude (a coastal
+    station swings less than its inland neighbours); the level of its readings alone where no shape is
+    given. The other stations keep ``coefs``."""
+    coefs = coefs.copy()
+    for station, shape in shapes.items():  # a handful of stations, two numbers each
+        readings = values[station].dropna()
+        if readings.empty:
+            continue
+        shape = np.zeros(1 + 2 * HARMONICS) if shape is None else np.asarray(shape, dtype=float).copy()
+        seasons = harmonic_design(readings.index)[:, 1:] @ shape[1:]
+        amplitude = 1.0
+        if seasons.std() >= SEASONS_SEEN:
+            centred = seasons - seasons.mean()
+            fitted = float(centred @ (readings.to_numpy() - readings.mean()) / (centred @ centred))
+            amplitude = min(max(fitted, 1 / MAX_AMPLITUDE_RATIO), MAX_AMPLITUDE_RATIO)
+        shape[1:] *= amplitude
+        shape[0] = float(np.median(readings.to_numpy() - amplitude * seasons))
+        coefs[station] = shape
+    return coefs
 
 
 def fit_climatology(values: pd.DataFrame) -> pd.DataFrame:
@@ -108,12 +164,14 @@ def fit_climatology(values: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(coefs, columns=pd.Index(list(coefs), dtype=object))
 
 
-def robust_seasonal_fit(values: pd.DataFrame, iterations: int = ROBUST_ITERATIONS) -> pd.DataFrame:
+def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterations: int = ROBUST_ITERATIONS
+                        ) -> pd.DataFrame:
     """Per station, yearly harmonics fitted to ``values`` by iteratively reweighted least squares with
     Tukey's biweight: days further than BIWEIGHT_C robust standard deviations (of the least-squares
     residuals) from the fit get no weight, so a few weeks of a sensor fault do not move it. Stations
-    with too few values are left out."""
-    design = harmonic_design(values.index)
+    with too few values are left out. With fewer ``harmonics`` than the climatology's, the missing
+    coefficients are 0."""
+    design = harmonic_design(values.index, harmonics)
     terms = design.shape[1]
     present = values.notna().to_numpy()
     keep = present.sum(axis=0) >= 10 * terms
@@ -134,6 +192,7 @@ def robust_seasonal_fit(values: pd.DataFrame, iterations: int = ROBUST_ITERATION
         np.clip(u, 0.0, None, out=u)
         np.square(u, out=u)  # (1 - u²)² inside the biweight's reach, 0 beyond
         weight = np.multiply(u, present, out=u)
+    fit = np.vstack([fit, np.zeros((2 * (HARMONICS - harmonics), fit.shape[1]))])
     return pd.DataFrame(fit, columns=values.columns[keep])
 
 
@@ -270,9 +329,18 @@ def repeat_runs(observed: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def repeat_share(observed: pd.DataFrame) -> pd.Series:
-    """Per station, the share of readings equal to the day before's (of days both were read)."""
-    pairs = observed.notna() & observed.shift(1).notna()
-    share = (observed.diff().eq(0) & pairs).sum() / pairs.sum().clip(lower=1)
+    """Per station, the share of readings equal to the day before's (of days both were read).
+
+    A station with few such pairs of days (one that started recently) would
+    learn a share of 0 from a few months without a repeat, and then take any
+    natural repeat for a stuck sensor; so each share is shrunk towards the
+    network's as if the station had REPEAT_PRIOR_PAIRS more pairs at the
+    network's rate.
+    """
+    pairs = (observed.notna() & observed.shift(1).notna()).sum()
+    repeats = (observed.diff().eq(0) & observed.shift(1).notna()).sum()
+    network = float(repeats.sum() / pairs.sum()) if pairs.sum() else 0.0
+    share = (repeats + REPEAT_PRIOR_PAIRS * network) / (pairs + REPEAT_PRIOR_PAIRS)
     return share.clip(lower=1e-4, upper=0.9)
 
 
@@ -371,12 +439,29 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     """One round of learning: climatology, neighbours and scales from the ``trusted`` readings."""
     values = observed.where(trusted)
     coefs = fit_climatology(values)
+    # A station whose readings miss some months (one that started less than a year ago) would have its
+    # climatology guessed there, and harmonics fitted to a few months also soak up their weather, hiding
+    # the neighbours that share it. So it takes the network's typical seasons until its neighbours are
+    # known, then those of its neighbours that cover the year, each time at its own level.
+    seen_months = months_seen(values)
+    seen = seen_months.all()
+    short = [station for station in seen.index[~seen] if station in coefs]
+    full = [station for station in seen.index[seen] if station in coefs]
+    typical = coefs[full].median(axis=1).to_numpy() if full else None
+    coefs = borrow_seasons(coefs, values, dict.fromkeys(short, typical))
     anomaly = values - climatology_at(coefs, observed.index, observed.columns)
     neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"])
+    if short:  # the readings less the weather the neighbours share: mostly the station's own climatology
+        weather = expected_anomaly(anomaly, {station: neighbours[station] for station in short})[short]
+        coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),
+                               {station: _neighbours_shape(coefs, neighbours[station], seen, typical)
+                                for station in short})
     departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
     # A fault the detector missed in some season biases that season's climatology; against the
-    # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it.
-    correction = robust_seasonal_fit(departure)
+    # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it
+    # (only its level where the station has not seen the whole year).
+    correction = pd.concat([robust_seasonal_fit(departure.loc[:, seen]),
+                            robust_seasonal_fit(departure.loc[:, ~seen], harmonics=0)], axis=1)
     del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
     departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
@@ -389,6 +474,8 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     detector = {**settings, "stations": {}}
     for station in observed.columns:
         entry = {"neighbours": neighbours[station], "repeat_share": round(float(share[station]), 6)}
+        if station in short:
+            entry["seen_months"] = int(seen_months[station].to_numpy() @ (1 << np.arange(12)))
         if station in coefs:
             entry["climatology"] = [round(float(c), 6) for c in coefs[station]]
         for name, series in scales.items():
@@ -397,6 +484,14 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
                 entry[name] = round(float(value), 6)
         detector["stations"][station] = entry
     return detector
+
+
+def _neighbours_shape(coefs: pd.DataFrame, found: dict, seen: pd.Series, otherwise: np.ndarray | None
+                      ) -> np.ndarray | None:
+    """The mean climatology coefficients of a station's neighbours that have seen the whole year
+    (``otherwise`` if it has none)."""
+    usable = [b["station"] for b in found["buddies"] if b["station"] in coefs and seen.get(b["station"], False)]
+    return coefs[usable].to_numpy().mean(axis=1) if usable else otherwise
 
 
 def _lag_one_correlation(departure: pd.DataFrame) -> pd.Series:
@@ -576,6 +671,7 @@ def _classify(observed: pd.DataFrame, detector: dict, network: dict, pool: Pool 
     # A station with no learning days at all gets the checks of the typical station.
     for key in ("jump_scale", "gross_threshold", "repeat_share"):
         per_station[key] = per_station[key].fillna(per_station[key].median())
+    per_station["seen_months"] = per_station["seen_months"].fillna(ALL_MONTHS)
     innovation = _innovation(network["departure"], per_station["persistence"], per_station["departure_scale"])
     tables = {"observed": observed, "departure": network["departure"], "expected": network["expected"],
               "innovation": innovation}
@@ -599,7 +695,7 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
     observed, departure, expected, innovation = (tables[key] for key in ("observed", "departure", "expected",
                                                                          "innovation"))
     stations = observed.columns
-    scale, persistence, innovation_scale, jump_scale, gross_threshold, share = (
+    scale, persistence, innovation_scale, jump_scale, gross_threshold, share, seen_months = (
         per_station[key] for key in STATION_KEYS)
     z = departure / scale
     innovation_z = innovation / innovation_scale
@@ -618,6 +714,11 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
     recent = recent_evidence(departure.div(day, axis=0) / scale, persistence, RECENT_DAYS)
     carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs()) \
         & (np.sign(recent) == np.sign(offset)) & (recent.abs() > RECENT_Z)
+    # In a month a station never saw while learning, its climatology is taken from its neighbours and
+    # may be off by a degree or two for weeks: a slow departure there is no evidence of a fault.
+    month_bit = 1 << (observed.index.month.to_numpy() - 1)
+    unseen = (seen_months.to_numpy().astype(int)[None, :] & month_bit[:, None]) == 0
+    carries &= ~unseen
     persistent = held(carries & (shift_z > settings["shift_threshold"]),
                       carries & (shift_z > 0.5 * settings["shift_threshold"]))
     # A spike: a sudden departure that today's reading carries, alone or on top of a shift or drift.

@@ -9,6 +9,7 @@ from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
 import errors
 import manifest
+import quality_control
 import storage
 from features import FEATURES
 from params import load_params
@@ -195,3 +196,29 @@ def test_the_fast_reader_and_the_careful_one_agree(tmp_path, monkeypatch, text):
     monkeypatch.setattr(model_preprocessing, "_read_clean_station_csv", lambda *args: None)
     pd.testing.assert_frame_equal(fast, model_preprocessing.read_station_csv(path, -90.0, 60.0))
     assert fast["date"].is_monotonic_increasing
+
+
+def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_guessed():
+    """Yearly harmonics fitted to five months extrapolate wildly into the other seven; the baseline takes the
+    seasons its neighbours show instead (or its own level alone, without a detector)."""
+    dates = pd.date_range("2020-01-01", periods=3 * 365, freq="D")
+    rng = np.random.default_rng(5)
+    season = 10 - 12 * np.cos(2 * np.pi * (dates.day_of_year.to_numpy() - 20) / 365.25)
+    weather = np.convolve(rng.normal(0, 2.0, len(dates) + 9), np.ones(10) / np.sqrt(10), mode="valid")
+    values = pd.DataFrame({name: season + level + weather + rng.normal(0, 0.5, len(dates))
+                           for name, level in zip("ABCD", (0.0, 1.0, -1.5, 3.0), strict=True)}, index=dates)
+    values.iloc[: 2 * 365 - 150, 3] = np.nan  # D started 150 days before the test year
+    period = pd.DataFrame(np.where(np.arange(len(dates)) < 2 * 365, "train", "test")[:, None].repeat(4, axis=1),
+                          index=dates, columns=values.columns)
+    qc = load_params()["quality_control"]
+    detector, verdict = model_preprocessing.quality_control_flags(values, period, qc)
+    test_dates = dates[2 * 365:]
+    true_d = pd.Series(season[2 * 365:] + 3.0, index=test_dates)
+    for learned in (detector, None):
+        coefs = model_preprocessing.baseline_climatology(values, period, verdict["flag"], learned)
+        baseline = quality_control.climatology_at(coefs, test_dates, values.columns)["D"]
+        worst = (baseline - true_d).abs().max()
+        assert worst < (3.0 if learned else 25.0), worst  # its own mean alone misses the seasons, but stays sane
+    naive = quality_control.climatology_at(quality_control.fit_climatology(values.where(period == "train")),
+                                           test_dates, values.columns)["D"]
+    assert (naive - true_d).abs().max() > 10.0

@@ -230,3 +230,55 @@ def test_a_drift_in_the_learning_years_does_not_bend_the_climatology(settings):
         moved = np.subtract(detector["stations"]["S1"]["climatology"], clean_detector["stations"]["S1"]["climatology"])
         bent = qc.harmonic_design(observed.index[280:340]) @ moved
         assert np.abs(bent).max() < 0.4
+
+
+def test_a_station_that_started_months_ago_borrows_its_seasons_from_its_neighbours(settings):
+    for first in (500, 600):  # 230 and 130 learning days, from late spring or summer on
+        observed = network(seed=1)
+        observed.iloc[:first, 3] = np.nan
+        detector, result = verdict(observed, settings)
+        # Its readings are all clean: no shift, drift or spike, and at most a natural repeat or two taken for
+        # a stuck sensor (its repeat share and scales come from a few months).
+        test_year = result["flag"]["S3"].iloc[TEST_FROM:]
+        assert not test_year.isin(["gross", "spike", "level_shift", "drift"]).any()
+        assert (test_year == "stuck").mean() < 0.01
+        learned = qc.harmonic_design(observed.index[TEST_FROM:]) @ np.array(detector["stations"]["S3"]["climatology"])
+        truth = qc.harmonic_design(observed.index[TEST_FROM:]) @ np.array(detector["stations"]["S2"]["climatology"])
+        offset = np.median(observed["S3"].iloc[first:TEST_FROM] - observed["S2"].iloc[first:TEST_FROM])
+        assert np.abs(learned - truth - offset).max() < 2.0  # the same seasons as a neighbour's, at its level
+
+
+def test_a_station_covers_the_year_only_with_readings_in_every_month():
+    dates = pd.date_range("2020-01-01", periods=3 * 365, freq="D")
+    values = pd.DataFrame({"full": 1.0, "late": 1.0, "gappy": 1.0}, index=dates)
+    values.iloc[: 2 * 365 + 200, 1] = np.nan  # only its last 165 days: summer to December
+    values.loc[values.index.month == 3, "gappy"] = np.nan
+    values.loc[(values.index.month == 4) & (values.index.year == 2021), "gappy"] = np.nan  # April seen twice
+    assert qc.covers_the_year(values).to_dict() == {"full": True, "late": False, "gappy": False}
+    monthly = pd.DataFrame({"m": 1.0}, index=pd.date_range("2015-01-01", periods=120, freq="MS"))
+    assert qc.covers_the_year(monthly)["m"]
+
+
+def test_a_station_with_few_days_takes_the_network_s_repeat_share():
+    dates = pd.date_range("2020-01-01", periods=1000, freq="D")
+    steps = np.random.default_rng(0).integers(-20, 21, size=(1000, 3)).cumsum(axis=0) / 10
+    values = pd.DataFrame(steps, index=dates, columns=["a", "b", "new"])
+    values.iloc[:870, 2] = np.nan  # 130 days, by chance without a repeat
+    values.iloc[870:, 2] = np.arange(130) / 10
+    share = qc.repeat_share(values)
+    assert 0.01 < share["new"] < 0.03  # the network repeats about 1 day in 41; 0 alone would make any repeat stuck
+    assert share["a"] == pytest.approx((values["a"].diff() == 0).sum() / 999, rel=0.2)
+
+
+def test_a_slow_departure_in_a_month_a_station_never_saw_is_not_taken_for_a_shift(settings):
+    """Its climatology there is borrowed and may be off for weeks; in the months it saw, shifts are found."""
+    observed = network(seed=1)
+    observed.iloc[:600, 3] = np.nan  # learning days from late August to December only
+    march, october = slice(TEST_FROM + 60, TEST_FROM + 90), slice(TEST_FROM + 275, TEST_FROM + 305)
+    observed.iloc[march, 3] += 3.0
+    observed.iloc[october, 3] += 3.0
+    detector, result = verdict(observed, settings)
+    assert detector["stations"]["S3"]["seen_months"] == 0b111110000000  # August (its last 9 days) to December
+    kinds = result["flag"]["S3"]
+    assert not kinds.iloc[march].isin(["level_shift", "drift"]).any()
+    assert kinds.iloc[october].iloc[10:].isin(["level_shift", "drift"]).mean() > 0.8

@@ -220,7 +220,8 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     inside = split.ffill().notna() & split.bfill().notna()
     labels = np.array(["train", "test", ""], dtype=object)  # shared objects, not one string per day
     codes = np.where(inside, (split.ffill() == 1.0).astype(int), 2)
-    period = pd.DataFrame(labels[codes], index=observed.index, columns=observed.columns)
+    # Kept as objects: a pandas string column of a million cells costs five times as much to make and read.
+    period = pd.DataFrame(labels[codes], index=observed.index, columns=observed.columns, dtype=object)
     before_test = pd.DataFrame(np.repeat(np.asarray(observed.index < test_start)[:, None], observed.shape[1], axis=1),
                                index=observed.index, columns=observed.columns)
     period = period.mask((period == "test") & before_test, "history")

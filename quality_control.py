@@ -68,6 +68,7 @@ pd = lazy_import("pandas")
 
 KINDS = ["gross", "spike", "level_shift", "drift", "stuck"]
 NO_FLAG, MISSING = "none", "missing"
+LABELS = [NO_FLAG, MISSING, "stuck", "gross", "spike", "drift", "level_shift"]  # the verdict's codes 0-6
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 HARMONICS = 3  # yearly harmonics of the seasonal climatology
 MONTH_SHARE = 0.2  # a calendar month counts as seen with at least this share of an average month's readings
@@ -646,8 +647,9 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     Returns ``flag`` (none, missing, or a kind of fault), ``confidence`` (of
     flags only), ``score`` (the robust z-score of the departure from the
     expected value; of the jump from the days before where a station has no
-    neighbours), ``expected`` and ``repaired``; with ``onsets``, also ``onset``:
-    for a level shift or drift, the row where the test estimates it began.
+    neighbours), ``expected`` and ``repaired``. With ``onsets`` (what learning
+    needs), only ``flag`` and ``onset``: for a level shift or drift, the row
+    where the test estimates it began; -1 elsewhere.
     """
     stations = observed.columns
     coefs = pd.DataFrame({s: e["climatology"] for s, e in detector["stations"].items()
@@ -729,35 +731,39 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
 
     stuck, stuck_score = stuck_test(observed, z, share, settings["stuck_threshold"])
 
-    missing = observed.isna()
-    flag = np.select(
-        [missing.to_numpy(), stuck.to_numpy(), gross.to_numpy(), spike.to_numpy(),
-         (persistent & drifting).to_numpy(), persistent.to_numpy()],
-        [MISSING, "stuck", "gross", "spike", "drift", "level_shift"], NO_FLAG)
-    flag = pd.DataFrame(flag, index=observed.index, columns=stations)
+    # The verdict as a code per reading (integer comparisons, not text, from here on); LABELS[code] is the flag.
+    missing = observed.isna().to_numpy()
+    persistent = persistent.to_numpy()
+    code = np.select([missing, stuck.to_numpy(), gross.to_numpy(), spike.to_numpy(),
+                      persistent & drifting.to_numpy(), persistent], [1, 2, 3, 4, 5, 6], 0)
 
-    neighbour_score = (innovation_z.abs() - settings["spike_threshold"]).where(flag == "spike")
-    shift_score = (shift_z - settings["shift_threshold"]).where(flag.isin(["level_shift", "drift"]))
-    gross_score = (jump_z.abs() - gross_threshold).where(flag == "gross")
-    stuck_score = stuck_score.where(flag == "stuck")
-    excess = neighbour_score.fillna(shift_score).fillna(gross_score).fillna(stuck_score)
+    def frame(values: np.ndarray) -> pd.DataFrame:  # text stays object: a string column costs 5x to make
+        return pd.DataFrame(values, index=observed.index, columns=stations, dtype=values.dtype)
+
+    flag = frame(np.array(LABELS, dtype=object)[code])
+    if settings["onsets"]:  # learning needs only which readings to trust, and since when
+        began = np.arange(len(observed))[:, None] - np.where(drifting, ramp_lag, step_lag)
+        return {"flag": flag, "onset": frame(np.where(persistent, began, -1))}
+
+    fault, shifted = code >= 2, code >= 5
+    excess = np.select(
+        [code == 4, shifted, code == 3, code == 2],
+        [innovation_z.abs().to_numpy() - settings["spike_threshold"],
+         shift_z.to_numpy() - settings["shift_threshold"],
+         jump_z.abs().to_numpy() - gross_threshold.to_numpy(), stuck_score.to_numpy()], np.nan)
     # A reading that far from what its neighbours say is a confident fault, whatever its kind.
-    excess = np.fmax(excess, (z.abs() - settings["spike_threshold"]).where(flag.isin(KINDS)))
-    sure = pd.DataFrame(confidence(excess), index=observed.index, columns=stations).where(flag.isin(KINDS))
+    excess = np.fmax(excess, np.where(fault, z.abs().to_numpy() - settings["spike_threshold"], np.nan))
+    sure = np.where(fault, confidence(excess), np.nan)
 
-    fallback = expected.fillna(reference)
+    fallback = expected.fillna(reference).to_numpy()
     confident = sure >= settings["repair_confidence"]
-    repaired = observed.copy()
-    repaired = repaired.mask(confident & flag.isin(["spike", "stuck", "gross"]), fallback)
-    repaired = repaired.mask(confident & flag.isin(["level_shift", "drift"]), observed - offset)
-    repaired = repaired.mask(missing, fallback)
+    values = observed.to_numpy()
+    repaired = np.where(confident & fault & ~shifted, fallback, values)
+    repaired = np.where(confident & shifted, values - offset.to_numpy(), repaired)
+    repaired = np.where(missing, fallback, repaired)
     score = z.abs().fillna(jump_z.abs())
-    result = {"flag": flag, "confidence": sure, "score": score, "expected": fallback, "repaired": repaired}
-    if settings["onsets"]:
-        rows = np.arange(len(observed))[:, None]
-        began = rows - np.where(drifting, ramp_lag, step_lag)
-        result["onset"] = pd.DataFrame(np.where(persistent, began, -1), index=observed.index, columns=stations)
-    return result
+    return {"flag": flag, "confidence": frame(sure), "score": score, "expected": frame(fallback),
+            "repaired": frame(repaired)}
 
 
 def since_onset(onset: pd.DataFrame) -> pd.DataFrame:

@@ -282,3 +282,12 @@ def test_a_slow_departure_in_a_month_a_station_never_saw_is_not_taken_for_a_shif
     kinds = result["flag"]["S3"]
     assert not kinds.iloc[march].isin(["level_shift", "drift"]).any()
     assert kinds.iloc[october].iloc[10:].isin(["level_shift", "drift"]).mean() > 0.8
+
+
+def test_a_network_that_has_not_seen_a_whole_year_keeps_its_clean_readings(settings):
+    """No station's own harmonics can be trusted beyond the six months it saw; a level each, with the
+    neighbours' regression carrying the shared seasons, leaves the clean test year almost unflagged."""
+    observed = network(seed=1)
+    observed.iloc[:550, :] = np.nan  # every station: 180 learning days, July to December
+    _, result = verdict(observed, settings)
+    assert (faults(result).iloc[TEST_FROM:].mean() < 0.01).all()

@@ -48,10 +48,12 @@ A station whose learning days do not reach into every calendar month (one that
 started less than a year before the test period) cannot fit its own seasons:
 harmonics fitted to a few months swing wildly in the others. It takes the
 seasons of its neighbours that cover the year, scaled to its own level and
-swing; its repeat share is shrunk towards the network's; and in the months it
-never saw, slow departures are not flagged as shifts or drifts (spikes, stuck
-and gross readings still are), since there its borrowed climatology may be off
-by a degree or two for weeks.
+swing (its level alone where no station has seen a whole year: the regression
+on the neighbours then carries the seasons they share); its repeat share is
+shrunk towards the network's; and in the months it never saw, slow departures
+are not flagged as shifts or drifts (spikes, stuck and gross readings still
+are), since there its borrowed climatology may be off by a degree or two for
+weeks.
 """
 
 from __future__ import annotations

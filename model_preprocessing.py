@@ -112,13 +112,16 @@ def _read_clean_station_csv(text: str, min_temp: float, max_temp: float) -> pd.D
         return None
     if table.column_names != RAW_COLUMNS or table.num_rows == 0 or table.column("date").null_count:
         return None
-    dates = pd.Series(table.column("date").to_numpy().astype("datetime64[us]"))
-    values = pd.Series(table.column("temperature").to_numpy(zero_copy_only=False), dtype=float)
-    readings = values.to_numpy()[~table.column("temperature").is_null().to_numpy(zero_copy_only=False)]
-    if not (np.isfinite(readings).all() and (readings >= min_temp).all() and (readings <= max_temp).all()) \
-            or dates.duplicated().any():
+    dates = table.column("date").to_numpy().astype("datetime64[us]")
+    values = table.column("temperature").to_numpy(zero_copy_only=False).astype(float)
+    readings = values[~table.column("temperature").is_null().to_numpy(zero_copy_only=False)]
+    if not (np.isfinite(readings).all() and (readings >= min_temp).all() and (readings <= max_temp).all()):
         return None
-    return pd.DataFrame({"date": dates, "temperature": values}).sort_values("date", ignore_index=True)
+    order = np.argsort(dates, kind="stable")  # plain arrays: a few thousand files, each read in microseconds
+    dates, values = dates[order], values[order]
+    if (dates[1:] == dates[:-1]).any():  # a duplicate date
+        return None
+    return pd.DataFrame({"date": dates, "temperature": values})
 
 
 def _parse_dates(path: Path, text: pd.Series, line: pd.RangeIndex) -> pd.Series:
@@ -169,18 +172,31 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool
     parts = (pool or compute.Threads()).map(read_station_files, compute.chunks(files, FILES_PER_CHUNK),
                                             what="station files read (chunks)",
                                             min_temp=pre["min_temp"], max_temp=pre["max_temp"])
-    frame = pd.concat([table for chunk in parts for table in chunk], ignore_index=True)
-    _check_station_periods(frame, pre["min_steps"])
-    return frame.drop(columns="source")
+    tables = [table for chunk in parts for table in chunk]
+    # One column at a time, the text columns from one shared object per file, not one string per row.
+    rows = np.array([len(table) for table in tables])
+
+    def per_file(values: list[str]) -> np.ndarray:
+        return np.repeat(np.array(values, dtype=object), rows)
+
+    frame = pd.DataFrame({
+        "date": np.concatenate([table["date"].to_numpy() for table in tables]),
+        "temperature": np.concatenate([table["temperature"].to_numpy() for table in tables]),
+        "station": pd.Series(per_file([path.stem for _, path in files]), dtype=object),
+        "split": pd.Series(per_file([split for split, _ in files]), dtype=object)})
+    first_file = {}
+    for _, path in files:
+        first_file.setdefault(path.stem, str(path))
+    _check_station_periods(frame, pre["min_steps"], first_file)
+    return frame
 
 
 def read_station_files(files: list[tuple[str, Path]], min_temp: float, max_temp: float) -> list[pd.DataFrame]:
-    """``read_station_csv`` of each (split, path), with the station, split and file named in every row."""
-    return [read_station_csv(path, min_temp, max_temp).assign(station=path.stem, split=split, source=str(path))
-            for split, path in files]
+    """``read_station_csv`` of each (split, path), in order."""
+    return [read_station_csv(path, min_temp, max_temp) for _, path in files]
 
 
-def _check_station_periods(frame: pd.DataFrame, min_steps: int) -> None:
+def _check_station_periods(frame: pd.DataFrame, min_steps: int, sources: dict[str, str]) -> None:
     by_split = frame.groupby(["station", "split"])["date"].agg(["min", "max"]).unstack("split")
     if "test" in by_split:
         overlap = by_split[("max", "train")] >= by_split[("min", "test")]
@@ -192,8 +208,7 @@ def _check_station_periods(frame: pd.DataFrame, min_steps: int) -> None:
     counts = observed.groupby("station").size().reindex(frame["station"].unique(), fill_value=0)
     if (counts < min_steps).any():
         station = counts.idxmin()
-        source = frame.loc[frame["station"] == station, "source"].iat[0]
-        raise PipelineError(f"{source}: station {station} has only {counts[station]} observed steps; "
+        raise PipelineError(f"{sources[station]}: station {station} has only {counts[station]} observed steps; "
                             f"at least preprocessing.min_steps = {min_steps} are needed to build features")
 
 
@@ -210,11 +225,20 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     they give its features a past and its detector something to learn from, but
     are neither trained on nor scored. Outside a station's own days it is "".
     """
-    observed = frame.pivot(index="date", columns="station", values="temperature")
-    observed = observed.asfreq(FREQUENCIES[frequency])
-    # Pivoted as numbers (0 train, 1 test): pivoting a text column is many times slower at scale.
-    split = frame.assign(split=(frame["split"] == "test").astype(float)).pivot(
-        index="date", columns="station", values="split").reindex(observed.index)
+    # Placed straight into date x station arrays (each reading's row and column found once): the files
+    # were checked to hold every station-day at most once, so nothing is overwritten.
+    dates = frame["date"].to_numpy()
+    calendar = pd.date_range(dates.min(), dates.max(), freq=FREQUENCIES[frequency], name="date")
+    codes, names = pd.factorize(frame["station"])  # by hashing; the columns in name order, as pivot gives them
+    order = np.argsort(names.to_numpy(dtype=object))
+    stations, column = names.to_numpy(dtype=object)[order], np.argsort(order)[codes]
+    row = calendar.get_indexer(dates)
+    observed, split = (np.full((len(calendar), len(stations)), np.nan) for _ in range(2))
+    observed[row, column] = frame["temperature"].to_numpy()
+    split[row, column] = (frame["split"] == "test").to_numpy()  # 0 train, 1 test
+    columns = pd.Index(stations, dtype=object, name="station")
+    observed = pd.DataFrame(observed, index=calendar, columns=columns)
+    split = pd.DataFrame(split, index=calendar, columns=columns)
     # A missing day belongs to the period of the day before it; days before a
     # station's first or after its last day belong to none.
     inside = split.ffill().notna() & split.bfill().notna()

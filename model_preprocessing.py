@@ -233,9 +233,10 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     order = np.argsort(names.to_numpy(dtype=object))
     stations, column = names.to_numpy(dtype=object)[order], np.argsort(order)[codes]
     row = calendar.get_indexer(dates)
+    on = row >= 0  # a date off the calendar's steps has no place (as pivoting to the calendar would drop it)
     observed, split = (np.full((len(calendar), len(stations)), np.nan) for _ in range(2))
-    observed[row, column] = frame["temperature"].to_numpy()
-    split[row, column] = (frame["split"] == "test").to_numpy()  # 0 train, 1 test
+    observed[row[on], column[on]] = frame["temperature"].to_numpy()[on]
+    split[row[on], column[on]] = (frame["split"] == "test").to_numpy()[on]  # 0 train, 1 test
     columns = pd.Index(stations, dtype=object, name="station")
     observed = pd.DataFrame(observed, index=calendar, columns=columns)
     split = pd.DataFrame(split, index=calendar, columns=columns)

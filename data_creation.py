@@ -270,7 +270,9 @@ def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, l
     return {
         "train": obs[present & in_train],
         "test": obs[present & ~in_train],
-        "truth": pd.DataFrame({"date": days, "clean_temperature": clean, "anomaly": labels, "event": events}),
+        # Labels stay object columns: a pandas string column costs more to make than the file to write.
+        "truth": pd.DataFrame({"date": days, "clean_temperature": clean, "anomaly": pd.Series(labels, dtype=object),
+                               "event": pd.Series(events, dtype=object)}),
     }
 
 

@@ -62,7 +62,8 @@ def candidates(model: dict) -> dict:
 def training_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Rows whose next-day target was really observed and not flagged, in date order."""
     kept = np.flatnonzero((table["target_ok"] == 1).to_numpy())
-    order = np.lexsort((table["station"].to_numpy()[kept], table["target_date"].to_numpy()[kept]))
+    station = pd.factorize(table["station"], sort=True)[0]  # in name order: integers sort far faster than text
+    order = np.lexsort((station[kept], table["target_date"].to_numpy()[kept]))
     return table.take(kept[order]).reset_index(drop=True)  # one copy, however large the table
 
 

@@ -246,9 +246,9 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
                     # spends most of its time there otherwise); NaN and None become empty fields.
                     columns = []
                     for name in frame.columns:
-                        values = frame[name].to_numpy()[start:stop]
+                        values = frame[name].iloc[start:stop]  # pyarrow takes a pandas column as it is stored
                         if name in floats:
-                            values = np.round(values, floats[name])
+                            values = np.round(values.to_numpy(), floats[name])
                         column = pa.array(values, from_pandas=True)
                         if name in days:  # YYYY-MM-DD, without making text in Python
                             column = column.cast(pa.date32())

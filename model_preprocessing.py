@@ -169,7 +169,8 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool
              for path in storage.station_files(folder)]
     if not any(split == "train" for split, _ in files):
         raise PipelineError(f"{train_dir}: no station CSVs to train on")
-    parts = (pool or compute.Threads()).map(read_station_files, compute.chunks(files, FILES_PER_CHUNK),
+    parts = (pool or compute.Threads()).map(read_station_files,
+                                            compute.chunks([path for _, path in files], FILES_PER_CHUNK),
                                             what="station files read (chunks)",
                                             min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     tables = [table for chunk in parts for table in chunk]
@@ -191,9 +192,9 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool
     return frame
 
 
-def read_station_files(files: list[tuple[str, Path]], min_temp: float, max_temp: float) -> list[pd.DataFrame]:
-    """``read_station_csv`` of each (split, path), in order."""
-    return [read_station_csv(path, min_temp, max_temp) for _, path in files]
+def read_station_files(paths: list[Path], min_temp: float, max_temp: float) -> list[pd.DataFrame]:
+    """``read_station_csv`` of each file, in order."""
+    return [read_station_csv(path, min_temp, max_temp) for path in paths]
 
 
 def _check_station_periods(frame: pd.DataFrame, min_steps: int, sources: dict[str, str]) -> None:

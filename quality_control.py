@@ -84,7 +84,7 @@ MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 GROSS_QUANTILE = 0.999
 # Of a station's days, at most this share may be natural repeats flagged stuck by the neighbours' test.
 NATURAL_REPEATS_FLAGGED = 0.0005
-REPEAT_PRIOR_PAIRS = 180
+REPEAT_PRIOR_PAIRS = 180  # pairs of days at the network's repeat share every station starts from
 CONFIDENCE_SLOPE = 2.0
 LEARNING_ROUNDS = 2
 PROVISIONAL_CORRELATION = 0.5

@@ -242,11 +242,12 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
                 handle.write(header)
                 for start in range(0, len(frame), CSV_CHUNK_ROWS):
                     stop = start + CSV_CHUNK_ROWS
-                    # Column by column from the arrays (no pandas frame per chunk: a station's small file
-                    # spends most of its time there otherwise); NaN and None become empty fields.
+                    # Column by column, each handed to pyarrow as pandas stores it, floats rounded by numpy:
+                    # no rounded copy of the chunk (most of a small station file's time went there); NaN and
+                    # None become empty fields.
                     columns = []
                     for name in frame.columns:
-                        values = frame[name].iloc[start:stop]  # pyarrow takes a pandas column as it is stored
+                        values = frame[name].iloc[start:stop]
                         if name in floats:
                             values = np.round(values.to_numpy(), floats[name])
                         column = pa.array(values, from_pandas=True)

@@ -110,14 +110,18 @@ def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
     assert not before["flag"].iloc[day + 1:].equals(after["flag"].iloc[day + 1:])
 
 
-def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monkeypatch):
+@pytest.mark.parametrize("verdict_block", [qc.VERDICT_BLOCK, 2])  # the change tests on threads; the whole verdict
+def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monkeypatch, verdict_block):
     observed = network(n_stations=7, seed=2)
     observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
+    observed.iloc[TEST_FROM + 100:TEST_FROM + 110, 5] = 12.3
     reference = verdict(observed, settings)
     monkeypatch.setattr(qc, "STATION_BLOCK", 2)
+    monkeypatch.setattr(qc, "VERDICT_BLOCK", verdict_block)
     detector = qc.learn(observed, learning_days(observed), settings, compute.Threads(3))
     assert detector == reference[0]
     blocked = qc.detect(observed, detector, compute.Threads(3))
+    assert set(blocked["flag"].stack()) >= {"drift", "stuck"}
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)
 

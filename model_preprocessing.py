@@ -255,9 +255,9 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
 
 
 def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict,
-                          pool: compute.Pool | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
+                          pool: compute.Pool | None = None, threads: int = 1) -> tuple[dict, dict[str, pd.DataFrame]]:
     """The detector learned on the days before the test period, and its verdict on every day (its station
-    blocks on ``pool`` when that is a cluster, else on the threads this process may use).
+    blocks on ``pool`` when that is a cluster, else on ``threads`` threads).
 
     With ``detector = "none"`` nothing is flagged and only missing days are
     filled (with the median of the days before), so the features stay defined.
@@ -266,10 +266,6 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
         return {"detector": "none"}, quality_control.no_detection(observed, qc["window"])
     learning = period.isin(["train", "history"])
     if pool is None or not pool.cluster:
-        threads = 1
-        if observed.shape[1] > quality_control.STATION_BLOCK:  # more than one block of stations to share out
-            threads, why = cli.thread_budget()
-            log.info("quality control on %d thread(s) (%s)", threads, why)
         pool = compute.Threads(threads)
     detector = quality_control.learn(observed, learning, qc, pool)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
@@ -481,7 +477,11 @@ def main(args) -> None:
 
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
-        detector, verdict = quality_control_flags(observed, period, qc, pool)
+        threads = 1
+        if observed.shape[1] > quality_control.STATION_BLOCK:  # enough stations and rows to share out
+            threads, why = cli.thread_budget()
+            log.info("working on %d thread(s) (%s)", threads, why)
+        detector, verdict = quality_control_flags(observed, period, qc, pool, threads)
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
                                              pool, detector)
@@ -496,16 +496,16 @@ def main(args) -> None:
     # Each table is written as soon as it is made and then let go: at scale they are large.
     progress = cli.Progress("tables written", 5)
     del train["period"], test["period"]
-    storage.write_csv(paths.train_features, train)
+    storage.write_csv(paths.train_features, train, threads=threads)
     del train
     progress.step()
-    storage.write_csv(paths.test_features, test)
+    storage.write_csv(paths.test_features, test, threads=threads)
     del test
     progress.step()
     counts = pd.Series(verdict["flag"].where(period != "").to_numpy().ravel()).value_counts()
     flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}
     for part, table in flags_tables(observed, period, verdict):
-        storage.write_csv(flag_paths[part], table)
+        storage.write_csv(flag_paths[part], table, threads=threads)
         progress.step()
         if part == "flagged":
             repaired = int((table["repaired"] != table["observed"]).sum())

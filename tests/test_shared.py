@@ -347,15 +347,17 @@ def test_tables_round_trip_with_awkward_text_and_missing_values(tmp_path):
     assert '"' not in path.read_text()
 
 
-def test_table_bytes_do_not_depend_on_the_chunk_size(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_table_bytes_do_not_depend_on_the_chunk_size_or_threads(tmp_path, monkeypatch, threads):
     import pandas as pd
 
-    frame = pd.DataFrame({"station": ["a", "b", "c, quoted", "d"], "x": [0.1234567, 2.0, None, -1.5],
-                          "date": pd.to_datetime(["2020-01-01", "2020-01-02", None, "2020-01-04"])})
+    frame = pd.DataFrame({"station": ["a", "b", "c, quoted", "d"] * 5, "x": [0.1234567, 2.0, None, -1.5] * 5,
+                          "date": pd.to_datetime(["2020-01-01", "2020-01-02", None, "2020-01-04"] * 5)})
+    frame["x"] += [float(i) for i in range(len(frame))]
     whole, chunked = tmp_path / "whole.csv", tmp_path / "chunked.csv"
     storage.write_csv(whole, frame)
     monkeypatch.setattr(storage, "CSV_CHUNK_ROWS", 1)
-    storage.write_csv(chunked, frame)
+    storage.write_csv(chunked, frame, threads=threads)
     assert chunked.read_bytes() == whole.read_bytes()
     assert whole.read_text().splitlines()[3] == '"c, quoted",,'
 

@@ -62,8 +62,10 @@ def candidates(model: dict) -> dict:
 def training_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Rows whose next-day target was really observed and not flagged, in date order."""
     kept = np.flatnonzero((table["target_ok"] == 1).to_numpy())
-    station = pd.factorize(table["station"], sort=True)[0]  # in name order: integers sort far faster than text
-    order = np.lexsort((station[kept], table["target_date"].to_numpy()[kept]))
+    # Codes in name order and in date order (ISO dates sort as text): integers sort far faster than text.
+    station = pd.factorize(table["station"], sort=True)[0]
+    target_date = pd.factorize(table["target_date"], sort=True)[0]
+    order = np.lexsort((station[kept], target_date[kept]))
     return table.take(kept[order]).reset_index(drop=True)  # one copy, however large the table
 
 

@@ -484,7 +484,7 @@ def main(args) -> None:
         detector, verdict = quality_control_flags(observed, period, qc, pool, threads)
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
-                                             pool, detector)
+                                             pool if pool.cluster else compute.Threads(threads), detector)
         cli.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

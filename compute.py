@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,21 +63,29 @@ class Threads:
         """``[function(item, **shared) for item in items]``, in order; with ``what``, progress is logged
         under that name when the chunks take a while."""
         progress = cli.Progress(what or "", len(items), quiet=what is None)
+        results = []
+        for result in self.imap(function, items, **shared):
+            results.append(result)
+            progress.step()
+        return results
+
+    def imap(self, function: Callable[..., Any], items: Sequence[Any], **shared: Any) -> Iterator[Any]:
+        """``function(item, **shared)`` for each item, yielded in order as each is ready; at most two
+        results per thread wait to be taken, so a caller that writes them out keeps memory bounded (and
+        an ``OnDemand`` item is made only shortly before it runs)."""
         if self.threads == 1 or len(items) < 2:
-            results = []
-            for item in items:
-                results.append(function(item, **shared))
-                progress.step()
-            return results
+            yield from (function(item, **shared) for item in items)
+            return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            futures = [pool.submit(function, item, **shared) for item in items]
-            results = []
-            for future in futures:
-                results.append(future.result())
-                progress.step()
-        return results
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(function, item, **shared))
+                if len(pending) >= 2 * self.threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
 
 class Cluster:

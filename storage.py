@@ -18,8 +18,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +230,8 @@ def write_csv(target: Path, frame: Any, decimals: int = 6, fixed: dict[str, int]
 def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int], threads: int) -> None:
     import pyarrow as pa
 
+    import compute  # not at the top: compute imports cli, which imports this module
+
     header = (",".join(map(str, frame.columns)) + "\n").encode()
     days = {name for name, dtype in frame.dtypes.items() if dtype.kind == "M" and _whole_days(frame[name])}
     starts = range(0, len(frame), CSV_CHUNK_ROWS)
@@ -238,8 +239,9 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
         try:
             with open(path, "wb") as handle:
                 handle.write(header)
-                for text in _in_order(_csv_chunk, starts, threads, frame=frame, decimals=decimals, fixed=fixed,
-                                      days=days, quoting=quoting):
+                # pyarrow formats without holding the GIL, so chunks are made into text on threads.
+                for text in compute.Threads(threads).imap(_csv_chunk, starts, frame=frame, decimals=decimals,
+                                                          fixed=fixed, days=days, quoting=quoting):
                     handle.write(text)
             return
         except pa.ArrowInvalid:
@@ -270,24 +272,6 @@ def _csv_chunk(start: int, frame: Any, decimals: int, fixed: dict[str, int], day
     sink = pa.BufferOutputStream()
     pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False, quoting_style=quoting))
     return sink.getvalue()
-
-
-def _in_order(function: Any, items: Sequence[Any], threads: int, **shared: Any) -> Iterator[Any]:
-    """``function(item, **shared)`` for each item, in order, computed on up to ``threads`` threads with at most
-    two results per thread waiting (pyarrow formats without holding the GIL; memory stays bounded)."""
-    if threads <= 1 or len(items) < 2:
-        yield from (function(item, **shared) for item in items)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending = deque()
-        for item in items:
-            pending.append(pool.submit(function, item, **shared))
-            if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _whole_days(column: Any) -> bool:

@@ -261,19 +261,25 @@ def training_days(climates: pd.DataFrame, n_days: int, test_steps: int) -> np.nd
 
 
 def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, labels: np.ndarray,
-                   events: np.ndarray, train_end: int) -> dict[str, pd.DataFrame]:
-    """The three files of one station: train and test observations, and its truth."""
-    days = pd.Series(dates.astype("datetime64[ns]"))
+                   events: np.ndarray, train_end: np.ndarray) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    """The three files of some stations (a row each: clean, observed, labels, events; training days per
+    station): train and test observations, and the truth, each as one table of every station's rows in
+    station order and how many rows each station has."""
+    n_stations, n_days = observed.shape
     present = ~np.isnan(observed)
-    obs = pd.DataFrame({"date": days, "temperature": observed})
-    in_train = np.arange(len(dates)) < train_end
-    return {
-        "train": obs[present & in_train],
-        "test": obs[present & ~in_train],
-        # Labels stay object columns: a pandas string column costs more to make than the file to write.
-        "truth": pd.DataFrame({"date": days, "clean_temperature": clean, "anomaly": pd.Series(labels, dtype=object),
-                               "event": pd.Series(events, dtype=object)}),
-    }
+    in_train = np.arange(n_days)[None, :] < np.asarray(train_end)[:, None]
+    days = dates.astype("datetime64[ns]")
+    tables = {}
+    for folder, rows in (("train", present & in_train), ("test", present & ~in_train)):
+        station_row, day = np.nonzero(rows)  # station by station, days in order
+        tables[folder] = (pd.DataFrame({"date": days[day], "temperature": observed[station_row, day]}),
+                          rows.sum(axis=1))
+    # Labels stay object columns: a pandas string column costs more to make than the file to write.
+    tables["truth"] = (pd.DataFrame({"date": np.tile(days, n_stations), "clean_temperature": clean.ravel(),
+                                     "anomaly": pd.Series(labels.ravel(), dtype=object),
+                                     "event": pd.Series(events.ravel(), dtype=object)}),
+                       np.full(n_stations, n_days))
+    return tables
 
 
 def write_station_files(staging: Path, simulation: Simulation, test_steps: int, resolution: str,
@@ -304,13 +310,12 @@ def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resoluti
     """The files of a few stations: (names, clean, observed, label codes, event codes, training days), one row
     each; ``names`` turns the codes back into labels and events."""
     places = {"temperature": 2 if resolution == "1F" else 1, "clean_temperature": 2}
+    stations, clean, observed, labels, events, train_end = chunk
     label_names, event_names = names
-    for station, clean, observed, labels, events, train_end in zip(*chunk, strict=True):
-        tables = station_tables(dates, clean, observed, label_names[labels], event_names[events], train_end)
-        for folder, table in tables.items():
-            if len(table):
-                storage.write_csv(staging / folder / f"{station}.csv", table,
-                                  fixed={k: v for k, v in places.items() if k in table}, staged=True)
+    tables = station_tables(dates, clean, observed, label_names[labels], event_names[events], train_end)
+    for folder, (table, sizes) in tables.items():
+        storage.write_csv_parts([staging / folder / f"{station}.csv" for station in stations], table, sizes,
+                                fixed={k: v for k, v in places.items() if k in table})
 
 
 # --------------------------------------------------------------------------- import

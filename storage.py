@@ -248,6 +248,47 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
             continue
 
 
+def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals: int = 6,
+                    fixed: dict[str, int] | None = None) -> None:
+    """Write consecutive row ranges of ``frame`` as files of their own: ``targets[i]`` gets the next
+    ``sizes[i]`` rows (no file for 0), byte for byte what ``write_csv(target, rows, staged=True)`` writes.
+
+    For thousands of small station files the time goes into each file's own
+    conversion, so the rows are made into text in one pass and cut at their line
+    ends. Like ``staged``, for a staging folder that is put in place whole. A
+    table whose text needs quotes, or date-times that are not all whole days,
+    goes file by file, where ``write_csv`` decides such things per file.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    fixed = fixed or {}
+    days = {name for name, dtype in frame.dtypes.items() if dtype.kind == "M"}
+    whole = all(_whole_days(frame[name]) for name in days)
+    try:
+        if not whole:
+            raise pa.ArrowInvalid("date-times that are not whole days")
+        text = b"".join(bytes(_csv_chunk(start, frame, decimals, fixed, days, "none"))
+                        for start in range(0, len(frame), CSV_CHUNK_ROWS))
+    except pa.ArrowInvalid:
+        first = np.concatenate([[0], np.cumsum(sizes)])
+        for target, begin, end in zip(targets, first[:-1], first[1:], strict=True):
+            if end > begin:
+                write_csv(target, frame.iloc[begin:end], decimals, fixed, staged=True)
+        return
+    # Without quotes no value holds a line break: the n-th line end closes the n-th row.
+    line_ends = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == ord("\n")) + 1
+    offsets = np.concatenate([[0], line_ends])[np.concatenate([[0], np.cumsum(sizes)])]
+    header = (",".join(map(str, frame.columns)) + "\n").encode()
+    for target, begin, end in zip(targets, offsets[:-1], offsets[1:], strict=True):
+        if end > begin:
+            with open(target, "wb") as handle:
+                handle.write(header)
+                handle.write(text[begin:end])
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
 def _csv_chunk(start: int, frame: Any, decimals: int, fixed: dict[str, int], days: set[str], quoting: str) -> Any:
     """The CSV text of ``CSV_CHUNK_ROWS`` rows of ``frame`` from row ``start`` on, as a pyarrow buffer (the
     date-time columns in ``days`` as YYYY-MM-DD)."""

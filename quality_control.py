@@ -59,7 +59,6 @@ weeks.
 from __future__ import annotations
 
 import statistics
-import warnings
 
 import compute
 from cli import Progress, lazy_import
@@ -205,9 +204,24 @@ def climatology_at(coefs: pd.DataFrame, dates: pd.DatetimeIndex, stations: pd.In
     return table.reindex(columns=stations)
 
 
+def nanmedian(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The median along ``axis`` leaving NaN out (NaN where nothing is left): the values of
+    ``np.nanmedian``, by one sort instead of a selection per row (several times faster on the
+    date x station tables and on the many short rows of neighbours' predictions)."""
+    if values.shape[axis] == 0:
+        return np.full(np.delete(values.shape, axis), np.nan)
+    ordered = np.sort(values, axis=axis)  # NaN sort last
+    count = np.expand_dims((~np.isnan(ordered)).sum(axis=axis), axis)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=axis)
+    high = np.take_along_axis(ordered, count // 2 - (count == 0), axis=axis)
+    median = np.where(count % 2 == 1, low, (low + high) / 2)  # np.median averages the middle two
+    return np.where(count > 0, median, np.nan).squeeze(axis)
+
+
 def _robust_scale(values: pd.DataFrame) -> pd.Series:
-    centred = values - values.median()
-    return MAD_TO_SD * centred.abs().median()
+    array = values.to_numpy(dtype=float)
+    centred = np.abs(array - nanmedian(array))
+    return pd.Series(MAD_TO_SD * nanmedian(centred), index=values.columns)
 
 
 def _pair_statistics(anomaly: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -310,9 +324,7 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.D
     fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
     days, columns = np.nonzero(fallback)
     lines = intercept[columns] + slope[columns] * padded[days[:, None], index[columns]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # days when no neighbour has a reading
-        joint[days, columns] = np.nanmedian(lines, axis=1)
+    joint[days, columns] = nanmedian(lines, axis=1)  # NaN on days when no neighbour has a reading
     return pd.DataFrame(joint, index=anomaly.index, columns=anomaly.columns)
 
 

@@ -212,6 +212,18 @@ def test_a_shift_in_the_learning_years_is_left_out_from_the_day_it_began():
     assert qc.since_onset(onset)["b"].tolist() == [False] * 7 + [True]
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_medians_leave_missing_values_out_as_numpy_does(axis):
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(40, 7)).round(1)  # ties, odd and even counts
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, 2] = np.nan
+    values[5, :] = np.nan
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):  # numpy warns about the all-NaN rows
+        expected = np.nanmedian(values, axis=axis)
+    assert np.array_equal(qc.nanmedian(values, axis=axis), expected, equal_nan=True)
+
+
 def test_the_seasonal_fit_is_not_moved_by_a_few_weeks_of_fault():
     dates = pd.date_range("2020-01-01", periods=DAYS, freq="D")
     rng = np.random.default_rng(3)

@@ -371,3 +371,26 @@ def test_tables_write_days_as_dates_and_keep_times_that_are_not_whole_days(tmp_p
     with_time = pd.to_datetime(["2020-02-29 13:30", "2021-01-01"], format="ISO8601")
     storage.write_csv(path, pd.DataFrame({"date": with_time}))
     assert path.read_text().splitlines()[1].startswith("2020-02-29 13:30")
+
+
+@pytest.mark.parametrize("label", ["plain", "needs, quotes"])
+def test_row_ranges_written_as_files_of_their_own_are_what_each_file_alone_would_be(tmp_path, monkeypatch, label):
+    import pandas as pd
+
+    frame = pd.DataFrame({"date": pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-04"] * 3),
+                          "temperature": [0.1, -2.0, None, 12.345] * 3, "anomaly": ["none", label, "none", "x"] * 3})
+    sizes = [5, 0, 4, 3]
+    targets = [tmp_path / f"part{i}.csv" for i in range(len(sizes))]
+    monkeypatch.setattr(storage, "CSV_CHUNK_ROWS", 2)  # rows cut across chunks as well as files
+    storage.write_csv_parts(targets, frame, sizes, fixed={"temperature": 1})
+    begin = 0
+    for target, size in zip(targets, sizes, strict=True):
+        if size == 0:
+            assert not target.exists()
+            continue
+        alone = tmp_path / "alone.csv"
+        storage.write_csv(alone, frame.iloc[begin:begin + size], fixed={"temperature": 1})
+        assert target.read_bytes() == alone.read_bytes()
+        begin += size
+    second = targets[0].read_text().splitlines()[2]
+    assert second == "2020-01-02,-2.0,plain" if label == "plain" else second.endswith('"needs, quotes"')

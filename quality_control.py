@@ -309,22 +309,24 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.D
             index[i, m] = position[buddy["station"]]
             slope[i, m], intercept[i, m] = buddy["slope"], buddy["intercept"]
             weight[i, m] = buddy["weight"] if complete else 0.0
-    padded = np.column_stack([anomaly.to_numpy(), np.full(len(anomaly), np.nan)])
-    # One neighbour slot at a time (date x station tables), not a date x station x neighbour array:
+    # Station by day (each station's days contiguous, as pandas keeps them), so gathering a neighbour's
+    # readings copies whole rows; one neighbour slot at a time, not a station x neighbour x day array:
     # the same sums in the same order, a fraction of the memory traffic.
-    total, missing = None, np.zeros(anomaly.shape, dtype=bool)
+    padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
+    total, missing = None, np.zeros(padded[:-1].shape, dtype=bool)
     for m in range(width):
-        readings = padded[:, index[:, m]]
-        used = index[:, m] < len(stations)
-        term = np.where(used, weight[:, m] * readings, 0.0)
+        readings = padded[index[:, m]]
+        used = (index[:, m] < len(stations))[:, None]
+        term = np.where(used, weight[:, m, None] * readings, 0.0)
         total = term if total is None else total + term
         missing |= used & np.isnan(readings)
-    joint = constant + total
+    joint = constant[:, None] + total
     joint[missing] = np.nan
     fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
-    days, columns = np.nonzero(fallback)
-    lines = intercept[columns] + slope[columns] * padded[days[:, None], index[columns]]
-    joint[days, columns] = nanmedian(lines, axis=1)  # NaN on days when no neighbour has a reading
+    columns, days = np.nonzero(fallback)
+    lines = intercept[columns] + slope[columns] * padded[index[columns], days[:, None]]
+    joint[columns, days] = nanmedian(lines, axis=1)  # NaN on days when no neighbour has a reading
+    joint = joint.T
     return pd.DataFrame(joint, index=anomaly.index, columns=anomaly.columns)
 
 

@@ -20,6 +20,7 @@ Outputs: data/{train,test}/features.csv  one row per station, forecast origin an
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ pd = cli.lazy_import("pandas")
 
 STAGE = "model_preprocessing"
 RAW_COLUMNS = ["date", "temperature"]
+CLEAN_HEADER = "date,temperature\n"  # the header of the station files the pipeline writes
 STATION_BLOCK = 100  # stations whose features are built at a time: bounds the memory at scale
 FILES_PER_CHUNK = 50  # station files read and checked by one task of a cluster
 
@@ -57,8 +59,13 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     """
     text = storage.read_text_file(path)
     clean = _read_clean_station_csv(text, min_temp, max_temp)
-    if clean is not None:
-        return clean
+    if clean is None:
+        return _read_station_text(path, text, min_temp, max_temp)
+    return pd.DataFrame({"date": clean[0], "temperature": clean[1]})
+
+
+def _read_station_text(path: Path, text: str, min_temp: float, max_temp: float) -> pd.DataFrame:
+    """``read_station_csv`` the careful way, which names the line and the problem."""
     header = text.splitlines()[0].strip()
     columns = [c.strip() for c in header.split(",")]
     if any(sep in header for sep in (";", "\t", "|")) and len(columns) == 1:
@@ -88,40 +95,82 @@ def read_station_csv(path: Path, min_temp: float, max_temp: float) -> pd.DataFra
     }).sort_values("date", ignore_index=True)
 
 
-def _read_clean_station_csv(text: str, min_temp: float, max_temp: float) -> pd.DataFrame | None:
-    """A file as the pipeline writes it, parsed by pyarrow in one pass; None if anything about it is off.
+def _read_clean_station_csv(text: str, min_temp: float, max_temp: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """A file as the pipeline writes it, parsed by pyarrow in one pass: its dates, in order, and readings;
+    None if anything about it is off.
 
     Files the pipeline wrote are read several times faster this way; any file
     this fast path does not fully accept (another header, blanks, a bad line,
     a duplicate date, an impossible value) is read again by the careful path,
     which names the line and the problem.
     """
+    if not text.startswith(CLEAN_HEADER) or not text.endswith("\n"):
+        return None
+    table = _parse_clean_rows(text[len(CLEAN_HEADER):])
+    return None if table is None else _clean_station_rows(*table, min_temp, max_temp)
+
+
+def _read_clean_station_csvs(texts: list[str], min_temp: float, max_temp: float
+                             ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """``_read_clean_station_csv`` of several files' texts, the rows of all of them parsed in one pass (a
+    station file's own parse costs more than its rows); a file that would need a parse of its own (a quote
+    or a blank line, which would move the rows apart) or that breaks the common parse gets it."""
+    together = [text.startswith(CLEAN_HEADER) and text.endswith("\n") and '"' not in text and "\n\n" not in text
+                for text in texts]
+    bodies = [text[len(CLEAN_HEADER):] for text, joined in zip(texts, together, strict=True) if joined]
+    rows = np.array([body.count("\n") for body in bodies], dtype=int)
+    parsed = _parse_clean_rows("".join(bodies)) if bodies else None
+    if parsed is not None and len(parsed[0]) != rows.sum():
+        parsed = None
+    if parsed is None:  # one of them is off: each file on its own, to find which
+        return [_read_clean_station_csv(text, min_temp, max_temp) for text in texts]
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    pieces = itertools.pairwise(starts)
+    tables = []
+    for text, joined in zip(texts, together, strict=True):
+        if not joined:
+            tables.append(_read_clean_station_csv(text, min_temp, max_temp))
+            continue
+        begin, end = next(pieces)
+        tables.append(_clean_station_rows(*(column[begin:end] for column in parsed), min_temp, max_temp))
+    return tables
+
+
+def _parse_clean_rows(body: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The dates, readings and which readings are empty, of header-less ``date,temperature`` rows, or None
+    where pyarrow does not accept them all."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    if not text.startswith("date,temperature\n") or not text.endswith("\n"):
-        return None
     try:
         table = pa_csv.read_csv(
-            io.BytesIO(text.encode()),
+            io.BytesIO(body.encode()),
+            read_options=pa_csv.ReadOptions(column_names=RAW_COLUMNS, use_threads=False),
             convert_options=pa_csv.ConvertOptions(column_types={"date": pa.date32(), "temperature": pa.float64()},
                                                   null_values=[""], strings_can_be_null=False,
-                                                  quoted_strings_can_be_null=False),
-            read_options=pa_csv.ReadOptions(use_threads=False))
+                                                  quoted_strings_can_be_null=False))
     except pa.ArrowInvalid:
         return None
-    if table.column_names != RAW_COLUMNS or table.num_rows == 0 or table.column("date").null_count:
+    date, temperature = table.column("date"), table.column("temperature")
+    if date.null_count:
         return None
-    dates = table.column("date").to_numpy().astype("datetime64[us]")
-    values = table.column("temperature").to_numpy(zero_copy_only=False).astype(float)
-    readings = values[~table.column("temperature").is_null().to_numpy(zero_copy_only=False)]
-    if not (np.isfinite(readings).all() and (readings >= min_temp).all() and (readings <= max_temp).all()):
+    return (date.to_numpy().astype("datetime64[us]"), temperature.to_numpy(zero_copy_only=False).astype(float),
+            temperature.is_null().to_numpy(zero_copy_only=False))
+
+
+def _clean_station_rows(dates: np.ndarray, values: np.ndarray, empty: np.ndarray, min_temp: float,
+                        max_temp: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """One station's parsed rows in date order, or None for no rows, a reading that is not a finite number
+    in [min_temp, max_temp] or a duplicate date."""
+    readings = values[~empty]
+    if len(dates) == 0 or not (np.isfinite(readings).all() and (readings >= min_temp).all()
+                               and (readings <= max_temp).all()):
         return None
     order = np.argsort(dates, kind="stable")  # plain arrays: a few thousand files, each read in microseconds
     dates, values = dates[order], values[order]
     if (dates[1:] == dates[:-1]).any():  # a duplicate date
         return None
-    return pd.DataFrame({"date": dates, "temperature": values})
+    return dates, values
 
 
 def _parse_dates(path: Path, text: pd.Series, line: pd.RangeIndex) -> pd.Series:
@@ -173,43 +222,53 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool
                                             compute.chunks([path for _, path in files], FILES_PER_CHUNK),
                                             what="station files read (chunks)",
                                             min_temp=pre["min_temp"], max_temp=pre["max_temp"])
-    tables = [table for chunk in parts for table in chunk]
+    readings = [file for chunk in parts for file in chunk]
+    _check_station_periods(files, readings, pre["min_steps"])
     # One column at a time, the text columns from one shared object per file, not one string per row.
-    rows = np.array([len(table) for table in tables])
+    rows = np.array([len(dates) for dates, _ in readings])
 
     def per_file(values: list[str]) -> np.ndarray:
         return np.repeat(np.array(values, dtype=object), rows)
 
-    frame = pd.DataFrame({
-        "date": np.concatenate([table["date"].to_numpy() for table in tables]),
-        "temperature": np.concatenate([table["temperature"].to_numpy() for table in tables]),
+    return pd.DataFrame({
+        "date": np.concatenate([dates for dates, _ in readings]),
+        "temperature": np.concatenate([values for _, values in readings]),
         "station": pd.Series(per_file([path.stem for _, path in files]), dtype=object),
         "split": pd.Series(per_file([split for split, _ in files]), dtype=object)})
-    first_file = {}
-    for _, path in files:
-        first_file.setdefault(path.stem, str(path))
-    _check_station_periods(frame, pre["min_steps"], first_file)
-    return frame
 
 
-def read_station_files(paths: list[Path], min_temp: float, max_temp: float) -> list[pd.DataFrame]:
-    """``read_station_csv`` of each file, in order."""
-    return [read_station_csv(path, min_temp, max_temp) for path in paths]
+def read_station_files(paths: list[Path], min_temp: float, max_temp: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The dates (in order) and readings of each file, as ``read_station_csv`` reads them (the files the
+    pipeline wrote parsed together)."""
+    texts = [storage.read_text_file(path) for path in paths]
+    clean = _read_clean_station_csvs(texts, min_temp, max_temp)
+    readings = []
+    for path, text, rows in zip(paths, texts, clean, strict=True):
+        if rows is None:
+            table = _read_station_text(path, text, min_temp, max_temp)
+            rows = table["date"].to_numpy(), table["temperature"].to_numpy()
+        readings.append(rows)
+    return readings
 
 
-def _check_station_periods(frame: pd.DataFrame, min_steps: int, sources: dict[str, str]) -> None:
-    by_split = frame.groupby(["station", "split"])["date"].agg(["min", "max"]).unstack("split")
-    if "test" in by_split:
-        overlap = by_split[("max", "train")] >= by_split[("min", "test")]
-        if overlap.any():
-            station = overlap.idxmax()
+def _check_station_periods(files: list[tuple[str, Path]], readings: list[tuple[np.ndarray, np.ndarray]],
+                           min_steps: int) -> None:
+    """Refuse a station whose training dates reach into its test period, or with too few readings.
+    ``files``: (split, path) of every file; ``readings``: its dates, in order, and readings."""
+    first_day, last_day, counts, source = {}, {}, {}, {}
+    for (split, path), (dates, values) in zip(files, readings, strict=True):
+        station = path.stem
+        source.setdefault(station, str(path))
+        counts[station] = counts.get(station, 0) + int(np.count_nonzero(~np.isnan(values)))
+        first_day[station, split], last_day[station, split] = dates[0], dates[-1]
+    for station in source:
+        if (station, "train") in last_day and (station, "test") in first_day \
+                and last_day[station, "train"] >= first_day[station, "test"]:
             raise PipelineError(f"station {station}: training dates reach into its test period; "
                                 "the split must be in time order")
-    observed = frame.dropna(subset=["temperature"])
-    counts = observed.groupby("station").size().reindex(frame["station"].unique(), fill_value=0)
-    if (counts < min_steps).any():
-        station = counts.idxmin()
-        raise PipelineError(f"{sources[station]}: station {station} has only {counts[station]} observed steps; "
+    station = min(source, key=lambda name: counts[name])
+    if counts[station] < min_steps:
+        raise PipelineError(f"{source[station]}: station {station} has only {counts[station]} observed steps; "
                             f"at least preprocessing.min_steps = {min_steps} are needed to build features")
 
 

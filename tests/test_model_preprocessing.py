@@ -198,6 +198,27 @@ def test_the_fast_reader_and_the_careful_one_agree(tmp_path, monkeypatch, text):
     assert fast["date"].is_monotonic_increasing
 
 
+def test_files_parsed_together_read_as_each_file_alone(tmp_path):
+    texts = {"A": "date,temperature\n2020-01-02,1.5\n2020-01-01,\n",
+             "B": "date,temperature\n2020-01-01,2.0\n\n2020-01-02,3.0\n",  # a blank line: parsed on its own
+             "C": 'date,temperature\n2020-01-01,"4.5"\n',  # a quote: parsed on its own
+             "D": "date,temperature\n2020-01-01,-1.0\n2020-01-03,-2.0\n2020-01-04,-2.5\n"}
+    paths = []
+    for name, text in texts.items():
+        paths.append(tmp_path / f"{name}.csv")
+        paths[-1].write_text(text)
+    together = model_preprocessing.read_station_files(paths, -90.0, 60.0)
+    for path, (dates, values) in zip(paths, together, strict=True):
+        alone = model_preprocessing.read_station_csv(path, -90.0, 60.0)
+        np.testing.assert_array_equal(dates, alone["date"].to_numpy())
+        np.testing.assert_array_equal(values, alone["temperature"].to_numpy())
+    assert together[0][1][1] == 1.5 and np.isnan(together[0][1][0])  # in date order
+
+    paths[3].write_text("date,temperature\n2020-01-01,-1.0\n2020-01-02,warm\n")
+    with pytest.raises(errors.PipelineError, match=r"D\.csv: line 3: temperature 'warm' is not a number"):
+        model_preprocessing.read_station_files(paths, -90.0, 60.0)
+
+
 def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_guessed():
     """Yearly harmonics fitted to five months extrapolate wildly into the other seven; the baseline takes the
     seasons its neighbours show instead (or its own level alone, without a detector)."""

@@ -219,15 +219,19 @@ def write_csv(target: Path, frame: Any, decimals: int = 6, fixed: dict[str, int]
     files that saves most of the time.
     """
     if staged:
-        _write_csv_file(target, frame, decimals, fixed or {}, threads)
+        digest = _write_csv_file(target, frame, decimals, fixed or {}, threads)
         with open(target, "rb+") as handle:
             os.fsync(handle.fileno())
-        return
-    with atomic_path(target) as tmp:
-        _write_csv_file(tmp, frame, decimals, fixed or {}, threads)
+    else:
+        with atomic_path(target) as tmp:
+            digest = _write_csv_file(tmp, frame, decimals, fixed or {}, threads)
+    _remember_digest(target, digest)
 
 
-def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int], threads: int) -> None:
+def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int], threads: int) -> str:
+    """Write the CSV text; returns its SHA-256."""
+    import hashlib
+
     import pyarrow as pa
 
     import compute  # not at the top: compute imports cli, which imports this module
@@ -237,15 +241,18 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
     starts = range(0, len(frame), CSV_CHUNK_ROWS)
     for quoting in ("none", "needed"):  # "none" refuses values that need quotes
         try:
+            digest = hashlib.sha256(header)
             with open(path, "wb") as handle:
                 handle.write(header)
                 # pyarrow formats without holding the GIL, so chunks are made into text on threads.
                 for text in compute.Threads(threads).imap(_csv_chunk, starts, frame=frame, decimals=decimals,
                                                           fixed=fixed, days=days, quoting=quoting):
                     handle.write(text)
-            return
+                    digest.update(text)
+            return digest.hexdigest()
         except pa.ArrowInvalid:
             continue
+    raise AssertionError("quoting 'needed' writes any text")
 
 
 def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals: int = 6,
@@ -259,6 +266,8 @@ def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals:
     table whose text needs quotes, or date-times that are not all whole days,
     goes file by file, where ``write_csv`` decides such things per file.
     """
+    import hashlib
+
     import numpy as np
     import pyarrow as pa
 
@@ -287,6 +296,7 @@ def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals:
                 handle.write(text[begin:end])
                 handle.flush()
                 os.fsync(handle.fileno())
+            _remember_digest(target, hashlib.sha256(header + text[begin:end]).hexdigest())
 
 
 def _csv_chunk(start: int, frame: Any, decimals: int, fixed: dict[str, int], days: set[str], quoting: str) -> Any:
@@ -350,15 +360,39 @@ def replace_folder(staged: Path, target: Path) -> None:
 # ------------------------------------------------------------------------- reading
 
 
+# Files this process wrote or hashed, by device and inode (a file keeps them when its folder is renamed
+# into place): their size, modification and change times then, and their SHA-256. Any write to a file,
+# or a reset of its modification time, moves its change time, which no one can set; so a file in the
+# same state has the same bytes and need not be read again.
+_DIGESTS: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+
+
+def _file_state(path: Path) -> tuple[tuple[int, int], tuple[int, ...]]:
+    info = os.stat(path)
+    return (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _remember_digest(path: Path, digest: str) -> None:
+    file, state = _file_state(path)
+    _DIGESTS[file] = (state, digest)
+
+
 def sha256_file(path: Path) -> str:
-    """The SHA-256 of a regular file (anything else is refused rather than read: a FIFO would block)."""
+    """The SHA-256 of a regular file (anything else is refused rather than read: a FIFO would block); not
+    read again when this process wrote or hashed it and it has not changed since."""
     import hashlib
 
     check_regular_file(path, limit=None)
+    file, state = _file_state(path)
+    known = _DIGESTS.get(file)
+    if known is not None and known[0] == state:
+        return known[1]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    if _file_state(path) == (file, state):  # unchanged while it was read
+        _DIGESTS[file] = (state, digest.hexdigest())
     return digest.hexdigest()
 
 

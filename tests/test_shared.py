@@ -394,3 +394,19 @@ def test_row_ranges_written_as_files_of_their_own_are_what_each_file_alone_would
         begin += size
     second = targets[0].read_text().splitlines()[2]
     assert second == "2020-01-02,-2.0,plain" if label == "plain" else second.endswith('"needs, quotes"')
+
+
+def test_a_file_s_hash_is_read_again_once_it_changes_even_with_its_size_and_time_restored(tmp_path):
+    import hashlib
+
+    import pandas as pd
+
+    path = tmp_path / "table.csv"
+    storage.write_csv(path, pd.DataFrame({"x": [1.5, 2.5]}))
+    assert storage.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    before = os.stat(path)
+    time.sleep(0.05)  # file times tick in milliseconds: let the change fall in a later tick
+    path.write_bytes(path.read_bytes().replace(b"1.5", b"9.5"))  # the same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same modification time
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    assert storage.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -15,6 +15,7 @@ key cannot make the pipeline run their code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -231,8 +232,15 @@ def recorded_outputs(paths: Paths, stage: str) -> list[Path]:
 
 def relative(paths: Paths, path: Path) -> str:
     """A path relative to the project folder; absolute for a file outside it (imported data)."""
-    resolved = Path(path).resolve()
+    path = Path(path)
+    # A network's thousands of files share a few folders: each folder is resolved once.
+    resolved = path.resolve() if path.is_symlink() else _resolved(path.parent) / path.name
     try:
-        return resolved.relative_to(paths.root.resolve()).as_posix()
+        return resolved.relative_to(_resolved(paths.root)).as_posix()
     except ValueError:
         return resolved.as_posix()
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved(folder: Path) -> Path:
+    return folder.resolve()

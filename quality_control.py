@@ -338,7 +338,8 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.D
     joint[missing] = np.nan
     fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
     columns, days = np.nonzero(fallback)
-    lines = intercept[columns] + slope[columns] * padded[index[columns], days[:, None]]
+    readings = np.take(padded, index[columns] * padded.shape[1] + days[:, None])  # flat positions: one gather
+    lines = intercept[columns] + slope[columns] * readings
     joint[columns, days] = nanmedian(lines, axis=1)  # NaN on days when no neighbour has a reading
     joint = joint.T
     return pd.DataFrame(joint, index=anomaly.index, columns=anomaly.columns)

@@ -274,13 +274,14 @@ def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals:
 
     fixed = fixed or {}
     days = {name for name, dtype in frame.dtypes.items() if dtype.kind == "M"}
-    whole = all(_whole_days(frame[name]) for name in days)
-    try:
-        if not whole:
-            raise pa.ArrowInvalid("date-times that are not whole days")
-        text = b"".join(bytes(_csv_chunk(start, frame, decimals, fixed, days, "none"))
-                        for start in range(0, len(frame), CSV_CHUNK_ROWS))
-    except pa.ArrowInvalid:
+    text = None
+    if all(_whole_days(frame[name]) for name in days):
+        try:
+            text = b"".join(bytes(_csv_chunk(start, frame, decimals, fixed, days, "none"))
+                            for start in range(0, len(frame), CSV_CHUNK_ROWS))
+        except pa.ArrowInvalid:  # a value needs quotes
+            pass
+    if text is None:
         first = np.concatenate([[0], np.cumsum(sizes)])
         for target, begin, end in zip(targets, first[:-1], first[1:], strict=True):
             if end > begin:

@@ -349,9 +349,15 @@ def to_long(wide: dict[str, pd.DataFrame], rows: np.ndarray | None = None) -> pd
         stations = np.repeat(station, n_dates)
     else:  # one station number per kept row, not one object per station-day
         stations = station[np.nonzero(rows)[0] // n_dates]
-    return pd.DataFrame({"station": stations,
-                         "date": np.tile(first.index.to_numpy(), n_stations)[keep],
-                         **{name: table.to_numpy().T.ravel()[keep] for name, table in wide.items()}})
+    return _frame({"station": stations, "date": np.tile(first.index.to_numpy(), n_stations)[keep],
+                   **{name: table.to_numpy().T.ravel()[keep] for name, table in wide.items()}})
+
+
+def _frame(columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A table of these arrays, text kept in object columns: pandas would make each a string column,
+    which costs about five times as much to make as the object column, and as much again to take apart."""
+    return pd.DataFrame({name: pd.Series(values, dtype=object, copy=False) if values.dtype == object else values
+                         for name, values in columns.items()}, copy=False)
 
 
 def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, flag: pd.DataFrame,
@@ -485,7 +491,7 @@ def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
     for column in list(pieces):
         joined[column] = np.concatenate(pieces.pop(column))
         cli.release_memory(collect=False)  # the pieces' memory goes back before the next column is joined
-    return pd.DataFrame(joined, copy=False)
+    return _frame(joined)
 
 
 def scale_features(rows: pd.DataFrame, scaler) -> None:

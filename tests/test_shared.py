@@ -393,7 +393,7 @@ def test_row_ranges_written_as_files_of_their_own_are_what_each_file_alone_would
         assert target.read_bytes() == alone.read_bytes()
         begin += size
     second = targets[0].read_text().splitlines()[2]
-    assert second == "2020-01-02,-2.0,plain" if label == "plain" else second.endswith('"needs, quotes"')
+    assert (second == "2020-01-02,-2.0,plain") if label == "plain" else second.endswith('"needs, quotes"')
 
 
 def test_a_file_s_hash_is_read_again_once_it_changes_even_with_its_size_and_time_restored(tmp_path):

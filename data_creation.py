@@ -590,4 +590,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0])))
+    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0])))

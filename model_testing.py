@@ -418,4 +418,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli.run(STAGE, main, parser()))
+    cli.exit_now(cli.run(STAGE, main, parser()))

@@ -142,7 +142,9 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
     note = f" (no climatology or drift bar: {', '.join(untrained)} never trained on)" if untrained else ""
     ax.set_title(f"Error by station: model and baselines{note}{shown}", fontsize="medium" if shown else None)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    # Room above the tallest bar for the legend in one row, so it is placed without a search for free space.
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.2)
+    ax.legend(loc="upper center", ncols=len(PREDICTORS))
     return fig
 
 
@@ -156,7 +158,7 @@ def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
     error.set_xlabel("steps ahead")
     error.set_ylabel(f"test MAE against the {reference} values")
     error.set_title("Error grows with the step")
-    error.legend(fontsize="small")
+    error.legend(loc="upper left", fontsize="small")
     for predictor in ("model", "persistence"):
         width.plot(x, [by_step[s]["interval"][predictor]["width"] for s in steps], "o-", markersize=3,
                    color=COLOURS[predictor], label=predictor)
@@ -164,7 +166,7 @@ def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
     width.set_xlabel("steps ahead")
     width.set_ylabel(f"mean width of the {level:.0%} band")
     width.set_title(f"So does the band\n(model coverage at the first and last step: {coverage})", fontsize="medium")
-    width.legend(fontsize="small")
+    width.legend(loc="upper left", fontsize="small")
     for ax in (error, width):
         ax.grid(alpha=0.3)
     return fig
@@ -176,13 +178,14 @@ def _residuals_figure(plt, frame: pd.DataFrame, reference: str):
     bins = np.linspace(-8, 8, 81)
     for predictor in ("persistence", "model"):
         residual = (actual - frame[predictor]).dropna()
-        ax.hist(residual.clip(-8, 8), bins=bins, alpha=0.5, color=COLOURS[predictor],
-                label=f"{predictor} (MAE {residual.abs().mean():.2f})")
+        counts, _ = np.histogram(residual.clip(-8, 8), bins=bins)
+        ax.stairs(counts, bins, fill=True, alpha=0.5, color=COLOURS[predictor],
+                  label=f"{predictor} (MAE {residual.abs().mean():.2f})")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"{reference} temperature minus forecast (°C); values beyond ±8 are drawn at ±8")
     ax.set_ylabel("test rows")
     ax.set_title(f"Residual distribution on the test period, all stations ({actual.notna().sum()} forecasts)")
-    ax.legend()
+    ax.legend(loc="upper left")
     return fig
 
 

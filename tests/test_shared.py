@@ -128,6 +128,33 @@ def test_an_error_message_is_one_bounded_line(tmp_path, capsys):
     assert line.count("\n") == 1 and len(line) <= cli.MAX_MESSAGE + 30 and "characters)" in line
 
 
+def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
+    # Stages end without the interpreter's teardown: what is still buffered must be written first.
+    script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r}); import cli\n"
+              "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+              "for i in range(3000): print(i)\n"
+              "logging.getLogger('stage').info('the last line')\n"
+              "cli.exit_now(3)\n"
+              "print('never printed')")
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=buffered)
+    assert result.returncode == 3
+    assert result.stdout.split() == [str(i) for i in range(3000)]
+    assert result.stderr.strip().endswith("the last line")
+
+
+def test_under_a_profiler_a_stage_exits_normally_so_the_profile_is_reported():
+    import cli
+
+    sys.setprofile(lambda *args: None)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.exit_now(4)
+    finally:
+        sys.setprofile(None)
+    assert ended.value.code == 4
+
+
 def test_warnings_carry_a_marker(tmp_path, capsys):
     import logging
 

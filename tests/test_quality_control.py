@@ -224,6 +224,24 @@ def test_medians_leave_missing_values_out_as_numpy_does(axis):
     assert np.array_equal(qc.nanmedian(values, axis=axis), expected, equal_nan=True)
 
 
+def test_the_climatology_is_each_station_s_own_least_squares_fit():
+    dates = pd.date_range("2020-01-01", periods=800, freq="D")
+    rng = np.random.default_rng(6)
+    season = 8.0 * np.cos(2 * np.pi * (dates.day_of_year.to_numpy() - 200) / 365.25)
+    values = pd.DataFrame({f"S{i}": 5.0 + i + season + rng.normal(0, 2, len(dates)) for i in range(5)}, index=dates)
+    values.iloc[rng.random(values.shape) < 0.2] = np.nan  # gaps differ from station to station
+    values["S1"] = (5.0 + season + rng.normal(0, 2, len(dates))).round(1)
+    values.loc[dates[80:], "S1"] = np.nan  # seen in January to March of one year only
+    values.loc[dates[40:], "S2"] = np.nan  # too few readings: left out
+    coefs = qc.fit_climatology(values)
+    assert list(coefs.columns) == ["S0", "S1", "S3", "S4"]
+    design = qc.harmonic_design(dates)
+    for station in coefs.columns:
+        seen = values[station].notna().to_numpy()
+        alone = np.linalg.lstsq(design[seen], values[station].to_numpy()[seen], rcond=None)[0]
+        assert np.allclose(coefs[station], alone, rtol=0, atol=1e-9), station
+
+
 def test_the_seasonal_fit_is_not_moved_by_a_few_weeks_of_fault():
     dates = pd.date_range("2020-01-01", periods=DAYS, freq="D")
     rng = np.random.default_rng(3)

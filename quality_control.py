@@ -520,9 +520,10 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
     departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
-    persistence = _lag_one_correlation(departure)
-    innovation = _innovation(departure, persistence, _robust_scale(departure))
-    scales = {"departure_scale": _robust_scale(departure), "persistence": persistence,
+    departure_scale = _robust_scale(departure)
+    persistence = _lag_one_correlation(departure, departure_scale)
+    innovation = _innovation(departure, persistence, departure_scale)
+    scales = {"departure_scale": departure_scale, "persistence": persistence,
               "innovation_scale": _robust_scale(innovation), **gross}
     share = repeat_share(values)
 
@@ -549,10 +550,10 @@ def _neighbours_shape(coefs: pd.DataFrame, found: dict, seen: pd.Series, otherwi
     return coefs[usable].to_numpy().mean(axis=1) if usable else otherwise
 
 
-def _lag_one_correlation(departure: pd.DataFrame) -> pd.Series:
+def _lag_one_correlation(departure: pd.DataFrame, scale: pd.Series) -> pd.Series:
     """How much of a station's departure from its neighbours carries over to the next day, from a
-    winsorised lag-one correlation (so a few faults do not decide it), kept in [0, 0.95]."""
-    scale = _robust_scale(departure)
+    winsorised lag-one correlation (so a few faults do not decide it), kept in [0, 0.95]; ``scale``: the
+    departure's robust spread."""
     clipped = departure.clip(lower=-4 * scale, upper=4 * scale, axis=1)
     return clipped.corrwith(clipped.shift(1)).clip(lower=0.0, upper=0.95)
 

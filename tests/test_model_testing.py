@@ -381,6 +381,18 @@ def test_damaged_ground_truth_is_refused_with_exit_2(project, capsys, edit, prob
     assert snapshot(root) == before
 
 
+@pytest.mark.parametrize(("stations", "days", "repeats"), [
+    ("aabb", [1, 2, 1, 2], False),
+    ("aabba", [1, 2, 1, 2, 3], False),  # a station's rows in two blocks
+    ("aabba", [1, 2, 1, 2, 2], True),
+    ("aaa", [3, 1, 2], False),  # out of date order
+    ("aaa", [1, 3, 1], True),
+    ("ab", [1, 1], False),
+])
+def test_a_day_twice_at_a_station_is_found_wherever_its_rows_are(stations, days, repeats):
+    assert model_testing._repeats_a_day(pd.Series(list(stations)), np.array(days, dtype="i8")) is repeats
+
+
 def test_a_fifo_planted_as_a_model_file_is_refused_at_once(project, capsys):
     import os
 

@@ -183,15 +183,24 @@ def fit_climatology(values: pd.DataFrame) -> pd.DataFrame:
     enough = present.sum(axis=0) >= 10 * terms
     whole_year = enough & covers_the_year(values).to_numpy()
     data = np.where(present[:, whole_year], values.to_numpy()[:, whole_year], 0.0)
-    products = (design[:, :, None] * design[:, None, :]).reshape(len(design), -1).T  # (terms², days)
-    gram = (products @ present[:, whole_year]).T.reshape(-1, terms, terms)
-    together = np.linalg.solve(gram, (design.T @ data).T[:, :, None])[:, :, 0]
+    gram = (_outer_products(design) @ present[:, whole_year]).T.reshape(-1, terms, terms)
+    try:
+        together = np.linalg.solve(gram, (design.T @ data).T[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:  # not seen with readings in every month; then every station on its own
+        whole_year[:] = False
+        together = np.empty((0, terms))
     coefs = dict(zip(values.columns[whole_year], together, strict=True))
     for station in values.columns[enough & ~whole_year]:  # a few stations: one fit each
         ok = present[:, values.columns.get_loc(station)]
         coefs[station] = np.linalg.lstsq(design[ok], values[station].to_numpy()[ok], rcond=None)[0]
     order = [station for station in values.columns if station in coefs]
     return pd.DataFrame({station: coefs[station] for station in order}, columns=pd.Index(order, dtype=object))
+
+
+def _outer_products(design: np.ndarray) -> np.ndarray:
+    """(terms², days): each day's outer product of its design row with itself, flattened, so that one
+    matrix product with a days x stations weight table gives every station's weighted normal matrix."""
+    return (design[:, :, None] * design[:, None, :]).reshape(len(design), -1).T
 
 
 def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterations: int = ROBUST_ITERATIONS
@@ -207,7 +216,7 @@ def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterat
     keep = present.sum(axis=0) >= 10 * terms
     present = present[:, keep]
     data = np.where(present, values.to_numpy()[:, keep], 0.0)
-    products = (design[:, :, None] * design[:, None, :]).reshape(len(design), -1).T  # (terms², days)
+    products = _outer_products(design)
     weight, scale = present.astype(float), None
     for _ in range(iterations):  # a few whole-network steps, each a batch of small solves, in place
         gram = (products @ weight).T.reshape(-1, terms, terms) + 1e-9 * np.eye(terms)

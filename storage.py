@@ -237,7 +237,7 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
 
     import compute  # not at the top: compute imports cli, which imports this module
 
-    header = (",".join(map(str, frame.columns)) + "\n").encode()
+    header = _csv_header(frame)
     days = {name for name, dtype in frame.dtypes.items() if dtype.kind == "M" and _whole_days(frame[name])}
     starts = range(0, len(frame), CSV_CHUNK_ROWS)
     for quoting in ("none", "needed"):  # "none" refuses values that need quotes
@@ -290,7 +290,7 @@ def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals:
     # Without quotes no value holds a line break: the n-th line end closes the n-th row.
     line_ends = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == ord("\n")) + 1
     offsets = np.concatenate([[0], line_ends])[np.concatenate([[0], np.cumsum(sizes)])]
-    header = (",".join(map(str, frame.columns)) + "\n").encode()
+    header = _csv_header(frame)
     for target, begin, end in zip(targets, offsets[:-1], offsets[1:], strict=True):
         if end > begin:
             with open(target, "wb") as handle:
@@ -299,6 +299,11 @@ def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals:
                 handle.flush()
                 os.fsync(handle.fileno())
             _remember_digest(target, hashlib.sha256(header + text[begin:end]).hexdigest())
+
+
+def _csv_header(frame: Any) -> bytes:
+    """The first line of every table file: the column names."""
+    return (",".join(map(str, frame.columns)) + "\n").encode()
 
 
 def _csv_chunk(start: int, frame: Any, decimals: int, fixed: dict[str, int], days: set[str], quoting: str) -> Any:

@@ -12,6 +12,19 @@ usual teardown. Nothing here is asserted: it measures.
     .venv/bin/python benchmark.py --sizes 100x10,300x10,1000x10
     .venv/bin/python benchmark.py --sizes 10x4 --floor           # the default run against its floor
     .venv/bin/python benchmark.py --sizes 1000x10 --scheduler local:2   # on a Dask LocalCluster
+    .venv/bin/python benchmark.py --sizes "" --networks 42x10,42x30,1x30   # the detector on simulated networks
+
+With ``--networks SEEDxSTATIONS,...`` it runs the four stages on the default
+configuration with another seed and number of stations, once with the network
+detector and once with none, and prints the detector's F1 per kind of fault on
+the test period, the share of weather-extreme days it flags and the forecast
+MAE against the truth with and without it. Beside the drift F1 stands what an
+ideal causal drift detector reaches on the same drifts: the exact
+likelihood-ratio test for a ramp begun any of 1 to ``IDEAL_LONGEST`` days ago,
+in Gaussian noise that persists from day to day exactly as the detector
+learned each station's departures do, with flags held from its first crossing
+to the drift's end and false alarms counted on the noise alone; no detector
+that sees only the days up to today does better on average.
 
 On a cluster, "peak MB" is the largest of the stage process and its workers
 (the stage process, which holds the network-wide tables, in practice), and the
@@ -27,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 import cli
 import errors
@@ -96,17 +111,130 @@ def import_floor(teardown: bool = False) -> float:
     return floor
 
 
+IDEAL_LONGEST = 90  # days: the longest simulated drift
+IDEAL_THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0)
+NETWORK_KINDS = ["spike", "level_shift", "stuck", "drift"]
+
+
+def ramp_evidence(innovations, persistence: float, longest: int = IDEAL_LONGEST):
+    """For each day of a station's unit-variance innovations (departures that persist with lag-one
+    correlation ``persistence``, less what yesterday's explains), the largest |likelihood-ratio
+    statistic| of a ramp that began 0 to ``longest`` days before it: a ramp growing by r a day adds
+    r ((1 - phi) k + 1) to the k-th day's innovation."""
+    n = len(innovations)
+    best = np.zeros(n)
+    for lag in range(1, longest + 1):
+        weights = (1 - persistence) * np.arange(lag + 1) + 1
+        statistic = np.convolve(innovations, weights[::-1])[:n] / np.sqrt(weights @ weights)
+        statistic[:lag] = 0.0
+        np.maximum(best, np.abs(statistic), out=best)
+    return best
+
+
+def ideal_drift_counts(root: Path, seed: int = 0) -> dict[float, np.ndarray]:
+    """The ideal causal drift detector (see the module's text) on the test period of the network in
+    ``root``: at each of ``IDEAL_THRESHOLDS``, its true flags, all its flags on drift and normal days,
+    and the drift days."""
+    import pandas as pd
+    from scipy.signal import lfilter
+
+    paths = storage.Paths(root)
+    learned = storage.read_json(paths.detector)["stations"]
+    readings = pd.concat([storage.read_table(paths.train_flags, ["station", "date", "observed"]).assign(test=False),
+                          storage.read_table(paths.test_flags, ["station", "date", "observed"]).assign(test=True)])
+    counts = {threshold: np.zeros(3) for threshold in IDEAL_THRESHOLDS}
+    rng = np.random.default_rng(seed)
+    for station, rows in readings.groupby("station", sort=True):
+        entry = learned.get(station, {})
+        if "departure_scale" not in entry:
+            continue
+        truth = storage.read_table(paths.truth / f"{station}.csv", ["date", "clean_temperature", "anomaly"])
+        rows = rows.sort_values("date").merge(truth, on="date", how="left")
+        phi, scale = entry["persistence"], entry["departure_scale"]
+        drift, normal = (rows["anomaly"] == "drift").to_numpy(), (rows["anomaly"] == "none").to_numpy()
+        offset = np.where(drift, (rows["observed"] - rows["clean_temperature"]).fillna(0.0).to_numpy(), 0.0)
+        spread = scale * np.sqrt(1 - phi**2)  # of the innovations
+        noise = lfilter([1.0], [1.0, -phi], rng.normal(0.0, spread, len(rows)))
+        with_drifts, alone = (ramp_evidence((x - phi * np.r_[0.0, x[:-1]]) / spread, phi)
+                              for x in (noise + offset, noise))
+        fault_run = np.cumsum(normal)  # one number per stretch of faulty days (and the normal day before it)
+        test = rows["test"].to_numpy()
+        for threshold, count in counts.items():
+            crossed = pd.Series(with_drifts > threshold).groupby(fault_run).cummax().to_numpy()
+            flagged = np.where(drift, crossed, normal & (alone > threshold))
+            count += [(flagged & drift & test).sum(), (flagged & (drift | normal) & test).sum(), (drift & test).sum()]
+    return counts
+
+
+def f1_score(hits: float, flags: float, days: float) -> float:
+    """F1 from the true flags, all flags and the fault days."""
+    return 2 * hits / (flags + days) if hits else 0.0
+
+
+def run_network(seed: int, stations: int) -> dict:
+    """The four stages on the default configuration with ``seed`` and ``stations``, with the network
+    detector and then with none (stages 2 to 4 again); the metrics of both and the ideal's counts."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+        root = Path(folder)
+        result = {}
+        for detector in ("network", "none"):
+            params = root / f"params-{detector}.toml"
+            params.write_text(params_text_with({"seed": seed, "n_stations": stations, "detector": detector}))
+            for stage in cli.STAGES[detector == "none":]:
+                measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root), "--params",
+                         str(params)])
+            result[detector] = storage.read_json(storage.Paths(root).metrics)
+            if detector == "network":
+                result["ideal"] = ideal_drift_counts(root)
+        return result
+
+
+def print_networks(networks: list[tuple[int, int]]) -> None:
+    """The ``--networks`` table: one row per simulated network, then each kind pooled over all of them."""
+    print(f"\n{'seed':>5}{'stations':>9}" + "".join(f"{kind:>13}" for kind in NETWORK_KINDS)
+          + f"{'ideal drift':>14}{'weather':>9}{'MAE network / none':>21}")
+    pooled = {kind: np.zeros(3) for kind in NETWORK_KINDS}  # true flags, flags, fault days
+    ideal_pooled = {threshold: np.zeros(3) for threshold in IDEAL_THRESHOLDS}
+    for seed, stations in networks:
+        result = run_network(seed, stations)
+        scores = result["network"]["detector"]
+        cells = ""
+        for kind in NETWORK_KINDS:
+            score = scores[kind]
+            pooled[kind] += [round((score["recall"] or 0.0) * score["days"]), score["flagged"], score["days"]]
+            cells += f"{score['f1']:>13.3f}" if score["days"] else f"{'-':>13}"
+        ideal = {threshold: f1_score(*count) for threshold, count in result["ideal"].items()}
+        best = max(ideal, key=ideal.get)
+        for threshold, count in result["ideal"].items():
+            ideal_pooled[threshold] += count
+        mae = "{:.3f} / {:.3f}".format(*(result[detector]["forecast"]["truth"]["all_stations"]["model"]["mae"]
+                                        for detector in ("network", "none")))
+        ideal_cell = f"{ideal[best]:.3f} ({best:g})" if scores["drift"]["days"] else "-"
+        print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{scores['weather_events']['share']:>9.1%}{mae:>21}",
+              flush=True)
+    ideal = {threshold: f1_score(*count) for threshold, count in ideal_pooled.items()}
+    best = max(ideal, key=ideal.get)
+    print(f"{'pooled':>14}" + "".join(f"{f1_score(*pooled[kind]):>13.3f}" for kind in NETWORK_KINDS)
+          + f"{f'{ideal[best]:.3f} ({best:g})':>14}")
+    print("F1 on the test period; ideal drift: the best over thresholds (in brackets) of the ideal causal test")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100x10", help="comma-separated STATIONSxYEARS (default 100x10)")
     parser.add_argument("--scheduler", default="", help="compute.scheduler for the --sizes runs, e.g. local:2")
     parser.add_argument("--floor", action="store_true",
                         help="also time the default run against the import floor of its four processes")
+    parser.add_argument("--networks", default="",
+                        help="comma-separated SEEDxSTATIONS: the detector's scores on these simulated networks")
     args = parser.parse_args()
     print(f"{len(os.sched_getaffinity(0))} usable CPUs, python {sys.version.split()[0]}")
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         stations, years = (int(part) for part in size.lower().split("x"))
         run_size(stations, years, args.scheduler)
+    if args.networks:
+        print_networks([(int(seed), int(stations)) for seed, stations in
+                        (network.lower().split("x") for network in args.networks.split(","))])
     if args.floor:
         with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
             runs = []

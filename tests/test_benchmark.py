@@ -1,0 +1,38 @@
+"""benchmark.py's ideal drift detector, the yardstick the README sets the detector's drift F1 against."""
+
+import numpy as np
+
+import benchmark
+
+
+def test_ramp_evidence_is_exact_for_a_ramp_and_rarely_large_on_noise():
+    phi, rate, onset = 0.4, 0.05, 200
+    days = np.arange(400)
+    departure = np.where(days >= onset, rate * (days - onset + 1), 0.0)
+    innovations = departure - phi * np.r_[0.0, departure[:-1]]
+    evidence = benchmark.ramp_evidence(innovations, phi)
+    for age in (10, 30, 60):  # the test of the true start day is the largest, and its value is known
+        weights = (1 - phi) * np.arange(age + 1) + 1
+        assert np.isclose(evidence[onset + age], rate * np.sqrt(weights @ weights))
+    assert (evidence[:onset] == 0).all()
+
+    noise = benchmark.ramp_evidence(np.random.default_rng(1).normal(size=50_000), phi)
+    assert (noise > 5).mean() < 1e-4  # each test is standard normal; the largest of 90 rarely passes 5
+    assert (noise > 2).mean() > 0.05
+
+
+def test_ideal_drift_counts_on_a_network(default_built):
+    counts = benchmark.ideal_drift_counts(default_built)
+    assert list(counts) == list(benchmark.IDEAL_THRESHOLDS)
+    hits, flags, days = np.array(list(counts.values())).T
+    assert (days == days[0]).all() and days[0] > 0, "the default network has drift days in its test period"
+    assert (hits <= flags).all() and (hits <= days).all()
+    assert (np.diff(flags) <= 0).all() and (np.diff(hits) <= 0).all(), "a higher threshold never flags more"
+    again = benchmark.ideal_drift_counts(default_built)
+    assert all((again[threshold] == counts[threshold]).all() for threshold in counts), "seeded: the same counts"
+
+
+def test_f1_score_from_counts():
+    precision, recall = 8 / 10, 8 / 16
+    assert np.isclose(benchmark.f1_score(8, 10, 16), 2 * precision * recall / (precision + recall))
+    assert benchmark.f1_score(0, 0, 5) == 0.0

@@ -34,7 +34,9 @@ workers' own peaks, as the stage logs them, are printed beside it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,16 +50,6 @@ import errors
 import storage
 from compute import WORKER_PEAKS
 from params import DEFAULT_PARAMS, params_text_with
-
-# What each stage imports, for the import floor: its module and the libraries it loads when it runs
-# (the stage modules import numpy and pandas lazily, so they are named here).
-STAGE_IMPORTS = {
-    "data_creation": ["numpy", "pandas", "data_creation"],
-    "model_preprocessing": ["numpy", "pandas", "model_preprocessing", "sklearn.preprocessing", "joblib"],
-    "model_preparation": ["numpy", "pandas", "model_preparation", "sklearn.ensemble", "sklearn.linear_model",
-                          "sklearn.model_selection", "joblib"],
-    "model_testing": ["numpy", "pandas", "model_testing", "sklearn.metrics", "matplotlib.pyplot", "joblib"],
-}
 
 
 def measure(command: list[str]) -> tuple[float, float, float, str]:
@@ -78,7 +70,8 @@ def measure(command: list[str]) -> tuple[float, float, float, str]:
 
 
 def run_size(stations: int, years: int, scheduler: str = "") -> float:
-    """Run the four stages on ``stations`` x ``years`` in a temporary folder, print a row per stage."""
+    """Run the four stages on ``stations`` x ``years`` in a temporary folder, print a row per stage, then
+    time the same run by pipeline.sh."""
     with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
         root = Path(folder)
         params = root / "params.toml"
@@ -96,7 +89,52 @@ def run_size(stations: int, years: int, scheduler: str = "") -> float:
             print(f"{stage:22}{wall:>8.1f}{cpu:>8.1f}{peak:>9.0f}{station_days / wall:>16,.0f}"
                   + (f"  {workers}" if scheduler else ""), flush=True)
         print(f"{'total':22}{total:>8.1f}")
-        return total
+    if not scheduler:
+        print(f"{'pipeline.sh':22}{pipeline_seconds({'n_stations': stations, 'n_years': years}):>8.1f}"
+              "  (end to end: each stage's imports overlap the stage before it)", flush=True)
+    return total
+
+
+def stages_in_turn_seconds() -> float:
+    """Wall seconds of the default configuration's four stages run one after the other, each started
+    when the one before it has ended."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+        start = time.perf_counter()
+        for stage in cli.STAGES:
+            measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", folder, "--params",
+                     str(DEFAULT_PARAMS)])
+        return time.perf_counter() - start
+
+
+def pipeline_seconds(overrides: dict | None = None) -> float:
+    """Wall seconds of ``pipeline.sh --force`` on the default configuration (with ``overrides``), in a copy
+    of the project's code (so this project's data and models stay as they are)."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+        for path in [*storage.ROOT.glob("*.py"), *(storage.ROOT / name for name in PIPELINE_FILES)]:
+            shutil.copy2(path, Path(folder) / path.name)
+        (Path(folder) / "params.toml").write_text(params_text_with(overrides or {}))
+        environment = dict(os.environ)
+        if (storage.ROOT / ".venv").is_dir():  # as a user runs it (PYTHON set, it first checks every requirement)
+            (Path(folder) / ".venv").symlink_to(storage.ROOT / ".venv")
+        else:
+            environment["PYTHON"] = sys.executable
+        start = time.perf_counter()
+        done = subprocess.run(["bash", str(Path(folder) / "pipeline.sh"), "--force"], cwd=folder, env=environment,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"benchmark: pipeline.sh failed: {done.stderr.strip()}")
+        return time.perf_counter() - start
+
+
+def print_floor() -> None:
+    """The ``--floor`` line: the default run, by pipeline.sh and stage after stage, against the import floor."""
+    piped = min(pipeline_seconds() for _ in range(2))
+    in_turn = min(stages_in_turn_seconds() for _ in range(2))
+    floor, with_teardown = import_floor(), import_floor(teardown=True)
+    print(f"\ndefault run (best of 2): pipeline.sh {piped:.1f} s, {piped / floor:.2f} x the import floor of "
+          f"{floor:.1f} s; its stages one after the other {in_turn:.1f} s, {in_turn / floor:.2f} x "
+          f"({in_turn / with_teardown:.2f} x the {with_teardown:.1f} s of the same imports followed by the "
+          "interpreter's teardown)")
 
 
 def import_floor(teardown: bool = False) -> float:
@@ -105,12 +143,14 @@ def import_floor(teardown: bool = False) -> float:
     also pays the interpreter's normal teardown of those modules (the floor as it was measured before
     the stages skipped it)."""
     floor = 0.0
-    for modules in STAGE_IMPORTS.values():
-        code = "import os, " + ", ".join(modules) + ("" if teardown else "; os._exit(0)")
+    for stage in cli.STAGES:
+        code = f"import os, {stage}, " + ", ".join(importlib.import_module(stage).IMPORTS) \
+            + ("" if teardown else "; os._exit(0)")
         floor += min(measure([sys.executable, "-c", code])[0] for _ in range(3))
     return floor
 
 
+PIPELINE_FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"]
 IDEAL_LONGEST = 90  # days: the longest simulated drift
 IDEAL_THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0)
 NETWORK_KINDS = ["spike", "level_shift", "stuck", "drift"]
@@ -236,18 +276,7 @@ def main() -> None:
         print_networks([(int(seed), int(stations)) for seed, stations in
                         (network.lower().split("x") for network in args.networks.split(","))])
     if args.floor:
-        with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
-            runs = []
-            for _ in range(2):
-                start = time.perf_counter()
-                for stage in cli.STAGES:
-                    measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", folder,
-                             "--params", str(DEFAULT_PARAMS)])
-                runs.append(time.perf_counter() - start)
-        floor, with_teardown = import_floor(), import_floor(teardown=True)
-        print(f"\ndefault run {min(runs):.1f} s (best of 2), import floor {floor:.1f} s: "
-              f"{min(runs) / floor:.2f} x the floor ({min(runs) / with_teardown:.2f} x the {with_teardown:.1f} s "
-              "of the same imports followed by the interpreter's teardown)")
+        print_floor()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Only the standard library is imported here, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from storage import ROOT, Paths
 log = logging.getLogger("pipeline")
 MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
 INHERITED_LOCK = "PIPELINE_LOCK_FD"
+GO = "go"  # the line that starts a stage waiting with --wait-for-go
 
 EXIT_TERMINATED = 143
 
@@ -36,15 +38,19 @@ class Terminated(Exception):
     """SIGTERM arrived: stop like Ctrl-C, cleaning up temporary files on the way out."""
 
 
-def thread_budget() -> tuple[int, str]:
+def thread_budget(spinning: bool = False) -> tuple[int, str]:
     """How many threads a stage's numerical libraries should use, and why.
 
     ``PIPELINE_THREADS`` decides when set. Otherwise: the CPUs this process may
     run on (its affinity, not the machine's count), less those other processes
     kept busy over the last tenth of a second, and at least one. On a shared
-    server, threads beyond the idle CPUs do not add speed: they spin while they
-    wait for each other (gradient boosting took 5.2 s instead of 2.0 s next to one
-    busy process with two threads; 2.0 s with one).
+    server, threads beyond the idle CPUs do not add speed: OpenMP's threads
+    (``spinning``) spin while they wait for each other (gradient boosting took
+    5.2 s instead of 2.0 s next to one busy process with two threads; 2.0 s with
+    one). Under pipeline.sh, the stage it started ahead of this one imports for
+    a second or two and then waits for its turn: it counts as busy only for
+    threads that spin, which it would slow down; threads that block share the
+    CPU with it for those seconds and then have it to themselves.
     """
     import time
 
@@ -53,13 +59,16 @@ def thread_budget() -> tuple[int, str]:
         return int(chosen), "PIPELINE_THREADS"
     cpus = usable_cpus()
     try:
+        ahead_first = {} if spinning else _siblings_jiffies()
         first, own_first = _busy_jiffies(), os.times()
         time.sleep(0.1)
         second, own_second = _busy_jiffies(), os.times()
+        ahead_second = {} if spinning else _siblings_jiffies()
     except OSError:  # no /proc/stat: trust the affinity
         return cpus, f"{cpus} CPUs"
     ticks = os.sysconf("SC_CLK_TCK")
     own = (own_second.user + own_second.system - own_first.user - own_first.system) * ticks
+    own += sum(ahead_second.get(pid, jiffies) - jiffies for pid, jiffies in ahead_first.items())
     busy = max(0.0, (second - first - own) / (0.1 * ticks))
     threads = max(1, cpus - round(busy))
     return threads, f"{cpus} CPUs, {busy:.1f} busy with other work"
@@ -68,6 +77,22 @@ def thread_budget() -> tuple[int, str]:
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity, not the machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _siblings_jiffies(parent: int | None = None) -> dict[int, int]:
+    """Under pipeline.sh (which passes its lock on), the clock ticks each other child of it (``parent``)
+    has run so far: the stage started ahead of this one, and the tee processes copying the output."""
+    if INHERITED_LOCK not in os.environ:
+        return {}
+    parent, ticks = parent or os.getppid(), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if int(fields[1]) == parent and int(stat.parent.name) != os.getpid():
+            ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])  # its user and system time
+    return ticks
 
 
 def _busy_jiffies() -> float:
@@ -148,6 +173,10 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="project folder holding data/ and models/ (default: this script's folder)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--wait-for-go", action="store_true",
+                        help=f"import what the stage needs, then wait for a line on stdin: {GO!r} runs the stage, "
+                             "anything else or the end of input ends it at once (pipeline.sh starts each stage "
+                             "this way while the one before it works)")
     return parser
 
 
@@ -205,10 +234,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
-        argv: list[str] | None = None) -> int:
+        argv: list[str] | None = None, imports: list[str] | tuple[str, ...] = ()) -> int:
     """Run a stage's ``main`` under the project lock; every failure becomes one line on stderr and an exit code.
 
-    With ``--debug`` the traceback is printed too, and the exit code stays the same.
+    With ``--debug`` the traceback is printed too, and the exit code stays the same. With
+    ``--wait-for-go``, the modules in ``imports`` are loaded first and the stage runs only once told
+    to (``wait_for_go``); stopped before that, it ends without a word.
     """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
@@ -216,21 +247,50 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
         handler.setFormatter(_Formatter(stage))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with project_lock(args.root):
-            main(args)
-    except PipelineError as exc:
-        return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
-    except (KeyboardInterrupt, Terminated) as exc:
-        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
-        return _fail(args, f"{stage}: stopped ({'interrupted' if code == EXIT_INTERRUPTED else 'terminated'}); "
-                           "files it already replaced are complete, and the manifest still describes the "
-                           "previous run until it finishes", code)
-    except Exception as exc:  # the one place that turns bugs into a clear line
-        return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
-                           "(rerun with --debug for the traceback)", EXIT_INTERNAL)
+        failed_import = None
+        if getattr(args, "wait_for_go", False):
+            try:
+                failed_import = load_ahead(imports)
+                if not wait_for_go():
+                    return EXIT_OK
+            except (KeyboardInterrupt, Terminated) as exc:
+                return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+        try:
+            if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
+                raise failed_import
+            with project_lock(args.root):
+                main(args)
+        except PipelineError as exc:
+            return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
+        except (KeyboardInterrupt, Terminated) as exc:
+            code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+            return _fail(args, f"{stage}: stopped ({'interrupted' if code == EXIT_INTERRUPTED else 'terminated'}); "
+                               "files it already replaced are complete, and the manifest still describes the "
+                               "previous run until it finishes", code)
+        except Exception as exc:  # the one place that turns bugs into a clear line
+            return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
+                               "(rerun with --debug for the traceback)", EXIT_INTERNAL)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
+
+
+def load_ahead(modules: list[str] | tuple[str, ...]) -> Exception | None:
+    """Import ``modules`` now (touching one the stage imported lazily loads it); the error that stopped
+    an import, to be raised when the stage runs, or None."""
+    try:
+        for name in modules:
+            dir(importlib.import_module(name))
+    except Terminated:
+        raise
+    except Exception as exc:  # raised in the stage's turn, where it becomes the usual one line
+        return exc
+    return None
+
+
+def wait_for_go() -> bool:
+    """Block until a line arrives on stdin; whether it says ``GO``."""
+    return sys.stdin.readline().strip() == GO
 
 
 def exit_now(code: int) -> NoReturn:

@@ -44,6 +44,9 @@ np = cli.lazy_import("numpy")
 pd = cli.lazy_import("pandas")
 
 STAGE = "model_preparation"
+# What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
+IMPORTS = ["numpy", "pandas", "sklearn.ensemble", "sklearn.linear_model", "sklearn.model_selection",
+           "joblib"]
 MIN_FOLD_ROWS = 30  # a fold trains on at least this many rows, or it is not used
 # Gradient boosting stops adding trees once its error on the latest tenth of a fold's training rows (by
 # date) has not improved for ten trees; the final fit on all rows grows the median number the folds grew.
@@ -255,7 +258,7 @@ def main(args) -> None:
         cli.release_memory(collect=False)
         rows = training_rows(features)
         del features
-        threads, why = cli.thread_budget()
+        threads, why = cli.thread_budget(spinning=True)  # gradient boosting's OpenMP threads
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
         log.info("using %d thread(s) (%s)", threads, why)
         first = rows[rows["step"] == 1]
@@ -309,4 +312,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0])))
+    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0]), imports=IMPORTS))

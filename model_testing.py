@@ -52,6 +52,9 @@ np = cli.lazy_import("numpy")
 pd = cli.lazy_import("pandas")
 
 STAGE = "model_testing"
+# What the stage loads when it runs (the scaler's and the default model's modules, the figures'): imported
+# ahead by --wait-for-go, and its import floor in benchmark.py.
+IMPORTS = ["numpy", "pandas", "sklearn.preprocessing", "sklearn.linear_model", "matplotlib.pyplot", "joblib"]
 STATION_BLOCK = 200  # stations whose test rows are forecast by one task
 TEST_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "climatology", "drift", SPREAD_COLUMN,
                 *FEATURES]
@@ -429,4 +432,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    cli.exit_now(cli.run(STAGE, main, parser()))
+    cli.exit_now(cli.run(STAGE, main, parser(), imports=IMPORTS))

@@ -140,6 +140,7 @@ outcome() {
 child=""
 stop() {
   local signal_name="$1" code="$2"
+  end_ahead TERM
   [ -n "$child" ] && kill -s "$signal_name" "$child" 2>/dev/null && wait "$child" 2>/dev/null
   say "pipeline: stopped by SIG$signal_name; $(outcome)"
   exit "$code"
@@ -150,32 +151,66 @@ trap 'stop INT 130' INT
 say "pipeline: start (python $("$py" -c 'import platform; print(platform.python_version())'), params $params, log $log_file)"
 fifos="$(mktemp -d)"
 trap 'rm -rf "$fifos"' EXIT
-mkfifo "$fifos/out" "$fifos/err"
+
+# Each stage's interpreter is started while the stage before it works: it imports what its stage needs
+# (--wait-for-go) and waits for a line on its FIFO, "go" to run or "skip" to end, so the imports (most
+# of a stage's time at the default size) overlap the work before them and two processes share the
+# machine's CPUs at most. ahead_*: the stage started ahead, its pid, the write end of its FIFO and the
+# two tee processes copying its stdout and stderr to the terminal and the log.
+ahead="" ahead_pid="" ahead_go="" ahead_tees=()
+start_ahead() {
+  local stage="$1"
+  mkfifo "$fifos/go-$stage" "$fifos/out-$stage" "$fifos/err-$stage"
+  exec {ahead_go}<>"$fifos/go-$stage"  # read and write: neither this open nor a later write can block
+  tee -a "$log_file" < "$fifos/out-$stage" & ahead_tees=($!)
+  tee -a "$log_file" < "$fifos/err-$stage" >&2 & ahead_tees+=($!)
+  "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" --wait-for-go \
+    < "$fifos/go-$stage" > "$fifos/out-$stage" 2> "$fifos/err-$stage" &
+  ahead="$stage" ahead_pid=$!
+}
+tell_ahead() {  # $1: go or skip
+  echo "$1" >&"$ahead_go"
+  exec {ahead_go}>&-
+  ahead=""
+}
+end_ahead() {  # a stage started ahead that will not run: tell it, or with a signal name stop it, and wait
+  [ -n "$ahead" ] || return 0
+  local pid="$ahead_pid"
+  tell_ahead skip
+  [ -n "${1:-}" ] && kill -s "$1" "$pid" 2>/dev/null
+  wait "$pid" "${ahead_tees[@]}" 2>/dev/null || true
+}
+
 pipeline_start=$(date +%s.%N)
-for stage in "${STAGES[@]:$start_index}"; do
+run_stages=("${STAGES[@]:$start_index}")
+for i in "${!run_stages[@]}"; do
+  stage="${run_stages[$i]}"
   # A stage whose parameters, code, inputs and outputs are as the manifest recorded them is skipped.
   if [ "$force" = 0 ] && verdict="$("$py" "$ROOT/cli.py" "$stage" --params "$params" 2>&1)"; then
     say "$verdict"
+    end_ahead
     completed+=("$stage")
     continue
   fi
   say "stage $stage: start${verdict:+ (${verdict#*: runs (}}"
   stage_start=$(date +%s.%N)
-  # stdout and stderr each to the terminal and to the log, through two FIFOs; the stage runs in the
-  # background, so a signal to this script can be passed on to it.
-  tee -a "$log_file" < "$fifos/out" & tee_out=$!
-  tee -a "$log_file" < "$fifos/err" >&2 & tee_err=$!
-  "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" > "$fifos/out" 2> "$fifos/err" &
-  child=$!
+  [ "$ahead" = "$stage" ] || start_ahead "$stage"
+  # The stage runs in the background, so a signal to this script can be passed on to it.
+  child="$ahead_pid" tees=("${ahead_tees[@]}")
+  tell_ahead go
+  if [ $((i + 1)) -lt "${#run_stages[@]}" ]; then
+    start_ahead "${run_stages[$((i + 1))]}"
+  fi
   set +e
   wait "$child"
   status=$?
   set -e
   child=""
-  wait "$tee_out" "$tee_err" || true
+  wait "${tees[@]}" || true
   duration=$(awk -v a="$stage_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   say "stage $stage: end, ${duration}s, exit $status"
   if [ "$status" -ne 0 ]; then
+    end_ahead
     say "pipeline: FAILED at stage $stage (exit $status); $(outcome)"
     exit "$status"
   fi

@@ -124,6 +124,31 @@ def test_the_thread_budget_is_the_override_or_at_most_the_usable_cpus(monkeypatc
     assert 1 <= threads <= len(os.sched_getaffinity(0)) and "CPUs" in why
 
 
+def test_under_pipeline_sh_the_stage_started_ahead_and_its_cpu_time_are_found(monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import cli
+
+    # This test's process stands in for pipeline.sh, its busy child for the stage it started ahead.
+    monkeypatch.delenv("PIPELINE_THREADS", raising=False)
+    monkeypatch.setenv(cli.INHERITED_LOCK, "9")
+    ahead = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        first = cli._siblings_jiffies(parent=os.getpid())
+        time.sleep(0.3)
+        second = cli._siblings_jiffies(parent=os.getpid())
+        assert second[ahead.pid] > first[ahead.pid], "its clock ticks are read"
+        monkeypatch.delenv(cli.INHERITED_LOCK)
+        assert cli._siblings_jiffies(parent=os.getpid()) == {}, "outside pipeline.sh no process is left out"
+    finally:
+        ahead.kill()
+        ahead.wait()
+
+
 def test_model_selection_cost_is_bounded_and_the_final_fit_uses_every_row(project):
     from conftest import TINY, write_params
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -31,6 +32,19 @@ def copy(tmp_path):
         shutil.copy2(path, root / path.name)
     write_params(root / "tiny.toml", **TINY)
     return root
+
+
+def stage_processes(root) -> list[str]:
+    """The command lines of processes running a stage script of ``root`` (none may outlive a run)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if any(word.decode(errors="replace").startswith(f"{root}/") and word.endswith(b".py") for word in words):
+            found.append(" ".join(word.decode(errors="replace") for word in words))
+    return found
 
 
 def pipeline(root, *args, cwd=None):
@@ -61,6 +75,8 @@ def test_pipeline_runs_end_to_end_from_another_directory_and_stops_at_a_failing_
     assert "data_creation: start" not in failed.stdout
     assert "FAILED at stage model_preprocessing (exit 2)" in failed.stdout
     assert "stage model_preparation" not in failed.stdout
+    assert "model_preparation" not in failed.stderr, "the stage started ahead ends without a word"
+    assert stage_processes(copy) == [], "the stage started ahead of the failed one is gone"
 
 
 def test_a_real_format_station_file_goes_through_the_pipeline(copy):
@@ -178,6 +194,8 @@ def test_sigterm_to_the_pipeline_stops_the_running_stage_and_frees_the_lock(copy
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, (out, err)
     assert "pipeline: stopped by SIGTERM" in out
+    assert "model_preparation" not in err, "the stage started ahead ends without a word"
+    assert stage_processes(copy) == []
     with open(copy / "logs/.pipeline.lock", "a") as handle:  # no orphaned stage still holds it
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 

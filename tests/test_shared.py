@@ -143,6 +143,44 @@ def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
     assert result.stderr.strip().endswith("the last line")
 
 
+@pytest.mark.parametrize("told", ["go\n", "skip\n", ""])
+def test_a_stage_waiting_for_go_runs_only_when_told(tmp_path, monkeypatch, capsys, told):
+    import io
+
+    import cli
+
+    ran = []
+    monkeypatch.setattr(sys, "stdin", io.StringIO(told))
+    code = cli.run("stage", ran.append, cli.stage_parser("test"), ["--root", str(tmp_path), "--wait-for-go"],
+                   imports=["json"])
+    assert code == errors.EXIT_OK
+    assert len(ran) == (told == "go\n")
+    assert capsys.readouterr().err == "", "a stage told to skip, or never told, says nothing"
+
+
+def test_an_import_that_fails_ahead_is_reported_when_the_stage_is_told_to_go(tmp_path, monkeypatch, capsys):
+    import io
+
+    import cli
+
+    for told, expected in (("skip\n", errors.EXIT_OK), ("go\n", errors.EXIT_INTERNAL)):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(told))
+        code = cli.run("stage", lambda args: None, cli.stage_parser("test"),
+                       ["--root", str(tmp_path), "--wait-for-go"], imports=["no_such_module_here"])
+        assert code == expected
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stage: internal error: ModuleNotFoundError" in err and "no_such_module_here" in err
+
+
+def test_a_stage_started_ahead_loads_its_imports_before_it_is_told_to_go(tmp_path):
+    # The stage's own process: numpy and pandas are imported lazily, so only the wait makes them load.
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli, model_preparation\n"
+              "cli.load_ahead(model_preparation.IMPORTS)\n"
+              "print(all(type(sys.modules[name]).__name__ == 'module' for name in model_preparation.IMPORTS))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.strip() == "True", result.stderr
+
+
 def test_under_a_profiler_a_stage_exits_normally_so_the_profile_is_reported():
     import cli
 

@@ -162,10 +162,12 @@ start_ahead() {
   local stage="$1"
   mkfifo "$fifos/go-$stage" "$fifos/out-$stage" "$fifos/err-$stage"
   exec {ahead_go}<>"$fifos/go-$stage"  # read and write: neither this open nor a later write can block
-  tee -a "$log_file" < "$fifos/out-$stage" & ahead_tees=($!)
-  tee -a "$log_file" < "$fifos/err-$stage" >&2 & ahead_tees+=($!)
+  # Only this script holds the FIFO's write end (the children close it), so if it dies, even by
+  # SIGKILL, the waiting stage reads the end of its input and ends.
+  tee -a "$log_file" < "$fifos/out-$stage" {ahead_go}>&- & ahead_tees=($!)
+  tee -a "$log_file" < "$fifos/err-$stage" >&2 {ahead_go}>&- & ahead_tees+=($!)
   "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" --wait-for-go \
-    < "$fifos/go-$stage" > "$fifos/out-$stage" 2> "$fifos/err-$stage" &
+    < "$fifos/go-$stage" > "$fifos/out-$stage" 2> "$fifos/err-$stage" {ahead_go}>&- &
   ahead="$stage" ahead_pid=$!
 }
 tell_ahead() {  # $1: go or skip

@@ -200,6 +200,24 @@ def test_sigterm_to_the_pipeline_stops_the_running_stage_and_frees_the_lock(copy
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_a_stage_started_ahead_ends_when_the_pipeline_is_killed(copy):
+    import time
+
+    process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
+                               env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any("model_preparation.py" in p for p in stage_processes(copy)):
+        time.sleep(0.05)
+    assert any("--wait-for-go" in p for p in stage_processes(copy)), "model_preparation was started ahead"
+    process.kill()  # SIGKILL: no trap runs, nothing is told
+    process.wait()
+    deadline = time.monotonic() + 120  # the orphaned running stage finishes its work; the waiting one just ends
+    while time.monotonic() < deadline and stage_processes(copy):
+        time.sleep(0.1)
+    assert stage_processes(copy) == []
+
+
 def test_a_python_without_the_requirements_is_named(copy, tmp_path):
     bare = tmp_path / "bare-python"
     bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")  # no site-packages: no numpy

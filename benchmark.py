@@ -156,10 +156,10 @@ IDEAL_THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0)
 NETWORK_KINDS = ["spike", "level_shift", "stuck", "drift"]
 
 
-def ramp_evidence(innovations, persistence: float, longest: int = IDEAL_LONGEST):
+def ramp_evidence(innovations: np.ndarray, persistence: float, longest: int = IDEAL_LONGEST) -> np.ndarray:
     """For each day of a station's unit-variance innovations (departures that persist with lag-one
     correlation ``persistence``, less what yesterday's explains), the largest |likelihood-ratio
-    statistic| of a ramp that began 0 to ``longest`` days before it: a ramp growing by r a day adds
+    statistic| of a ramp that began 1 to ``longest`` days before it: a ramp growing by r a day adds
     r ((1 - phi) k + 1) to the k-th day's innovation."""
     n = len(innovations)
     best = np.zeros(n)
@@ -200,7 +200,7 @@ def ideal_drift_counts(root: Path, seed: int = 0) -> dict[float, np.ndarray]:
         fault_run = np.cumsum(normal)  # one number per stretch of faulty days (and the normal day before it)
         test = rows["test"].to_numpy()
         for threshold, count in counts.items():
-            crossed = pd.Series(with_drifts > threshold).groupby(fault_run).cummax().to_numpy()
+            crossed = pd.Series((with_drifts > threshold) & drift).groupby(fault_run).cummax().to_numpy()
             flagged = np.where(drift, crossed, normal & (alone > threshold))
             count += [(flagged & drift & test).sum(), (flagged & (drift | normal) & test).sum(), (drift & test).sum()]
     return counts
@@ -209,6 +209,13 @@ def ideal_drift_counts(root: Path, seed: int = 0) -> dict[float, np.ndarray]:
 def f1_score(hits: float, flags: float, days: float) -> float:
     """F1 from the true flags, all flags and the fault days."""
     return 2 * hits / (flags + days) if hits else 0.0
+
+
+def best_threshold(counts: dict[float, np.ndarray]) -> str:
+    """The ideal's best F1 over its thresholds, and that threshold in brackets."""
+    scores = {threshold: f1_score(*count) for threshold, count in counts.items()}
+    best = max(scores, key=scores.get)
+    return f"{scores[best]:.3f} ({best:g})"
 
 
 def run_network(seed: int, stations: int) -> dict:
@@ -243,19 +250,15 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
             score = scores[kind]
             pooled[kind] += [round((score["recall"] or 0.0) * score["days"]), score["flagged"], score["days"]]
             cells += f"{score['f1']:>13.3f}" if score["days"] else f"{'-':>13}"
-        ideal = {threshold: f1_score(*count) for threshold, count in result["ideal"].items()}
-        best = max(ideal, key=ideal.get)
         for threshold, count in result["ideal"].items():
             ideal_pooled[threshold] += count
         mae = "{:.3f} / {:.3f}".format(*(result[detector]["forecast"]["truth"]["all_stations"]["model"]["mae"]
                                         for detector in ("network", "none")))
-        ideal_cell = f"{ideal[best]:.3f} ({best:g})" if scores["drift"]["days"] else "-"
+        ideal_cell = best_threshold(result["ideal"]) if scores["drift"]["days"] else "-"
         print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{scores['weather_events']['share']:>9.1%}{mae:>21}",
               flush=True)
-    ideal = {threshold: f1_score(*count) for threshold, count in ideal_pooled.items()}
-    best = max(ideal, key=ideal.get)
     print(f"{'pooled':>14}" + "".join(f"{f1_score(*pooled[kind]):>13.3f}" for kind in NETWORK_KINDS)
-          + f"{f'{ideal[best]:.3f} ({best:g})':>14}")
+          + f"{best_threshold(ideal_pooled):>14}")
     print("F1 on the test period; ideal drift: the best over thresholds (in brackets) of the ideal causal test")
 
 

@@ -69,6 +69,11 @@ def measure(command: list[str]) -> tuple[float, float, float, str]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, workers[-1] if workers else ""
 
 
+def stage_command(stage: str, root: Path | str, params: Path) -> list[str]:
+    """The command line that runs ``stage`` on the project folder ``root`` with the parameters ``params``."""
+    return [sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root), "--params", str(params)]
+
+
 def run_size(stations: int, years: int, scheduler: str = "") -> float:
     """Run the four stages on ``stations`` x ``years`` in a temporary folder, print a row per stage, then
     time the same run by pipeline.sh."""
@@ -83,8 +88,7 @@ def run_size(stations: int, years: int, scheduler: str = "") -> float:
               + ("  workers' peak MB" if scheduler else ""))
         total = 0.0
         for stage in cli.STAGES:
-            wall, cpu, peak, workers = measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root",
-                                                str(root), "--params", str(params)])
+            wall, cpu, peak, workers = measure(stage_command(stage, root, params))
             total += wall
             print(f"{stage:22}{wall:>8.1f}{cpu:>8.1f}{peak:>9.0f}{station_days / wall:>16,.0f}"
                   + (f"  {workers}" if scheduler else ""), flush=True)
@@ -101,8 +105,7 @@ def stages_in_turn_seconds() -> float:
     with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
         start = time.perf_counter()
         for stage in cli.STAGES:
-            measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", folder, "--params",
-                     str(DEFAULT_PARAMS)])
+            measure(stage_command(stage, folder, DEFAULT_PARAMS))
         return time.perf_counter() - start
 
 
@@ -228,8 +231,7 @@ def run_network(seed: int, stations: int) -> dict:
             params = root / f"params-{detector}.toml"
             params.write_text(params_text_with({"seed": seed, "n_stations": stations, "detector": detector}))
             for stage in cli.STAGES[detector == "none":]:
-                measure([sys.executable, str(storage.ROOT / f"{stage}.py"), "--root", str(root), "--params",
-                         str(params)])
+                measure(stage_command(stage, root, params))
             result[detector] = storage.read_json(storage.Paths(root).metrics)
             if detector == "network":
                 result["ideal"] = ideal_drift_counts(root)

@@ -112,6 +112,7 @@ INNOVATION_CAP = 4.0
 RECENT_DAYS = 7
 RECENT_Z = 2.5
 STATION_BLOCK = 16  # stations per block of the step and ramp tests
+EXPECTED_BLOCK = 64  # stations per block of the neighbours' expected values
 VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
 # What the verdict reads, per station and overall (the order of STATION_KEYS is how verdict() unpacks them).
 STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share",
@@ -320,19 +321,21 @@ def _joint_regression(target: np.ndarray, predictors: np.ndarray) -> tuple[list[
     return [round(float(c), 6) for c in coefs[1:]], round(float(coefs[0]), 6)
 
 
-def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
+def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int = 1) -> pd.DataFrame:
     """Each station's anomaly as its neighbours predict it (NaN where none of them has a reading).
 
     The joint regression where every neighbour reports, else the median of the
     single-neighbour lines of those that do (a median, so one odd neighbour
-    cannot move it far).
+    cannot move it far). Stations are worked through in blocks of
+    ``EXPECTED_BLOCK`` on ``threads`` threads; each value is the same wherever
+    and with whatever else it was computed.
     """
     stations = list(anomaly.columns)
     position = {station: i for i, station in enumerate(stations)}
     width = max((len(v["buddies"]) for v in neighbours.values()), default=0)
     if width == 0:
         return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
-    index = np.full((len(stations), width), len(stations))  # points at an all-NaN column
+    index = np.full((len(stations), width), len(stations))  # an empty slot points at an all-NaN row
     slope, intercept, weight = (np.zeros((len(stations), width)) for _ in range(3))
     constant = np.full(len(stations), np.nan)
     for station, found in neighbours.items():
@@ -346,26 +349,41 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.D
             index[i, m] = position[buddy["station"]]
             slope[i, m], intercept[i, m] = buddy["slope"], buddy["intercept"]
             weight[i, m] = buddy["weight"] if complete else 0.0
-    # Station by day (each station's days contiguous, as pandas keeps them), so gathering a neighbour's
-    # readings copies whole rows; one neighbour slot at a time, not a station x neighbour x day array:
-    # the same sums in the same order, a fraction of the memory traffic.
-    padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
-    total, missing = None, np.zeros(padded[:-1].shape, dtype=bool)
-    for m in range(width):
-        readings = padded[index[:, m]]
-        used = (index[:, m] < len(stations))[:, None]
-        term = np.where(used, weight[:, m, None] * readings, 0.0)
-        total = term if total is None else total + term
-        missing |= used & np.isnan(readings)
-    joint = constant[:, None] + total
+    # Station by day (each station's days contiguous), so gathering a neighbour's readings copies whole
+    # rows; below them an all-NaN row (an empty slot of a median) and an all-zero row (of the joint sum).
+    days = len(anomaly)
+    padded = np.vstack([anomaly.to_numpy().T, np.full((1, days), np.nan), np.zeros((1, days))])
+    joint = np.empty((len(stations), days))
+    lines = {"index": index, "slope": slope, "intercept": intercept, "weight": weight, "constant": constant}
+    rows = [slice(begin, begin + EXPECTED_BLOCK) for begin in range(0, len(stations), EXPECTED_BLOCK)]
+    compute.Threads(threads).map(_expected_rows, rows, padded=padded, lines=lines, out=joint)
+    return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns)
+
+
+def _expected_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:
+    """``expected_anomaly`` of the stations ``rows`` into ``out[rows]``: one neighbour slot at a time (not a
+    station x neighbour x day array), the same sums in the same order, a fraction of the memory traffic."""
+    index, weight = lines["index"][rows], lines["weight"][rows]
+    empty = len(padded) - 2
+    summed = np.where(index == empty, empty + 1, index)  # an empty slot adds 0 (its weight is 0)
+    total, missing = None, np.zeros((len(index), padded.shape[1]), dtype=bool)
+    for m in range(index.shape[1]):
+        readings = padded[summed[:, m]]
+        missing |= np.isnan(readings)
+        readings *= weight[:, m, None]
+        total = readings if total is None else np.add(total, readings, out=total)
+    joint = np.add(lines["constant"][rows, None], total, out=total)
     joint[missing] = np.nan
     fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
-    columns, days = np.nonzero(fallback)
-    readings = np.take(padded, index[columns] * padded.shape[1] + days[:, None])  # flat positions: one gather
-    lines = intercept[columns] + slope[columns] * readings
-    joint[columns, days] = nanmedian(lines, axis=1)  # NaN on days when no neighbour has a reading
-    joint = joint.T
-    return pd.DataFrame(joint, index=anomaly.index, columns=anomaly.columns)
+    if fallback.any():
+        stations = np.nonzero(fallback)[0]
+        single = np.empty((len(stations), index.shape[1]))
+        for m in range(index.shape[1]):
+            single[:, m] = padded[index[:, m]][fallback]
+        single *= lines["slope"][rows][stations]
+        single += lines["intercept"][rows][stations]
+        joint[fallback] = nanmedian(single, axis=1)  # NaN on days when no neighbour has a reading
+    out[rows] = joint
 
 
 def trailing_median(observed: pd.DataFrame, window: int) -> pd.DataFrame:
@@ -461,6 +479,12 @@ def confidence(excess: pd.DataFrame | np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-CONFIDENCE_SLOPE * np.clip(np.asarray(excess, dtype=float), -30, 30)))
 
 
+def local_threads(pool: Pool | None) -> int:
+    """Threads of this process for the work that stays here (all of it when ``pool`` is a cluster's, whose
+    workers get only the verdict's blocks): the pool's own when it is threads, else one."""
+    return pool.threads if pool is not None and not pool.cluster else 1
+
+
 def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool | None = None) -> dict:
     """Everything the detector needs, learned from readings on ``learning`` days only.
 
@@ -487,7 +511,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     facts = reading_facts(learning_readings, qc["window"])
     progress = Progress("quality control learning rounds", LEARNING_ROUNDS + 1)
     for _ in range(LEARNING_ROUNDS):
-        detector = _fit(observed, learning, trusted, provisional, settings, gross)
+        detector = _fit(observed, learning, trusted, provisional, settings, gross, local_threads(pool))
         # One pass is enough to decide which readings to trust (the second changed F1 by at most 0.02 on
         # three simulated networks) and a third of the work.
         found = detect(learning_readings, detector, pool, second_pass=False, onsets=True, facts=facts)
@@ -495,12 +519,13 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         # from the day it was found.
         trusted = learning & ~found["flag"].isin(KINDS) & ~since_onset(found["onset"])
         progress.step()
-    return _fit(observed, learning, trusted, qc, settings, gross)
+    return _fit(observed, learning, trusted, qc, settings, gross, local_threads(pool))
 
 
 def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, qc: dict, settings: dict,
-         gross: dict[str, pd.Series]) -> dict:
-    """One round of learning: climatology, neighbours and scales from the ``trusted`` readings."""
+         gross: dict[str, pd.Series], threads: int = 1) -> dict:
+    """One round of learning: climatology, neighbours and scales from the ``trusted`` readings (on
+    ``threads`` threads where the work is station by station)."""
     values = observed.where(trusted)
     coefs = fit_climatology(values)
     # A station whose readings miss some months (one that started less than a year ago) would have its
@@ -516,11 +541,12 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     anomaly = values - climatology_at(coefs, observed.index, observed.columns)
     neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"])
     if short:  # the readings less the weather the neighbours share: mostly the station's own climatology
-        weather = expected_anomaly(anomaly, {station: neighbours[station] for station in short})[short]
+        weather = expected_anomaly(anomaly, {station: neighbours[station] for station in short}, threads)[short]
         coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),
                                {station: _neighbours_shape(coefs, neighbours[station], seen, typical)
                                 for station in short})
-    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
+    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None,
+                                    threads)["departure"]
     # A fault the detector missed in some season biases that season's climatology; against the
     # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it
     # (only its level where the station has not seen the whole year).
@@ -528,7 +554,8 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
                             robust_seasonal_fit(departure.loc[:, ~seen], harmonics=0)], axis=1)
     del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
-    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None)["departure"]
+    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None,
+                                    threads)["departure"]
     departure_scale = _robust_scale(departure)
     persistence = _lag_one_correlation(departure, departure_scale)
     innovation = _innovation(departure, persistence, departure_scale)
@@ -631,7 +658,7 @@ def change_block(block: tuple[np.ndarray, np.ndarray], lags: tuple[int, ...], sh
     best, best_size = np.zeros_like(values), np.zeros_like(values)
     best_lag = np.zeros(values.shape, dtype=np.int16)  # a quarter of the memory traffic of int64
     window_buffer, weighted_buffer, product_buffer = np.empty_like(values), np.empty_like(values), np.empty_like(values)
-    better_buffer = np.empty(values.shape, dtype=bool)
+    better_buffer, lag_buffer = np.empty(values.shape, dtype=bool), np.empty_like(best_lag)
     for lag in lags:  # one whole-block step per candidate start, not per day; slices are views, not copies
         if lag >= n:
             continue
@@ -654,9 +681,12 @@ def change_block(block: tuple[np.ndarray, np.ndarray], lags: tuple[int, ...], sh
         weighted /= np.sqrt(norm)
         size = np.abs(weighted, out=window_buffer[:rows])
         better = np.greater(size, best_size[lag:], out=better_buffer[:rows])
-        np.copyto(best[lag:], weighted, where=better)
+        # putmask and integer arithmetic: the same values as masked copies, in a fraction of the time.
+        np.putmask(best[lag:], better, weighted)
         np.maximum(best_size[lag:], size, out=best_size[lag:])
-        np.copyto(best_lag[lag:], lag, where=better)
+        moved = np.subtract(lag, best_lag[lag:], out=lag_buffer[:rows])
+        moved *= better
+        best_lag[lag:] += moved  # lag where better, unchanged elsewhere
     return best, best_lag.astype(int)
 
 
@@ -684,12 +714,13 @@ def mean_since(values: pd.DataFrame, lag: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(mean, index=values.index, columns=values.columns)
 
 
-def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None) -> dict:
+def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None, threads: int = 1
+                         ) -> dict:
     """Expected value and departure of every reading, from the neighbours' readings (less ``leave_out``)."""
     climatology = climatology_at(model["climatology"], observed.index, observed.columns)
     anomaly = observed - climatology
     buddies = anomaly if leave_out is None else anomaly.mask(leave_out)
-    expected = climatology + expected_anomaly(buddies, model["neighbours"])
+    expected = climatology + expected_anomaly(buddies, model["neighbours"], threads)
     return {"expected": expected, "departure": observed - expected}
 
 
@@ -724,10 +755,11 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
              "neighbours": {s: e["neighbours"] for s, e in detector["stations"].items()}}
     detector = {**detector, "onsets": onsets}
     facts = facts if facts is not None else reading_facts(observed, detector["window"])
-    result = _classify(observed, facts, detector, _network_departures(observed, model, None), pool)
+    threads = local_threads(pool)
+    result = _classify(observed, facts, detector, _network_departures(observed, model, None, threads), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
         suspect = result["flag"].isin(KINDS)
-        result = _classify(observed, facts, detector, _network_departures(observed, model, suspect), pool)
+        result = _classify(observed, facts, detector, _network_departures(observed, model, suspect, threads), pool)
     return result
 
 

@@ -38,6 +38,16 @@ class Terminated(Exception):
     """SIGTERM arrived: stop like Ctrl-C, cleaning up temporary files on the way out."""
 
 
+def work_threads(chunks: int) -> int:
+    """Threads for a stage's ``chunks`` pieces of independent work: one for a single piece (no need to look
+    at the machine), else ``thread_budget``'s count, logged with why."""
+    if chunks <= 1:
+        return 1
+    threads, why = thread_budget()
+    log.info("working on %d thread(s) (%s)", threads, why)
+    return threads
+
+
 def thread_budget(spinning: bool = False) -> tuple[int, str]:
     """How many threads a stage's numerical libraries should use, and why.
 

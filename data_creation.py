@@ -302,6 +302,11 @@ def write_station_files(staging: Path, simulation: Simulation, test_steps: int, 
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
 
 
+def _chunks(stations: int) -> int:
+    """How many tasks of ``STATIONS_PER_CHUNK`` stations write or read ``stations`` stations' files."""
+    return -(-stations // STATIONS_PER_CHUNK)
+
+
 def _codes(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes, names = pd.factorize(table.ravel())
     return codes.astype(np.int8).reshape(table.shape), np.asarray(names, dtype=object)
@@ -489,7 +494,9 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     if data["holdout_stations"] >= len(files):
         raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
                             f"({len(files)} file(s) in {folder}); set it to 0 for a single station")
-    read = (pool or compute.Threads()).map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK),
+    if pool is None or not pool.cluster:
+        pool = compute.Threads(cli.work_threads(_chunks(len(files))))
+    read = pool.map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK),
                                            what="station files read (chunks)", imp=imp,
                                            min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     stations, report = {}, {}
@@ -539,7 +546,8 @@ def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[
     """Simulate the network into ``staging``; returns the inputs (none), the source record and a summary."""
     data, sim = params["data"], params["simulation"]
     simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
-    write_station_files(staging, simulation, data["test_steps"], sim["resolution"], pool)
+    write_station_files(staging, simulation, data["test_steps"], sim["resolution"],
+                        pool if pool.cluster else compute.Threads(cli.work_threads(_chunks(sim["n_stations"]))))
     dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
     source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
               "test_start": str(dates[len(dates) - data["test_steps"]])}

@@ -485,7 +485,13 @@ def fit_scaler(train: pd.DataFrame):
     so forecasting further ahead leaves the next-step forecasts exactly as they were)."""
     from sklearn.preprocessing import StandardScaler
 
-    return StandardScaler().fit(train.loc[train["step"] == 1, FEATURES])
+    first = (train["step"] == 1).to_numpy()
+    # One block of floats laid out as scikit-learn reads it: handed the table's separate columns, it spent
+    # ten times the fit itself putting them together (2.4 s of 2.6 s at 1,000 stations).
+    values = np.empty((int(first.sum()), len(FEATURES)), order="F")
+    for i, name in enumerate(FEATURES):
+        values[:, i] = train[name].to_numpy()[first]
+    return StandardScaler().fit(pd.DataFrame(values, columns=FEATURES, copy=False))
 
 
 def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
@@ -544,10 +550,7 @@ def main(args) -> None:
 
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
-        threads = 1
-        if observed.shape[1] > quality_control.STATION_BLOCK:  # enough stations and rows to share out
-            threads, why = cli.thread_budget()
-            log.info("working on %d thread(s) (%s)", threads, why)
+        threads = cli.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
         detector, verdict = quality_control_flags(observed, period, qc, pool, threads)
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],

@@ -557,7 +557,7 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None,
                                     threads)["departure"]
     departure_scale = _robust_scale(departure)
-    persistence = _lag_one_correlation(departure, departure_scale)
+    persistence = _lag_one_correlation(departure, departure_scale, threads)
     innovation = _innovation(departure, persistence, departure_scale)
     scales = {"departure_scale": departure_scale, "persistence": persistence,
               "innovation_scale": _robust_scale(innovation), **gross}
@@ -586,10 +586,20 @@ def _neighbours_shape(coefs: pd.DataFrame, found: dict, seen: pd.Series, otherwi
     return coefs[usable].to_numpy().mean(axis=1) if usable else otherwise
 
 
-def _lag_one_correlation(departure: pd.DataFrame, scale: pd.Series) -> pd.Series:
+def _lag_one_correlation(departure: pd.DataFrame, scale: pd.Series, threads: int = 1) -> pd.Series:
     """How much of a station's departure from its neighbours carries over to the next day, from a
     winsorised lag-one correlation (so a few faults do not decide it), kept in [0, 0.95]; ``scale``: the
-    departure's robust spread."""
+    departure's robust spread. Station by station, so in blocks of ``EXPECTED_BLOCK`` on ``threads``
+    threads (the same values as in one piece)."""
+    blocks = compute.chunks(departure.columns, EXPECTED_BLOCK)
+    if not blocks:
+        return pd.Series(dtype=float, index=departure.columns)
+    return pd.concat(compute.Threads(threads).map(
+        _lag_one_block, compute.OnDemand(lambda i: (departure[blocks[i]], scale[blocks[i]]), len(blocks))))
+
+
+def _lag_one_block(block: tuple[pd.DataFrame, pd.Series]) -> pd.Series:
+    departure, scale = block
     clipped = departure.clip(lower=-4 * scale, upper=4 * scale, axis=1)
     return clipped.corrwith(clipped.shift(1)).clip(lower=0.0, upper=0.95)
 

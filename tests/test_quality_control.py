@@ -1,5 +1,7 @@
 """The network quality control: what it learns, what it flags, what it repairs."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,12 +120,47 @@ def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monk
     reference = verdict(observed, settings)
     monkeypatch.setattr(qc, "STATION_BLOCK", 2)
     monkeypatch.setattr(qc, "VERDICT_BLOCK", verdict_block)
+    monkeypatch.setattr(qc, "EXPECTED_BLOCK", 3)  # the expected values and persistences in blocks too
     detector = qc.learn(observed, learning_days(observed), settings, compute.Threads(3))
     assert detector == reference[0]
     blocked = qc.detect(observed, detector, compute.Threads(3))
     assert set(blocked["flag"].stack()) >= {"drift", "stuck"}
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)
+
+
+@pytest.mark.parametrize("threads, block", [(1, qc.EXPECTED_BLOCK), (3, 2)])
+def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else_their_lines_median(
+        monkeypatch, threads, block):
+    rng = np.random.default_rng(3)
+    anomaly = pd.DataFrame(rng.normal(size=(40, 5)), columns=[f"S{i}" for i in range(5)])
+    anomaly[anomaly > 1.2] = np.nan
+    anomaly.loc[5, ["S0", "S3", "S4"]] = np.nan  # none of S1's neighbours reports
+    line = {"slope": 0.9, "intercept": 0.1}
+    neighbours = {
+        "S0": {"constant": 0.5, "buddies": [{"station": "S1", "weight": 0.6, **line},
+                                            {"station": "S2", "weight": 0.3, **line}]},
+        "S1": {"constant": None, "buddies": [{"station": "S0", "weight": None, **line},
+                                             {"station": "S3", "weight": None, "slope": 2.0, "intercept": 0.0},
+                                             {"station": "S4", "weight": None, "slope": -1.0, "intercept": 1.0}]},
+        "S2": {"constant": 0.0, "buddies": [{"station": "gone", "weight": 1.0, **line}]},  # not in the table
+        "S3": {"constant": None, "buddies": []},
+    }
+    monkeypatch.setattr(qc, "EXPECTED_BLOCK", block)
+    expected = qc.expected_anomaly(anomaly, neighbours, threads)
+
+    a = anomaly.to_numpy()
+    with warnings.catch_warnings():  # days when no neighbour reports: NaN, as expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s0_lines = np.nanmedian(np.column_stack([0.1 + 0.9 * a[:, 1], 0.1 + 0.9 * a[:, 2]]), axis=1)
+        s1 = np.nanmedian(np.column_stack([0.1 + 0.9 * a[:, 0], 2.0 * a[:, 3], 1.0 - a[:, 4]]), axis=1)
+    both = ~np.isnan(a[:, 1]) & ~np.isnan(a[:, 2])
+    s0 = np.where(both, 0.5 + 0.6 * a[:, 1] + 0.3 * a[:, 2], s0_lines)
+    assert both.any() and not both.all() and np.isnan(s1).any()  # each path is taken
+    np.testing.assert_allclose(expected["S0"], s0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(expected["S1"], s1, rtol=0, atol=1e-12)
+    assert expected[["S2", "S3", "S4"]].isna().all().all()  # a neighbour not in the table, none, unknown
+    pd.testing.assert_frame_equal(expected, qc.expected_anomaly(anomaly, neighbours))  # the same bytes
 
 
 class BlockedPool(compute.Threads):

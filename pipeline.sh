@@ -140,6 +140,9 @@ outcome() {
 child=""
 stop() {
   local signal_name="$1" code="$2"
+  # The signal may come outside the main loop's `set +e` window; the stopped stage's non-zero status
+  # must not end this handler before it has said what happened.
+  set +e
   end_ahead TERM
   [ -n "$child" ] && kill -s "$signal_name" "$child" 2>/dev/null && wait "$child" 2>/dev/null
   say "pipeline: stopped by SIG$signal_name; $(outcome)"

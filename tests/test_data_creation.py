@@ -144,6 +144,20 @@ def test_same_seed_same_bytes_and_other_seed_other_data(tmp_path):
     assert files["a"].keys() == files["c"].keys() and files["a"] != files["c"]
 
 
+def test_station_files_are_the_same_bytes_on_any_number_of_threads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_creation, "STATIONS_PER_CHUNK", 2)  # three chunks of the five stations
+    params = write_params(tmp_path / "p.toml", **TINY)
+    files = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("PIPELINE_THREADS", threads)
+        root = tmp_path / threads
+        assert run_stage(data_creation, root, params) == 0
+        assert f"working on {threads} thread(s)" in capsys.readouterr().err
+        files[threads] = {f.relative_to(root): f.read_bytes() for f in sorted((root / "data").rglob("*.csv"))}
+    # train, test and truth per station, less the held-out one's train file, plus stations.csv
+    assert len(files["1"]) == 3 * TINY["n_stations"] and files["1"] == files["3"]
+
+
 def test_split_is_in_time_and_holdout_stations_never_reach_training(built):
     root, _ = built
     stations = pd.read_csv(root / "data/truth/stations.csv")

@@ -496,9 +496,8 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             f"({len(files)} file(s) in {folder}); set it to 0 for a single station")
     if pool is None or not pool.cluster:
         pool = compute.Threads(cli.work_threads(_chunks(len(files))))
-    read = pool.map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK),
-                                           what="station files read (chunks)", imp=imp,
-                                           min_temp=pre["min_temp"], max_temp=pre["max_temp"])
+    read = pool.map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK), what="station files read (chunks)",
+                    imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     stations, report = {}, {}
     for path, (table, counts) in zip(files, (one for chunk in read for one in chunk), strict=True):
         stations[path.stem], report[path.stem] = table, counts

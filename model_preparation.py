@@ -267,7 +267,10 @@ def main(args) -> None:
             log.info("cross-validation on about %d of %d training rows per step (every station's rows of some "
                      "stations); the chosen model is then fitted on all rows", sample_size, len(first))
         steps = sorted(int(s) for s in rows["step"].unique())
-        with threadpoolctl.threadpool_limits(limits=threads):  # BLAS, already loaded with numpy
+        # OpenMP (gradient boosting) on the threads the machine can give; BLAS (Ridge's normal equations, a
+        # fraction of a second) on one, because BLAS splits the sum over rows between its threads and so the
+        # coefficients' last bits, and the model file's bytes, would depend on the machine's load.
+        with threadpoolctl.threadpool_limits(limits={"openmp": threads, "blas": 1}):
             fitted = [fit_one_of(steps, step, rows, model_params, pool) for step in steps]
 
     next_step = fitted[0]["record"]

@@ -376,12 +376,12 @@ def _expected_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray]
     joint[missing] = np.nan
     fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
     if fallback.any():
-        stations = np.nonzero(fallback)[0]
-        single = np.empty((len(stations), index.shape[1]))
+        station = np.nonzero(fallback)[0]  # of each such station-day, in row order as below
+        single = np.empty((len(station), index.shape[1]))
         for m in range(index.shape[1]):
             single[:, m] = padded[index[:, m]][fallback]
-        single *= lines["slope"][rows][stations]
-        single += lines["intercept"][rows][stations]
+        single *= lines["slope"][rows][station]
+        single += lines["intercept"][rows][station]
         joint[fallback] = nanmedian(single, axis=1)  # NaN on days when no neighbour has a reading
     out[rows] = joint
 

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 import joblib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import model_preparation, run_stage
+from conftest import TINY, data_creation, model_preparation, model_preprocessing, run_stage, write_params
 
 import errors
 import features
@@ -102,8 +103,19 @@ def test_interval_is_calibrated_on_validation_rows_only(built):
     assert bundle["steps"][0]["interval"] == record["interval"]["model"] and record["interval"]["model"]["level"] == 0.9
 
 
-def test_the_model_is_byte_identical_whatever_the_thread_count(project, monkeypatch):
-    root, params = project
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory) -> tuple[Path, Path]:
+    """Stages 1 and 2 on enough rows (about 70,000) that BLAS would split Ridge's sums between threads."""
+    root = tmp_path_factory.mktemp("larger")
+    params = write_params(root / "params.toml", **{**TINY, "n_stations": 40, "n_years": 6})
+    for module in (data_creation, model_preprocessing):
+        assert run_stage(module, root, params) == 0
+    return root, params
+
+
+@pytest.mark.parametrize("which", ["tiny", "larger"])
+def test_the_model_is_byte_identical_whatever_the_thread_count(project, larger, monkeypatch, which):
+    root, params = project if which == "tiny" else larger
     models = {}
     for threads in ("1", "2"):
         monkeypatch.setenv("PIPELINE_THREADS", threads)

@@ -112,7 +112,7 @@ INNOVATION_CAP = 4.0
 RECENT_DAYS = 7
 RECENT_Z = 2.5
 STATION_BLOCK = 16  # stations per block of the step and ramp tests
-EXPECTED_BLOCK = 64  # stations per block of the neighbours' expected values
+EXPECTED_BLOCK = 64  # stations per block of the neighbours' expected values and of the persistences
 VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
 # What the verdict reads, per station and overall (the order of STATION_KEYS is how verdict() unpacks them).
 STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share",

@@ -17,8 +17,10 @@ usual teardown. Nothing here is asserted: it measures.
 With ``--networks SEEDxSTATIONS,...`` it runs the four stages on the default
 configuration with another seed and number of stations, once with the network
 detector and once with none, and prints the detector's F1 per kind of fault on
-the test period, the share of weather-extreme days it flags and the forecast
-MAE against the truth with and without it. Beside the drift F1 stands what an
+the test period, the share of weather-extreme days it flags, how many
+fault-free days it flags and the forecast MAE against the truth with and
+without it; then, pooled, the share of each kind's days it flags by how far
+the reading was off the truth (a drift starts at zero). Beside the drift F1 stands what an
 ideal causal drift detector reaches on the same drifts: the exact
 likelihood-ratio test for a ramp begun any of 1 to ``IDEAL_LONGEST`` days ago,
 in Gaussian noise that persists from day to day exactly as the detector
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -47,6 +50,7 @@ import numpy as np
 
 import cli
 import errors
+import quality_control
 import storage
 from compute import WORKER_PEAKS
 from params import DEFAULT_PARAMS, params_text_with
@@ -157,6 +161,7 @@ PIPELINE_FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"
 IDEAL_LONGEST = 90  # days: the longest simulated drift
 IDEAL_THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0)
 NETWORK_KINDS = ["spike", "level_shift", "stuck", "drift"]
+ERROR_BANDS = (1.0, 2.0, 3.0, 5.0)  # °C: how far a faulty reading is off the truth, in these bands
 
 
 def ramp_evidence(innovations: np.ndarray, persistence: float, longest: int = IDEAL_LONGEST) -> np.ndarray:
@@ -209,6 +214,30 @@ def ideal_drift_counts(root: Path, seed: int = 0) -> dict[float, np.ndarray]:
     return counts
 
 
+def normal_day_flags(score: dict) -> int:
+    """The flagged fault-free days, from the detector's scores over all kinds: its flags times one minus their
+    precision (given to four decimals, so exact below 10,000 flags)."""
+    return round(score["flagged"] * (1 - (score["precision"] or 0.0)))
+
+
+def found_by_error(root: Path) -> dict[str, np.ndarray]:
+    """Per kind of fault, on the test period of the network in ``root``: its days and how many of them
+    were flagged, in each band of ``ERROR_BANDS`` of how far the reading was off the true temperature."""
+    import pandas as pd
+
+    paths = storage.Paths(root)
+    flags = storage.read_table(paths.test_flags, ["station", "date", "observed", "flag"])
+    truth = pd.concat([storage.read_table(paths.truth / f"{station}.csv", ["date", "clean_temperature", "anomaly"])
+                       .assign(station=station) for station in flags["station"].unique()])
+    rows = flags.merge(truth, on=["station", "date"]).dropna(subset=["observed"])
+    band = np.searchsorted(ERROR_BANDS, (rows["observed"] - rows["clean_temperature"]).abs().to_numpy(), "right")
+    flagged = rows["flag"].isin(quality_control.KINDS).to_numpy()
+    bands = len(ERROR_BANDS) + 1
+    return {kind: np.array([np.bincount(band[rows["anomaly"] == kind], minlength=bands),
+                            np.bincount(band[(rows["anomaly"] == kind).to_numpy() & flagged], minlength=bands)])
+            for kind in NETWORK_KINDS}
+
+
 def f1_score(hits: float, flags: float, days: float) -> float:
     """F1 from the true flags, all flags and the fault days."""
     return 2 * hits / (flags + days) if hits else 0.0
@@ -235,14 +264,17 @@ def run_network(seed: int, stations: int) -> dict:
             result[detector] = storage.read_json(storage.Paths(root).metrics)
             if detector == "network":
                 result["ideal"] = ideal_drift_counts(root)
+                result["by_error"] = found_by_error(root)
         return result
 
 
 def print_networks(networks: list[tuple[int, int]]) -> None:
     """The ``--networks`` table: one row per simulated network, then each kind pooled over all of them."""
     print(f"\n{'seed':>5}{'stations':>9}" + "".join(f"{kind:>13}" for kind in NETWORK_KINDS)
-          + f"{'ideal drift':>14}{'weather':>9}{'MAE network / none':>21}")
+          + f"{'ideal drift':>14}{'weather':>9}{'false flags':>13}{'MAE network / none':>21}")
     pooled = {kind: np.zeros(3) for kind in NETWORK_KINDS}  # true flags, flags, fault days
+    false_flags = 0
+    by_error = {kind: 0 for kind in NETWORK_KINDS}
     ideal_pooled = {threshold: np.zeros(3) for threshold in IDEAL_THRESHOLDS}
     for seed, stations in networks:
         result = run_network(seed, stations)
@@ -252,16 +284,27 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
             score = scores[kind]
             pooled[kind] += [round((score["recall"] or 0.0) * score["days"]), score["flagged"], score["days"]]
             cells += f"{score['f1']:>13.3f}" if score["days"] else f"{'-':>13}"
+        for kind, counts in result["by_error"].items():
+            by_error[kind] = by_error[kind] + counts
         for threshold, count in result["ideal"].items():
             ideal_pooled[threshold] += count
         mae = "{:.3f} / {:.3f}".format(*(result[detector]["forecast"]["truth"]["all_stations"]["model"]["mae"]
                                         for detector in ("network", "none")))
         ideal_cell = best_threshold(result["ideal"]) if scores["drift"]["days"] else "-"
-        print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{scores['weather_events']['share']:>9.1%}{mae:>21}",
-              flush=True)
+        wrong = normal_day_flags(scores["any"])
+        false_flags += wrong
+        print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{scores['weather_events']['share']:>9.1%}{wrong:>13}"
+              f"{mae:>21}", flush=True)
     print(f"{'pooled':>14}" + "".join(f"{f1_score(*pooled[kind]):>13.3f}" for kind in NETWORK_KINDS)
-          + f"{best_threshold(ideal_pooled):>14}")
-    print("F1 on the test period; ideal drift: the best over thresholds (in brackets) of the ideal causal test")
+          + f"{best_threshold(ideal_pooled):>14}{'':>9}{false_flags:>13}")
+    print("F1 on the test period; ideal drift: the best over thresholds (in brackets) of the ideal causal test; "
+          "false flags: flagged fault-free days")
+    edges = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(ERROR_BANDS)]
+    print("\nFault days flagged, pooled, by how far the reading was off the truth (°C): share flagged (days)")
+    print(f"{'':>14}" + "".join(f"{band:>14}" for band in [f"< {ERROR_BANDS[0]:g}", *edges, f">= {ERROR_BANDS[-1]:g}"]))
+    for kind, (days, flagged) in by_error.items():
+        print(f"{kind:>14}" + "".join(f"{f'{hit / n:.0%} ({n})' if n else '-':>14}" for n, hit in zip(days, flagged,
+                                                                                                    strict=True)))
 
 
 def main() -> None:

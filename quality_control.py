@@ -38,12 +38,20 @@ or drift by removing the offset the test estimated. A missing day gets the
 expected value, so features stay defined. Flags of day *t* use readings of days
 up to *t* only. The neighbours are checked in two passes, the second leaving out
 readings the first flagged, so a faulty neighbour does not make a station look
-faulty; and learning is repeated without the readings the previous round
-flagged (a shift or drift from the day the test says it began, not only from
-the day it was found), so faults in the training years do not blur what is
-learned. A fault missed in some season would still bend that season's
-climatology; the departures from the neighbours show it, so their own seasonal
-mean, fitted robustly (Tukey's biweight), is folded into the climatology.
+faulty. Even the first pass leaves out a reading beyond any weather (further
+than ``BEYOND_WEATHER`` standard deviations from the median of its neighbours'
+lines, which one faulty neighbour cannot move far): a joint regression moves by
+a neighbour's weight times its fault, so a sensor 25 °C off would make all its
+neighbours look faulty, be left without a reference in the second pass and go
+unflagged. In the second pass, a reading the first found
+stuck or gross, or a spike the next day's reading returned from, adds nothing to
+the shift and drift tests, so a burst of spikes is not taken for a shift. And
+learning is repeated without the readings the previous round flagged (a shift
+or drift from the day the test says it began, not only from the day it was
+found), so faults in the training years do not blur what is learned. A fault
+missed in some season would still bend that season's climatology; the
+departures from the neighbours show it, so their own seasonal mean, fitted
+robustly (Tukey's biweight), is folded into the climatology.
 
 A station whose learning days do not reach into every calendar month (one that
 started less than a year before the test period) cannot fit its own seasons:
@@ -107,6 +115,11 @@ def lag_grid(first: int, last: int, daily_until: int = 8, ratio: float = 1.15) -
 STEP_LAGS = lag_grid(1, 30)
 RAMP_LAGS = lag_grid(7, 60)
 INNOVATION_CAP = 4.0
+RETURN_SHARE = 0.5  # a spike returned when the next day's departure is within this share of it
+# A reading further than this many robust standard deviations from the median of its neighbours' lines is
+# beyond any weather: on the simulated networks, regional cold snaps reach 8 there. A joint regression
+# weight of 0.3 passes a fault on to a neighbour at 0.3 times its size, which makes a false shift at about 15.
+BEYOND_WEATHER = 12.0
 # A shift or drift is flagged only while the mean departure of the last RECENT_DAYS days still
 # carries it, at least RECENT_Z standard deviations of such a mean from zero.
 RECENT_DAYS = 7
@@ -321,12 +334,13 @@ def _joint_regression(target: np.ndarray, predictors: np.ndarray) -> tuple[list[
     return [round(float(c), 6) for c in coefs[1:]], round(float(coefs[0]), 6)
 
 
-def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int = 1) -> pd.DataFrame:
+def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int = 1, joint: bool = True
+                     ) -> pd.DataFrame:
     """Each station's anomaly as its neighbours predict it (NaN where none of them has a reading).
 
     The joint regression where every neighbour reports, else the median of the
     single-neighbour lines of those that do (a median, so one odd neighbour
-    cannot move it far). Stations are worked through in blocks of
+    cannot move it far); that median on every day unless ``joint``. Stations are worked through in blocks of
     ``EXPECTED_BLOCK`` on ``threads`` threads; each value is the same wherever
     and with whatever else it was computed.
     """
@@ -343,7 +357,7 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads
             continue
         i = position[station]
         buddies = [b for b in found["buddies"] if b["station"] in position]
-        complete = found["constant"] is not None and len(buddies) == len(found["buddies"])
+        complete = joint and found["constant"] is not None and len(buddies) == len(found["buddies"])
         constant[i] = found["constant"] if complete else np.nan
         for m, buddy in enumerate(buddies):
             index[i, m] = position[buddy["station"]]
@@ -629,7 +643,7 @@ def storminess(innovation_z: pd.DataFrame) -> pd.Series:
 
 
 def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: tuple[int, ...], shape: str,
-                    pool: Pool | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+                    pool: Pool | None = None, latest: pd.DataFrame | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Evidence that the departure left zero some days ago, by a step or a ramp, and since when.
 
     A departure that persists with coefficient phi and carries an offset m(u)
@@ -641,14 +655,24 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: tu
     generalised likelihood ratio test. Returns the statistic of the best lag in
     ``lags``, signed, and that lag.
 
+    ``latest``, if given, holds each day's innovation as known on that day,
+    where ``innovation_z`` holds it as known a day later (``explained_innovations``):
+    the test on a day takes that day's own innovation from ``latest``, so it
+    never uses a later reading.
+
     Stations are independent here, so they are worked through in blocks of
     ``STATION_BLOCK`` columns (small enough to stay in the CPU cache, which
     makes the many passes over them about twice as fast), on ``pool``'s threads
     or workers; the result does not depend on where they ran.
     """
-    values = innovation_z.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP).fillna(0.0).to_numpy()
+    def capped(table: pd.DataFrame) -> np.ndarray:
+        return table.clip(lower=-INNOVATION_CAP, upper=INNOVATION_CAP).fillna(0.0).to_numpy()
+
+    values = capped(innovation_z)
+    correction = None if latest is None else capped(latest) - values
     carry = (1.0 - persistence).to_numpy()[None, :]
-    blocks = [(values[:, begin:begin + STATION_BLOCK], carry[:, begin:begin + STATION_BLOCK])
+    blocks = [(values[:, begin:begin + STATION_BLOCK], carry[:, begin:begin + STATION_BLOCK],
+               None if correction is None else correction[:, begin:begin + STATION_BLOCK])
               for begin in range(0, values.shape[1], STATION_BLOCK)]
     done = (pool or compute.Threads()).map(change_block, blocks, lags=lags, shape=shape)
     best = np.hstack([b for b, _ in done]) if done else np.zeros_like(values)
@@ -656,11 +680,13 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: tu
     return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
 
 
-def change_block(block: tuple[np.ndarray, np.ndarray], lags: tuple[int, ...], shape: str
+def change_block(block: tuple[np.ndarray, np.ndarray, np.ndarray | None], lags: tuple[int, ...], shape: str
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """``change_evidence`` for one block of stations (capped innovations, 1 - persistence), on plain arrays,
-    reusing its work buffers."""
+    """``change_evidence`` for one block of stations (capped innovations, 1 - persistence, and what the
+    last day of a window adds or takes away when its innovation is taken as known that day, or None),
+    on plain arrays, reusing its work buffers."""
     values, carry = np.ascontiguousarray(block[0]), block[1]  # a block of columns is a strided view
+    correction = None if block[2] is None else np.ascontiguousarray(block[2])
     n, width = values.shape
     day = np.arange(n, dtype=float)[:, None]
     plain = np.vstack([np.zeros((1, width)), np.cumsum(values, axis=0)])
@@ -688,6 +714,9 @@ def change_block(block: tuple[np.ndarray, np.ndarray], lags: tuple[int, ...], sh
             weighted += window
             k = np.arange(lag + 1)
             norm = (carry**2) * (k**2).sum() + 2 * carry * k.sum() + (lag + 1)
+        if correction is not None:  # the window's last day, days t - lag .. t, weighs carry (step) or carry lag + 1
+            last = carry if shape == "step" else carry * lag + 1.0
+            weighted += np.multiply(correction[lag:], last, out=product_buffer[:rows])
         weighted /= np.sqrt(norm)
         size = np.abs(weighted, out=window_buffer[:rows])
         better = np.greater(size, best_size[lag:], out=better_buffer[:rows])
@@ -724,13 +753,14 @@ def mean_since(values: pd.DataFrame, lag: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(mean, index=values.index, columns=values.columns)
 
 
-def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None, threads: int = 1
-                         ) -> dict:
-    """Expected value and departure of every reading, from the neighbours' readings (less ``leave_out``)."""
+def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None, threads: int = 1,
+                        joint: bool = True) -> dict:
+    """Expected value and departure of every reading, from the neighbours' readings (less ``leave_out``; by
+    the median of their lines alone unless ``joint``)."""
     climatology = climatology_at(model["climatology"], observed.index, observed.columns)
     anomaly = observed - climatology
     buddies = anomaly if leave_out is None else anomaly.mask(leave_out)
-    expected = climatology + expected_anomaly(buddies, model["neighbours"], threads)
+    expected = climatology + expected_anomaly(buddies, model["neighbours"], threads, joint)
     return {"expected": expected, "departure": observed - expected}
 
 
@@ -766,11 +796,41 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     detector = {**detector, "onsets": onsets}
     facts = facts if facts is not None else reading_facts(observed, detector["window"])
     threads = local_threads(pool)
-    result = _classify(observed, facts, detector, _network_departures(observed, model, None, threads), pool)
+    beyond_weather = None
+    if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
+        robust = _network_departures(observed, model, None, threads, joint=False)["departure"]
+        beyond_weather = robust.abs() > BEYOND_WEATHER * _station_table(detector, observed.columns, "departure_scale")
+    result = _classify(observed, facts, detector, _network_departures(observed, model, beyond_weather, threads),
+                       pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
-        suspect = result["flag"].isin(KINDS)
-        result = _classify(observed, facts, detector, _network_departures(observed, model, suspect, threads), pool)
+        network = _network_departures(observed, model, result["flag"].isin(KINDS), threads)
+        explained = explained_readings(result["flag"], network["departure"])
+        result = _classify(observed, {**facts, "explained": explained}, detector, network, pool)
     return result
+
+
+def explained_readings(flag: pd.DataFrame, departure: pd.DataFrame) -> pd.DataFrame:
+    """Readings whose departure a first pass's ``flag`` explains as a fault of the day, not the start of a
+    lasting change: 1 for a stuck or gross reading (known on its day), 2 for a spike whose next day's
+    ``departure`` is back within ``RETURN_SHARE`` of it (known a day later; a spike the next day does not
+    return from may be a level shift's first day), 0 for the others."""
+    returned = departure.shift(-1).abs() < RETURN_SHARE * departure.abs()
+    codes = np.select([flag.isin(["stuck", "gross"]).to_numpy(), (flag.eq("spike") & returned).to_numpy()],
+                      [1, 2], 0).astype(np.int8)
+    return pd.DataFrame(codes, index=flag.index, columns=flag.columns)
+
+
+def explained_innovations(innovation: pd.DataFrame, departure: pd.DataFrame, explained: pd.DataFrame
+                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The innovations the shift and drift tests sum, given ``explained_readings``: an explained reading
+    adds none, and the day after it takes its whole departure (yesterday's departure was the fault's, so
+    it says nothing of today's). Returns them as known a day later, and as known on their own day (a
+    spike's return is not known yet)."""
+    settled, today = explained.to_numpy() > 0, explained.to_numpy() == 1
+    after = np.vstack([np.zeros((1, settled.shape[1]), dtype=bool), settled[:-1]])
+    known_later = innovation.mask(after & ~settled, departure).mask(settled, 0.0)
+    known_today = innovation.mask(after & ~today, departure).mask(today, 0.0)
+    return known_later, known_today
 
 
 def _classify(observed: pd.DataFrame, facts: dict[str, pd.DataFrame], detector: dict, network: dict,
@@ -814,9 +874,12 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
         per_station[key] for key in STATION_KEYS)
     z = departure / scale
     innovation_z = innovation / innovation_scale
-    calm = innovation_z.div(day, axis=0)
-    step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", pool)
-    ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", pool)
+    summed, latest = (innovation, None) if "explained" not in tables else \
+        explained_innovations(innovation, departure, tables["explained"])
+    calm, latest = ((None if table is None else (table / innovation_scale).div(day, axis=0))
+                    for table in (summed, latest))
+    step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", pool, latest)
+    ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", pool, latest)
     drifting = ramp_z.abs() > step_z.abs()
     # The offset to remove: the mean departure since a step began; twice it since a ramp began.
     since = mean_since(departure, np.where(drifting, ramp_lag, step_lag))

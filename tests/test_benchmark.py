@@ -36,3 +36,17 @@ def test_f1_score_from_counts():
     precision, recall = 8 / 10, 8 / 16
     assert np.isclose(benchmark.f1_score(8, 10, 16), 2 * precision * recall / (precision + recall))
     assert benchmark.f1_score(0, 0, 5) == 0.0
+
+
+def test_fault_days_by_error_add_up_to_the_detector_s_scores(default_built):
+    import storage
+
+    by_error = benchmark.found_by_error(default_built)
+    scores = storage.read_json(storage.Paths(default_built).metrics)["detector"]
+    for kind in benchmark.NETWORK_KINDS:
+        days, flagged = by_error[kind]
+        assert len(days) == len(benchmark.ERROR_BANDS) + 1 and (flagged <= days).all()
+        assert days.sum() == scores[kind]["days"]
+        assert flagged.sum() == round(scores[kind]["recall"] * scores[kind]["days"])
+    assert benchmark.normal_day_flags(scores["any"]) == round(
+        scores["any"]["flagged"] - scores["any"]["recall"] * scores["any"]["days"])

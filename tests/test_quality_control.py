@@ -85,6 +85,31 @@ def test_a_3_degree_shift_at_one_of_five_stations_is_found_within_days_and_mostl
     assert not others.to_numpy().any()  # the neighbours of a faulty station are not blamed
 
 
+@pytest.mark.parametrize("size", [15.0, 25.0, -20.0])  # far beyond the weather: a sensor gone to °F, a lost sign
+def test_a_shift_far_beyond_the_weather_is_flagged_throughout_and_removed(settings, size):
+    observed = network()
+    clean = observed.copy()
+    start, length = TEST_FROM + 40, 40
+    observed.iloc[start: start + length, 2] += size
+    _, result = verdict(observed, settings)
+    assert faults(result)["S2"].iloc[start: start + length].all()
+    left = (result["repaired"]["S2"] - clean["S2"]).iloc[start: start + length]
+    assert left.abs().mean() < 1.0
+    assert not faults(result).drop(columns="S2").iloc[start: start + length].to_numpy().any()
+
+
+@pytest.mark.parametrize("gap", [3, 4])
+def test_a_burst_of_spikes_that_each_return_is_not_taken_for_a_shift(settings, gap):
+    observed = network()
+    days = [TEST_FROM + 50 + gap * i for i in range(5)]
+    observed.iloc[days, 1] += 10.0
+    _, result = verdict(observed, settings)
+    flag = result["flag"]["S1"]
+    assert (flag.iloc[days] == "spike").all()
+    around = flag.iloc[TEST_FROM + 40: days[-1] + 40].drop(flag.index[days])
+    assert not around.isin(qc.KINDS).any()
+
+
 def test_spikes_and_stuck_runs_are_flagged_and_repaired_by_the_expected_value(settings):
     observed = network()
     clean = observed.copy()
@@ -110,6 +135,49 @@ def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
     for name in ("flag", "confidence", "repaired", "expected"):
         pd.testing.assert_frame_equal(before[name].iloc[: day + 1], after[name].iloc[: day + 1])
     assert not before["flag"].iloc[day + 1:].equals(after["flag"].iloc[day + 1:])
+
+
+@pytest.mark.parametrize("next_day", [0.0, 10.0])  # a spike the next day returns from, or a shift's first day
+def test_flags_up_to_a_day_never_depend_on_the_next_readings_after_a_fault(settings, next_day):
+    observed = network()
+    detector = qc.learn(observed, learning_days(observed), settings)
+    spike = TEST_FROM + 60
+    observed.iloc[[spike - 9, spike - 5, spike], 1] += 10.0
+    observed.iloc[spike + 1: spike + 20, 1] += next_day
+    observed.iloc[spike - 3: spike + 3, 3] = observed.iloc[spike - 4, 3]  # a stuck run at another station
+    whole = qc.detect(observed, detector)
+    assert whole["flag"].iloc[spike, 1] == "spike"
+    for day in range(spike - 10, spike + 4):
+        readings = observed.copy()
+        readings.iloc[day + 1:] = np.nan
+        cut = qc.detect(readings, detector)
+        for name in ("flag", "confidence", "repaired"):
+            pd.testing.assert_frame_equal(cut[name].iloc[: day + 1], whole[name].iloc[: day + 1])
+
+
+@pytest.mark.parametrize("shape, lags", [("step", qc.STEP_LAGS), ("ramp", qc.RAMP_LAGS)])
+def test_the_change_tests_on_a_day_take_its_innovations_as_known_that_day(shape, lags):
+    rng = np.random.default_rng(3)
+    days = pd.date_range("2021-01-01", periods=120, freq="D")
+    departure = pd.DataFrame(rng.normal(0, 1, (120, 2)), index=days, columns=["a", "b"])
+    departure.iloc[[40, 70], 0] += 9.0  # spikes the next day returns from
+    departure.iloc[60:, 0] += np.linspace(0, 6, 60)  # and a drift under them
+    flag = pd.DataFrame("none", index=days, columns=departure.columns)
+    flag.iloc[[40, 70], 0] = "spike"
+    flag.iloc[50:53, 1] = "stuck"
+    persistence = pd.Series(0.4, index=departure.columns)
+
+    def evidence(upto: int) -> np.ndarray:
+        known = departure.iloc[: upto + 1]
+        innovation = qc._innovation(known, persistence, pd.Series(1.0, index=known.columns))
+        explained = qc.explained_readings(flag.iloc[: upto + 1], known)
+        summed, latest = qc.explained_innovations(innovation, known, explained)
+        return qc.change_evidence(summed, persistence, lags, shape, latest=latest)[0].to_numpy()
+
+    whole = evidence(len(days) - 1)
+    assert qc.explained_readings(flag, departure).iloc[[40, 70], 0].tolist() == [2, 2]
+    for day in range(35, 80):
+        np.testing.assert_allclose(evidence(day)[-1], whole[day], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("verdict_block", [qc.VERDICT_BLOCK, 2])  # the change tests on threads; the whole verdict

@@ -86,8 +86,9 @@ def test_a_3_degree_shift_at_one_of_five_stations_is_found_within_days_and_mostl
 
 
 @pytest.mark.parametrize("size", [15.0, 25.0, -20.0])  # far beyond the weather: a sensor gone to °F, a lost sign
-def test_a_shift_far_beyond_the_weather_is_flagged_throughout_and_removed(settings, size):
-    observed = network()
+@pytest.mark.parametrize("n_stations", [3, 5])  # with 3, each neighbour's median of lines is a mean, half the fault
+def test_a_shift_far_beyond_the_weather_is_flagged_throughout_and_removed(settings, size, n_stations):
+    observed = network(n_stations)
     clean = observed.copy()
     start, length = TEST_FROM + 40, 40
     observed.iloc[start: start + length, 2] += size
@@ -229,6 +230,19 @@ def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else
     np.testing.assert_allclose(expected["S1"], s1, rtol=0, atol=1e-12)
     assert expected[["S2", "S3", "S4"]].isna().all().all()  # a neighbour not in the table, none, unknown
     pd.testing.assert_frame_equal(expected, qc.expected_anomaly(anomaly, neighbours))  # the same bytes
+
+
+def test_the_nearest_line_distance_is_to_the_closest_neighbour_line_that_day():
+    anomaly = pd.DataFrame({"S0": [1.0, 2.0, 3.0, np.nan], "S1": [1.0, np.nan, 9.0, 0.0],
+                            "S2": [4.0, 2.5, np.nan, np.nan]})
+    line = {"weight": None, "slope": 1.0, "intercept": 0.0}
+    neighbours = {"S0": {"constant": None, "buddies": [{"station": "S1", **line}, {"station": "S2", **line}]},
+                  "S1": {"constant": None, "buddies": [{"station": "S0", **line, "slope": 2.0}]},
+                  "S2": {"constant": None, "buddies": []}}
+    distance = qc.nearest_line_distance(anomaly, neighbours)
+    np.testing.assert_allclose(distance["S0"], [0.0, 0.5, 6.0, np.nan])  # |S0 - S1|, |S0 - S2|: the smaller
+    np.testing.assert_allclose(distance["S1"], [1.0, np.nan, 3.0, np.nan])  # |S1 - 2 S0|
+    assert distance["S2"].isna().all()  # no neighbours
 
 
 class BlockedPool(compute.Threads):

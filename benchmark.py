@@ -274,7 +274,7 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
           + f"{'ideal drift':>14}{'weather':>9}{'false flags':>13}{'MAE network / none':>21}")
     pooled = {kind: np.zeros(3) for kind in NETWORK_KINDS}  # true flags, flags, fault days
     false_flags = 0
-    by_error = {kind: 0 for kind in NETWORK_KINDS}
+    by_error = {kind: np.zeros((2, len(ERROR_BANDS) + 1), dtype=int) for kind in NETWORK_KINDS}  # days, flagged
     ideal_pooled = {threshold: np.zeros(3) for threshold in IDEAL_THRESHOLDS}
     for seed, stations in networks:
         result = run_network(seed, stations)
@@ -285,7 +285,7 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
             pooled[kind] += [round((score["recall"] or 0.0) * score["days"]), score["flagged"], score["days"]]
             cells += f"{score['f1']:>13.3f}" if score["days"] else f"{'-':>13}"
         for kind, counts in result["by_error"].items():
-            by_error[kind] = by_error[kind] + counts
+            by_error[kind] += counts
         for threshold, count in result["ideal"].items():
             ideal_pooled[threshold] += count
         mae = "{:.3f} / {:.3f}".format(*(result[detector]["forecast"]["truth"]["all_stations"]["model"]["mae"]

@@ -589,8 +589,8 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
         coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),
                                {station: _neighbours_shape(coefs, neighbours[station], seen, typical)
                                 for station in short})
-    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None,
-                                    threads)["departure"]
+    departure = _network_departures(values, climatology_at(coefs, values.index, values.columns), neighbours,
+                                    None, threads)["departure"]
     # A fault the detector missed in some season biases that season's climatology; against the
     # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it
     # (only its level where the station has not seen the whole year).
@@ -598,8 +598,8 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
                             robust_seasonal_fit(departure.loc[:, ~seen], harmonics=0)], axis=1)
     del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
-    departure = _network_departures(values, {"climatology": coefs, "neighbours": neighbours}, None,
-                                    threads)["departure"]
+    departure = _network_departures(values, climatology_at(coefs, values.index, values.columns), neighbours,
+                                    None, threads)["departure"]
     departure_scale = _robust_scale(departure)
     persistence = _lag_one_correlation(departure, departure_scale, threads)
     innovation = _innovation(departure, persistence, departure_scale)
@@ -783,13 +783,13 @@ def mean_since(values: pd.DataFrame, lag: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(mean, index=values.index, columns=values.columns)
 
 
-def _network_departures(observed: pd.DataFrame, model: dict, leave_out: pd.DataFrame | None, threads: int = 1
-                         ) -> dict:
-    """Expected value and departure of every reading, from the neighbours' readings (less ``leave_out``)."""
-    climatology = climatology_at(model["climatology"], observed.index, observed.columns)
+def _network_departures(observed: pd.DataFrame, climatology: pd.DataFrame, neighbours: dict[str, dict],
+                        leave_out: pd.DataFrame | None, threads: int = 1) -> dict:
+    """Expected value and departure of every reading (its ``climatology`` plus the anomaly its
+    ``neighbours`` predict), from the neighbours' readings (less ``leave_out``)."""
     anomaly = observed - climatology
     buddies = anomaly if leave_out is None else anomaly.mask(leave_out)
-    expected = climatology + expected_anomaly(buddies, model["neighbours"], threads)
+    expected = climatology + expected_anomaly(buddies, neighbours, threads)
     return {"expected": expected, "departure": observed - expected}
 
 
@@ -820,20 +820,20 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     stations = observed.columns
     coefs = pd.DataFrame({s: e["climatology"] for s, e in detector["stations"].items()
                           if "climatology" in e and s in stations})
-    model = {"climatology": coefs.reindex(columns=[s for s in stations if s in coefs]),
-             "neighbours": {s: e["neighbours"] for s, e in detector["stations"].items()}}
+    climatology = climatology_at(coefs.reindex(columns=[s for s in stations if s in coefs]), observed.index,
+                                 stations)
+    neighbours = {s: e["neighbours"] for s, e in detector["stations"].items()}
     detector = {**detector, "onsets": onsets}
     facts = facts if facts is not None else reading_facts(observed, detector["window"])
     threads = local_threads(pool)
     beyond_weather = None
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
-        anomaly = observed - climatology_at(model["climatology"], observed.index, observed.columns)
-        beyond_weather = nearest_line_distance(anomaly, model["neighbours"]) \
-            > BEYOND_WEATHER * _station_table(detector, observed.columns, "departure_scale")
-    result = _classify(observed, facts, detector, _network_departures(observed, model, beyond_weather, threads),
-                       pool)
+        beyond_weather = nearest_line_distance(observed - climatology, neighbours) \
+            > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale")
+    result = _classify(observed, facts, detector,
+                       _network_departures(observed, climatology, neighbours, beyond_weather, threads), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
-        network = _network_departures(observed, model, result["flag"].isin(KINDS), threads)
+        network = _network_departures(observed, climatology, neighbours, result["flag"].isin(KINDS), threads)
         explained = explained_readings(result["flag"], network["departure"])
         result = _classify(observed, {**facts, "explained": explained}, detector, network, pool)
     return result
@@ -904,10 +904,11 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
         per_station[key] for key in STATION_KEYS)
     z = departure / scale
     innovation_z = innovation / innovation_scale
-    summed, latest = (innovation, None) if "explained" not in tables else \
-        explained_innovations(innovation, departure, tables["explained"])
-    calm, latest = ((None if table is None else (table / innovation_scale).div(day, axis=0))
-                    for table in (summed, latest))
+    summed, latest = innovation, None
+    if "explained" in tables:
+        summed, latest = explained_innovations(innovation, departure, tables["explained"])
+        latest = (latest / innovation_scale).div(day, axis=0)
+    calm = (summed / innovation_scale).div(day, axis=0)
     step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", pool, latest)
     ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", pool, latest)
     drifting = ramp_z.abs() > step_z.abs()

@@ -22,20 +22,26 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
-from errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Busy, PipelineError
+from errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError
 from params import DEFAULT_PARAMS, STAGES
-from storage import ROOT, Paths
+from storage import ROOT, Paths, check_project_layout, pid_alive, write_bytes
 
 log = logging.getLogger("pipeline")
 MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
 INHERITED_LOCK = "PIPELINE_LOCK_FD"
+PIPELINE_PID = "PIPELINE_PID"  # the pipeline.sh process that started this stage
 GO = "go"  # the line that starts a stage waiting with --wait-for-go
-
-EXIT_TERMINATED = 143
+MAX_THREADS = 1024
+# Signals that stop a stage cleanly, each ending it with 128 + the signal's number, as a shell reports it.
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
 class Terminated(Exception):
-    """SIGTERM arrived: stop like Ctrl-C, cleaning up temporary files on the way out."""
+    """SIGTERM or SIGHUP arrived: stop like Ctrl-C, cleaning up temporary files on the way out."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(STOP_SIGNALS.get(signum, "terminated"))
+        self.signum = signum
 
 
 def work_threads(chunks: int) -> int:
@@ -65,7 +71,10 @@ def thread_budget(spinning: bool = False) -> tuple[int, str]:
     import time
 
     chosen = os.environ.get("PIPELINE_THREADS", "")
-    if chosen.isdigit() and int(chosen) > 0:
+    if chosen:
+        if not (chosen.isascii() and chosen.isdigit() and 1 <= int(chosen) <= MAX_THREADS):
+            raise PipelineError(f"PIPELINE_THREADS={chosen[:20]!r} must be a whole number from 1 to {MAX_THREADS} "
+                                "(or unset, to use the idle CPUs)")
         return int(chosen), "PIPELINE_THREADS"
     cpus = usable_cpus()
     try:
@@ -110,6 +119,41 @@ def _busy_jiffies() -> float:
     ticks = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle, iowait = ticks[3], ticks[4]
     return sum(ticks[:8]) - idle - iowait  # user, nice, system, irq, softirq and steal
+
+
+# The largest stage's peak per station-step of the days x stations table, measured with benchmark.py (stage 3
+# at 1,000 and 10,000 stations x 10 years: 1.8 GB per 3.65 M station-days), rounded up.
+PEAK_BYTES_PER_STATION_STEP = 520
+
+
+def check_memory(station_steps: int, what: str) -> None:
+    """Refuse, before any work, a network whose largest stage would need more memory than this machine has
+    free (a MemoryError or the kernel's out-of-memory killer would otherwise end it part-way)."""
+    needed = station_steps * PEAK_BYTES_PER_STATION_STEP
+    free = available_memory()
+    if free is not None and needed > free:
+        raise PipelineError(f"{what} is {station_steps:,} station-steps: about {needed / 2**30:.1f} GiB for the "
+                            f"largest stage, and {free / 2**30:.1f} GiB is free here; run fewer stations or years, "
+                            "or on a machine with more memory")
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: the system's available memory, or its control group's limit
+    less what the group uses, whichever is lower; None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def release_memory(collect: bool = True) -> None:
@@ -201,30 +245,48 @@ def project_lock(root: Path) -> Iterator[None]:
     """Hold the project's lock for the duration, or raise Busy naming the run that holds it.
 
     A descriptor inherited from pipeline.sh counts only if it really is the
-    locked lock file of this project.
+    locked lock file of this project. The lock file is opened without following
+    a link and without blocking, so a link or a FIFO planted in its place is
+    refused rather than written through or waited on.
     """
     import fcntl
 
-    lock_path = Paths(root).lock
+    paths = Paths(root)
     inherited = os.environ.get(INHERITED_LOCK, "")
-    if inherited.isdigit() and _is_lock_file(int(inherited), lock_path):
+    if inherited.isdigit() and _is_lock_file(int(inherited), paths.lock):
         yield
         return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a")
+    paths.logs.mkdir(parents=True, exist_ok=True)
     try:
+        fd = os.open(paths.lock, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        raise PipelineError(f"{paths.lock}: cannot open the project's lock ({exc.strerror}); if it is a link or "
+                            f"not a regular file, remove it (rm -r {paths.lock})") from None
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PipelineError(f"{paths.lock}: not a regular file; remove it (rm -r {paths.lock})")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid_file = lock_path.parent / ".pipeline.pid"
-            holder = "".join(c for c in pid_file.read_text(errors="replace")[:20] if c.isdigit()) \
-                if pid_file.is_file() else ""
-            holder = holder or "unknown"
-            raise Busy(f"another run (pid {holder}) is using {root}; retry when it has finished") from None
-        (lock_path.parent / ".pipeline.pid").write_text(f"{os.getpid()}\n")
+            raise Busy(busy_message(paths)) from None
+        write_bytes(paths.pid_file, f"{os.getpid()}\n".encode())  # a new file renamed in: never through a link
         yield
     finally:
-        handle.close()  # closing the descriptor releases the lock
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def busy_message(paths: Paths) -> str:
+    """Who holds the lock, as far as the pid file tells; a stage of a run whose pipeline has ended (killed
+    outright) may still be stopping."""
+    text = ""
+    if paths.pid_file.is_file() and not paths.pid_file.is_symlink():
+        text = paths.pid_file.read_text(errors="replace")[:20]
+    holder = "".join(c for c in text if c.isascii() and c.isdigit())
+    ended = " (that process has ended; a stage it started is still stopping)" \
+        if holder and not pid_alive(int(holder)) else ""
+    return f"another run (pid {holder or 'unknown'}) is using {paths.root}{ended}; retry when it has finished"
 
 
 def _is_lock_file(fd: int, lock_path: Path) -> bool:
@@ -239,8 +301,41 @@ def _is_lock_file(fd: int, lock_path: Path) -> bool:
         return False
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated
+def _on_stop_signal(signum: int, frame: object) -> None:
+    """Stop once: a second signal (Ctrl-C reaches the stage and pipeline.sh passes it on too) must not cut
+    the clean-up of the first short."""
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def _stop_with_the_pipeline() -> None:
+    """Under pipeline.sh, have the kernel send SIGTERM to this stage when the pipeline's process ends, even
+    by SIGKILL: the stage then stops cleanly and frees the lock instead of running on, orphaned, holding it."""
+    parent = os.environ.get(PIPELINE_PID, "")
+    if INHERITED_LOCK not in os.environ or not (parent.isascii() and parent.isdigit()):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the pipeline ended before the request took effect
+        raise Terminated(signal.SIGTERM)
+
+
+def project_root(root: Path) -> Path:
+    """``--root`` as an existing folder, resolved; PipelineError for anything else (it is never created)."""
+    try:
+        resolved = root.resolve(strict=True)
+    except FileNotFoundError:
+        raise PipelineError(f"--root {root}: folder not found") from None
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise PipelineError(f"--root {root}: cannot be resolved ({getattr(exc, 'strerror', None) or exc})") from None
+    if not resolved.is_dir():
+        raise PipelineError(f"--root {root}: not a folder")
+    return resolved
 
 
 def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
@@ -260,34 +355,49 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_Formatter(stage))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # A background job of a non-interactive shell starts with SIGINT ignored; Ctrl-C must stop it all the same.
+    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS}
     try:
         failed_import = None
         if getattr(args, "wait_for_go", False):
             try:
+                _stop_with_the_pipeline()
                 failed_import = load_ahead(imports)
                 if not wait_for_go():
                     return EXIT_OK
             except (KeyboardInterrupt, Terminated) as exc:
-                return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+                if not told_to_go():  # a stage started ahead that was never to run ends without a word
+                    return 128 + _signal_of(exc)
+                return _stopped(args, stage, exc)
         try:
             if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
                 raise failed_import
+            _stop_with_the_pipeline()
+            args.root = project_root(args.root)
+            check_project_layout(Paths(args.root))
             with project_lock(args.root):
                 main(args)
         except PipelineError as exc:
             return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
         except (KeyboardInterrupt, Terminated) as exc:
-            code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
-            return _fail(args, f"{stage}: stopped ({'interrupted' if code == EXIT_INTERRUPTED else 'terminated'}); "
-                               "files it already replaced are complete, and the manifest still describes the "
-                               "previous run until it finishes", code)
+            return _stopped(args, stage, exc)
         except Exception as exc:  # the one place that turns bugs into a clear line
             return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
                                "(rerun with --debug for the traceback)", EXIT_INTERNAL)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return EXIT_OK
+
+
+def _signal_of(stop: BaseException) -> int:
+    return stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+
+
+def _stopped(args: argparse.Namespace, stage: str, stop: BaseException) -> int:
+    signum = _signal_of(stop)
+    return _fail(args, f"{stage}: stopped ({STOP_SIGNALS[signum]}); files it already replaced are complete, and "
+                       "the manifest still describes the previous run until it finishes", 128 + signum)
 
 
 def load_ahead(modules: list[str] | tuple[str, ...]) -> Exception | None:
@@ -306,6 +416,17 @@ def load_ahead(modules: list[str] | tuple[str, ...]) -> Exception | None:
 def wait_for_go() -> bool:
     """Block until a line arrives on stdin; whether it says ``GO``."""
     return sys.stdin.readline().strip() == GO
+
+
+def told_to_go() -> bool:
+    """Whether ``GO`` is waiting on stdin, unread (a stage stopped while it still imported had been told
+    to run, and reports its stop)."""
+    import select
+
+    try:
+        return bool(select.select([sys.stdin], [], [], 0)[0]) and wait_for_go()
+    except (OSError, ValueError):
+        return False
 
 
 def exit_now(code: int) -> NoReturn:
@@ -350,19 +471,31 @@ class _Formatter(logging.Formatter):
 
 def up_to_date(argv: list[str] | None = None) -> int:
     """``python cli.py STAGE --params P [--root R]``: exit 0 when the stage need not run again, else 1;
-    prints the reason either way. pipeline.sh asks this before every stage (unless --force)."""
-    import manifest
-    from params import load_params
+    prints the reason either way. pipeline.sh asks this before every stage (unless --force).
 
+    ``python cli.py layout [--root R]``: exit 0 when the project's own folders can be written safely, else
+    2 with the reason; pipeline.sh asks this before it takes the lock."""
     parser = argparse.ArgumentParser(description="Whether a stage's record in the manifest still holds.")
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=[*STAGES, "layout"])
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
+    if args.stage == "layout":
+        try:
+            check_project_layout(Paths(project_root(args.root)))
+        except PipelineError as exc:
+            print(f"pipeline: error: {one_line(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        return EXIT_OK
     try:
+        import manifest
+        from params import load_params
+
         reason = manifest.why_stale(Paths(args.root), args.stage, load_params(args.params))
     except PipelineError as exc:  # the stage itself will report it properly
         reason = one_line(str(exc))
+    except Exception as exc:  # never a traceback in the log: the stage runs and reports what it finds
+        reason = one_line(f"its record could not be checked: {type(exc).__name__}")
     print(f"{args.stage}: up to date" if reason is None else f"{args.stage}: runs ({reason})")
     return 0 if reason is None else 1
 

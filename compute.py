@@ -27,11 +27,15 @@ from typing import Any
 
 import cli
 from errors import PipelineError
-from params import LOCAL_CLUSTER
+from params import LOCAL_CLUSTER, SCHEDULER_ADDRESS
+from storage import Paths
 
 log = logging.getLogger("pipeline")
 
 CONNECT_SECONDS = 20
+GREETING_SECONDS = 10  # a Dask scheduler sends its handshake as soon as a connection is made
+MAX_GREETING_BYTES = 1 << 24  # the handshake is a small message; a larger length is not Dask's
+DEFAULT_SCHEDULER_PORT = 8786
 # How long a stage waits with no worker connected before it gives up, and how often it looks.
 NO_WORKERS_SECONDS = 120.0
 POLL_SECONDS = 2.0
@@ -250,6 +254,7 @@ def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
             log.info("Dask LocalCluster of %d worker process(es) at %s", workers, cluster.scheduler_address)
             yield client
         return
+    check_greeting(scheduler)
     try:
         client = distributed.Client(scheduler, timeout=f"{CONNECT_SECONDS}s")
     except (OSError, TimeoutError) as exc:
@@ -258,6 +263,38 @@ def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
     with client:
         log.info("Dask scheduler %s with %d worker(s)", scheduler, len(client.scheduler_info()["workers"]))
         yield client
+
+
+def check_greeting(address: str) -> None:
+    """Refuse an address where no Dask scheduler answers, before Dask's client connects: that client waits
+    for the handshake without a limit (a server that accepts and says nothing hung the stage), and reads any
+    other server's first bytes as a message length (an HTTP server's made it allocate exbibytes)."""
+    import re
+    import socket
+    import struct
+
+    parts = re.fullmatch(SCHEDULER_ADDRESS, address)
+    if parts is None:  # not an address params.py lets through: Dask's client judges it
+        return
+    host, port = parts.group(1).strip("[]"), int(parts.group(3)[1:]) if parts.group(3) else DEFAULT_SCHEDULER_PORT
+    where = f"the Dask scheduler at {address} (compute.scheduler)"
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_SECONDS) as connection:
+            connection.settimeout(GREETING_SECONDS)
+            greeting = b""
+            while len(greeting) < 8:
+                part = connection.recv(8 - len(greeting))
+                if not part:
+                    break
+                greeting += part
+    except TimeoutError:
+        raise PipelineError(f"{where} is not one, or is stuck: nothing came back within {GREETING_SECONDS} s of "
+                            "connecting, and a scheduler greets at once") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot reach {where}: {exc.strerror or exc}") from None
+    if len(greeting) < 8 or not 0 < struct.unpack("<Q", greeting)[0] <= MAX_GREETING_BYTES:
+        shown = repr(greeting.decode("ascii", errors="replace")) if greeting else "nothing before closing"
+        raise PipelineError(f"{where} is not a Dask scheduler: it answered {shown}")
 
 
 def _check_workers(client: Any, root: Path, scheduler: str) -> None:
@@ -271,10 +308,11 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
         raise PipelineError(f"the Dask scheduler {scheduler} cannot use this project's code from {CODE} "
                             f"({scheduler_code}); start it with PYTHONPATH={CODE} (README, \"More than one machine\")")
     token = uuid.uuid4().hex
-    probe = root / f".compute-check-{token}"
+    probe = Paths(root).logs / f".compute-check-{token}"  # beside the lock: a folder the pipeline owns
+    probe.parent.mkdir(exist_ok=True)
     probe.write_text(token)
     try:
-        seen = client.run(worker_view, str(root), probe.name, on_error="return")
+        seen = client.run(worker_view, str(probe.parent), probe.name, on_error="return")
     finally:
         probe.unlink(missing_ok=True)
     for worker, view in sorted(seen.items()):

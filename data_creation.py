@@ -31,7 +31,6 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import io
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -329,7 +328,11 @@ def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resoluti
 
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
-DROP_REASONS = ["missing_value", "bad_date", "future_date", "not_a_number", "impossible", "conflicting_duplicate"]
+DROP_REASONS = ["missing_value", "bad_date", "future_date", "ancient_date", "not_a_number", "impossible",
+                "conflicting_duplicate"]
+# No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
+# station's days x stations table over centuries.
+EARLIEST_DATE = "1700-01-01"
 
 
 def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -> tuple[pd.DataFrame, dict]:
@@ -337,7 +340,7 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
 
     Rows with no date matching ``date_format``, a date after today (no record
     can hold a reading from the future, and one such row would move the test
-    period for every station), no reading, a reading that is not a number or is
+    period for every station) or before ``EARLIEST_DATE``, no reading, a reading that is not a number or is
     outside [min_temp, max_temp] are dropped; of rows sharing a
     date, one is kept if they agree and none if they disagree (which one is
     right cannot be known). A file that cannot be read at all raises PipelineError.
@@ -356,10 +359,12 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
         values = (values - 32.0) * 5.0 / 9.0 if imp["unit"] == "F" else values
     impossible = ~missing & ~not_number & ~values.between(min_temp, max_temp)
     future = dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()
-    bad_date = dates.isna() | future
+    ancient = dates < pd.Timestamp(EARLIEST_DATE)
+    bad_date = dates.isna() | future | ancient
     reasons = {
         "bad_date": dates.isna(),
         "future_date": future,
+        "ancient_date": ancient,
         "missing_value": ~bad_date & missing,
         "not_a_number": ~bad_date & not_number,
         "impossible": ~bad_date & impossible,
@@ -432,7 +437,7 @@ def infer_frequency(dates: pd.DatetimeIndex) -> str:
 
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
-    text = storage.read_text_file(path)
+    text = storage.read_text_file(path, imp["delimiter"])
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
                             skipinitialspace=True, on_bad_lines="error")
@@ -504,6 +509,9 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
         log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
                  _describe(report[path.stem]))
     frequency = common_frequency(report, data["frequency"], folder)
+    first, last = min(t["date"].iat[0] for t in stations.values()), max(t["date"].iat[-1] for t in stations.values())
+    cli.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),
+                     f"{len(stations)} stations from {first.date()} to {last.date()} in {folder}")
     for entry in report.values():  # a one-reading file takes the step of the others
         entry["frequency"] = frequency
     parts, cutoff = split_in_time(stations, data["test_steps"], data["holdout_stations"], frequency)
@@ -544,6 +552,8 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
 def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
     """Simulate the network into ``staging``; returns the inputs (none), the source record and a summary."""
     data, sim = params["data"], params["simulation"]
+    cli.check_memory(sim["n_stations"] * (sim["n_years"] * 365 + sim["n_years"] // 4),
+                     f"simulation.n_stations = {sim['n_stations']} x simulation.n_years = {sim['n_years']}")
     simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
     write_station_files(staging, simulation, data["test_steps"], sim["resolution"],
                         pool if pool.cluster else compute.Threads(cli.work_threads(_chunks(sim["n_stations"]))))
@@ -574,9 +584,12 @@ def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
     folder = params.source_folder
+    if folder is not None and paths.owns(folder):  # the swap below would replace the user's files with ours
+        raise PipelineError(f"data.source = {params['data']['source']!r} is {folder}, inside a folder the pipeline "
+                            "writes and replaces; keep your station files elsewhere (e.g. own/ beside params.toml)")
 
     staging = paths.data / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         try:
             for name in ("train", "test", "truth"):
@@ -589,10 +602,12 @@ def main(args) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 storage.replace_folder(staging / name, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.remove_tree(staging)
     storage.write_json(paths.source_record, source)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
-    manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record], first=True)
+    manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record],
+                          folders=[*([folder] if folder is not None else []), paths.train_raw, paths.test_raw,
+                                   paths.truth])
 
     log.info("%s", summary)
     log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.source_record)

@@ -7,7 +7,8 @@ EXIT_INTERNAL = 1  # a bug or an unexpected environment problem
 EXIT_BAD_INPUT = 2  # bad data, parameters, arguments or artifacts: the user can fix it
 EXIT_GATE = 3  # the model was built but failed the quality gate
 EXIT_BUSY = 4  # another run holds the project's lock
-EXIT_INTERRUPTED = 130
+# 128 + N: stopped by signal N (129 SIGHUP, 130 SIGINT or Ctrl-C, 143 SIGTERM), cleanly; 137 (SIGKILL) is the
+# one such stop a process cannot clean up after, e.g. the kernel's out-of-memory killer.
 
 
 class PipelineError(Exception):

@@ -34,9 +34,15 @@ CALENDAR_FEATURES = ["doy_sin", "doy_cos"]
 FEATURES = [*STATION_FEATURES, *CALENDAR_FEATURES]
 
 
+# The least spread a row may have: a station whose readings stood still for 60 days (a stuck sensor the
+# detector did not repair, or detection off) would otherwise divide residuals by zero.
+MIN_SPREAD = 0.01
+
+
 def spread(repaired: Any) -> Any:
-    """``change_sd60``: the standard deviation of the last 60 day-to-day changes (at least 20 of them)."""
-    return repaired.diff().rolling(60, min_periods=20).std()
+    """``change_sd60``: the standard deviation of the last 60 day-to-day changes (at least 20 of them), and
+    at least ``MIN_SPREAD``."""
+    return repaired.diff().rolling(60, min_periods=20).std().clip(lower=MIN_SPREAD)
 
 
 def mean_change(values: Any) -> Any:

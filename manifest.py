@@ -8,8 +8,10 @@ rewrite its hash too. Model files are pickles, and unpickling can run code, so
 every pickle a stage writes is also signed with HMAC-SHA256 under a secret key
 kept outside the project folder (``~/.config/station-pipeline/signing.key``,
 created on first use, readable by its owner only; ``PIPELINE_SIGNING_KEY``
-names another file). No pickle is unpickled, promoted or restored unless its
-signature checks. Someone who can write the project folder but cannot read the
+names another file, which must also be outside the project and readable by its
+owner only). No pickle is unpickled, promoted or restored unless its signature
+checks, and a stage whose pickles no longer check under this machine's key is
+not up to date. Someone who can write the project folder but cannot read the
 key cannot make the pipeline run their code.
 """
 
@@ -22,15 +24,21 @@ import json
 import os
 import platform
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 from errors import PipelineError
-from storage import Paths, check_regular_file, sha256_file, write_json
+from params import STAGES
+from storage import ROOT, Paths, check_regular_file, sha256_file, write_json
 
 KEY_ENVIRONMENT = "PIPELINE_SIGNING_KEY"
 DEFAULT_KEY = Path("~/.config/station-pipeline/signing.key")
 SIGNED_SUFFIXES = (".joblib",)  # the files whose loading can run code
+# What why_stale says of each kind of record that no longer holds.
+CHANGE_WORDS = {"inputs": "{} changed since it ran", "outputs": "{} changed since it ran",
+                "listings": "files were added to or removed from {} since it ran",
+                "links": "{} no longer points where it did", "signatures": "{} is not signed with this machine's key"}
 
 
 # ------------------------------------------------------------------------ signatures
@@ -44,13 +52,14 @@ def signing_key() -> bytes:
     """The secret key, created (32 random bytes, mode 0600) the first time it is needed."""
     path = key_path()
     try:
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(secrets.token_bytes(32))
                 handle.flush()
                 os.fsync(handle.fileno())
+        check_key_file(path)
         key = path.read_bytes()
     except FileExistsError:  # another process created it a moment ago
         key = path.read_bytes()
@@ -61,6 +70,24 @@ def signing_key() -> bytes:
         raise PipelineError(f"{path}: the model-signing key is damaged (shorter than 16 bytes); delete it and "
                             "rerun ./pipeline.sh")
     return key
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a key that would not keep a secret: inside the project (it would travel with the models it
+    signs), readable or writable by others, or not a regular file (a FIFO would hang the stage)."""
+    try:
+        check_regular_file(path, limit=1 << 16)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}, where the model-signing key should be; set {KEY_ENVIRONMENT} to a file "
+                            "outside the project that only you can read") from None
+    resolved = path.resolve()
+    if resolved == ROOT or ROOT in resolved.parents:
+        raise PipelineError(f"{path}: the model-signing key is inside the project ({ROOT}), where it would travel "
+                            f"with the models it signs; set {KEY_ENVIRONMENT} to a file outside it")
+    mode = stat.S_IMODE(resolved.stat().st_mode)
+    if mode & 0o077:
+        raise PipelineError(f"{path}: the model-signing key can be read or written by others (mode {mode:o}); "
+                            f"make it its owner's only (chmod 600 {path})")
 
 
 def signature(path: Path) -> str:
@@ -113,11 +140,11 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
         return {"stages": {}}
     try:
         check_regular_file(paths.manifest)
-        manifest = json.loads(paths.manifest.read_text())
+        manifest = json.loads(paths.manifest.read_text())  # RecursionError: brackets nested thousands deep
         if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) \
                 or not all(isinstance(entry, dict) for entry in manifest["stages"].values()):
             raise ValueError("no valid 'stages'")
-    except (ValueError, UnicodeDecodeError, PipelineError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError, PipelineError) as exc:
         if fresh_if_damaged:
             return {"stages": {}}
         raise PipelineError(f"{paths.manifest}: corrupt manifest ({str(exc)[:100]}); run ./pipeline.sh from the "
@@ -128,9 +155,6 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
 def code_hash(stage: str | None = None) -> str:
     """A hash of the code a stage runs: its script and every shared module beside it (not the other stages);
     with no stage, of every module of the project."""
-    from params import STAGES
-    from storage import ROOT
-
     digest = hashlib.sha256()
     for path in sorted(ROOT.glob("*.py")):
         if stage is None or path.stem == stage or (path.stem not in STAGES and path.name != "benchmark.py"):
@@ -140,7 +164,8 @@ def code_hash(stage: str | None = None) -> str:
 
 def why_stale(paths: Paths, stage: str, params: Any) -> str | None:
     """Why ``stage`` must run again, or None when its record still holds: the parameters it reads, its code,
-    its inputs and its outputs (each by SHA-256) are what it last ran with and wrote."""
+    its inputs and its outputs (each by SHA-256), the listings of the folders it reads or writes whole, the
+    links it made and the signatures of its pickles are what it last ran with and wrote."""
     try:
         entry = read_manifest(paths)["stages"].get(stage)
     except PipelineError:
@@ -153,28 +178,53 @@ def why_stale(paths: Paths, stage: str, params: Any) -> str | None:
         return "its code changed"
     if entry.get("gate_passed") is False:
         return "its last run failed the quality gate"
-    for kind in ("inputs", "outputs"):
-        files = entry.get(kind)
-        if not isinstance(files, dict):
+    checks = {"inputs": _file_changed, "outputs": _file_changed, "listings": _listing_changed,
+              "links": _link_changed, "signatures": _signature_changed}
+    for kind, changed in checks.items():
+        recorded = entry.get(kind, {})
+        if not isinstance(recorded, dict):
             return "its record is damaged"
-        for key, digest in files.items():
+        for key, value in recorded.items():
             path = Path(key) if Path(key).is_absolute() else paths.root / key
-            if not path.is_file() or sha256_file(path) != digest:
-                return f"{key} changed since it ran"
+            if changed(path, value):
+                return CHANGE_WORDS[kind].format(key)
     return None
 
 
+def _file_changed(path: Path, digest: str) -> bool:
+    return path.is_symlink() or not path.is_file() or sha256_file(path) != digest
+
+
+def _listing_changed(folder: Path, names: list[str]) -> bool:
+    return folder.is_symlink() or not folder.is_dir() or listing(folder) != names
+
+
+def _link_changed(link: Path, target: str) -> bool:
+    return not link.is_symlink() or os.readlink(link) != target
+
+
+def _signature_changed(path: Path, expected: str) -> bool:
+    return not isinstance(expected, str) or not path.is_file() or not hmac.compare_digest(signature(path), expected)
+
+
+def listing(folder: Path) -> list[str]:
+    """The names in a folder, sorted, leaving out hidden ones (temporary files, editors' and systems' own)."""
+    return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
+
+
 def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outputs: list[Path],
-                 first: bool = False, gate_passed: bool | None = None) -> None:
-    """Record the SHA-256 of a stage's outputs (and signatures of its pickles), with its inputs, parameters
-    and libraries.
+                 gate_passed: bool | None = None, folders: list[Path] = (), links: list[Path] = ()) -> None:
+    """Record the SHA-256 of a stage's inputs and outputs (and signatures of its pickles), the listing of each
+    folder in ``folders`` (read or written whole: a file added to one or removed makes the stage stale), the
+    target of each link in ``links``, with the parameters and libraries.
 
     Written last, after every output is in place: a stage killed earlier leaves
     the manifest describing the previous run, and the next stage notices. The
-    first stage (``first``) starts a new manifest, dropping every later stage's
-    record, since their outputs no longer match the new data.
+    other stages' records stay: each names its own inputs, so it holds only
+    while those are what it last read (a rerun of an earlier stage that wrote
+    the same bytes reruns nothing after it).
     """
-    manifest = {"stages": {}} if first else read_manifest(paths)
+    manifest = read_manifest(paths, fresh_if_damaged=stage == STAGES[0])
     manifest["stages"][stage] = {
         "params": {"file": str(params.path), "sha256": params.sha256},
         "params_read": params.stage_hash(stage),
@@ -182,6 +232,8 @@ def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outp
         "inputs": {relative(paths, p): sha256_file(p) for p in sorted(inputs)},
         "outputs": {relative(paths, p): sha256_file(p) for p in sorted(outputs)},
         "signatures": {relative(paths, p): signature(p) for p in sorted(outputs) if p.suffix in SIGNED_SUFFIXES},
+        "listings": {relative(paths, folder): listing(folder) for folder in folders},
+        "links": {relative(paths, link, follow=False): os.readlink(link) for link in links if link.is_symlink()},
         "libraries": library_versions(),
     }
     if gate_passed is not None:
@@ -213,7 +265,7 @@ def verify_outputs_of(paths: Paths, stage: str, files: list[Path]) -> None:
             raise PipelineError(f"{path}: does not match its SHA-256 in the manifest "
                                 f"(changed since {stage}.py wrote it); rerun {stage}.py")
     versions = library_versions()
-    if entry["libraries"].get("scikit-learn") != versions["scikit-learn"]:
+    if files and entry["libraries"].get("scikit-learn") != versions["scikit-learn"]:
         raise PipelineError(
             f"{files[0]}: written with scikit-learn {entry['libraries'].get('scikit-learn')}, "
             f"this is {versions['scikit-learn']}; rerun {stage}.py or install requirements.txt")
@@ -230,11 +282,12 @@ def recorded_outputs(paths: Paths, stage: str) -> list[Path]:
     return [paths.root / key for key in entry.get("outputs", {})]
 
 
-def relative(paths: Paths, path: Path) -> str:
-    """A path relative to the project folder; absolute for a file outside it (imported data)."""
+def relative(paths: Paths, path: Path, follow: bool = True) -> str:
+    """A path relative to the project folder; absolute for a file outside it (imported data). ``follow``:
+    a link stands for what it leads to (else for itself)."""
     path = Path(path)
     # A network's thousands of files share a few folders: each folder is resolved once.
-    resolved = path.resolve() if path.is_symlink() else _resolved(path.parent) / path.name
+    resolved = path.resolve() if follow and path.is_symlink() else _resolved(path.parent) / path.name
     try:
         return resolved.relative_to(_resolved(paths.root)).as_posix()
     except ValueError:

@@ -584,7 +584,7 @@ def main(args) -> None:
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
-                          [*outputs, paths.scaler, paths.detector])
+                          [*outputs, paths.scaler, paths.detector], folders=[paths.train_raw, paths.test_raw])
 
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,

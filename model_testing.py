@@ -29,7 +29,6 @@ accepted model is then left as it was.
 from __future__ import annotations
 
 import itertools
-import shutil
 from collections.abc import Iterator
 
 import cli
@@ -372,7 +371,7 @@ def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict,
                  flagged: pd.DataFrame) -> None:
     """reports/: summary.md, predictions.csv and the figures, swapped in as one folder."""
     staged = paths.reports.with_name(".reports.new")
-    shutil.rmtree(staged, ignore_errors=True)
+    storage.remove_tree(staged)
     staged.mkdir(parents=True)
     try:
         names = report.figure_names(frame, evaluation["report_stations"])
@@ -383,7 +382,7 @@ def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict,
         storage.write_bytes(staged / "summary.md", summary.encode())
         storage.replace_folder(staged, paths.reports)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        storage.remove_tree(staged)
     log.info("wrote %s (summary.md, predictions.csv, %d figures)", paths.reports, len(names))
 
 
@@ -397,6 +396,7 @@ def main(args) -> None:
         _, bundle, record = load_verified(paths)
         test = storage.read_table(paths.test_features, TEST_COLUMNS)
         flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
+        manifest.verify_outputs_of(paths, "data_creation", storage.station_files(paths.truth))
         truth = load_truth(paths.truth, sorted(test["station"].unique()))
         if truth is not None:  # checked whole; only the test period's days are scored
             truth = truth[(truth["date"] >= flags["date"].min()).to_numpy()].reset_index(drop=True)
@@ -410,8 +410,9 @@ def main(args) -> None:
     storage.write_json(paths.metrics, metrics)
     flagged = storage.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
     write_report(paths, frame, metrics, source, params["evaluation"], flagged)
-    print(report.console_table(metrics))
-    inputs = [paths.test_features, paths.test_flags, paths.flagged, paths.scaler, paths.model, paths.model_record]
+    print(report.console_table(metrics, source))
+    inputs = [paths.test_features, paths.test_flags, paths.flagged, paths.scaler, paths.model, paths.model_record,
+              *storage.station_files(paths.truth)]
     outputs = [paths.metrics, *sorted(paths.reports.iterdir())]
     if not passed:
         manifest.record_stage(paths, STAGE, params, inputs, outputs, gate_passed=False)
@@ -420,7 +421,11 @@ def main(args) -> None:
                   **manifest.stage_entry(paths, "model_preparation")["signatures"]}
     registry.accept(paths, {path: signatures.get(manifest.relative(paths, path))
                             for path in (paths.scaler, paths.model)})
-    manifest.record_stage(paths, STAGE, params, inputs, outputs, gate_passed=True)
+    links = [paths.accepted, paths.previous]  # the sets they point to: what is accepted is an output too
+    sets = [paths.sets / name for name in (registry.set_of(paths, link) for link in links) if name]
+    manifest.record_stage(paths, STAGE, params, inputs,
+                          [*outputs, *(file for folder in sets for file in sorted(folder.iterdir()))],
+                          gate_passed=True, folders=[paths.truth, paths.reports, paths.sets, *sets], links=links)
     log.info("quality gate passed: %s; accepted into %s", verdict, paths.accepted)
 
 

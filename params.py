@@ -26,24 +26,29 @@ MAX_PARAMS_BYTES = 1 << 20
 
 
 LOCAL_CLUSTER = "local:"
-SCHEDULER_SCHEMES = ("tcp://", "tls://", "ws://", "wss://")
 MAX_LOCAL_WORKERS = 256
+# tcp://host:port, the host a name or an IPv4 address or an IPv6 one in brackets; the port may be left out
+# (Dask's 8786). TLS would need certificates this pipeline does not configure.
+SCHEDULER_ADDRESS = r"tcp://([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
 
 
 def scheduler_problem(value: str) -> str | None:
     """What is wrong with a ``compute.scheduler`` value, or None: "" (this process),
-    "local:N" (a LocalCluster of N worker processes) or a scheduler's address."""
+    "local:N" (a LocalCluster of N worker processes) or a scheduler's address, tcp://host:port."""
+    import re
+
     if value == "":
         return None
     if value.startswith(LOCAL_CLUSTER):
         count = value[len(LOCAL_CLUSTER):]
-        if count.isdigit() and 1 <= int(count) <= MAX_LOCAL_WORKERS:
+        if count.isascii() and count.isdigit() and 1 <= int(count) <= MAX_LOCAL_WORKERS:
             return None
         return f"{value!r}: local:N needs N, the number of worker processes, from 1 to {MAX_LOCAL_WORKERS}"
-    if value.startswith(SCHEDULER_SCHEMES) and len(value.split("://", 1)[1]) > 0:
+    match = re.fullmatch(SCHEDULER_ADDRESS, value)
+    if match and (not match.group(3) or 1 <= int(match.group(3)[1:]) <= 65535):
         return None
     return (f"{value!r} must be empty (run here), 'local:N' (N worker processes on this machine) "
-            "or a scheduler's address such as 'tcp://host:8786'")
+            "or a scheduler's address tcp://host:port, such as 'tcp://10.0.0.5:8786'")
 
 
 # Each parameter: (type, minimum, maximum), (str, allowed values, None), or (str, a function returning

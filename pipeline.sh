@@ -27,11 +27,14 @@ Options:
 Interpreter: \$PYTHON if set, else .venv/bin/python (created with python3, or python,
 and requirements.txt installed on first use). Logs go to logs/pipeline-<time>.log.
 Exit status: that of the first failing stage (1 internal error, 2 bad input,
-3 quality gate failed), $EXIT_BUSY if another run holds the lock, 0 on success.
+3 quality gate failed), $EXIT_BUSY if another run holds the lock, 0 on success;
+128+N when stopped by signal N (129 SIGHUP, 130 SIGINT/Ctrl-C, 143 SIGTERM: the
+running stage stops cleanly; 137 SIGKILL, e.g. the kernel out of memory).
 EOF
 }
 
 die() { echo "pipeline: error: $*" >&2; exit 2; }
+MAX_WAIT=604800  # a week: --wait beyond it is a typo
 
 params="$ROOT/params.toml"
 from="${STAGES[0]}"
@@ -51,9 +54,16 @@ while [ $# -gt 0 ]; do
     *) die "unknown option '$1' (see ./pipeline.sh --help)" ;;
   esac
 done
-[[ "$wait_seconds" =~ ^[0-9]+$ ]] || die "--wait takes whole seconds, got '$wait_seconds'"
-[ -f "$params" ] || die "parameters file not found: $params"
-params="$(cd "$(dirname "$params")" && pwd)/$(basename "$params")"
+[[ "$wait_seconds" =~ ^[0-9]{1,7}$ ]] && [ "$((10#$wait_seconds))" -le "$MAX_WAIT" ] \
+  || die "--wait takes whole seconds from 0 to $MAX_WAIT, got '$wait_seconds'"
+wait_seconds=$((10#$wait_seconds))
+# Every stage reads the parameters file again, each with its own standard input: it must be a file on
+# disk, found by its real path (/dev/stdin would be another stream in each stage).
+[ -e "$params" ] || [ -L "$params" ] || die "parameters file not found: $params"
+[ -d "$params" ] && die "--params $params is a folder, not a parameters file"
+params_real="$(realpath -e -- "$params" 2>/dev/null)" || die "--params $params: cannot be resolved (a link loop or a dangling link)"
+[ -f "$params_real" ] || die "--params $params is not a regular file (a FIFO, device or terminal); give a TOML file"
+params="$params_real"
 start_index=-1
 for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$from" ] && start_index=$i; done
 [ "$start_index" -ge 0 ] || die "unknown stage '$from'; stages are: ${STAGES[*]}"
@@ -82,16 +92,13 @@ setup_venv() {
 if [ -n "${PYTHON:-}" ]; then
   command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an executable"
   py="$PYTHON"
+  # Found, not imported: importing the six would cost every run, a no-op too, more than a second.
   problem="$("$py" -c '
 import sys
 if sys.version_info < (3, 11):
     print("is Python %d.%d; 3.11 or newer is required" % sys.version_info[:2]); raise SystemExit
-missing = []
-for name in ("numpy", "pandas", "sklearn", "joblib", "matplotlib", "pyarrow"):
-    try:
-        __import__(name)
-    except ImportError:
-        missing.append(name)
+from importlib.util import find_spec
+missing = [name for name in ("numpy", "pandas", "sklearn", "joblib", "matplotlib", "pyarrow") if find_spec(name) is None]
 if missing:
     print("lacks " + ", ".join(missing) + "; install requirements.txt into it, or unset PYTHON to use .venv")
 ' 2>&1 | tail -n 1)" || problem="does not run"
@@ -102,8 +109,11 @@ else
 fi
 [ "$setup_only" = 1 ] && exit 0
 
+# The folders the pipeline writes must be its own: a link there would carry its writes and deletes elsewhere.
+"$py" "$ROOT/cli.py" layout --root "$ROOT" || exit $?
 mkdir -p "$ROOT/logs"
 log_file="$ROOT/logs/pipeline-$(date +%Y%m%d-%H%M%S)-$$.log"
+if [ -e "$log_file" ] || [ -L "$log_file" ]; then die "$log_file already exists; a run's log is never written twice"; fi
 say() { printf '%s %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" | tee -a "$log_file"; }
 
 # One run at a time per project folder. flock's lock belongs to this process's
@@ -111,49 +121,68 @@ say() { printf '%s %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" | tee -a "$log_file
 # a killed run never leaves a stale lock behind.
 lock_file="$ROOT/logs/.pipeline.lock"
 exec 9>>"$lock_file"
+pid_file="$ROOT/logs/.pipeline.pid"
 if ! flock -n 9; then
-  holder="$(head -c 20 "$ROOT/logs/.pipeline.pid" 2>/dev/null | tr -cd '0-9' || true)"
-  holder="${holder:-unknown}"
+  holder=""
+  [ -f "$pid_file" ] && [ ! -L "$pid_file" ] && holder="$(head -c 20 "$pid_file" | tr -cd '0-9' || true)"
+  busy="another run (pid ${holder:-unknown}) is using $ROOT"
+  if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
+    busy+=" (that process has ended; a stage it started is still stopping)"
+  fi
   if [ "$wait_seconds" -eq 0 ]; then
-    echo "pipeline: another run (pid $holder) is using $ROOT; retry later or pass --wait SECONDS" >&2
+    echo "pipeline: $busy; retry later or pass --wait SECONDS" >&2
     exit "$EXIT_BUSY"
   fi
-  echo "pipeline: another run (pid $holder) is using $ROOT; waiting up to ${wait_seconds}s for it" >&2
+  echo "pipeline: $busy; waiting up to ${wait_seconds}s for it" >&2
   if ! flock -w "$wait_seconds" 9; then
-    echo "pipeline: gave up after ${wait_seconds}s; the run (pid $holder) still holds $lock_file" >&2
+    echo "pipeline: gave up after ${wait_seconds}s; $lock_file is still held (pid ${holder:-unknown})" >&2
     exit "$EXIT_BUSY"
   fi
 fi
-echo "$$" > "$ROOT/logs/.pipeline.pid"
+# A new file renamed over the old: a link planted there is replaced, never written through.
+echo "$$" > "$pid_file.$$" && mv -fT "$pid_file.$$" "$pid_file"
 export PIPELINE_LOCK_FD=9  # the stages inherit this locked descriptor instead of taking the lock again
+export PIPELINE_PID=$$     # and stop when this process ends, however it ends
 
 # A signal to this script (the pid the busy message names) reaches the running stage, which stops
 # cleanly; the pipeline waits for it, then ends.
-completed=()
+ran=()  # the stages this run ran to the end (skipped ones, up to date, are not among them)
 outcome() {
-  if [ "${#completed[@]}" -eq 0 ]; then
-    echo "no stage of this run completed; the manifest still describes the earlier runs' artifacts. Log: $log_file"
+  if [ "${#ran[@]}" -eq 0 ]; then
+    echo "no stage of this run replaced its outputs; the manifest still describes the earlier runs' artifacts. Log: $log_file"
   else
-    echo "stages completed and replaced their outputs: ${completed[*]}; later stages' artifacts are from earlier runs and the manifest makes the next stage refuse the mix. Log: $log_file"
+    echo "stages that ran and replaced their outputs: ${ran[*]}; later stages' artifacts are from earlier runs and the manifest makes the next stage refuse the mix. Log: $log_file"
   fi
 }
-child=""
+child="" child_stage=""
 stop() {
   local signal_name="$1" code="$2"
   # The signal may come outside the main loop's `set +e` window; the stopped stage's non-zero status
   # must not end this handler before it has said what happened.
   set +e
+  trap '' TERM INT HUP  # one stop at a time
   end_ahead TERM
-  [ -n "$child" ] && kill -s "$signal_name" "$child" 2>/dev/null && wait "$child" 2>/dev/null
+  if [ -n "$child" ]; then
+    kill -s "$signal_name" "$child" 2>/dev/null
+    wait "$child" 2>/dev/null && ran+=("$child_stage")  # it may have finished before the signal reached it
+    wait "${tees[@]}" 2>/dev/null  # its last words reach the terminal and the log before this line
+  fi
   say "pipeline: stopped by SIG$signal_name; $(outcome)"
   exit "$code"
 }
 trap 'stop TERM 143' TERM
 trap 'stop INT 130' INT
+trap 'stop HUP 129' HUP
 
 say "pipeline: start (python $("$py" -c 'import platform; print(platform.python_version())'), params $params, log $log_file)"
-fifos="$(mktemp -d)"
-trap 'rm -rf "$fifos"' EXIT
+# The stages' FIFOs live in the project's logs/, one folder per run; a run killed outright (SIGKILL) leaves
+# its folder, which the next run removes once that run's process is gone.
+for old in "$ROOT"/logs/.fifos-*; do
+  if [ -d "$old" ] && [ ! -L "$old" ] && ! kill -0 "${old##*-}" 2>/dev/null; then rm -rf -- "$old"; fi
+done
+fifos="$ROOT/logs/.fifos-$$"
+rm -rf -- "$fifos" && mkdir -m 700 "$fifos" || die "cannot make $fifos"
+trap 'rm -rf -- "$fifos"' EXIT
 
 # Each stage's interpreter is started while the stage before it works: it imports what its stage needs
 # (--wait-for-go) and waits for a line on its FIFO, "go" to run or "skip" to end, so the imports (most
@@ -194,14 +223,13 @@ for i in "${!run_stages[@]}"; do
   if [ "$force" = 0 ] && verdict="$("$py" "$ROOT/cli.py" "$stage" --params "$params" 2>&1)"; then
     say "$verdict"
     end_ahead
-    completed+=("$stage")
     continue
   fi
   say "stage $stage: start${verdict:+ (${verdict#*: runs (}}"
   stage_start=$(date +%s.%N)
   [ "$ahead" = "$stage" ] || start_ahead "$stage"
   # The stage runs in the background, so a signal to this script can be passed on to it.
-  child="$ahead_pid" tees=("${ahead_tees[@]}")
+  child="$ahead_pid" child_stage="$stage" tees=("${ahead_tees[@]}")
   tell_ahead go
   if [ $((i + 1)) -lt "${#run_stages[@]}" ]; then
     start_ahead "${run_stages[$((i + 1))]}"
@@ -219,7 +247,7 @@ for i in "${!run_stages[@]}"; do
     say "pipeline: FAILED at stage $stage (exit $status); $(outcome)"
     exit "$status"
   fi
-  completed+=("$stage")
+  ran+=("$stage")
 done
 total=$(awk -v a="$pipeline_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 say "pipeline: done in ${total}s. Metrics: $ROOT/models/metrics.json"

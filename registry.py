@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from errors import PipelineError
 from manifest import check_signature, signature
-from storage import Paths, fsync_folder, read_json, sha256_file, write_bytes, write_json
+from storage import Paths, fsync_folder, read_json, remove_tree, sha256_file, write_bytes, write_json
 
 log = logging.getLogger("pipeline")
 SIGNATURES = "SIGNATURES.json"
+SET_NAME_LENGTH = 16  # hex digits of the hash of a set's signatures
 
 
 def accepted_files(paths: Paths) -> list[Path]:
@@ -38,9 +38,9 @@ def accept(paths: Paths, trusted: dict[Path, str]) -> None:
     """
     for path, expected in trusted.items():
         check_signature(path, expected, "Rerun ./pipeline.sh")
-    sets = paths.models / "sets"
+    sets = paths.sets
     staged = sets / f".new.{os.getpid()}"
-    shutil.rmtree(staged, ignore_errors=True)
+    remove_tree(staged)
     staged.mkdir(parents=True)
     try:
         signatures = {}
@@ -50,12 +50,12 @@ def accept(paths: Paths, trusted: dict[Path, str]) -> None:
         write_json(staged / SIGNATURES, signatures)
         final = sets / _set_name(signatures)
         if final.exists():  # the same set was accepted before: reuse it
-            shutil.rmtree(staged)
+            remove_tree(staged)
         else:
             staged.rename(final)
             fsync_folder(sets)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        remove_tree(staged)
     _adopt(paths, paths.previous)
     current = _adopt(paths, paths.accepted)
     if current is not None and current != final.name:
@@ -70,7 +70,7 @@ def restore_previous(paths: Paths) -> None:
     if previous is None:
         raise PipelineError(f"{paths.previous}: no previously accepted model to restore (a model is kept there "
                             "only after a second one has passed the quality gate)")
-    _verify_set(paths.models / "sets" / previous)
+    _verify_set(paths.sets / previous)
     current = _adopt(paths, paths.accepted)
     _point(paths.accepted, previous)
     if current is not None:
@@ -82,7 +82,7 @@ def restore_previous(paths: Paths) -> None:
 def _set_name(signatures: dict[str, str]) -> str:
     import hashlib
 
-    return hashlib.sha256(json.dumps(signatures, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(signatures, sort_keys=True).encode()).hexdigest()[:SET_NAME_LENGTH]
 
 
 def _verify_set(folder: Path) -> None:
@@ -98,20 +98,29 @@ def _verify_set(folder: Path) -> None:
         check_signature(path, value, "The set cannot be restored")
 
 
+def set_of(paths: Paths, link: Path) -> str | None:
+    """The name of the set in sets/ that ``link`` points to, or None: a link anywhere else (made by hand,
+    leading out of the project) names no set, and is replaced, never followed, when the link is next set."""
+    if not link.is_symlink():
+        return None
+    target = Path(os.readlink(link))
+    if target.parent != Path("sets") or target.name.startswith("."):
+        return None
+    folder = paths.sets / target.name
+    return target.name if folder.is_dir() and not folder.is_symlink() else None
+
+
 def _adopt(paths: Paths, link: Path) -> str | None:
     """The set a link points to. A plain folder (from an older version, or a copy of the project) is moved
     into sets/ as it is, and signs nothing: it can be restored only if its own signatures check."""
-    if link.is_symlink():
-        target = os.readlink(link)
-        return Path(target).name if (link.parent / target).is_dir() else None
-    if not link.is_dir():
-        return None
+    if link.is_symlink() or not link.is_dir():
+        return set_of(paths, link)
     contents = {p.name: sha256_file(p) for p in sorted(link.iterdir()) if p.is_file()}
     name = _set_name(contents)
-    sets = paths.models / "sets"
+    sets = paths.sets
     sets.mkdir(exist_ok=True)
     if (sets / name).exists():
-        shutil.rmtree(link)
+        remove_tree(link)
     else:
         link.rename(sets / name)
     _point(link, name)
@@ -129,7 +138,13 @@ def _point(link: Path, set_name: str) -> None:
 
 
 def _forget_unused_sets(paths: Paths) -> None:
-    used = {Path(os.readlink(link)).name for link in (paths.accepted, paths.previous) if link.is_symlink()}
-    for folder in (paths.models / "sets").iterdir():
-        if folder.name not in used and not folder.name.startswith("."):
-            shutil.rmtree(folder, ignore_errors=True)
+    """Delete the sets neither link points to: only folders named as this module names sets, so nothing a
+    user put in sets/ is touched."""
+    used = {set_of(paths, link) for link in (paths.accepted, paths.previous)}
+    for folder in paths.sets.iterdir():
+        if folder.name not in used and _is_set_name(folder.name) and folder.is_dir() and not folder.is_symlink():
+            remove_tree(folder)
+
+
+def _is_set_name(name: str) -> bool:
+    return len(name) == SET_NAME_LENGTH and all(c in "0123456789abcdef" for c in name)

@@ -192,11 +192,18 @@ def _residuals_figure(plt, frame: pd.DataFrame, reference: str):
 # ------------------------------------------------------------------------ console
 
 
-def console_table(metrics: dict) -> str:
+def measure(source: dict) -> tuple[str, str]:
+    """The unit errors are in and what the series measures: °C and temperature, unless the user's series
+    are not temperatures (``import.unit = "none"``)."""
+    return ("the series' own unit", "value") if source.get("unit") == "none" else ("°C", "temperature")
+
+
+def console_table(metrics: dict, source: dict) -> str:
     """The metrics as the plain-text tables model_testing.py prints."""
+    unit, quantity = measure(source)
     lines = []
     for reference, scores in metrics["forecast"].items():
-        lines.append(f"Test MAE / RMSE in °C against the {reference} temperature ({REFERENCES[reference]})")
+        lines.append(f"Test MAE / RMSE in {unit} against the {reference} {quantity} ({REFERENCES[reference]})")
         lines.append(f"  {'':28}" + "".join(f"{p:>20}" for p in PREDICTORS))
         for group in ("all_stations", "trained_stations", "holdout_stations"):
             if group in scores:
@@ -205,7 +212,7 @@ def console_table(metrics: dict) -> str:
                 n = scores[group]["model"]["n"]
                 lines.append(f"  {group + f' (n={n})':28}" + "".join(f"{c:>20}" for c in cells))
     interval = metrics["interval"]
-    lines.append(f"{interval['level']:.0%} prediction interval: coverage / mean width °C / pinball loss")
+    lines.append(f"{interval['level']:.0%} prediction interval: coverage / mean width ({unit}) / pinball loss")
     lines.append(f"  {'':36}" + "".join(f"{p:>24}" for p in ("model", "persistence")))
     for reference in metrics["forecast"]:
         for group, scores in interval[reference].items():

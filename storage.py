@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parent
 # appears in any table a model is trained or scored on.
 TRUTH_COLUMNS = ["clean_temperature", "anomaly", "event"]
 MAX_INPUT_BYTES = 1 << 30  # a station file larger than 1 GiB is refused rather than read
+# A station file's header names a few columns: a first line longer than this, or with more fields, is not one,
+# and parsing it as a table would take minutes and gigabytes (10^6 columns: 7 GB before the parser gave up).
+MAX_HEADER_BYTES = 1 << 16
+MAX_COLUMNS = 1000
+MAX_NAME_BYTES = 100  # a station's name (its file name less .csv): report files add to it, and names are paths
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -134,14 +139,54 @@ class Paths:
     def lock(self) -> Path:
         return self.logs / ".pipeline.lock"
 
+    @property
+    def pid_file(self) -> Path:
+        """The process id of the run holding the lock, for the busy message."""
+        return self.logs / ".pipeline.pid"
+
+    @property
+    def sets(self) -> Path:
+        """Every model set that is accepted or previous (``accepted`` and ``previous`` link into it)."""
+        return self.models / "sets"
+
+    @property
+    def own_folders(self) -> list[Path]:
+        """Every folder the pipeline writes into, deletes in or swaps, parents before children. Each must be a
+        real folder of the project (or not exist yet): never a link, through which a write or a delete would
+        reach files that are not the pipeline's."""
+        return [self.data, self.data / "train", self.data / "test", self.train_raw, self.test_raw, self.truth,
+                self.models, self.sets, self.reports, self.logs]
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is one of the folders the pipeline writes, or inside one."""
+        resolved = Path(os.path.realpath(path))
+        return any(resolved == folder or folder in resolved.parents
+                   for folder in (Path(os.path.realpath(f)) for f in self.own_folders))
+
+
+def check_project_layout(paths: Paths) -> None:
+    """Refuse to start when a folder the pipeline writes, deletes in or swaps is a symbolic link or not a
+    folder, or when the lock or its pid file is not a regular file: through a link, a write or a delete would
+    reach files that are not the pipeline's, and opening a FIFO would hang the run."""
+    for folder in paths.own_folders:
+        if folder.is_symlink():
+            raise PipelineError(f"{folder}: a symbolic link where the pipeline keeps its own folder; it never writes "
+                                f"or deletes through a link, so replace the link with a real folder (rm {folder})")
+        if folder.exists() and not folder.is_dir():
+            raise PipelineError(f"{folder}: not a folder, but the pipeline keeps its own folder there; move it away")
+    for path in (paths.lock, paths.pid_file):
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise PipelineError(f"{path}: not a regular file (a link, FIFO or folder); remove it (rm -r {path}); "
+                                "the pipeline makes it again")
+
 
 # ------------------------------------------------------------------- atomic writes
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process has such a number
         return False
     except PermissionError:  # alive, but another user's
         return True
@@ -152,7 +197,7 @@ def remove_stale_temp_files(folder: Path, name: str) -> None:
     """Remove temporary files of ``name`` left by writers that died; never a live writer's."""
     for stale in folder.glob(f".{name}.*.tmp"):
         owner = stale.name[len(name) + 2:].split(".", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)):
+        if owner.isdigit() and not pid_alive(int(owner)):
             stale.unlink(missing_ok=True)
 
 
@@ -166,6 +211,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not target.is_symlink():  # os.replace cannot put a file in its place
+        raise PipelineError(f"{target}: a folder stands where the pipeline writes this file; remove it "
+                            f"(rm -r {target}) and run again")
     remove_stale_temp_files(target.parent, target.name)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -348,10 +396,14 @@ def replace_folder(staged: Path, target: Path) -> None:
     """Put a fully written folder in place of ``target`` by renames only.
 
     The old ``target`` is parked beside it, then deleted once the new one is in
-    place; if putting ``staged`` in place fails, the old one is put back.
+    place; if putting ``staged`` in place fails, the old one is put back. A
+    ``target`` that is a link is refused: the folder it leads to is not ours.
     """
+    if target.is_symlink():
+        raise PipelineError(f"{target}: a symbolic link where the pipeline keeps its own folder; it never swaps or "
+                            f"deletes through a link, so replace the link with a real folder (rm {target})")
     parking = target.with_name(f".{target.name}.old")
-    shutil.rmtree(parking, ignore_errors=True)
+    remove_tree(parking)
     try:
         if target.exists():
             target.rename(parking)
@@ -361,7 +413,16 @@ def replace_folder(staged: Path, target: Path) -> None:
             parking.rename(target)
         raise
     fsync_folder(target.parent)
-    shutil.rmtree(parking, ignore_errors=True)
+    remove_tree(parking)
+
+
+def remove_tree(folder: Path) -> None:
+    """Delete a folder of the pipeline's own making and everything in it; a link in its place is only
+    unlinked, never followed (inside the folder, ``shutil.rmtree`` never follows one either)."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- reading
@@ -426,14 +487,24 @@ def check_regular_file(path: Path, limit: int | None = MAX_INPUT_BYTES) -> int:
     return info.st_size
 
 
-def read_text_file(path: Path) -> str:
-    """A CSV file's text, or PipelineError for a file that is missing, not regular, too large, not UTF-8 or
-    empty."""
+def read_text_file(path: Path, delimiter: str = ",") -> str:
+    """A CSV file's text, or PipelineError for a file that is missing, not regular, too large, binary (a NUL
+    byte), not UTF-8, empty, or whose first line is too long or has too many ``delimiter``-separated fields
+    to be a header."""
     check_regular_file(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise PipelineError(f"{path}: binary data (a NUL byte at offset {nul:,}), not a CSV text file")
+    first_line = raw[:MAX_HEADER_BYTES + 1].split(b"\n", 1)[0]
+    if len(first_line) > MAX_HEADER_BYTES:
+        raise PipelineError(f"{path}: the first line is longer than {MAX_HEADER_BYTES:,} bytes; not a CSV header")
+    if first_line.count(delimiter.encode()) >= MAX_COLUMNS:
+        raise PipelineError(f"{path}: the header has {first_line.count(delimiter.encode()) + 1:,} columns, more "
+                            f"than the {MAX_COLUMNS:,} a station file may have")
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
@@ -449,8 +520,8 @@ def read_json(path: Path) -> Any:
     check_regular_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: corrupt JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested thousands deep
+        raise PipelineError(f"{path}: corrupt JSON ({str(exc)[:100]})") from None
 
 
 def read_table(path: Path, required: list[str], allow_empty: bool = False) -> Any:
@@ -516,6 +587,9 @@ def station_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv")
     seen: dict[str, Path] = {}
     for path in files:
+        if len(path.stem.encode()) > MAX_NAME_BYTES:
+            raise PipelineError(f"{path}: a station name of {len(path.stem.encode())} bytes; at most "
+                                f"{MAX_NAME_BYTES} (the name becomes part of report file names); rename the file")
         other = seen.setdefault(path.stem.lower(), path)
         if other != path:
             raise PipelineError(f"{path}: station name differs from {other.name} only in case; rename one")

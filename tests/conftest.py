@@ -50,7 +50,9 @@ def write_params(path: Path, **overrides: object) -> Path:
 
 
 def run_stage(module, root: Path, params: Path, *extra: str) -> int:
-    """Run a stage's command line in this process; returns its exit code."""
+    """Run a stage's command line in this process, in ``root`` made as a user makes a project folder (a stage
+    never makes it); returns its exit code."""
+    root.mkdir(parents=True, exist_ok=True)
     parser = module.parser() if hasattr(module, "parser") else cli.stage_parser(module.__doc__.splitlines()[0])
     return cli.run(module.STAGE, module.main, parser, ["--root", str(root), "--params", str(params), *extra])
 

@@ -52,12 +52,15 @@ def always_die(item: int) -> int:
     return item
 
 
-@pytest.mark.parametrize("value", ["", "local:1", "local:4", "tcp://10.0.0.5:8786", "tls://scheduler:8786"])
+@pytest.mark.parametrize("value", ["", "local:1", "local:4", "tcp://10.0.0.5:8786", "tcp://scheduler",
+                                   "tcp://[::1]:8786", "tcp://node-7.cluster.example:8786"])
 def test_scheduler_values_that_are_accepted(value):
     assert scheduler_problem(value) is None
 
 
-@pytest.mark.parametrize("value", ["local", "local:0", "local:x", "local:999", "10.0.0.5:8786", "tcp://", "dask"])
+@pytest.mark.parametrize("value", ["local", "local:0", "local:x", "local:999", "10.0.0.5:8786", "tcp://", "dask",
+                                   "local:²", "tls://127.0.0.1:1", "tcp://:::::", "tcp://a b", "tcp://host:99999",
+                                   "tcp://host:"])
 def test_scheduler_values_that_are_refused_say_what_is_accepted(value):
     problem = scheduler_problem(value)
     assert problem and repr(value) in problem

@@ -372,9 +372,19 @@ def test_figures_keep_one_colour_per_predictor_true_titles_and_a_readable_year()
     (lambda t: t.replace("\n2019-01-02,", "\n2019-01-01,", 1), "dates are not unique YYYY-MM-DD days"),
 ])
 def test_damaged_ground_truth_is_refused_with_exit_2(project, capsys, edit, problem):
+    import json
+
+    from storage import sha256_file
+
     root, params = project
     path = root / "data/truth/ST002.csv"
     path.write_text(edit(path.read_text()))
+    before = snapshot(root)
+    assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT  # an edit: not what stage 1 wrote
+    assert "ST002.csv: does not match its SHA-256 in the manifest" in capsys.readouterr().err
+    record = json.loads((root / "models/manifest.json").read_text())  # as if stage 1 itself had written it so
+    record["stages"]["data_creation"]["outputs"]["data/truth/ST002.csv"] = sha256_file(path)
+    (root / "models/manifest.json").write_text(json.dumps(record))
     before = snapshot(root)
     assert run_stage(model_testing, root, params) == errors.EXIT_BAD_INPUT
     assert f"ST002.csv: damaged ground truth ({problem})" in capsys.readouterr().err

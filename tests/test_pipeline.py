@@ -162,18 +162,22 @@ def test_errors_go_to_stderr_and_a_run_that_changed_nothing_says_so(copy):
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1].startswith("data_creation: error:")
     assert "error:" not in failed.stdout
-    assert "no stage of this run completed" in failed.stdout
+    assert "no stage of this run replaced its outputs" in failed.stdout
 
 
-def test_a_failure_after_stage_1_names_what_was_replaced(copy):
+def test_a_failure_after_stage_1_names_only_the_stages_that_ran(copy):
     assert pipeline(copy, "--params", "tiny.toml").returncode == 0
     strict = copy / "strict.toml"
     strict.write_text((copy / "tiny.toml").read_text().replace("gate_min_improvement = 0.0",
                                                                 "gate_min_improvement = 0.5"))
     result = pipeline(copy, "--params", "strict.toml")
     assert result.returncode == 3
-    assert ("stages completed and replaced their outputs: data_creation model_preprocessing model_preparation"
-            in result.stdout)
+    assert "no stage of this run replaced its outputs" in result.stdout  # stages 1-3 were up to date
+    (copy / "strict.toml").write_text(strict.read_text().replace("gbr_max_iter = 60", "gbr_max_iter = 50"))
+    result = pipeline(copy, "--params", "strict.toml")
+    assert result.returncode == 3
+    assert "data_creation: up to date" in result.stdout and "model_preprocessing: up to date" in result.stdout
+    assert "stages that ran and replaced their outputs: model_preparation;" in result.stdout
 
 
 def test_sigterm_to_the_pipeline_stops_the_running_stage_and_frees_the_lock(copy):

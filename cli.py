@@ -70,12 +70,9 @@ def thread_budget(spinning: bool = False) -> tuple[int, str]:
     """
     import time
 
-    chosen = os.environ.get("PIPELINE_THREADS", "")
-    if chosen:
-        if not (chosen.isascii() and chosen.isdigit() and 1 <= int(chosen) <= MAX_THREADS):
-            raise PipelineError(f"PIPELINE_THREADS={chosen[:20]!r} must be a whole number from 1 to {MAX_THREADS} "
-                                "(or unset, to use the idle CPUs)")
-        return int(chosen), "PIPELINE_THREADS"
+    chosen = chosen_threads()
+    if chosen is not None:
+        return chosen, "PIPELINE_THREADS"
     cpus = usable_cpus()
     try:
         ahead_first = {} if spinning else _siblings_jiffies()
@@ -91,6 +88,17 @@ def thread_budget(spinning: bool = False) -> tuple[int, str]:
     busy = max(0.0, (second - first - own) / (0.1 * ticks))
     threads = max(1, cpus - round(busy))
     return threads, f"{cpus} CPUs, {busy:.1f} busy with other work"
+
+
+def chosen_threads() -> int | None:
+    """``PIPELINE_THREADS`` as a number of threads, None when unset; PipelineError for anything else."""
+    chosen = os.environ.get("PIPELINE_THREADS", "")
+    if not chosen:
+        return None
+    if not (chosen.isascii() and chosen.isdigit() and 1 <= int(chosen) <= MAX_THREADS):
+        raise PipelineError(f"PIPELINE_THREADS={chosen[:20]!r} must be a whole number from 1 to {MAX_THREADS} "
+                            "(or unset, to use the idle CPUs)")
+    return int(chosen)
 
 
 def usable_cpus() -> int:
@@ -373,6 +381,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
             if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
                 raise failed_import
             _stop_with_the_pipeline()
+            chosen_threads()  # a bad setting is refused before any work, not when a stage first asks
             args.root = project_root(args.root)
             check_project_layout(Paths(args.root))
             with project_lock(args.root):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import io
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -506,8 +507,9 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     stations, report = {}, {}
     for path, (table, counts) in zip(files, (one for chunk in read for one in chunk), strict=True):
         stations[path.stem], report[path.stem] = table, counts
-        log.info("%s: %d of %d rows kept; %s", path.name, report[path.stem]["kept"], report[path.stem]["rows"],
-                 _describe(report[path.stem]))
+        # Dates from the future or before any record are typos worth a look, not just dropped rows.
+        level = logging.WARNING if counts["future_date"] or counts["ancient_date"] else logging.INFO
+        log.log(level, "%s: %d of %d rows kept; %s", path.name, counts["kept"], counts["rows"], _describe(counts))
     frequency = common_frequency(report, data["frequency"], folder)
     first, last = min(t["date"].iat[0] for t in stations.values()), max(t["date"].iat[-1] for t in stations.values())
     cli.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),
@@ -552,8 +554,6 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
 def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
     """Simulate the network into ``staging``; returns the inputs (none), the source record and a summary."""
     data, sim = params["data"], params["simulation"]
-    cli.check_memory(sim["n_stations"] * (sim["n_years"] * 365 + sim["n_years"] // 4),
-                     f"simulation.n_stations = {sim['n_stations']} x simulation.n_years = {sim['n_years']}")
     simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
     write_station_files(staging, simulation, data["test_steps"], sim["resolution"],
                         pool if pool.cluster else compute.Threads(cli.work_threads(_chunks(sim["n_stations"]))))
@@ -587,6 +587,10 @@ def main(args) -> None:
     if folder is not None and paths.owns(folder):  # the swap below would replace the user's files with ours
         raise PipelineError(f"data.source = {params['data']['source']!r} is {folder}, inside a folder the pipeline "
                             "writes and replaces; keep your station files elsewhere (e.g. own/ beside params.toml)")
+    if folder is None:  # an imported network is sized once its files are read
+        sim = params["simulation"]
+        cli.check_memory(sim["n_stations"] * (sim["n_years"] * 365 + sim["n_years"] // 4),
+                         f"simulation.n_stations = {sim['n_stations']} x simulation.n_years = {sim['n_years']}")
 
     staging = paths.data / ".staging"
     storage.remove_tree(staging)

@@ -61,7 +61,8 @@ wait_seconds=$((10#$wait_seconds))
 # disk, found by its real path (/dev/stdin would be another stream in each stage).
 [ -e "$params" ] || [ -L "$params" ] || die "parameters file not found: $params"
 [ -d "$params" ] && die "--params $params is a folder, not a parameters file"
-params_real="$(realpath -e -- "$params" 2>/dev/null)" || die "--params $params: cannot be resolved (a link loop or a dangling link)"
+params_real="$(realpath -e -- "$params" 2>/dev/null)" \
+  || die "--params $params is not a file on disk (a pipe, a link loop or a dangling link); give a TOML file"
 [ -f "$params_real" ] || die "--params $params is not a regular file (a FIFO, device or terminal); give a TOML file"
 params="$params_real"
 start_index=-1
@@ -196,8 +197,10 @@ start_ahead() {
   exec {ahead_go}<>"$fifos/go-$stage"  # read and write: neither this open nor a later write can block
   # Only this script holds the FIFO's write end (the children close it), so if it dies, even by
   # SIGKILL, the waiting stage reads the end of its input and ends.
-  tee -a "$log_file" < "$fifos/out-$stage" {ahead_go}>&- & ahead_tees=($!)
-  tee -a "$log_file" < "$fifos/err-$stage" >&2 {ahead_go}>&- & ahead_tees+=($!)
+  # The copies outlive a signal to the process group (Ctrl-C, a closed terminal): they end when the stage
+  # closes its output, so its last words (why it stopped) still reach the terminal and the log.
+  (trap '' INT HUP TERM; exec tee -a "$log_file") < "$fifos/out-$stage" {ahead_go}>&- & ahead_tees=($!)
+  (trap '' INT HUP TERM; exec tee -a "$log_file" >&2) < "$fifos/err-$stage" {ahead_go}>&- & ahead_tees+=($!)
   "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" --wait-for-go \
     < "$fifos/go-$stage" > "$fifos/out-$stage" 2> "$fifos/err-$stage" {ahead_go}>&- &
   ahead="$stage" ahead_pid=$!

@@ -157,6 +157,13 @@ class Paths:
         return [self.data, self.data / "train", self.data / "test", self.train_raw, self.test_raw, self.truth,
                 self.models, self.sets, self.reports, self.logs]
 
+    @property
+    def own_files(self) -> list[Path]:
+        """Every file the pipeline writes under a fixed name (station files aside)."""
+        return [self.source_record, self.train_features, self.test_features, self.flagged, self.train_flags,
+                self.test_flags, self.scaler, self.detector, self.model, self.model_record, self.metrics,
+                self.manifest]
+
     def owns(self, path: Path) -> bool:
         """Whether ``path`` is one of the folders the pipeline writes, or inside one."""
         resolved = Path(os.path.realpath(path))
@@ -174,6 +181,10 @@ def check_project_layout(paths: Paths) -> None:
                                 f"or deletes through a link, so replace the link with a real folder (rm {folder})")
         if folder.exists() and not folder.is_dir():
             raise PipelineError(f"{folder}: not a folder, but the pipeline keeps its own folder there; move it away")
+    for path in paths.own_files:
+        if path.is_dir() and not path.is_symlink():
+            raise PipelineError(f"{path}: a folder stands where the pipeline writes this file; remove it "
+                                f"(rm -r {path}) and run again")
     for path in (paths.lock, paths.pid_file):
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise PipelineError(f"{path}: not a regular file (a link, FIFO or folder); remove it (rm -r {path}); "

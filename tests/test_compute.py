@@ -263,3 +263,35 @@ def _command(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    (None, "is not one, or is stuck: nothing came back within 1 s"),
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "is not a Dask scheduler: it answered 'HTTP/1.1'"),
+    (b"", "is not a Dask scheduler: it answered nothing before closing"),
+])
+def test_a_server_that_is_not_a_dask_scheduler_is_one_clear_line(tmp_path, monkeypatch, answer, message):
+    """Dask's own client would wait for ever on a silent server, and read an HTTP answer as a message length."""
+    monkeypatch.setattr(compute, "GREETING_SECONDS", 1)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        accepted.append(connection)
+        if answer is not None:
+            connection.sendall(answer)
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        with pytest.raises(PipelineError, match=f"the Dask scheduler at {address} .compute.scheduler. {message}"), \
+                compute.pool(address, tmp_path):
+            pass
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()

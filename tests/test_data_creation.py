@@ -220,13 +220,23 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
                                     "(the first is '2020-01-01')"),
     (b"DATE;TMAX\n01/01/2020;\xff\n", "not UTF-8 text (byte 0xff at offset 21)"),
     (b"DATE;TMAX\n01/01/2020;NaN\n02/01/2020;999\n", "no usable readings (1 missing value, 1 impossible)"),
+    (b"\0" * 20_000_000, "binary data (a NUL byte at offset 0), not a CSV text file"),
+    (b"DATE;TMAX\n01/01/2020;5\0\n", "binary data (a NUL byte at offset 22)"),
+    (";".join(f"c{i}" for i in range(10**6)).encode() + b"\n1;2\n" * 1435,
+     "the first line is longer than 65,536 bytes; not a CSV header"),
+    (";".join(f"c{i}" for i in range(2000)).encode() + b"\n1;2\n", "the header has 2,000 columns, more than the 1,000"),
 ])
 def test_an_unusable_own_file_gets_one_clear_message(tmp_path, content, message):
+    import resource
+
     path = tmp_path / "HOME.csv"
     path.write_bytes(content)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(PipelineError) as caught:
         data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
     assert str(caught.value).startswith(f"{path}: {message}")
+    # refused without parsing: no more memory than the file's bytes (a table of 10^6 columns took 7 GB)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024 < 3 * len(content) + 50 * 2**20
 
 
 def test_own_folder_problems_are_named(tmp_path):
@@ -289,13 +299,35 @@ def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
     assert snapshot(root) == before
 
 
-def test_a_future_date_and_an_overflowing_reading_are_dropped_and_counted(tmp_path):
+def test_a_future_or_ancient_date_and_an_overflowing_reading_are_dropped_and_counted(tmp_path):
     path = tmp_path / "HOME.csv"
     rows = [f"{day:02d}/01/2020;{40 + day}" for day in range(1, 29)]
-    path.write_text("DATE;TMAX\n" + "\n".join([*rows, "01/01/2099;50", "29/01/2020;1.7e308"]) + "\n")
+    path.write_text("DATE;TMAX\n" + "\n".join([*rows, "01/01/2099;50", "01/01/0001;50", "29/01/2020;1.7e308"]) + "\n")
     table, report = data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
-    assert report["future_date"] == 1 and report["impossible"] == 1 and report["kept"] == 28
+    assert report["future_date"] == 1 and report["ancient_date"] == 1 and report["impossible"] == 1
+    assert report["kept"] == 28 and report["steps_without_reading"] == 0  # no gap of centuries
     assert table["date"].max() == pd.Timestamp("2020-01-28") and np.isfinite(table["temperature"]).all()
+
+
+def test_an_ancient_date_is_named_in_a_warning_and_never_stretches_the_network(tmp_path, capsys):
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    with open(own / "HOME.csv", "a") as handle:
+        handle.write("01/01/0001;50.0;HOME\n")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(data_creation, tmp_path / "root", params) == 0
+    assert "data_creation: warning: HOME.csv:" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "root/data/train/raw/HOME.csv")["date"].min() == "2020-01-01"
+
+
+def test_a_station_name_too_long_for_a_file_name_is_refused_at_import(tmp_path, capsys):
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / f"{'A' * 251}.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert "a station name of 251 bytes; at most 100" in capsys.readouterr().err
 
 
 def test_a_start_on_29_february_ends_whole_years_later(params):

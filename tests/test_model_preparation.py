@@ -210,3 +210,25 @@ def test_folds_leave_out_training_targets_a_forecast_could_not_have_known():
     with pytest.raises(errors.PipelineError, match="too few training steps to validate forecasts 300 steps ahead"):
         rows = pd.DataFrame({"date": dates, "target_date": dates + pd.Timedelta(days=300), "step": 300})
         model_preparation.purged(model_preparation.time_folds(rows["target_date"], 3), rows)
+
+
+def test_a_station_whose_readings_stand_still_trains_and_scores_with_detection_off(tmp_path):
+    """With the detector off, 90 days of one value reach the model: a spread of zero must not divide the
+    residuals (it made the model record NaN, which JSON refuses)."""
+    root = tmp_path / "root"
+    params = write_params(tmp_path / "p.toml", **TINY, detector="none")
+    assert run_stage(data_creation, root, params) == 0
+    for part in ("train", "test"):
+        path = root / f"data/{part}/raw/ST001.csv"
+        table = pd.read_csv(path)
+        table["temperature"] = 5.0  # the whole record stands still
+        storage.write_csv(path, table, fixed={"temperature": 1})
+    record = json.loads((root / "models/manifest.json").read_text())  # as stage 1 would have written them
+    for part in ("train", "test"):
+        key = f"data/{part}/raw/ST001.csv"
+        record["stages"]["data_creation"]["outputs"][key] = storage.sha256_file(root / key)
+    (root / "models/manifest.json").write_text(json.dumps(record))
+    for module in (model_preprocessing, model_preparation):
+        assert run_stage(module, root, params) == 0, module.STAGE
+    spread = pd.read_csv(root / "data/train/features.csv")[features.SPREAD_COLUMN].dropna()
+    assert (spread >= features.MIN_SPREAD).all()

@@ -451,3 +451,14 @@ def test_pinball_loss_is_scikit_learns():
     for alpha in (0.05, 0.5, 0.95):
         assert model_testing.pinball_loss(actual, quantile, alpha) == pytest.approx(
             mean_pinball_loss(actual, quantile, alpha=alpha), rel=1e-12)
+
+
+def test_the_console_speaks_of_the_series_own_unit_when_it_is_not_a_temperature(built):
+    import report
+
+    metrics = json.loads((built[0] / "models/metrics.json").read_text())
+    headers = [line.split(" (")[0] for line in report.console_table(metrics, {"unit": "none"}).splitlines()
+               if line.startswith(("Test MAE", "90% prediction interval"))]  # before each reference's description
+    assert len(headers) == 4 and not any("°C" in line or "temperature" in line for line in headers), headers
+    assert "Test MAE / RMSE in the series' own unit against the observed value" in headers[1]
+    assert "Test MAE / RMSE in °C against the observed temperature" in report.console_table(metrics, {"unit": "F"})

@@ -180,33 +180,63 @@ def test_a_failure_after_stage_1_names_only_the_stages_that_ran(copy):
     assert "stages that ran and replaced their outputs: model_preparation;" in result.stdout
 
 
-def test_sigterm_to_the_pipeline_stops_the_running_stage_and_frees_the_lock(copy):
-    import fcntl
-    import signal
+def wait_for_line(root, line: str) -> None:
     import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list((root / "logs").glob("pipeline-*.log")) if (root / "logs").exists() else []
+        if logs and line in logs[0].read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never logged: {line}")
+
+
+def lock_is_free(root) -> bool:
+    import fcntl
+
+    with open(root / "logs/.pipeline.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("name", "to_group", "code"), [("SIGTERM", False, 143), ("SIGHUP", False, 129),
+                                                          ("SIGINT", True, 130), ("SIGHUP", True, 129)])
+def test_a_signal_to_the_pipeline_or_its_group_stops_the_running_stage_and_the_log_tells_the_truth(
+        copy, name, to_group, code):
+    """Ctrl-C reaches the whole process group; a background stage of a script starts with SIGINT ignored, yet
+    must stop, and only stages that finished are named."""
+    import signal
 
     process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
                                env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        logs = list((copy / "logs").glob("pipeline-*.log")) if (copy / "logs").exists() else []
-        if logs and "stage model_preprocessing: start" in logs[0].read_text():
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_line(copy, "stage model_preprocessing: start")
+    if to_group:
+        os.killpg(process.pid, getattr(signal, name))
+    else:
+        process.send_signal(getattr(signal, name))
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, (out, err)
-    assert "pipeline: stopped by SIGTERM" in out
+    assert process.returncode == code, (out, err)
+    assert f"pipeline: stopped by {name}" in out
+    stopped = "model_preprocessing: stopped" in err  # else it had finished when the signal came
+    named = out.split(f"pipeline: stopped by {name}; ")[1]
+    assert ("model_preprocessing" in named) != stopped, (out, err)  # named if, and only if, it finished
     assert "model_preparation" not in err, "the stage started ahead ends without a word"
     assert stage_processes(copy) == []
-    with open(copy / "logs/.pipeline.lock", "a") as handle:  # no orphaned stage still holds it
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert lock_is_free(copy), "no orphaned stage still holds it"
+    assert pipeline(copy, "--params", "tiny.toml").returncode == 0
 
 
-def test_a_stage_started_ahead_ends_when_the_pipeline_is_killed(copy):
+def test_a_killed_pipeline_leaves_no_stage_running_nor_the_lock_held_and_the_next_run_cleans_up(copy, tmp_path):
     import time
 
+    clean = tmp_path / "clean"
+    shutil.copytree(copy, clean)
+    assert pipeline(clean, "--params", "tiny.toml").returncode == 0
     process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
                                env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -214,12 +244,17 @@ def test_a_stage_started_ahead_ends_when_the_pipeline_is_killed(copy):
     while time.monotonic() < deadline and not any("model_preparation.py" in p for p in stage_processes(copy)):
         time.sleep(0.05)
     assert any("--wait-for-go" in p for p in stage_processes(copy)), "model_preparation was started ahead"
-    process.kill()  # SIGKILL: no trap runs, nothing is told
+    process.kill()  # SIGKILL: no trap runs, nothing is told; the kernel tells the stages
     process.wait()
-    deadline = time.monotonic() + 120  # the orphaned running stage finishes its work; the waiting one just ends
-    while time.monotonic() < deadline and stage_processes(copy):
-        time.sleep(0.1)
-    assert stage_processes(copy) == []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (stage_processes(copy) or not lock_is_free(copy)):
+        time.sleep(0.05)
+    assert stage_processes(copy) == [] and lock_is_free(copy)
+    assert list((copy / "logs").glob(".fifos-*")), "the killed run's FIFOs are left..."
+    busy = pipeline(copy, "--params", "tiny.toml")
+    assert busy.returncode == 0, busy.stdout + busy.stderr
+    assert not list((copy / "logs").glob(".fifos-*")), "...and the next run removes them"
+    assert (copy / "models/metrics.json").read_bytes() == (clean / "models/metrics.json").read_bytes()
 
 
 def test_a_python_without_the_requirements_is_named(copy, tmp_path):
@@ -254,9 +289,83 @@ def test_a_rerun_does_only_the_work_whose_inputs_parameters_or_code_changed(copy
     features.write_bytes(features.read_bytes() + b"\n")  # an artifact whose hash no longer matches
     assert ran(pipeline(copy, "--params", "tiny.toml")) == ["model_preprocessing"]  # same bytes again after it
 
+    raw = copy / "data/train/raw/ST001.csv"
+    raw.write_bytes(raw.read_bytes() + b"\n")  # stage 1 writes the same bytes again: nothing after it reruns
+    assert ran(pipeline(copy, "--params", "tiny.toml")) == ["data_creation"]
+    (copy / "tiny.toml").write_text((copy / "tiny.toml").read_text().replace("min_steps = 60", "min_steps = 61"))
+    assert ran(pipeline(copy, "--params", "tiny.toml")) == ["data_creation", "model_preprocessing"]
+
     strict = copy / "strict.toml"
     strict.write_text((copy / "tiny.toml").read_text().replace("gate_min_improvement = 0.0",
                                                                 "gate_min_improvement = 0.5"))
     assert pipeline(copy, "--params", "strict.toml").returncode == 3
     assert pipeline(copy, "--params", "strict.toml").returncode == 3  # a failed gate is never "up to date"
     assert ran(pipeline(copy, "--params", "tiny.toml", "--force")) == cli.STAGES
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--params", "folder"], "--params folder is a folder, not a parameters file"),
+    (["--params", "fifo"], "--params fifo is not a regular file (a FIFO, device or terminal)"),
+    (["--params", "/dev/zero"], "--params /dev/zero is not a regular file"),
+    (["--params", "loop"], "--params loop is not a file on disk (a pipe, a link loop or a dangling link)"),
+    (["--params", "missing.toml"], "parameters file not found: missing.toml"),
+    (["--wait", "1e23"], "--wait takes whole seconds from 0 to 604800, got '1e23'"),
+    (["--wait", "99999999999999999999999"], "--wait takes whole seconds from 0 to 604800"),
+    (["--wait", "-1"], "--wait takes whole seconds"),
+])
+def test_a_bad_option_is_one_accurate_line_before_anything_is_touched(copy, args, message):
+    (copy / "folder").mkdir()
+    os.mkfifo(copy / "fifo")
+    (copy / "loop").symlink_to(copy / "loop")
+    result = pipeline(copy, *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"pipeline: error: {message}")
+    assert not (copy / "logs").exists()
+
+
+def test_parameters_on_standard_input_are_read_from_the_file_behind_it(copy):
+    with open(copy / "tiny.toml") as stdin:
+        result = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", "/dev/stdin", "--from",
+                                 "model_testing"], cwd=copy, env=dict(os.environ, PYTHON=sys.executable),
+                                stdin=stdin, capture_output=True, text=True, timeout=300)
+    assert f"params {copy / 'tiny.toml'}" in result.stdout  # every stage reads the file, not a stream
+
+
+def test_a_run_writes_nothing_outside_its_data_models_reports_and_logs_folders(copy, tmp_path):
+    """The property behind every write: a full run, and a run with each folder replaced by a link or with
+    the source inside one, changes no path outside data/, models/, reports/ and logs/ of its project."""
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    write_real_format_station(own / "AWAY.csv")
+    write_params(copy / "own.toml", **TINY, **REAL_FORMAT, source=str(own))
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep/file.txt").write_text("mine")
+
+    def everything_else() -> dict[str, bytes]:
+        own_folders = [copy / name for name in ("data", "models", "reports", "logs", "__pycache__")]
+        return {str(p): p.read_bytes() if p.is_file() and not p.is_symlink() else b"<not a file>"
+                for p in tmp_path.rglob("*") if not any(p == f or f in p.parents for f in own_folders)}
+
+    before = everything_else()
+    for params in ("tiny.toml", "own.toml"):
+        assert pipeline(copy, "--params", params).returncode == 0
+        assert everything_else() == before
+    for folder in ("data", "data/train", "data/test/raw", "data/truth", "models", "models/sets", "reports", "logs"):
+        saved = tmp_path / "saved"
+        (copy / folder).rename(saved)
+        (copy / folder).symlink_to(outside, target_is_directory=True)
+        result = pipeline(copy, "--params", "tiny.toml", "--force")
+        assert result.returncode == 2 and f"{copy / folder}: a symbolic link" in result.stderr, result.stderr
+        (copy / folder).unlink()
+        saved.rename(copy / folder)
+        assert everything_else() == before
+    for source in ("data/truth", "data/train/raw", "models"):
+        (copy / source / "README.txt").write_text("the user's")
+        (copy / "inside.toml").write_text((copy / "own.toml").read_text().replace(f'"{own}"', f'"{source}"'))
+        result = pipeline(copy, "--params", "inside.toml")
+        assert result.returncode == 2 and "inside a folder the pipeline writes" in result.stderr
+        assert (copy / source / "README.txt").read_text() == "the user's"
+        (copy / "inside.toml").unlink()

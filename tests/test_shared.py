@@ -492,3 +492,249 @@ def test_files_read_together_are_the_files_read_one_by_one(tmp_path):
                 "date,x,label\n2020-01-01,1,none\n\n2020-01-02,2,none\n"):
         paths[1].write_text(odd)  # another header, no rows, a quote, a blank line: read one by one instead
         assert storage.read_tables(paths, ["date", "x"]) is None
+
+
+# ------------------------------------------------------------ never outside the project's own folders
+
+
+def outside_canary(tmp_path) -> tuple:
+    """A folder outside the project holding a file and a subfolder, and a way to tell it is untouched."""
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep/file.txt").write_text("mine")
+    (outside / "file.csv").write_text("date,temperature\n")
+    before = sorted(str(p.relative_to(outside)) for p in outside.rglob("*"))
+    return outside, lambda: sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before \
+        and (outside / "keep/file.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("folder", ["data", "data/train", "data/test", "data/train/raw", "data/test/raw", "data/truth",
+                                    "models", "models/sets", "reports", "logs"])
+def test_no_stage_writes_or_deletes_through_a_link_in_place_of_its_folder(project, tmp_path, capsys, folder):
+    root, params = project
+    outside, untouched = outside_canary(tmp_path)
+    storage.remove_tree(root / folder)
+    (root / folder).parent.mkdir(parents=True, exist_ok=True)
+    (root / folder).symlink_to(outside, target_is_directory=True)
+    for module in STAGES:
+        assert run_stage(module, root, params) == errors.EXIT_BAD_INPUT, module.STAGE
+        assert f"{root / folder}: a symbolic link" in capsys.readouterr().err
+    assert untouched()
+
+
+@pytest.mark.parametrize("source", ["data/truth", "data/train/raw", "data", "models", "reports", "logs"])
+def test_a_source_inside_a_folder_the_pipeline_writes_is_refused_before_anything_is_touched(project, capsys, source):
+    root, _ = project
+    folder = root / source
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.txt").write_text("the user's own notes")
+    (folder / "MINE.csv").write_text("date,temperature\n2020-01-01,1.0\n")
+    params = write_params(root / "own.toml", **TINY, source=source, holdout_stations=0)
+    before = snapshot(root)
+    assert run_stage(STAGES[0], root, params) == errors.EXIT_BAD_INPUT
+    assert "inside a folder the pipeline writes and replaces" in capsys.readouterr().err
+    assert snapshot(root) == before and (folder / "README.txt").read_text() == "the user's own notes"
+
+
+def test_accepting_a_model_never_deletes_what_the_pipeline_did_not_make(project, tmp_path):
+    import registry
+
+    root, params = project
+    paths = storage.Paths(root)
+    (paths.sets / "notes").mkdir()  # a user's folder among the sets: not a set, never deleted
+    outside, untouched = outside_canary(tmp_path)
+    os.symlink(outside, paths.sets / "0123456789abcdef")  # named like a set, but a link out of the project
+    link = paths.models / ".previous.tmp"
+    os.symlink(outside, link)
+    os.replace(link, paths.previous)  # previous points out of the project
+    assert registry.set_of(paths, paths.previous) is None
+    for gate in ("0.0", "-0.5"):  # two acceptances: every unused set is forgotten
+        edited = root / "again.toml"
+        edited.write_text(params.read_text().replace("gate_min_improvement = 0.0", f"gate_min_improvement = {gate}"))
+        assert run_stage(STAGES[3], root, edited) == 0
+    assert untouched() and (paths.sets / "notes").is_dir() and (paths.sets / "0123456789abcdef").is_symlink()
+    assert registry.set_of(paths, paths.accepted) is not None
+
+
+@pytest.mark.parametrize("name", [".pipeline.pid", ".pipeline.lock"])
+@pytest.mark.parametrize("kind", ["link", "fifo", "folder"])
+def test_the_lock_and_its_pid_file_are_never_written_through_a_link_or_waited_on(project, tmp_path, capsys, name,
+                                                                                   kind):
+    root, params = project
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
+    path = root / "logs" / name
+    path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    {"link": lambda: path.symlink_to(target), "fifo": lambda: os.mkfifo(path), "folder": path.mkdir}[kind]()
+    started = time.monotonic()
+    assert run_stage(STAGES[3], root, params) == errors.EXIT_BAD_INPUT
+    assert time.monotonic() - started < 60
+    assert f"{path}: not a regular file" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
+def test_a_folder_where_a_file_goes_is_refused_with_the_way_out(project, capsys):
+    root, params = project
+    (root / "models/manifest.json").unlink()
+    (root / "models/manifest.json").mkdir()
+    before = snapshot(root)
+    assert run_stage(STAGES[0], root, params) == errors.EXIT_BAD_INPUT
+    assert f"rm -r {root / 'models/manifest.json'}" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+def test_a_manifest_nested_too_deep_is_a_damaged_manifest(project, capsys):
+    import cli
+
+    root, params = project
+    (root / "models/manifest.json").write_text('{"stages": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    assert run_stage(STAGES[1], root, params) == errors.EXIT_BAD_INPUT
+    assert "corrupt manifest" in capsys.readouterr().err
+    stage = STAGES[1].STAGE
+    assert cli.up_to_date([stage, "--params", str(params), "--root", str(root)]) == 1
+    assert capsys.readouterr().out.strip() == f"{stage}: runs (the manifest is damaged)"
+
+
+@pytest.mark.parametrize("root_kind", ["missing", "file", "loop"])
+def test_a_bad_root_is_one_line_and_never_created(tmp_path, capsys, root_kind):
+    import cli
+
+    root = tmp_path / "root"
+    if root_kind == "file":
+        root.write_text("")
+    elif root_kind == "loop":
+        root.symlink_to(root)
+    params = write_params(tmp_path / "p.toml", **TINY)
+    module = STAGES[0]
+    code = cli.run(module.STAGE, module.main, cli.stage_parser("x"), ["--root", str(root), "--params", str(params)])
+    assert code == errors.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip().startswith(f"data_creation: error: --root {root}:")
+    assert root_kind != "missing" or not root.exists()
+
+
+@pytest.mark.parametrize("value", ["²", "0", "two", "99999"])
+def test_a_bad_thread_setting_is_refused_before_any_work(project, monkeypatch, capsys, value):
+    root, params = project
+    monkeypatch.setenv("PIPELINE_THREADS", value)
+    before = snapshot(root)
+    assert run_stage(STAGES[0], root, params) == errors.EXIT_BAD_INPUT
+    assert "PIPELINE_THREADS=" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("problem", ["inside", "readable", "fifo"])
+def test_a_signing_key_that_would_not_keep_its_secret_is_refused(project, tmp_path, monkeypatch, capsys, problem):
+    root, params = project
+    key = {"inside": storage.ROOT / "tests" / ".signing-key-test", "readable": tmp_path / "key",
+           "fifo": tmp_path / "fifo"}[problem]
+    try:
+        if problem == "fifo":
+            os.mkfifo(key)
+        else:
+            key.write_bytes(os.urandom(32))
+            key.chmod(0o644 if problem == "readable" else 0o600)
+        monkeypatch.setenv(manifest.KEY_ENVIRONMENT, str(key))
+        started = time.monotonic()
+        assert run_stage(STAGES[1], root, params) == errors.EXIT_BAD_INPUT
+        assert time.monotonic() - started < 60
+        err = capsys.readouterr().err
+        assert {"inside": "is inside the project", "readable": "chmod 600",
+                "fifo": "not a regular file (a FIFO), where the model-signing key should be"}[problem] in err, err
+    finally:
+        key.unlink(missing_ok=True)
+
+
+def test_a_network_larger_than_the_free_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import cli
+
+    monkeypatch.setattr(cli, "available_memory", lambda: 2 * 2**30)
+    params = write_params(tmp_path / "p.toml", **{**TINY, "n_stations": 2000, "n_years": 10})
+    started = time.monotonic()
+    assert run_stage(STAGES[0], tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert "7,304,000 station-steps: about 3.5 GiB for the largest stage, and 2.0 GiB is free here" in err
+    assert not (tmp_path / "root/data").exists()
+
+
+# --------------------------------------------------------------------------- what makes a stage stale
+
+FOLDERS_WRITTEN_WHOLE = [("data/train/raw", "data_creation"), ("data/test/raw", "data_creation"),
+                         ("data/truth", "data_creation"), ("reports", "model_testing"),
+                         ("models/accepted", "model_testing"), ("models/previous", "model_testing")]
+FILES_WRITTEN = [("data/source.json", "data_creation"), ("data/train/features.csv", "model_preprocessing"),
+                 ("data/test/flags.csv", "model_preprocessing"), ("models/scaler.joblib", "model_preprocessing"),
+                 ("models/detector.json", "model_preprocessing"), ("models/model.joblib", "model_preparation"),
+                 ("models/model.json", "model_preparation"), ("models/metrics.json", "model_testing")]
+
+
+def stale_stages(root, params) -> list[str]:
+    loaded = load_params(params)
+    return [module.STAGE for module in STAGES if manifest.why_stale(storage.Paths(root), module.STAGE, loaded)]
+
+
+def change_file(path, change: str) -> None:
+    if change == "add":
+        path.with_name(f"ZZ{path.name}").write_bytes(path.read_bytes())
+    elif change == "remove":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes() + b"\n")
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "edit"])
+@pytest.mark.parametrize(("folder", "writer"), FOLDERS_WRITTEN_WHOLE)
+def test_a_file_added_to_removed_from_or_edited_in_a_folder_makes_its_writer_stale(project, folder, writer, change):
+    root, params = project
+    if folder == "models/previous":  # a second acceptance makes the first one the previous
+        again = root / "again.toml"
+        again.write_text(params.read_text().replace("gate_min_improvement = 0.0", "gate_min_improvement = -0.5"))
+        assert run_stage(STAGES[3], root, again) == 0
+        params = again
+    assert stale_stages(root, params) == []
+    files = sorted(p for p in (root / folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    change_file(files[-1], change)
+    assert stale_stages(root, params)[:1] == [writer]
+
+
+@pytest.mark.parametrize("change", ["remove", "edit"])
+@pytest.mark.parametrize(("file", "writer"), FILES_WRITTEN)
+def test_a_file_a_stage_wrote_removed_or_edited_makes_that_stage_stale(project, file, writer, change):
+    root, params = project
+    change_file(root / file, change)
+    assert stale_stages(root, params)[:1] == [writer]
+
+
+def test_a_moved_link_or_another_signing_key_makes_the_stage_that_made_it_stale(project, tmp_path, monkeypatch):
+    root, params = project
+    (root / "models/accepted").unlink()
+    assert stale_stages(root, params) == ["model_testing"]
+    assert run_stage(STAGES[3], root, params) == 0 and stale_stages(root, params) == []
+    key = tmp_path / "another.key"  # the models were copied to another machine, or re-keyed
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    monkeypatch.setenv(manifest.KEY_ENVIRONMENT, str(key))
+    assert stale_stages(root, params) == ["model_preprocessing", "model_preparation", "model_testing"]
+    for module in STAGES[1:]:
+        assert run_stage(module, root, params) == 0, module.STAGE
+    assert stale_stages(root, params) == []
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "edit", "case twin"])
+def test_the_listing_of_the_user_s_folder_is_an_input_of_stage_1(tmp_path, change):
+    from conftest import REAL_FORMAT, write_real_format_station
+
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("A", "B"):
+        write_real_format_station(own / f"{name}.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    root = tmp_path / "root"
+    assert run_stage(STAGES[0], root, params) == 0
+    assert stale_stages(root, params)[:1] == ["model_preprocessing"]  # stage 1 alone ran
+    if change == "case twin":
+        (own / "b.CSV").write_bytes((own / "B.csv").read_bytes())
+    else:
+        change_file(own / "B.csv", change)
+    assert stale_stages(root, params)[:1] == ["data_creation"]

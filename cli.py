@@ -312,9 +312,13 @@ def _is_lock_file(fd: int, lock_path: Path) -> bool:
 def _on_stop_signal(signum: int, frame: object) -> None:
     """Stop once: a second signal (Ctrl-C reaches the stage and pipeline.sh passes it on too) must not cut
     the clean-up of the first short."""
-    for other in STOP_SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
+    for other in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a signal already pending would
+        signal.signal(other, _already_stopping)  # then raise "ignored due to race condition"
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def _already_stopping(signum: int, frame: object) -> None:
+    """A stop signal after the first: the stage is already stopping."""
 
 
 def _stop_with_the_pipeline() -> None:
@@ -510,4 +514,8 @@ def up_to_date(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(up_to_date())
+    try:
+        raise SystemExit(up_to_date())
+    except KeyboardInterrupt:  # die of Ctrl-C, not of an exception: the shell that asked then stops too
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)

@@ -165,15 +165,19 @@ stop() {
   end_ahead TERM
   if [ -n "$child" ]; then
     kill -s "$signal_name" "$child" 2>/dev/null
-    wait "$child" 2>/dev/null && ran+=("$child_stage")  # it may have finished before the signal reached it
-    wait "${tees[@]}" 2>/dev/null  # its last words reach the terminal and the log before this line
+    wait "$child" 2>/dev/null
+    local status=$?
+    wait "${tees[@]}" 2>/dev/null  # its last words reach the terminal and the log before these lines
+    say "stage $child_stage: end, exit $status"
+    [ "$status" -eq 0 ] && ran+=("$child_stage")  # it may have finished before the signal reached it
   fi
   say "pipeline: stopped by SIG$signal_name; $(outcome)"
   exit "$code"
 }
-trap 'stop TERM 143' TERM
-trap 'stop INT 130' INT
-trap 'stop HUP 129' HUP
+declare -A STOP_NAMES=([129]=HUP [130]=INT [143]=TERM)  # 128 + the signal's number
+for code in "${!STOP_NAMES[@]}"; do
+  trap "stop ${STOP_NAMES[$code]} $code" "${STOP_NAMES[$code]}"
+done
 
 say "pipeline: start (python $("$py" -c 'import platform; print(platform.python_version())'), params $params, log $log_file)"
 # The stages' FIFOs live in the project's logs/, one folder per run; a run killed outright (SIGKILL) leaves
@@ -183,7 +187,10 @@ for old in "$ROOT"/logs/.fifos-*; do
 done
 fifos="$ROOT/logs/.fifos-$$"
 rm -rf -- "$fifos" && mkdir -m 700 "$fifos" || die "cannot make $fifos"
-trap 'rm -rf -- "$fifos"' EXIT
+# A signal between starting a stage's copies and the stage itself leaves copies waiting to open a FIFO no
+# stage will write: they would hold the terminal's output open after this script ends. Every child still
+# running at the end (each stage has been waited for by then) is one of those.
+trap 'kill -KILL $(jobs -p) 2>/dev/null || true; rm -rf -- "$fifos"' EXIT
 
 # Each stage's interpreter is started while the stage before it works: it imports what its stage needs
 # (--wait-for-go) and waits for a line on its FIFO, "go" to run or "skip" to end, so the imports (most
@@ -212,10 +219,14 @@ tell_ahead() {  # $1: go or skip
 }
 end_ahead() {  # a stage started ahead that will not run: tell it, or with a signal name stop it, and wait
   [ -n "$ahead" ] || return 0
-  local pid="$ahead_pid"
+  local pid="$ahead_pid" stage="$ahead" end fd
   tell_ahead skip
   [ -n "${1:-}" ] && kill -s "$1" "$pid" 2>/dev/null
-  wait "$pid" "${ahead_tees[@]}" 2>/dev/null || true
+  wait "$pid" 2>/dev/null
+  # Stopped before its process opened its output, the stage leaves its copies waiting to open their FIFOs;
+  # opening each for reading and writing (which never blocks) and closing it again lets them read the end.
+  for end in out err; do exec {fd}<>"$fifos/$end-$stage"; exec {fd}>&-; done
+  wait "${ahead_tees[@]}" 2>/dev/null || true
 }
 
 pipeline_start=$(date +%s.%N)
@@ -247,7 +258,12 @@ for i in "${!run_stages[@]}"; do
   say "stage $stage: end, ${duration}s, exit $status"
   if [ "$status" -ne 0 ]; then
     end_ahead
-    say "pipeline: FAILED at stage $stage (exit $status); $(outcome)"
+    # A stage stopped by a signal this script did not see (bash passes over a Ctrl-C that reaches it while a
+    # short command of its own, such as `date`, runs and ends normally) is a stop, not a failure.
+    case "$status" in
+      129|130|143) say "pipeline: stopped by SIG${STOP_NAMES[$status]}; $(outcome)" ;;
+      *) say "pipeline: FAILED at stage $stage (exit $status); $(outcome)" ;;
+    esac
     exit "$status"
   fi
   ran+=("$stage")

@@ -32,6 +32,7 @@ import calendar
 import datetime as dt
 import io
 import logging
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +53,9 @@ STAGE = "data_creation"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
 IMPORTS = ["numpy", "pandas"]
 STATIONS_PER_CHUNK = 50  # stations whose files one task writes or reads
+# In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
+STATION_LIST = "stations.csv"
+STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
 _EFFECT_ORDER = ["level_shift", "drift", "stuck", "spike", "missing"]
 
@@ -329,8 +333,8 @@ def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resoluti
 
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
-DROP_REASONS = ["missing_value", "bad_date", "future_date", "ancient_date", "not_a_number", "impossible",
-                "conflicting_duplicate"]
+DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
+                "impossible", "conflicting_duplicate"]
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
 EARLIEST_DATE = "1700-01-01"
@@ -355,6 +359,9 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
     text = table[imp["temperature_column"]].str.strip()
     missing = text.str.lower().isin(MISSING_MARKERS)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
+    # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
+    code = values.isin([float(value) for value in imp["missing_values"]])
+    missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
         values = (values - 32.0) * 5.0 / 9.0 if imp["unit"] == "F" else values
@@ -366,7 +373,8 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
         "bad_date": dates.isna(),
         "future_date": future,
         "ancient_date": ancient,
-        "missing_value": ~bad_date & missing,
+        "missing_value": ~bad_date & missing & ~code,
+        "missing_code": ~bad_date & code,
         "not_a_number": ~bad_date & not_number,
         "impossible": ~bad_date & impossible,
     }
@@ -445,11 +453,17 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [str(c).strip() for c in table.columns]
-    header = text.splitlines()[0]
-    for key in ("date_column", "temperature_column"):
-        if imp[key] not in table.columns:
-            raise PipelineError(f"{path}: no column {imp[key]!r} (header is {header!r}); "
-                                f"set import.{key} or import.delimiter")
+    header = text.splitlines()[0][:200]
+    absent = [key for key in ("date_column", "temperature_column") if imp[key] not in table.columns]
+    named = any(imp[key].lower() in header.lower() for key in absent)  # else another delimiter would do
+    if len(absent) == 2 and not named:  # most likely not a station's file at all
+        raise PipelineError(f"{path}: no column {imp['date_column']!r} nor {imp['temperature_column']!r} (header is "
+                            f"{header!r}): every *.csv in data.source but {STATION_LIST} is read as one station's "
+                            "readings; move this file out of the folder if it is not a station's, else set "
+                            "import.date_column, import.temperature_column or import.delimiter")
+    for key in absent:
+        raise PipelineError(f"{path}: no column {imp[key]!r} (header is {header!r}); "
+                            f"set import.{key} or import.delimiter")
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
     return table.fillna("")  # a short last line (a truncated file) leaves its fields empty
@@ -494,7 +508,7 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     and the first test day."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data.source folder not found")
-    files = storage.station_files(folder)
+    files = [path for path in storage.station_files(folder) if path.name.lower() != STATION_LIST]
     if not files:
         raise PipelineError(f"{folder}: no .csv files in the data.source folder")
     if data["holdout_stations"] >= len(files):
@@ -573,11 +587,51 @@ def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Po
     parts, report, test_start = import_stations(folder, params["data"], params["import"], params["preprocessing"],
                                                 pool)
     write_imported_files(staging, parts)
+    inputs = sorted(folder / report[name]["file"] for name in report)
+    listed = next((path for path in storage.station_files(folder) if path.name.lower() == STATION_LIST), None)
+    if listed is not None:
+        coordinates = read_station_list(listed, params["import"]["delimiter"], set(parts))
+        storage.write_csv(staging / STATION_LIST, coordinates, staged=True)
+        inputs.append(listed)
     source = {"source": str(folder), "quantity": params["import"]["quantity"], "unit": params["import"]["unit"],
               "frequency": next(iter(report.values()))["frequency"], "stations": len(parts),
-              "test_start": test_start, "files": report}
+              "test_start": test_start, "files": report,
+              "coordinates": 0 if listed is None else int(coordinates["latitude"].notna().sum())}
     summary = f"imported {len(parts)} stations from {folder}; no ground truth, so anomaly scores will be skipped"
-    return sorted(folder / report[name]["file"] for name in report), source, summary
+    return sorted(inputs), source, summary
+
+
+def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.DataFrame:
+    """The station list's coordinates of every imported station (empty where the list has none), or
+    PipelineError naming the file and the problem."""
+    text = storage.read_text_file(path, delimiter)
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.ParserError as exc:
+        raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in STATION_LIST_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (it needs "
+                            f"{', '.join(STATION_LIST_COLUMNS)}, optionally elevation); a file named {STATION_LIST} "
+                            "in data.source is read as the station list, never as a station")
+    columns = [c for c in [*STATION_LIST_COLUMNS, "elevation"] if c in table.columns]
+    table = table[columns].apply(lambda column: column.str.strip())
+    repeated = table["station"][table["station"].duplicated()]
+    if len(repeated):
+        raise PipelineError(f"{path}: station {repeated.iat[0]!r} is listed twice")
+    numbers = table[columns[1:]].apply(pd.to_numeric, errors="coerce")
+    limits = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
+    for column in columns[1:]:
+        bad = numbers[column].isna() | (numbers[column].abs() > limits[column])
+        if bad.any():
+            raise PipelineError(f"{path}: station {table['station'][bad].iat[0]!r}: {column} "
+                                f"{table[column][bad].iat[0]!r} is not a number within ±{limits[column]:g}")
+    numbers.insert(0, "station", table["station"])
+    unlisted = sorted(stations - set(numbers["station"]))
+    if unlisted:
+        log.warning("%s: no coordinates for %d station(s), e.g. %s", path.name, len(unlisted), unlisted[0])
+    return pd.DataFrame({"station": sorted(stations)}).merge(numbers, on="station", how="left")
 
 
 def main(args) -> None:
@@ -605,10 +659,15 @@ def main(args) -> None:
             for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 storage.replace_folder(staging / name, target)
+            if (staging / STATION_LIST).exists():
+                os.replace(staging / STATION_LIST, paths.station_list)
+            else:  # an earlier import's list describes other stations
+                paths.station_list.unlink(missing_ok=True)
         finally:
             storage.remove_tree(staging)
     storage.write_json(paths.source_record, source)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
+    outputs += [paths.station_list] if paths.station_list.exists() else []
     manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record],
                           folders=[*([folder] if folder is not None else []), paths.train_raw, paths.test_raw,
                                    paths.truth])

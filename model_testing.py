@@ -152,19 +152,25 @@ def forecast_scores(frame: pd.DataFrame, actual: str) -> dict:
     where it exists (stations seen in training), so its group leaves the others out.
     """
     rows = frame.dropna(subset=[actual])
-    trained = rows["climatology"].notna() & rows["drift"].notna()
-    groups = {
-        "all_stations": (rows, ["model", "persistence"]),
-        "trained_stations": (rows[trained], PREDICTORS),
-        "holdout_stations": (rows[~trained], ["model", "persistence"]),
-    }
     result = {group: {p: score(part[actual].to_numpy(), part[p].to_numpy()) for p in predictors}
-              for group, (part, predictors) in groups.items() if len(part)}
+              for group, (part, predictors) in station_groups(rows).items() if len(part)}
     result["per_station"] = {
         station: {p: score(part[actual], part[p]) for p in PREDICTORS if not np.isnan(part[p]).any()}
         for station, part in by_station(rows, [actual, *PREDICTORS])
     }
     return result
+
+
+def station_groups(rows: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str]]]:
+    """The groups of rows scored, each with the predictors scored on it. Climatology and drift exist only for
+    stations seen in training: with held-out stations, all stations are scored on model and persistence,
+    and the trained and held-out ones apart; without, all stations on every predictor (a trained group
+    would repeat it)."""
+    trained = rows["climatology"].notna() & rows["drift"].notna()
+    if trained.all():
+        return {"all_stations": (rows, PREDICTORS)}
+    return {"all_stations": (rows, ["model", "persistence"]), "trained_stations": (rows[trained], PREDICTORS),
+            "holdout_stations": (rows[~trained], ["model", "persistence"])}
 
 
 def by_station(rows: pd.DataFrame, columns: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
@@ -208,15 +214,13 @@ def interval_score(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, lev
 def interval_scores(frame: pd.DataFrame, actual: str, level: float) -> dict:
     """Interval scores of the model's and persistence's bands, overall, by group and per station."""
     rows = frame.dropna(subset=[actual])
-    trained = rows["climatology"].notna()
 
     def both(part: pd.DataFrame) -> dict:
         y = part[actual].to_numpy()
         return {p: interval_score(y, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(), level)
                 for p in ("model", "persistence")}
 
-    groups = {"all_stations": rows, "trained_stations": rows[trained], "holdout_stations": rows[~trained]}
-    result = {group: both(part) for group, part in groups.items() if len(part)}
+    result = {group: both(part) for group, (part, _) in station_groups(rows).items() if len(part)}
     result["per_station"] = {
         station: interval_score(part[actual], part["model_lower"], part["model_upper"], level)
         for station, part in by_station(rows, [actual, "model_lower", "model_upper"])

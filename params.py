@@ -23,6 +23,7 @@ STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
 STAGES = list(STAGE_SECTIONS)
 ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
 MAX_PARAMS_BYTES = 1 << 20
+MAX_MISSING_CODES = 100
 
 
 LOCAL_CLUSTER = "local:"
@@ -51,8 +52,9 @@ def scheduler_problem(value: str) -> str | None:
             "or a scheduler's address tcp://host:port, such as 'tcp://10.0.0.5:8786'")
 
 
-# Each parameter: (type, minimum, maximum), (str, allowed values, None), or (str, a function returning
-# what is wrong with a value or None, None).
+# Each parameter: (type, minimum, maximum), (str, allowed values, None), (str, a function returning
+# what is wrong with a value or None, None), (list, minimum, maximum) for a [min, max] pair, or (list, most
+# entries, None) for a list of numbers.
 SIMULATION = "simulation"
 PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
@@ -89,6 +91,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "delimiter": (str, (",", ";", "\t", "|"), None),
         "unit": (str, ("C", "F", "none"), None),
         "quantity": (str, ("mean", "max", "min"), None),
+        "missing_values": (list, MAX_MISSING_CODES, None),
     },
     "quality_control": {
         "detector": (str, ("network", "none"), None),
@@ -222,7 +225,9 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise PipelineError(f"{where} must be {kind.__name__}, got {value!r}")
-        if kind is list:
+        if kind is list and high is None:
+            _check_numbers(where, value, low)
+        elif kind is list:
             _check_length_range(where, value, low, high)
         elif kind is str and callable(low):
             problem = low(value)
@@ -237,6 +242,11 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
             raise PipelineError(f"{where} = {value!r} is out of range [{low}, {high}]")
         checked[key] = value
     return checked
+
+
+def _check_numbers(where: str, value: list, most: int) -> None:
+    if len(value) > most or not all(isinstance(v, int | float) and not isinstance(v, bool) and v == v for v in value):
+        raise PipelineError(f"{where} must be a list of at most {most} numbers, e.g. [-99, -9999, 999.9]")
 
 
 def _check_length_range(where: str, value: list, low: float, high: float) -> None:

@@ -69,6 +69,11 @@ class Paths:
         return self.data / "source.json"
 
     @property
+    def station_list(self) -> Path:
+        """The imported stations' coordinates, where the user's folder has a station list."""
+        return self.data / "stations.csv"
+
+    @property
     def train_features(self) -> Path:
         return self.data / "train" / "features.csv"
 
@@ -160,9 +165,9 @@ class Paths:
     @property
     def own_files(self) -> list[Path]:
         """Every file the pipeline writes under a fixed name (station files aside)."""
-        return [self.source_record, self.train_features, self.test_features, self.flagged, self.train_flags,
-                self.test_flags, self.scaler, self.detector, self.model, self.model_record, self.metrics,
-                self.manifest]
+        return [self.source_record, self.station_list, self.train_features, self.test_features, self.flagged,
+                self.train_flags, self.test_flags, self.scaler, self.detector, self.model, self.model_record,
+                self.metrics, self.manifest]
 
     def owns(self, path: Path) -> bool:
         """Whether ``path`` is one of the folders the pipeline writes, or inside one."""

@@ -387,3 +387,85 @@ def test_monthly_files_are_imported_as_monthly_steps_and_mixed_frequencies_refus
     (tmp_path / "C.csv").write_text("DATE;TMAX\n1979-06-01;12.5\n")  # one reading: no step of its own
     _, report, _ = data_creation.import_stations(tmp_path, data, imp, p["pre"])
     assert report["C"]["frequency"] == "monthly"
+
+
+def test_a_declared_missing_code_is_never_a_reading_nor_impossible(tmp_path):
+    """-99 °F is -72.8 °C, inside any generous range: declared, it is a missing day, compared as written."""
+    path = tmp_path / "HOME.csv"
+    rows = [f"{day:02d}/01/2020;{40 + day}" for day in range(1, 29)]
+    path.write_text("DATE;TMAX\n" + "\n".join([*rows, "29/01/2020;-99", "30/01/2020;-99.0", "31/01/2020;-9999",
+                                               "01/02/2020;999.9", "02/02/2020;-98"]) + "\n")
+    imp = dict(_import_params()["import"], missing_values=[-99, -9999, 999.9])
+    table, report = data_creation.read_user_station(path, imp, -90.0, 60.0)
+    assert report["missing_code"] == 4 and report["impossible"] == 0 and report["missing_value"] == 0
+    assert report["kept"] == 29 and table["temperature"].min() == pytest.approx((-98 - 32) * 5 / 9, abs=0.01)
+    assert "4 missing code" in data_creation._describe(report)
+    undeclared = data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)[1]
+    assert undeclared["kept"] == 31 and undeclared["impossible"] == 2  # -99 °F passed as a reading
+
+
+def test_a_code_shared_by_every_station_on_the_same_days_reaches_no_table(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("A", "B", "C"):
+        write_real_format_station(own / f"{name}.csv")
+        with open(own / f"{name}.csv", "a") as handle:  # an outage of the archive: the same week everywhere
+            handle.writelines(f"{day:02d}/06/2022;-99;{name}\n" for day in range(1, 8))
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own", missing_values=[-99])
+    assert run_stage(data_creation, tmp_path / "root", params) == 0
+    source = json.loads((tmp_path / "root/data/source.json").read_text())
+    assert all(entry["missing_code"] >= 7 for entry in source["files"].values())
+    for part in ("train", "test"):
+        for path in (tmp_path / f"root/data/{part}/raw").glob("*.csv"):
+            assert pd.read_csv(path)["temperature"].min() > -60, path
+
+
+def test_a_bad_missing_values_setting_is_one_line(tmp_path):
+    from params import load_params as load
+
+    path = write_params(tmp_path / "p.toml", missing_values=["-99"])
+    with pytest.raises(PipelineError, match=r"import.missing_values must be a list of at most 100 numbers"):
+        load(path)
+
+
+def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(tmp_path, capsys):
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("A", "B", "C"):
+        write_real_format_station(own / f"{name}.csv")
+    (own / "stations.csv").write_text("STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;100\nB;52.4;-1.9;80\n"
+                                      "Z;10;10;0\n")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert "stations.csv: no coordinates for 1 station(s), e.g. C" in capsys.readouterr().err
+    listed = pd.read_csv(root / "data/stations.csv", dtype={"station": str})
+    assert list(listed["station"]) == ["A", "B", "C"] and listed["latitude"].iloc[:2].tolist() == [52.1, 52.4]
+    assert listed["latitude"].isna().iloc[2]
+    assert sorted(p.stem for p in (root / "data/train/raw").iterdir()) == ["A", "B", "C"]
+    assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
+    (own / "stations.csv").unlink()  # a later import without a list leaves no stale coordinates
+    assert run_stage(data_creation, root, params) == 0 and not (root / "data/stations.csv").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("STATION;LAT;LON\nA;1;2\n", "the station list has no column 'latitude'"),
+    ("STATION;LATITUDE;LONGITUDE\nA;95;2\n", "station 'A': latitude '95' is not a number within ±90"),
+    ("STATION;LATITUDE;LONGITUDE\nA;1;2\nA;1;2\n", "station 'A' is listed twice"),
+])
+def test_a_broken_station_list_is_named(tmp_path, capsys, content, message):
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "A.csv")
+    (own / "stations.csv").write_text(content)
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_station_s_is_named_with_the_way_out(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text("author;remark\nme;checked in June\n")
+    with pytest.raises(PipelineError, match=r"notes.csv: no column 'DATE' nor 'TMAX' .* move this file out of the "
+                                            r"folder if it is not a station's"):
+        data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)

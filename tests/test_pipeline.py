@@ -96,6 +96,8 @@ def test_a_real_format_station_file_goes_through_the_pipeline(copy):
     assert flagged.sum() < 0.001 * readings.sum()
     overall = metrics["forecast"]["observed"]["all_stations"]
     assert overall["model"]["mae"] < overall["persistence"]["mae"]
+    assert "climatology" in overall and "trained_stations" not in metrics["forecast"]["observed"]  # no holdout:
+    assert "trained_stations" not in result.stdout  # one row per reference, with every baseline, not two alike
     assert 0.8 <= metrics["interval"]["observed"]["all_stations"]["model"]["coverage"] <= 0.97
     summary = (copy / "reports/summary.md").read_text()
     assert "daily maximum temperature, converted from °F" in summary

@@ -29,6 +29,10 @@ STATION_FEATURES: dict[str, Callable[[Any, Any], Any]] = {
     "temp_trend7": lambda t, _: t.rolling(7).mean() - t.shift(7).rolling(7).mean(),
     "repaired_today": lambda _, repaired: repaired,
 }
+# The columns of a features table that baselines are made from (metadata, never a model's input): the
+# station's training climatology at the target day, its mean change per step, and the neighbours-ridge
+# baseline's forecast (model_preprocessing.neighbours_ridge).
+BASELINE_COLUMNS = ["climatology", "drift", "neighbours_ridge"]
 # Sine and cosine of the target day's position in the year.
 CALENDAR_FEATURES = ["doy_sin", "doy_cos"]
 FEATURES = [*STATION_FEATURES, *CALENDAR_FEATURES]

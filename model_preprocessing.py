@@ -33,7 +33,7 @@ import quality_control
 import storage
 from cli import log
 from errors import PipelineError
-from features import FEATURES, SPREAD_COLUMN
+from features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
 from params import Params, load_params
 from steps import FREQUENCIES
 from storage import Paths
@@ -377,8 +377,66 @@ def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, flag: pd.
     return quality_control.borrow_seasons(coefs, trained, shapes)
 
 
+# The neighbours-ridge baseline: per station, a Ridge on its own last readings, the target day's calendar
+# terms and each neighbour's reading at the origin, all as departures from the station's training climatology.
+RIDGE_LAGS = 7  # the station's readings at t, t-1, ..., t-6: lags 1-7 of the day t+1 forecast
+RIDGE_ALPHA = 1.0  # on standardised inputs
+RIDGE_LEAST_ROWS = 60  # fewer training rows: no baseline for that station
+
+
+def neighbours_ridge(stations: list[str], repaired: pd.DataFrame, observed: pd.DataFrame, period: pd.DataFrame,
+                     flag: pd.DataFrame, coefs: pd.DataFrame, neighbours: dict[str, list[str]], horizon: int
+                     ) -> dict[int, np.ndarray]:
+    """The neighbours-ridge baseline's forecast of t+h from every origin t, per step h: a dates x ``stations``
+    array, NaN where the station has no baseline (never trained on, too few training rows) or lacks a reading
+    among its last ``RIDGE_LAGS``. Fitted per station on its training targets that were observed and not
+    flagged; a neighbour's missing reading counts as its climatology (a departure of 0)."""
+    dates, known_stations = repaired.index, [s for s in repaired.columns if s in coefs]
+    departure = repaired[known_stations] - quality_control.climatology_at(coefs, dates, pd.Index(known_stations))
+    forecasts = {step: np.full((len(dates), len(stations)), np.nan) for step in range(1, horizon + 1)}
+    for k, station in enumerate(stations):
+        if station not in coefs:
+            continue
+        own = departure[station]
+        lags = np.column_stack([own.shift(lag).to_numpy() for lag in range(RIDGE_LAGS)])
+        others = [n for n in neighbours.get(station, []) if n in departure]
+        near = departure[others].fillna(0.0).to_numpy()
+        known = ~np.isnan(lags).any(axis=1)
+        for step, forecast in forecasts.items():
+            target_dates = dates.shift(step)
+            normal = quality_control.climatology_at(coefs[[station]], target_dates,
+                                                    pd.Index([station])).to_numpy()[:, 0]
+            inputs = np.column_stack([lags, near, *features.day_of_year_terms(target_dates)])
+            target = observed[station].shift(-step).to_numpy() - normal
+            fit = known & ~np.isnan(target) & (period[station].shift(-step) == "train").to_numpy() \
+                & (flag[station].shift(-step) == quality_control.NO_FLAG).to_numpy()
+            if fit.sum() < RIDGE_LEAST_ROWS:
+                continue
+            mean, scale = inputs[fit].mean(axis=0), inputs[fit].std(axis=0)
+            scale[scale == 0] = 1.0
+            x, level = (inputs[fit] - mean) / scale, target[fit].mean()
+            weights = np.linalg.solve(x.T @ x + RIDGE_ALPHA * np.eye(x.shape[1]), x.T @ (target[fit] - level))
+            forecast[known, k] = ((inputs[known] - mean) / scale) @ weights + level + normal[known]
+    return forecasts
+
+
+def forecast_neighbours(detector: dict, repaired: pd.DataFrame, period: pd.DataFrame, coefs: pd.DataFrame,
+                        qc: dict) -> dict[str, list[str]]:
+    """Each station's neighbours for the neighbours-ridge baseline: the quality control's choice where it made
+    one, else the same choice (``quality_control.learn_neighbours``) on the training steps' departures."""
+    learned = (detector or {}).get("stations", {})
+    if not any("neighbours" in entry for entry in learned.values()):
+        known = pd.Index([s for s in repaired.columns if s in coefs])
+        departure = (repaired[known] - quality_control.climatology_at(coefs, repaired.index, known))
+        learned = {station: {"neighbours": found} for station, found in quality_control.learn_neighbours(
+            departure.where(period[known] == "train"), qc["neighbours"], qc["min_correlation"]).items()}
+    return {station: [buddy["station"] for buddy in entry.get("neighbours", {}).get("buddies", [])]
+            for station, entry in learned.items()}
+
+
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
-                   horizon: int = 1, climatology: pd.DataFrame | None = None) -> pd.DataFrame:
+                   horizon: int = 1, climatology: pd.DataFrame | None = None,
+                   ridge: dict[int, np.ndarray] | None = None) -> pd.DataFrame:
     """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
     Features use steps up to t only, from the repaired readings; the calendar
@@ -424,6 +482,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
             "target_ok": (observed.shift(-step).notna() & (flag.shift(-step) == quality_control.NO_FLAG)).astype(float),
             "period": target_period.mask(ahead & target_period.ne("test"), "test"),
             "climatology": table(quality_control.climatology_at(coefs, target_dates, stations).to_numpy()),
+            "neighbours_ridge": table(np.nan) if ridge is None else table(ridge[step]),
             "drift": table(drift.reindex(stations).to_numpy()),
         })
         parts.append(long[long.pop("usable") & long["period"].isin(["train", "test"])])
@@ -432,23 +491,26 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["target_date"]))
     long["temp_today"] = long["temp_lag0"]
     return long[["station", "date", "step", "target_date", "period", "temp_today", "target", "target_ok",
-                 "climatology", "drift", SPREAD_COLUMN, *FEATURES]]
+                 *BASELINE_COLUMNS, SPREAD_COLUMN, *FEATURES]]
 
 
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
                            test_start: pd.Timestamp, horizon: int = 1, pool: compute.Pool | None = None,
-                           detector: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           detector: dict | None = None, qc: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
     (a station's features depend on its own readings only, so the rows are the same) on ``pool``, or
     PipelineError when either is empty or no test station was trained on. The climatology baseline is
     fitted once for all stations (``baseline_climatology``, with the ``detector``'s seasons)."""
     coefs = baseline_climatology(observed, period, verdict["flag"], detector)
+    near = forecast_neighbours(detector, verdict["repaired"], period, coefs, qc) if qc else {}
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = compute.chunks(observed.columns, STATION_BLOCK)
     inputs = compute.OnDemand(lambda i: (observed[blocks[i]], period[blocks[i]],
                                          {name: table[blocks[i]] for name, table in verdict.items()},
-                                         coefs[[s for s in blocks[i] if s in coefs]]), len(blocks))
+                                         coefs[[s for s in blocks[i] if s in coefs]],
+                                         neighbours_ridge(list(blocks[i]), verdict["repaired"], observed, period,
+                                                          verdict["flag"], coefs, near, horizon)), len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:
@@ -471,8 +533,8 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
 def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     """The feature columns of one block of stations (observed, period, verdict, climatology coefficients),
     split into "train" and "test"."""
-    observed, period, verdict, climatology = block
-    rows = build_features(observed, period, verdict, horizon, climatology)
+    observed, period, verdict, climatology, ridge = block
+    rows = build_features(observed, period, verdict, horizon, climatology, ridge)
     split = {}
     for name in ("train", "test"):
         chosen = (rows["period"] == name).to_numpy()
@@ -554,7 +616,7 @@ def main(args) -> None:
         detector, verdict = quality_control_flags(observed, period, qc, pool, threads)
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
-                                             pool if pool.cluster else compute.Threads(threads), detector)
+                                             pool if pool.cluster else compute.Threads(threads), detector, qc)
         cli.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

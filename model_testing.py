@@ -42,7 +42,7 @@ import report
 import storage
 from cli import log
 from errors import PipelineError
-from features import FEATURES, SPREAD_COLUMN
+from features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
 from params import ANOMALY_KINDS, Params, load_params
 from report import PREDICTORS
 from storage import Paths
@@ -55,7 +55,7 @@ STAGE = "model_testing"
 # ahead by --wait-for-go, and its import floor in benchmark.py.
 IMPORTS = ["numpy", "pandas", "sklearn.preprocessing", "sklearn.linear_model", "matplotlib.pyplot", "joblib"]
 STATION_BLOCK = 200  # stations whose test rows are forecast by one task
-TEST_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "climatology", "drift", SPREAD_COLUMN,
+TEST_COLUMNS = ["station", "date", "step", "target_date", "temp_today", *BASELINE_COLUMNS, SPREAD_COLUMN,
                 *FEATURES]
 FLAG_COLUMNS = ["station", "date", "observed", "flag"]
 TRUTH_FILE_COLUMNS = ["date", *storage.TRUTH_COLUMNS]
@@ -166,7 +166,7 @@ def station_groups(rows: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str
     stations seen in training: with held-out stations, all stations are scored on model and persistence,
     and the trained and held-out ones apart; without, all stations on every predictor (a trained group
     would repeat it)."""
-    trained = rows["climatology"].notna() & rows["drift"].notna()
+    trained = rows[BASELINE_COLUMNS].notna().all(axis=1)
     if trained.all():
         return {"all_stations": (rows, PREDICTORS)}
     return {"all_stations": (rows, ["model", "persistence"]), "trained_stations": (rows[trained], PREDICTORS),
@@ -350,7 +350,7 @@ def step_scores(frame: pd.DataFrame, reference: str, level: float) -> dict:
     (stations seen in training, where every baseline exists), and the model's and persistence's bands."""
     column = report.REFERENCE_COLUMNS[reference]
     rows = frame.dropna(subset=[column])
-    rows = rows[rows["climatology"].notna() & rows["drift"].notna()]
+    rows = rows[rows[BASELINE_COLUMNS].notna().all(axis=1).to_numpy()]
     result = {}
     for step, part in rows.groupby("step"):
         actual = part[column].to_numpy()

@@ -17,9 +17,10 @@ from steps import FREQUENCIES
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 
-PREDICTORS = ["model", "persistence", "climatology", "drift"]
+PREDICTORS = ["model", "persistence", "climatology", "drift", "neighbours_ridge"]
 # One colour per predictor in every figure.
-COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab:green", "drift": "tab:purple"}
+COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab:green", "drift": "tab:purple",
+           "neighbours_ridge": "tab:brown"}
 FORECAST_STEPS = 365  # the forecast figure shows at most the last 365 steps of the test period, so they stay readable
 GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
 STATION_BARS = 40  # the error-by-station figure shows at most this many stations
@@ -36,7 +37,8 @@ REFERENCES = {
     "accepted": "only the readings the detector did not flag; a reference beside `observed`, never instead of it",
 }
 PREDICTION_COLUMNS = ["station", "date", "step", "target_date", "observed", "flag", "model", "model_lower",
-                      "model_upper", "persistence", "climatology", "drift", "clean_temperature", "anomaly", "event"]
+                      "model_upper", "persistence", "climatology", "drift", "neighbours_ridge", "clean_temperature",
+                      "anomaly", "event"]
 FLAGGED_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence"]
 
 
@@ -139,7 +141,7 @@ def _error_by_station_figure(plt, per_station: dict, reference: str):
     ax.set_xticks(x, stations, rotation=45 if len(stations) > 12 else 0)
     ax.set_ylabel(f"test MAE (°C) against the {reference} temperature")
     untrained = [s for s in stations if "climatology" not in per_station[s]]
-    note = f" (no climatology or drift bar: {', '.join(untrained)} never trained on)" if untrained else ""
+    note = f" (model and persistence only: {', '.join(untrained)} never trained on)" if untrained else ""
     ax.set_title(f"Error by station: model and baselines{note}{shown}", fontsize="medium" if shown else None)
     ax.grid(axis="y", alpha=0.3)
     # Room above the tallest bar for the legend in one row, so it is placed without a search for free space.

@@ -17,10 +17,10 @@ def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
     assert set(metrics["forecast"]) == {"truth", "observed", "accepted"}
     for reference in ("truth", "observed", "accepted"):
         trained = metrics["forecast"][reference]["trained_stations"]
-        assert set(trained) == {"model", "persistence", "climatology", "drift"}
+        assert set(trained) == {"model", "persistence", "climatology", "drift", "neighbours_ridge"}
         assert set(trained["model"]) == {"n", "mae", "rmse", "r2"}
         assert trained["model"]["n"] == trained["persistence"]["n"] == trained["climatology"]["n"] \
-            == trained["drift"]["n"]
+            == trained["drift"]["n"] == trained["neighbours_ridge"]["n"]
         assert trained["model"]["mae"] < trained["drift"]["mae"]
         assert trained["model"]["mae"] < trained["persistence"]["mae"] < trained["climatology"]["mae"]
         assert "climatology" not in metrics["forecast"][reference]["holdout_stations"]
@@ -462,3 +462,30 @@ def test_the_console_speaks_of_the_series_own_unit_when_it_is_not_a_temperature(
     assert len(headers) == 4 and not any("°C" in line or "temperature" in line for line in headers), headers
     assert "Test MAE / RMSE in the series' own unit against the observed value" in headers[1]
     assert "Test MAE / RMSE in °C against the observed temperature" in report.console_table(metrics, {"unit": "F"})
+
+
+def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_only():
+    """A station that follows its neighbour a day late is forecast from the neighbour's reading; the test
+    period's targets never reach the fit (changing them changes no forecast)."""
+    import model_preprocessing
+    import quality_control
+
+    dates = pd.date_range("2020-01-01", periods=800, freq="D")
+    rng = np.random.default_rng(3)
+    upwind = pd.Series(np.cumsum(rng.normal(0, 1, len(dates))) * 0.3 + rng.normal(0, 2, len(dates)), index=dates)
+    readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, len(dates))})
+    period = pd.DataFrame(np.where((dates < dates[600])[:, None], "train", "test").repeat(2, axis=1),
+                          index=dates, columns=readings.columns)
+    flag = pd.DataFrame(quality_control.NO_FLAG, index=dates, columns=readings.columns)
+    coefs = quality_control.fit_climatology(readings.where(period == "train"))
+
+    def forecast(observed):
+        return model_preprocessing.neighbours_ridge(["B"], readings, observed, period, flag, coefs,
+                                                    {"B": ["A"]}, 1)[1][:, 0]
+
+    made = forecast(readings)
+    test = (period["B"].shift(-1) == "test").to_numpy() & ~np.isnan(made)
+    error = np.abs(made - readings["B"].shift(-1).to_numpy())[test]
+    assert np.nanmean(error) < 0.5 < np.nanmean(np.abs(readings["B"] - readings["B"].shift(-1)).to_numpy()[test])
+    changed = readings.where(period == "train", readings + 100.0)  # the test period's targets moved
+    assert np.allclose(forecast(changed), made, equal_nan=True)

@@ -222,7 +222,7 @@ end_ahead() {  # a stage started ahead that will not run: tell it, or with a sig
   local pid="$ahead_pid" stage="$ahead" end fd
   tell_ahead skip
   [ -n "${1:-}" ] && kill -s "$1" "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null || true
   # Stopped before its process opened its output, the stage leaves its copies waiting to open their FIFOs;
   # opening each for reading and writing (which never blocks) and closing it again lets them read the end.
   for end in out err; do exec {fd}<>"$fifos/$end-$stage"; exec {fd}>&-; done

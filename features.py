@@ -33,9 +33,17 @@ STATION_FEATURES: dict[str, Callable[[Any, Any], Any]] = {
 # station's training climatology at the target day, its mean change per step, and the neighbours-ridge
 # baseline's forecast (model_preprocessing.neighbours_ridge).
 BASELINE_COLUMNS = ["climatology", "drift", "neighbours_ridge"]
+# name -> what is compared, a function of a date x station table of repaired readings; the feature is the
+# mean of it over the station's neighbours minus the station's own, on the origin day. Offset-free (a valley
+# station colder than the hill beside it every day does not count): weather that has reached the neighbours
+# today reaches the station tomorrow. A station without neighbours gets 0, its station features alone.
+NETWORK_FEATURES: dict[str, Callable[[Any], Any]] = {
+    "nbr_change": lambda t: t.diff(),  # the day's change, t-1 to t
+    "nbr_week_departure": lambda t: t - t.rolling(7).mean(),  # the reading's departure from its last 7 days
+}
 # Sine and cosine of the target day's position in the year.
 CALENDAR_FEATURES = ["doy_sin", "doy_cos"]
-FEATURES = [*STATION_FEATURES, *CALENDAR_FEATURES]
+FEATURES = [*STATION_FEATURES, *NETWORK_FEATURES, *CALENDAR_FEATURES]
 
 
 # The least spread a row may have: a station whose readings stood still for 60 days (a stuck sensor the

@@ -420,6 +420,20 @@ def neighbours_ridge(stations: list[str], repaired: pd.DataFrame, observed: pd.D
     return forecasts
 
 
+def network_features(stations: list[str], repaired: pd.DataFrame, neighbours: dict[str, list[str]]
+                     ) -> dict[str, pd.DataFrame]:
+    """Each of ``features.NETWORK_FEATURES`` for ``stations`` (date x station tables): the neighbours' mean
+    of what it compares, over those that have it that day, minus the station's own; 0 without neighbours."""
+    tables = {}
+    for name, measure in features.NETWORK_FEATURES.items():
+        compared = measure(repaired)
+        own = compared[stations]
+        near = pd.DataFrame({station: compared[[n for n in neighbours.get(station, []) if n in compared]]
+                             .mean(axis=1) if neighbours.get(station) else own[station] for station in stations})
+        tables[name] = (near - own).where(near.notna() | own.isna(), 0.0)
+    return tables
+
+
 def forecast_neighbours(detector: dict, repaired: pd.DataFrame, period: pd.DataFrame, coefs: pd.DataFrame,
                         qc: dict) -> dict[str, list[str]]:
     """Each station's neighbours for the neighbours-ridge baseline: the quality control's choice where it made
@@ -436,7 +450,8 @@ def forecast_neighbours(detector: dict, repaired: pd.DataFrame, period: pd.DataF
 
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
                    horizon: int = 1, climatology: pd.DataFrame | None = None,
-                   ridge: dict[int, np.ndarray] | None = None) -> pd.DataFrame:
+                   ridge: dict[int, np.ndarray] | None = None, network: dict[str, pd.DataFrame] | None = None
+                   ) -> pd.DataFrame:
     """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
     Features use steps up to t only, from the repaired readings; the calendar
@@ -461,6 +476,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
 
     repaired_today = (repaired != observed).astype(float).where(period != "")
     wide = {name: feature(repaired, repaired_today) for name, feature in features.STATION_FEATURES.items()}
+    wide.update(network or {name: table(0.0) for name in features.NETWORK_FEATURES})
     wide[SPREAD_COLUMN] = features.spread(repaired)
     usable = table(np.logical_and.reduce([values.notna().to_numpy() for values in wide.values()]))
     trained = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
@@ -510,7 +526,8 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
                                          {name: table[blocks[i]] for name, table in verdict.items()},
                                          coefs[[s for s in blocks[i] if s in coefs]],
                                          neighbours_ridge(list(blocks[i]), verdict["repaired"], observed, period,
-                                                          verdict["flag"], coefs, near, horizon)), len(blocks))
+                                                          verdict["flag"], coefs, near, horizon),
+                                         network_features(list(blocks[i]), verdict["repaired"], near)), len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:
@@ -533,8 +550,8 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
 def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     """The feature columns of one block of stations (observed, period, verdict, climatology coefficients),
     split into "train" and "test"."""
-    observed, period, verdict, climatology, ridge = block
-    rows = build_features(observed, period, verdict, horizon, climatology, ridge)
+    observed, period, verdict, climatology, ridge, network = block
+    rows = build_features(observed, period, verdict, horizon, climatology, ridge, network)
     split = {}
     for name in ("train", "test"):
         chosen = (rows["period"] == name).to_numpy()

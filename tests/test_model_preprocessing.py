@@ -8,6 +8,7 @@ import pytest
 from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
 import errors
+import features
 import manifest
 import quality_control
 import storage
@@ -243,3 +244,25 @@ def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_gu
     naive = quality_control.climatology_at(quality_control.fit_climatology(values.where(period == "train")),
                                            test_dates, values.columns)["D"]
     assert (naive - true_d).abs().max() > 10.0
+
+
+def test_network_features_compare_the_station_with_its_neighbours_on_the_origin_day_only():
+    dates = pd.date_range("2021-01-01", periods=40, freq="D")
+    rng = np.random.default_rng(5)
+    readings = pd.DataFrame(rng.normal(0, 3, (40, 3)).cumsum(axis=0), index=dates, columns=["A", "B", "C"])
+    readings.iloc[10, 2] = np.nan  # a neighbour's missing day: the others stand for it
+    near = {"A": ["B", "C"], "B": ["A"]}  # C has no neighbour
+    tables = model_preprocessing.network_features(["A", "B", "C"], readings, near)
+    assert list(tables) == list(features.NETWORK_FEATURES)
+    change = readings.diff()
+    expected = change[["B", "C"]].mean(axis=1) - change["A"]
+    assert np.allclose(tables["nbr_change"]["A"].iloc[1:], expected.iloc[1:])
+    assert tables["nbr_change"]["A"].iloc[11] == pytest.approx(change["B"].iloc[11] - change["A"].iloc[11])
+    assert (tables["nbr_change"]["C"].dropna() == 0).all() and (tables["nbr_week_departure"]["C"].dropna() == 0).all()
+    shifted = readings.assign(B=readings["B"] + 7.0)  # a neighbour always 7 °C warmer changes nothing
+    assert np.allclose(model_preprocessing.network_features(["A"], shifted, near)["nbr_week_departure"]["A"],
+                       tables["nbr_week_departure"]["A"], equal_nan=True)
+    later = readings.copy()
+    later.iloc[30:] += 50.0  # readings after the origin day never reach its features
+    for name, table in model_preprocessing.network_features(["A", "B", "C"], later, near).items():
+        assert np.allclose(table.iloc[:30], tables[name].iloc[:30], equal_nan=True), name

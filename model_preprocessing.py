@@ -384,32 +384,47 @@ RIDGE_ALPHA = 1.0  # on standardised inputs
 RIDGE_LEAST_ROWS = 60  # fewer training rows: no baseline for that station
 
 
-def neighbours_ridge(stations: list[str], repaired: pd.DataFrame, observed: pd.DataFrame, period: pd.DataFrame,
+def departures(repaired: pd.DataFrame, coefs: pd.DataFrame) -> pd.DataFrame:
+    """Every station's repaired readings minus its training climatology (stations with one only): what the
+    neighbours ridge reads, made once for the whole network."""
+    known = pd.Index([station for station in repaired.columns if station in coefs])
+    return repaired[known] - quality_control.climatology_at(coefs, repaired.index, known)
+
+
+def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.DataFrame, period: pd.DataFrame,
                      flag: pd.DataFrame, coefs: pd.DataFrame, neighbours: dict[str, list[str]], horizon: int
                      ) -> dict[int, np.ndarray]:
     """The neighbours-ridge baseline's forecast of t+h from every origin t, per step h: a dates x ``stations``
     array, NaN where the station has no baseline (never trained on, too few training rows) or lacks a reading
     among its last ``RIDGE_LAGS``. Fitted per station on its training targets that were observed and not
-    flagged; a neighbour's missing reading counts as its climatology (a departure of 0)."""
-    dates, known_stations = repaired.index, [s for s in repaired.columns if s in coefs]
-    departure = repaired[known_stations] - quality_control.climatology_at(coefs, dates, pd.Index(known_stations))
+    flagged; a neighbour's missing reading counts as its climatology (a departure of 0). ``departure``:
+    ``departures`` of the whole network."""
+    dates = departure.index
     forecasts = {step: np.full((len(dates), len(stations)), np.nan) for step in range(1, horizon + 1)}
-    for k, station in enumerate(stations):
-        if station not in coefs:
-            continue
-        own = departure[station]
-        lags = np.column_stack([own.shift(lag).to_numpy() for lag in range(RIDGE_LAGS)])
-        others = [n for n in neighbours.get(station, []) if n in departure]
-        near = departure[others].fillna(0.0).to_numpy()
+    trained = [station for station in stations if station in departure]
+    if not trained:
+        return forecasts
+    normals = {step: quality_control.climatology_at(coefs, dates.shift(step), pd.Index(trained)).to_numpy()
+               for step in forecasts}
+    targets = {step: (observed[trained].shift(-step).to_numpy() - normals[step],
+                      ((period[trained].shift(-step) == "train")
+                       & (flag[trained].shift(-step) == quality_control.NO_FLAG)).to_numpy(),
+                      np.column_stack(features.day_of_year_terms(dates.shift(step))))
+               for step in forecasts}
+    column = {station: i for i, station in enumerate(departure.columns)}
+    values = departure.to_numpy()
+    for j, station in enumerate(trained):
+        k = stations.index(station)
+        own = values[:, column[station]]
+        lags = np.column_stack([np.concatenate([np.full(lag, np.nan), own[:len(own) - lag]])
+                                for lag in range(RIDGE_LAGS)])
+        near = np.nan_to_num(values[:, [column[n] for n in neighbours.get(station, []) if n in column]])
         known = ~np.isnan(lags).any(axis=1)
         for step, forecast in forecasts.items():
-            target_dates = dates.shift(step)
-            normal = quality_control.climatology_at(coefs[[station]], target_dates,
-                                                    pd.Index([station])).to_numpy()[:, 0]
-            inputs = np.column_stack([lags, near, *features.day_of_year_terms(target_dates)])
-            target = observed[station].shift(-step).to_numpy() - normal
-            fit = known & ~np.isnan(target) & (period[station].shift(-step) == "train").to_numpy() \
-                & (flag[station].shift(-step) == quality_control.NO_FLAG).to_numpy()
+            target, usable, calendar = targets[step]
+            inputs = np.column_stack([lags, near, calendar])
+            target, normal = target[:, j], normals[step][:, j]
+            fit = known & ~np.isnan(target) & usable[:, j]
             if fit.sum() < RIDGE_LEAST_ROWS:
                 continue
             mean, scale = inputs[fit].mean(axis=0), inputs[fit].std(axis=0)
@@ -420,30 +435,43 @@ def neighbours_ridge(stations: list[str], repaired: pd.DataFrame, observed: pd.D
     return forecasts
 
 
-def network_features(stations: list[str], repaired: pd.DataFrame, neighbours: dict[str, list[str]]
+def compared_values(repaired: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """What each of ``features.NETWORK_FEATURES`` compares, for the whole network, made once."""
+    return {name: measure(repaired) for name, measure in features.NETWORK_FEATURES.items()}
+
+
+def network_features(stations: list[str], compared: dict[str, pd.DataFrame], neighbours: dict[str, list[str]]
                      ) -> dict[str, pd.DataFrame]:
-    """Each of ``features.NETWORK_FEATURES`` for ``stations`` (date x station tables): the neighbours' mean
-    of what it compares, over those that have it that day, minus the station's own; 0 without neighbours."""
+    """Each of ``features.NETWORK_FEATURES`` for ``stations`` (date x station tables) from ``compared_values``:
+    the neighbours' mean of what it compares, over those that have it that day, minus the station's own; 0
+    without neighbours."""
     tables = {}
-    for name, measure in features.NETWORK_FEATURES.items():
-        compared = measure(repaired)
-        own = compared[stations]
-        near = pd.DataFrame({station: compared[[n for n in neighbours.get(station, []) if n in compared]]
-                             .mean(axis=1) if neighbours.get(station) else own[station] for station in stations})
-        tables[name] = (near - own).where(near.notna() | own.isna(), 0.0)
+    for name, values in compared.items():
+        column = {station: i for i, station in enumerate(values.columns)}
+        every = values.to_numpy()
+        own = every[:, [column[station] for station in stations]]
+        near = own.copy()  # a station without neighbours is its own: a difference of 0
+        for k, station in enumerate(stations):
+            chosen = [column[n] for n in neighbours.get(station, []) if n in column]
+            if chosen:
+                present = ~np.isnan(every[:, chosen])
+                with np.errstate(invalid="ignore"):
+                    near[:, k] = np.where(present, every[:, chosen], 0.0).sum(axis=1) / present.sum(axis=1)
+        gap = np.where(np.isnan(near) & ~np.isnan(own), 0.0, near - own)
+        tables[name] = pd.DataFrame(gap, index=values.index, columns=stations)
     return tables
 
 
-def forecast_neighbours(detector: dict, repaired: pd.DataFrame, period: pd.DataFrame, coefs: pd.DataFrame,
-                        qc: dict) -> dict[str, list[str]]:
-    """Each station's neighbours for the neighbours-ridge baseline: the quality control's choice where it made
-    one, else the same choice (``quality_control.learn_neighbours``) on the training steps' departures."""
+def forecast_neighbours(detector: dict, departure: pd.DataFrame, period: pd.DataFrame, qc: dict
+                        ) -> dict[str, list[str]]:
+    """Each station's neighbours for the network features and the neighbours ridge: the quality control's
+    choice where it made one, else the same choice (``quality_control.learn_neighbours``) on the training
+    steps' ``departures``."""
     learned = (detector or {}).get("stations", {})
     if not any("neighbours" in entry for entry in learned.values()):
-        known = pd.Index([s for s in repaired.columns if s in coefs])
-        departure = (repaired[known] - quality_control.climatology_at(coefs, repaired.index, known))
-        learned = {station: {"neighbours": found} for station, found in quality_control.learn_neighbours(
-            departure.where(period[known] == "train"), qc["neighbours"], qc["min_correlation"]).items()}
+        found = quality_control.learn_neighbours(departure.where(period[departure.columns] == "train"),
+                                                 qc["neighbours"], qc["min_correlation"])
+        learned = {station: {"neighbours": entry} for station, entry in found.items()}
     return {station: [buddy["station"] for buddy in entry.get("neighbours", {}).get("buddies", [])]
             for station, entry in learned.items()}
 
@@ -518,16 +546,17 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     PipelineError when either is empty or no test station was trained on. The climatology baseline is
     fitted once for all stations (``baseline_climatology``, with the ``detector``'s seasons)."""
     coefs = baseline_climatology(observed, period, verdict["flag"], detector)
-    near = forecast_neighbours(detector, verdict["repaired"], period, coefs, qc) if qc else {}
+    departure, compared = departures(verdict["repaired"], coefs), compared_values(verdict["repaired"])
+    near = forecast_neighbours(detector, departure, period, qc) if qc else {}
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = compute.chunks(observed.columns, STATION_BLOCK)
     inputs = compute.OnDemand(lambda i: (observed[blocks[i]], period[blocks[i]],
                                          {name: table[blocks[i]] for name, table in verdict.items()},
                                          coefs[[s for s in blocks[i] if s in coefs]],
-                                         neighbours_ridge(list(blocks[i]), verdict["repaired"], observed, period,
+                                         neighbours_ridge(list(blocks[i]), departure, observed, period,
                                                           verdict["flag"], coefs, near, horizon),
-                                         network_features(list(blocks[i]), verdict["repaired"], near)), len(blocks))
+                                         network_features(list(blocks[i]), compared, near)), len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:

@@ -252,7 +252,8 @@ def test_network_features_compare_the_station_with_its_neighbours_on_the_origin_
     readings = pd.DataFrame(rng.normal(0, 3, (40, 3)).cumsum(axis=0), index=dates, columns=["A", "B", "C"])
     readings.iloc[10, 2] = np.nan  # a neighbour's missing day: the others stand for it
     near = {"A": ["B", "C"], "B": ["A"]}  # C has no neighbour
-    tables = model_preprocessing.network_features(["A", "B", "C"], readings, near)
+    network = model_preprocessing.network_features
+    tables = network(["A", "B", "C"], model_preprocessing.compared_values(readings), near)
     assert list(tables) == list(features.NETWORK_FEATURES)
     change = readings.diff()
     expected = change[["B", "C"]].mean(axis=1) - change["A"]
@@ -260,9 +261,9 @@ def test_network_features_compare_the_station_with_its_neighbours_on_the_origin_
     assert tables["nbr_change"]["A"].iloc[11] == pytest.approx(change["B"].iloc[11] - change["A"].iloc[11])
     assert (tables["nbr_change"]["C"].dropna() == 0).all() and (tables["nbr_week_departure"]["C"].dropna() == 0).all()
     shifted = readings.assign(B=readings["B"] + 7.0)  # a neighbour always 7 °C warmer changes nothing
-    assert np.allclose(model_preprocessing.network_features(["A"], shifted, near)["nbr_week_departure"]["A"],
+    assert np.allclose(network(["A"], model_preprocessing.compared_values(shifted), near)["nbr_week_departure"]["A"],
                        tables["nbr_week_departure"]["A"], equal_nan=True)
     later = readings.copy()
     later.iloc[30:] += 50.0  # readings after the origin day never reach its features
-    for name, table in model_preprocessing.network_features(["A", "B", "C"], later, near).items():
+    for name, table in network(["A", "B", "C"], model_preprocessing.compared_values(later), near).items():
         assert np.allclose(table.iloc[:30], tables[name].iloc[:30], equal_nan=True), name

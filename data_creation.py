@@ -341,16 +341,23 @@ EARLIEST_DATE = "1700-01-01"
 
 
 def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -> tuple[pd.DataFrame, dict]:
-    """One of the user's station files as (date, temperature in °C) and a count of what was dropped.
+    """One of the user's station files as (date, temperature in °C) and a count of what was dropped
+    (``clean_readings``)."""
+    return clean_readings(_read_user_csv(path, imp), path, imp, min_temp, max_temp)
+
+
+def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, max_temp: float
+                   ) -> tuple[pd.DataFrame, dict]:
+    """One station's rows of ``path`` (text columns as read) as (date, temperature in °C) and a count of what
+    was dropped.
 
     Rows with no date matching ``date_format``, a date after today (no record
     can hold a reading from the future, and one such row would move the test
     period for every station) or before ``EARLIEST_DATE``, no reading, a reading that is not a number or is
     outside [min_temp, max_temp] are dropped; of rows sharing a
     date, one is kept if they agree and none if they disagree (which one is
-    right cannot be known). A file that cannot be read at all raises PipelineError.
+    right cannot be known). Rows that cannot be used at all raise PipelineError.
     """
-    table = _read_user_csv(path, imp)
     date_text = table[imp["date_column"]].str.strip()
     dates = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce").dt.normalize()
     if dates.isna().all():
@@ -511,19 +518,61 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     files = [path for path in storage.station_files(folder) if path.name.lower() != STATION_LIST]
     if not files:
         raise PipelineError(f"{folder}: no .csv files in the data.source folder")
-    if data["holdout_stations"] >= len(files):
-        raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
-                            f"({len(files)} file(s) in {folder}); set it to 0 for a single station")
+    if imp["station_column"]:
+        return _report_and_split(read_long_form(files, imp, pre), data, folder)
     if pool is None or not pool.cluster:
         pool = compute.Threads(cli.work_threads(_chunks(len(files))))
     read = pool.map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK), what="station files read (chunks)",
                     imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
+    stations = {path.stem: one for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
+    return _report_and_split(stations, data, folder)
+
+
+def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """Files that hold many stations each, a station per value of ``import.station_column`` (as archives'
+    exports come): each station's rows, from every file, cleaned as one station's file is."""
+    import re
+
+    column, rows = imp["station_column"], {}
+    for path in files:
+        table = _read_user_csv(path, imp)
+        if column not in table.columns:
+            raise PipelineError(f"{path}: no column {column!r} (import.station_column); its columns are "
+                                f"{', '.join(map(repr, table.columns[:10]))}")
+        for name, part in table.groupby(table[column].str.strip(), sort=True):
+            if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \
+                    or name.startswith("."):
+                raise PipelineError(f"{path}: station {name[:60]!r} in column {column!r} cannot name a station "
+                                    f"(empty, over {storage.MAX_NAME_BYTES} bytes, a leading dot or a slash)")
+            rows.setdefault(name, []).append((path, part))
+    seen: dict[str, str] = {}
+    for name in rows:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise PipelineError(f"station {name!r} differs from {other!r} only in case (import.station_column); "
+                                "one would hide the other")
+    stations = {}
+    for name, parts in rows.items():
+        first = parts[0][0]  # errors name the station in its (first) file
+        table, counts = clean_readings(pd.concat([part for _, part in parts], ignore_index=True),
+                                       first.with_name(f"{first.name} [station {name}]"), imp, pre["min_temp"],
+                                       pre["max_temp"])
+        stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts]}
+    return stations
+
+
+def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path) -> tuple[dict, dict, str]:
+    """The parts, report and first test day of the stations read (``import_stations``)."""
+    if data["holdout_stations"] >= len(read):
+        raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
+                            f"({len(read)} station(s) in {folder}); set it to 0 for a single station")
     stations, report = {}, {}
-    for path, (table, counts) in zip(files, (one for chunk in read for one in chunk), strict=True):
-        stations[path.stem], report[path.stem] = table, counts
+    for name, (table, counts) in read.items():
+        stations[name], report[name] = table, counts
         # Dates from the future or before any record are typos worth a look, not just dropped rows.
         level = logging.WARNING if counts["future_date"] or counts["ancient_date"] else logging.INFO
-        log.log(level, "%s: %d of %d rows kept; %s", path.name, counts["kept"], counts["rows"], _describe(counts))
+        label = counts["file"] if Path(counts["file"]).stem == name else f"{name} ({', '.join(counts['files'])})"
+        log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
     frequency = common_frequency(report, data["frequency"], folder)
     first, last = min(t["date"].iat[0] for t in stations.values()), max(t["date"].iat[-1] for t in stations.values())
     cli.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),
@@ -587,7 +636,7 @@ def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Po
     parts, report, test_start = import_stations(folder, params["data"], params["import"], params["preprocessing"],
                                                 pool)
     write_imported_files(staging, parts)
-    inputs = sorted(folder / report[name]["file"] for name in report)
+    inputs = sorted({folder / file for entry in report.values() for file in entry.get("files", [entry["file"]])})
     listed = next((path for path in storage.station_files(folder) if path.name.lower() == STATION_LIST), None)
     if listed is not None:
         coordinates = read_station_list(listed, params["import"]["delimiter"], set(parts))

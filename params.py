@@ -92,6 +92,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "unit": (str, ("C", "F", "none"), None),
         "quantity": (str, ("mean", "max", "min"), None),
         "missing_values": (list, MAX_MISSING_CODES, None),
+        "station_column": (str, lambda value: None, None),  # "" (one station per file) or a column's name
     },
     "quality_control": {
         "detector": (str, ("network", "none"), None),

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -469,3 +470,44 @@ def test_a_file_that_is_not_a_station_s_is_named_with_the_way_out(tmp_path):
     with pytest.raises(PipelineError, match=r"notes.csv: no column 'DATE' nor 'TMAX' .* move this file out of the "
                                             r"folder if it is not a station's"):
         data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+
+
+def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
+    """As NOAA's exports come: a station column beside the date and the readings, several files by period."""
+    own = tmp_path / "own"
+    own.mkdir()
+    dates = pd.date_range("2020-01-01", "2022-12-31", freq="D")
+    rng = np.random.default_rng(11)
+    rows = []
+    for k, station in enumerate(["USW0001", "USW0002", "USC0003"]):
+        values = np.round(50 + 20 * np.sin(2 * np.pi * dates.day_of_year.to_numpy() / 365.25)
+                          + rng.normal(0, 4, len(dates)), 0)
+        values[100 + k] = -99  # the archive's missing-day code
+        rows.append(pd.DataFrame({"STATION": station, "NAME": f"PLACE {k}, US", "LATITUDE": 61.0 + k / 10,
+                                  "DATE": dates.strftime("%Y-%m-%d"), "TMAX": values}))
+    table = pd.concat(rows)
+    table[table["DATE"] < "2021-06-01"].to_csv(own / "export-1.csv", index=False)
+    table[table["DATE"] >= "2021-06-01"].to_csv(own / "export-2.csv", index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION", date_column="DATE",
+                          temperature_column="TMAX", unit="F", missing_values=[-99], holdout_stations=0)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert sorted(p.stem for p in (root / "data/train/raw").iterdir()) == ["USC0003", "USW0001", "USW0002"]
+    source = json.loads((root / "data/source.json").read_text())
+    entry = source["files"]["USW0002"]
+    assert entry["files"] == ["export-1.csv", "export-2.csv"] and entry["missing_code"] == 1
+    assert entry["kept"] == len(dates) - 1
+    assert "USW0002 (export-1.csv, export-2.csv): 1095 of 1096 rows kept; 1 missing code" in capsys.readouterr().err
+    manifest_inputs = json.loads((root / "models/manifest.json").read_text())["stages"]["data_creation"]["inputs"]
+    assert sorted(Path(key).name for key in manifest_inputs) == ["export-1.csv", "export-2.csv"]
+
+
+@pytest.mark.parametrize(("station", "message"), [("../x", "cannot name a station"), ("", "cannot name a station")])
+def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, capsys, station, message):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "export.csv").write_text(f"STATION,DATE,TMAX\n{station},2020-01-01,50\nA,2020-01-02,51\n")
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION", date_column="DATE",
+                          temperature_column="TMAX", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err

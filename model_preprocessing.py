@@ -490,7 +490,9 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     seasonal mean at t+h (from the coefficients ``climatology``, or
     ``baseline_climatology`` without the detector's seasons) and ``drift`` its
     mean change per step over the training years (both empty for stations never
-    trained on): baselines.
+    trained on), and ``neighbours_ridge`` the forecast ``ridge`` made for step h
+    (``neighbours_ridge``; empty without it): baselines. ``network`` holds the
+    block's ``network_features`` (all 0 without it: no neighbours).
     ``change_sd60`` is the spread of recent step-to-step changes, which scales
     the prediction interval. The ``period`` of a row is that of its target; from
     a station's last test steps, the steps beyond its record are "test" rows with
@@ -541,10 +543,12 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
                            test_start: pd.Timestamp, horizon: int = 1, pool: compute.Pool | None = None,
                            detector: dict | None = None, qc: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time
-    (a station's features depend on its own readings only, so the rows are the same) on ``pool``, or
-    PipelineError when either is empty or no test station was trained on. The climatology baseline is
-    fitted once for all stations (``baseline_climatology``, with the ``detector``'s seasons)."""
+    """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time on
+    ``pool``, or PipelineError when either is empty or no test station was trained on. What every block needs
+    of the whole network is made once: the climatology baseline (``baseline_climatology``, with the
+    ``detector``'s seasons), each station's neighbours (``forecast_neighbours``, with the quality control's
+    settings ``qc``; none without them), the departures the neighbours ridge reads and the values the
+    network features compare; a block takes its stations' columns and their neighbours' from them."""
     coefs = baseline_climatology(observed, period, verdict["flag"], detector)
     departure, compared = departures(verdict["repaired"], coefs), compared_values(verdict["repaired"])
     near = forecast_neighbours(detector, departure, period, qc) if qc else {}

@@ -181,15 +181,11 @@ def check_project_layout(paths: Paths) -> None:
     folder, or when the lock or its pid file is not a regular file: through a link, a write or a delete would
     reach files that are not the pipeline's, and opening a FIFO would hang the run."""
     for folder in paths.own_folders:
-        if folder.is_symlink():
-            raise PipelineError(f"{folder}: a symbolic link where the pipeline keeps its own folder; it never writes "
-                                f"or deletes through a link, so replace the link with a real folder (rm {folder})")
+        refuse_link(folder)
         if folder.exists() and not folder.is_dir():
             raise PipelineError(f"{folder}: not a folder, but the pipeline keeps its own folder there; move it away")
     for path in paths.own_files:
-        if path.is_dir() and not path.is_symlink():
-            raise PipelineError(f"{path}: a folder stands where the pipeline writes this file; remove it "
-                                f"(rm -r {path}) and run again")
+        refuse_folder(path)
     for path in (paths.lock, paths.pid_file):
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise PipelineError(f"{path}: not a regular file (a link, FIFO or folder); remove it (rm -r {path}); "
@@ -197,6 +193,20 @@ def check_project_layout(paths: Paths) -> None:
 
 
 # ------------------------------------------------------------------- atomic writes
+
+
+def refuse_link(folder: Path) -> None:
+    """PipelineError if ``folder``, one the pipeline writes, deletes in or swaps, is a symbolic link."""
+    if folder.is_symlink():
+        raise PipelineError(f"{folder}: a symbolic link where the pipeline keeps its own folder; it never writes, "
+                            f"swaps or deletes through a link, so replace the link with a real folder (rm {folder})")
+
+
+def refuse_folder(path: Path) -> None:
+    """PipelineError if a folder stands where the pipeline writes the file ``path`` (no rename can replace it)."""
+    if path.is_dir() and not path.is_symlink():
+        raise PipelineError(f"{path}: a folder stands where the pipeline writes this file; remove it "
+                            f"(rm -r {path}) and run again")
 
 
 def pid_alive(pid: int) -> bool:
@@ -227,9 +237,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_dir() and not target.is_symlink():  # os.replace cannot put a file in its place
-        raise PipelineError(f"{target}: a folder stands where the pipeline writes this file; remove it "
-                            f"(rm -r {target}) and run again")
+    refuse_folder(target)
     remove_stale_temp_files(target.parent, target.name)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -415,9 +423,7 @@ def replace_folder(staged: Path, target: Path) -> None:
     place; if putting ``staged`` in place fails, the old one is put back. A
     ``target`` that is a link is refused: the folder it leads to is not ours.
     """
-    if target.is_symlink():
-        raise PipelineError(f"{target}: a symbolic link where the pipeline keeps its own folder; it never swaps or "
-                            f"deletes through a link, so replace the link with a real folder (rm {target})")
+    refuse_link(target)
     parking = target.with_name(f".{target.name}.old")
     remove_tree(parking)
     try:

@@ -41,9 +41,15 @@ NETWORK_FEATURES: dict[str, Callable[[Any], Any]] = {
     "nbr_change": lambda t: t.diff(),  # the day's change, t-1 to t
     "nbr_week_departure": lambda t: t - t.rolling(7).mean(),  # the reading's departure from its last 7 days
 }
+# The station's own neighbours-ridge forecast of the target (model_preprocessing.neighbours_ridge: its lags,
+# its neighbours' readings at the origin, the calendar, with weights fitted for this station alone) minus
+# today's reading. Empty for a station without a ridge (never trained on, too few training rows): its rows are
+# forecast by a model fitted without it (``Forecaster``).
+RIDGE_FEATURE = "ridge_change"
 # Sine and cosine of the target day's position in the year.
 CALENDAR_FEATURES = ["doy_sin", "doy_cos"]
-FEATURES = [*STATION_FEATURES, *NETWORK_FEATURES, *CALENDAR_FEATURES]
+FEATURES = [*STATION_FEATURES, *NETWORK_FEATURES, RIDGE_FEATURE, *CALENDAR_FEATURES]
+FALLBACK_FEATURES = [name for name in FEATURES if name != RIDGE_FEATURE]
 
 
 # The least spread a row may have: a station whose readings stood still for 60 days (a stuck sensor the
@@ -68,6 +74,26 @@ def day_of_year_terms(dates: Any) -> tuple[Any, Any]:
 
     angle = 2 * np.pi * (dates.day_of_year.to_numpy() - 1) / 365.25
     return np.sin(angle), np.cos(angle)
+
+
+class Forecaster:
+    """One step's model: ``full`` on every feature where the row has its ridge forecast (``RIDGE_FEATURE``),
+    ``fallback`` on the others without it. Either may be None when no row needs it."""
+
+    def __init__(self, full: Any, fallback: Any) -> None:
+        self.full, self.fallback = full, fallback
+
+    def predict(self, table: Any) -> Any:
+        import numpy as np
+
+        known = table[RIDGE_FEATURE].notna().to_numpy()
+        change = np.full(len(table), np.nan)
+        for model, rows, columns in ((self.full, known, FEATURES), (self.fallback, ~known, FALLBACK_FEATURES)):
+            if rows.any():
+                if model is None:
+                    raise ValueError(f"{rows.sum()} rows need a model that was not fitted")
+                change[rows] = model.predict(table.loc[rows, columns])
+        return change
 
 
 def forecast(estimator: Any, table: Any) -> Any:

@@ -36,7 +36,7 @@ import manifest
 import storage
 from cli import log
 from errors import PipelineError
-from features import FEATURES, SPREAD_COLUMN
+from features import FALLBACK_FEATURES, FEATURES, RIDGE_FEATURE, SPREAD_COLUMN
 from params import Params, load_params
 from storage import Paths
 
@@ -160,18 +160,36 @@ def fit_and_forecast(fit: tuple[int, str], rows: pd.DataFrame, folds: list, esti
                      ) -> tuple[np.ndarray, int | None]:
     """The forecasts for fold ``fit[0]``'s validation rows by candidate ``fit[1]`` fitted on its training rows
     (rows in date order), and the trees it grew if it is gradient boosting."""
-    from sklearn.base import clone
-
     fold, name = fit
     fit_idx, valid_idx = folds[fold]
-    inputs, change = rows[FEATURES].iloc[fit_idx], (rows["target"] - rows["temp_today"]).iloc[fit_idx]
-    estimator = clone(estimators[name])
-    if not _is_boosting(estimator):
-        return features.forecast(estimator.fit(inputs, change), rows.iloc[valid_idx]), None
-    cut = len(inputs) - max(1, round(STOPPING_SHARE * len(inputs)))  # the fold's latest dates judge the trees
+    valid = rows.iloc[valid_idx]
+    forecaster = fit_forecaster(estimators[name], rows.iloc[fit_idx], early_stopping=True,
+                                fallback=bool(valid[RIDGE_FEATURE].isna().any()))
+    grown = forecaster.full if forecaster.full is not None else forecaster.fallback
+    return features.forecast(forecaster, valid), int(grown.n_iter_) if _is_boosting(grown) else None
+
+
+def fit_forecaster(estimator, rows: pd.DataFrame, early_stopping: bool = False, fallback: bool = True
+                   ) -> features.Forecaster:
+    """``estimator`` fitted on the ``rows`` (in date order) that have their ridge feature, and (if
+    ``fallback``, or no row has it) a copy fitted on every row without that feature: a ``features.Forecaster``.
+    With ``early_stopping``, gradient boosting stops when the rows' latest dates stop improving."""
+    known = rows[RIDGE_FEATURE].notna().to_numpy()
+    full = _fitted(estimator, rows[known], FEATURES, early_stopping) if known.any() else None
+    spare = _fitted(estimator, rows, FALLBACK_FEATURES, early_stopping) if fallback or full is None else None
+    return features.Forecaster(full, spare)
+
+
+def _fitted(estimator, rows: pd.DataFrame, columns: list[str], early_stopping: bool):
+    from sklearn.base import clone
+
+    inputs, change = rows[columns], rows["target"] - rows["temp_today"]
+    estimator = clone(estimator)
+    if not (early_stopping and _is_boosting(estimator)):
+        return estimator.fit(inputs, change)
+    cut = len(inputs) - max(1, round(STOPPING_SHARE * len(inputs)))  # the latest dates judge the trees
     estimator.set_params(early_stopping=True, n_iter_no_change=STOPPING_ROUNDS, scoring="loss")
-    estimator.fit(inputs.iloc[:cut], change.iloc[:cut], X_val=inputs.iloc[cut:], y_val=change.iloc[cut:])
-    return features.forecast(estimator, rows.iloc[valid_idx]), int(estimator.n_iter_)
+    return estimator.fit(inputs.iloc[:cut], change.iloc[:cut], X_val=inputs.iloc[cut:], y_val=change.iloc[cut:])
 
 
 def _is_boosting(estimator) -> bool:
@@ -212,7 +230,7 @@ def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None =
     final = clone(estimators[chosen])
     if chosen in trees:  # on every row, as many trees as the folds grew before their latest dates stopped them
         final.set_params(max_iter=int(np.median(trees[chosen])))
-    final.fit(rows[FEATURES], rows["target"] - rows["temp_today"])
+    final = fit_forecaster(final, rows)
     level = model_params["interval_level"]
     intervals = {"model": calibrate_interval(residuals[chosen], level),
                  "persistence": calibrate_interval(residuals["persistence"], level)}

@@ -379,9 +379,17 @@ def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, flag: pd.
 
 # The neighbours-ridge baseline: per station, a Ridge on its own last readings, the target day's calendar
 # terms and each neighbour's reading at the origin, all as departures from the station's training climatology.
+# The model's feature ``features.RIDGE_FEATURE`` comes from the same Ridge given each neighbour's reading the
+# step before the origin too (how the weather is moving): a station's own fitted weights carry what one pooled
+# model cannot (which neighbour is upwind, how fast this station forgets), and with no neighbour it is the
+# station's own autoregression.
 RIDGE_LAGS = 7  # the station's readings at t, t-1, ..., t-6: lags 1-7 of the day t+1 forecast
 RIDGE_ALPHA = 1.0  # on standardised inputs
 RIDGE_LEAST_ROWS = 60  # fewer training rows: no baseline for that station
+# The training dates fall in this many consecutive blocks; a training row's feature comes from the station's
+# ridge fitted on the other blocks, so the model learns how far to trust the ridge from forecasts it was not
+# fitted on, as on the test days (stacking; a ridge fitted on the row itself would look better than it is).
+RIDGE_FOLDS = 5
 
 
 def departures(repaired: pd.DataFrame, coefs: pd.DataFrame) -> pd.DataFrame:
@@ -393,24 +401,28 @@ def departures(repaired: pd.DataFrame, coefs: pd.DataFrame) -> pd.DataFrame:
 
 def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.DataFrame, period: pd.DataFrame,
                      flag: pd.DataFrame, coefs: pd.DataFrame, neighbours: dict[str, list[str]], horizon: int
-                     ) -> dict[int, np.ndarray]:
-    """The neighbours-ridge baseline's forecast of t+h from every origin t, per step h: a dates x ``stations``
-    array, NaN where the station has no baseline (never trained on, too few training rows) or lacks a reading
-    among its last ``RIDGE_LAGS``. Fitted per station on its training targets that were observed and not
-    flagged; a neighbour's missing reading counts as its climatology (a departure of 0). ``departure``:
-    ``departures`` of the whole network."""
+                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The neighbours-ridge forecasts of t+h from every origin t, per step h: dates x ``stations`` arrays, NaN
+    where the station has no ridge (never trained on, too few training rows) or lacks a reading among its last
+    ``RIDGE_LAGS``. Fitted per station on its training targets that were observed and not flagged; a
+    neighbour's missing reading counts as its climatology (a departure of 0). ``departure``: ``departures`` of
+    the whole network.
+
+    Two forecasts: the baseline, and the feature's, which also reads the neighbours a step before the origin
+    and forecasts each training block of dates from a fit on the others (``RIDGE_FOLDS``)."""
     dates = departure.index
-    forecasts = {step: np.full((len(dates), len(stations)), np.nan) for step in range(1, horizon + 1)}
+    baseline = {step: np.full((len(dates), len(stations)), np.nan) for step in range(1, horizon + 1)}
+    stacked = {step: np.full((len(dates), len(stations)), np.nan) for step in baseline}
     trained = [station for station in stations if station in departure]
     if not trained:
-        return forecasts
+        return baseline, stacked
     normals = {step: quality_control.climatology_at(coefs, dates.shift(step), pd.Index(trained)).to_numpy()
-               for step in forecasts}
+               for step in baseline}
     targets = {step: (observed[trained].shift(-step).to_numpy() - normals[step],
                       ((period[trained].shift(-step) == "train")
                        & (flag[trained].shift(-step) == quality_control.NO_FLAG)).to_numpy(),
                       np.column_stack(features.day_of_year_terms(dates.shift(step))))
-               for step in forecasts}
+               for step in baseline}
     column = {station: i for i, station in enumerate(departure.columns)}
     values = departure.to_numpy()
     for j, station in enumerate(trained):
@@ -419,20 +431,46 @@ def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.
         lags = np.column_stack([np.concatenate([np.full(lag, np.nan), own[:len(own) - lag]])
                                 for lag in range(RIDGE_LAGS)])
         near = np.nan_to_num(values[:, [column[n] for n in neighbours.get(station, []) if n in column]])
+        before = np.vstack([np.zeros((1, near.shape[1])), near[:-1]])
         known = ~np.isnan(lags).any(axis=1)
-        for step, forecast in forecasts.items():
+        for step in baseline:
             target, usable, calendar = targets[step]
-            inputs = np.column_stack([lags, near, calendar])
-            target, normal = target[:, j], normals[step][:, j]
-            fit = known & ~np.isnan(target) & usable[:, j]
+            fit = known & ~np.isnan(target[:, j]) & usable[:, j]
             if fit.sum() < RIDGE_LEAST_ROWS:
                 continue
-            mean, scale = inputs[fit].mean(axis=0), inputs[fit].std(axis=0)
-            scale[scale == 0] = 1.0
-            x, level = (inputs[fit] - mean) / scale, target[fit].mean()
-            weights = np.linalg.solve(x.T @ x + RIDGE_ALPHA * np.eye(x.shape[1]), x.T @ (target[fit] - level))
-            forecast[known, k] = ((inputs[known] - mean) / scale) @ weights + level + normal[known]
-    return forecasts
+            normal = normals[step][known, j]
+            baseline[step][known, k] = normal + _ridge_forecast(np.column_stack([lags, near, calendar]),
+                                                                target[:, j], fit, known, folds=1)
+            stacked[step][known, k] = normal + _ridge_forecast(np.column_stack([lags, near, before, calendar]),
+                                                               target[:, j], fit, known, folds=RIDGE_FOLDS)
+    return baseline, stacked
+
+
+def _ridge_forecast(inputs: np.ndarray, target: np.ndarray, fit: np.ndarray, known: np.ndarray, folds: int
+                    ) -> np.ndarray:
+    """A Ridge (with an unpenalised intercept) fitted on the ``fit`` rows and its forecast of the ``known``
+    rows; with ``folds`` > 1, the dates from the first to the last training row in that many consecutive
+    blocks, each block's rows forecast by the fit on the others."""
+    mean, scale = inputs[fit].mean(axis=0), inputs[fit].std(axis=0)
+    scale[scale == 0] = 1.0
+    x = np.column_stack([(inputs - mean) / scale, np.ones(len(inputs))])
+    penalty = RIDGE_ALPHA * np.eye(x.shape[1])
+    penalty[-1, -1] = 0.0
+    rows = np.flatnonzero(fit)
+    block = np.full(len(inputs), -1)  # the dates outside (the test period) are forecast by the full fit only
+    span = rows[-1] - rows[0] + 1
+    block[rows[0]:rows[-1] + 1] = np.arange(span) * folds // span
+    sums = []
+    for b in range(folds):
+        part = x[rows[block[rows] == b]]
+        sums.append((part.T @ part, part.T @ target[rows[block[rows] == b]]))
+    gram, moment = sum(g for g, _ in sums), sum(m for _, m in sums)
+    forecast = x @ np.linalg.solve(gram + penalty, moment)
+    if folds > 1:
+        for b, (g, m) in enumerate(sums):
+            within = block == b
+            forecast[within] = x[within] @ np.linalg.solve(gram - g + penalty, moment - m)
+    return forecast[known]
 
 
 def compared_values(repaired: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -462,24 +500,18 @@ def network_features(stations: list[str], compared: dict[str, pd.DataFrame], nei
     return tables
 
 
-def forecast_neighbours(detector: dict, departure: pd.DataFrame, period: pd.DataFrame, qc: dict
-                        ) -> dict[str, list[str]]:
-    """Each station's neighbours for the network features and the neighbours ridge: the quality control's
-    choice where it made one, else the same choice (``quality_control.learn_neighbours``) on the training
-    steps' ``departures``."""
-    learned = (detector or {}).get("stations", {})
-    if not any("neighbours" in entry for entry in learned.values()):
-        found = quality_control.learn_neighbours(departure.where(period[departure.columns] == "train"),
-                                                 qc["neighbours"], qc["min_correlation"])
-        learned = {station: {"neighbours": entry} for station, entry in found.items()}
-    return {station: [buddy["station"] for buddy in entry.get("neighbours", {}).get("buddies", [])]
-            for station, entry in learned.items()}
+def forecast_neighbours(departure: pd.DataFrame, period: pd.DataFrame, forecast: dict) -> dict[str, list[str]]:
+    """Each station's neighbours for the network features and the neighbours ridge
+    (``quality_control.forecast_neighbours`` on the training steps' ``departures``, with the ``[forecast]``
+    settings)."""
+    return quality_control.forecast_neighbours(departure.where(period[departure.columns] == "train"),
+                                               forecast["neighbours"], forecast["min_correlation"])
 
 
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
                    horizon: int = 1, climatology: pd.DataFrame | None = None,
-                   ridge: dict[int, np.ndarray] | None = None, network: dict[str, pd.DataFrame] | None = None
-                   ) -> pd.DataFrame:
+                   ridge: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None,
+                   network: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
     Features use steps up to t only, from the repaired readings; the calendar
@@ -490,8 +522,9 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     seasonal mean at t+h (from the coefficients ``climatology``, or
     ``baseline_climatology`` without the detector's seasons) and ``drift`` its
     mean change per step over the training years (both empty for stations never
-    trained on), and ``neighbours_ridge`` the forecast ``ridge`` made for step h
-    (``neighbours_ridge``; empty without it): baselines. ``network`` holds the
+    trained on), and ``neighbours_ridge`` the baseline forecast ``ridge`` made for
+    step h (``neighbours_ridge``; empty without it): baselines; the feature
+    ``ridge_change`` is made from its stacked forecast. ``network`` holds the
     block's ``network_features`` (all 0 without it: no neighbours).
     ``change_sd60`` is the spread of recent step-to-step changes, which scales
     the prediction interval. The ``period`` of a row is that of its target; from
@@ -528,7 +561,8 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
             "target_ok": (observed.shift(-step).notna() & (flag.shift(-step) == quality_control.NO_FLAG)).astype(float),
             "period": target_period.mask(ahead & target_period.ne("test"), "test"),
             "climatology": table(quality_control.climatology_at(coefs, target_dates, stations).to_numpy()),
-            "neighbours_ridge": table(np.nan) if ridge is None else table(ridge[step]),
+            "neighbours_ridge": table(np.nan) if ridge is None else table(ridge[0][step]),
+            features.RIDGE_FEATURE: table(np.nan) if ridge is None else table(ridge[1][step]) - repaired,
             "drift": table(drift.reindex(stations).to_numpy()),
         })
         parts.append(long[long.pop("usable") & long["period"].isin(["train", "test"])])
@@ -542,16 +576,17 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
 
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
                            test_start: pd.Timestamp, horizon: int = 1, pool: compute.Pool | None = None,
-                           detector: dict | None = None, qc: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           detector: dict | None = None, forecast: dict | None = None
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The feature rows of the training and of the test period, built ``STATION_BLOCK`` stations at a time on
     ``pool``, or PipelineError when either is empty or no test station was trained on. What every block needs
     of the whole network is made once: the climatology baseline (``baseline_climatology``, with the
-    ``detector``'s seasons), each station's neighbours (``forecast_neighbours``, with the quality control's
-    settings ``qc``; none without them), the departures the neighbours ridge reads and the values the
+    ``detector``'s seasons), each station's neighbours (``forecast_neighbours``, with the ``[forecast]``
+    settings ``forecast``; none without them), the departures the neighbours ridge reads and the values the
     network features compare; a block takes its stations' columns and their neighbours' from them."""
     coefs = baseline_climatology(observed, period, verdict["flag"], detector)
     departure, compared = departures(verdict["repaired"], coefs), compared_values(verdict["repaired"])
-    near = forecast_neighbours(detector, departure, period, qc) if qc else {}
+    near = forecast_neighbours(departure, period, forecast) if forecast else {}
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = compute.chunks(observed.columns, STATION_BLOCK)
@@ -666,7 +701,8 @@ def main(args) -> None:
         detector, verdict = quality_control_flags(observed, period, qc, pool, threads)
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
-                                             pool if pool.cluster else compute.Threads(threads), detector, qc)
+                                             pool if pool.cluster else compute.Threads(threads), detector,
+                                             params["forecast"])
         cli.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

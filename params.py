@@ -112,6 +112,8 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     },
     "forecast": {
         "horizon": (int, 1, 366),
+        "neighbours": (int, 0, 100),
+        "min_correlation": (float, -1.0, 1.0),
     },
     "model": {
         "cv_folds": (int, 2, 20),

@@ -277,25 +277,41 @@ def _robust_scale(values: pd.DataFrame) -> pd.Series:
     return pd.Series(MAD_TO_SD * nanmedian(centred), index=values.columns)
 
 
-def _pair_statistics(anomaly: np.ndarray) -> tuple[np.ndarray, ...]:
+def _pair_statistics(anomaly: np.ndarray, lead: int = 0) -> tuple[np.ndarray, ...]:
     """Correlation, slope and intercept of every station on every other, and the days they share.
 
     Pairwise-complete sums by matrix products (no loop over pairs): row i,
-    column j describe predicting station i from station j on days both have.
+    column j describe predicting station i, ``lead`` days later, from station j
+    on days both have.
     """
-    present = ~np.isnan(anomaly)
-    values = np.where(present, anomaly, 0.0)
-    mask = present.astype(float)
-    shared = mask.T @ mask
+    target, predictor = (anomaly[lead:], anomaly[:len(anomaly) - lead]) if lead else (anomaly, anomaly)
+    present_t, present_p = ~np.isnan(target), ~np.isnan(predictor)
+    values_t, values_p = np.where(present_t, target, 0.0), np.where(present_p, predictor, 0.0)
+    mask_t, mask_p = present_t.astype(float), present_p.astype(float)
+    shared = mask_t.T @ mask_p
     with np.errstate(divide="ignore", invalid="ignore"):
         n = np.where(shared > 0, shared, np.nan)
-        mean = (values.T @ mask) / n  # mean of i over days j is present too
-        var = (values.T**2 @ mask) / n - mean**2
-        cov = (values.T @ values) / n - mean * mean.T
-        corr = cov / np.sqrt(var * var.T)
-        slope = cov / var.T
-        intercept = mean - slope * mean.T
+        mean = (values_t.T @ mask_p) / n  # mean of i over days j is present too
+        mean_p = (values_p.T @ mask_t).T / n  # mean of j over days i is present too
+        var = (values_t.T**2 @ mask_p) / n - mean**2
+        var_p = (values_p.T**2 @ mask_t).T / n - mean_p**2
+        cov = (values_t.T @ values_p) / n - mean * mean_p
+        corr = cov / np.sqrt(var * var_p)
+        slope = cov / var_p
+        intercept = mean - slope * mean_p
     return corr, slope, intercept, shared
+
+
+def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, list[str]]:
+    """For each station, the stations whose anomaly on a day best predicts its anomaly the next day (at least
+    ``min_correlation``, on the learning days): upwind stations, where today's weather is the station's
+    tomorrow, rank above same-day look-alikes."""
+    corr, _, _, shared = _pair_statistics(anomaly.to_numpy(), lead=1)
+    stations = list(anomaly.columns)
+    usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation)
+    np.fill_diagonal(usable, False)
+    ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
+    return {station: [stations[j] for j in ranked[i] if usable[i, j]] for i, station in enumerate(stations)}
 
 
 def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, dict]:

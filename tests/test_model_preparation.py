@@ -38,7 +38,7 @@ def test_gradient_boosting_stops_on_its_latest_training_dates_and_the_final_fit_
     trees = fitted["record"]["cv"]["trees"]["gradient_boosting"]
     assert fitted["record"]["chosen"] == "gradient_boosting" and len(trees) == 3
     assert all(t < params["gbr_max_iter"] for t in trees)  # stopped early, every fold
-    assert fitted["estimator"].max_iter == int(np.median(trees)) == fitted["estimator"].n_iter_
+    assert fitted["estimator"].full.max_iter == int(np.median(trees)) == fitted["estimator"].full.n_iter_
     assert fitted["estimators"]["gradient_boosting"].max_iter == params["gbr_max_iter"]  # the candidate as given
 
 
@@ -232,3 +232,27 @@ def test_a_station_whose_readings_stand_still_trains_and_scores_with_detection_o
         assert run_stage(module, root, params) == 0, module.STAGE
     spread = pd.read_csv(root / "data/train/features.csv")[features.SPREAD_COLUMN].dropna()
     assert (spread >= features.MIN_SPREAD).all()
+
+
+GBR_OFF = {"gbr_max_iter": 1, "gbr_learning_rate": 0.1, "gbr_max_leaf_nodes": 2, "random_state": 0}
+
+
+def test_rows_without_the_ridge_feature_are_forecast_by_a_model_fitted_without_it():
+    """A station never trained on has no ridge of its own: its rows get the fallback model's forecast, and the
+    model of the other rows is fitted on every feature."""
+    rng = np.random.default_rng(2)
+    rows = pd.DataFrame({name: rng.normal(size=300) for name in features.FEATURES})
+    rows["temp_today"] = 10.0
+    rows["target"] = 10.0 + 2.0 * rows[features.RIDGE_FEATURE] + rows["temp_lag1"]
+    ridge = model_preparation.candidates({**GBR_OFF, "ridge_alpha": 1.0})["ridge"]
+    forecaster = model_preparation.fit_forecaster(ridge, rows)
+    assert forecaster.full.n_features_in_ == len(features.FEATURES)
+    assert forecaster.fallback.n_features_in_ == len(features.FEATURES) - 1
+    unknown = rows.assign(**{features.RIDGE_FEATURE: np.nan})
+    made = features.forecast(forecaster, pd.concat([rows.iloc[:5], unknown.iloc[:5]]))
+    assert np.isfinite(made).all()
+    np.testing.assert_allclose(made[:5], rows["target"].iloc[:5], atol=0.1)
+    np.testing.assert_allclose(made[5:], forecaster.fallback.predict(unknown[features.FALLBACK_FEATURES].iloc[:5]) + 10)
+    without = model_preparation.fit_forecaster(ridge, rows, fallback=False)
+    with pytest.raises(ValueError, match="5 rows need a model"):
+        features.forecast(without, unknown.iloc[:5])

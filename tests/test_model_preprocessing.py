@@ -267,3 +267,53 @@ def test_network_features_compare_the_station_with_its_neighbours_on_the_origin_
     later.iloc[30:] += 50.0  # readings after the origin day never reach its features
     for name, table in network(["A", "B", "C"], model_preprocessing.compared_values(later), near).items():
         assert np.allclose(table.iloc[:30], tables[name].iloc[:30], equal_nan=True), name
+
+
+def _follower_network(days: int = 800) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Station B reads what upwind station A read the day before; 600 training days, then test days."""
+    dates = pd.date_range("2020-01-01", periods=days, freq="D")
+    rng = np.random.default_rng(3)
+    upwind = pd.Series(np.cumsum(rng.normal(0, 1, days)) * 0.3 + rng.normal(0, 2, days), index=dates)
+    readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, days)})
+    period = pd.DataFrame(np.where((dates < dates[600])[:, None], "train", "test").repeat(2, axis=1),
+                          index=dates, columns=readings.columns)
+    flag = pd.DataFrame(quality_control.NO_FLAG, index=dates, columns=readings.columns)
+    return readings, period, flag, quality_control.fit_climatology(readings.where(period == "train"))
+
+
+def test_the_ridge_feature_forecasts_each_block_of_training_days_from_a_fit_on_the_other_blocks():
+    """Stacking without a leak: moving the targets of some early training days leaves the feature's forecasts
+    from those days as they were (their own targets never reach their fit), while later blocks and the
+    baseline, fitted on them, move."""
+    readings, period, flag, coefs = _follower_network()
+
+    def forecasts(observed):
+        return model_preprocessing.neighbours_ridge(["B"], model_preprocessing.departures(readings, coefs), observed,
+                                                    period, flag, coefs, {"B": ["A"]}, 1)
+
+    baseline, stacked = forecasts(readings)
+    moved = readings.copy()
+    moved.iloc[30:90, 1] += 25.0  # targets of origins 29-88, inside the first of five blocks of ~600 days
+    baseline_moved, stacked_moved = forecasts(moved)
+    assert np.allclose(stacked_moved[1][29:89, 0], stacked[1][29:89, 0])
+    assert not np.allclose(stacked_moved[1][300:400, 0], stacked[1][300:400, 0])
+    assert not np.allclose(baseline_moved[1][29:89, 0], baseline[1][29:89, 0])
+    test = slice(601, 799)  # the test days: one fit on every training day, for both
+    assert np.allclose(stacked_moved[1][test, 0] - stacked[1][test, 0], baseline_moved[1][test, 0] - baseline[1][test, 0],
+                       atol=0.5)
+    error = np.abs(stacked[1][test, 0] - readings["B"].shift(-1).to_numpy()[test])
+    assert np.nanmean(error) < 0.5
+
+
+def test_forecast_neighbours_are_the_stations_that_read_today_what_the_station_reads_tomorrow():
+    """B follows A a day late and C is B's same-day twin: the quality control pairs B with C, the forecast
+    with A, whose today is B's tomorrow."""
+    rng = np.random.default_rng(8)
+    days = 400
+    upwind = rng.normal(0, 3, days)
+    follower = np.concatenate([[0.0], upwind[:-1]]) + rng.normal(0, 0.3, days)
+    anomaly = pd.DataFrame({"A": upwind, "B": follower, "C": follower + rng.normal(0, 0.3, days)},
+                           index=pd.date_range("2020-01-01", periods=days, freq="D"))
+    assert [b["station"] for b in quality_control.learn_neighbours(anomaly, 1, 0.3)["B"]["buddies"]] == ["C"]
+    assert quality_control.forecast_neighbours(anomaly, 1, 0.3)["B"] == ["A"]
+    assert quality_control.forecast_neighbours(anomaly, 2, 0.3)["A"] == []  # nothing foretells A

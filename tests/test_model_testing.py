@@ -481,7 +481,7 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
 
     def forecast(observed):
         return model_preprocessing.neighbours_ridge(["B"], model_preprocessing.departures(readings, coefs), observed,
-                                                    period, flag, coefs, {"B": ["A"]}, 1)[1][:, 0]
+                                                    period, flag, coefs, {"B": ["A"]}, 1)[0][1][:, 0]
 
     made = forecast(readings)
     test = (period["B"].shift(-1) == "test").to_numpy() & ~np.isnan(made)

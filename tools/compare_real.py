@@ -1,0 +1,85 @@
+"""Score finished runs on real station records against a single-station Ridge, and print one table row each.
+
+usage: python tools/compare_real.py PROJECT [PROJECT ...]
+
+Each PROJECT is a folder where ``pipeline.sh`` ran to the end (its ``reports/predictions.csv`` and
+``data/*/raw``). Beside the pipeline's own predictors, it fits the reference a forecaster would try first: per
+station, a scikit-learn Ridge on the station's last seven readings (lags 1-7 of the next day, a missing one
+carried forward up to 3 days) and the target day's day-of-year terms, fitted on the training readings only.
+Scores are MAE in the data's unit on the test readings one step ahead that every predictor forecast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+LAGS = 7
+PREDICTORS = ["model", "neighbours_ridge", "station_ridge", "persistence"]
+
+
+def readings(folder: Path) -> dict[str, pd.Series]:
+    return {path.stem: pd.read_csv(path, parse_dates=["date"]).set_index("date")["temperature"]
+            for path in sorted(folder.glob("*.csv"))}
+
+
+def station_ridge(train: pd.Series, test: pd.Series, origins: pd.DatetimeIndex) -> np.ndarray:
+    """The single-station Ridge's next-day forecast from each of ``origins`` (NaN where it has no inputs)."""
+    from sklearn.linear_model import Ridge
+
+    series = pd.concat([train, test]).asfreq("D")
+    inputs = pd.DataFrame({f"lag{lag + 1}": series.shift(lag).ffill(limit=3) for lag in range(LAGS)})
+    angle = 2 * np.pi * (series.index + pd.Timedelta(days=1)).day_of_year.to_numpy() / 365.25
+    inputs["doy_sin"], inputs["doy_cos"] = np.sin(angle), np.cos(angle)
+    target = series.shift(-1)
+    fit = inputs.notna().all(axis=1) & target.notna() & (inputs.index < train.index.max())
+    forecast = np.full(len(origins), np.nan)
+    if fit.sum() < 60:
+        return forecast
+    model = Ridge(alpha=1.0).fit(inputs[fit].to_numpy(), target[fit].to_numpy())
+    chosen = inputs.reindex(origins)
+    known = chosen.notna().all(axis=1).to_numpy()
+    if known.any():
+        forecast[known] = model.predict(chosen[known].to_numpy())
+    return forecast
+
+
+def compare(project: Path) -> dict:
+    predictions = pd.read_csv(project / "reports/predictions.csv", parse_dates=["date"])
+    predictions = predictions[(predictions["step"] == 1) & predictions["observed"].notna()]
+    train, test = readings(project / "data/train/raw"), readings(project / "data/test/raw")
+    parts = []
+    for station, rows in predictions.groupby("station", sort=True):
+        if station in train:
+            rows = rows.assign(station_ridge=station_ridge(train[station], test.get(station, pd.Series(dtype=float)),
+                                                           pd.DatetimeIndex(rows["date"])))
+            parts.append(rows)
+    scored = pd.concat(parts).dropna(subset=PREDICTORS)
+    error = {name: (scored[name] - scored["observed"]).abs() for name in PREDICTORS}
+    per_station = pd.DataFrame(error).groupby(scored["station"]).mean()
+    return {"project": project.name, "stations": len(per_station), "readings": len(scored),
+            **{name: float(values.mean()) for name, values in error.items()},
+            "at_or_below_ridge": int((per_station["model"] <= per_station["neighbours_ridge"]).sum()),
+            "at_or_below_station_ridge": int((per_station["model"] <= per_station["station_ridge"]).sum())}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("projects", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    print(f"{'project':<16}{'stations':>9}{'readings':>9}" + "".join(f"{name:>18}" for name in PREDICTORS)
+          + "  model <= neighbours ridge / station ridge (stations)")
+    for project in args.projects:
+        row = compare(project)
+        print(f"{row['project']:<16}{row['stations']:>9}{row['readings']:>9}"
+              + "".join(f"{row[name]:>18.3f}" for name in PREDICTORS)
+              + f"  {row['at_or_below_ridge']} / {row['at_or_below_station_ridge']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -48,6 +48,7 @@ RAW_COLUMNS = ["date", "temperature"]
 CLEAN_HEADER = "date,temperature\n"  # the header of the station files the pipeline writes
 STATION_BLOCK = 100  # stations whose features are built at a time: bounds the memory at scale
 FILES_PER_CHUNK = 50  # station files read and checked by one task of a cluster
+PROBABLE_CODES = 3  # values shared by stations on a day and far outside every climate the log names
 
 
 # ------------------------------------------------------------------------ validation
@@ -316,9 +317,11 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
 
 
 def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict,
-                          pool: compute.Pool | None = None, threads: int = 1) -> tuple[dict, dict[str, pd.DataFrame]]:
+                          pool: compute.Pool | None = None, threads: int = 1, temperature: bool = True
+                          ) -> tuple[dict, dict[str, pd.DataFrame]]:
     """The detector learned on the days before the test period, and its verdict on every day (its station
-    blocks on ``pool`` when that is a cluster, else on ``threads`` threads).
+    blocks on ``pool`` when that is a cluster, else on ``threads`` threads). For ``temperature`` readings
+    (°C) no jump beyond ``quality_control.JUMP_CEILING`` is weather.
 
     With ``detector = "none"`` nothing is flagged and only missing days are
     filled (with the median of the days before), so the features stay defined.
@@ -328,7 +331,8 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     learning = period.isin(["train", "history"])
     if pool is None or not pool.cluster:
         pool = compute.Threads(threads)
-    detector = quality_control.learn(observed, learning, qc, pool)
+    ceiling = quality_control.JUMP_CEILING if temperature else float("inf")
+    detector = quality_control.learn(observed, learning, qc, pool, ceiling)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
         raise PipelineError("the training period is too short or too constant to learn the quality control's "
                             "scales; more training days are needed")
@@ -673,16 +677,17 @@ def flags_tables(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str
     yield "flagged", to_long({**wide, "period": period}, flagged)[FLAG_COLUMNS]
 
 
-def read_source(path: Path) -> tuple[pd.Timestamp, str]:
-    """The first step of the test period and the series' frequency, as data_creation.py recorded them."""
+def read_source(path: Path) -> tuple[pd.Timestamp, str, str]:
+    """The first step of the test period, the series' frequency and the unit its readings were written in
+    ("C", "F" or "none"), as data_creation.py recorded them."""
     record = storage.read_json(path)
     try:
-        test_start, frequency = pd.Timestamp(record["test_start"]), record["frequency"]
+        test_start, frequency, unit = pd.Timestamp(record["test_start"]), record["frequency"], record["unit"]
     except (KeyError, TypeError, ValueError):
-        raise PipelineError(f"{path}: no valid test_start and frequency; rerun data_creation.py") from None
+        raise PipelineError(f"{path}: no valid test_start, frequency and unit; rerun data_creation.py") from None
     if frequency not in FREQUENCIES:
         raise PipelineError(f"{path}: unknown frequency {frequency!r}; rerun data_creation.py")
-    return test_start, frequency
+    return test_start, frequency, unit
 
 
 def main(args) -> None:
@@ -693,12 +698,12 @@ def main(args) -> None:
         frame = load_stations(paths.train_raw, paths.test_raw, pre, pool)
         raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
         manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
-        test_start, frequency = read_source(paths.source_record)
+        test_start, frequency, unit = read_source(paths.source_record)
 
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
         threads = cli.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
-        detector, verdict = quality_control_flags(observed, period, qc, pool, threads)
+        detector, verdict = quality_control_flags(observed, period, qc, pool, threads, temperature=unit != "none")
         cli.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
                                              pool if pool.cluster else compute.Threads(threads), detector,
@@ -721,6 +726,7 @@ def main(args) -> None:
     del test
     progress.step()
     counts = pd.Series(verdict["flag"].where(period != "").to_numpy().ravel()).value_counts()
+    probable_codes = quality_control.shared_values(observed, verdict["flag"]).head(PROBABLE_CODES)
     flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}
     for part, table in flags_tables(observed, period, verdict):
         storage.write_csv(flag_paths[part], table, threads=threads)
@@ -737,6 +743,12 @@ def main(args) -> None:
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,
              counts.get(quality_control.MISSING, 0))
+    for value, code in probable_codes.iterrows():
+        written = f"{value * 9 / 5 + 32:.1f} °F" if unit == "F" else f"{value:g}" + (" °C" if unit == "C" else "")
+        log.warning("%g read by up to %d stations on the same day (%d readings on %d days), far outside every "
+                    "station's climate: probably a missing-value code (%s as written in the files); the readings "
+                    "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],
+                    code["readings"], code["days"], written)
     untested = sorted(set(observed.columns) - tested)
     if untested:
         log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))

@@ -103,6 +103,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "shift_threshold": (float, 1.0, 200.0),
         "stuck_threshold": (float, 0.5, 50.0),
         "gross_margin": (float, 1.0, 20.0),
+        "climate_margin": (float, 3.0, 100.0),
         "repair_confidence": (float, 0.5, 1.0),
     },
     "preprocessing": {

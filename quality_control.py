@@ -29,6 +29,15 @@ reading is compared with what its neighbours say it should be:
   neighbour gets: a jump from the median of the ``window`` days before beyond
   ``gross_margin`` times the 99.9th percentile of the station's own learning
   days (so its own weather is almost never flagged), and over-long repeats.
+  The percentile is learned from readings plausible by climate only (a
+  missing-value code read as a temperature would otherwise teach the check
+  that 80 °C jumps are weather), and for temperatures it is capped at a
+  ``JUMP_CEILING`` no weather reaches. A reading further than
+  ``climate_margin`` robust standard deviations of the station's anomalies
+  from its climatology is gross whatever its neighbours read: no weather is
+  that far out, however many stations share it (a code written by every
+  station on the same day), and such a reading neither speaks for its
+  neighbours nor makes the day look stormy.
 
 Every flag carries its kind and a confidence: 0.5 at its threshold, the odds
 multiplied by e² for each unit of evidence beyond it (a heuristic, not a
@@ -93,6 +102,7 @@ MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 GROSS_QUANTILE = 0.999
 # Of a station's days, at most this share may be natural repeats flagged stuck by the neighbours' test.
 NATURAL_REPEATS_FLAGGED = 0.0005
+ORDINARY_RUN = 0.05  # a run of repeats at least this likely by chance is no evidence of a stuck sensor
 REPEAT_PRIOR_PAIRS = 180  # pairs of days at the network's repeat share every station starts from
 CONFIDENCE_SLOPE = 2.0
 LEARNING_ROUNDS = 2
@@ -133,7 +143,11 @@ VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
 STATION_KEYS = ["departure_scale", "persistence", "innovation_scale", "jump_scale", "gross_threshold", "repeat_share",
                 "seen_months"]
 ALL_MONTHS = 2**12 - 1  # seen_months: bit m - 1 set when calendar month m was seen in the learning days
-VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence", "onsets"]
+VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence",
+                    "climate_margin", "onsets"]
+# °C: no day's temperature is further than this from the median of the days before it (the largest day-to-day
+# changes on record are 30-50 °C in hourly readings, less in daily values); the gross check never allows more.
+JUMP_CEILING = 50.0
 
 
 def harmonic_design(dates: pd.DatetimeIndex, harmonics: int = HARMONICS) -> np.ndarray:
@@ -517,6 +531,9 @@ def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: p
     moved = np.abs(values - np.take_along_axis(values, start, axis=0))
     by_length = np.where(natural <= NATURAL_REPEATS_FLAGGED,
                          np.log(NATURAL_REPEATS_FLAGGED / np.maximum(natural, 1e-300)), -np.inf)
+    # A repeat the station's resolution makes ordinary is no evidence, however the neighbours moved: at whole
+    # degrees F one day in ten repeats the day before, so only a longer run can speak.
+    moved = np.where(natural <= ORDINARY_RUN, moved, np.nan)
     evidence = np.maximum(np.where(np.isnan(moved), -np.inf, moved - needed), by_length)
     evidence = np.where(length > 1, evidence, -np.inf)
     rows = np.arange(len(run))[:, None]
@@ -545,24 +562,40 @@ def local_threads(pool: Pool | None) -> int:
     return pool.threads if pool is not None and not pool.cluster else 1
 
 
-def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool | None = None) -> dict:
+def within_climate(values: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """False where a reading is further than ``margin`` robust standard deviations of the station's anomalies
+    from its climatology, fitted robustly to ``values`` (so the readings in question do not move it); True
+    elsewhere, and for stations with too few readings to fit one."""
+    coefs = robust_seasonal_fit(values)
+    known = values.columns[values.columns.isin(coefs.columns)]
+    anomaly = values[known] - climatology_at(coefs, values.index, known)
+    far = anomaly.abs() > margin * _robust_scale(anomaly)
+    return ~far.reindex(columns=values.columns, fill_value=False)
+
+
+def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool | None = None,
+          jump_ceiling: float = float("inf")) -> dict:
     """Everything the detector needs, learned from readings on ``learning`` days only.
 
     Faults in the learning days would weaken the neighbours' correlations and
     widen the scales, so learning is repeated: after each round, the readings
     that round's detector flags are left out of the next (``LEARNING_ROUNDS``).
     Returns a JSON-ready dict: settings, per-station climatology coefficients,
-    neighbours with their prediction lines, robust scales and thresholds.
+    neighbours with their prediction lines, robust scales and thresholds. The
+    gross threshold is learned from readings plausible by climate, and never
+    allows a jump beyond ``jump_ceiling`` (``JUMP_CEILING`` for temperatures).
     """
     settings = {key: qc[key] for key in ("window", "spike_threshold", "shift_threshold", "stuck_threshold",
-                                         "repair_confidence")}
+                                         "repair_confidence", "climate_margin")}
     # Everything here is causal, so the days after the last learning day change nothing: leave them out.
     last = learning.any(axis=1)[::-1].idxmax() if learning.to_numpy().any() else observed.index[-1]
     observed, learning = observed.loc[:last], learning.loc[:last]
-    jump = observed - trailing_median(observed, qc["window"])
+    plausible = observed.mask(learning & ~within_climate(observed.where(learning), qc["climate_margin"]))
+    jump = plausible - trailing_median(plausible, qc["window"])
     jump_scale = _robust_scale(jump.where(learning))
     jump_z = (jump.where(learning) / jump_scale).abs()
-    gross = {"jump_scale": jump_scale, "gross_threshold": qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE)}
+    threshold = np.minimum(qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE), jump_ceiling / jump_scale)
+    gross = {"jump_scale": jump_scale, "gross_threshold": threshold}
     # The provisional rounds only decide which readings to trust, so they accept weaker neighbours: a
     # faulty station's correlations are low until its faults are left out.
     provisional = dict(qc, min_correlation=min(qc["min_correlation"], PROVISIONAL_CORRELATION))
@@ -620,7 +653,8 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     persistence = _lag_one_correlation(departure, departure_scale, threads)
     innovation = _innovation(departure, persistence, departure_scale)
     scales = {"departure_scale": departure_scale, "persistence": persistence,
-              "innovation_scale": _robust_scale(innovation), **gross}
+              "innovation_scale": _robust_scale(innovation), **gross,
+              "anomaly_scale": _robust_scale(values - climatology_at(coefs, values.index, values.columns))}
     share = repeat_share(values)
 
     detector = {**settings, "stations": {}}
@@ -842,12 +876,18 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     detector = {**detector, "onsets": onsets}
     facts = facts if facts is not None else reading_facts(observed, detector["window"])
     threads = local_threads(pool)
-    beyond_weather = None
+    # How far each reading is from its climatology, in robust standard deviations of the station's anomalies
+    # (NaN without a learned scale); a reading beyond any climate speaks for no neighbour, in any pass.
+    climate_z = (observed - climatology).abs() / _station_table(detector, stations, "anomaly_scale")
+    left_out = climate_z > detector["climate_margin"]
+    facts = {**facts, "climate_z": climate_z}
+    if left_out.to_numpy().any():  # a jump is measured from the days before that were weather, not codes
+        facts["reference"] = trailing_median(observed.mask(left_out), detector["window"])
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
-        beyond_weather = nearest_line_distance(observed - climatology, neighbours) \
-            > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale")
+        left_out = left_out | (nearest_line_distance(observed - climatology, neighbours)
+                               > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
     result = _classify(observed, facts, detector,
-                       _network_departures(observed, climatology, neighbours, beyond_weather, threads), pool)
+                       _network_departures(observed, climatology, neighbours, left_out, threads), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
         network = _network_departures(observed, climatology, neighbours, result["flag"].isin(KINDS), threads)
         explained = explained_readings(result["flag"], network["departure"])
@@ -893,7 +933,8 @@ def _classify(observed: pd.DataFrame, facts: dict[str, pd.DataFrame], detector: 
     innovation = _innovation(network["departure"], per_station["persistence"], per_station["departure_scale"])
     tables = {"observed": observed, "departure": network["departure"], "expected": network["expected"],
               "innovation": innovation, **facts}
-    day = storminess(innovation / per_station["innovation_scale"])
+    beyond_climate = facts["climate_z"] > detector["climate_margin"]  # no weather: not the day's storminess
+    day = storminess((innovation / per_station["innovation_scale"]).mask(beyond_climate))
     settings = {key: detector[key] for key in VERDICT_SETTINGS}
     if pool is None or len(stations) <= VERDICT_BLOCK or not (pool.cluster or pool.threads > 1):
         return verdict((tables, per_station), day, settings, pool)
@@ -951,15 +992,18 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
     spike = (innovation_z.abs() > settings["spike_threshold"]) & (np.sign(innovation) == np.sign(departure)) \
         & (departure.abs() >= 0.5 * innovation.abs()) \
         & (~persistent | ((departure - offset).abs() > settings["spike_threshold"] * innovation_scale))
-    gross = jump_z.abs() > gross_threshold
+    # Gross: a jump no weather of the station makes, or a reading beyond its climate however many agree.
+    climate_excess = tables["climate_z"] - settings["climate_margin"]
+    gross = (jump_z.abs() > gross_threshold) | (climate_excess > 0)
 
     stuck, stuck_score = stuck_test(tables["run"], tables["start"], z, share, settings["stuck_threshold"])
 
     # The verdict as a code per reading (integer comparisons, not text, from here on); LABELS[code] is the flag.
     missing = observed.isna().to_numpy()
     persistent = persistent.to_numpy()
-    code = np.select([missing, stuck.to_numpy(), gross.to_numpy(), spike.to_numpy(),
-                      persistent & drifting.to_numpy(), persistent], [1, 2, 3, 4, 5, 6], 0)
+    # Gross before stuck: a missing-value code written on several days in a row is a code, not a sensor.
+    code = np.select([missing, gross.to_numpy(), stuck.to_numpy(), spike.to_numpy(),
+                      persistent & drifting.to_numpy(), persistent], [1, 3, 2, 4, 5, 6], 0)
 
     def frame(values: np.ndarray) -> pd.DataFrame:  # text stays object: a string column costs 5x to make
         return pd.DataFrame(values, index=observed.index, columns=stations, dtype=values.dtype)
@@ -974,7 +1018,8 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
         [code == 4, shifted, code == 3, code == 2],
         [innovation_z.abs().to_numpy() - settings["spike_threshold"],
          shift_z.to_numpy() - settings["shift_threshold"],
-         jump_z.abs().to_numpy() - gross_threshold.to_numpy(), stuck_score.to_numpy()], np.nan)
+         np.fmax(jump_z.abs().to_numpy() - gross_threshold.to_numpy(), climate_excess.to_numpy()),
+         stuck_score.to_numpy()], np.nan)
     # A reading that far from what its neighbours say is a confident fault, whatever its kind.
     excess = np.fmax(excess, np.where(fault, z.abs().to_numpy() - settings["spike_threshold"], np.nan))
     sure = np.where(fault, confidence(excess), np.nan)
@@ -988,6 +1033,27 @@ def verdict(block: tuple[dict[str, pd.DataFrame], dict[str, pd.Series]], day: pd
     score = z.abs().fillna(jump_z.abs())
     return {"flag": flag, "confidence": frame(sure), "score": score, "expected": frame(fallback),
             "repaired": frame(repaired)}
+
+
+def shared_values(observed: pd.DataFrame, flag: pd.DataFrame, least_stations: int = 2) -> pd.DataFrame:
+    """Values flagged gross that at least ``least_stations`` stations read exactly on the same day: probable
+    missing-value codes an archive writes. Per value (rounded to 0.01), the most stations that read it on one
+    day, and its readings and days in all (flagged or not), most readings first."""
+    gross = flag.eq("gross").to_numpy()
+    rows, columns = np.nonzero(gross)
+    found = pd.DataFrame({"value": np.round(observed.to_numpy()[rows, columns], 2), "row": rows})
+    per_day = found.groupby(["value", "row"]).size()
+    shared = per_day[per_day >= least_stations]
+    if shared.empty:
+        return pd.DataFrame(columns=["most_stations", "readings", "days"])
+    values = shared.index.get_level_values("value").unique()
+    rounded = np.round(observed.to_numpy(), 2)
+    every = {value: np.nonzero(rounded == value) for value in values}
+    return pd.DataFrame({
+        "most_stations": shared.groupby(level="value").max(),
+        "readings": pd.Series({value: len(where[0]) for value, where in every.items()}),
+        "days": pd.Series({value: len(np.unique(where[0])) for value, where in every.items()}),
+    }).sort_values(["readings", "most_stations"], ascending=False)
 
 
 def since_onset(onset: pd.DataFrame) -> pd.DataFrame:

@@ -299,8 +299,8 @@ def test_the_ridge_feature_forecasts_each_block_of_training_days_from_a_fit_on_t
     assert not np.allclose(stacked_moved[1][300:400, 0], stacked[1][300:400, 0])
     assert not np.allclose(baseline_moved[1][29:89, 0], baseline[1][29:89, 0])
     test = slice(601, 799)  # the test days: one fit on every training day, for both
-    assert np.allclose(stacked_moved[1][test, 0] - stacked[1][test, 0], baseline_moved[1][test, 0] - baseline[1][test, 0],
-                       atol=0.5)
+    assert np.allclose(stacked_moved[1][test, 0] - stacked[1][test, 0],
+                       baseline_moved[1][test, 0] - baseline[1][test, 0], atol=0.5)
     error = np.abs(stacked[1][test, 0] - readings["B"].shift(-1).to_numpy()[test])
     assert np.nanmean(error) < 0.5
 

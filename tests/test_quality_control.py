@@ -449,3 +449,55 @@ def test_a_network_that_has_not_seen_a_whole_year_keeps_its_clean_readings(setti
     observed.iloc[:550, :] = np.nan  # every station: 180 learning days, July to December
     _, result = verdict(observed, settings)
     assert (faults(result).iloc[TEST_FROM:].mean() < 0.01).all()
+
+
+def test_a_missing_value_code_that_every_station_writes_on_the_same_days_is_gross_not_weather(settings):
+    """-99 °F (-72.8 °C) written by all six stations on some days and by one on others: the neighbours agree
+    and the day looks stormy, but no climate reaches it; every code is flagged gross and reported as shared,
+    the days after a code are judged from the weather before it, and the gross check learned from training
+    years full of codes still catches a 25 °C jump."""
+    observed = network(n_stations=6, seed=4)
+    code = (-99 - 32) * 5 / 9
+    shared_days = observed.index[[100, 101, 102, 400, 650, TEST_FROM + 30, TEST_FROM + 31]]
+    observed.loc[shared_days] = code
+    lone = observed.index[[200, TEST_FROM + 90]]
+    observed.loc[lone, "S2"] = code
+    jump = observed.index[TEST_FROM + 200]
+    observed.loc[jump, "S4"] += 25.0
+    clean = network(n_stations=6, seed=4)
+    detector, result = verdict(observed, settings)
+    written = np.isclose(observed, code)
+    assert (result["flag"].to_numpy()[written] == "gross").all()
+    after = observed.index[[103, TEST_FROM + 32]]
+    assert not faults(result).loc[after].any().any()
+    assert result["flag"].loc[jump, "S4"] == "gross"
+    assert (np.abs(result["repaired"].to_numpy()[written] - clean.to_numpy()[written]) < 8).all()
+    thresholds = {s: e["gross_threshold"] * e["jump_scale"] for s, e in detector["stations"].items()}
+    clean_detector = qc.learn(clean, learning_days(clean), settings)
+    for station, entry in clean_detector["stations"].items():
+        assert thresholds[station] == pytest.approx(entry["gross_threshold"] * entry["jump_scale"], rel=0.1)
+    shared = qc.shared_values(observed, result["flag"])
+    assert list(shared.index) == [round(code, 2)]
+    assert shared.iloc[0].tolist() == [6, 6 * len(shared_days) + len(lone), len(shared_days) + len(lone)]
+
+
+def test_no_learned_jump_threshold_allows_a_jump_beyond_the_ceiling(settings):
+    observed = network(n_stations=1)
+    observed.iloc[::50, 0] += 60.0  # gross faults on 2 % of the days, too many for the 99.9th percentile
+    detector = qc.learn(observed, learning_days(observed), dict(settings, climate_margin=100.0), jump_ceiling=50.0)
+    entry = detector["stations"]["S0"]
+    assert entry["gross_threshold"] * entry["jump_scale"] == pytest.approx(50.0, abs=1e-3)  # both rounded
+    unbounded = qc.learn(observed, learning_days(observed), dict(settings, climate_margin=100.0))["stations"]["S0"]
+    assert unbounded["gross_threshold"] * unbounded["jump_scale"] > 50.0
+
+
+def test_a_single_repeat_at_whole_degrees_is_no_stuck_sensor_however_the_neighbours_moved():
+    """At whole °F one day in ten repeats the day before: a two-day run is no evidence, a third day is (from
+    that day on: the verdict on a day uses the days up to it)."""
+    dates = pd.date_range("2021-01-01", periods=6, freq="D")
+    run, start = qc.repeat_runs(pd.DataFrame({"A": [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]}, index=dates))
+    moved = pd.DataFrame({"A": [0.0, 0.0, 9.0, 0.0, 9.0, 9.0]}, index=dates)  # the neighbours moved far
+    for share, expected in ((0.1, [False, False, False, False, False, True]),
+                            (0.01, [False, False, True, False, True, True])):
+        stuck, _ = qc.stuck_test(run, start, moved, pd.Series({"A": share}), least=1.0)
+        assert stuck["A"].tolist() == expected, share

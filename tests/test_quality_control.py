@@ -311,7 +311,7 @@ def local_weather(n_stations: int, seed: int, persistence: float = 0.6, sd: floa
     return weather
 
 
-@pytest.mark.parametrize("size, length", [(3.0, 40), (-4.0, 30)])
+@pytest.mark.parametrize("size, length", [(4.0, 40), (-5.0, 30)])
 def test_a_shift_that_ended_is_not_flagged_in_the_weeks_after(settings, size, length):
     start, after = TEST_FROM + 40, []
     for seed in range(6):
@@ -501,3 +501,28 @@ def test_a_single_repeat_at_whole_degrees_is_no_stuck_sensor_however_the_neighbo
                             (0.01, [False, False, True, False, True, True])):
         stuck, _ = qc.stuck_test(run, start, moved, pd.Series({"A": share}), least=1.0)
         assert stuck["A"].tolist() == expected, share
+
+
+def test_a_departure_within_the_local_weather_s_wander_is_seldom_a_shift_but_one_beyond_it_is(settings,
+                                                                                                 monkeypatch):
+    """On real networks a station's departure from its neighbours wanders by a degree or two for weeks (snow
+    cover, a lake breeze): an offset of 0.8 LEAST_SHIFT standard deviations of it is flagged on at most 60 %
+    of the days it is without that floor; one of twice LEAST_SHIFT is flagged on most days."""
+    start = TEST_FROM + 40
+
+    def flagged_share(size_in_scales: float, floor: float) -> float:
+        shares = []
+        for seed in range(3):
+            observed = network(seed=seed) + local_weather(5, seed)
+            monkeypatch.setattr(qc, "LEAST_SHIFT", floor)
+            detector, _ = verdict(observed, settings)
+            shifted = observed.copy()
+            shifted.iloc[start: start + 60, 2] += size_in_scales * detector["stations"]["S2"]["departure_scale"]
+            shares.append(faults(qc.detect(shifted, detector))["S2"].iloc[start + 15: start + 60].mean())
+        return float(np.mean(shares))
+
+    floor = qc.LEAST_SHIFT
+    assert floor > 0
+    within, beyond = 0.8 * floor, 2.0 * floor
+    assert flagged_share(within, floor) <= 0.6 * flagged_share(within, 0.0)
+    assert flagged_share(beyond, floor) >= 0.8

@@ -442,39 +442,44 @@ def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.
             fit = known & ~np.isnan(target[:, j]) & usable[:, j]
             if fit.sum() < RIDGE_LEAST_ROWS:
                 continue
-            normal = normals[step][known, j]
-            baseline[step][known, k] = normal + _ridge_forecast(np.column_stack([lags, near, calendar]),
-                                                                target[:, j], fit, known, folds=1)
-            stacked[step][known, k] = normal + _ridge_forecast(np.column_stack([lags, near, before, calendar]),
-                                                               target[:, j], fit, known, folds=RIDGE_FOLDS)
+            # One design: the baseline's inputs are the stacked ridge's without the neighbours' step before.
+            inputs = np.column_stack([lags, near, calendar, before])
+            plain, crossed = _ridge_forecasts(inputs, target[:, j], fit, known,
+                                              RIDGE_LAGS + near.shape[1] + calendar.shape[1])
+            baseline[step][known, k] = normals[step][known, j] + plain
+            stacked[step][known, k] = normals[step][known, j] + crossed
     return baseline, stacked
 
 
-def _ridge_forecast(inputs: np.ndarray, target: np.ndarray, fit: np.ndarray, known: np.ndarray, folds: int
-                    ) -> np.ndarray:
-    """A Ridge (with an unpenalised intercept) fitted on the ``fit`` rows and its forecast of the ``known``
-    rows; with ``folds`` > 1, the dates from the first to the last training row in that many consecutive
-    blocks, each block's rows forecast by the fit on the others."""
+def _ridge_forecasts(inputs: np.ndarray, target: np.ndarray, fit: np.ndarray, known: np.ndarray, plain: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Two Ridges (each with an unpenalised intercept) fitted on the ``fit`` rows, and their forecasts of the
+    ``known`` rows: one on the first ``plain`` inputs, fitted on every training row; one on all inputs, each
+    of ``RIDGE_FOLDS`` consecutive blocks of dates (from the first to the last training row) forecast by the
+    fit on the other blocks, and the dates outside them by the fit on all."""
     mean, scale = inputs[fit].mean(axis=0), inputs[fit].std(axis=0)
     scale[scale == 0] = 1.0
     x = np.column_stack([(inputs - mean) / scale, np.ones(len(inputs))])
     penalty = RIDGE_ALPHA * np.eye(x.shape[1])
     penalty[-1, -1] = 0.0
     rows = np.flatnonzero(fit)
-    block = np.full(len(inputs), -1)  # the dates outside (the test period) are forecast by the full fit only
+    block = np.full(len(inputs), -1)
     span = rows[-1] - rows[0] + 1
-    block[rows[0]:rows[-1] + 1] = np.arange(span) * folds // span
-    sums = []
-    for b in range(folds):
-        part = x[rows[block[rows] == b]]
-        sums.append((part.T @ part, part.T @ target[rows[block[rows] == b]]))
+    block[rows[0]:rows[-1] + 1] = np.arange(span) * RIDGE_FOLDS // span
+    # The blocks are consecutive dates, so the training rows of each are one slice of them, in date order.
+    fitted, aim = x[rows], target[rows]
+    edges = np.searchsorted(block[rows], np.arange(RIDGE_FOLDS + 1))
+    sums = [(fitted[a:b].T @ fitted[a:b], fitted[a:b].T @ aim[a:b]) for a, b in itertools.pairwise(edges)]
     gram, moment = sum(g for g, _ in sums), sum(m for _, m in sums)
-    forecast = x @ np.linalg.solve(gram + penalty, moment)
-    if folds > 1:
-        for b, (g, m) in enumerate(sums):
-            within = block == b
-            forecast[within] = x[within] @ np.linalg.solve(gram - g + penalty, moment - m)
-    return forecast[known]
+    own = [*range(plain), x.shape[1] - 1]  # the plain inputs and the intercept
+    weights = np.linalg.solve(gram[np.ix_(own, own)] + penalty[np.ix_(own, own)], moment[own])
+    forecast_plain = x[known][:, own] @ weights
+    crossed = x @ np.linalg.solve(gram + penalty, moment)
+    for b, (g, m) in enumerate(sums):
+        within = block == b
+        if within.any():
+            crossed[within] = x[within] @ np.linalg.solve(gram - g + penalty, moment - m)
+    return forecast_plain, crossed[known]
 
 
 def compared_values(repaired: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -594,12 +599,14 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = compute.chunks(observed.columns, STATION_BLOCK)
-    inputs = compute.OnDemand(lambda i: (observed[blocks[i]], period[blocks[i]],
-                                         {name: table[blocks[i]] for name, table in verdict.items()},
-                                         coefs[[s for s in blocks[i] if s in coefs]],
-                                         neighbours_ridge(list(blocks[i]), departure, observed, period,
-                                                          verdict["flag"], coefs, near, horizon),
-                                         network_features(list(blocks[i]), compared, near)), len(blocks))
+    def block(i: int) -> tuple:  # a block's stations, and the departures and values of them and their neighbours
+        stations = list(blocks[i])
+        halo = list(dict.fromkeys([*stations, *(n for s in stations for n in near.get(s, []))]))
+        return (observed[stations], period[stations], {name: table[stations] for name, table in verdict.items()},
+                coefs[[s for s in stations if s in coefs]], departure[[s for s in halo if s in departure]],
+                {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations})
+
+    inputs = compute.OnDemand(block, len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:
@@ -620,9 +627,13 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
 
 
 def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
-    """The feature columns of one block of stations (observed, period, verdict, climatology coefficients),
-    split into "train" and "test"."""
-    observed, period, verdict, climatology, ridge, network = block
+    """The feature columns of one block of stations (observed, period, verdict, climatology coefficients,
+    and the departures, compared values and neighbours its ridges and network features read), split into
+    "train" and "test"."""
+    observed, period, verdict, climatology, departure, compared, near = block
+    stations = list(observed.columns)
+    ridge = neighbours_ridge(stations, departure, observed, period, verdict["flag"], climatology, near, horizon)
+    network = network_features(stations, compared, near)
     rows = build_features(observed, period, verdict, horizon, climatology, ridge, network)
     split = {}
     for name in ("train", "test"):

@@ -599,14 +599,15 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = compute.chunks(observed.columns, STATION_BLOCK)
-    def block(i: int) -> tuple:  # a block's stations, and the departures and values of them and their neighbours
+
+    def block_input(i: int) -> tuple:  # a block's stations, and the departures and values of them and their neighbours
         stations = list(blocks[i])
         halo = list(dict.fromkeys([*stations, *(n for s in stations for n in near.get(s, []))]))
         return (observed[stations], period[stations], {name: table[stations] for name, table in verdict.items()},
                 coefs[[s for s in stations if s in coefs]], departure[[s for s in halo if s in departure]],
                 {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations})
 
-    inputs = compute.OnDemand(block, len(blocks))
+    inputs = compute.OnDemand(block_input, len(blocks))
     built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:

@@ -14,7 +14,9 @@ reading is compared with what its neighbours say it should be:
   local weather does; its **innovation** is the part yesterday's departure does
   not explain. Both are scaled by their robust spread on the learning days, and
   the innovation also by the day's storminess across the network. A large
-  innovation that today's reading still carries is a ``spike``. A departure that
+  innovation that today's reading still carries is a ``spike``, unless
+  the reading lies between its neighbours' single lines or near one of them (a
+  front that has passed some neighbours and not others is weather). A departure that
   stepped away from zero some days ago and stays there is a ``level_shift``; one
   that ramps away is a ``drift``: generalised likelihood-ratio tests for a step
   or a ramp in a persistent series, from candidate starts within the last 30 or

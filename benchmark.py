@@ -238,6 +238,28 @@ def found_by_error(root: Path) -> dict[str, np.ndarray]:
             for kind in NETWORK_KINDS}
 
 
+def first_flag_delays(root: Path) -> dict[str, list[float]]:
+    """Per kind of fault, on the test period of the network in ``root``: for each fault (a station's run of
+    consecutive days with that kind), the days from its first test day to its first flagged day (0: flagged on
+    its first day), NaN if it was never flagged."""
+    import pandas as pd
+
+    paths = storage.Paths(root)
+    flags = storage.read_table(paths.test_flags, ["station", "date", "flag"])
+    truth = pd.concat([storage.read_table(paths.truth / f"{station}.csv", ["date", "anomaly"]).assign(station=station)
+                       for station in flags["station"].unique()])
+    rows = flags.merge(truth, on=["station", "date"]).sort_values(["station", "date"], ignore_index=True)
+    new_run = (rows["anomaly"] != rows["anomaly"].shift()) | (rows["station"] != rows["station"].shift())
+    rows["run"] = new_run.cumsum()
+    rows["day"] = rows.groupby("run").cumcount()
+    rows["flagged"] = rows["flag"].isin(quality_control.KINDS)
+    delays: dict[str, list[float]] = {kind: [] for kind in NETWORK_KINDS}
+    for (kind, _), run in rows[rows["anomaly"].isin(NETWORK_KINDS)].groupby(["anomaly", "run"]):
+        hit = run["day"][run["flagged"]]
+        delays[kind].append(float(hit.iloc[0]) if len(hit) else np.nan)
+    return delays
+
+
 def f1_score(hits: float, flags: float, days: float) -> float:
     """F1 from the true flags, all flags and the fault days."""
     return 2 * hits / (flags + days) if hits else 0.0
@@ -265,6 +287,7 @@ def run_network(seed: int, stations: int) -> dict:
             if detector == "network":
                 result["ideal"] = ideal_drift_counts(root)
                 result["by_error"] = found_by_error(root)
+                result["delays"] = first_flag_delays(root)
         return result
 
 
@@ -276,6 +299,7 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
     false_flags = 0
     by_error = {kind: np.zeros((2, len(ERROR_BANDS) + 1), dtype=int) for kind in NETWORK_KINDS}  # days, flagged
     ideal_pooled = {threshold: np.zeros(3) for threshold in IDEAL_THRESHOLDS}
+    delays: dict[str, list[float]] = {kind: [] for kind in NETWORK_KINDS}
     for seed, stations in networks:
         result = run_network(seed, stations)
         scores = result["network"]["detector"]
@@ -286,6 +310,8 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
             cells += f"{score['f1']:>13.3f}" if score["days"] else f"{'-':>13}"
         for kind, counts in result["by_error"].items():
             by_error[kind] += counts
+        for kind, found in result["delays"].items():
+            delays[kind] += found
         for threshold, count in result["ideal"].items():
             ideal_pooled[threshold] += count
         mae = "{:.3f} / {:.3f}".format(*(result[detector]["forecast"]["truth"]["all_stations"]["model"]["mae"]
@@ -305,6 +331,14 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
     for kind, (days, flagged) in by_error.items():
         print(f"{kind:>14}" + "".join(f"{f'{hit / n:.0%} ({n})' if n else '-':>14}" for n, hit in zip(days, flagged,
                                                                                                     strict=True)))
+    print("\nFaults of the test period, pooled: how many were flagged at all, and the days from a fault's first "
+          "day to its first flag")
+    print(f"{'':>14}{'faults':>8}{'flagged':>9}{'median days':>13}{'90th pct':>10}")
+    for kind, found in delays.items():
+        times = np.array(found)
+        seen = times[~np.isnan(times)]
+        cells = f"{np.median(seen):>13g}{np.percentile(seen, 90):>10g}" if len(seen) else f"{'-':>13}{'-':>10}"
+        print(f"{kind:>14}{len(times):>8}{f'{len(seen) / len(times):.0%}' if len(times) else '-':>9}{cells}")
 
 
 def main() -> None:

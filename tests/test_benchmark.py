@@ -50,3 +50,23 @@ def test_fault_days_by_error_add_up_to_the_detector_s_scores(default_built):
         assert flagged.sum() == round(scores[kind]["recall"] * scores[kind]["days"])
     assert benchmark.normal_day_flags(scores["any"]) == round(
         scores["any"]["flagged"] - scores["any"]["recall"] * scores["any"]["days"])
+
+
+def test_first_flag_delays_count_days_from_each_fault_s_start_to_its_first_flag(tmp_path):
+    dates = [f"2021-01-{day:02d}" for day in range(1, 17)]
+    anomaly = ["none"] * 16
+    flag = ["none"] * 16
+    anomaly[1] = "spike"
+    flag[1] = "spike"
+    anomaly[4:9] = ["level_shift"] * 5
+    flag[6:9] = ["level_shift"] * 3  # found on the fault's third day
+    anomaly[11:14] = ["drift"] * 3  # never found
+    (tmp_path / "data/test").mkdir(parents=True)
+    (tmp_path / "data/truth").mkdir(parents=True)
+    rows = "".join(f"A,{d},{f}\n" for d, f in zip(dates, flag, strict=True))
+    (tmp_path / "data/test/flags.csv").write_text("station,date,flag\n" + rows)
+    truth = "".join(f"{d},{a}\n" for d, a in zip(dates, anomaly, strict=True))
+    (tmp_path / "data/truth/A.csv").write_text("date,anomaly\n" + truth)
+    delays = benchmark.first_flag_delays(tmp_path)
+    assert delays["spike"] == [0.0] and delays["level_shift"] == [2.0] and delays["stuck"] == []
+    assert len(delays["drift"]) == 1 and np.isnan(delays["drift"][0])

@@ -56,6 +56,8 @@ STATIONS_PER_CHUNK = 50  # stations whose files one task writes or reads
 # In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
+# A coordinate beyond its limit (degrees, metres) is a typo, not a place.
+COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
 _EFFECT_ORDER = ["level_shift", "drift", "stuck", "spike", "missing"]
 
@@ -554,11 +556,34 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     stations = {}
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file
-        table, counts = clean_readings(pd.concat([part for _, part in parts], ignore_index=True),
-                                       first.with_name(f"{first.name} [station {name}]"), imp, pre["min_temp"],
-                                       pre["max_temp"])
-        stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts]}
+        whole = pd.concat([part for _, part in parts], ignore_index=True)
+        where = first.with_name(f"{first.name} [station {name}]")
+        table, counts = clean_readings(whole, where, imp, pre["min_temp"], pre["max_temp"])
+        coordinates = row_coordinates(whole, where)
+        stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
+                                 **({"coordinates": coordinates} if coordinates else {})}
     return stations
+
+
+def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
+    """A station's coordinates from the latitude, longitude and (optional) elevation columns its rows carry, as
+    NOAA's exports do (any case), the most frequent value of each; {} without latitude and longitude columns."""
+    columns = {str(column).strip().lower(): column for column in table.columns}
+    if not {"latitude", "longitude"} <= set(columns):
+        return {}
+    found = {}
+    for key, limit in COORDINATE_LIMITS.items():
+        if key not in columns:
+            continue
+        text = table[columns[key]].astype(str).str.strip()
+        text = text[text != ""]
+        values = pd.to_numeric(text, errors="coerce")
+        bad = values.isna() | (values.abs() > limit)
+        if bad.any():
+            raise PipelineError(f"{where}: {key} {text[bad].iat[0]!r} is not a number within ±{limit:g}")
+        if len(values):
+            found[key] = float(values.mode().iat[0])
+    return found
 
 
 def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path) -> tuple[dict, dict, str]:
@@ -638,14 +663,23 @@ def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Po
     write_imported_files(staging, parts)
     inputs = sorted({folder / file for entry in report.values() for file in entry.get("files", [entry["file"]])})
     listed = next((path for path in storage.station_files(folder) if path.name.lower() == STATION_LIST), None)
-    if listed is not None:
+    in_rows = pd.DataFrame([{"station": name, **entry["coordinates"]} for name, entry in sorted(report.items())
+                            if "coordinates" in entry], columns=["station", *COORDINATE_LIMITS])
+    coordinates = None
+    if listed is not None:  # the list's coordinates first; a station it lacks takes those of its rows
         coordinates = read_station_list(listed, params["import"]["delimiter"], set(parts))
-        storage.write_csv(staging / STATION_LIST, coordinates, staged=True)
+        coordinates = coordinates.set_index("station").combine_first(in_rows.set_index("station")) \
+            .reindex(columns=coordinates.columns[1:]).reset_index()
         inputs.append(listed)
+    elif len(in_rows):
+        coordinates = pd.DataFrame({"station": sorted(parts)}).merge(in_rows, on="station", how="left") \
+            .dropna(axis=1, how="all")
+    if coordinates is not None:
+        storage.write_csv(staging / STATION_LIST, coordinates, staged=True)
     source = {"source": str(folder), "quantity": params["import"]["quantity"], "unit": params["import"]["unit"],
               "frequency": next(iter(report.values()))["frequency"], "stations": len(parts),
               "test_start": test_start, "files": report,
-              "coordinates": 0 if listed is None else int(coordinates["latitude"].notna().sum())}
+              "coordinates": 0 if coordinates is None else int(coordinates["latitude"].notna().sum())}
     summary = f"imported {len(parts)} stations from {folder}; no ground truth, so anomaly scores will be skipped"
     return sorted(inputs), source, summary
 
@@ -670,12 +704,12 @@ def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.Data
     if len(repeated):
         raise PipelineError(f"{path}: station {repeated.iat[0]!r} is listed twice")
     numbers = table[columns[1:]].apply(pd.to_numeric, errors="coerce")
-    limits = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
     for column in columns[1:]:
-        bad = numbers[column].isna() | (numbers[column].abs() > limits[column])
+        bad = numbers[column].isna() | (numbers[column].abs() > COORDINATE_LIMITS[column])
         if bad.any():
             raise PipelineError(f"{path}: station {table['station'][bad].iat[0]!r}: {column} "
-                                f"{table[column][bad].iat[0]!r} is not a number within ±{limits[column]:g}")
+                                f"{table[column][bad].iat[0]!r} is not a number within "
+                                f"±{COORDINATE_LIMITS[column]:g}")
     numbers.insert(0, "station", table["station"])
     unlisted = sorted(stations - set(numbers["station"]))
     if unlisted:

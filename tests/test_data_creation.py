@@ -511,3 +511,33 @@ def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, 
                           temperature_column="TMAX", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
+
+
+def test_a_long_form_export_s_coordinate_columns_become_the_station_list(tmp_path, capsys):
+    """NOAA's exports carry LATITUDE, LONGITUDE and ELEVATION in every row: they become data/stations.csv (the
+    most frequent value per station), and a value that is not a coordinate is refused naming the station."""
+    own = tmp_path / "own"
+    own.mkdir()
+    dates = pd.date_range("2020-01-01", "2022-12-31", freq="D")
+    rows = []
+    for k, station in enumerate(["USW0001", "USW0002"]):
+        rows.append(pd.DataFrame({"STATION": station, "LATITUDE": 61.0 + k / 10, "LONGITUDE": -146.3 - k / 10,
+                                  "ELEVATION": 10.0 * (k + 1), "DATE": dates.strftime("%Y-%m-%d"),
+                                  "TMAX": np.round(10 + 10 * np.sin(np.arange(len(dates)) / 58.0), 1)}))
+    table = pd.concat(rows, ignore_index=True)
+    table.loc[:2, "LATITUDE"] = 61.05  # three rows of the first station from an older position
+    table.to_csv(own / "export.csv", index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION", date_column="DATE",
+                          temperature_column="TMAX", holdout_stations=0)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    listed = pd.read_csv(root / "data/stations.csv")
+    assert listed.to_dict("list") == {"station": ["USW0001", "USW0002"], "latitude": [61.0, 61.1],
+                                      "longitude": [-146.3, -146.4], "elevation": [10.0, 20.0]}
+    assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
+    table["LATITUDE"] = table["LATITUDE"].astype(object)
+    table.loc[table.index[-1], "LATITUDE"] = "N61"
+    table.to_csv(own / "export.csv", index=False)
+    capsys.readouterr()
+    assert run_stage(data_creation, root, params) == 2
+    assert "export.csv [station USW0002]: latitude 'N61' is not a number within ±90" in capsys.readouterr().err

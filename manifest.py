@@ -152,13 +152,35 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
     return manifest
 
 
+def code_files(stage: str) -> list[Path]:
+    """The project's modules a stage runs: its script and every module of the project it imports, directly or
+    through another, anywhere in the module (deferred imports too). A tool (benchmark, salary case) or another
+    stage's script is not among them unless the stage imports it."""
+    import ast
+
+    seen, todo = set(), [stage]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_bytes())):
+            if isinstance(node, ast.Import):
+                found = [alias.name.partition(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found = [node.module.partition(".")[0]]
+            else:
+                continue
+            todo += [module for module in found if module not in seen and (ROOT / f"{module}.py").is_file()]
+    return sorted(ROOT / f"{name}.py" for name in seen)
+
+
 def code_hash(stage: str | None = None) -> str:
-    """A hash of the code a stage runs: its script and every shared module beside it (not the other stages);
-    with no stage, of every module of the project."""
+    """A hash of the code a stage runs (``code_files``), so editing a tool or a module it never imports reruns
+    nothing; with no stage, of every module of the project."""
     digest = hashlib.sha256()
-    for path in sorted(ROOT.glob("*.py")):
-        if stage is None or path.stem == stage or (path.stem not in STAGES and path.name != "benchmark.py"):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in code_files(stage) if stage is not None else sorted(ROOT.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

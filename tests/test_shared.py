@@ -738,3 +738,32 @@ def test_the_listing_of_the_user_s_folder_is_an_input_of_stage_1(tmp_path, chang
     else:
         change_file(own / "B.csv", change)
     assert stale_stages(root, params)[:1] == ["data_creation"]
+
+
+def test_a_stage_s_code_hash_covers_the_modules_it_runs_and_no_tool(tmp_path, monkeypatch):
+    """Editing a tool (the salary case, the benchmark) reruns no stage; editing the report reruns only the
+    stage that draws it; editing storage, which every stage imports, reruns them all."""
+    import shutil
+
+    from params import STAGES as STAGE_NAMES
+
+    for path in manifest.ROOT.glob("*.py"):
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.setattr(manifest, "ROOT", tmp_path)
+
+    def hashes() -> dict[str, str]:
+        return {stage: manifest.code_hash(stage) for stage in STAGE_NAMES}
+
+    before = hashes()
+    for tool in ("salary_case.py", "benchmark.py"):
+        with (tmp_path / tool).open("a") as handle:
+            handle.write("\n# edited\n")
+    assert hashes() == before
+    with (tmp_path / "report.py").open("a") as handle:
+        handle.write("\n# edited\n")
+    after = hashes()
+    assert [stage for stage in STAGE_NAMES if after[stage] != before[stage]] == ["model_testing"]
+    with (tmp_path / "storage.py").open("a") as handle:
+        handle.write("\n# edited\n")
+    assert all(hashes()[stage] != after[stage] for stage in STAGE_NAMES)
+    assert manifest.code_hash() != manifest.code_hash(STAGE_NAMES[0])  # every module: what a cluster's workers check

@@ -676,14 +676,14 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
                             robust_seasonal_fit(departure.loc[:, ~seen], harmonics=0)], axis=1)
     del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
-    departure = _network_departures(values, climatology_at(coefs, values.index, values.columns), neighbours,
-                                    None, threads)["departure"]
+    climatology = climatology_at(coefs, values.index, values.columns)
+    departure = _network_departures(values, climatology, neighbours, None, threads)["departure"]
     departure_scale = _robust_scale(departure)
     persistence = _lag_one_correlation(departure, departure_scale, threads)
     innovation = _innovation(departure, persistence, departure_scale)
     scales = {"departure_scale": departure_scale, "persistence": persistence,
               "innovation_scale": _robust_scale(innovation), **gross,
-              "anomaly_scale": _robust_scale(values - climatology_at(coefs, values.index, values.columns))}
+              "anomaly_scale": _robust_scale(values - climatology)}
     share = repeat_share(values)
 
     detector = {**settings, "stations": {}}
@@ -907,16 +907,17 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     threads = local_threads(pool)
     # How far each reading is from its climatology, in robust standard deviations of the station's anomalies
     # (NaN without a learned scale); a reading beyond any climate speaks for no neighbour, in any pass.
-    climate_z = (observed - climatology).abs() / _station_table(detector, stations, "anomaly_scale")
+    anomaly = observed - climatology
+    climate_z = anomaly.abs() / _station_table(detector, stations, "anomaly_scale")
     left_out = climate_z > detector["climate_margin"]
     facts = {**facts, "climate_z": climate_z}
     if left_out.to_numpy().any():  # a jump is measured from the days before that were weather, not codes
         facts["reference"] = trailing_median(observed.mask(left_out), detector["window"])
     # In departure scales, how far each reading lies beyond all its neighbours' lines (0 between them).
-    facts["outside_z"] = outside_the_lines((observed - climatology).mask(left_out), neighbours) \
+    facts["outside_z"] = outside_the_lines(anomaly.mask(left_out), neighbours) \
         / _station_table(detector, stations, "departure_scale")
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
-        left_out = left_out | (nearest_line_distance(observed - climatology, neighbours)
+        left_out = left_out | (nearest_line_distance(anomaly, neighbours)
                                > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
     result = _classify(observed, facts, detector,
                        _network_departures(observed, climatology, neighbours, left_out, threads), pool)

@@ -316,9 +316,12 @@ def _pair_statistics(anomaly: np.ndarray, lead: int = 0) -> tuple[np.ndarray, ..
     with np.errstate(divide="ignore", invalid="ignore"):
         n = np.where(shared > 0, shared, np.nan)
         mean = (values_t.T @ mask_p) / n  # mean of i over days j is present too
-        mean_p = (values_p.T @ mask_t).T / n  # mean of j over days i is present too
         var = (values_t.T**2 @ mask_p) / n - mean**2
-        var_p = (values_p.T**2 @ mask_t).T / n - mean_p**2
+        if lead:  # mean and variance of j over days i is present too
+            mean_p = (values_p.T @ mask_t).T / n
+            var_p = (values_p.T**2 @ mask_t).T / n - mean_p**2
+        else:  # the same sums with i and j swapped: the transposes, not two more products
+            mean_p, var_p = mean.T, var.T
         cov = (values_t.T @ values_p) / n - mean * mean_p
         corr = cov / np.sqrt(var * var_p)
         slope = cov / var_p
@@ -911,8 +914,12 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     climate_z = anomaly.abs() / _station_table(detector, stations, "anomaly_scale")
     left_out = climate_z > detector["climate_margin"]
     facts = {**facts, "climate_z": climate_z}
-    if left_out.to_numpy().any():  # a jump is measured from the days before that were weather, not codes
-        facts["reference"] = trailing_median(observed.mask(left_out), detector["window"])
+    affected = observed.columns[left_out.to_numpy().any(axis=0)]
+    if len(affected):  # a jump is measured from the days before that were weather, not codes
+        # Column by column, so only the few stations with such readings need their median again.
+        reference = facts["reference"].copy()
+        reference[affected] = trailing_median(observed[affected].mask(left_out[affected]), detector["window"])
+        facts["reference"] = reference
     # In departure scales, how far each reading lies beyond all its neighbours' lines (0 between them).
     facts["outside_z"] = outside_the_lines(anomaly.mask(left_out), neighbours) \
         / _station_table(detector, stations, "departure_scale")

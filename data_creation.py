@@ -36,18 +36,15 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import cli
-import compute
-import manifest
-import storage
-from cli import log
-from errors import PipelineError
-from params import ANOMALY_KINDS, SIMULATION, Params, load_params
-from steps import FREQUENCIES
-from storage import Paths
+from station_forecast import cli, compute, manifest, runtime, storage
+from station_forecast.errors import PipelineError
+from station_forecast.params import ANOMALY_KINDS, SIMULATION, Params, load_params
+from station_forecast.runtime import log
+from station_forecast.steps import FREQUENCIES
+from station_forecast.storage import Paths
 
-np = cli.lazy_import("numpy")
-pd = cli.lazy_import("pandas")
+np = runtime.lazy_import("numpy")
+pd = runtime.lazy_import("pandas")
 
 STAGE = "data_creation"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
@@ -302,7 +299,7 @@ def write_station_files(staging: Path, simulation: Simulation, test_steps: int, 
     chunks = [(climates["station"].to_numpy()[b], simulation.clean[b], simulation.observed[b], label_codes[b],
                event_codes[b], train_end[b])
               for b in (slice(i, i + STATIONS_PER_CHUNK) for i in range(0, len(climates), STATIONS_PER_CHUNK))]
-    (pool or compute.Threads()).map(write_station_chunk, chunks, what="station files written (chunks)",
+    (pool or runtime.Threads()).map(write_station_chunk, chunks, what="station files written (chunks)",
                                     staging=staging, dates=simulation.dates, resolution=resolution,
                                     names=(label_names, event_names))
     climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
@@ -523,8 +520,8 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     if imp["station_column"]:
         return _report_and_split(read_long_form(files, imp, pre), data, folder)
     if pool is None or not pool.cluster:
-        pool = compute.Threads(cli.work_threads(_chunks(len(files))))
-    read = pool.map(read_user_stations, compute.chunks(files, STATIONS_PER_CHUNK), what="station files read (chunks)",
+        pool = runtime.Threads(runtime.work_threads(_chunks(len(files))))
+    read = pool.map(read_user_stations, runtime.chunks(files, STATIONS_PER_CHUNK), what="station files read (chunks)",
                     imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     stations = {path.stem: one for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
     return _report_and_split(stations, data, folder)
@@ -600,7 +597,7 @@ def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, fo
         log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
     frequency = common_frequency(report, data["frequency"], folder)
     first, last = min(t["date"].iat[0] for t in stations.values()), max(t["date"].iat[-1] for t in stations.values())
-    cli.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),
+    runtime.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),
                      f"{len(stations)} stations from {first.date()} to {last.date()} in {folder}")
     for entry in report.values():  # a one-reading file takes the step of the others
         entry["frequency"] = frequency
@@ -644,7 +641,7 @@ def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[
     data, sim = params["data"], params["simulation"]
     simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
     write_station_files(staging, simulation, data["test_steps"], sim["resolution"],
-                        pool if pool.cluster else compute.Threads(cli.work_threads(_chunks(sim["n_stations"]))))
+                        pool if pool.cluster else runtime.Threads(runtime.work_threads(_chunks(sim["n_stations"]))))
     dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
     source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
               "test_start": str(dates[len(dates) - data["test_steps"]])}
@@ -726,7 +723,7 @@ def main(args) -> None:
                             "writes and replaces; keep your station files elsewhere (e.g. own/ beside params.toml)")
     if folder is None:  # an imported network is sized once its files are read
         sim = params["simulation"]
-        cli.check_memory(sim["n_stations"] * (sim["n_years"] * 365 + sim["n_years"] // 4),
+        runtime.check_memory(sim["n_stations"] * (sim["n_years"] * 365 + sim["n_years"] // 4),
                          f"simulation.n_stations = {sim['n_stations']} x simulation.n_years = {sim['n_years']}")
 
     staging = paths.data / ".staging"

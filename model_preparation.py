@@ -29,19 +29,15 @@ import os
 
 import threadpoolctl
 
-import cli
-import compute
-import features
-import manifest
-import storage
-from cli import log
-from errors import PipelineError
-from features import FALLBACK_FEATURES, FEATURES, RIDGE_FEATURE, SPREAD_COLUMN
-from params import Params, load_params
-from storage import Paths
+from station_forecast import cli, compute, features, manifest, runtime, storage
+from station_forecast.errors import PipelineError
+from station_forecast.features import FALLBACK_FEATURES, FEATURES, RIDGE_FEATURE, SPREAD_COLUMN
+from station_forecast.params import Params, load_params
+from station_forecast.runtime import log
+from station_forecast.storage import Paths
 
-np = cli.lazy_import("numpy")
-pd = cli.lazy_import("pandas")
+np = runtime.lazy_import("numpy")
+pd = runtime.lazy_import("pandas")
 
 STAGE = "model_preparation"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
@@ -136,7 +132,7 @@ def cross_validate(estimators: dict, rows: pd.DataFrame, folds: list, pool: comp
     fold's gradient boosting grew. The fits (candidates x folds) are
     independent and run on ``pool``.
     """
-    pool = pool or compute.Threads()
+    pool = pool or runtime.Threads()
     fits = [(fold, name) for fold in range(len(folds)) for name in estimators]
     done = pool.map(fit_and_forecast, fits, what="cross-validation fits", rows=pool.share(rows),
                     folds=pool.share(folds), estimators=estimators)
@@ -273,10 +269,10 @@ def main(args) -> None:
         features = storage.read_table(paths.train_features, TRAIN_COLUMNS)
         # The CSV parser's buffers, as large as the table, go back before its rows are copied in date order:
         # at 1,000 stations the stage's peak falls from 1,980 to 1,530 MiB.
-        cli.release_memory(collect=False)
+        runtime.release_memory(collect=False)
         rows = training_rows(features)
         del features
-        threads, why = cli.thread_budget(spinning=True)  # gradient boosting's OpenMP threads
+        threads, why = runtime.thread_budget(spinning=True)  # gradient boosting's OpenMP threads
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
         log.info("using %d thread(s) (%s)", threads, why)
         first = rows[rows["step"] == 1]

@@ -25,21 +25,16 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import cli
-import compute
-import features
-import manifest
-import quality_control
-import storage
-from cli import log
-from errors import PipelineError
-from features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
-from params import Params, load_params
-from steps import FREQUENCIES
-from storage import Paths
+from station_forecast import cli, compute, features, manifest, quality_control, runtime, storage
+from station_forecast.errors import PipelineError
+from station_forecast.features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
+from station_forecast.params import Params, load_params
+from station_forecast.runtime import log
+from station_forecast.steps import FREQUENCIES
+from station_forecast.storage import Paths
 
-np = cli.lazy_import("numpy")
-pd = cli.lazy_import("pandas")
+np = runtime.lazy_import("numpy")
+pd = runtime.lazy_import("pandas")
 
 STAGE = "model_preprocessing"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
@@ -221,8 +216,8 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool
              for path in storage.station_files(folder)]
     if not any(split == "train" for split, _ in files):
         raise PipelineError(f"{train_dir}: no station CSVs to train on")
-    parts = (pool or compute.Threads()).map(read_station_files,
-                                            compute.chunks([path for _, path in files], FILES_PER_CHUNK),
+    parts = (pool or runtime.Threads()).map(read_station_files,
+                                            runtime.chunks([path for _, path in files], FILES_PER_CHUNK),
                                             what="station files read (chunks)",
                                             min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     readings = [file for chunk in parts for file in chunk]
@@ -330,7 +325,7 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
         return {"detector": "none"}, quality_control.no_detection(observed, qc["window"])
     learning = period.isin(["train", "history"])
     if pool is None or not pool.cluster:
-        pool = compute.Threads(threads)
+        pool = runtime.Threads(threads)
     ceiling = quality_control.JUMP_CEILING if temperature else float("inf")
     detector = quality_control.learn(observed, learning, qc, pool, ceiling)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
@@ -598,7 +593,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     near = forecast_neighbours(departure, period, forecast) if forecast else {}
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
-    blocks = compute.chunks(observed.columns, STATION_BLOCK)
+    blocks = runtime.chunks(observed.columns, STATION_BLOCK)
 
     def block_input(i: int) -> tuple:  # a block's stations, and the departures and values of them and their neighbours
         stations = list(blocks[i])
@@ -607,8 +602,8 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
                 coefs[[s for s in stations if s in coefs]], departure[[s for s in halo if s in departure]],
                 {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations})
 
-    inputs = compute.OnDemand(block_input, len(blocks))
-    built = (pool or compute.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
+    inputs = runtime.OnDemand(block_input, len(blocks))
+    built = (pool or runtime.Threads()).map(block_rows, inputs, what="feature blocks", horizon=horizon)
     pieces: dict[str, dict[str, list[np.ndarray]]] = {"train": {}, "test": {}}
     for block in built:
         for name, columns in pieces.items():
@@ -661,7 +656,7 @@ def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
     joined = {}
     for column in list(pieces):
         joined[column] = np.concatenate(pieces.pop(column))
-        cli.release_memory(collect=False)  # the pieces' memory goes back before the next column is joined
+        runtime.release_memory(collect=False)  # the pieces' memory goes back before the next column is joined
     return _frame(joined)
 
 
@@ -714,13 +709,13 @@ def main(args) -> None:
 
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
-        threads = cli.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
+        threads = runtime.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
         detector, verdict = quality_control_flags(observed, period, qc, pool, threads, temperature=unit != "none")
-        cli.release_memory()
+        runtime.release_memory()
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
-                                             pool if pool.cluster else compute.Threads(threads), detector,
+                                             pool if pool.cluster else runtime.Threads(threads), detector,
                                              params["forecast"])
-        cli.release_memory()
+        runtime.release_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scaler = fit_scaler(train)
@@ -729,7 +724,7 @@ def main(args) -> None:
     tested, n_train, n_test = set(test["station"].unique()), len(train), len(test)
 
     # Each table is written as soon as it is made and then let go: at scale they are large.
-    progress = cli.Progress("tables written", 5)
+    progress = runtime.Progress("tables written", 5)
     del train["period"], test["period"]
     storage.write_csv(paths.train_features, train, threads=threads)
     del train

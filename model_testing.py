@@ -31,24 +31,27 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-import cli
-import compute
-import errors
-import features
-import manifest
-import quality_control
-import registry
-import report
-import storage
-from cli import log
-from errors import PipelineError
-from features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
-from params import ANOMALY_KINDS, Params, load_params
-from report import PREDICTORS
-from storage import Paths
+from station_forecast import (
+    cli,
+    compute,
+    errors,
+    features,
+    manifest,
+    quality_control,
+    registry,
+    report,
+    runtime,
+    storage,
+)
+from station_forecast.errors import PipelineError
+from station_forecast.features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
+from station_forecast.params import ANOMALY_KINDS, Params, load_params
+from station_forecast.report import PREDICTORS
+from station_forecast.runtime import log
+from station_forecast.storage import Paths
 
-np = cli.lazy_import("numpy")
-pd = cli.lazy_import("pandas")
+np = runtime.lazy_import("numpy")
+pd = runtime.lazy_import("pandas")
 
 STAGE = "model_testing"
 # What the stage loads when it runs (the scaler's and the default model's modules, the figures'): imported
@@ -284,7 +287,7 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
     if unknown:
         raise PipelineError(f"test rows {unknown[0]} steps ahead, but the model has no forecaster for that step; "
                             "rerun the pipeline")
-    frame["model"] = model_forecasts(frame, bundle, pool or compute.Threads())
+    frame["model"] = model_forecasts(frame, bundle, pool or runtime.Threads())
     for step, rows in frame.groupby("step").groups.items():
         entry = by_step[int(step)]
         part = frame.loc[rows]
@@ -308,7 +311,7 @@ def model_forecasts(test: pd.DataFrame, bundle: dict, pool: compute.Pool) -> np.
     bounds = np.searchsorted(block[order], np.arange(block.max(initial=-1) + 2))
     rows = [order[begin:end] for begin, end in itertools.pairwise(bounds)]
     columns = test.columns.get_indexer(["step", "temp_today", *FEATURES])
-    done = pool.map(forecast_block, compute.OnDemand(lambda i: test.iloc[rows[i], columns], len(rows)),
+    done = pool.map(forecast_block, runtime.OnDemand(lambda i: test.iloc[rows[i], columns], len(rows)),
                     what="forecast blocks",
                     estimators={entry["step"]: entry["estimator"] for entry in bundle["steps"]})
     forecasts = np.full(len(test), np.nan)

@@ -110,8 +110,11 @@ else
 fi
 [ "$setup_only" = 1 ] && exit 0
 
+# The pipeline's questions to the project (is the layout safe, is a stage up to date), from the project's
+# folder so that its package is the one imported.
+ask() { (cd "$ROOT" && "$py" -m station_forecast.cli "$@"); }
 # The folders the pipeline writes must be its own: a link there would carry its writes and deletes elsewhere.
-"$py" "$ROOT/cli.py" layout --root "$ROOT" || exit $?
+ask layout --root "$ROOT" || exit $?
 mkdir -p "$ROOT/logs"
 log_file="$ROOT/logs/pipeline-$(date +%Y%m%d-%H%M%S)-$$.log"
 if [ -e "$log_file" ] || [ -L "$log_file" ]; then die "$log_file already exists; a run's log is never written twice"; fi
@@ -234,7 +237,7 @@ run_stages=("${STAGES[@]:$start_index}")
 for i in "${!run_stages[@]}"; do
   stage="${run_stages[$i]}"
   # A stage whose parameters, code, inputs and outputs are as the manifest recorded them is skipped.
-  if [ "$force" = 0 ] && verdict="$("$py" "$ROOT/cli.py" "$stage" --params "$params" 2>&1)"; then
+  if [ "$force" = 0 ] && verdict="$(ask "$stage" --params "$params" 2>&1)"; then
     say "$verdict"
     end_ahead
     continue

@@ -14,13 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
 import data_creation  # noqa: E402
-import manifest  # noqa: E402
 import model_preparation  # noqa: E402
 import model_preprocessing  # noqa: E402
 import model_testing  # noqa: E402
-from params import params_text_with  # noqa: E402
+from station_forecast import cli, manifest  # noqa: E402
+from station_forecast.params import params_text_with  # noqa: E402
 
 STAGES = [data_creation, model_preprocessing, model_preparation, model_testing]
 assert [module.STAGE for module in STAGES] == cli.STAGES, "stages.txt and the tests disagree"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-import benchmark
+from tools import benchmark
 
 
 def test_ramp_evidence_is_exact_for_a_ramp_and_rarely_large_on_noise():
@@ -39,7 +39,7 @@ def test_f1_score_from_counts():
 
 
 def test_fault_days_by_error_add_up_to_the_detector_s_scores(default_built):
-    import storage
+    from station_forecast import storage
 
     by_error = benchmark.found_by_error(default_built)
     scores = storage.read_json(storage.Paths(default_built).metrics)["detector"]

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REAL_FORMAT, ROOT, STAGES, TINY, run_stage, write_params, write_real_format_station
 
-import compute
-import manifest
-from errors import PipelineError
-from params import scheduler_problem
+from station_forecast import compute, manifest, runtime
+from station_forecast.errors import PipelineError
+from station_forecast.params import scheduler_problem
 
 COMPARED = ("data", "reports", "models/metrics.json", "models/model.joblib", "models/scaler.joblib",
             "models/detector.json")
@@ -78,13 +77,13 @@ def test_a_bad_scheduler_in_the_parameters_is_one_clear_line(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_threads_keep_the_order_and_pass_shared_values(threads):
-    assert compute.Threads(threads).map(double, list(range(7)), plus=1) == [2 * i + 1 for i in range(7)]
+    assert runtime.Threads(threads).map(double, list(range(7)), plus=1) == [2 * i + 1 for i in range(7)]
 
 
 def test_the_local_run_does_not_import_dask(built):
     """The default install has no Dask: a run with compute.scheduler empty never imports it."""
     root, params = built
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import cli, model_testing; "
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import model_testing; from station_forecast import cli; "
               "code = cli.run('model_testing', model_testing.main, model_testing.parser(), sys.argv[2:]); "
               "print(code, 'dask' in sys.modules, 'distributed' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", script, str(ROOT), "--root", str(root), "--params", str(params)],

@@ -15,10 +15,9 @@ from conftest import (
     write_real_format_station,
 )
 
-import errors
-import storage
-from errors import PipelineError
-from params import ANOMALY_KINDS, load_params
+from station_forecast import errors, storage
+from station_forecast.errors import PipelineError
+from station_forecast.params import ANOMALY_KINDS, load_params
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +421,7 @@ def test_a_code_shared_by_every_station_on_the_same_days_reaches_no_table(tmp_pa
 
 
 def test_a_bad_missing_values_setting_is_one_line(tmp_path):
-    from params import load_params as load
+    from station_forecast.params import load_params as load
 
     path = write_params(tmp_path / "p.toml", missing_values=["-99"])
     with pytest.raises(PipelineError, match=r"import.missing_values must be a list of at most 100 numbers"):

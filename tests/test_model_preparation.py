@@ -7,10 +7,7 @@ import pandas as pd
 import pytest
 from conftest import TINY, data_creation, model_preparation, model_preprocessing, run_stage, write_params
 
-import errors
-import features
-import manifest
-import storage
+from station_forecast import errors, features, manifest, runtime, storage
 
 
 def test_folds_validate_only_on_later_dates():
@@ -127,12 +124,11 @@ def test_the_model_is_byte_identical_whatever_the_thread_count(project, larger, 
 def test_the_thread_budget_is_the_override_or_at_most_the_usable_cpus(monkeypatch):
     import os
 
-    import cli
 
     monkeypatch.setenv("PIPELINE_THREADS", "3")
-    assert cli.thread_budget() == (3, "PIPELINE_THREADS")
+    assert runtime.thread_budget() == (3, "PIPELINE_THREADS")
     monkeypatch.delenv("PIPELINE_THREADS")
-    threads, why = cli.thread_budget()
+    threads, why = runtime.thread_budget()
     assert 1 <= threads <= len(os.sched_getaffinity(0)) and "CPUs" in why
 
 
@@ -142,7 +138,7 @@ def test_under_pipeline_sh_the_stage_started_ahead_and_its_cpu_time_are_found(mo
     import sys
     import time
 
-    import cli
+    from station_forecast import cli
 
     # This test's process stands in for pipeline.sh, its busy child for the stage it started ahead.
     monkeypatch.delenv("PIPELINE_THREADS", raising=False)
@@ -150,12 +146,12 @@ def test_under_pipeline_sh_the_stage_started_ahead_and_its_cpu_time_are_found(mo
     ahead = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        first = cli._siblings_jiffies(parent=os.getpid())
+        first = runtime._siblings_jiffies(parent=os.getpid())
         time.sleep(0.3)
-        second = cli._siblings_jiffies(parent=os.getpid())
+        second = runtime._siblings_jiffies(parent=os.getpid())
         assert second[ahead.pid] > first[ahead.pid], "its clock ticks are read"
         monkeypatch.delenv(cli.INHERITED_LOCK)
-        assert cli._siblings_jiffies(parent=os.getpid()) == {}, "outside pipeline.sh no process is left out"
+        assert runtime._siblings_jiffies(parent=os.getpid()) == {}, "outside pipeline.sh no process is left out"
     finally:
         ahead.kill()
         ahead.wait()

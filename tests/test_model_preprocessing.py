@@ -7,14 +7,10 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
-import errors
-import features
-import manifest
-import quality_control
-import storage
-from features import FEATURES
-from params import load_params
-from storage import Paths
+from station_forecast import errors, features, manifest, quality_control, storage
+from station_forecast.features import FEATURES
+from station_forecast.params import load_params
+from station_forecast.storage import Paths
 
 GOOD = "date,temperature\n2020-01-01,1.5\n2020-01-02,\n2020-01-03,-2.0\n"
 

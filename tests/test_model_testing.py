@@ -5,9 +5,7 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, model_testing, run_stage, snapshot, write_params
 
-import errors
-import manifest
-import storage
+from station_forecast import errors, manifest, storage
 
 
 def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
@@ -335,7 +333,7 @@ def test_figures_keep_one_colour_per_predictor_true_titles_and_a_readable_year()
     import matplotlib.colors as colours
     import matplotlib.pyplot as plt
 
-    import report
+    from station_forecast import report
 
     scores = {"mae": 1.0}
     per_station = {"A": {p: scores for p in report.PREDICTORS}, "B": {"model": scores, "persistence": scores}}
@@ -374,7 +372,7 @@ def test_figures_keep_one_colour_per_predictor_true_titles_and_a_readable_year()
 def test_damaged_ground_truth_is_refused_with_exit_2(project, capsys, edit, problem):
     import json
 
-    from storage import sha256_file
+    from station_forecast.storage import sha256_file
 
     root, params = project
     path = root / "data/truth/ST002.csv"
@@ -454,7 +452,7 @@ def test_pinball_loss_is_scikit_learns():
 
 
 def test_the_console_speaks_of_the_series_own_unit_when_it_is_not_a_temperature(built):
-    import report
+    from station_forecast import report
 
     metrics = json.loads((built[0] / "models/metrics.json").read_text())
     headers = [line.split(" (")[0] for line in report.console_table(metrics, {"unit": "none"}).splitlines()
@@ -468,7 +466,7 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     """A station that follows its neighbour a day late is forecast from the neighbour's reading; the test
     period's targets never reach the fit (changing them changes no forecast)."""
     import model_preprocessing
-    import quality_control
+    from station_forecast import quality_control
 
     dates = pd.date_range("2020-01-01", periods=800, freq="D")
     rng = np.random.default_rng(3)

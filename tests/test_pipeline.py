@@ -19,17 +19,15 @@ from conftest import (
     write_real_format_station,
 )
 
-import cli
-
-FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"]
+from station_forecast import cli
+from station_forecast.files import copy_runnable
 
 
 @pytest.fixture
 def copy(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
-    for path in [*ROOT.glob("*.py"), *(ROOT / name for name in FILES)]:
-        shutil.copy2(path, root / path.name)
+    copy_runnable(root)
     write_params(root / "tiny.toml", **TINY)
     return root
 

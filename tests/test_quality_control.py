@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import compute
-import quality_control as qc
-from params import load_params
+from station_forecast import quality_control as qc
+from station_forecast import runtime
+from station_forecast.params import load_params
 
 DAYS = 3 * 365
 TEST_FROM = 2 * 365  # the first two years are the learning days
@@ -190,9 +190,9 @@ def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monk
     monkeypatch.setattr(qc, "STATION_BLOCK", 2)
     monkeypatch.setattr(qc, "VERDICT_BLOCK", verdict_block)
     monkeypatch.setattr(qc, "EXPECTED_BLOCK", 3)  # the expected values and persistences in blocks too
-    detector = qc.learn(observed, learning_days(observed), settings, compute.Threads(3))
+    detector = qc.learn(observed, learning_days(observed), settings, runtime.Threads(3))
     assert detector == reference[0]
-    blocked = qc.detect(observed, detector, compute.Threads(3))
+    blocked = qc.detect(observed, detector, runtime.Threads(3))
     assert set(blocked["flag"].stack()) >= {"drift", "stuck"}
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)
@@ -245,7 +245,7 @@ def test_the_nearest_line_distance_is_to_the_closest_neighbour_line_that_day():
     assert distance["S2"].isna().all()  # no neighbours
 
 
-class BlockedPool(compute.Threads):
+class BlockedPool(runtime.Threads):
     """Runs here, but takes a cluster's path: the verdict in blocks of stations."""
 
     cluster = True

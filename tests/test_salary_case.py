@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-import salary_case
+from tools import salary_case
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def test_joint_paths_carry_a_shock_into_later_months_and_every_grade(forecast):
 
 
 def test_the_scenario_runs_the_pipeline_on_monthly_data_24_months_ahead(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "salary_case.py"), "--draws", "2000", "--out", str(tmp_path)],
+    script = ROOT / "tools" / "salary_case.py"
+    done = subprocess.run([sys.executable, str(script), "--draws", "2000", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -10,10 +10,8 @@ import time
 import pytest
 from conftest import ROOT, STAGES, TINY, lock_held, run_stage, snapshot, write_params
 
-import errors
-import manifest
-import storage
-from params import load_params
+from station_forecast import errors, files, manifest, runtime, storage
+from station_forecast.params import load_params
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -118,7 +116,7 @@ def test_debug_prints_the_traceback_and_keeps_the_exit_code(project, capsys):
 
 
 def test_an_error_message_is_one_bounded_line(tmp_path, capsys):
-    import cli
+    from station_forecast import cli
 
     def fails(args):
         raise errors.PipelineError("bad \x00\x01 bytes\n" + "x" * 5_000_000)
@@ -130,7 +128,7 @@ def test_an_error_message_is_one_bounded_line(tmp_path, capsys):
 
 def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
     # Stages end without the interpreter's teardown: what is still buffered must be written first.
-    script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r}); import cli\n"
+    script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r}); from station_forecast import cli\n"
               "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
               "for i in range(3000): print(i)\n"
               "logging.getLogger('stage').info('the last line')\n"
@@ -147,7 +145,7 @@ def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
 def test_a_stage_waiting_for_go_runs_only_when_told(tmp_path, monkeypatch, capsys, told):
     import io
 
-    import cli
+    from station_forecast import cli
 
     ran = []
     monkeypatch.setattr(sys, "stdin", io.StringIO(told))
@@ -161,7 +159,7 @@ def test_a_stage_waiting_for_go_runs_only_when_told(tmp_path, monkeypatch, capsy
 def test_an_import_that_fails_ahead_is_reported_when_the_stage_is_told_to_go(tmp_path, monkeypatch, capsys):
     import io
 
-    import cli
+    from station_forecast import cli
 
     for told, expected in (("skip\n", errors.EXIT_OK), ("go\n", errors.EXIT_INTERNAL)):
         monkeypatch.setattr(sys, "stdin", io.StringIO(told))
@@ -174,7 +172,8 @@ def test_an_import_that_fails_ahead_is_reported_when_the_stage_is_told_to_go(tmp
 
 def test_a_stage_started_ahead_loads_its_imports_before_it_is_told_to_go(tmp_path):
     # The stage's own process: numpy and pandas are imported lazily, so only the wait makes them load.
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli, model_preparation\n"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import model_preparation\n"
+              "from station_forecast import cli\n"
               "cli.load_ahead(model_preparation.IMPORTS)\n"
               "print(all(type(sys.modules[name]).__name__ == 'module' for name in model_preparation.IMPORTS))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -182,7 +181,7 @@ def test_a_stage_started_ahead_loads_its_imports_before_it_is_told_to_go(tmp_pat
 
 
 def test_under_a_profiler_a_stage_exits_normally_so_the_profile_is_reported():
-    import cli
+    from station_forecast import cli
 
     sys.setprofile(lambda *args: None)
     try:
@@ -196,7 +195,7 @@ def test_under_a_profiler_a_stage_exits_normally_so_the_profile_is_reported():
 def test_warnings_carry_a_marker(tmp_path, capsys):
     import logging
 
-    import cli
+    from station_forecast import cli
 
     def warns(args):
         logging.getLogger("pipeline").warning("something to look at")
@@ -276,7 +275,7 @@ def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "big.csv"
     path.write_bytes(b"x" * 1000)
     with pytest.raises(errors.PipelineError, match="more than the 100 a data file may have"):
-        storage.check_regular_file(path, limit=100)
+        files.check_regular_file(path, limit=100)
 
 
 def test_station_names_are_text_everywhere(tmp_path):
@@ -309,7 +308,7 @@ def test_two_station_files_differing_only_in_case_are_refused(tmp_path, capsys):
 
 
 def test_a_failed_promotion_changes_neither_the_accepted_nor_the_previous_model(project, monkeypatch):
-    import registry
+    from station_forecast import registry
 
     root, _ = project
     paths = storage.Paths(root)
@@ -329,7 +328,7 @@ def test_a_failed_promotion_changes_neither_the_accepted_nor_the_previous_model(
 
 
 def test_a_promotion_killed_between_its_two_renames_leaves_a_complete_accepted_model(project, monkeypatch):
-    import registry
+    from station_forecast import registry
 
     root, _ = project
     paths = storage.Paths(root)
@@ -354,15 +353,14 @@ def test_a_promotion_killed_between_its_two_renames_leaves_a_complete_accepted_m
 def test_progress_is_logged_on_slow_work_only(caplog):
     import logging
 
-    import cli
 
     now = [0.0]
     caplog.set_level(logging.INFO, logger="pipeline")
-    quick = cli.Progress("quick things", 3, interval=5.0, clock=lambda: now[0])
+    quick = runtime.Progress("quick things", 3, interval=5.0, clock=lambda: now[0])
     for _ in range(3):
         now[0] += 1.0
         quick.step()
-    slow = cli.Progress("slow things", 10, interval=5.0, clock=lambda: now[0])
+    slow = runtime.Progress("slow things", 10, interval=5.0, clock=lambda: now[0])
     for _ in range(10):
         now[0] += 2.0
         slow.step()
@@ -537,7 +535,7 @@ def test_a_source_inside_a_folder_the_pipeline_writes_is_refused_before_anything
 
 
 def test_accepting_a_model_never_deletes_what_the_pipeline_did_not_make(project, tmp_path):
-    import registry
+    from station_forecast import registry
 
     root, params = project
     paths = storage.Paths(root)
@@ -585,7 +583,7 @@ def test_a_folder_where_a_file_goes_is_refused_with_the_way_out(project, capsys)
 
 
 def test_a_manifest_nested_too_deep_is_a_damaged_manifest(project, capsys):
-    import cli
+    from station_forecast import cli
 
     root, params = project
     (root / "models/manifest.json").write_text('{"stages": ' + "[" * 200_000 + "]" * 200_000 + "}")
@@ -598,7 +596,7 @@ def test_a_manifest_nested_too_deep_is_a_damaged_manifest(project, capsys):
 
 @pytest.mark.parametrize("root_kind", ["missing", "file", "loop"])
 def test_a_bad_root_is_one_line_and_never_created(tmp_path, capsys, root_kind):
-    import cli
+    from station_forecast import cli
 
     root = tmp_path / "root"
     if root_kind == "file":
@@ -646,9 +644,7 @@ def test_a_signing_key_that_would_not_keep_its_secret_is_refused(project, tmp_pa
 
 
 def test_a_network_larger_than_the_free_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    import cli
-
-    monkeypatch.setattr(cli, "available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(runtime, "available_memory", lambda: 2 * 2**30)
     params = write_params(tmp_path / "p.toml", **{**TINY, "n_stations": 2000, "n_years": 10})
     started = time.monotonic()
     assert run_stage(STAGES[0], tmp_path / "root", params) == errors.EXIT_BAD_INPUT
@@ -745,25 +741,57 @@ def test_a_stage_s_code_hash_covers_the_modules_it_runs_and_no_tool(tmp_path, mo
     stage that draws it; editing storage, which every stage imports, reruns them all."""
     import shutil
 
-    from params import STAGES as STAGE_NAMES
+    from station_forecast.params import STAGES as STAGE_NAMES
 
-    for path in manifest.ROOT.glob("*.py"):
-        shutil.copy(path, tmp_path / path.name)
+    files.copy_runnable(tmp_path)
+    shutil.copytree(manifest.ROOT / "tools", tmp_path / "tools")
     monkeypatch.setattr(manifest, "ROOT", tmp_path)
+    package = tmp_path / manifest.PACKAGE
 
     def hashes() -> dict[str, str]:
         return {stage: manifest.code_hash(stage) for stage in STAGE_NAMES}
 
+    def edit(path) -> None:
+        with path.open("a") as handle:
+            handle.write("\n# edited\n")
+
     before = hashes()
     for tool in ("salary_case.py", "benchmark.py"):
-        with (tmp_path / tool).open("a") as handle:
-            handle.write("\n# edited\n")
+        edit(tmp_path / "tools" / tool)
     assert hashes() == before
-    with (tmp_path / "report.py").open("a") as handle:
-        handle.write("\n# edited\n")
+    edit(package / "report.py")
     after = hashes()
     assert [stage for stage in STAGE_NAMES if after[stage] != before[stage]] == ["model_testing"]
-    with (tmp_path / "storage.py").open("a") as handle:
-        handle.write("\n# edited\n")
-    assert all(hashes()[stage] != after[stage] for stage in STAGE_NAMES)
+    edit(package / "storage.py")
+    edited = hashes()
+    assert all(edited[stage] != after[stage] for stage in STAGE_NAMES)
     assert manifest.code_hash() != manifest.code_hash(STAGE_NAMES[0])  # every module: what a cluster's workers check
+    edit(package / "__init__.py")  # a package's __init__ runs before any of its modules
+    assert all(hashes()[stage] != edited[stage] for stage in STAGE_NAMES)
+
+
+def test_the_package_imports_only_downward_and_never_in_a_circle():
+    """Every module of the package is in a layer, imports nothing from a layer above its own (nor a stage
+    script or a tool), and following its imports never leads back to it."""
+    import station_forecast
+
+    layer_of = {module: rank for rank, modules in enumerate(station_forecast.LAYERS.values()) for module in modules}
+    package = manifest.PACKAGE
+    modules = sorted(f"{package}.{path.relative_to(manifest.ROOT / package).with_suffix('').as_posix()}"
+                     .replace("/", ".") for path in (manifest.ROOT / package).rglob("*.py")
+                     if path.name != "__init__.py")
+    imports = {}
+    for module in modules:
+        top = module.split(".")[1]
+        assert top in layer_of, f"{module} is in no layer of station_forecast.LAYERS"
+        imports[module] = {found for found in manifest.project_imports(module) if found != package}
+        for found in imports[module]:
+            assert found.startswith(f"{package}."), f"{module} imports {found}, which is not in the package"
+            assert layer_of[found.split(".")[1]] <= layer_of[top], f"{module} imports {found}, a layer above it"
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(found == goal or (found not in seen and not seen.add(found) and reaches(found, goal, seen))
+                   for found in imports.get(start, ()))
+
+    circles = [module for module in modules if reaches(module, module, set())]
+    assert not circles, f"imports go round in a circle through {circles}"

@@ -8,11 +8,11 @@ processes need just to start and import what each stage uses (and end at once,
 as the stages do), and against the same imports followed by the interpreter's
 usual teardown. Nothing here is asserted: it measures.
 
-    .venv/bin/python benchmark.py                               # 100 stations x 10 years
-    .venv/bin/python benchmark.py --sizes 100x10,300x10,1000x10
-    .venv/bin/python benchmark.py --sizes 10x4 --floor           # the default run against its floor
-    .venv/bin/python benchmark.py --sizes 1000x10 --scheduler local:2   # on a Dask LocalCluster
-    .venv/bin/python benchmark.py --sizes "" --networks 42x10,42x30,1x30   # the detector on simulated networks
+    .venv/bin/python tools/benchmark.py                               # 100 stations x 10 years
+    .venv/bin/python tools/benchmark.py --sizes 100x10,300x10,1000x10
+    .venv/bin/python tools/benchmark.py --sizes 10x4 --floor           # the default run against its floor
+    .venv/bin/python tools/benchmark.py --sizes 1000x10 --scheduler local:2   # on a Dask LocalCluster
+    .venv/bin/python tools/benchmark.py --sizes "" --networks 42x10,42x30,1x30   # the detector on simulated networks
 
 With ``--networks SEEDxSTATIONS,...`` it runs the four stages on the default
 configuration with another seed and number of stations, once with the network
@@ -39,7 +39,6 @@ import argparse
 import importlib
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,12 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
-import errors
-import quality_control
-import storage
-from compute import WORKER_PEAKS
-from params import DEFAULT_PARAMS, params_text_with
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's package, for python tools/benchmark.py
+
+from station_forecast import cli, errors, quality_control, storage
+from station_forecast.compute import WORKER_PEAKS
+from station_forecast.files import copy_runnable
+from station_forecast.params import DEFAULT_PARAMS, params_text_with
 
 
 def measure(command: list[str]) -> tuple[float, float, float, str]:
@@ -117,8 +116,7 @@ def pipeline_seconds(overrides: dict | None = None) -> float:
     """Wall seconds of ``pipeline.sh --force`` on the default configuration (with ``overrides``), in a copy
     of the project's code (so this project's data and models stay as they are)."""
     with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
-        for path in [*storage.ROOT.glob("*.py"), *(storage.ROOT / name for name in PIPELINE_FILES)]:
-            shutil.copy2(path, Path(folder) / path.name)
+        copy_runnable(Path(folder))
         (Path(folder) / "params.toml").write_text(params_text_with(overrides or {}))
         environment = dict(os.environ)
         if (storage.ROOT / ".venv").is_dir():  # as a user runs it (PYTHON set, it first checks every requirement)
@@ -157,7 +155,6 @@ def import_floor(teardown: bool = False) -> float:
     return floor
 
 
-PIPELINE_FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"]
 IDEAL_LONGEST = 90  # days: the longest simulated drift
 IDEAL_THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0)
 NETWORK_KINDS = ["spike", "level_shift", "stuck", "drift"]

@@ -17,9 +17,9 @@ import logging
 import os
 from pathlib import Path
 
-from errors import PipelineError
-from manifest import check_signature, signature
-from storage import Paths, fsync_folder, read_json, remove_tree, sha256_file, write_bytes, write_json
+from station_forecast.errors import PipelineError
+from station_forecast.manifest import check_signature, signature
+from station_forecast.storage import Paths, fsync_folder, read_json, remove_tree, sha256_file, write_bytes, write_json
 
 log = logging.getLogger("pipeline")
 SIGNATURES = "SIGNATURES.json"

@@ -19,16 +19,16 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import cli
-from errors import PipelineError
-from params import LOCAL_CLUSTER, SCHEDULER_ADDRESS
-from storage import Paths
+from station_forecast import runtime
+from station_forecast.errors import PipelineError
+from station_forecast.files import PROJECT
+from station_forecast.params import LOCAL_CLUSTER, SCHEDULER_ADDRESS
+from station_forecast.storage import Paths
 
 log = logging.getLogger("pipeline")
 
@@ -42,54 +42,12 @@ POLL_SECONDS = 2.0
 # A worker that dies takes the chunks it held with it; they are sent again, and after this
 # many rounds, or a chunk that took this many workers down with it, the stage fails.
 ALLOWED_FAILURES = 3
-CODE = Path(__file__).resolve().parent
+CODE = PROJECT  # the folder a worker must have on its path to import the stages and this package
 LOCAL_WORKERS_PER_CPU = 4
 SCATTER_RETRY_SECONDS = 1.0  # the scheduler notices a dead worker within about a second
 IN_FLIGHT_PER_WORKER = 2  # chunks sent to a worker before its first is back: one running, one ready
 CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
 WORKER_PEAKS = "Dask workers' peak memory (MB):"
-
-
-class Threads:
-    """Chunks run in this process, on ``threads`` threads (one: in order, in this thread)."""
-
-    cluster = False
-
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = max(1, threads)
-
-    def share(self, value: Any) -> Any:
-        """``value`` as an argument that every chunk of a ``map`` receives."""
-        return value
-
-    def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
-            **shared: Any) -> list[Any]:
-        """``[function(item, **shared) for item in items]``, in order; with ``what``, progress is logged
-        under that name when the chunks take a while."""
-        progress = cli.Progress(what or "", len(items), quiet=what is None)
-        results = []
-        for result in self.imap(function, items, **shared):
-            results.append(result)
-            progress.step()
-        return results
-
-    def imap(self, function: Callable[..., Any], items: Sequence[Any], **shared: Any) -> Iterator[Any]:
-        """``function(item, **shared)`` for each item, yielded in order as each is ready; at most two
-        results per thread wait to be taken, so a caller that writes them out keeps memory bounded (and
-        an ``OnDemand`` item is made only shortly before it runs)."""
-        if self.threads == 1 or len(items) < 2:
-            yield from (function(item, **shared) for item in items)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.submit(function, item, **shared))
-                if len(pending) >= 2 * self.threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
 
 
 class Cluster:
@@ -110,7 +68,7 @@ class Cluster:
     def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
             **shared: Any) -> list[Any]:
         name = what or function.__name__
-        progress = cli.Progress(what or "", len(items), quiet=what is None)
+        progress = runtime.Progress(what or "", len(items), quiet=what is None)
         results: dict[int, Any] = {}
         for _ in range(ALLOWED_FAILURES):
             todo = [i for i in range(len(items)) if i not in results]
@@ -131,7 +89,7 @@ class Cluster:
         return [results.pop(i) for i in range(len(items))]
 
     def _run(self, function: Callable[..., Any], items: dict[int, Any], sent: dict[str, Any],
-             results: dict[int, Any], progress: cli.Progress) -> None:
+             results: dict[int, Any], progress: runtime.Progress) -> None:
         """Runs ``items`` (index -> input) a window at a time, putting each result in ``results``; a chunk
         whose input died with its worker is left out, a chunk's own error is raised."""
         from distributed import wait
@@ -206,11 +164,11 @@ class Shared:
 
 
 @contextmanager
-def pool(scheduler: str, root: Path) -> Iterator[Threads | Cluster]:
+def pool(scheduler: str, root: Path) -> Iterator[runtime.Threads | Cluster]:
     """The pool a stage's chunks run on: this process (one thread) when ``scheduler`` is empty, else a
     Dask cluster whose every worker has been checked to see ``root``."""
     if not scheduler:
-        yield Threads()
+        yield runtime.Threads()
         return
     try:
         import distributed
@@ -234,7 +192,7 @@ def pool(scheduler: str, root: Path) -> Iterator[Threads | Cluster]:
 def _client(distributed: Any, scheduler: str) -> Iterator[Any]:
     if scheduler.startswith(LOCAL_CLUSTER):
         workers = int(scheduler[len(LOCAL_CLUSTER):])
-        cpus = cli.usable_cpus()
+        cpus = runtime.usable_cpus()
         if workers > LOCAL_WORKERS_PER_CPU * cpus:  # each is a Python process holding chunks: memory, not speed
             raise PipelineError(f"compute.scheduler = {scheduler!r} asks for {workers} worker processes on {cpus} "
                                 f"CPU(s); at most {LOCAL_WORKERS_PER_CPU * cpus} here")
@@ -322,7 +280,7 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
                                     f"workers with PYTHONPATH={CODE} (README, \"More than one machine\")")
             raise PipelineError(f"Dask worker {worker} failed its check of the project folder: {view}")
     # A worker that died meanwhile is not asked again: its chunks go to the others, or to its restart.
-    import manifest
+    from station_forecast import manifest
 
     problem = storage_problem({w: v for w, v in seen.items() if isinstance(v, dict)}, root, token, CODE,
                               manifest.code_hash())
@@ -353,7 +311,7 @@ def code_folder() -> str:
 def loaded_code() -> str:
     """A hash of the project's code as this process first saw it: a worker that outlives a stage keeps the
     modules it imported then, whatever is on disk later."""
-    import manifest
+    from station_forecast import manifest
 
     return manifest.code_hash()
 
@@ -387,25 +345,4 @@ def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, cod
     return None
 
 
-class OnDemand(Sequence):
-    """A sequence whose item ``i`` is ``make(i)``, made when a chunk is about to run: a stage's chunks are
-    copies of parts of its tables, which would otherwise all exist at once beside the tables."""
-
-    def __init__(self, make: Callable[[int], Any], count: int) -> None:
-        self.make, self.count = make, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return self.make(index)
-
-
-def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    """``items`` in consecutive slices of at most ``size``."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-Pool = Threads | Cluster
+Pool = runtime.Threads | Cluster

@@ -28,9 +28,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from errors import PipelineError
-from params import STAGES
-from storage import ROOT, Paths, check_regular_file, sha256_file, write_json
+from station_forecast.errors import PipelineError
+from station_forecast.files import check_regular_file
+from station_forecast.params import STAGES
+from station_forecast.storage import ROOT, Paths, sha256_file, write_json
+
+PACKAGE = Path(__file__).resolve().parent.name  # the shared code's folder beside the stage scripts
 
 KEY_ENVIRONMENT = "PIPELINE_SIGNING_KEY"
 DEFAULT_KEY = Path("~/.config/station-pipeline/signing.key")
@@ -154,33 +157,53 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
 
 def code_files(stage: str) -> list[Path]:
     """The project's modules a stage runs: its script and every module of the project it imports, directly or
-    through another, anywhere in the module (deferred imports too). A tool (benchmark, salary case) or another
-    stage's script is not among them unless the stage imports it."""
-    import ast
-
+    through another, anywhere in the module (deferred imports too), with the ``__init__`` of each package on
+    the way. A tool (benchmark, salary case) or another stage's script is not among them unless the stage
+    imports it."""
     seen, todo = set(), [stage]
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_bytes())):
-            if isinstance(node, ast.Import):
-                found = [alias.name.partition(".")[0] for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found = [node.module.partition(".")[0]]
-            else:
-                continue
-            todo += [module for module in found if module not in seen and (ROOT / f"{module}.py").is_file()]
-    return sorted(ROOT / f"{name}.py" for name in seen)
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(project_imports(name) - seen)
+    return sorted(module_file(name) for name in seen)
+
+
+def project_imports(name: str) -> set[str]:
+    """The project's modules (dotted names) that module ``name`` imports anywhere in it, each package on the way
+    included (``from a.b import c`` runs ``a``, then ``a.b``, then ``a.b.c`` if that is a module)."""
+    import ast
+
+    path = module_file(name)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            base = ".".join([*parts, *([node.module] if node.module else [])])
+            found.update([base, *(f"{base}.{alias.name}" for alias in node.names)])
+    prefixes = {".".join(module.split(".")[:i]) for module in found for i in range(1, len(module.split(".")) + 1)}
+    return {module for module in prefixes if module and module != name and module_file(module) is not None}
+
+
+def module_file(name: str) -> Path | None:
+    """The file of the project's module ``name`` (dotted), or None when it is not one of the project's."""
+    path = ROOT.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def code_hash(stage: str | None = None) -> str:
     """A hash of the code a stage runs (``code_files``), so editing a tool or a module it never imports reruns
-    nothing; with no stage, of every module of the project."""
+    nothing; with no stage, of every module of the project (the stage scripts and the package)."""
     digest = hashlib.sha256()
-    for path in code_files(stage) if stage is not None else sorted(ROOT.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    every = sorted([*ROOT.glob("*.py"), *(ROOT / PACKAGE).rglob("*.py")])
+    for path in code_files(stage) if stage is not None else every:
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

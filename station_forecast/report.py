@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli import lazy_import
-from quality_control import KINDS as FAULT_KINDS
-from steps import FREQUENCIES
+from station_forecast.quality_control import KINDS as FAULT_KINDS
+from station_forecast.runtime import lazy_import
+from station_forecast.steps import FREQUENCIES
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")

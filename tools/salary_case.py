@@ -14,8 +14,8 @@ script answers with numbers:
    probability that total overpay exceeds 500,000 RUB and that an offer falls
    so far below the market that the hire fails.
 
-    .venv/bin/python salary_case.py                # writes docs/salary_case/ (figures, results.json)
-    .venv/bin/python salary_case.py --draws 2000 --out /tmp/case
+    .venv/bin/python tools/salary_case.py                # writes docs/salary_case/ (figures, results.json)
+    .venv/bin/python tools/salary_case.py --draws 2000 --out /tmp/case
 
 Everything is seeded: the same arguments give the same numbers.
 """
@@ -34,7 +34,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project (this is tools/salary_case.py)
+sys.path.insert(0, str(ROOT))  # its package, for a run as python tools/salary_case.py
+
+from station_forecast.files import copy_runnable  # noqa: E402
+from station_forecast.params import params_text_with  # noqa: E402
+
 GRADES = {"junior": 70.0, "middle": 120.0, "senior": 170.0, "lead": 220.0}  # thousand RUB a month in 2012-01
 GROWTH = {"junior": 0.05, "middle": 0.055, "senior": 0.06, "lead": 0.065}  # yearly, before shocks
 START, MONTHS = "2012-01-01", 168  # 14 years of history, to 2025-12
@@ -45,7 +50,6 @@ PLAN = [("junior", 2), ("middle", 3), ("middle", 6), ("senior", 8), ("middle", 1
 LIMIT_RUB = 500_000
 FAIL_GAP = 0.10  # an offer more than 10 % below the market at hire is turned down
 POLICIES = {"median": 0.5, "lower quartile": 0.25, "lower decile": 0.10}
-PIPELINE_FILES = ["pipeline.sh", "params.toml", "requirements.txt", "stages.txt"]
 
 
 def simulate_market(seed: int) -> pd.DataFrame:
@@ -70,16 +74,12 @@ def run_pipeline(market: pd.DataFrame, work: Path) -> Path:
     project = work / "pipeline"
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
-    for path in [*ROOT.glob("*.py"), *(ROOT / name for name in PIPELINE_FILES)]:
-        shutil.copy2(path, project / path.name)
+    copy_runnable(project)
     source = project / "salaries"
     source.mkdir()
     for grade in market:
         table = pd.DataFrame({"month": market.index.strftime("%Y-%m"), "salary": market[grade].to_numpy()})
         table.to_csv(source / f"{grade}.csv", index=False, lineterminator="\n")
-    sys.path.insert(0, str(ROOT))
-    from params import params_text_with
-
     (project / "salary.toml").write_text(params_text_with({
         "source": "salaries", "frequency": "monthly", "test_steps": BACKTEST, "holdout_stations": 0,
         "date_column": "month", "temperature_column": "salary", "date_format": "%Y-%m", "unit": "none",

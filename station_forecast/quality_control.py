@@ -83,9 +83,9 @@ from __future__ import annotations
 
 import statistics
 
-import compute
-from cli import Progress, lazy_import
-from compute import Pool
+from station_forecast import runtime
+from station_forecast.compute import Pool
+from station_forecast.runtime import Progress, lazy_import
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
@@ -424,7 +424,7 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads
     padded = np.vstack([anomaly.to_numpy().T, np.full((1, days), np.nan), np.zeros((1, days))])
     joint = np.empty((anomaly.shape[1], days))
     rows = [slice(begin, begin + EXPECTED_BLOCK) for begin in range(0, anomaly.shape[1], EXPECTED_BLOCK)]
-    compute.Threads(threads).map(_expected_rows, rows, padded=padded, lines=lines, out=joint)
+    runtime.Threads(threads).map(_expected_rows, rows, padded=padded, lines=lines, out=joint)
     return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns)
 
 
@@ -717,11 +717,11 @@ def _lag_one_correlation(departure: pd.DataFrame, scale: pd.Series, threads: int
     winsorised lag-one correlation (so a few faults do not decide it), kept in [0, 0.95]; ``scale``: the
     departure's robust spread. Station by station, so in blocks of ``EXPECTED_BLOCK`` on ``threads``
     threads (the same values as in one piece)."""
-    blocks = compute.chunks(departure.columns, EXPECTED_BLOCK)
+    blocks = runtime.chunks(departure.columns, EXPECTED_BLOCK)
     if not blocks:
         return pd.Series(dtype=float, index=departure.columns)
-    return pd.concat(compute.Threads(threads).map(
-        _lag_one_block, compute.OnDemand(lambda i: (departure[blocks[i]], scale[blocks[i]]), len(blocks))))
+    return pd.concat(runtime.Threads(threads).map(
+        _lag_one_block, runtime.OnDemand(lambda i: (departure[blocks[i]], scale[blocks[i]]), len(blocks))))
 
 
 def _lag_one_block(block: tuple[pd.DataFrame, pd.Series]) -> pd.Series:
@@ -786,7 +786,7 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: tu
     blocks = [(values[:, begin:begin + STATION_BLOCK], carry[:, begin:begin + STATION_BLOCK],
                None if correction is None else correction[:, begin:begin + STATION_BLOCK])
               for begin in range(0, values.shape[1], STATION_BLOCK)]
-    done = (pool or compute.Threads()).map(change_block, blocks, lags=lags, shape=shape)
+    done = (pool or runtime.Threads()).map(change_block, blocks, lags=lags, shape=shape)
     best = np.hstack([b for b, _ in done]) if done else np.zeros_like(values)
     best_lag = np.hstack([lag for _, lag in done]) if done else np.zeros(values.shape, dtype=int)
     return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
@@ -981,8 +981,8 @@ def _classify(observed: pd.DataFrame, facts: dict[str, pd.DataFrame], detector: 
     # On threads, two blocks per thread: every step of the verdict runs in parallel, not only the change
     # tests, and the threads finish together.
     size = VERDICT_BLOCK if pool.cluster else -(-len(stations) // (2 * pool.threads))
-    blocks = compute.chunks(stations, size)
-    parts = pool.map(verdict, compute.OnDemand(
+    blocks = runtime.chunks(stations, size)
+    parts = pool.map(verdict, runtime.OnDemand(
         lambda i: ({key: table[blocks[i]] for key, table in tables.items()},
                    {key: values[blocks[i]] for key, values in per_station.items()}), len(blocks)),
         day=pool.share(day), settings=settings)

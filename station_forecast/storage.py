@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from errors import PipelineError
+from station_forecast import runtime
+from station_forecast.errors import PipelineError
+from station_forecast.files import PROJECT, check_regular_file
 
-ROOT = Path(__file__).resolve().parent
+ROOT = PROJECT
 # Ground-truth columns live only in data/truth; a test checks none of them
 # appears in any table a model is trained or scored on.
 TRUTH_COLUMNS = ["clean_temperature", "anomaly", "event"]
-MAX_INPUT_BYTES = 1 << 30  # a station file larger than 1 GiB is refused rather than read
 # A station file's header names a few columns: a first line longer than this, or with more fields, is not one,
 # and parsing it as a table would take minutes and gigabytes (10^6 columns: 7 GB before the parser gave up).
 MAX_HEADER_BYTES = 1 << 16
@@ -307,8 +307,6 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
 
     import pyarrow as pa
 
-    import compute  # not at the top: compute imports cli, which imports this module
-
     header = _csv_header(frame)
     days = {name for name, dtype in frame.dtypes.items() if dtype.kind == "M" and _whole_days(frame[name])}
     starts = range(0, len(frame), CSV_CHUNK_ROWS)
@@ -318,7 +316,7 @@ def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int]
             with open(path, "wb") as handle:
                 handle.write(header)
                 # pyarrow formats without holding the GIL, so chunks are made into text on threads.
-                for text in compute.Threads(threads).imap(_csv_chunk, starts, frame=frame, decimals=decimals,
+                for text in runtime.Threads(threads).imap(_csv_chunk, starts, frame=frame, decimals=decimals,
                                                           fixed=fixed, days=days, quoting=quoting):
                     handle.write(text)
                     digest.update(text)
@@ -484,29 +482,6 @@ def sha256_file(path: Path) -> str:
     if _file_state(path) == (file, state):  # unchanged while it was read
         _DIGESTS[file] = (state, digest.hexdigest())
     return digest.hexdigest()
-
-
-def check_regular_file(path: Path, limit: int | None = MAX_INPUT_BYTES) -> int:
-    """The size of ``path``, or PipelineError unless it is a regular file of at most ``limit`` bytes (any size
-    for ``None``).
-
-    Checked before opening, so a FIFO (which would block), a device such as
-    /dev/zero (which never ends), a folder or a symlink loop named like a data
-    file gets a clear message instead.
-    """
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except OSError as exc:  # a symlink loop, a permission problem
-        raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) \
-            else "a device or socket"
-        raise PipelineError(f"{path}: not a regular file ({kind})")
-    if limit is not None and info.st_size > limit:
-        raise PipelineError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} a data file may have")
-    return info.st_size
 
 
 def read_text_file(path: Path, delimiter: str = ",") -> str:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from errors import PipelineError
+from station_forecast.errors import PipelineError
+from station_forecast.files import PROJECT, check_regular_file
 
-DEFAULT_PARAMS = Path(__file__).resolve().parent / "params.toml"
+DEFAULT_PARAMS = PROJECT / "params.toml"
 # stage -> the parameter sections it reads, in the order pipeline.sh runs the stages (stages.txt)
 STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
-                  for line in (Path(__file__).resolve().parent / "stages.txt").read_text().splitlines()
+                  for line in (PROJECT / "stages.txt").read_text().splitlines()
                   if line.strip() and not line.startswith("#")}
 STAGES = list(STAGE_SECTIONS)
 ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
@@ -188,8 +189,6 @@ class Params:
 
 def load_params(path: Path | str | None = None) -> Params:
     """Read and validate a TOML parameters file; every key is required, none unknown."""
-    from storage import check_regular_file
-
     path = Path(path) if path else DEFAULT_PARAMS
     if not path.exists() and not path.is_symlink():
         raise PipelineError(f"{path}: parameters file not found")

@@ -1,0 +1,32 @@
+"""The code the four stage scripts share, in layers: a module imports only from its own layer or the ones
+below it, and no imports go round in a circle (tests/test_shared.py checks both).
+
+==========  ================================  =========================================================
+layer       modules                           what they are for
+==========  ================================  =========================================================
+base        errors, files, steps, params      exit codes, the checks every input file passes, time
+                                              steps, and the parameters' schema
+runtime     runtime                           threads, memory, progress, lazy imports, the thread pool
+                                              (standard library only)
+storage     storage, manifest, registry       where every artifact lives, how it is written and read
+                                              safely, what each stage ran with, accepted model sets
+compute     compute                           where chunks of work run: this process's threads or a
+                                              Dask cluster
+domain      quality_control, features,        the detector, the features and the forecaster, the
+            report                            report's tables and figures
+entry       cli                               how a stage runs from the command line: the lock,
+                                              signals, one clear line on failure
+==========  ================================  =========================================================
+
+The stage scripts sit above all of these, beside this folder; tools (``tools/``) that are not stages
+sit above them and are never imported by a stage.
+"""
+
+LAYERS = {
+    "base": ["errors", "files", "steps", "params"],
+    "runtime": ["runtime"],
+    "storage": ["storage", "manifest", "registry"],
+    "compute": ["compute"],
+    "domain": ["quality_control", "features", "report"],
+    "entry": ["cli"],
+}

@@ -1,0 +1,270 @@
+"""What every stage needs to run well on a shared machine, from the standard library only: how many threads
+to use, how much memory is left and how to hand it back, progress lines for long work, lazy imports, and
+the in-process pool that runs a stage's chunks on threads (``compute`` adds the Dask cluster beside it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from station_forecast.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+INHERITED_LOCK = "PIPELINE_LOCK_FD"  # names the descriptor of the project's lock a stage inherits from pipeline.sh
+
+
+MAX_THREADS = 1024
+
+
+def work_threads(chunks: int) -> int:
+    """Threads for a stage's ``chunks`` pieces of independent work: one for a single piece (no need to look
+    at the machine), else ``thread_budget``'s count, logged with why."""
+    if chunks <= 1:
+        return 1
+    threads, why = thread_budget()
+    log.info("working on %d thread(s) (%s)", threads, why)
+    return threads
+
+
+def thread_budget(spinning: bool = False) -> tuple[int, str]:
+    """How many threads a stage's numerical libraries should use, and why.
+
+    ``PIPELINE_THREADS`` decides when set. Otherwise: the CPUs this process may
+    run on (its affinity, not the machine's count), less those other processes
+    kept busy over the last tenth of a second, and at least one. On a shared
+    server, threads beyond the idle CPUs do not add speed: OpenMP's threads
+    (``spinning``) spin while they wait for each other (gradient boosting took
+    5.2 s instead of 2.0 s next to one busy process with two threads; 2.0 s with
+    one). Under pipeline.sh, the stage it started ahead of this one imports for
+    a second or two and then waits for its turn: it counts as busy only for
+    threads that spin, which it would slow down; threads that block share the
+    CPU with it for those seconds and then have it to themselves.
+    """
+    import time
+
+    chosen = chosen_threads()
+    if chosen is not None:
+        return chosen, "PIPELINE_THREADS"
+    cpus = usable_cpus()
+    try:
+        ahead_first = {} if spinning else _siblings_jiffies()
+        first, own_first = _busy_jiffies(), os.times()
+        time.sleep(0.1)
+        second, own_second = _busy_jiffies(), os.times()
+        ahead_second = {} if spinning else _siblings_jiffies()
+    except OSError:  # no /proc/stat: trust the affinity
+        return cpus, f"{cpus} CPUs"
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = (own_second.user + own_second.system - own_first.user - own_first.system) * ticks
+    own += sum(ahead_second.get(pid, jiffies) - jiffies for pid, jiffies in ahead_first.items())
+    busy = max(0.0, (second - first - own) / (0.1 * ticks))
+    threads = max(1, cpus - round(busy))
+    return threads, f"{cpus} CPUs, {busy:.1f} busy with other work"
+
+
+def chosen_threads() -> int | None:
+    """``PIPELINE_THREADS`` as a number of threads, None when unset; PipelineError for anything else."""
+    chosen = os.environ.get("PIPELINE_THREADS", "")
+    if not chosen:
+        return None
+    if not (chosen.isascii() and chosen.isdigit() and 1 <= int(chosen) <= MAX_THREADS):
+        raise PipelineError(f"PIPELINE_THREADS={chosen[:20]!r} must be a whole number from 1 to {MAX_THREADS} "
+                            "(or unset, to use the idle CPUs)")
+    return int(chosen)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _siblings_jiffies(parent: int | None = None) -> dict[int, int]:
+    """Under pipeline.sh (which passes its lock on), the clock ticks each other child of it (``parent``)
+    has run so far: the stage started ahead of this one, and the tee processes copying the output."""
+    if INHERITED_LOCK not in os.environ:
+        return {}
+    parent, ticks = parent or os.getppid(), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if int(fields[1]) == parent and int(stat.parent.name) != os.getpid():
+            ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])  # its user and system time
+    return ticks
+
+
+def _busy_jiffies() -> float:
+    """Clock ticks all CPUs have spent busy since boot (the first line of /proc/stat)."""
+    ticks = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return sum(ticks[:8]) - idle - iowait  # user, nice, system, irq, softirq and steal
+
+
+# The largest stage's peak per station-step of the days x stations table, measured with benchmark.py (stage 3
+# at 1,000 and 10,000 stations x 10 years: 1.8 GB per 3.65 M station-days), rounded up.
+PEAK_BYTES_PER_STATION_STEP = 520
+
+
+def check_memory(station_steps: int, what: str) -> None:
+    """Refuse, before any work, a network whose largest stage would need more memory than this machine has
+    free (a MemoryError or the kernel's out-of-memory killer would otherwise end it part-way)."""
+    needed = station_steps * PEAK_BYTES_PER_STATION_STEP
+    free = available_memory()
+    if free is not None and needed > free:
+        raise PipelineError(f"{what} is {station_steps:,} station-steps: about {needed / 2**30:.1f} GiB for the "
+                            f"largest stage, and {free / 2**30:.1f} GiB is free here; run fewer stations or years, "
+                            "or on a machine with more memory")
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: the system's available memory, or its control group's limit
+    less what the group uses, whichever is lower; None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def release_memory(collect: bool = True) -> None:
+    """Hand memory freed so far back to the system, between the phases of a large stage.
+
+    glibc keeps freed blocks below its mmap threshold for reuse, so without this
+    a stage's resident size stays at the high-water mark of its last phase and
+    the next phase's peak adds to it (stage 2 at 1,000 stations: 2.4 GB peak
+    without, 2.2 GB with). ``collect=False`` skips the garbage collector's pass
+    (for freed arrays, which need none). Does nothing where there is no glibc.
+    """
+    import ctypes
+    import gc
+
+    if collect:
+        gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Progress:
+    """Logs ``what: done of total, elapsed, about N s left`` at most every ``interval`` seconds, and nothing
+    for work that finishes within the first interval."""
+
+    def __init__(self, what: str, total: int, interval: float = 5.0,
+                 clock: Callable[[], float] | None = None, quiet: bool = False) -> None:
+        import time
+
+        self.what, self.total, self.interval = what, total, float("inf") if quiet else interval
+        self.clock = clock or time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0
+
+    def step(self, count: int = 1) -> None:
+        self.done += count
+        now = self.clock()
+        if now - self.last >= self.interval and self.done < self.total:
+            self.last = now
+            elapsed = now - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            log.info("%s: %d of %d, %.0f s so far, about %.0f s left", self.what, self.done, self.total,
+                     elapsed, left)
+
+
+def lazy_import(name: str) -> ModuleType:
+    """``name`` as a module that is really imported on first use (importlib's LazyLoader).
+
+    The stages import numpy and pandas this way, so ``--help`` and an argument
+    error answer before the 0.3 s those imports take.
+    """
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"No module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Threads:
+    """Chunks run in this process, on ``threads`` threads (one: in order, in this thread)."""
+
+    cluster = False
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = max(1, threads)
+
+    def share(self, value: Any) -> Any:
+        """``value`` as an argument that every chunk of a ``map`` receives."""
+        return value
+
+    def map(self, function: Callable[..., Any], items: Sequence[Any], what: str | None = None,
+            **shared: Any) -> list[Any]:
+        """``[function(item, **shared) for item in items]``, in order; with ``what``, progress is logged
+        under that name when the chunks take a while."""
+        progress = Progress(what or "", len(items), quiet=what is None)
+        results = []
+        for result in self.imap(function, items, **shared):
+            results.append(result)
+            progress.step()
+        return results
+
+    def imap(self, function: Callable[..., Any], items: Sequence[Any], **shared: Any) -> Iterator[Any]:
+        """``function(item, **shared)`` for each item, yielded in order as each is ready; at most two
+        results per thread wait to be taken, so a caller that writes them out keeps memory bounded (and
+        an ``OnDemand`` item is made only shortly before it runs)."""
+        if self.threads == 1 or len(items) < 2:
+            yield from (function(item, **shared) for item in items)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(function, item, **shared))
+                if len(pending) >= 2 * self.threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
+class OnDemand(Sequence):
+    """A sequence whose item ``i`` is ``make(i)``, made when a chunk is about to run: a stage's chunks are
+    copies of parts of its tables, which would otherwise all exist at once beside the tables."""
+
+    def __init__(self, make: Callable[[int], Any], count: int) -> None:
+        self.make, self.count = make, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.make(index)
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    return [items[i:i + size] for i in range(0, len(items), size)]

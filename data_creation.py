@@ -38,7 +38,8 @@ from typing import NamedTuple
 
 from station_forecast import cli, compute, manifest, runtime, storage
 from station_forecast.errors import PipelineError
-from station_forecast.params import ANOMALY_KINDS, SIMULATION, Params, load_params
+from station_forecast.flags import INJECTED, Flag
+from station_forecast.params import SIMULATION, Params, load_params
 from station_forecast.runtime import log
 from station_forecast.steps import FREQUENCIES
 from station_forecast.storage import Paths
@@ -56,7 +57,7 @@ STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
 # A coordinate beyond its limit (degrees, metres) is a typo, not a place.
 COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
-_EFFECT_ORDER = ["level_shift", "drift", "stuck", "spike", "missing"]
+_EFFECT_ORDER = [Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK, Flag.SPIKE, Flag.MISSING]
 
 
 class Simulation(NamedTuple):
@@ -235,7 +236,7 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
     clean = c["annual_mean"] + c["trend_per_year"] * years + seasonal + weather + extremes
     observed = clean + rng.normal(0.0, 1.0, clean.shape) * c["noise_sd"]
 
-    labels = np.full(clean.shape, "none", dtype=object)
+    labels = np.full(clean.shape, Flag.NONE.value, dtype=object)
     rows = np.arange(n_stations)[:, None]
     for kind in _EFFECT_ORDER:
         rate = anomalies[f"{kind}_rate"] * c["contamination"][:, 0]
@@ -256,7 +257,7 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
             observed = np.where(covered, observed + sign * (6.0 + 9.0 * size), observed)
         else:
             observed = np.where(covered, np.nan, observed)
-        labels[covered] = kind
+        labels[covered] = kind.value
     return Simulation(climates, dates, clean, quantise(observed, sim["resolution"]), labels, events)
 
 
@@ -645,7 +646,7 @@ def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[
     dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
     source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
               "test_start": str(dates[len(dates) - data["test_steps"]])}
-    counts = {kind: int((labels == kind).sum()) for kind in ANOMALY_KINDS}
+    counts = {kind: int((labels == kind).sum()) for kind in INJECTED}
     weather = int((simulation.events != "none").sum())
     summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
                + ", ".join(f"{k} {v}" for k, v in counts.items())

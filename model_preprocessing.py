@@ -1,6 +1,6 @@
 """Stage 2: validate the station files, quality-control the readings, build scaled features.
 
-Quality control (quality_control.py) compares every reading with what its
+Quality control (station_forecast/quality_control/) compares every reading with what its
 neighbouring stations say it should be, so a cold snap that every station sees
 stays weather while a fault at one station stands out. It learns on the days
 before the test period only, flags spikes, level shifts, drifts, stuck runs and
@@ -28,6 +28,7 @@ from pathlib import Path
 from station_forecast import cli, compute, features, manifest, quality_control, runtime, storage
 from station_forecast.errors import PipelineError
 from station_forecast.features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
+from station_forecast.flags import FAULTS, Flag
 from station_forecast.params import Params, load_params
 from station_forecast.runtime import log
 from station_forecast.steps import FREQUENCIES
@@ -367,7 +368,7 @@ def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, flag: pd.
     baseline's coefficients): yearly harmonics where those steps cover the year; else the seasons the
     detector took for it from its neighbours, moved to the station's own level, or that level alone
     (a station that started a few months ago has no seasons of its own to show)."""
-    trained = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
+    trained = observed.where((period == "train") & (flag == Flag.NONE))
     coefs = quality_control.fit_climatology(trained)
     seen = quality_control.covers_the_year(trained)
     learned = (detector or {}).get("stations", {})
@@ -419,7 +420,7 @@ def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.
                for step in baseline}
     targets = {step: (observed[trained].shift(-step).to_numpy() - normals[step],
                       ((period[trained].shift(-step) == "train")
-                       & (flag[trained].shift(-step) == quality_control.NO_FLAG)).to_numpy(),
+                       & (flag[trained].shift(-step) == Flag.NONE)).to_numpy(),
                       np.column_stack(features.day_of_year_terms(dates.shift(step))))
                for step in baseline}
     column = {station: i for i, station in enumerate(departure.columns)}
@@ -546,7 +547,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     wide.update(network or {name: table(0.0) for name in features.NETWORK_FEATURES})
     wide[SPREAD_COLUMN] = features.spread(repaired)
     usable = table(np.logical_and.reduce([values.notna().to_numpy() for values in wide.values()]))
-    trained = observed.where((period == "train") & (flag == quality_control.NO_FLAG))
+    trained = observed.where((period == "train") & (flag == Flag.NONE))
     coefs = baseline_climatology(observed, period, flag) if climatology is None else climatology
     drift = features.mean_change(trained)
     last_test = period.eq("test") & period.shift(-1).fillna("").ne("test")
@@ -562,7 +563,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
             "step": table(step),
             "target_date": table(target_dates.to_numpy()[:, None]),
             "target": observed.shift(-step),
-            "target_ok": (observed.shift(-step).notna() & (flag.shift(-step) == quality_control.NO_FLAG)).astype(float),
+            "target_ok": (observed.shift(-step).notna() & (flag.shift(-step) == Flag.NONE)).astype(float),
             "period": target_period.mask(ahead & target_period.ne("test"), "test"),
             "climatology": table(quality_control.climatology_at(coefs, target_dates, stations).to_numpy()),
             "neighbours_ridge": table(np.nan) if ridge is None else table(ridge[0][step]),
@@ -680,7 +681,7 @@ def flags_tables(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str
     periods = period.to_numpy().T.ravel()
     for part in ("train", "test"):
         yield part, to_long(wide, periods == part)
-    flagged = np.isin(verdict["flag"].to_numpy().T.ravel(), quality_control.KINDS) & (periods != "")
+    flagged = np.isin(verdict["flag"].to_numpy().T.ravel(), FAULTS) & (periods != "")
     yield "flagged", to_long({**wide, "period": period}, flagged)[FLAG_COLUMNS]
 
 
@@ -748,8 +749,8 @@ def main(args) -> None:
                           [*outputs, paths.scaler, paths.detector], folders=[paths.train_raw, paths.test_raw])
 
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
-             ", ".join(f"{k} {counts.get(k, 0)}" for k in quality_control.KINDS), repaired,
-             counts.get(quality_control.MISSING, 0))
+             ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired,
+             counts.get(Flag.MISSING, 0))
     for value, code in probable_codes.iterrows():
         written = f"{value * 9 / 5 + 32:.1f} °F" if unit == "F" else f"{value:g}" + (" °C" if unit == "C" else "")
         log.warning("%g read by up to %d stations on the same day (%d readings on %d days), far outside every "

@@ -37,7 +37,6 @@ from station_forecast import (
     errors,
     features,
     manifest,
-    quality_control,
     registry,
     report,
     runtime,
@@ -45,7 +44,8 @@ from station_forecast import (
 )
 from station_forecast.errors import PipelineError
 from station_forecast.features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
-from station_forecast.params import ANOMALY_KINDS, Params, load_params
+from station_forecast.flags import FAULTS, INJECTED, Flag
+from station_forecast.params import Params, load_params
 from station_forecast.report import PREDICTORS
 from station_forecast.runtime import log
 from station_forecast.storage import Paths
@@ -113,7 +113,7 @@ def _truth_file(path) -> pd.DataFrame:
 
 def _truth_problem(table: pd.DataFrame) -> str | None:
     """What is wrong with ground truth read from files (one station's days or several), or None."""
-    allowed = {"anomaly": {"none", *ANOMALY_KINDS}, "event": {"none", "cold_snap", "heat_wave"}}
+    allowed = {"anomaly": {"none", *INJECTED}, "event": {"none", "cold_snap", "heat_wave"}}
     if not pd.api.types.is_numeric_dtype(table["clean_temperature"]):
         return "clean_temperature is not numeric"
     days = pd.to_datetime(table["date"], format="%Y-%m-%d", errors="coerce")
@@ -239,7 +239,7 @@ def detector_scores(flags: pd.DataFrame) -> dict:
     kinds' anomalies neither help nor hurt it.
     """
     days = flags[flags["anomaly"] != "missing"]
-    flagged = days["flag"].isin(quality_control.KINDS).to_numpy()
+    flagged = days["flag"].isin(FAULTS).to_numpy()
 
     def prf(positive: np.ndarray, considered: np.ndarray) -> dict:
         tp = int((flagged & positive & considered).sum())
@@ -253,7 +253,7 @@ def detector_scores(flags: pd.DataFrame) -> dict:
     label = days["anomaly"].to_numpy()
     normal = label == "none"
     result = {"any": prf(~normal, np.ones_like(normal))}
-    for kind in ANOMALY_KINDS:
+    for kind in INJECTED:
         if kind != "missing":
             result[kind] = prf(label == kind, normal | (label == kind))
     weather = normal & (days["event"] != "none").to_numpy()
@@ -300,7 +300,7 @@ def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | N
     if truth is not None:
         truth = truth.rename(columns={"date": "target_date"})
         frame = frame.merge(truth, on=["station", "target_date"], how="left", validate="many_to_one")
-    frame["observed_accepted"] = frame["observed"].where(frame["flag"] == quality_control.NO_FLAG)
+    frame["observed_accepted"] = frame["observed"].where(frame["flag"] == Flag.NONE)
     return frame
 
 

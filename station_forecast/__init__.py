@@ -4,8 +4,8 @@ below it, and no imports go round in a circle (tests/test_shared.py checks both)
 ==========  ================================  =========================================================
 layer       modules                           what they are for
 ==========  ================================  =========================================================
-base        errors, files, steps, params      exit codes, the checks every input file passes, time
-                                              steps, and the parameters' schema
+base        errors, files, flags, steps,      exit codes, the checks every input file passes, the
+            params                            flags a reading can carry, time steps, the parameters
 runtime     runtime                           threads, memory, progress, lazy imports, the thread pool
                                               (standard library only)
 storage     storage, manifest, registry       where every artifact lives, how it is written and read
@@ -23,7 +23,7 @@ sit above them and are never imported by a stage.
 """
 
 LAYERS = {
-    "base": ["errors", "files", "steps", "params"],
+    "base": ["errors", "files", "flags", "steps", "params"],
     "runtime": ["runtime"],
     "storage": ["storage", "manifest", "registry"],
     "compute": ["compute"],

@@ -15,6 +15,7 @@ from typing import Any
 
 from station_forecast.errors import PipelineError
 from station_forecast.files import PROJECT, check_regular_file
+from station_forecast.flags import INJECTED
 
 DEFAULT_PARAMS = PROJECT / "params.toml"
 # stage -> the parameter sections it reads, in the order pipeline.sh runs the stages (stages.txt)
@@ -22,7 +23,6 @@ STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
                   for line in (PROJECT / "stages.txt").read_text().splitlines()
                   if line.strip() and not line.startswith("#")}
 STAGES = list(STAGE_SECTIONS)
-ANOMALY_KINDS = ["spike", "level_shift", "stuck", "drift", "missing"]
 MAX_PARAMS_BYTES = 1 << 20
 MAX_MISSING_CODES = 100
 
@@ -82,8 +82,8 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "resolution": (str, ("0.1C", "1F"), None),
     },
     "anomalies": {
-        **{f"{kind}_rate": (float, 0.0, 0.2) for kind in ANOMALY_KINDS},
-        **{f"{kind}_days": (list, 1, 365) for kind in ANOMALY_KINDS},
+        **{f"{kind}_rate": (float, 0.0, 0.2) for kind in INJECTED},
+        **{f"{kind}_days": (list, 1, 365) for kind in INJECTED},
     },
     "import": {
         "date_column": (str, None, None),

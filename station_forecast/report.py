@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from station_forecast.quality_control import KINDS as FAULT_KINDS
+from station_forecast.flags import FAULTS, Flag
 from station_forecast.runtime import lazy_import
 from station_forecast.steps import FREQUENCIES
 
@@ -109,10 +109,10 @@ def _forecast_figure(plt, rows: pd.DataFrame, metrics: dict):
     ax.plot(dates, rows["observed"], ".", color="black", markersize=2.5, label="reading")
     if "clean_temperature" in rows:
         ax.plot(dates, rows["clean_temperature"], color="gray", linewidth=0.6, alpha=0.8, label="true temperature")
-        injected = rows["anomaly"].notna() & ~rows["anomaly"].isin(["none", "missing"]) & rows["observed"].notna()
+        injected = rows["anomaly"].notna() & ~rows["anomaly"].isin([Flag.NONE, Flag.MISSING]) & rows["observed"].notna()
         ax.plot(dates[injected], rows.loc[injected, "observed"], "o", mfc="none", color="tab:orange",
                 markersize=7, label="injected anomaly")
-    flagged = rows["flag"].isin(FAULT_KINDS)
+    flagged = rows["flag"].isin(FAULTS)
     ax.plot(dates[flagged], rows.loc[flagged, "observed"], "x", color="tab:red", markersize=6,
             label="flagged by the detector")
     covered = metrics["interval"][metrics["gate_reference"]]["per_station"][station]["coverage"]

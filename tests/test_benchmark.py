@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from station_forecast.flags import SCORED
 from tools import benchmark
 
 
@@ -43,7 +44,7 @@ def test_fault_days_by_error_add_up_to_the_detector_s_scores(default_built):
 
     by_error = benchmark.found_by_error(default_built)
     scores = storage.read_json(storage.Paths(default_built).metrics)["detector"]
-    for kind in benchmark.NETWORK_KINDS:
+    for kind in SCORED:
         days, flagged = by_error[kind]
         assert len(days) == len(benchmark.ERROR_BANDS) + 1 and (flagged <= days).all()
         assert days.sum() == scores[kind]["days"]

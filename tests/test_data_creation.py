@@ -17,7 +17,8 @@ from conftest import (
 
 from station_forecast import errors, storage
 from station_forecast.errors import PipelineError
-from station_forecast.params import ANOMALY_KINDS, load_params
+from station_forecast.flags import INJECTED
+from station_forecast.params import load_params
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_ar1_matches_the_recursion():
     np.testing.assert_allclose(fast, slow[:, burn:], atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ANOMALY_KINDS)
+@pytest.mark.parametrize("kind", INJECTED)
 def test_each_kind_matches_its_configured_rate(params, kind):
     anomalies = {k: v if k.endswith("_days") or k == f"{kind}_rate" else 0.0 for k, v in params["anomalies"].items()}
     sim = dict(params["simulation"], n_stations=300, clean_stations=0, heavy_stations=0)

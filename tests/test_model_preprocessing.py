@@ -9,6 +9,7 @@ from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
 from station_forecast import errors, features, manifest, quality_control, storage
 from station_forecast.features import FEATURES
+from station_forecast.flags import Flag
 from station_forecast.params import load_params
 from station_forecast.storage import Paths
 
@@ -273,7 +274,7 @@ def _follower_network(days: int = 800) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, days)})
     period = pd.DataFrame(np.where((dates < dates[600])[:, None], "train", "test").repeat(2, axis=1),
                           index=dates, columns=readings.columns)
-    flag = pd.DataFrame(quality_control.NO_FLAG, index=dates, columns=readings.columns)
+    flag = pd.DataFrame(Flag.NONE.value, index=dates, columns=readings.columns)
     return readings, period, flag, quality_control.fit_climatology(readings.where(period == "train"))
 
 

@@ -467,6 +467,7 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     period's targets never reach the fit (changing them changes no forecast)."""
     import model_preprocessing
     from station_forecast import quality_control
+    from station_forecast.flags import Flag
 
     dates = pd.date_range("2020-01-01", periods=800, freq="D")
     rng = np.random.default_rng(3)
@@ -474,7 +475,7 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, len(dates))})
     period = pd.DataFrame(np.where((dates < dates[600])[:, None], "train", "test").repeat(2, axis=1),
                           index=dates, columns=readings.columns)
-    flag = pd.DataFrame(quality_control.NO_FLAG, index=dates, columns=readings.columns)
+    flag = pd.DataFrame(Flag.NONE.value, index=dates, columns=readings.columns)
     coefs = quality_control.fit_climatology(readings.where(period == "train"))
 
     def forecast(observed):

@@ -6,9 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from station_forecast import quality_control as qc
 from station_forecast import runtime
+from station_forecast.flags import FAULTS
 from station_forecast.params import load_params
+from station_forecast.quality_control import checks, climatology, learning, robust
+from station_forecast.quality_control import neighbours as qc_neighbours
+from station_forecast.quality_control import verdict as verdicts
 
 DAYS = 3 * 365
 TEST_FROM = 2 * 365  # the first two years are the learning days
@@ -39,20 +42,20 @@ def learning_days(observed: pd.DataFrame) -> pd.DataFrame:
 
 
 def verdict(observed: pd.DataFrame, settings: dict) -> tuple[dict, dict[str, pd.DataFrame]]:
-    detector = qc.learn(observed, learning_days(observed), settings)
-    return detector, qc.detect(observed, detector)
+    detector = learning.learn(observed, learning_days(observed), settings)
+    return detector, verdicts.detect(observed, detector)
 
 
 def faults(result: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    return result["flag"].isin(qc.KINDS)
+    return result["flag"].isin(FAULTS)
 
 
 def test_neighbours_are_learned_on_the_learning_days_only(settings):
     observed = network()
-    detector = qc.learn(observed, learning_days(observed), settings)
+    detector = learning.learn(observed, learning_days(observed), settings)
     changed = observed.copy()
     changed.iloc[TEST_FROM:] += np.random.default_rng(1).normal(0, 5, changed.iloc[TEST_FROM:].shape)
-    assert qc.learn(changed, learning_days(changed), settings) == detector
+    assert learning.learn(changed, learning_days(changed), settings) == detector
     buddies = detector["stations"]["S0"]["neighbours"]["buddies"]
     assert [b["station"] for b in buddies] and all(b["correlation"] > 0.8 for b in buddies)
 
@@ -108,7 +111,7 @@ def test_a_burst_of_spikes_that_each_return_is_not_taken_for_a_shift(settings, g
     flag = result["flag"]["S1"]
     assert (flag.iloc[days] == "spike").all()
     around = flag.iloc[TEST_FROM + 40: days[-1] + 40].drop(flag.index[days])
-    assert not around.isin(qc.KINDS).any()
+    assert not around.isin(FAULTS).any()
 
 
 def test_spikes_and_stuck_runs_are_flagged_and_repaired_by_the_expected_value(settings):
@@ -126,13 +129,13 @@ def test_spikes_and_stuck_runs_are_flagged_and_repaired_by_the_expected_value(se
 
 def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
     observed = network()
-    detector = qc.learn(observed, learning_days(observed), settings)
+    detector = learning.learn(observed, learning_days(observed), settings)
     day = TEST_FROM + 100
     changed = observed.copy()
     rng = np.random.default_rng(5)
     changed.iloc[day + 1:] += rng.normal(0, 8, changed.iloc[day + 1:].shape)
     changed.iloc[day + 5: day + 30, 0] += 6.0
-    before, after = qc.detect(observed, detector), qc.detect(changed, detector)
+    before, after = verdicts.detect(observed, detector), verdicts.detect(changed, detector)
     for name in ("flag", "confidence", "repaired", "expected"):
         pd.testing.assert_frame_equal(before[name].iloc[: day + 1], after[name].iloc[: day + 1])
     assert not before["flag"].iloc[day + 1:].equals(after["flag"].iloc[day + 1:])
@@ -141,22 +144,22 @@ def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
 @pytest.mark.parametrize("next_day", [0.0, 10.0])  # a spike the next day returns from, or a shift's first day
 def test_flags_up_to_a_day_never_depend_on_the_next_readings_after_a_fault(settings, next_day):
     observed = network()
-    detector = qc.learn(observed, learning_days(observed), settings)
+    detector = learning.learn(observed, learning_days(observed), settings)
     spike = TEST_FROM + 60
     observed.iloc[[spike - 9, spike - 5, spike], 1] += 10.0
     observed.iloc[spike + 1: spike + 20, 1] += next_day
     observed.iloc[spike - 3: spike + 3, 3] = observed.iloc[spike - 4, 3]  # a stuck run at another station
-    whole = qc.detect(observed, detector)
+    whole = verdicts.detect(observed, detector)
     assert whole["flag"].iloc[spike, 1] == "spike"
     for day in range(spike - 10, spike + 4):
         readings = observed.copy()
         readings.iloc[day + 1:] = np.nan
-        cut = qc.detect(readings, detector)
+        cut = verdicts.detect(readings, detector)
         for name in ("flag", "confidence", "repaired"):
             pd.testing.assert_frame_equal(cut[name].iloc[: day + 1], whole[name].iloc[: day + 1])
 
 
-@pytest.mark.parametrize("shape, lags", [("step", qc.STEP_LAGS), ("ramp", qc.RAMP_LAGS)])
+@pytest.mark.parametrize("shape, lags", [("step", checks.STEP_LAGS), ("ramp", checks.RAMP_LAGS)])
 def test_the_change_tests_on_a_day_take_its_innovations_as_known_that_day(shape, lags):
     rng = np.random.default_rng(3)
     days = pd.date_range("2021-01-01", periods=120, freq="D")
@@ -170,35 +173,36 @@ def test_the_change_tests_on_a_day_take_its_innovations_as_known_that_day(shape,
 
     def evidence(upto: int) -> np.ndarray:
         known = departure.iloc[: upto + 1]
-        innovation = qc._innovation(known, persistence, pd.Series(1.0, index=known.columns))
-        explained = qc.explained_readings(flag.iloc[: upto + 1], known)
-        summed, latest = qc.explained_innovations(innovation, known, explained)
-        return qc.change_evidence(summed, persistence, lags, shape, latest=latest)[0].to_numpy()
+        innovation = checks.departure_innovation(known, persistence, pd.Series(1.0, index=known.columns))
+        explained = checks.explained_readings(flag.iloc[: upto + 1], known)
+        summed, latest = checks.explained_innovations(innovation, known, explained)
+        return checks.change_evidence(summed, persistence, lags, shape, latest=latest)[0].to_numpy()
 
     whole = evidence(len(days) - 1)
-    assert qc.explained_readings(flag, departure).iloc[[40, 70], 0].tolist() == [2, 2]
+    assert checks.explained_readings(flag, departure).iloc[[40, 70], 0].tolist() == [2, 2]
     for day in range(35, 80):
         np.testing.assert_allclose(evidence(day)[-1], whole[day], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("verdict_block", [qc.VERDICT_BLOCK, 2])  # the change tests on threads; the whole verdict
+@pytest.mark.parametrize("verdict_block", [verdicts.VERDICT_BLOCK, 2])  # the change tests on threads; the whole verdict
 def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monkeypatch, verdict_block):
     observed = network(n_stations=7, seed=2)
     observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
     observed.iloc[TEST_FROM + 100:TEST_FROM + 110, 5] = 12.3
     reference = verdict(observed, settings)
-    monkeypatch.setattr(qc, "STATION_BLOCK", 2)
-    monkeypatch.setattr(qc, "VERDICT_BLOCK", verdict_block)
-    monkeypatch.setattr(qc, "EXPECTED_BLOCK", 3)  # the expected values and persistences in blocks too
-    detector = qc.learn(observed, learning_days(observed), settings, runtime.Threads(3))
+    monkeypatch.setattr(checks, "STATION_BLOCK", 2)
+    monkeypatch.setattr(verdicts, "VERDICT_BLOCK", verdict_block)
+    monkeypatch.setattr(qc_neighbours, "EXPECTED_BLOCK", 3)  # the expected values in blocks too
+    monkeypatch.setattr(learning, "EXPECTED_BLOCK", 3)  # and the persistences
+    detector = learning.learn(observed, learning_days(observed), settings, runtime.Threads(3))
     assert detector == reference[0]
-    blocked = qc.detect(observed, detector, runtime.Threads(3))
+    blocked = verdicts.detect(observed, detector, runtime.Threads(3))
     assert set(blocked["flag"].stack()) >= {"drift", "stuck"}
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)
 
 
-@pytest.mark.parametrize("threads, block", [(1, qc.EXPECTED_BLOCK), (3, 2)])
+@pytest.mark.parametrize("threads, block", [(1, qc_neighbours.EXPECTED_BLOCK), (3, 2)])
 def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else_their_lines_median(
         monkeypatch, threads, block):
     rng = np.random.default_rng(3)
@@ -215,8 +219,8 @@ def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else
         "S2": {"constant": 0.0, "buddies": [{"station": "gone", "weight": 1.0, **line}]},  # not in the table
         "S3": {"constant": None, "buddies": []},
     }
-    monkeypatch.setattr(qc, "EXPECTED_BLOCK", block)
-    expected = qc.expected_anomaly(anomaly, neighbours, threads)
+    monkeypatch.setattr(qc_neighbours, "EXPECTED_BLOCK", block)
+    expected = qc_neighbours.expected_anomaly(anomaly, neighbours, threads)
 
     a = anomaly.to_numpy()
     with warnings.catch_warnings():  # days when no neighbour reports: NaN, as expected
@@ -229,7 +233,7 @@ def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else
     np.testing.assert_allclose(expected["S0"], s0, rtol=0, atol=1e-12)
     np.testing.assert_allclose(expected["S1"], s1, rtol=0, atol=1e-12)
     assert expected[["S2", "S3", "S4"]].isna().all().all()  # a neighbour not in the table, none, unknown
-    pd.testing.assert_frame_equal(expected, qc.expected_anomaly(anomaly, neighbours))  # the same bytes
+    pd.testing.assert_frame_equal(expected, qc_neighbours.expected_anomaly(anomaly, neighbours))  # the same bytes
 
 
 def test_the_nearest_line_distance_is_to_the_closest_neighbour_line_that_day():
@@ -239,7 +243,7 @@ def test_the_nearest_line_distance_is_to_the_closest_neighbour_line_that_day():
     neighbours = {"S0": {"constant": None, "buddies": [{"station": "S1", **line}, {"station": "S2", **line}]},
                   "S1": {"constant": None, "buddies": [{"station": "S0", **line, "slope": 2.0}]},
                   "S2": {"constant": None, "buddies": []}}
-    distance = qc.nearest_line_distance(anomaly, neighbours)
+    distance = qc_neighbours.nearest_line_distance(anomaly, neighbours)
     np.testing.assert_allclose(distance["S0"], [0.0, 0.5, 6.0, np.nan])  # |S0 - S1|, |S0 - S2|: the smaller
     np.testing.assert_allclose(distance["S1"], [1.0, np.nan, 3.0, np.nan])  # |S1 - 2 S0|
     assert distance["S2"].isna().all()  # no neighbours
@@ -256,10 +260,10 @@ def test_the_verdict_in_blocks_of_stations_is_the_verdict_in_one_piece(settings,
     observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
     observed.iloc[TEST_FROM + 100:TEST_FROM + 110, 5] = 12.3
     reference = verdict(observed, settings)
-    monkeypatch.setattr(qc, "VERDICT_BLOCK", 2)
-    detector = qc.learn(observed, learning_days(observed), settings, BlockedPool(2))
+    monkeypatch.setattr(verdicts, "VERDICT_BLOCK", 2)
+    detector = learning.learn(observed, learning_days(observed), settings, BlockedPool(2))
     assert detector == reference[0]
-    blocked = qc.detect(observed, detector, BlockedPool(2))
+    blocked = verdicts.detect(observed, detector, BlockedPool(2))
     assert set(blocked["flag"].stack()) >= {"drift", "stuck"}  # the blocks really had faults to find
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)
@@ -294,7 +298,7 @@ def test_whole_degree_fahrenheit_repeats_are_not_taken_for_a_stuck_sensor(settin
 def test_without_detection_only_missing_days_are_filled():
     observed = network(n_stations=2)
     observed.iloc[100:103, 0] = np.nan
-    result = qc.no_detection(observed, 5)
+    result = verdicts.no_detection(observed, 5)
     assert set(result["flag"].stack()) == {"none", "missing"}
     assert result["repaired"].iloc[100:103, 0].notna().all()
     pd.testing.assert_frame_equal(result["repaired"].drop(index=observed.index[100:103]),
@@ -327,8 +331,8 @@ def test_a_shift_that_ended_is_not_flagged_in_the_weeks_after(settings, size, le
 
 def test_a_shift_in_the_learning_years_is_left_out_from_the_day_it_began():
     onset = pd.DataFrame({"a": [-1, -1, -1, -1, 1, 1, -1, -1], "b": [-1] * 7 + [7]})
-    assert qc.since_onset(onset)["a"].tolist() == [False, True, True, True, True, True, False, False]
-    assert qc.since_onset(onset)["b"].tolist() == [False] * 7 + [True]
+    assert learning.since_onset(onset)["a"].tolist() == [False, True, True, True, True, True, False, False]
+    assert learning.since_onset(onset)["b"].tolist() == [False] * 7 + [True]
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -340,7 +344,7 @@ def test_medians_leave_missing_values_out_as_numpy_does(axis):
     values[5, :] = np.nan
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):  # numpy warns about the all-NaN rows
         expected = np.nanmedian(values, axis=axis)
-    assert np.array_equal(qc.nanmedian(values, axis=axis), expected, equal_nan=True)
+    assert np.array_equal(robust.nanmedian(values, axis=axis), expected, equal_nan=True)
 
 
 @pytest.mark.parametrize("solvable", [True, False])
@@ -357,9 +361,9 @@ def test_the_climatology_is_each_station_s_own_least_squares_fit(monkeypatch, so
     values["S1"] = (5.0 + season + rng.normal(0, 2, len(dates))).round(1)
     values.loc[dates[80:], "S1"] = np.nan  # seen in January to March of one year only
     values.loc[dates[40:], "S2"] = np.nan  # too few readings: left out
-    coefs = qc.fit_climatology(values)
+    coefs = climatology.fit_climatology(values)
     assert list(coefs.columns) == ["S0", "S1", "S3", "S4"]
-    design = qc.harmonic_design(dates)
+    design = climatology.harmonic_design(dates)
     for station in coefs.columns:
         seen = values[station].notna().to_numpy()
         alone = np.linalg.lstsq(design[seen], values[station].to_numpy()[seen], rcond=None)[0]
@@ -371,8 +375,8 @@ def test_the_seasonal_fit_is_not_moved_by_a_few_weeks_of_fault():
     rng = np.random.default_rng(3)
     departure = pd.DataFrame({"S0": rng.normal(0, 0.7, DAYS)}, index=dates)
     departure.iloc[290:340, 0] += 4.0  # one autumn of three
-    robust = qc.harmonic_design(dates) @ qc.robust_seasonal_fit(departure)["S0"].to_numpy()
-    plain = qc.harmonic_design(dates) @ qc.fit_climatology(departure)["S0"].to_numpy()
+    robust = climatology.harmonic_design(dates) @ climatology.robust_seasonal_fit(departure)["S0"].to_numpy()
+    plain = climatology.harmonic_design(dates) @ climatology.fit_climatology(departure)["S0"].to_numpy()
     autumn = slice(290, 340)
     assert np.abs(plain[autumn]).max() > 1.0  # least squares takes a third of the fault for the season
     assert np.abs(robust[autumn]).max() < 0.3
@@ -381,12 +385,12 @@ def test_the_seasonal_fit_is_not_moved_by_a_few_weeks_of_fault():
 def test_a_drift_in_the_learning_years_does_not_bend_the_climatology(settings):
     for seed in (4, 5):
         observed = network(seed=seed)
-        clean_detector = qc.learn(observed, learning_days(observed), settings)
+        clean_detector = learning.learn(observed, learning_days(observed), settings)
         # An autumn drift at S1 before the test year: its first weeks are too small to be flagged.
         observed.iloc[280:340, 1] += np.linspace(0, 5, 60)
-        detector = qc.learn(observed, learning_days(observed), settings)
+        detector = learning.learn(observed, learning_days(observed), settings)
         moved = np.subtract(detector["stations"]["S1"]["climatology"], clean_detector["stations"]["S1"]["climatology"])
-        bent = qc.harmonic_design(observed.index[280:340]) @ moved
+        bent = climatology.harmonic_design(observed.index[280:340]) @ moved
         assert np.abs(bent).max() < 0.4
 
 
@@ -400,8 +404,9 @@ def test_a_station_that_started_months_ago_borrows_its_seasons_from_its_neighbou
         test_year = result["flag"]["S3"].iloc[TEST_FROM:]
         assert not test_year.isin(["gross", "spike", "level_shift", "drift"]).any()
         assert (test_year == "stuck").mean() < 0.01
-        learned = qc.harmonic_design(observed.index[TEST_FROM:]) @ np.array(detector["stations"]["S3"]["climatology"])
-        truth = qc.harmonic_design(observed.index[TEST_FROM:]) @ np.array(detector["stations"]["S2"]["climatology"])
+        design = climatology.harmonic_design(observed.index[TEST_FROM:])
+        learned = design @ np.array(detector["stations"]["S3"]["climatology"])
+        truth = design @ np.array(detector["stations"]["S2"]["climatology"])
         offset = np.median(observed["S3"].iloc[first:TEST_FROM] - observed["S2"].iloc[first:TEST_FROM])
         assert np.abs(learned - truth - offset).max() < 2.0  # the same seasons as a neighbour's, at its level
 
@@ -412,9 +417,9 @@ def test_a_station_covers_the_year_only_with_readings_in_every_month():
     values.iloc[: 2 * 365 + 200, 1] = np.nan  # only its last 165 days: summer to December
     values.loc[values.index.month == 3, "gappy"] = np.nan
     values.loc[(values.index.month == 4) & (values.index.year == 2021), "gappy"] = np.nan  # April seen twice
-    assert qc.covers_the_year(values).to_dict() == {"full": True, "late": False, "gappy": False}
+    assert climatology.covers_the_year(values).to_dict() == {"full": True, "late": False, "gappy": False}
     monthly = pd.DataFrame({"m": 1.0}, index=pd.date_range("2015-01-01", periods=120, freq="MS"))
-    assert qc.covers_the_year(monthly)["m"]
+    assert climatology.covers_the_year(monthly)["m"]
 
 
 def test_a_station_with_few_days_takes_the_network_s_repeat_share():
@@ -423,7 +428,7 @@ def test_a_station_with_few_days_takes_the_network_s_repeat_share():
     values = pd.DataFrame(steps, index=dates, columns=["a", "b", "new"])
     values.iloc[:870, 2] = np.nan  # 130 days, by chance without a repeat
     values.iloc[870:, 2] = np.arange(130) / 10
-    share = qc.repeat_share(values)
+    share = checks.repeat_share(values)
     assert 0.01 < share["new"] < 0.03  # the network repeats about 1 day in 41; 0 alone would make any repeat stuck
     assert share["a"] == pytest.approx((values["a"].diff() == 0).sum() / 999, rel=0.2)
 
@@ -473,10 +478,10 @@ def test_a_missing_value_code_that_every_station_writes_on_the_same_days_is_gros
     assert result["flag"].loc[jump, "S4"] == "gross"
     assert (np.abs(result["repaired"].to_numpy()[written] - clean.to_numpy()[written]) < 8).all()
     thresholds = {s: e["gross_threshold"] * e["jump_scale"] for s, e in detector["stations"].items()}
-    clean_detector = qc.learn(clean, learning_days(clean), settings)
+    clean_detector = learning.learn(clean, learning_days(clean), settings)
     for station, entry in clean_detector["stations"].items():
         assert thresholds[station] == pytest.approx(entry["gross_threshold"] * entry["jump_scale"], rel=0.1)
-    shared = qc.shared_values(observed, result["flag"])
+    shared = verdicts.shared_values(observed, result["flag"])
     assert list(shared.index) == [round(code, 2)]
     assert shared.iloc[0].tolist() == [6, 6 * len(shared_days) + len(lone), len(shared_days) + len(lone)]
 
@@ -484,10 +489,11 @@ def test_a_missing_value_code_that_every_station_writes_on_the_same_days_is_gros
 def test_no_learned_jump_threshold_allows_a_jump_beyond_the_ceiling(settings):
     observed = network(n_stations=1)
     observed.iloc[::50, 0] += 60.0  # gross faults on 2 % of the days, too many for the 99.9th percentile
-    detector = qc.learn(observed, learning_days(observed), dict(settings, climate_margin=100.0), jump_ceiling=50.0)
+    lenient = dict(settings, climate_margin=100.0)
+    detector = learning.learn(observed, learning_days(observed), lenient, jump_ceiling=50.0)
     entry = detector["stations"]["S0"]
     assert entry["gross_threshold"] * entry["jump_scale"] == pytest.approx(50.0, abs=1e-3)  # both rounded
-    unbounded = qc.learn(observed, learning_days(observed), dict(settings, climate_margin=100.0))["stations"]["S0"]
+    unbounded = learning.learn(observed, learning_days(observed), lenient)["stations"]["S0"]
     assert unbounded["gross_threshold"] * unbounded["jump_scale"] > 50.0
 
 
@@ -495,11 +501,11 @@ def test_a_single_repeat_at_whole_degrees_is_no_stuck_sensor_however_the_neighbo
     """At whole °F one day in ten repeats the day before: a two-day run is no evidence, a third day is (from
     that day on: the verdict on a day uses the days up to it)."""
     dates = pd.date_range("2021-01-01", periods=6, freq="D")
-    run, start = qc.repeat_runs(pd.DataFrame({"A": [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]}, index=dates))
+    run, start = checks.repeat_runs(pd.DataFrame({"A": [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]}, index=dates))
     moved = pd.DataFrame({"A": [0.0, 0.0, 9.0, 0.0, 9.0, 9.0]}, index=dates)  # the neighbours moved far
     for share, expected in ((0.1, [False, False, False, False, False, True]),
                             (0.01, [False, False, True, False, True, True])):
-        stuck, _ = qc.stuck_test(run, start, moved, pd.Series({"A": share}), least=1.0)
+        stuck, _ = checks.stuck_test(run, start, moved, pd.Series({"A": share}), least=1.0)
         assert stuck["A"].tolist() == expected, share
 
 
@@ -514,14 +520,14 @@ def test_a_departure_within_the_local_weather_s_wander_is_seldom_a_shift_but_one
         shares = []
         for seed in range(3):
             observed = network(seed=seed) + local_weather(5, seed)
-            monkeypatch.setattr(qc, "LEAST_SHIFT", floor)
+            monkeypatch.setattr(verdicts, "LEAST_SHIFT", floor)
             detector, _ = verdict(observed, settings)
             shifted = observed.copy()
             shifted.iloc[start: start + 60, 2] += size_in_scales * detector["stations"]["S2"]["departure_scale"]
-            shares.append(faults(qc.detect(shifted, detector))["S2"].iloc[start + 15: start + 60].mean())
+            shares.append(faults(verdicts.detect(shifted, detector))["S2"].iloc[start + 15: start + 60].mean())
         return float(np.mean(shares))
 
-    floor = qc.LEAST_SHIFT
+    floor = verdicts.LEAST_SHIFT
     assert floor > 0
     within, beyond = 0.8 * floor, 2.0 * floor
     assert flagged_share(within, floor) <= 0.6 * flagged_share(within, 0.0)

@@ -49,9 +49,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's package, for python tools/benchmark.py
 
-from station_forecast import cli, errors, quality_control, storage
+from station_forecast import cli, errors, storage
 from station_forecast.compute import WORKER_PEAKS
 from station_forecast.files import copy_runnable
+from station_forecast.flags import FAULTS, SCORED
 from station_forecast.params import DEFAULT_PARAMS, params_text_with
 
 
@@ -157,7 +158,6 @@ def import_floor(teardown: bool = False) -> float:
 
 IDEAL_LONGEST = 90  # days: the longest simulated drift
 IDEAL_THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0)
-NETWORK_KINDS = ["spike", "level_shift", "stuck", "drift"]
 ERROR_BANDS = (1.0, 2.0, 3.0, 5.0)  # °C: how far a faulty reading is off the truth, in these bands
 
 
@@ -228,11 +228,11 @@ def found_by_error(root: Path) -> dict[str, np.ndarray]:
                        .assign(station=station) for station in flags["station"].unique()])
     rows = flags.merge(truth, on=["station", "date"]).dropna(subset=["observed"])
     band = np.searchsorted(ERROR_BANDS, (rows["observed"] - rows["clean_temperature"]).abs().to_numpy(), "right")
-    flagged = rows["flag"].isin(quality_control.KINDS).to_numpy()
+    flagged = rows["flag"].isin(FAULTS).to_numpy()
     bands = len(ERROR_BANDS) + 1
     return {kind: np.array([np.bincount(band[rows["anomaly"] == kind], minlength=bands),
                             np.bincount(band[(rows["anomaly"] == kind).to_numpy() & flagged], minlength=bands)])
-            for kind in NETWORK_KINDS}
+            for kind in SCORED}
 
 
 def first_flag_delays(root: Path) -> dict[str, list[float]]:
@@ -249,9 +249,9 @@ def first_flag_delays(root: Path) -> dict[str, list[float]]:
     new_run = (rows["anomaly"] != rows["anomaly"].shift()) | (rows["station"] != rows["station"].shift())
     rows["run"] = new_run.cumsum()
     rows["day"] = rows.groupby("run").cumcount()
-    rows["flagged"] = rows["flag"].isin(quality_control.KINDS)
-    delays: dict[str, list[float]] = {kind: [] for kind in NETWORK_KINDS}
-    for (kind, _), run in rows[rows["anomaly"].isin(NETWORK_KINDS)].groupby(["anomaly", "run"]):
+    rows["flagged"] = rows["flag"].isin(FAULTS)
+    delays: dict[str, list[float]] = {kind: [] for kind in SCORED}
+    for (kind, _), run in rows[rows["anomaly"].isin(SCORED)].groupby(["anomaly", "run"]):
         hit = run["day"][run["flagged"]]
         delays[kind].append(float(hit.iloc[0]) if len(hit) else np.nan)
     return delays
@@ -290,18 +290,18 @@ def run_network(seed: int, stations: int) -> dict:
 
 def print_networks(networks: list[tuple[int, int]]) -> None:
     """The ``--networks`` table: one row per simulated network, then each kind pooled over all of them."""
-    print(f"\n{'seed':>5}{'stations':>9}" + "".join(f"{kind:>13}" for kind in NETWORK_KINDS)
+    print(f"\n{'seed':>5}{'stations':>9}" + "".join(f"{kind:>13}" for kind in SCORED)
           + f"{'ideal drift':>14}{'weather':>9}{'false flags':>13}{'MAE network / none':>21}")
-    pooled = {kind: np.zeros(3) for kind in NETWORK_KINDS}  # true flags, flags, fault days
+    pooled = {kind: np.zeros(3) for kind in SCORED}  # true flags, flags, fault days
     false_flags = 0
-    by_error = {kind: np.zeros((2, len(ERROR_BANDS) + 1), dtype=int) for kind in NETWORK_KINDS}  # days, flagged
+    by_error = {kind: np.zeros((2, len(ERROR_BANDS) + 1), dtype=int) for kind in SCORED}  # days, flagged
     ideal_pooled = {threshold: np.zeros(3) for threshold in IDEAL_THRESHOLDS}
-    delays: dict[str, list[float]] = {kind: [] for kind in NETWORK_KINDS}
+    delays: dict[str, list[float]] = {kind: [] for kind in SCORED}
     for seed, stations in networks:
         result = run_network(seed, stations)
         scores = result["network"]["detector"]
         cells = ""
-        for kind in NETWORK_KINDS:
+        for kind in SCORED:
             score = scores[kind]
             pooled[kind] += [round((score["recall"] or 0.0) * score["days"]), score["flagged"], score["days"]]
             cells += f"{score['f1']:>13.3f}" if score["days"] else f"{'-':>13}"
@@ -318,7 +318,7 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
         false_flags += wrong
         print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{scores['weather_events']['share']:>9.1%}{wrong:>13}"
               f"{mae:>21}", flush=True)
-    print(f"{'pooled':>14}" + "".join(f"{f1_score(*pooled[kind]):>13.3f}" for kind in NETWORK_KINDS)
+    print(f"{'pooled':>14}" + "".join(f"{f1_score(*pooled[kind]):>13.3f}" for kind in SCORED)
           + f"{best_threshold(ideal_pooled):>14}{'':>9}{false_flags:>13}")
     print("F1 on the test period; ideal drift: the best over thresholds (in brackets) of the ideal causal test; "
           "false flags: flagged fault-free days")

@@ -1,0 +1,215 @@
+"""Who a station's neighbours are (the stations whose anomalies best predict its own), and what they say its reading
+should be.
+"""
+
+from __future__ import annotations
+
+from station_forecast import runtime
+from station_forecast.quality_control.robust import nanmedian
+from station_forecast.runtime import lazy_import
+
+np = lazy_import("numpy")
+pd = lazy_import("pandas")
+MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
+EXPECTED_BLOCK = 64  # stations per block of the neighbours' expected values and of the persistences
+
+
+def _pair_statistics(anomaly: np.ndarray, lead: int = 0) -> tuple[np.ndarray, ...]:
+    """Correlation, slope and intercept of every station on every other, and the days they share.
+
+    Pairwise-complete sums by matrix products (no loop over pairs): row i,
+    column j describe predicting station i, ``lead`` days later, from station j
+    on days both have.
+    """
+    target, predictor = (anomaly[lead:], anomaly[:len(anomaly) - lead]) if lead else (anomaly, anomaly)
+    present_t, present_p = ~np.isnan(target), ~np.isnan(predictor)
+    values_t, values_p = np.where(present_t, target, 0.0), np.where(present_p, predictor, 0.0)
+    mask_t, mask_p = present_t.astype(float), present_p.astype(float)
+    shared = mask_t.T @ mask_p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = np.where(shared > 0, shared, np.nan)
+        mean = (values_t.T @ mask_p) / n  # mean of i over days j is present too
+        var = (values_t.T**2 @ mask_p) / n - mean**2
+        if lead:  # mean and variance of j over days i is present too
+            mean_p = (values_p.T @ mask_t).T / n
+            var_p = (values_p.T**2 @ mask_t).T / n - mean_p**2
+        else:  # the same sums with i and j swapped: the transposes, not two more products
+            mean_p, var_p = mean.T, var.T
+        cov = (values_t.T @ values_p) / n - mean * mean_p
+        corr = cov / np.sqrt(var * var_p)
+        slope = cov / var_p
+        intercept = mean - slope * mean_p
+    return corr, slope, intercept, shared
+
+
+def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, list[str]]:
+    """For each station, the stations whose anomaly on a day best predicts its anomaly the next day (at least
+    ``min_correlation``, on the learning days): upwind stations, where today's weather is the station's
+    tomorrow, rank above same-day look-alikes."""
+    corr, _, _, shared = _pair_statistics(anomaly.to_numpy(), lead=1)
+    stations = list(anomaly.columns)
+    usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation)
+    np.fill_diagonal(usable, False)
+    ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
+    return {station: [stations[j] for j in ranked[i] if usable[i, j]] for i, station in enumerate(stations)}
+
+
+def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, dict]:
+    """For each station, its best-correlated stations on the learning days and how they predict it.
+
+    Each neighbour gets a straight line predicting the station from it alone; the
+    chosen neighbours together get a multiple regression, used on days all of
+    them report (more precise than any one line), with the median of the single
+    lines as the fallback on other days.
+    """
+    values = anomaly.to_numpy()
+    corr, slope, intercept, shared = _pair_statistics(values)
+    stations = list(anomaly.columns)
+    usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation) & np.isfinite(slope)
+    np.fill_diagonal(usable, False)
+    ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
+    neighbours = {}
+    for i, station in enumerate(stations):  # one short list and one small regression per station
+        chosen = [j for j in ranked[i] if usable[i, j]]
+        weights, constant = _joint_regression(values[:, i], values[:, chosen])
+        neighbours[station] = {
+            "constant": constant,
+            "buddies": [{"station": stations[j], "correlation": round(float(corr[i, j]), 4),
+                         "slope": round(float(slope[i, j]), 6), "intercept": round(float(intercept[i, j]), 6),
+                         "weight": weight} for j, weight in zip(chosen, weights, strict=True)],
+        }
+    return neighbours
+
+
+def _joint_regression(target: np.ndarray, predictors: np.ndarray) -> tuple[list[float | None], float | None]:
+    """Least-squares weights of the predictors and a constant, on days all of them and the target have;
+    None where there are too few such days."""
+    both = ~np.isnan(target) & ~np.isnan(predictors).any(axis=1)
+    if predictors.shape[1] == 0 or both.sum() < MIN_OVERLAP_DAYS:
+        return [None] * predictors.shape[1], None
+    design = np.column_stack([np.ones(both.sum()), predictors[both]])
+    coefs = np.linalg.lstsq(design, target[both], rcond=None)[0]
+    return [round(float(c), 6) for c in coefs[1:]], round(float(coefs[0]), 6)
+
+
+def neighbour_lines(stations: list[str], neighbours: dict[str, dict]) -> dict[str, np.ndarray] | None:
+    """The neighbours' lines of ``stations`` as arrays, station x neighbour slot: ``index`` (into
+    ``stations``; ``len(stations)`` for an empty slot), ``slope``, ``intercept`` and ``weight`` (0 unless
+    all the station's neighbours are among ``stations``, when its joint regression holds), and per
+    station the joint regression's ``constant`` (NaN where it does not hold). None if no station has a
+    neighbour."""
+    position = {station: i for i, station in enumerate(stations)}
+    width = max((len(v["buddies"]) for v in neighbours.values()), default=0)
+    if width == 0:
+        return None
+    index = np.full((len(stations), width), len(stations))
+    slope, intercept, weight = (np.zeros((len(stations), width)) for _ in range(3))
+    constant = np.full(len(stations), np.nan)
+    for station, found in neighbours.items():
+        if station not in position:
+            continue
+        i = position[station]
+        buddies = [b for b in found["buddies"] if b["station"] in position]
+        complete = found["constant"] is not None and len(buddies) == len(found["buddies"])
+        constant[i] = found["constant"] if complete else np.nan
+        for m, buddy in enumerate(buddies):
+            index[i, m] = position[buddy["station"]]
+            slope[i, m], intercept[i, m] = buddy["slope"], buddy["intercept"]
+            weight[i, m] = buddy["weight"] if complete else 0.0
+    return {"index": index, "slope": slope, "intercept": intercept, "weight": weight, "constant": constant}
+
+
+def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int = 1) -> pd.DataFrame:
+    """Each station's anomaly as its neighbours predict it (NaN where none of them has a reading).
+
+    The joint regression where every neighbour reports, else the median of the
+    single-neighbour lines of those that do (a median, so one odd neighbour
+    cannot move it far). Stations are worked through in blocks of
+    ``EXPECTED_BLOCK`` on ``threads`` threads; each value is the same wherever
+    and with whatever else it was computed.
+    """
+    lines = neighbour_lines(list(anomaly.columns), neighbours)
+    if lines is None:
+        return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
+    # Station by day (each station's days contiguous), so gathering a neighbour's readings copies whole
+    # rows; below them an all-NaN row (an empty slot of a median) and an all-zero row (of the joint sum).
+    days = len(anomaly)
+    padded = np.vstack([anomaly.to_numpy().T, np.full((1, days), np.nan), np.zeros((1, days))])
+    joint = np.empty((anomaly.shape[1], days))
+    rows = [slice(begin, begin + EXPECTED_BLOCK) for begin in range(0, anomaly.shape[1], EXPECTED_BLOCK)]
+    runtime.Threads(threads).map(_expected_rows, rows, padded=padded, lines=lines, out=joint)
+    return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns)
+
+
+def nearest_line_distance(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
+    """How far each station's anomaly is from the nearest of its neighbours' single lines that day (NaN
+    where none of them reports): small for a reading that agrees with any one neighbour, large only for
+    one at odds with them all, which one faulty neighbour cannot make it."""
+    lines = neighbour_lines(list(anomaly.columns), neighbours)
+    if lines is None:
+        return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
+    # Station by day, as in expected_anomaly: a neighbour's readings are one whole row; the last row is an
+    # empty slot's.
+    padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
+    own, nearest = padded[:-1], np.full((anomaly.shape[1], len(anomaly)), np.nan)
+    for m in range(lines["index"].shape[1]):
+        predicted = padded[lines["index"][:, m]]
+        predicted *= lines["slope"][:, m, None]
+        predicted += lines["intercept"][:, m, None]
+        np.fmin(nearest, np.abs(np.subtract(own, predicted, out=predicted), out=predicted), out=nearest)
+    return pd.DataFrame(nearest.T, index=anomaly.index, columns=anomaly.columns)
+
+
+def outside_the_lines(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
+    """How far each station's anomaly lies beyond the range its neighbours' single lines span that day: 0
+    for a reading between them (a front that split the neighbours, the station on one side of it or in
+    the middle), the distance to the nearest line for one beyond them all; NaN where none reports."""
+    lines = neighbour_lines(list(anomaly.columns), neighbours)
+    if lines is None:
+        return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
+    padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
+    own = padded[:-1]
+    lowest, highest = (np.full((anomaly.shape[1], len(anomaly)), np.nan) for _ in range(2))
+    for m in range(lines["index"].shape[1]):
+        predicted = padded[lines["index"][:, m]] * lines["slope"][:, m, None] + lines["intercept"][:, m, None]
+        np.fmin(lowest, predicted, out=lowest)
+        np.fmax(highest, predicted, out=highest)
+    beyond = np.fmax(np.fmax(own - highest, lowest - own), 0.0)
+    beyond[np.isnan(lowest) | np.isnan(own)] = np.nan
+    return pd.DataFrame(beyond.T, index=anomaly.index, columns=anomaly.columns)
+
+
+def _expected_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:
+    """``expected_anomaly`` of the stations ``rows`` into ``out[rows]``: one neighbour slot at a time (not a
+    station x neighbour x day array), the same sums in the same order, a fraction of the memory traffic."""
+    index, weight = lines["index"][rows], lines["weight"][rows]
+    empty = len(padded) - 2
+    summed = np.where(index == empty, empty + 1, index)  # an empty slot adds 0 (its weight is 0)
+    total, missing = None, np.zeros((len(index), padded.shape[1]), dtype=bool)
+    for m in range(index.shape[1]):
+        readings = padded[summed[:, m]]
+        missing |= np.isnan(readings)
+        readings *= weight[:, m, None]
+        total = readings if total is None else np.add(total, readings, out=total)
+    joint = np.add(lines["constant"][rows, None], total, out=total)
+    joint[missing] = np.nan
+    fallback = np.isnan(joint)  # the median is needed on these station-days only: usually a few
+    if fallback.any():
+        station = np.nonzero(fallback)[0]  # of each such station-day, in row order as below
+        single = np.empty((len(station), index.shape[1]))
+        for m in range(index.shape[1]):
+            single[:, m] = padded[index[:, m]][fallback]
+        single *= lines["slope"][rows][station]
+        single += lines["intercept"][rows][station]
+        joint[fallback] = nanmedian(single, axis=1)  # NaN on days when no neighbour has a reading
+    out[rows] = joint
+
+
+def network_departures(observed: pd.DataFrame, climatology: pd.DataFrame, neighbours: dict[str, dict],
+                        leave_out: pd.DataFrame | None, threads: int = 1) -> dict:
+    """Expected value and departure of every reading (its ``climatology`` plus the anomaly its
+    ``neighbours`` predict), from the neighbours' readings (less ``leave_out``)."""
+    anomaly = observed - climatology
+    buddies = anomaly if leave_out is None else anomaly.mask(leave_out)
+    expected = climatology + expected_anomaly(buddies, neighbours, threads)
+    return {"expected": expected, "departure": observed - expected}

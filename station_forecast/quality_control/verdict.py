@@ -1,0 +1,288 @@
+"""The verdict on every reading (a kind of fault or none, with a confidence) and the repair of confident faults, from
+what learning found.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from station_forecast import runtime
+from station_forecast.compute import Pool
+from station_forecast.flags import FAULTS, VERDICT_CODES, Flag
+from station_forecast.quality_control.checks import (
+    RAMP_LAGS,
+    STEP_LAGS,
+    change_evidence,
+    departure_innovation,
+    explained_innovations,
+    explained_readings,
+    held,
+    mean_since,
+    reading_facts,
+    recent_evidence,
+    storminess,
+    stuck_test,
+    trailing_median,
+)
+from station_forecast.quality_control.climatology import ALL_MONTHS, climatology_at
+from station_forecast.quality_control.neighbours import nearest_line_distance, network_departures, outside_the_lines
+from station_forecast.runtime import lazy_import
+
+np = lazy_import("numpy")
+pd = lazy_import("pandas")
+CONFIDENCE_SLOPE = 2.0
+SPLIT_SHARE = 0.5  # a spike lies beyond all its neighbours' lines by at least this share of spike_threshold
+# A reading further than this many robust standard deviations of its departure from the nearest of its
+# neighbours' lines is beyond any weather: on twelve simulated networks (380,000 fault-free station-days,
+# regional cold snaps and heat waves included) none was further than 8.3. A joint regression weight of 0.3
+# passes a fault on to a neighbour at 0.3 times its size, which makes a false shift from about 15.
+BEYOND_WEATHER = 12.0
+# A shift or drift is flagged only while the mean departure of the last RECENT_DAYS days still
+# carries it, at least RECENT_Z standard deviations of such a mean from zero.
+RECENT_DAYS = 7
+RECENT_Z = 2.5
+# A shift or drift is flagged only while the last week's mean departure from the neighbours is beyond this many
+# robust standard deviations of the (daily) departure: on real networks the departure wanders that far for days
+# or weeks with the local weather (snow cover, a lake breeze, cold air pooling in one valley), which a test for
+# a step or ramp cannot tell from a fault; a fault that small costs a forecast little.
+LEAST_SHIFT = 2.0
+VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
+CODE = {kind: code for code, kind in enumerate(VERDICT_CODES)}
+
+
+class StationValues(NamedTuple):
+    """What the verdict reads of each station, as learned: one value per station in each field."""
+
+    departure_scale: pd.Series
+    persistence: pd.Series
+    innovation_scale: pd.Series
+    jump_scale: pd.Series
+    gross_threshold: pd.Series
+    repeat_share: pd.Series
+    seen_months: pd.Series
+
+
+VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "repair_confidence",
+                    "climate_margin", "onsets"]
+
+
+def confidence(excess: pd.DataFrame | np.ndarray) -> np.ndarray:
+    """0.5 at a flag's threshold (``excess`` 0), towards 1 beyond it: odds times e^CONFIDENCE_SLOPE per unit."""
+    return 1.0 / (1.0 + np.exp(-CONFIDENCE_SLOPE * np.clip(np.asarray(excess, dtype=float), -30, 30)))
+
+
+def local_threads(pool: Pool | None) -> int:
+    """Threads of this process for the work that stays here (all of it when ``pool`` is a cluster's, whose
+    workers get only the verdict's blocks): the pool's own when it is threads, else one."""
+    return pool.threads if pool is not None and not pool.cluster else 1
+
+
+def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:
+    return pd.Series({s: detector["stations"].get(s, {}).get(key, np.nan) for s in stations}, dtype=float)
+
+
+def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, second_pass: bool = True,
+           onsets: bool = False, facts: dict[str, pd.DataFrame] | None = None) -> dict[str, pd.DataFrame]:
+    """Flag every reading and repair the confident faults (date x station tables).
+
+    Returns ``flag`` (none, missing, or a kind of fault), ``confidence`` (of
+    flags only), ``score`` (the robust z-score of the departure from the
+    expected value; of the jump from the days before where a station has no
+    neighbours), ``expected`` and ``repaired``. With ``onsets`` (what learning
+    needs), only ``flag`` and ``onset``: for a level shift or drift, the row
+    where the test estimates it began; -1 elsewhere. ``facts``: ``reading_facts`` of ``observed``, if
+    already known.
+    """
+    stations = observed.columns
+    coefs = pd.DataFrame({s: e["climatology"] for s, e in detector["stations"].items()
+                          if "climatology" in e and s in stations})
+    climatology = climatology_at(coefs.reindex(columns=[s for s in stations if s in coefs]), observed.index,
+                                 stations)
+    neighbours = {s: e["neighbours"] for s, e in detector["stations"].items()}
+    detector = {**detector, "onsets": onsets}
+    facts = facts if facts is not None else reading_facts(observed, detector["window"])
+    threads = local_threads(pool)
+    # How far each reading is from its climatology, in robust standard deviations of the station's anomalies
+    # (NaN without a learned scale); a reading beyond any climate speaks for no neighbour, in any pass.
+    anomaly = observed - climatology
+    climate_z = anomaly.abs() / _station_table(detector, stations, "anomaly_scale")
+    left_out = climate_z > detector["climate_margin"]
+    facts = {**facts, "climate_z": climate_z}
+    affected = observed.columns[left_out.to_numpy().any(axis=0)]
+    if len(affected):  # a jump is measured from the days before that were weather, not codes
+        # Column by column, so only the few stations with such readings need their median again.
+        reference = facts["reference"].copy()
+        reference[affected] = trailing_median(observed[affected].mask(left_out[affected]), detector["window"])
+        facts["reference"] = reference
+    # In departure scales, how far each reading lies beyond all its neighbours' lines (0 between them).
+    facts["outside_z"] = outside_the_lines(anomaly.mask(left_out), neighbours) \
+        / _station_table(detector, stations, "departure_scale")
+    if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
+        left_out = left_out | (nearest_line_distance(anomaly, neighbours)
+                               > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
+    result = _classify(observed, facts, detector,
+                       network_departures(observed, climatology, neighbours, left_out, threads), pool)
+    if second_pass:  # readings the first pass flagged do not speak for their neighbours
+        network = network_departures(observed, climatology, neighbours, result["flag"].isin(FAULTS), threads)
+        explained = explained_readings(result["flag"], network["departure"])
+        result = _classify(observed, {**facts, "explained": explained}, detector, network, pool)
+    return result
+
+
+def _classify(observed: pd.DataFrame, facts: dict[str, pd.DataFrame], detector: dict, network: dict,
+              pool: Pool | None) -> dict[str, pd.DataFrame]:
+    """The verdict on every reading, given the departures from the neighbours. Only the day's storminess
+    needs the whole network; the rest is station by station, so above ``VERDICT_BLOCK`` stations it runs
+    in blocks on the pool's threads or workers (the same values as in one piece)."""
+    stations = observed.columns
+    learned = {key: _station_table(detector, stations, key) for key in StationValues._fields}
+    # A station with no learning days at all gets the checks of the typical station.
+    for key in ("jump_scale", "gross_threshold", "repeat_share"):
+        learned[key] = learned[key].fillna(learned[key].median())
+    learned["seen_months"] = learned["seen_months"].fillna(ALL_MONTHS)
+    per_station = StationValues(**learned)
+    innovation = departure_innovation(network["departure"], per_station.persistence, per_station.departure_scale)
+    tables = {"observed": observed, "departure": network["departure"], "expected": network["expected"],
+              "innovation": innovation, **facts}
+    beyond_climate = facts["climate_z"] > detector["climate_margin"]  # no weather: not the day's storminess
+    day = storminess((innovation / per_station.innovation_scale).mask(beyond_climate))
+    settings = {key: detector[key] for key in VERDICT_SETTINGS}
+    if pool is None or len(stations) <= VERDICT_BLOCK or not (pool.cluster or pool.threads > 1):
+        return verdict((tables, per_station), day, settings, pool)
+    # On threads, two blocks per thread: every step of the verdict runs in parallel, not only the change
+    # tests, and the threads finish together.
+    size = VERDICT_BLOCK if pool.cluster else -(-len(stations) // (2 * pool.threads))
+    blocks = runtime.chunks(stations, size)
+    parts = pool.map(verdict, runtime.OnDemand(
+        lambda i: ({key: table[blocks[i]] for key, table in tables.items()},
+                   StationValues(*(values[blocks[i]] for values in per_station))), len(blocks)),
+        day=pool.share(day), settings=settings)
+    return {key: pd.concat([part[key] for part in parts], axis=1) for key in parts[0]}
+
+
+def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series, settings: dict,
+            pool: Pool | None = None) -> dict[str, pd.DataFrame]:
+    """``_classify`` for some stations: (their date x station tables, their learned values), the day's
+    storminess over the whole network, and the detector's thresholds; ``pool`` runs the change tests."""
+    tables, per_station = block
+    observed, departure, expected, innovation = (tables[key] for key in ("observed", "departure", "expected",
+                                                                         "innovation"))
+    stations = observed.columns
+    scale, persistence, innovation_scale = (per_station.departure_scale, per_station.persistence,
+                                            per_station.innovation_scale)
+    jump_scale, gross_threshold = per_station.jump_scale, per_station.gross_threshold
+    share, seen_months = per_station.repeat_share, per_station.seen_months
+    z = departure / scale
+    innovation_z = innovation / innovation_scale
+    summed, latest = innovation, None
+    if "explained" in tables:
+        summed, latest = explained_innovations(innovation, departure, tables["explained"])
+        latest = (latest / innovation_scale).div(day, axis=0)
+    calm = (summed / innovation_scale).div(day, axis=0)
+    step_z, step_lag = change_evidence(calm, persistence, STEP_LAGS, "step", pool, latest)
+    ramp_z, ramp_lag = change_evidence(calm, persistence, RAMP_LAGS, "ramp", pool, latest)
+    drifting = ramp_z.abs() > step_z.abs()
+    # The offset to remove: the mean departure since a step began; twice it since a ramp began.
+    since = mean_since(departure, np.where(drifting, ramp_lag, step_lag))
+    offset = since.mask(drifting, 2 * since)
+    reference = tables["reference"]
+    jump_z = (observed - reference) / jump_scale
+
+    shift_z = np.maximum(step_z.abs(), ramp_z.abs())
+    # Persistent: strong evidence of a step or ramp that today's reading still carries; once
+    # found, it stays flagged while the evidence stays above half the threshold.
+    recent = recent_evidence(departure.div(day, axis=0) / scale, persistence, RECENT_DAYS)
+    carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs()) \
+        & (np.sign(recent) == np.sign(offset)) & (recent.abs() > RECENT_Z) \
+        & ((departure / scale).rolling(RECENT_DAYS, min_periods=(RECENT_DAYS + 1) // 2).mean().abs()
+           > LEAST_SHIFT)
+    # In a month a station never saw while learning, its climatology is taken from its neighbours and
+    # may be off by a degree or two for weeks: a slow departure there is no evidence of a fault.
+    month_bit = 1 << (observed.index.month.to_numpy() - 1)
+    unseen = (seen_months.to_numpy().astype(int)[None, :] & month_bit[:, None]) == 0
+    carries &= ~unseen
+    persistent = held(carries & (shift_z > settings["shift_threshold"]),
+                      carries & (shift_z > 0.5 * settings["shift_threshold"]))
+    # A spike: a sudden departure that today's reading carries, alone or on top of a shift or drift.
+    # Not a spike: a reading between its neighbours' lines, or near one of them (a front splits them, or
+    # cold air pools on one side of a ridge: the station agrees with some neighbours and not others).
+    split = tables["outside_z"] <= SPLIT_SHARE * settings["spike_threshold"]
+    spike = (innovation_z.abs() > settings["spike_threshold"]) & (np.sign(innovation) == np.sign(departure)) \
+        & (departure.abs() >= 0.5 * innovation.abs()) & ~split \
+        & (~persistent | ((departure - offset).abs() > settings["spike_threshold"] * innovation_scale))
+    # Gross: a jump no weather of the station makes, or a reading beyond its climate however many agree.
+    climate_excess = tables["climate_z"] - settings["climate_margin"]
+    gross = (jump_z.abs() > gross_threshold) | (climate_excess > 0)
+
+    stuck, stuck_score = stuck_test(tables["run"], tables["start"], z, share, settings["stuck_threshold"])
+
+    # The verdict as a code per reading (integer comparisons, not text, from here on): VERDICT_CODES[code].
+    missing = observed.isna().to_numpy()
+    persistent = persistent.to_numpy()
+    # Gross before stuck: a missing-value code written on several days in a row is a code, not a sensor.
+    code = np.select([missing, gross.to_numpy(), stuck.to_numpy(), spike.to_numpy(),
+                      persistent & drifting.to_numpy(), persistent],
+                     [CODE[Flag.MISSING], CODE[Flag.GROSS], CODE[Flag.STUCK], CODE[Flag.SPIKE], CODE[Flag.DRIFT],
+                      CODE[Flag.LEVEL_SHIFT]], CODE[Flag.NONE])
+
+    def frame(values: np.ndarray) -> pd.DataFrame:  # text stays object: a string column costs 5x to make
+        return pd.DataFrame(values, index=observed.index, columns=stations, dtype=values.dtype)
+
+    flag = frame(np.array([kind.value for kind in VERDICT_CODES], dtype=object)[code])
+    if settings["onsets"]:  # learning needs only which readings to trust, and since when
+        began = np.arange(len(observed))[:, None] - np.where(drifting, ramp_lag, step_lag)
+        return {"flag": flag, "onset": frame(np.where(persistent, began, -1))}
+
+    fault = np.isin(code, [CODE[kind] for kind in FAULTS])
+    shifted = np.isin(code, [CODE[Flag.LEVEL_SHIFT], CODE[Flag.DRIFT]])
+    excess = np.select(
+        [code == CODE[Flag.SPIKE], shifted, code == CODE[Flag.GROSS], code == CODE[Flag.STUCK]],
+        [innovation_z.abs().to_numpy() - settings["spike_threshold"],
+         shift_z.to_numpy() - settings["shift_threshold"],
+         np.fmax(jump_z.abs().to_numpy() - gross_threshold.to_numpy(), climate_excess.to_numpy()),
+         stuck_score.to_numpy()], np.nan)
+    # A reading that far from what its neighbours say is a confident fault, whatever its kind.
+    excess = np.fmax(excess, np.where(fault, z.abs().to_numpy() - settings["spike_threshold"], np.nan))
+    sure = np.where(fault, confidence(excess), np.nan)
+
+    fallback = expected.fillna(reference).to_numpy()
+    confident = sure >= settings["repair_confidence"]
+    values = observed.to_numpy()
+    repaired = np.where(confident & fault & ~shifted, fallback, values)
+    repaired = np.where(confident & shifted, values - offset.to_numpy(), repaired)
+    repaired = np.where(missing, fallback, repaired)
+    score = z.abs().fillna(jump_z.abs())
+    return {"flag": flag, "confidence": frame(sure), "score": score, "expected": frame(fallback),
+            "repaired": frame(repaired)}
+
+
+def shared_values(observed: pd.DataFrame, flag: pd.DataFrame, least_stations: int = 2) -> pd.DataFrame:
+    """Values flagged gross that at least ``least_stations`` stations read exactly on the same day: probable
+    missing-value codes an archive writes. Per value (rounded to 0.01), the most stations that read it on one
+    day, and its readings and days in all (flagged or not), most readings first."""
+    gross = flag.eq(Flag.GROSS).to_numpy()
+    rows, columns = np.nonzero(gross)
+    found = pd.DataFrame({"value": np.round(observed.to_numpy()[rows, columns], 2), "row": rows})
+    per_day = found.groupby(["value", "row"]).size()
+    shared = per_day[per_day >= least_stations]
+    if shared.empty:
+        return pd.DataFrame(columns=["most_stations", "readings", "days"])
+    values = shared.index.get_level_values("value").unique()
+    rounded = np.round(observed.to_numpy(), 2)
+    every = {value: np.nonzero(rounded == value) for value in values}
+    return pd.DataFrame({
+        "most_stations": shared.groupby(level="value").max(),
+        "readings": pd.Series({value: len(where[0]) for value, where in every.items()}),
+        "days": pd.Series({value: len(np.unique(where[0])) for value, where in every.items()}),
+    }).sort_values(["readings", "most_stations"], ascending=False)
+
+
+def no_detection(observed: pd.DataFrame, window: int) -> dict[str, pd.DataFrame]:
+    """The verdict with quality control switched off: nothing flagged, missing days filled with the
+    median of the days before them so the features stay defined."""
+    reference = trailing_median(observed, window)
+    flag = pd.DataFrame(np.where(observed.isna(), Flag.MISSING.value, Flag.NONE.value), index=observed.index,
+                        columns=observed.columns)
+    empty = pd.DataFrame(np.nan, index=observed.index, columns=observed.columns)
+    return {"flag": flag, "confidence": empty, "score": empty, "expected": reference,
+            "repaired": observed.fillna(reference)}

@@ -795,3 +795,26 @@ def test_the_package_imports_only_downward_and_never_in_a_circle():
 
     circles = [module for module in modules if reaches(module, module, set())]
     assert not circles, f"imports go round in a circle through {circles}"
+
+
+def test_every_link_in_the_readme_and_docs_leads_to_a_file_and_heading_that_exist():
+    """The README is the map: each of its links, and each link between the docs, leads somewhere."""
+    import re
+
+    def anchors(page) -> set[str]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # a '#' comment in code is no heading
+        return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                for line in text.splitlines() if line.startswith("#")}
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # a web address
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+    assert len(pages) > 5 and "docs/stages.md" in (ROOT / "README.md").read_text()

@@ -29,7 +29,6 @@ accepted model is then left as it was.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 from station_forecast import (
     cli,
@@ -40,13 +39,13 @@ from station_forecast import (
     registry,
     report,
     runtime,
+    scoring,
     storage,
 )
 from station_forecast.errors import PipelineError
 from station_forecast.features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
-from station_forecast.flags import FAULTS, INJECTED, Flag
+from station_forecast.flags import INJECTED, Flag
 from station_forecast.params import Params, load_params
-from station_forecast.report import PREDICTORS
 from station_forecast.runtime import log
 from station_forecast.storage import Paths
 
@@ -137,135 +136,6 @@ def _repeats_a_day(station: pd.Series, days: np.ndarray) -> bool:
     return bool(pd.DataFrame({"station": codes, "day": days}).duplicated().any())
 
 
-def score(actual: np.ndarray, predicted: np.ndarray) -> dict:
-    error = predicted - actual
-    total = np.sum((actual - actual.mean()) ** 2)
-    return {
-        "n": len(actual),
-        "mae": round(float(np.mean(np.abs(error))), 4),
-        "rmse": round(float(np.sqrt(np.mean(error**2))), 4),
-        "r2": round(float(1 - np.sum(error**2) / total), 4) if total > 0 else None,
-    }
-
-
-def forecast_scores(frame: pd.DataFrame, actual: str) -> dict:
-    """Scores of every predictor against ``actual``: overall, by station group, per station.
-
-    Within a group every predictor is scored on the same rows; climatology only
-    where it exists (stations seen in training), so its group leaves the others out.
-    """
-    rows = frame.dropna(subset=[actual])
-    result = {group: {p: score(part[actual].to_numpy(), part[p].to_numpy()) for p in predictors}
-              for group, (part, predictors) in station_groups(rows).items() if len(part)}
-    result["per_station"] = {
-        station: {p: score(part[actual], part[p]) for p in PREDICTORS if not np.isnan(part[p]).any()}
-        for station, part in by_station(rows, [actual, *PREDICTORS])
-    }
-    return result
-
-
-def station_groups(rows: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str]]]:
-    """The groups of rows scored, each with the predictors scored on it. Climatology and drift exist only for
-    stations seen in training: with held-out stations, all stations are scored on model and persistence,
-    and the trained and held-out ones apart; without, all stations on every predictor (a trained group
-    would repeat it)."""
-    trained = rows[BASELINE_COLUMNS].notna().all(axis=1)
-    if trained.all():
-        return {"all_stations": (rows, PREDICTORS)}
-    return {"all_stations": (rows, ["model", "persistence"]), "trained_stations": (rows[trained], PREDICTORS),
-            "holdout_stations": (rows[~trained], ["model", "persistence"])}
-
-
-def by_station(rows: pd.DataFrame, columns: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Each station's values of ``columns`` as arrays, stations by name, rows in their order: what
-    ``groupby("station")`` gives, without making a table per station (most of the scoring time at a
-    thousand stations)."""
-    codes, names = pd.factorize(rows["station"], sort=True)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-    arrays = {column: rows[column].to_numpy(dtype=float)[order] for column in columns}
-    for i, name in enumerate(names):
-        yield name, {column: values[bounds[i]:bounds[i + 1]] for column, values in arrays.items()}
-
-
-def pinball_loss(actual: np.ndarray, quantile: np.ndarray, alpha: float) -> float:
-    """The mean quantile (pinball) loss of forecasting the ``alpha`` quantile; scikit-learn's
-    ``mean_pinball_loss``, without its input checks, which cost more than the sum at a thousand stations."""
-    diff = actual - quantile
-    above = (diff >= 0).astype(diff.dtype)
-    return float(np.mean(alpha * above * diff - (1 - alpha) * (1 - above) * diff))
-
-
-def interval_score(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float) -> dict:
-    """Coverage, mean width and pinball loss of a central ``level`` interval.
-
-    The pinball loss is the mean of the two bounds' quantile losses; lower is
-    better, and it punishes both a band that misses and one that is too wide.
-    """
-    tail = (1 - level) / 2
-    pinball = (pinball_loss(actual, lower, tail) + pinball_loss(actual, upper, 1 - tail)) / 2
-    return {
-        "n": len(actual),
-        "coverage": round(float(np.mean((actual >= lower) & (actual <= upper))), 4),
-        "below": round(float(np.mean(actual < lower)), 4),
-        "above": round(float(np.mean(actual > upper)), 4),
-        "width": round(float(np.mean(upper - lower)), 4),
-        "pinball": round(float(pinball), 4),
-    }
-
-
-def interval_scores(frame: pd.DataFrame, actual: str, level: float) -> dict:
-    """Interval scores of the model's and persistence's bands, overall, by group and per station."""
-    rows = frame.dropna(subset=[actual])
-
-    def both(part: pd.DataFrame) -> dict:
-        y = part[actual].to_numpy()
-        return {p: interval_score(y, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(), level)
-                for p in ("model", "persistence")}
-
-    result = {group: both(part) for group, (part, _) in station_groups(rows).items() if len(part)}
-    result["per_station"] = {
-        station: interval_score(part[actual], part["model_lower"], part["model_upper"], level)
-        for station, part in by_station(rows, [actual, "model_lower", "model_upper"])
-    }
-    return result
-
-
-def detector_scores(flags: pd.DataFrame) -> dict:
-    """Point-wise precision, recall and F1 of the flags against the injected labels.
-
-    Missing days are left out (they are known, not detected). For one kind,
-    precision counts only flags on days of that kind or on normal days, so other
-    kinds' anomalies neither help nor hurt it.
-    """
-    days = flags[flags["anomaly"] != "missing"]
-    flagged = days["flag"].isin(FAULTS).to_numpy()
-
-    def prf(positive: np.ndarray, considered: np.ndarray) -> dict:
-        tp = int((flagged & positive & considered).sum())
-        n_flagged, n_positive = int((flagged & considered).sum()), int((positive & considered).sum())
-        precision = tp / n_flagged if n_flagged else None
-        recall = tp / n_positive if n_positive else None
-        f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
-        return {"days": n_positive, "flagged": n_flagged, "precision": _round(precision),
-                "recall": _round(recall), "f1": _round(f1)}
-
-    label = days["anomaly"].to_numpy()
-    normal = label == "none"
-    result = {"any": prf(~normal, np.ones_like(normal))}
-    for kind in INJECTED:
-        if kind != "missing":
-            result[kind] = prf(label == kind, normal | (label == kind))
-    weather = normal & (days["event"] != "none").to_numpy()
-    result["weather_events"] = {"days": int(weather.sum()), "flagged": int((flagged & weather).sum()),
-                                "share": _round(float((flagged & weather).mean() / weather.mean()))
-                                if weather.any() else None}
-    return result
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
 
 def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict,
                 pool: compute.Pool | None = None) -> pd.DataFrame:
@@ -331,48 +201,6 @@ def forecast_block(rows: pd.DataFrame, estimators: dict) -> np.ndarray:
     return forecasts
 
 
-def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, level: float) -> dict:
-    metrics: dict = {"forecast": {}, "interval": {"level": level}, "stations": int(frame["station"].nunique())}
-    references = ["truth", "observed", "accepted"] if truth is not None else ["observed", "accepted"]
-    if truth is not None:
-        labelled = flags.merge(truth, on=["station", "date"], how="left")
-        metrics["detector"] = detector_scores(labelled)
-    else:
-        metrics["detector"] = {"skipped": "no ground-truth labels for these stations"}
-    for reference in references:
-        column = report.REFERENCE_COLUMNS[reference]
-        metrics["forecast"][reference] = forecast_scores(frame, column)
-        metrics["interval"][reference] = interval_scores(frame, column, level)
-    metrics["gate_reference"] = "truth" if truth is not None else "observed"
-    metrics["by_step"] = step_scores(frame, metrics["gate_reference"], level)
-    return metrics
-
-
-def step_scores(frame: pd.DataFrame, reference: str, level: float) -> dict:
-    """Per step ahead, against ``reference``: the scores of the model and every baseline on the same rows
-    (stations seen in training, where every baseline exists), and the model's and persistence's bands."""
-    column = report.REFERENCE_COLUMNS[reference]
-    rows = frame.dropna(subset=[column])
-    rows = rows[rows[BASELINE_COLUMNS].notna().all(axis=1).to_numpy()]
-    result = {}
-    for step, part in rows.groupby("step"):
-        actual = part[column].to_numpy()
-        result[str(int(step))] = {
-            "forecast": {p: score(actual, part[p].to_numpy()) for p in PREDICTORS},
-            "interval": {p: interval_score(actual, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(),
-                                           level) for p in ("model", "persistence")},
-        }
-    return result
-
-
-def gate(metrics: dict, min_improvement: float) -> tuple[bool, str]:
-    overall = metrics["forecast"][metrics["gate_reference"]]["all_stations"]
-    model, persistence = overall["model"]["mae"], overall["persistence"]["mae"]
-    limit = persistence * (1 - min_improvement)
-    verdict = (f"model MAE {model:.3f} vs persistence {persistence:.3f} "
-               f"({metrics['gate_reference']} reference; must be below {limit:.3f})")
-    return model < limit, verdict
-
 
 def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict,
                  flagged: pd.DataFrame) -> None:
@@ -394,10 +222,11 @@ def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict,
 
 
 def main(args) -> None:
-    paths = Paths(args.root)
+    """Evaluate, gate, and accept the model on passing; with ``--restore``, only ``restore``."""
     if args.restore:
-        registry.restore_previous(paths)
+        restore(args)
         return
+    paths = Paths(args.root)
     params: Params = load_params(args.params)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         _, bundle, record = load_verified(paths)
@@ -409,9 +238,9 @@ def main(args) -> None:
             truth = truth[(truth["date"] >= flags["date"].min()).to_numpy()].reset_index(drop=True)
         frame = predictions(test, flags, truth, bundle, pool)
     source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
-    metrics = evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
+    metrics = scoring.evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
     metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))
-    passed, verdict = gate(metrics, params["evaluation"]["gate_min_improvement"])
+    passed, verdict = scoring.gate(metrics, params["evaluation"]["gate_min_improvement"])
     metrics.update(model=record["chosen"], gate={"passed": passed, "verdict": verdict},
                    model_sha256=storage.sha256_file(paths.model))
     storage.write_json(paths.metrics, metrics)
@@ -434,6 +263,12 @@ def main(args) -> None:
                           [*outputs, *(file for folder in sets for file in sorted(folder.iterdir()))],
                           gate_passed=True, folders=[paths.truth, paths.reports, paths.sets, *sets], links=links)
     log.info("quality gate passed: %s; accepted into %s", verdict, paths.accepted)
+
+
+def restore(args) -> None:
+    """The stage's second command, ``--restore``: swap models/accepted with models/previous (undo the last
+    acceptance). Nothing is evaluated, and the parameters are not read."""
+    registry.restore_previous(Paths(args.root))
 
 
 def parser():

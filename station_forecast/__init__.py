@@ -13,7 +13,8 @@ storage     storage, manifest, registry       where every artifact lives, how it
 compute     compute                           where chunks of work run: this process's threads or a
                                               Dask cluster
 domain      quality_control, features,        the detector, the features and the forecaster, the
-            report                            report's tables and figures
+            report, scoring                   report's tables and figures, how forecasts, intervals
+                                              and the detector are scored
 entry       cli                               how a stage runs from the command line: the lock,
                                               signals, one clear line on failure
 ==========  ================================  =========================================================
@@ -27,6 +28,6 @@ LAYERS = {
     "runtime": ["runtime"],
     "storage": ["storage", "manifest", "registry"],
     "compute": ["compute"],
-    "domain": ["quality_control", "features", "report"],
+    "domain": ["quality_control", "features", "report", "scoring"],
     "entry": ["cli"],
 }

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, model_testing, run_stage, snapshot, write_params
 
-from station_forecast import errors, manifest, storage
+from station_forecast import errors, manifest, scoring, storage
 
 
 def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
@@ -31,7 +31,7 @@ def test_detector_scores_per_kind():
         "anomaly": ["spike", "spike", "none", "stuck", "drift", "missing", "none", "drift", "none"],
         "event": ["none", "none", "cold_snap", "none", "none", "none", "heat_wave", "none", "none"],
     })
-    scores = model_testing.detector_scores(flags)
+    scores = scoring.detector_scores(flags)
     assert scores["any"] == {"days": 5, "flagged": 4, "precision": 0.75, "recall": 0.6, "f1": 0.6667}
     # for spikes only spike days and normal days count: 1 of 2 flags right, 1 of 2 spikes found
     assert scores["spike"]["precision"] == 0.5 and scores["spike"]["recall"] == 0.5
@@ -43,7 +43,7 @@ def test_detector_scores_per_kind():
 
 def test_score_matches_definitions():
     actual, predicted = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 3.0, 2.0])
-    assert model_testing.score(actual, predicted) == {"n": 4, "mae": 0.75, "rmse": round(np.sqrt(5 / 4), 4), "r2": 0.0}
+    assert scoring.score(actual, predicted) == {"n": 4, "mae": 0.75, "rmse": round(np.sqrt(5 / 4), 4), "r2": 0.0}
 
 
 
@@ -201,7 +201,7 @@ def test_restore_refuses_a_damaged_backup(project, capsys):
 def test_interval_score_matches_definitions():
     actual = np.array([0.0, 1.0, 2.0, 10.0])
     lower, upper = np.array([-1.0, 0.0, 2.5, 0.0]), np.array([1.0, 2.0, 3.5, 4.0])
-    s = model_testing.interval_score(actual, lower, upper, 0.9)
+    s = scoring.interval_score(actual, lower, upper, 0.9)
     assert (s["coverage"], s["below"], s["above"], s["width"]) == (0.5, 0.25, 0.25, 2.25)
     # a reading beyond a bound costs 0.95 per degree; one inside costs 0.05 per degree from the bound
     lower_loss = (0.05 * 1 + 0.05 * 1 + 0.95 * 0.5 + 0.05 * 10) / 4
@@ -447,7 +447,7 @@ def test_pinball_loss_is_scikit_learns():
     rng = np.random.default_rng(3)
     actual, quantile = rng.normal(size=500), rng.normal(size=500)
     for alpha in (0.05, 0.5, 0.95):
-        assert model_testing.pinball_loss(actual, quantile, alpha) == pytest.approx(
+        assert scoring.pinball_loss(actual, quantile, alpha) == pytest.approx(
             mean_pinball_loss(actual, quantile, alpha=alpha), rel=1e-12)
 
 

@@ -8,8 +8,9 @@ base        errors, files, flags, steps,      exit codes, the checks every input
             params                            flags a reading can carry, time steps, the parameters
 runtime     runtime                           threads, memory, progress, lazy imports, the thread pool
                                               (standard library only)
-storage     storage, manifest, registry       where every artifact lives, how it is written and read
-                                              safely, what each stage ran with, accepted model sets
+storage     storage, station_files,           where every artifact lives, how it is written and read
+            manifest, registry                safely, the one reader of station files, what each stage
+                                              ran with, accepted model sets
 compute     compute                           where chunks of work run: this process's threads or a
                                               Dask cluster
 domain      quality_control, features,        the detector, the features and the forecaster, the
@@ -26,7 +27,7 @@ sit above them and are never imported by a stage.
 LAYERS = {
     "base": ["errors", "files", "flags", "steps", "params"],
     "runtime": ["runtime"],
-    "storage": ["storage", "manifest", "registry"],
+    "storage": ["storage", "station_files", "manifest", "registry"],
     "compute": ["compute"],
     "domain": ["quality_control", "features", "report", "scoring"],
     "entry": ["cli"],

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import model_preparation, model_preprocessing, run_stage, snapshot
 
-from station_forecast import errors, features, manifest, quality_control, storage
+from station_forecast import errors, features, manifest, quality_control, station_files, storage
 from station_forecast.features import FEATURES
 from station_forecast.flags import Flag
 from station_forecast.params import load_params
@@ -131,10 +131,10 @@ def test_missing_input_folder_fails_cleanly_and_changes_nothing(project, capsys)
 def test_good_station_file_and_extra_column(tmp_path, caplog):
     path = tmp_path / "ST001.csv"
     path.write_text(GOOD)
-    table = model_preprocessing.read_station_csv(path, -90.0, 60.0)
+    table = station_files.read_station_csv(path, -90.0, 60.0)
     assert table["temperature"].isna().sum() == 1 and len(table) == 3
     path.write_text("date,temperature,note\n2020-01-01,1.5,ok\n2020-01-02,,\n")
-    model_preprocessing.read_station_csv(path, -90.0, 60.0)
+    station_files.read_station_csv(path, -90.0, 60.0)
     assert "ignoring unexpected column(s) 'note'" in caplog.text
 
 
@@ -190,9 +190,9 @@ def test_a_test_period_only_held_out_stations_reach_is_refused(tmp_path, capsys)
 def test_the_fast_reader_and_the_careful_one_agree(tmp_path, monkeypatch, text):
     path = tmp_path / "A.csv"
     path.write_text(text)
-    fast = model_preprocessing.read_station_csv(path, -90.0, 60.0)
-    monkeypatch.setattr(model_preprocessing, "_read_clean_station_csv", lambda *args: None)
-    pd.testing.assert_frame_equal(fast, model_preprocessing.read_station_csv(path, -90.0, 60.0))
+    fast = station_files.read_station_csv(path, -90.0, 60.0)
+    monkeypatch.setattr(station_files, "_read_clean_station_csv", lambda *args: None)
+    pd.testing.assert_frame_equal(fast, station_files.read_station_csv(path, -90.0, 60.0))
     assert fast["date"].is_monotonic_increasing
 
 
@@ -205,16 +205,16 @@ def test_files_parsed_together_read_as_each_file_alone(tmp_path):
     for name, text in texts.items():
         paths.append(tmp_path / f"{name}.csv")
         paths[-1].write_text(text)
-    together = model_preprocessing.read_station_files(paths, -90.0, 60.0)
+    together = station_files.read_station_files(paths, -90.0, 60.0)
     for path, (dates, values) in zip(paths, together, strict=True):
-        alone = model_preprocessing.read_station_csv(path, -90.0, 60.0)
+        alone = station_files.read_station_csv(path, -90.0, 60.0)
         np.testing.assert_array_equal(dates, alone["date"].to_numpy())
         np.testing.assert_array_equal(values, alone["temperature"].to_numpy())
     assert together[0][1][1] == 1.5 and np.isnan(together[0][1][0])  # in date order
 
     paths[3].write_text("date,temperature\n2020-01-01,-1.0\n2020-01-02,warm\n")
     with pytest.raises(errors.PipelineError, match=r"D\.csv: line 3: temperature 'warm' is not a number"):
-        model_preprocessing.read_station_files(paths, -90.0, 60.0)
+        station_files.read_station_files(paths, -90.0, 60.0)
 
 
 def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_guessed():

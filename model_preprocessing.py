@@ -476,7 +476,9 @@ def fit_scaler(train: pd.DataFrame):
     values = np.empty((int(first.sum()), len(FEATURES)), order="F")
     for i, name in enumerate(FEATURES):
         values[:, i] = train[name].to_numpy()[first]
-    return StandardScaler().fit(pd.DataFrame(values, columns=FEATURES, copy=False))
+    with warnings.catch_warnings():  # scikit-learn's remarks on the table's form are nothing a user can act on
+        warnings.simplefilter("ignore", UserWarning)
+        return StandardScaler().fit(pd.DataFrame(values, columns=FEATURES, copy=False))
 
 
 def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
@@ -527,66 +529,77 @@ def read_source(path: Path) -> tuple[pd.Timestamp, str, str]:
 def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
-    pre, qc = params["preprocessing"], params["quality_control"]
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
-        frame = load_stations(paths.train_raw, paths.test_raw, pre, pool)
+        frame = load_stations(paths.train_raw, paths.test_raw, params["preprocessing"], pool)
         raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
         manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
         test_start, frequency, unit = read_source(paths.source_record)
-
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
         threads = runtime.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
-        detector, verdict = quality_control_flags(observed, period, qc, pool, threads, temperature=unit != "none")
-        runtime.release_memory()
+        detector, verdict = quality_control_flags(observed, period, params["quality_control"], pool, threads,
+                                                  temperature=unit != "none")
+        runtime.release_memory()  # each phase's peak would otherwise add to the last one's
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
                                              pool if pool.cluster else runtime.Threads(threads), detector,
                                              params["forecast"])
         runtime.release_memory()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        scaler = fit_scaler(train)
+    scaler = fit_scaler(train)
     scale_features(train, scaler)
     scale_features(test, scaler)
     tested, n_train, n_test = set(test["station"].unique()), len(train), len(test)
-
-    # Each table is written as soon as it is made and then let go: at scale they are large.
-    progress = runtime.Progress("tables written", 5)
-    del train["period"], test["period"]
-    storage.write_csv(paths.train_features, train, threads=threads)
-    del train
-    progress.step()
-    storage.write_csv(paths.test_features, test, threads=threads)
-    del test
-    progress.step()
     counts = pd.Series(verdict["flag"].where(period != "").to_numpy().ravel()).value_counts()
     probable_codes = quality_control.shared_values(observed, verdict["flag"]).head(PROBABLE_CODES)
-    flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}
-    for part, table in flags_tables(observed, period, verdict):
-        storage.write_csv(flag_paths[part], table, threads=threads)
-        progress.step()
-        if part == "flagged":
-            repaired = int((table["repaired"] != table["observed"]).sum())
-    del verdict, table
-    outputs = [paths.train_features, paths.test_features, paths.train_flags, paths.test_flags, paths.flagged]
+
+    features_and_flags = {"features": [train, test], "verdict": [verdict]}
+    del train, test, verdict  # handed over: each table is let go as soon as it is written
+    outputs, repaired = write_tables(paths, features_and_flags, observed, period, threads)
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
                           [*outputs, paths.scaler, paths.detector], folders=[paths.train_raw, paths.test_raw])
 
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
-             ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired,
-             counts.get(Flag.MISSING, 0))
+             ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired, counts.get(Flag.MISSING, 0))
+    log_probable_codes(probable_codes, unit)
+    untested = sorted(set(observed.columns) - tested)
+    if untested:
+        log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
+    log.info("features: %d training rows, %d test rows; scaler fitted on the training rows", n_train, n_test)
+
+
+def write_tables(paths: Paths, handed: dict[str, list], observed: pd.DataFrame, period: pd.DataFrame,
+                 threads: int) -> tuple[list[Path], int]:
+    """Write the feature tables (``handed["features"]``: train, test) and the detector's verdict as the flag
+    tables (``handed["verdict"]``), each let go as soon as it is written (at scale they are large: the lists
+    are emptied, so nothing else holds them). Returns the files written and how many flagged readings were
+    repaired."""
+    progress = runtime.Progress("tables written", 5)
+    for path in (paths.train_features, paths.test_features):
+        table = handed["features"].pop(0)
+        del table["period"]
+        storage.write_csv(path, table, threads=threads)
+        del table
+        progress.step()
+    verdict = handed["verdict"].pop()
+    flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}
+    for part, table in flags_tables(observed, period, verdict):
+        storage.write_csv(flag_paths[part], table, threads=threads)
+        progress.step()
+        if part == "flagged":
+            repaired = int((table["repaired"] != table["observed"]).sum())
+    return [paths.train_features, paths.test_features, *flag_paths.values()], repaired
+
+
+def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
+    """Warn of each value far outside every climate that several stations read on one day, with the advice
+    to declare it (as written in the files) a missing-value code."""
     for value, code in probable_codes.iterrows():
         written = f"{value * 9 / 5 + 32:.1f} °F" if unit == "F" else f"{value:g}" + (" °C" if unit == "C" else "")
         log.warning("%g read by up to %d stations on the same day (%d readings on %d days), far outside every "
                     "station's climate: probably a missing-value code (%s as written in the files); the readings "
                     "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],
                     code["readings"], code["days"], written)
-    untested = sorted(set(observed.columns) - tested)
-    if untested:
-        log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
-    log.info("features: %d training rows, %d test rows; scaler fitted on the training rows", n_train, n_test)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ storage     storage, station_files,           where every artifact lives, how it
                                               ran with, accepted model sets
 compute     compute                           where chunks of work run: this process's threads or a
                                               Dask cluster
-domain      quality_control, features,        the detector, the features and the forecaster, the
-            report, scoring                   report's tables and figures, how forecasts, intervals
+domain      importing, quality_control,       a user's own files made into the stages' station files,
+            features, report, scoring         the detector, the features and the forecaster, the
+                                              report's tables and figures, how forecasts, intervals
                                               and the detector are scored
 entry       cli                               how a stage runs from the command line: the lock,
                                               signals, one clear line on failure
@@ -29,6 +30,6 @@ LAYERS = {
     "runtime": ["runtime"],
     "storage": ["storage", "station_files", "manifest", "registry"],
     "compute": ["compute"],
-    "domain": ["quality_control", "features", "report", "scoring"],
+    "domain": ["importing", "quality_control", "features", "report", "scoring"],
     "entry": ["cli"],
 }

@@ -15,7 +15,7 @@ from conftest import (
     write_real_format_station,
 )
 
-from station_forecast import errors, storage
+from station_forecast import errors, importing, storage
 from station_forecast.errors import PipelineError
 from station_forecast.flags import INJECTED
 from station_forecast.params import load_params
@@ -204,7 +204,7 @@ def _import_params() -> dict:
 def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     write_real_format_station(tmp_path / "HOME.csv")
     p = _import_params()
-    table, report = data_creation.read_user_station(tmp_path / "HOME.csv", p["import"], -90.0, 60.0)
+    table, report = importing.read_user_station(tmp_path / "HOME.csv", p["import"], -90.0, 60.0)
     assert {k: report[k] for k in REAL_FORMAT_FLAWS} == REAL_FORMAT_FLAWS
     assert table["date"].is_monotonic_increasing and table["date"].is_unique
     assert table["temperature"].between(-30, 45).all()  # converted from °F
@@ -234,7 +234,7 @@ def test_an_unusable_own_file_gets_one_clear_message(tmp_path, content, message)
     path.write_bytes(content)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(PipelineError) as caught:
-        data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+        importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
     assert str(caught.value).startswith(f"{path}: {message}")
     # refused without parsing: no more memory than the file's bytes (a table of 10^6 columns took 7 GB)
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024 < 3 * len(content) + 50 * 2**20
@@ -243,14 +243,14 @@ def test_an_unusable_own_file_gets_one_clear_message(tmp_path, content, message)
 def test_own_folder_problems_are_named(tmp_path):
     p = _import_params()
     with pytest.raises(PipelineError, match=r"data\.source folder not found"):
-        data_creation.import_stations(tmp_path / "nowhere", p["data"], p["import"], p["pre"])
+        importing.import_stations(tmp_path / "nowhere", p["data"], p["import"], p["pre"])
     with pytest.raises(PipelineError, match=r"no \.csv files in the data\.source folder"):
-        data_creation.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+        importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
     write_real_format_station(tmp_path / "HOME.csv")
     with pytest.raises(PipelineError, match=r"data\.holdout_stations = 1 leaves no station to train on"):
-        data_creation.import_stations(tmp_path, dict(p["data"], holdout_stations=1), p["import"], p["pre"])
+        importing.import_stations(tmp_path, dict(p["data"], holdout_stations=1), p["import"], p["pre"])
     with pytest.raises(PipelineError, match="no station has readings before"):
-        data_creation.import_stations(tmp_path, dict(p["data"], test_steps=5000), p["import"], p["pre"])
+        importing.import_stations(tmp_path, dict(p["data"], test_steps=5000), p["import"], p["pre"])
 
 
 def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
@@ -260,7 +260,7 @@ def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
 
     stations = {"A": station("2020-01-01", "2020-12-31"), "B": station("2020-03-01", "2020-10-31"),
                 "C": station("2020-01-01", "2020-12-31")}
-    parts, cutoff = data_creation.split_in_time(stations, test_steps=100, holdout_stations=1)
+    parts, cutoff = importing.split_in_time(stations, test_steps=100, holdout_stations=1)
     assert cutoff == pd.Timestamp("2020-12-31") - pd.Timedelta(days=99)
     for name in ("A", "B"):
         assert parts[name]["train"]["date"].max() < cutoff <= parts[name]["test"]["date"].min()
@@ -304,7 +304,7 @@ def test_a_future_or_ancient_date_and_an_overflowing_reading_are_dropped_and_cou
     path = tmp_path / "HOME.csv"
     rows = [f"{day:02d}/01/2020;{40 + day}" for day in range(1, 29)]
     path.write_text("DATE;TMAX\n" + "\n".join([*rows, "01/01/2099;50", "01/01/0001;50", "29/01/2020;1.7e308"]) + "\n")
-    table, report = data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+    table, report = importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
     assert report["future_date"] == 1 and report["ancient_date"] == 1 and report["impossible"] == 1
     assert report["kept"] == 28 and report["steps_without_reading"] == 0  # no gap of centuries
     assert table["date"].max() == pd.Timestamp("2020-01-28") and np.isfinite(table["temperature"]).all()
@@ -345,7 +345,7 @@ def test_a_start_on_29_february_ends_whole_years_later(params):
     (pd.date_range("1960-01-01", periods=120, freq="MS").delete([7, 8, 30]), "monthly"),  # missing months
 ])
 def test_the_step_of_a_series_is_read_from_its_dates(dates, expected):
-    assert data_creation.infer_frequency(pd.DatetimeIndex(dates)) == expected
+    assert importing.infer_frequency(pd.DatetimeIndex(dates)) == expected
 
 
 @pytest.mark.parametrize("dates, message", [
@@ -359,7 +359,7 @@ def test_the_step_of_a_series_is_read_from_its_dates(dates, expected):
 ])
 def test_irregular_or_mixed_steps_are_refused_with_a_reason(dates, message):
     with pytest.raises(ValueError, match=message):
-        data_creation.infer_frequency(pd.DatetimeIndex(dates))
+        importing.infer_frequency(pd.DatetimeIndex(dates))
 
 
 def _monthly_file(path, start: str = "1960-01", months: int = 240) -> None:
@@ -374,19 +374,19 @@ def test_monthly_files_are_imported_as_monthly_steps_and_mixed_frequencies_refus
     data = dict(p["data"], test_steps=24)
     _monthly_file(tmp_path / "A.csv")
     _monthly_file(tmp_path / "B.csv", start="1961-01")
-    parts, report, test_start = data_creation.import_stations(tmp_path, data, imp, p["pre"])
+    parts, report, test_start = importing.import_stations(tmp_path, data, imp, p["pre"])
     assert test_start == "1979-01-01" and report["A"]["frequency"] == "monthly"
     assert len(parts["B"]["test"]) == 24 and parts["B"]["test"]["date"].dt.day.eq(1).all()
     assert len(parts["A"]["test"]) == 12  # A ends a year before B: its last 12 months are in the test period
     assert report["B"]["steps_without_reading"] == 0 and report["B"]["train_steps"] == 240 - 24
     with pytest.raises(PipelineError, match=r"readings are monthly, but data\.frequency is 'daily'"):
-        data_creation.import_stations(tmp_path, dict(data, frequency="daily"), imp, p["pre"])
+        importing.import_stations(tmp_path, dict(data, frequency="daily"), imp, p["pre"])
     dates = pd.date_range("1975-01-01", periods=400, freq="D")
     pd.DataFrame({"DATE": dates.strftime("%Y-%m-%d"), "TMAX": 10.0}).to_csv(tmp_path / "C.csv", sep=";", index=False)
     with pytest.raises(PipelineError, match=r"mixed frequencies: C.csv is daily, A.csv is monthly; one frequency"):
-        data_creation.import_stations(tmp_path, data, imp, p["pre"])
+        importing.import_stations(tmp_path, data, imp, p["pre"])
     (tmp_path / "C.csv").write_text("DATE;TMAX\n1979-06-01;12.5\n")  # one reading: no step of its own
-    _, report, _ = data_creation.import_stations(tmp_path, data, imp, p["pre"])
+    _, report, _ = importing.import_stations(tmp_path, data, imp, p["pre"])
     assert report["C"]["frequency"] == "monthly"
 
 
@@ -397,11 +397,11 @@ def test_a_declared_missing_code_is_never_a_reading_nor_impossible(tmp_path):
     path.write_text("DATE;TMAX\n" + "\n".join([*rows, "29/01/2020;-99", "30/01/2020;-99.0", "31/01/2020;-9999",
                                                "01/02/2020;999.9", "02/02/2020;-98"]) + "\n")
     imp = dict(_import_params()["import"], missing_values=[-99, -9999, 999.9])
-    table, report = data_creation.read_user_station(path, imp, -90.0, 60.0)
+    table, report = importing.read_user_station(path, imp, -90.0, 60.0)
     assert report["missing_code"] == 4 and report["impossible"] == 0 and report["missing_value"] == 0
     assert report["kept"] == 29 and table["temperature"].min() == pytest.approx((-98 - 32) * 5 / 9, abs=0.01)
-    assert "4 missing code" in data_creation._describe(report)
-    undeclared = data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)[1]
+    assert "4 missing code" in importing._describe(report)
+    undeclared = importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)[1]
     assert undeclared["kept"] == 31 and undeclared["impossible"] == 2  # -99 °F passed as a reading
 
 
@@ -469,7 +469,7 @@ def test_a_file_that_is_not_a_station_s_is_named_with_the_way_out(tmp_path):
     path.write_text("author;remark\nme;checked in June\n")
     with pytest.raises(PipelineError, match=r"notes.csv: no column 'DATE' nor 'TMAX' .* move this file out of the "
                                             r"folder if it is not a station's"):
-        data_creation.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+        importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
 
 
 def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):

@@ -104,8 +104,8 @@ def _outer_products(design: np.ndarray) -> np.ndarray:
     return (design[:, :, None] * design[:, None, :]).reshape(len(design), -1).T
 
 
-def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterations: int = ROBUST_ITERATIONS
-                        ) -> pd.DataFrame:
+def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterations: int = ROBUST_ITERATIONS,
+                        threads: int = 1) -> pd.DataFrame:
     """Per station, yearly harmonics fitted to ``values`` by iteratively reweighted least squares with
     Tukey's biweight: days further than BIWEIGHT_C robust standard deviations (of the least-squares
     residuals) from the fit get no weight, so a few weeks of a sensor fault do not move it. Stations
@@ -125,7 +125,7 @@ def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterat
         fit = np.linalg.solve(gram, (design.T @ weight).T[:, :, None])[:, :, 0].T
         u = np.subtract(data, design @ fit, out=weight)
         if scale is None:
-            scale = np.maximum(robust_scale(pd.DataFrame(np.where(present, u, np.nan))).to_numpy(), 1e-9)
+            scale = np.maximum(robust_scale(pd.DataFrame(np.where(present, u, np.nan)), threads).to_numpy(), 1e-9)
         u /= BIWEIGHT_C * scale
         np.square(u, out=u)
         np.subtract(1.0, u, out=u)
@@ -142,12 +142,12 @@ def climatology_at(coefs: pd.DataFrame, dates: pd.DatetimeIndex, stations: pd.In
     return table.reindex(columns=stations)
 
 
-def within_climate(values: pd.DataFrame, margin: float) -> pd.DataFrame:
+def within_climate(values: pd.DataFrame, margin: float, threads: int = 1) -> pd.DataFrame:
     """False where a reading is further than ``margin`` robust standard deviations of the station's anomalies
     from its climatology, fitted robustly to ``values`` (so the readings in question do not move it); True
     elsewhere, and for stations with too few readings to fit one."""
-    coefs = robust_seasonal_fit(values)
+    coefs = robust_seasonal_fit(values, threads=threads)
     known = values.columns[values.columns.isin(coefs.columns)]
     anomaly = values[known] - climatology_at(coefs, values.index, known)
-    far = anomaly.abs() > margin * robust_scale(anomaly)
+    far = anomaly.abs() > margin * robust_scale(anomaly, threads)
     return ~far.reindex(columns=values.columns, fill_value=False)

@@ -53,9 +53,10 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     # Everything here is causal, so the days after the last learning day change nothing: leave them out.
     last = learning.any(axis=1)[::-1].idxmax() if learning.to_numpy().any() else observed.index[-1]
     observed, learning = observed.loc[:last], learning.loc[:last]
-    plausible = observed.mask(learning & ~within_climate(observed.where(learning), qc["climate_margin"]))
+    threads = local_threads(pool)
+    plausible = observed.mask(learning & ~within_climate(observed.where(learning), qc["climate_margin"], threads))
     jump = plausible - trailing_median(plausible, qc["window"])
-    jump_scale = robust_scale(jump.where(learning))
+    jump_scale = robust_scale(jump.where(learning), threads)
     jump_z = (jump.where(learning) / jump_scale).abs()
     threshold = np.minimum(qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE), jump_ceiling / jump_scale)
     gross = {"jump_scale": jump_scale, "gross_threshold": threshold}
@@ -106,18 +107,18 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     # A fault the detector missed in some season biases that season's climatology; against the
     # neighbours it stands out, so the departures' own seasonal mean, fitted robustly, corrects it
     # (only its level where the station has not seen the whole year).
-    correction = pd.concat([robust_seasonal_fit(departure.loc[:, seen]),
-                            robust_seasonal_fit(departure.loc[:, ~seen], harmonics=0)], axis=1)
+    correction = pd.concat([robust_seasonal_fit(departure.loc[:, seen], threads=threads),
+                            robust_seasonal_fit(departure.loc[:, ~seen], harmonics=0, threads=threads)], axis=1)
     del departure
     coefs = coefs + correction.reindex(columns=coefs.columns, fill_value=0.0)
     climatology = climatology_at(coefs, values.index, values.columns)
     departure = network_departures(values, climatology, neighbours, None, threads)["departure"]
-    departure_scale = robust_scale(departure)
+    departure_scale = robust_scale(departure, threads)
     persistence = _lag_one_correlation(departure, departure_scale, threads)
     innovation = departure_innovation(departure, persistence, departure_scale)
     scales = {"departure_scale": departure_scale, "persistence": persistence,
-              "innovation_scale": robust_scale(innovation), **gross,
-              "anomaly_scale": robust_scale(values - climatology)}
+              "innovation_scale": robust_scale(innovation, threads), **gross,
+              "anomaly_scale": robust_scale(values - climatology, threads)}
     share = repeat_share(values)
 
     detector = {**settings, "stations": {}}

@@ -1,0 +1,364 @@
+"""The import of a user's own station files into the files the stages read: any column names, date
+format, delimiter, unit and missing-value codes (``[import]``), one station per file or many per file
+(``import.station_column``), with a station list of coordinates beside them.
+
+The import is lenient where the stages are strict: a row it cannot use (no
+date, no reading, a declared code, a value outside [min_temp, max_temp], two
+different readings on one day) is dropped and counted, and the counts go into
+the log and data/source.json; only a file it cannot use at all is an error. What
+it writes, ``date,temperature`` in °C, is read by ``station_files``, the one
+reader of the stages' station files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+from station_forecast import compute, runtime, storage
+from station_forecast.errors import PipelineError
+from station_forecast.runtime import lazy_import, log
+from station_forecast.steps import FREQUENCIES
+
+np = lazy_import("numpy")
+pd = lazy_import("pandas")
+
+FILES_PER_CHUNK = 50  # user files one task reads
+# In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
+STATION_LIST = "stations.csv"
+STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
+# A coordinate beyond its limit (degrees, metres) is a typo, not a place.
+COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
+# Spellings of "no reading" in real station files; compared in lower case.
+MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
+DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
+                "impossible", "conflicting_duplicate"]
+# No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
+# station's days x stations table over centuries.
+EARLIEST_DATE = "1700-01-01"
+MONTHLY_STRETCH = 12  # this many month-apart readings in a row make a daily file mixed
+
+
+def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -> tuple[pd.DataFrame, dict]:
+    """One of the user's station files as (date, temperature in °C) and a count of what was dropped
+    (``clean_readings``)."""
+    return clean_readings(_read_user_csv(path, imp), path, imp, min_temp, max_temp)
+
+
+def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, max_temp: float
+                   ) -> tuple[pd.DataFrame, dict]:
+    """One station's rows of ``path`` (text columns as read) as (date, temperature in °C) and a count of what
+    was dropped.
+
+    Rows with no date matching ``date_format``, a date after today (no record
+    can hold a reading from the future, and one such row would move the test
+    period for every station) or before ``EARLIEST_DATE``, no reading, a reading that is not a number or is
+    outside [min_temp, max_temp] are dropped; of rows sharing a
+    date, one is kept if they agree and none if they disagree (which one is
+    right cannot be known). Rows that cannot be used at all raise PipelineError.
+    """
+    date_text = table[imp["date_column"]].str.strip()
+    dates = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce").dt.normalize()
+    if dates.isna().all():
+        raise PipelineError(f"{path}: no value in column {imp['date_column']!r} matches import.date_format "
+                            f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
+    text = table[imp["temperature_column"]].str.strip()
+    missing = text.str.lower().isin(MISSING_MARKERS)
+    values = pd.to_numeric(text.where(~missing), errors="coerce")
+    # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
+    code = values.isin([float(value) for value in imp["missing_values"]])
+    missing, values = missing | code, values.mask(code)
+    not_number = ~missing & ~np.isfinite(values)
+    with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
+        values = (values - 32.0) * 5.0 / 9.0 if imp["unit"] == "F" else values
+    impossible = ~missing & ~not_number & ~values.between(min_temp, max_temp)
+    future = dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()
+    ancient = dates < pd.Timestamp(EARLIEST_DATE)
+    bad_date = dates.isna() | future | ancient
+    reasons = {
+        "bad_date": dates.isna(),
+        "future_date": future,
+        "ancient_date": ancient,
+        "missing_value": ~bad_date & missing & ~code,
+        "missing_code": ~bad_date & code,
+        "not_a_number": ~bad_date & not_number,
+        "impossible": ~bad_date & impossible,
+    }
+    usable = pd.DataFrame({"date": dates, "temperature": values.round(2)})[
+        ~(bad_date | missing | not_number | impossible)]
+    spread = usable.groupby("date")["temperature"].agg(["min", "max"])
+    in_conflict = usable["date"].isin(spread.index[spread["min"] != spread["max"]])
+    kept = usable[~in_conflict].drop_duplicates("date")
+    report = {
+        "file": path.name,
+        "rows": len(table),
+        "kept": len(kept),
+        **{reason: int(mask.sum()) for reason, mask in reasons.items()},
+        "conflicting_duplicate": int(in_conflict.sum()),
+        "repeated_rows": int((~in_conflict).sum() - len(kept)),
+        "out_of_order": bool(not usable["date"].is_monotonic_increasing),
+    }
+    if kept.empty:
+        raise PipelineError(f"{path}: no usable readings ({_describe(report)}); fix or remove the file")
+    kept = kept.sort_values("date", ignore_index=True)
+    try:
+        frequency = infer_frequency(pd.DatetimeIndex(kept["date"]))
+    except ValueError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+    if frequency == "monthly":
+        kept["date"] = kept["date"].dt.to_period("M").dt.to_timestamp()
+    span = len(pd.date_range(kept["date"].iat[0], kept["date"].iat[-1], freq=FREQUENCIES.get(frequency, "D")))
+    report.update(frequency=frequency, first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
+                  steps_without_reading=span - len(kept))
+    return kept, report
+
+
+def infer_frequency(dates: pd.DatetimeIndex) -> str:
+    """``daily`` or ``monthly`` from sorted, unique dates, or ValueError saying why neither fits.
+
+    Daily: most readings are one day apart (gaps of any length are missing
+    days). Monthly: at most one reading per month, on the same day of the month
+    or on the month's last day, most of them one month apart. A single reading
+    says nothing about its step: ``unknown``, which fits the other files' step.
+    """
+    if len(dates) < 2:
+        return "unknown"
+    gaps = np.diff(dates.to_numpy()).astype("timedelta64[D]").astype(int)
+    typical = int(np.median(gaps))
+    if typical == 1:
+        monthly = (gaps >= 28) & (gaps <= 31)
+        run = np.convolve(monthly, np.ones(MONTHLY_STRETCH, dtype=int), mode="valid")
+        if (run == MONTHLY_STRETCH).any():  # a year of month-apart readings is a monthly stretch, not gaps
+            i = int(np.argmax(run == MONTHLY_STRETCH))
+            raise ValueError(f"mixed steps: readings are mostly a day apart, but from {dates[i].date()} to "
+                             f"{dates[i + MONTHLY_STRETCH].date()} they are a month apart")
+        return "daily"
+    if 28 <= typical <= 31:
+        same_month = np.flatnonzero(np.diff((dates.year * 12 + dates.month).to_numpy()) < 1)
+        if len(same_month):
+            i = same_month[0]
+            raise ValueError(f"mixed steps: readings are mostly a month apart, but {dates[i].date()} and "
+                             f"{dates[i + 1].date()} fall in the same month")
+        if dates.day.nunique() > 1 and not dates.is_month_end.all():
+            days = ", ".join(map(str, sorted(dates.day.unique())[:3]))
+            raise ValueError(f"mixed steps: readings are mostly a month apart, but not on the same day of each "
+                             f"month (days {days}, ...)")
+        return "monthly"
+    raise ValueError(f"irregular steps: readings are typically {typical} days apart; only daily and monthly "
+                     "series can be used (resample yours to one of them)")
+
+
+def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
+    text = storage.read_text_file(path, imp["delimiter"])
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
+                            skipinitialspace=True, on_bad_lines="error")
+    except pd.errors.ParserError as exc:
+        raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    header = text.splitlines()[0][:200]
+    absent = [key for key in ("date_column", "temperature_column") if imp[key] not in table.columns]
+    named = any(imp[key].lower() in header.lower() for key in absent)  # else another delimiter would do
+    if len(absent) == 2 and not named:  # most likely not a station's file at all
+        raise PipelineError(f"{path}: no column {imp['date_column']!r} nor {imp['temperature_column']!r} (header is "
+                            f"{header!r}): every *.csv in data.source but {STATION_LIST} is read as one station's "
+                            "readings; move this file out of the folder if it is not a station's, else set "
+                            "import.date_column, import.temperature_column or import.delimiter")
+    for key in absent:
+        raise PipelineError(f"{path}: no column {imp[key]!r} (header is {header!r}); "
+                            f"set import.{key} or import.delimiter")
+    if table.empty:
+        raise PipelineError(f"{path}: header only, no data rows")
+    return table.fillna("")  # a short last line (a truncated file) leaves its fields empty
+
+
+def _describe(report: dict) -> str:
+    parts = [f"{report[reason]} {reason.replace('_', ' ')}" for reason in DROP_REASONS if report.get(reason)]
+    if report.get("repeated_rows"):
+        parts.append(f"{report['repeated_rows']} repeated rows merged")
+    if report.get("out_of_order"):
+        parts.append("dates out of order (sorted)")
+    return ", ".join(parts) or "nothing dropped"
+
+
+def split_in_time(stations: dict[str, pd.DataFrame], test_steps: int, holdout_stations: int,
+                  frequency: str = "daily") -> tuple[dict[str, dict[str, pd.DataFrame]], pd.Timestamp]:
+    """Train and test part of each station, by the simulation's rules, and the first test step.
+
+    The last ``test_steps`` steps (days or months) of the whole record are the
+    test period for every station (one cut for all, so no station trains on
+    steps another is tested on); the last ``holdout_stations`` stations by name
+    go wholly to test.
+    """
+    last = max(table["date"].max() for table in stations.values())
+    cutoff = pd.date_range(end=last, periods=test_steps, freq=FREQUENCIES[frequency])[0]
+    names = sorted(stations)
+    holdout = set(names[len(names) - holdout_stations:]) if holdout_stations else set()
+    parts = {}
+    for name in names:
+        table = stations[name]
+        in_test = (table["date"] >= cutoff) | (name in holdout)
+        parts[name] = {"train": table[~in_test], "test": table[in_test]}
+    if all(part["train"].empty for part in parts.values()):
+        raise PipelineError(f"no station has readings before {cutoff.date()}, the start of the last "
+                            f"data.test_steps = {test_steps} steps; lower data.test_steps")
+    return parts, cutoff
+
+
+def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: compute.Pool | None = None
+                    ) -> tuple[dict, dict, str]:
+    """Read, clean and split every <station>.csv in ``folder`` (read on ``pool``); returns the parts, a report
+    and the first test day."""
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: data.source folder not found")
+    files = [path for path in storage.station_files(folder) if path.name.lower() != STATION_LIST]
+    if not files:
+        raise PipelineError(f"{folder}: no .csv files in the data.source folder")
+    if imp["station_column"]:
+        return _report_and_split(read_long_form(files, imp, pre), data, folder)
+    if pool is None or not pool.cluster:
+        pool = runtime.Threads(runtime.work_threads(-(-len(files) // FILES_PER_CHUNK)))
+    read = pool.map(read_user_stations, runtime.chunks(files, FILES_PER_CHUNK), what="station files read (chunks)",
+                    imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
+    stations = {path.stem: one for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
+    return _report_and_split(stations, data, folder)
+
+
+def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """Files that hold many stations each, a station per value of ``import.station_column`` (as archives'
+    exports come): each station's rows, from every file, cleaned as one station's file is."""
+    import re
+
+    column, rows = imp["station_column"], {}
+    for path in files:
+        table = _read_user_csv(path, imp)
+        if column not in table.columns:
+            raise PipelineError(f"{path}: no column {column!r} (import.station_column); its columns are "
+                                f"{', '.join(map(repr, table.columns[:10]))}")
+        for name, part in table.groupby(table[column].str.strip(), sort=True):
+            if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \
+                    or name.startswith("."):
+                raise PipelineError(f"{path}: station {name[:60]!r} in column {column!r} cannot name a station "
+                                    f"(empty, over {storage.MAX_NAME_BYTES} bytes, a leading dot or a slash)")
+            rows.setdefault(name, []).append((path, part))
+    seen: dict[str, str] = {}
+    for name in rows:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise PipelineError(f"station {name!r} differs from {other!r} only in case (import.station_column); "
+                                "one would hide the other")
+    stations = {}
+    for name, parts in rows.items():
+        first = parts[0][0]  # errors name the station in its (first) file
+        whole = pd.concat([part for _, part in parts], ignore_index=True)
+        where = first.with_name(f"{first.name} [station {name}]")
+        table, counts = clean_readings(whole, where, imp, pre["min_temp"], pre["max_temp"])
+        coordinates = row_coordinates(whole, where)
+        stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
+                                 **({"coordinates": coordinates} if coordinates else {})}
+    return stations
+
+
+def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
+    """A station's coordinates from the latitude, longitude and (optional) elevation columns its rows carry, as
+    NOAA's exports do (any case), the most frequent value of each; {} without latitude and longitude columns."""
+    columns = {str(column).strip().lower(): column for column in table.columns}
+    if not {"latitude", "longitude"} <= set(columns):
+        return {}
+    found = {}
+    for key, limit in COORDINATE_LIMITS.items():
+        if key not in columns:
+            continue
+        text = table[columns[key]].astype(str).str.strip()
+        text = text[text != ""]
+        values = pd.to_numeric(text, errors="coerce")
+        bad = values.isna() | (values.abs() > limit)
+        if bad.any():
+            raise PipelineError(f"{where}: {key} {text[bad].iat[0]!r} is not a number within ±{limit:g}")
+        if len(values):
+            found[key] = float(values.mode().iat[0])
+    return found
+
+
+def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path) -> tuple[dict, dict, str]:
+    """The parts, report and first test day of the stations read (``import_stations``)."""
+    if data["holdout_stations"] >= len(read):
+        raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
+                            f"({len(read)} station(s) in {folder}); set it to 0 for a single station")
+    stations, report = {}, {}
+    for name, (table, counts) in read.items():
+        stations[name], report[name] = table, counts
+        # Dates from the future or before any record are typos worth a look, not just dropped rows.
+        level = logging.WARNING if counts["future_date"] or counts["ancient_date"] else logging.INFO
+        label = counts["file"] if Path(counts["file"]).stem == name else f"{name} ({', '.join(counts['files'])})"
+        log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
+    frequency = common_frequency(report, data["frequency"], folder)
+    first, last = min(t["date"].iat[0] for t in stations.values()), max(t["date"].iat[-1] for t in stations.values())
+    runtime.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),
+                     f"{len(stations)} stations from {first.date()} to {last.date()} in {folder}")
+    for entry in report.values():  # a one-reading file takes the step of the others
+        entry["frequency"] = frequency
+    parts, cutoff = split_in_time(stations, data["test_steps"], data["holdout_stations"], frequency)
+    for name, part in parts.items():
+        report[name].update(train_steps=len(part["train"]), test_steps=len(part["test"]))
+    return parts, report, str(cutoff.date())
+
+
+def read_user_stations(paths: list[Path], imp: dict, min_temp: float, max_temp: float) -> list[tuple]:
+    """``read_user_station`` of each file."""
+    return [read_user_station(path, imp, min_temp, max_temp) for path in paths]
+
+
+def common_frequency(report: dict[str, dict], wanted: str, folder: Path) -> str:
+    """The one frequency of all files (as ``data.frequency`` asks, unless "auto"), or PipelineError."""
+    found = {name: entry["frequency"] for name, entry in report.items() if entry["frequency"] != "unknown"}
+    kinds = sorted(set(found.values())) or [wanted if wanted != "auto" else "daily"]
+    if len(kinds) > 1:
+        example = {kind: next(name for name, f in found.items() if f == kind) for kind in kinds}
+        raise PipelineError(f"{folder}: mixed frequencies: {example['daily']}.csv is daily, "
+                            f"{example['monthly']}.csv is monthly; one frequency per run")
+    if wanted != "auto" and found and kinds[0] != wanted:
+        name = next(iter(found))
+        raise PipelineError(f"{folder / (name + '.csv')}: readings are {kinds[0]}, but data.frequency is {wanted!r}")
+    return kinds[0]
+
+
+def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]]) -> None:
+    for station, split in parts.items():
+        for folder, table in split.items():
+            if len(table):
+                storage.write_csv(staging / folder / f"{station}.csv", table, fixed={"temperature": 2}, staged=True)
+
+
+def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.DataFrame:
+    """The station list's coordinates of every imported station (empty where the list has none), or
+    PipelineError naming the file and the problem."""
+    text = storage.read_text_file(path, delimiter)
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.ParserError as exc:
+        raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in STATION_LIST_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (it needs "
+                            f"{', '.join(STATION_LIST_COLUMNS)}, optionally elevation); a file named {STATION_LIST} "
+                            "in data.source is read as the station list, never as a station")
+    columns = [c for c in [*STATION_LIST_COLUMNS, "elevation"] if c in table.columns]
+    table = table[columns].apply(lambda column: column.str.strip())
+    repeated = table["station"][table["station"].duplicated()]
+    if len(repeated):
+        raise PipelineError(f"{path}: station {repeated.iat[0]!r} is listed twice")
+    numbers = table[columns[1:]].apply(pd.to_numeric, errors="coerce")
+    for column in columns[1:]:
+        bad = numbers[column].isna() | (numbers[column].abs() > COORDINATE_LIMITS[column])
+        if bad.any():
+            raise PipelineError(f"{path}: station {table['station'][bad].iat[0]!r}: {column} "
+                                f"{table[column][bad].iat[0]!r} is not a number within "
+                                f"±{COORDINATE_LIMITS[column]:g}")
+    numbers.insert(0, "station", table["station"])
+    unlisted = sorted(stations - set(numbers["station"]))
+    if unlisted:
+        log.warning("%s: no coordinates for %d station(s), e.g. %s", path.name, len(unlisted), unlisted[0])
+    return pd.DataFrame({"station": sorted(stations)}).merge(numbers, on="station", how="left")

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from station_forecast import runtime
+from station_forecast import manifest, runtime
 from station_forecast.errors import PipelineError
 from station_forecast.files import PROJECT
 from station_forecast.params import LOCAL_CLUSTER, SCHEDULER_ADDRESS
@@ -134,7 +134,7 @@ class Cluster:
         alone_since = alone_since or time.monotonic()
         if time.monotonic() - alone_since > NO_WORKERS_SECONDS:
             raise PipelineError(f"no Dask worker connected to {self.scheduler} for {NO_WORKERS_SECONDS:.0f} s; "
-                                "start workers (README, \"More than one machine\") or leave compute.scheduler empty")
+                                "start workers (docs/cluster.md) or leave compute.scheduler empty")
         return alone_since
 
     def _died(self, name: str) -> str:
@@ -174,7 +174,7 @@ def pool(scheduler: str, root: Path) -> Iterator[runtime.Threads | Cluster]:
         import distributed
     except ImportError:
         raise PipelineError(f"compute.scheduler = {scheduler!r} needs Dask, an optional install: "
-                            "pip install -r requirements-dask.txt (README, \"More than one machine\")") from None
+                            "pip install -r requirements-dask.txt (docs/cluster.md)") from None
     import dask
 
     for name in ("distributed", "tornado", "asyncio"):  # a restarted worker is reported here, as one line
@@ -264,7 +264,7 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
         scheduler_code = f"{type(exc).__name__}: {exc}"
     if scheduler_code != str(CODE):
         raise PipelineError(f"the Dask scheduler {scheduler} cannot use this project's code from {CODE} "
-                            f"({scheduler_code}); start it with PYTHONPATH={CODE} (README, \"More than one machine\")")
+                            f"({scheduler_code}); start it with PYTHONPATH={CODE} (docs/cluster.md)")
     token = uuid.uuid4().hex
     probe = Paths(root).logs / f".compute-check-{token}"  # beside the lock: a folder the pipeline owns
     probe.parent.mkdir(exist_ok=True)
@@ -277,11 +277,9 @@ def _check_workers(client: Any, root: Path, scheduler: str) -> None:
         if isinstance(view, Exception) and not isinstance(view, OSError):  # OSError: it died meanwhile
             if "No module named" in str(view) or isinstance(view, ImportError):
                 raise PipelineError(f"Dask worker {worker} cannot import this project's code ({view}); start the "
-                                    f"workers with PYTHONPATH={CODE} (README, \"More than one machine\")")
+                                    f"workers with PYTHONPATH={CODE} (docs/cluster.md)")
             raise PipelineError(f"Dask worker {worker} failed its check of the project folder: {view}")
     # A worker that died meanwhile is not asked again: its chunks go to the others, or to its restart.
-    from station_forecast import manifest
-
     problem = storage_problem({w: v for w, v in seen.items() if isinstance(v, dict)}, root, token, CODE,
                               manifest.code_hash())
     if problem:
@@ -311,8 +309,6 @@ def code_folder() -> str:
 def loaded_code() -> str:
     """A hash of the project's code as this process first saw it: a worker that outlives a stage keeps the
     modules it imported then, whatever is on disk later."""
-    from station_forecast import manifest
-
     return manifest.code_hash()
 
 
@@ -331,7 +327,7 @@ def storage_problem(seen: dict[str, dict[str, str]], root: Path, token: str, cod
     """What is wrong with the workers' view of the project, or None (``seen``: worker -> worker_view;
     ``code`` and ``version``: the folder and the hash of the code this process runs)."""
     if not seen:
-        return "the Dask cluster has no workers; start some (README, \"More than one machine\")"
+        return "the Dask cluster has no workers; start some (docs/cluster.md)"
     for worker, view in sorted(seen.items()):
         if view["probe"] != token:
             return (f"Dask worker {worker} cannot see the project folder {root} ({view['probe'][:80]}); the "

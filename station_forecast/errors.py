@@ -1,4 +1,4 @@
-"""Errors a user can act on, and the exit codes every entry point returns (README, "What can go wrong")."""
+"""Errors a user can act on, and the exit codes every entry point returns (docs/troubleshooting.md)."""
 
 from __future__ import annotations
 

@@ -48,6 +48,9 @@ STAGE = "data_creation"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
 IMPORTS = ["numpy", "pandas"]
 STATIONS_PER_CHUNK = 50  # stations whose files one task writes
+# A front's air mass is modified towards the region's weather with this time scale (days).
+FRONT_DAYS = 1.5
+FRONT_STREAM = 1  # the fronts' random stream beside the simulation's main one
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
 _EFFECT_ORDER = [Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK, Flag.SPIKE, Flag.MISSING]
 
@@ -173,6 +176,39 @@ def weather_events(rng: np.random.Generator, climates: pd.DataFrame, n_days: int
     return effect, events.astype(object)
 
 
+def weather_fronts(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict) -> np.ndarray:
+    """Fronts crossing the region: their effect (°C, stations x days).
+
+    A front is a straight line between two air masses moving across the region
+    in a random direction at ``front_speed_km`` a day. A station reads the new
+    air mass (``front_size`` colder, or warmer) from the moment the front
+    reaches it, fading as the air mass is modified (over ``FRONT_DAYS`` days),
+    and its daily mean holds the part of the day after the front's arrival. So
+    on the day a front crosses, the stations it has passed read several degrees
+    off those it has not: weather that splits the neighbours, as real fronts,
+    sea breezes and cold air dammed by a ridge do.
+    """
+    n_fronts = rng.poisson(sim["fronts_per_year"] * n_days / 365.25)
+    angle = rng.uniform(0.0, 2 * np.pi, n_fronts)
+    speed = rng.uniform(*sim["front_speed_km"], n_fronts)
+    size = rng.uniform(*sim["front_size"], n_fronts) * rng.choice([-1.0, 1.0], n_fronts)
+    centre_day = rng.uniform(0.0, n_days, n_fronts)  # when the front crosses the region's centre
+    xy = climates[["x_km", "y_km"]].to_numpy() - sim["region_km"] / 2
+    effect = np.zeros((len(climates), n_days))
+    span = int(np.ceil(12 * FRONT_DAYS))  # days after its arrival a front's air mass still counts
+    for i in range(n_fronts):  # a few fronts a month: a loop over fronts, each over its few days only
+        arrival = centre_day[i] + xy @ np.array([np.cos(angle[i]), np.sin(angle[i])]) / speed[i]
+        first = max(0, int(np.floor(arrival.min())))
+        days = np.arange(first, min(n_days, int(np.ceil(arrival.max())) + span))
+        if len(days) == 0:
+            continue
+        # The mean over day d of size * exp(-(t - arrival) / FRONT_DAYS) for t after the arrival.
+        begin = np.maximum(days[None, :] - arrival[:, None], 0.0)
+        end = np.maximum(days[None, :] + 1.0 - arrival[:, None], 0.0)
+        effect[:, days] += size[i] * FRONT_DAYS * (np.exp(-begin / FRONT_DAYS) - np.exp(-end / FRONT_DAYS))
+    return effect
+
+
 def draw_events(rng: np.random.Generator, rate: np.ndarray, days: list[int], n_days: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random runs of anomalous days covering about ``rate`` of each row's days.
@@ -225,7 +261,10 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
     seasonal = c["amplitude"] * np.cos(2 * np.pi * (day_of_year - c["warmest_doy"]) / 365.25)
     weather = regional_weather(rng, climates, n_days, sim, day_of_year)
     extremes, events = weather_events(rng, climates, n_days, sim)
-    clean = c["annual_mean"] + c["trend_per_year"] * years + seasonal + weather + extremes
+    # Fronts draw from a stream of their own, so with or without them every other draw is the same.
+    fronts = weather_fronts(np.random.default_rng([sim["seed"], FRONT_STREAM]), climates, n_days, sim)
+    events[(events == "none") & (np.abs(fronts) >= 2.0)] = "front"
+    clean = c["annual_mean"] + c["trend_per_year"] * years + seasonal + weather + extremes + fronts
     observed = clean + rng.normal(0.0, 1.0, clean.shape) * c["noise_sd"]
 
     labels = np.full(clean.shape, Flag.NONE.value, dtype=object)

@@ -112,7 +112,7 @@ def _truth_file(path) -> pd.DataFrame:
 
 def _truth_problem(table: pd.DataFrame) -> str | None:
     """What is wrong with ground truth read from files (one station's days or several), or None."""
-    allowed = {"anomaly": {"none", *INJECTED}, "event": {"none", "cold_snap", "heat_wave"}}
+    allowed = {"anomaly": {"none", *INJECTED}, "event": {"none", "cold_snap", "heat_wave", "front"}}
     if not pd.api.types.is_numeric_dtype(table["clean_temperature"]):
         return "clean_temperature is not numeric"
     days = pd.to_datetime(table["date"], format="%Y-%m-%d", errors="coerce")

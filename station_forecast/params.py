@@ -79,6 +79,9 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "event_days": (list, 1, 60),
         "event_size": (list, 0.0, 40.0),
         "event_radius_km": (list, 1.0, 10_000.0),
+        "fronts_per_year": (float, 0.0, 365.0),
+        "front_size": (list, 0.0, 40.0),
+        "front_speed_km": (list, 1.0, 10_000.0),
         "resolution": (str, ("0.1C", "1F"), None),
     },
     "anomalies": {

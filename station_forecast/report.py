@@ -39,6 +39,9 @@ REFERENCES = {
 PREDICTION_COLUMNS = ["station", "date", "step", "target_date", "observed", "flag", "model", "model_lower",
                       "model_upper", "persistence", "climatology", "drift", "neighbours_ridge", "clean_temperature",
                       "anomaly", "event"]
+# The detector's scores on weather, not faults: what each counts.
+WEATHER_SCORES = {"weather_events": "regional cold snaps, heat waves and fronts",
+                  "fronts": "fronts, the day they split the neighbours and after"}
 FLAGGED_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence"]
 
 
@@ -228,14 +231,15 @@ def console_table(metrics: dict, source: dict) -> str:
     else:
         lines.append("Anomaly detector on test days    precision  recall     F1   days")
         for kind, s in detector.items():
-            if kind == "weather_events":
+            if kind in WEATHER_SCORES:
                 continue
             cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
             lines.append(f"  {kind:30}" + "".join(f"{c:>9}" for c in cells) + f"{s['days']:>7}")
-        events = detector["weather_events"]
-        if events["days"]:
-            lines.append(f"  flagged on regional weather extremes: {events['flagged']} of {events['days']} days "
-                         f"({events['share']:.1%})")
+        for key, what in WEATHER_SCORES.items():
+            events = detector.get(key, {"days": 0})
+            if events["days"]:
+                lines.append(f"  flagged on {what}: {events['flagged']} of {events['days']} days "
+                             f"({events['share']:.1%})")
     return "\n".join(lines)
 
 
@@ -341,14 +345,15 @@ def _detector_section(metrics: dict) -> list[str]:
                 "really were faulty; the detector's verdict on every day is still in `data/test/flags.csv`.", ""]
     lines += ["| kind | days | flagged | precision | recall | F1 |", "|---|---:|---:|---:|---:|---:|"]
     for kind, s in detector.items():
-        if kind == "weather_events":
+        if kind in WEATHER_SCORES:
             continue
         cells = [f"{v:.2f}" if v is not None else "-" for v in (s["precision"], s["recall"], s["f1"])]
         lines.append(f"| {kind} | {s['days']} | {s['flagged']} | " + " | ".join(cells) + " |")
-    events = detector["weather_events"]
-    if events["days"]:
-        lines += ["", f"Regional cold snaps and heat waves (weather, not faults): {events['flagged']} of their "
-                  f"{events['days']} station-days flagged ({events['share']:.1%})."]
+    for key, what in WEATHER_SCORES.items():
+        events = detector.get(key, {"days": 0})
+        if events["days"]:
+            lines += ["", f"{what.capitalize()} (weather, not faults): {events['flagged']} of their "
+                      f"{events['days']} station-days flagged ({events['share']:.1%})."]
     return [*lines, ""]
 
 

@@ -134,10 +134,14 @@ def detector_scores(flags: pd.DataFrame) -> dict:
     result = {"any": prf(~normal, np.ones_like(normal))}
     for kind in SCORED:
         result[kind] = prf(label == kind, normal | (label == kind))
-    weather = normal & (days["event"] != "none").to_numpy()
-    result["weather_events"] = {"days": int(weather.sum()), "flagged": int((flagged & weather).sum()),
-                                "share": _round(float((flagged & weather).mean() / weather.mean()))
-                                if weather.any() else None}
+    event = days["event"].to_numpy()
+
+    def share(weather: np.ndarray) -> dict:
+        return {"days": int(weather.sum()), "flagged": int((flagged & weather).sum()),
+                "share": _round(float((flagged & weather).mean() / weather.mean())) if weather.any() else None}
+
+    result["weather_events"] = share(normal & (event != "none"))  # cold snaps, heat waves and fronts
+    result["fronts"] = share(normal & (event == "front"))
     return result
 
 

@@ -111,13 +111,26 @@ def test_weather_has_heavy_tails_and_a_wilder_winter(params):
 def test_regional_extremes_are_labelled_and_hit_neighbours_together(params):
     simulation = data_creation.simulate(params["simulation"], 0, params["anomalies"])
     events = simulation.events
-    assert set(np.unique(events)) == {"none", "cold_snap", "heat_wave"}
-    in_event = events != "none"
+    assert set(np.unique(events)) == {"none", "cold_snap", "heat_wave", "front"}
+    in_event = np.isin(events, ["cold_snap", "heat_wave"])
     assert 0.005 < in_event.mean() < 0.15
     stations_per_event_day = in_event.sum(axis=0)[in_event.any(axis=0)]
     assert np.median(stations_per_event_day) >= 2  # a regional event, not one station's fault
     # weather, not a fault: the labels of faults and events are independent
     assert (simulation.labels[in_event] == "none").mean() > 0.7
+
+
+def test_a_front_splits_the_neighbours_for_a_day_and_changes_no_other_draw(params):
+    """Fronts add weather that differs between neighbours the day one crosses the region (the stations it has
+    passed against those it has not) and are labelled where they move a reading 2 °C or more; every other draw
+    of the simulation (the faults, their places and kinds) is the same with or without them."""
+    calm = data_creation.simulate({**params["simulation"], "fronts_per_year": 0.0}, 0, params["anomalies"])
+    windy = data_creation.simulate({**params["simulation"], "fronts_per_year": 24.0}, 0, params["anomalies"])
+    assert (calm.labels == windy.labels).all() and not (calm.events == "front").any()
+    front = windy.clean - calm.clean
+    assert ((windy.events == "front") == ((np.abs(front) >= 2.0) & (calm.events == "none"))).all()
+    assert (front.max(axis=0) - front.min(axis=0)).max() >= 4.0  # some day, neighbours either side of a front
+    assert np.abs(front).mean() > 0.1
 
 
 def test_whole_degree_fahrenheit_readings_repeat_more_often(params):

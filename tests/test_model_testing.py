@@ -27,18 +27,22 @@ def test_metrics_file_has_stable_keys_and_the_model_beats_both_baselines(built):
 
 def test_detector_scores_per_kind():
     flags = pd.DataFrame({
-        "flag": ["spike", "none", "spike", "stuck", "none", "missing", "none", "drift", "none"],
-        "anomaly": ["spike", "spike", "none", "stuck", "drift", "missing", "none", "drift", "none"],
-        "event": ["none", "none", "cold_snap", "none", "none", "none", "heat_wave", "none", "none"],
+        "flag": ["spike", "none", "spike", "stuck", "none", "missing", "none", "drift", "none", "none", "gross"],
+        "anomaly": ["spike", "spike", "none", "stuck", "drift", "missing", "none", "drift", "none", "none",
+                    "none"],
+        "event": ["none", "none", "cold_snap", "none", "none", "none", "heat_wave", "none", "none", "front",
+                  "front"],
     })
     scores = scoring.detector_scores(flags)
-    assert scores["any"] == {"days": 5, "flagged": 4, "precision": 0.75, "recall": 0.6, "f1": 0.6667}
-    # for spikes only spike days and normal days count: 1 of 2 flags right, 1 of 2 spikes found
-    assert scores["spike"]["precision"] == 0.5 and scores["spike"]["recall"] == 0.5
+    assert scores["any"] == {"days": 5, "flagged": 5, "precision": 0.6, "recall": 0.6, "f1": 0.6}
+    # for spikes only spike days and normal days count: 1 of 3 flags right (a flag of any kind on a normal
+    # day is wrong), 1 of 2 spikes found
+    assert scores["spike"]["precision"] == 0.3333 and scores["spike"]["recall"] == 0.5
     assert scores["drift"]["recall"] == 0.5
     assert scores["level_shift"]["recall"] is None
-    # of the two weather-extreme days with no fault, one was flagged
-    assert scores["weather_events"] == {"days": 2, "flagged": 1, "share": 0.5}
+    # of the four weather days with no fault (a cold snap, a heat wave, two fronts), two were flagged
+    assert scores["weather_events"] == {"days": 4, "flagged": 2, "share": 0.5}
+    assert scores["fronts"] == {"days": 2, "flagged": 1, "share": 0.5}
 
 
 def test_score_matches_definitions():

@@ -291,7 +291,7 @@ def run_network(seed: int, stations: int) -> dict:
 def print_networks(networks: list[tuple[int, int]]) -> None:
     """The ``--networks`` table: one row per simulated network, then each kind pooled over all of them."""
     print(f"\n{'seed':>5}{'stations':>9}" + "".join(f"{kind:>13}" for kind in SCORED)
-          + f"{'ideal drift':>14}{'weather':>9}{'false flags':>13}{'MAE network / none':>21}")
+          + f"{'ideal drift':>14}{'weather':>9}{'fronts':>8}{'false flags':>13}{'MAE network / none':>21}")
     pooled = {kind: np.zeros(3) for kind in SCORED}  # true flags, flags, fault days
     false_flags = 0
     by_error = {kind: np.zeros((2, len(ERROR_BANDS) + 1), dtype=int) for kind in SCORED}  # days, flagged
@@ -316,10 +316,12 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
         ideal_cell = best_threshold(result["ideal"]) if scores["drift"]["days"] else "-"
         wrong = normal_day_flags(scores["any"])
         false_flags += wrong
-        print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{scores['weather_events']['share']:>9.1%}{wrong:>13}"
-              f"{mae:>21}", flush=True)
+        weather = [scores[key]["share"] for key in ("weather_events", "fronts")]
+        weather_cells = "".join(f"{share:>{width}.1%}" if share is not None else f"{'-':>{width}}"
+                                for share, width in zip(weather, (9, 8), strict=True))
+        print(f"{seed:>5}{stations:>9}{cells}{ideal_cell:>14}{weather_cells}{wrong:>13}{mae:>21}", flush=True)
     print(f"{'pooled':>14}" + "".join(f"{f1_score(*pooled[kind]):>13.3f}" for kind in SCORED)
-          + f"{best_threshold(ideal_pooled):>14}{'':>9}{false_flags:>13}")
+          + f"{best_threshold(ideal_pooled):>14}{'':>17}{false_flags:>13}")
     print("F1 on the test period; ideal drift: the best over thresholds (in brackets) of the ideal causal test; "
           "false flags: flagged fault-free days")
     edges = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(ERROR_BANDS)]

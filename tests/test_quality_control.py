@@ -127,6 +127,23 @@ def test_spikes_and_stuck_runs_are_flagged_and_repaired_by_the_expected_value(se
     assert result["confidence"].where(faults(result)).stack().dropna().between(0.5, 1.0).all()
 
 
+def test_a_stuck_reading_between_its_neighbours_lines_is_flagged_but_never_moved(settings):
+    """A repair must not move a reading away from its neighbours: a stuck reading that lies between their
+    lines keeps its value (its flag stands); one beyond them all is repaired when the flag is confident."""
+    observed = network()
+    observed.iloc[TEST_FROM + 60: TEST_FROM + 90, 3] = observed.iloc[TEST_FROM + 59, 3]
+    detector, result = verdict(observed, settings)
+    stations = detector["stations"]
+    coefs = pd.DataFrame({s: e["climatology"] for s, e in stations.items()})
+    anomaly = observed - climatology.climatology_at(coefs, observed.index, observed.columns)
+    beyond = qc_neighbours.outside_the_lines(anomaly, {s: e["neighbours"] for s, e in stations.items()})
+    stuck, moved = result["flag"] == "stuck", result["repaired"] != observed
+    sure = result["confidence"] >= settings["repair_confidence"]
+    assert (stuck & (beyond == 0)).to_numpy().sum() >= 2 and (stuck & (beyond > 0) & sure).to_numpy().sum() >= 2
+    assert not (stuck & (beyond == 0) & moved).to_numpy().any()
+    assert moved[stuck & (beyond > 0) & sure].stack().all()
+
+
 def test_flags_up_to_a_day_never_depend_on_later_readings(settings):
     observed = network()
     detector = learning.learn(observed, learning_days(observed), settings)

@@ -248,7 +248,10 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     fallback = expected.fillna(reference).to_numpy()
     confident = sure >= settings["repair_confidence"]
     values = observed.to_numpy()
-    repaired = np.where(confident & fault & ~shifted, fallback, values)
+    # A stuck reading between its neighbours' lines is as close to them as a repair could put it: repairing it
+    # could only move it away from them (its flag stands; a repeat is not a wrong value by itself).
+    between = (code == CODE[Flag.STUCK]) & (tables["outside_z"].to_numpy() == 0)
+    repaired = np.where(confident & fault & ~shifted & ~between, fallback, values)
     repaired = np.where(confident & shifted, values - offset.to_numpy(), repaired)
     repaired = np.where(missing, fallback, repaired)
     score = z.abs().fillna(jump_z.abs())

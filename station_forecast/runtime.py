@@ -18,8 +18,6 @@ from station_forecast.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 INHERITED_LOCK = "PIPELINE_LOCK_FD"  # names the descriptor of the project's lock a stage inherits from pipeline.sh
-
-
 MAX_THREADS = 1024
 
 

@@ -126,10 +126,15 @@ def _is_lock_file(fd: int, lock_path: Path) -> bool:
 
 def _on_stop_signal(signum: int, frame: object) -> None:
     """Stop once: a second signal (Ctrl-C reaches the stage and pipeline.sh passes it on too) must not cut
-    the clean-up of the first short."""
+    the clean-up of the first short. The signal is remembered, for what it breaks on its way out."""
+    _stop_signals.append(signum)
     for other in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a signal already pending would
         signal.signal(other, _already_stopping)  # then raise "ignored due to race condition"
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+# The stop signals this process received while ``run`` ran (``_on_stop_signal``).
+_stop_signals: list[int] = []
 
 
 def _already_stopping(signum: int, frame: object) -> None:
@@ -183,6 +188,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_Formatter(stage))
     # A background job of a non-interactive shell starts with SIGINT ignored; Ctrl-C must stop it all the same.
+    _stop_signals.clear()
     previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS}
     try:
         failed_import = None
@@ -195,7 +201,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
             except (KeyboardInterrupt, Terminated) as exc:
                 if not told_to_go():  # a stage started ahead that was never to run ends without a word
                     return 128 + _signal_of(exc)
-                return _stopped(args, stage, exc)
+                return _stopped(args, stage, _signal_of(exc))
         try:
             if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
                 raise failed_import
@@ -205,11 +211,14 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
             check_project_layout(Paths(args.root))
             with project_lock(args.root):
                 main(args)
-        except PipelineError as exc:
-            return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
         except (KeyboardInterrupt, Terminated) as exc:
-            return _stopped(args, stage, exc)
-        except Exception as exc:  # the one place that turns bugs into a clear line
+            return _stopped(args, stage, _signal_of(exc))
+        except Exception as exc:
+            if _stop_signals:  # what the stop broke on its way out (an import it cut short leaves an ImportError)
+                return _stopped(args, stage, _stop_signals[0])
+            if isinstance(exc, PipelineError):
+                return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
+            # The one place that turns bugs into a clear line.
             return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
                                "(rerun with --debug for the traceback)", EXIT_INTERNAL)
     finally:
@@ -222,8 +231,7 @@ def _signal_of(stop: BaseException) -> int:
     return stop.signum if isinstance(stop, Terminated) else signal.SIGINT
 
 
-def _stopped(args: argparse.Namespace, stage: str, stop: BaseException) -> int:
-    signum = _signal_of(stop)
+def _stopped(args: argparse.Namespace, stage: str, signum: int) -> int:
     return _fail(args, f"{stage}: stopped ({STOP_SIGNALS[signum]}); files it already replaced are complete, and "
                        "the manifest still describes the previous run until it finishes", 128 + signum)
 

@@ -126,6 +126,31 @@ def test_an_error_message_is_one_bounded_line(tmp_path, capsys):
     assert line.count("\n") == 1 and len(line) <= cli.MAX_MESSAGE + 30 and "characters)" in line
 
 
+def test_what_a_stop_signal_breaks_on_its_way_out_is_reported_as_the_stop_not_as_a_bug(tmp_path, capsys):
+    """Ctrl-C in the middle of importing a compiled module leaves an ImportError ("initialization failed"),
+    not a KeyboardInterrupt: after a stop signal, any error is the stop's (exit 130), never an internal one."""
+    import signal
+
+    from station_forecast import cli
+
+    def interrupted_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    code = cli.run("stage", interrupted_import, cli.stage_parser("test"), ["--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 130 and "stage: stopped (interrupted)" in err and "internal error" not in err, err
+
+    def fails(args):
+        raise ImportError("initialization failed")
+
+    assert cli.run("stage", fails, cli.stage_parser("test"), ["--root", str(tmp_path)]) == errors.EXIT_INTERNAL
+    assert "internal error" in capsys.readouterr().err  # without a stop, the same error is a bug
+
+
 def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
     # Stages end without the interpreter's teardown: what is still buffered must be written first.
     script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r}); from station_forecast import cli\n"

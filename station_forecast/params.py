@@ -225,7 +225,8 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
     for key, (kind, low, high) in schema.items():
         where = f"{path}: {name}.{key}"
         if key not in values:
-            raise PipelineError(f"{where} is missing")
+            raise PipelineError(f"{where} is missing (every key is required; {DEFAULT_PARAMS} has each one with "
+                                "its default, to copy from: a file made for an earlier version lacks the newer keys)")
         value = values[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

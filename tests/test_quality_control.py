@@ -219,6 +219,39 @@ def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monk
         pd.testing.assert_frame_equal(blocked[name], table)
 
 
+def test_above_the_all_pairs_size_each_station_is_compared_with_its_candidates_and_chooses_the_same(
+        monkeypatch):
+    """A network too large to compare every pair compares each station with the stations its anomalies
+    resemble most (a sketch), block by block; on a simulated network it chooses exactly the neighbours, and
+    the same lines, that comparing every pair does."""
+    import data_creation
+    from station_forecast.params import load_params
+
+    params = load_params()
+    sim = {**params["simulation"], "n_stations": 120, "n_years": 3, "seed": 5}
+    simulation = data_creation.simulate(sim, 0, params["anomalies"])
+    observed = pd.DataFrame(simulation.observed.T, index=pd.DatetimeIndex(simulation.dates),
+                            columns=[f"S{i:03d}" for i in range(120)])
+    anomaly = observed - climatology.climatology_at(climatology.fit_climatology(observed), observed.index,
+                                                    observed.columns)
+    def choose() -> tuple[dict, dict]:
+        return qc_neighbours.learn_neighbours(anomaly, 5, 0.7), qc_neighbours.forecast_neighbours(anomaly, 8, 0.3)
+
+    every_pair = choose()
+    monkeypatch.setattr(qc_neighbours, "ALL_PAIRS_STATIONS", 0)
+    monkeypatch.setattr(qc_neighbours, "CANDIDATES", 16)
+    monkeypatch.setattr(qc_neighbours, "CANDIDATES_PER_NEIGHBOUR", 8)  # 40 and 64 of the 119 others
+    monkeypatch.setattr(qc_neighbours, "PAIR_BLOCK", 32)
+    learned, forecast = choose()
+    assert forecast == every_pair[1]
+    for station, found in learned.items():
+        expected = every_pair[0][station]["buddies"]
+        assert [b["station"] for b in found["buddies"]] == [b["station"] for b in expected]
+        for key in ("correlation", "slope", "intercept"):
+            assert [b[key] for b in found["buddies"]] == pytest.approx([b[key] for b in expected], abs=2e-4)
+    assert sum(len(found["buddies"]) for found in learned.values()) > 300  # most stations have their 5
+
+
 @pytest.mark.parametrize("threads, block", [(1, qc_neighbours.EXPECTED_BLOCK), (3, 2)])
 def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else_their_lines_median(
         monkeypatch, threads, block):

@@ -12,16 +12,59 @@ np = lazy_import("numpy")
 pd = lazy_import("pandas")
 MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 EXPECTED_BLOCK = 64  # stations per block of the neighbours' expected values and of the persistences
+ALL_PAIRS_STATIONS = 3000  # up to this many stations every pair is compared (six stations x stations matrices)
+CANDIDATES = 256  # above it, the stations each station is compared with: those its anomalies resemble most
+CANDIDATES_PER_NEIGHBOUR = 32  # ... or this many per neighbour wanted, if more
+PAIR_BLOCK = 256  # stations whose candidates are compared at a time
 
 
-def _pair_statistics(anomaly: np.ndarray, lead: int = 0) -> tuple[np.ndarray, ...]:
-    """Correlation, slope and intercept of every station on every other, and the days they share.
+def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1) -> tuple[np.ndarray, ...]:
+    """For each station, the stations it is compared with (``index``: station x slot, ascending) and, per
+    slot, the correlation, slope and intercept of predicting the station, ``lead`` days later, from that one,
+    and the days they share.
 
-    Pairwise-complete sums by matrix products (no loop over pairs): row i,
-    column j describe predicting station i, ``lead`` days later, from station j
-    on days both have.
+    Up to ``ALL_PAIRS_STATIONS`` stations every pair is compared (the slots are all stations). Above, the
+    stations x stations matrices would not fit in memory: each station is compared with the stations whose
+    standardised anomalies (missing days as 0) correlate best with its own, a sketch of the pairwise-complete
+    correlation, block by block: ``CANDIDATES`` of them, or ``CANDIDATES_PER_NEIGHBOUR`` times the ``wanted``
+    neighbours if more. A station's best neighbours are among them (a test checks the choice is the all-pairs
+    one).
     """
     target, predictor = (anomaly[lead:], anomaly[:len(anomaly) - lead]) if lead else (anomaly, anomaly)
+    stations = anomaly.shape[1]
+    if stations <= ALL_PAIRS_STATIONS:
+        index = np.broadcast_to(np.arange(stations), (stations, stations))
+        return index, *_pair_sums(target, predictor, symmetric=not lead)
+    sketch_t, sketch_p = _standardised(target), _standardised(predictor)
+    width = min(max(CANDIDATES, CANDIDATES_PER_NEIGHBOUR * wanted), stations - 1)
+    index = np.empty((stations, width), dtype=int)
+    statistics = [np.empty((stations, width)) for _ in range(4)]
+    for begin in range(0, stations, PAIR_BLOCK):
+        rows = np.arange(begin, min(stations, begin + PAIR_BLOCK))
+        similar = sketch_t[:, rows].T @ sketch_p
+        similar[np.arange(len(rows)), rows] = -np.inf  # never itself
+        chosen = np.sort(np.argpartition(-similar, width - 1, axis=1)[:, :width], axis=1)
+        union = np.unique(chosen)
+        position = np.searchsorted(union, chosen)
+        index[rows] = chosen
+        for whole, block in zip(statistics, _pair_sums(target[:, rows], predictor[:, union]), strict=True):
+            whole[rows] = np.take_along_axis(block, position, axis=1)
+    return index, *statistics
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    """Each column less its mean, over its standard deviation times the square root of the rows; missing
+    values 0: so that one column's products with another sum to about their correlation."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centred = values - np.nanmean(values, axis=0)
+        scaled = centred / (np.nanstd(values, axis=0) * np.sqrt(len(values)))
+    return np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _pair_sums(target: np.ndarray, predictor: np.ndarray, symmetric: bool = False) -> tuple[np.ndarray, ...]:
+    """Correlation, slope and intercept of every target column on every predictor column, and the days they
+    share: pairwise-complete sums by matrix products (no loop over pairs). Row i, column j describe
+    predicting target i from predictor j on days both have. ``symmetric``: the two are the same table."""
     present_t, present_p = ~np.isnan(target), ~np.isnan(predictor)
     values_t, values_p = np.where(present_t, target, 0.0), np.where(present_p, predictor, 0.0)
     mask_t, mask_p = present_t.astype(float), present_p.astype(float)
@@ -30,11 +73,11 @@ def _pair_statistics(anomaly: np.ndarray, lead: int = 0) -> tuple[np.ndarray, ..
         n = np.where(shared > 0, shared, np.nan)
         mean = (values_t.T @ mask_p) / n  # mean of i over days j is present too
         var = (values_t.T**2 @ mask_p) / n - mean**2
-        if lead:  # mean and variance of j over days i is present too
+        if symmetric:  # the same sums with i and j swapped: the transposes, not two more products
+            mean_p, var_p = mean.T, var.T
+        else:  # mean and variance of j over days i is present too
             mean_p = (values_p.T @ mask_t).T / n
             var_p = (values_p.T**2 @ mask_t).T / n - mean_p**2
-        else:  # the same sums with i and j swapped: the transposes, not two more products
-            mean_p, var_p = mean.T, var.T
         cov = (values_t.T @ values_p) / n - mean * mean_p
         corr = cov / np.sqrt(var * var_p)
         slope = cov / var_p
@@ -42,16 +85,22 @@ def _pair_statistics(anomaly: np.ndarray, lead: int = 0) -> tuple[np.ndarray, ..
     return corr, slope, intercept, shared
 
 
+def _ranked(index: np.ndarray, corr: np.ndarray, usable: np.ndarray, n_neighbours: int) -> list[list[int]]:
+    """Per station, the slots of its ``n_neighbours`` best usable stations by correlation (ties: the station
+    first in order), never itself."""
+    usable = usable & (index != np.arange(len(index))[:, None])
+    ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
+    return [[k for k in ranked[i] if usable[i, k]] for i in range(len(index))]
+
+
 def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, list[str]]:
     """For each station, the stations whose anomaly on a day best predicts its anomaly the next day (at least
     ``min_correlation``, on the learning days): upwind stations, where today's weather is the station's
     tomorrow, rank above same-day look-alikes."""
-    corr, _, _, shared = _pair_statistics(anomaly.to_numpy(), lead=1)
+    index, corr, _, _, shared = pair_statistics(anomaly.to_numpy(), lead=1, wanted=n_neighbours)
     stations = list(anomaly.columns)
-    usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation)
-    np.fill_diagonal(usable, False)
-    ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
-    return {station: [stations[j] for j in ranked[i] if usable[i, j]] for i, station in enumerate(stations)}
+    slots = _ranked(index, corr, (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation), n_neighbours)
+    return {station: [stations[index[i, k]] for k in slots[i]] for i, station in enumerate(stations)}
 
 
 def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, dict]:
@@ -63,20 +112,18 @@ def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: 
     lines as the fallback on other days.
     """
     values = anomaly.to_numpy()
-    corr, slope, intercept, shared = _pair_statistics(values)
+    index, corr, slope, intercept, shared = pair_statistics(values, wanted=n_neighbours)
     stations = list(anomaly.columns)
     usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation) & np.isfinite(slope)
-    np.fill_diagonal(usable, False)
-    ranked = np.argsort(-np.where(usable, corr, -np.inf), axis=1, kind="stable")[:, :n_neighbours]
     neighbours = {}
-    for i, station in enumerate(stations):  # one short list and one small regression per station
-        chosen = [j for j in ranked[i] if usable[i, j]]
+    for i, (station, slots) in enumerate(zip(stations, _ranked(index, corr, usable, n_neighbours), strict=True)):
+        chosen = [index[i, k] for k in slots]  # one short list and one small regression per station
         weights, constant = _joint_regression(values[:, i], values[:, chosen])
         neighbours[station] = {
             "constant": constant,
-            "buddies": [{"station": stations[j], "correlation": round(float(corr[i, j]), 4),
-                         "slope": round(float(slope[i, j]), 6), "intercept": round(float(intercept[i, j]), 6),
-                         "weight": weight} for j, weight in zip(chosen, weights, strict=True)],
+            "buddies": [{"station": stations[index[i, k]], "correlation": round(float(corr[i, k]), 4),
+                         "slope": round(float(slope[i, k]), 6), "intercept": round(float(intercept[i, k]), 6),
+                         "weight": weight} for k, weight in zip(slots, weights, strict=True)],
         }
     return neighbours
 

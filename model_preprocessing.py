@@ -40,7 +40,6 @@ STAGE = "model_preprocessing"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
 IMPORTS = ["numpy", "pandas", "sklearn.preprocessing", "joblib"]
 STATION_BLOCK = 100  # stations whose features are built at a time: bounds the memory at scale
-FILES_PER_CHUNK = 50  # station files read and checked by one task of a cluster
 PROBABLE_CODES = 3  # values shared by stations on a day and far outside every climate the log names
 
 
@@ -58,7 +57,7 @@ def load_stations(train_dir: Path, test_dir: Path, pre: dict, pool: compute.Pool
     if not any(split == "train" for split, _ in files):
         raise PipelineError(f"{train_dir}: no station CSVs to train on")
     parts = (pool or runtime.Threads()).map(station_files.read_station_files,
-                                            runtime.chunks([path for _, path in files], FILES_PER_CHUNK),
+                                            runtime.chunks([path for _, path in files], station_files.FILES_PER_CHUNK),
                                             what="station files read (chunks)",
                                             min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     readings = [file for chunk in parts for file in chunk]

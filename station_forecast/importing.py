@@ -19,12 +19,12 @@ from pathlib import Path
 from station_forecast import compute, runtime, storage
 from station_forecast.errors import PipelineError
 from station_forecast.runtime import lazy_import, log
+from station_forecast.station_files import FILES_PER_CHUNK
 from station_forecast.steps import FREQUENCIES
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 
-FILES_PER_CHUNK = 50  # user files one task reads
 # In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]

@@ -21,6 +21,8 @@ from station_forecast.storage import read_text_file
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 
+FILES_PER_CHUNK = 50  # station files one task reads and checks (the stages' own, and a user's on import)
+
 RAW_COLUMNS = ["date", "temperature"]
 CLEAN_HEADER = "date,temperature\n"  # the header of the station files the pipeline writes
 

@@ -68,7 +68,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     facts = reading_facts(learning_readings, qc["window"])
     progress = Progress("quality control learning rounds", LEARNING_ROUNDS + 1)
     for _ in range(LEARNING_ROUNDS):
-        detector = _fit(observed, learning, trusted, provisional, settings, gross, local_threads(pool))
+        detector = _fit(observed, learning, trusted, provisional, settings, gross, threads)
         # One pass is enough to decide which readings to trust (the second changed F1 by at most 0.02 on
         # three simulated networks) and a third of the work.
         found = detect(learning_readings, detector, pool, second_pass=False, onsets=True, facts=facts)
@@ -76,7 +76,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         # from the day it was found.
         trusted = learning & ~found["flag"].isin(FAULTS) & ~since_onset(found["onset"])
         progress.step()
-    return _fit(observed, learning, trusted, qc, settings, gross, local_threads(pool))
+    return _fit(observed, learning, trusted, qc, settings, gross, threads)
 
 
 def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, qc: dict, settings: dict,

@@ -51,8 +51,9 @@ STATIONS_PER_CHUNK = 50  # stations whose files one task writes
 # A front's air mass is modified towards the region's weather with this time scale (days).
 FRONT_DAYS = 1.5
 FRONT_STREAM = 1  # the fronts' random stream beside the simulation's main one
+OFFSET_STREAM = 2  # ... and the date offsets' (added later: every earlier draw stays as it was)
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
-_EFFECT_ORDER = [Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK, Flag.SPIKE, Flag.MISSING]
+_EFFECT_ORDER = [Flag.DATE_OFFSET, Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK, Flag.SPIKE, Flag.MISSING]
 
 
 class Simulation(NamedTuple):
@@ -270,12 +271,17 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
     labels = np.full(clean.shape, Flag.NONE.value, dtype=object)
     rows = np.arange(n_stations)[:, None]
     for kind in _EFFECT_ORDER:
+        draws = np.random.default_rng([sim["seed"], OFFSET_STREAM]) if kind == Flag.DATE_OFFSET else rng
         rate = anomalies[f"{kind}_rate"] * c["contamination"][:, 0]
-        covered, run_start, progress = draw_events(rng, rate, anomalies[f"{kind}_days"], n_days)
-        sign = rng.choice([-1.0, 1.0], size=clean.shape)
-        size = rng.uniform(0.0, 1.0, size=clean.shape)
+        covered, run_start, progress = draw_events(draws, rate, anomalies[f"{kind}_days"], n_days)
+        sign = draws.choice([-1.0, 1.0], size=clean.shape)
+        size = draws.uniform(0.0, 1.0, size=clean.shape)
         at_start = np.maximum(run_start, 0)
-        if kind == "level_shift":
+        if kind == "date_offset":  # each reading is the one of the day before (or after) it
+            step = np.take_along_axis(sign, at_start, axis=1).astype(int)
+            other_day = np.clip(np.arange(n_days)[None, :] + step, 0, n_days - 1)
+            observed = np.where(covered, observed[rows, other_day], observed)
+        elif kind == "level_shift":
             offset = np.take_along_axis(sign * (2.5 + 3.5 * size), at_start, axis=1)
             observed = np.where(covered, observed + offset, observed)
         elif kind == "drift":

@@ -18,13 +18,15 @@ class Flag(StrEnum):
     LEVEL_SHIFT = "level_shift"  # a departure from the neighbours that stepped away from zero and stays
     DRIFT = "drift"  # a departure from the neighbours that ramps away from zero
     STUCK = "stuck"  # the same reading repeated while the neighbours moved
+    DATE_OFFSET = "date_offset"  # readings keyed a day early or late: the weather of the neighbours a day apart
 
 
 # The faults the detector flags, in the order logs and reports list them.
-FAULTS = [Flag.GROSS, Flag.SPIKE, Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK]
+FAULTS = [Flag.GROSS, Flag.SPIKE, Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK, Flag.DATE_OFFSET]
 # What the simulation injects, each with its [anomalies] <kind>_rate and <kind>_days.
-INJECTED = [Flag.SPIKE, Flag.LEVEL_SHIFT, Flag.STUCK, Flag.DRIFT, Flag.MISSING]
+INJECTED = [Flag.SPIKE, Flag.LEVEL_SHIFT, Flag.STUCK, Flag.DRIFT, Flag.DATE_OFFSET, Flag.MISSING]
 # The injected faults a detector is scored on (a missing day is no reading to flag).
 SCORED = [kind for kind in INJECTED if kind != Flag.MISSING]
 # The verdict works on integer codes, a reading's code being its flag's position here.
-VERDICT_CODES = [Flag.NONE, Flag.MISSING, Flag.STUCK, Flag.GROSS, Flag.SPIKE, Flag.DRIFT, Flag.LEVEL_SHIFT]
+VERDICT_CODES = [Flag.NONE, Flag.MISSING, Flag.STUCK, Flag.GROSS, Flag.SPIKE, Flag.DRIFT, Flag.LEVEL_SHIFT,
+                 Flag.DATE_OFFSET]

@@ -106,6 +106,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "spike_threshold": (float, 1.0, 50.0),
         "shift_threshold": (float, 1.0, 200.0),
         "stuck_threshold": (float, 0.5, 50.0),
+        "offset_threshold": (float, 1.0, 100.0),
         "gross_margin": (float, 1.0, 20.0),
         "climate_margin": (float, 3.0, 100.0),
         "repair_confidence": (float, 0.5, 1.0),

@@ -582,3 +582,68 @@ def test_a_departure_within_the_local_weather_s_wander_is_seldom_a_shift_but_one
     within, beyond = 0.8 * floor, 2.0 * floor
     assert flagged_share(within, floor) <= 0.6 * flagged_share(within, 0.0)
     assert flagged_share(beyond, floor) >= 0.8
+
+
+def keyed_apart(observed: pd.DataFrame, station: str, rows: slice, days: int) -> pd.DataFrame:
+    """``observed`` with the readings of ``station`` in ``rows`` taken from ``days`` later (a day early: 1)."""
+    shifted = observed.copy()
+    column = observed.columns.get_loc(station)
+    shifted.iloc[rows, column] = observed.iloc[rows.start + days: rows.stop + days, column].to_numpy()
+    return shifted
+
+
+def test_a_station_keyed_a_day_early_for_weeks_is_a_date_offset_repaired_by_the_right_day_s_reading(settings):
+    clean = network()
+    start, length = TEST_FROM + 40, 40
+    observed = keyed_apart(clean, "S2", slice(start, start + length), 1)
+    _, result = verdict(observed, settings)
+    flag = result["flag"]["S2"].to_numpy()
+    found = flag[start: start + length] == "date_offset"
+    first = int(np.argmax(found))
+    assert found.any() and first <= 7, first
+    assert found[first:].mean() > 0.9  # the calm days of the stretch too, not only the stormy ones
+    assert (flag[start + length + 3:] != "date_offset").all()  # let go once the readings line up again
+    assert not faults(result).drop(columns="S2").iloc[start: start + length].to_numpy().any()
+    # Yesterday's reading is today's temperature: the confident repairs are exactly the right readings.
+    repaired, sure = result["repaired"]["S2"], result["confidence"]["S2"] >= settings["repair_confidence"]
+    rows = np.arange(len(flag))
+    inside = sure & (rows > start) & (rows < start + length) & (result["flag"]["S2"] == "date_offset")
+    assert inside.sum() > length / 2
+    np.testing.assert_array_equal(repaired[inside], clean["S2"][inside])
+
+
+def test_a_station_keyed_a_day_late_is_a_date_offset_left_as_read(settings):
+    clean = network()
+    start, length = TEST_FROM + 40, 40
+    observed = keyed_apart(clean, "S1", slice(start, start + length), -1)
+    _, result = verdict(observed, settings)
+    keyed = result["flag"]["S1"] == "date_offset"
+    assert keyed.iloc[start: start + length].mean() > 0.7
+    # Tomorrow's reading, which holds today's temperature, is not known on the day: nothing to repair with.
+    np.testing.assert_array_equal(result["repaired"]["S1"][keyed], observed["S1"][keyed])
+
+
+def test_a_station_keyed_a_day_apart_in_every_learning_year_is_not_tested_for_it(settings):
+    # Observation hours that differ from the neighbours' (a morning reading's maximum is yesterday's) are
+    # that station's normal, not a fault that began: the test would flag most of its days.
+    clean = network()
+    observed = keyed_apart(clean, "S3", slice(1, DAYS - 1), -1)
+    # This network's weather carries over to the next day at 0.7: a day apart, S3 correlates with its
+    # neighbours at about that, and stays their neighbour only below it.
+    detector, result = verdict(observed, dict(settings, min_correlation=0.5))
+    assert detector["stations"]["S3"]["neighbours"]["buddies"]
+    assert detector["stations"]["S3"]["offset_alignment"] < 0 < checks.OFFSET_LEAST_ALIGNMENT
+    assert detector["stations"]["S0"]["offset_alignment"] > checks.OFFSET_LEAST_ALIGNMENT
+    keyed = result["flag"].eq("date_offset")
+    assert not keyed["S3"].any()
+    assert keyed.mean().max() < 0.01  # its readings, still a neighbour's, may mislead the others on a few days
+
+
+def test_the_date_offset_test_keeps_little_evidence_beyond_its_threshold_and_knows_where_a_stretch_began():
+    evidence = np.array([[-1.0], [2.0], [3.0], [3.0], [3.0], [-2.0], [0.5], [-3.0], [-3.0]])
+    bounded, summed, onset = checks.offset_evidence(evidence, threshold=6.0)
+    ceiling = 6.0 + checks.OFFSET_MEMORY
+    np.testing.assert_allclose(bounded[:, 0], [0, 2, 5, 7, 7, 5, 5.5, 2.5, 0])
+    assert bounded.max() == ceiling
+    np.testing.assert_allclose(summed[:, 0], [0, 2, 5, 8, 11, 9, 9.5, 6.5, 3.5])
+    np.testing.assert_array_equal(onset[:, 0], [1, 1, 1, 1, 1, 1, 1, 1, 9])

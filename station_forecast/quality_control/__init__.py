@@ -29,6 +29,16 @@ reading is compared with what its neighbours say it should be:
   did not, or when it is longer than the station's own resolution makes likely
   (learned from how often its learning days repeat: whole-degree °F records
   repeat often).
+* A stretch whose readings are keyed a day late or early against the
+  neighbours' is a ``date_offset``: the station's day-to-day changes follow
+  the neighbours' expected changes of the day before (or after) better than
+  those of the same day. Each day's evidence, a capped log-likelihood ratio of
+  Student-t residuals, is summed by a sequential test (CUSUM) per direction
+  and flagged above ``offset_threshold``; only on days two or more neighbours
+  read, and only at stations whose learning days are clearly on their
+  neighbours' dates (a network mixing observation hours has stations a day
+  apart by nature). A reading keyed a day early is repaired by the one before
+  it, which holds its day's temperature; one keyed a day late is not repaired.
 * **Gross checks** run everywhere, and are all a station with no usable
   neighbour gets: a jump from the median of the ``window`` days before beyond
   ``gross_margin`` times the 99.9th percentile of the station's own learning

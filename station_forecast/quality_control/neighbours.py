@@ -252,6 +252,17 @@ def _expected_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray]
     out[rows] = joint
 
 
+def reporting_neighbours(observed: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
+    """How many of each station's neighbours have a reading each day (date x station, small integers)."""
+    lines = neighbour_lines(list(observed.columns), neighbours)
+    count = np.zeros((observed.shape[1], len(observed)), dtype=np.int8)
+    if lines is not None:
+        present = np.vstack([observed.notna().to_numpy().T, np.zeros((1, len(observed)), dtype=bool)])
+        for m in range(lines["index"].shape[1]):
+            count += present[lines["index"][:, m]]
+    return pd.DataFrame(count.T, index=observed.index, columns=observed.columns)
+
+
 def network_departures(observed: pd.DataFrame, climatology: pd.DataFrame, neighbours: dict[str, dict],
                         leave_out: pd.DataFrame | None, threads: int = 1) -> dict:
     """Expected value and departure of every reading (its ``climatology`` plus the anomaly its

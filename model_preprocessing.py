@@ -20,7 +20,6 @@ Outputs: data/{train,test}/features.csv  one row per station, forecast origin an
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -470,14 +469,15 @@ def fit_scaler(train: pd.DataFrame):
     from sklearn.preprocessing import StandardScaler
 
     first = (train["step"] == 1).to_numpy()
-    # One block of floats laid out as scikit-learn reads it: handed the table's separate columns, it spent
-    # ten times the fit itself putting them together (2.2 s of 2.4 s at 1,000 stations).
+    # One block of floats laid out as scikit-learn reads it, and handed over as an array: given the table's
+    # separate columns it spent ten times the fit itself putting them together, and given a frame of them
+    # still 1.8 s of 2.1 s at 1,000 stations (the same means and scales either way).
     values = np.empty((int(first.sum()), len(FEATURES)), order="F")
     for i, name in enumerate(FEATURES):
         values[:, i] = train[name].to_numpy()[first]
-    with warnings.catch_warnings():  # scikit-learn's remarks on the table's form are nothing a user can act on
-        warnings.simplefilter("ignore", UserWarning)
-        return StandardScaler().fit(pd.DataFrame(values, columns=FEATURES, copy=False))
+    scaler = StandardScaler().fit(values)
+    scaler.feature_names_in_ = np.asarray(FEATURES, dtype=object)  # what stage 4 checks the features by
+    return scaler
 
 
 def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:

@@ -3,10 +3,11 @@
 Quality control (station_forecast/quality_control/) compares every reading with what its
 neighbouring stations say it should be, so a cold snap that every station sees
 stays weather while a fault at one station stands out. It learns on the days
-before the test period only, flags spikes, level shifts, drifts, stuck runs and
-gross errors with a kind and a confidence, and repairs only confident faults: a
-spike or stuck reading by its expected value, a shift or drift by removing its
-estimated offset. Everything is causal: a day's flag, repair and features use
+before the test period only, flags spikes, level shifts, drifts, stuck runs,
+stretches keyed a day apart (date offsets) and gross errors with a kind and a
+confidence, and repairs only confident faults: a spike or stuck reading by its
+expected value, a shift or drift by removing its estimated offset, a reading
+keyed a day early by the one before it. Everything is causal: a day's flag, repair and features use
 only that day and earlier ones, never the next day that is being forecast.
 
 Inputs:  data/train/raw/*.csv, data/test/raw/*.csv (date, temperature), data/source.json (test_start, frequency)

@@ -151,6 +151,11 @@ def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: p
     return pd.DataFrame(stuck, index=run.index, columns=run.columns), best
 
 
+def day_before(values: np.ndarray, fill: float | bool = np.nan) -> np.ndarray:
+    """Each row's value of the row before (``fill`` in the first): a days x stations array moved down a day."""
+    return np.vstack([np.full((1, values.shape[1]), fill, dtype=values.dtype), values[:-1]])
+
+
 def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: pd.Series, reporting: pd.DataFrame
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each day's evidence (a log-likelihood ratio, capped) that a station's readings are keyed a day late or a
@@ -171,9 +176,6 @@ def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: p
     neighbours = expected.diff().to_numpy()
     spread = scale.to_numpy()[None, :]
 
-    def earlier(values: np.ndarray) -> np.ndarray:
-        return np.vstack([np.full((1, values.shape[1]), np.nan), values[:-1]])
-
     def surprise(residual: np.ndarray) -> np.ndarray:  # a Student-t residual's negative log-likelihood, plus a constant
         with np.errstate(invalid="ignore"):
             return (OFFSET_TAILS + 1) / 2 * np.log1p((residual / spread) ** 2 / OFFSET_TAILS)
@@ -183,10 +185,10 @@ def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: p
 
     right = change - neighbours
     enough = reporting.to_numpy() >= OFFSET_LEAST_NEIGHBOURS
-    judged = enough & earlier(enough.astype(float)).astype(bool) & ~np.isnan(right) & (spread > 0)
+    judged = enough & day_before(enough, fill=False) & ~np.isnan(right) & (spread > 0)
     on_the_day = surprise(right)
-    late = capped(on_the_day - surprise(change - earlier(neighbours)))
-    early = capped(earlier(on_the_day) - surprise(earlier(change) - neighbours))
+    late = capped(on_the_day - surprise(change - day_before(neighbours)))
+    early = capped(day_before(on_the_day) - surprise(day_before(change) - neighbours))
     return np.where(judged, late, 0.0), np.where(judged, early, 0.0), judged
 
 

@@ -15,6 +15,7 @@ from station_forecast.quality_control.checks import (
     RAMP_LAGS,
     STEP_LAGS,
     change_evidence,
+    day_before,
     departure_innovation,
     explained_innovations,
     explained_readings,
@@ -277,7 +278,7 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     # A reading keyed a day early is yesterday's reading's day: yesterday's, from within the stretch, is
     # today's temperature. One keyed a day late is tomorrow's, not known yet: it stays as read.
     rows = np.arange(len(observed))[:, None]
-    yesterday = np.vstack([np.full((1, values.shape[1]), np.nan), values[:-1]])
+    yesterday = day_before(values)
     known = confident & keyed & apart.early & (rows > apart.onset) & ~np.isnan(yesterday)
     repaired = np.where(known, yesterday, repaired)
     repaired = np.where(missing, fallback, repaired)

@@ -151,7 +151,7 @@ def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: p
     return pd.DataFrame(stuck, index=run.index, columns=run.columns), best
 
 
-def day_before(values: np.ndarray, fill: float | bool = np.nan) -> np.ndarray:
+def day_before(values: np.ndarray, fill: float | bool = float("nan")) -> np.ndarray:
     """Each row's value of the row before (``fill`` in the first): a days x stations array moved down a day."""
     return np.vstack([np.full((1, values.shape[1]), fill, dtype=values.dtype), values[:-1]])
 

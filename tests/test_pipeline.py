@@ -192,6 +192,27 @@ def wait_for_line(root, line: str) -> None:
     raise AssertionError(f"never logged: {line}")
 
 
+def what_still_runs(group: int, root) -> str:
+    """The processes of a run that did not end (what each waits in, what it holds open) and its log, for the
+    failure message; then the run is killed."""
+    import signal
+
+    lines = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc.name)) != group:
+                continue
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            waits = (proc / "wchan").read_text()
+            held = sorted(os.readlink(fd) for fd in (proc / "fd").iterdir())
+        except OSError:  # ended meanwhile
+            continue
+        lines.append(f"{proc.name} [{waits}] {command} holds {held}")
+    logs = sorted((root / "logs").glob("pipeline-*.log"))
+    os.killpg(group, signal.SIGKILL)
+    return "\n".join([*lines, "log:", logs[0].read_text() if logs else "(none)"])
+
+
 def lock_is_free(root) -> bool:
     import fcntl
 
@@ -211,15 +232,21 @@ def test_a_signal_to_the_pipeline_or_its_group_stops_the_running_stage_and_the_l
     must stop, and only stages that finished are named."""
     import signal
 
+    # As a terminal starts it: with SIGINT at its default action, even where this test runs with SIGINT
+    # ignored (started by a shell as a background job), which every process it starts would inherit.
     process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
                                env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_line(copy, "stage model_preprocessing: start")
     if to_group:
         os.killpg(process.pid, getattr(signal, name))
     else:
         process.send_signal(getattr(signal, name))
-    out, err = process.communicate(timeout=120)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError(f"the pipeline did not end: {what_still_runs(process.pid, copy)}") from timeout
     assert process.returncode == code, (out, err)
     assert f"pipeline: stopped by {name}" in out
     # The signal may come before the stage was told to run (then it never ran), or after it finished.

@@ -29,7 +29,8 @@ and requirements.txt installed on first use). Logs go to logs/pipeline-<time>.lo
 Exit status: that of the first failing stage (1 internal error, 2 bad input,
 3 quality gate failed), $EXIT_BUSY if another run holds the lock, 0 on success;
 128+N when stopped by signal N (129 SIGHUP, 130 SIGINT/Ctrl-C, 143 SIGTERM: the
-running stage stops cleanly; 137 SIGKILL, e.g. the kernel out of memory).
+running stage stops cleanly, or is killed if it has not within \$PIPELINE_STOP_GRACE
+seconds, default 30; 137 SIGKILL, e.g. the kernel out of memory).
 EOF
 }
 
@@ -57,6 +58,10 @@ done
 [[ "$wait_seconds" =~ ^[0-9]{1,7}$ ]] && [ "$((10#$wait_seconds))" -le "$MAX_WAIT" ] \
   || die "--wait takes whole seconds from 0 to $MAX_WAIT, got '$wait_seconds'"
 wait_seconds=$((10#$wait_seconds))
+# Seconds a signalled stage has to stop before it is killed (PIPELINE_STOP_GRACE; default 30).
+STOP_GRACE="${PIPELINE_STOP_GRACE:-30}"
+[[ "$STOP_GRACE" =~ ^[0-9]{1,5}$ ]] || die "PIPELINE_STOP_GRACE takes whole seconds, got '$STOP_GRACE'"
+STOP_GRACE=$((10#$STOP_GRACE))
 # Every stage reads the parameters file again, each with its own standard input: it must be a file on
 # disk, found by its real path (/dev/stdin would be another stream in each stage).
 [ -e "$params" ] || [ -L "$params" ] || die "parameters file not found: $params"
@@ -165,17 +170,31 @@ stop() {
   # must not end this handler before it has said what happened.
   set +e
   trap '' TERM INT HUP  # one stop at a time
-  end_ahead TERM
+  end_ahead
   if [ -n "$child" ]; then
     kill -s "$signal_name" "$child" 2>/dev/null
+    # A stage stops within seconds. One the signal caught between this script's fork and its exec (which
+    # swallows it) could wait forever: after the grace, it is killed.
+    end_within "$STOP_GRACE" "$child" \
+      || say "stage $child_stage: did not stop within ${STOP_GRACE}s of SIG$signal_name; killed (SIGKILL)"
     wait "$child" 2>/dev/null
     local status=$?
-    wait "${tees[@]}" 2>/dev/null  # its last words reach the terminal and the log before these lines
+    end_within 5 "${tees[@]}"  # its last words reach the terminal and the log before these lines
     say "stage $child_stage: end, exit $status"
     [ "$status" -eq 0 ] && ran+=("$child_stage")  # it may have finished before the signal reached it
   fi
   say "pipeline: stopped by SIG$signal_name; $(outcome)"
   exit "$code"
+}
+end_within() {  # $1 seconds, then pids: wait until they have ended, at most that long; then SIGKILL the rest
+  local limit="$1" tick pid; shift
+  for ((tick = 0; tick < limit * 10; tick++)); do
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && break; pid=""; done
+    [ -z "$pid" ] && return 0
+    sleep 0.1
+  done
+  kill -KILL "$@" 2>/dev/null
+  return 1
 }
 declare -A STOP_NAMES=([129]=HUP [130]=INT [143]=TERM)  # 128 + the signal's number
 for code in "${!STOP_NAMES[@]}"; do
@@ -220,16 +239,14 @@ tell_ahead() {  # $1: go or skip
   exec {ahead_go}>&-
   ahead=""
 }
-end_ahead() {  # a stage started ahead that will not run: tell it, or with a signal name stop it, and wait
+end_ahead() {  # a stage started ahead that will not run: it has only imported, so it is simply ended
   [ -n "$ahead" ] || return 0
-  local pid="$ahead_pid" stage="$ahead" end fd
+  local pid="$ahead_pid"
   tell_ahead skip
-  [ -n "${1:-}" ] && kill -s "$1" "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null || true
-  # Stopped before its process opened its output, the stage leaves its copies waiting to open their FIFOs;
-  # opening each for reading and writing (which never blocks) and closing it again lets them read the end.
-  for end in out err; do exec {fd}<>"$fifos/$end-$stage"; exec {fd}>&-; done
-  wait "${ahead_tees[@]}" 2>/dev/null || true
+  # Killed, not asked: a signal that came between this script's fork of it (or of its copies) and the exec
+  # is swallowed, and the fork then waits forever to open its FIFO.
+  kill -KILL "$pid" "${ahead_tees[@]}" 2>/dev/null
+  wait "$pid" "${ahead_tees[@]}" 2>/dev/null || true
 }
 
 pipeline_start=$(date +%s.%N)

@@ -262,6 +262,42 @@ def test_a_signal_to_the_pipeline_or_its_group_stops_the_running_stage_and_the_l
     assert pipeline(copy, "--params", "tiny.toml").returncode == 0
 
 
+def test_a_stage_that_does_not_stop_when_signalled_is_killed_after_the_grace(copy):
+    """Ctrl-C always ends the run: a stage still running after PIPELINE_STOP_GRACE seconds is killed (long
+    before the stage's own sleep, 300 s, would end it)."""
+    import signal
+
+    (copy / "model_preprocessing.py").write_text(
+        "import signal, sys, time\n"
+        "for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+        "    signal.signal(stop, signal.SIG_IGN)\n"
+        "sys.stdin.readline()\n"
+        "print('deaf stage running', flush=True)\n"
+        "time.sleep(300)\n")
+    process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
+                               env=dict(os.environ, PYTHON=sys.executable, PIPELINE_STOP_GRACE="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(copy, "deaf stage running")
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError(f"the pipeline did not end: {what_still_runs(process.pid, copy)}") from timeout
+    assert process.returncode == 143, (out, err)
+    assert "stage model_preprocessing: did not stop within 1s of SIGTERM; killed (SIGKILL)" in out
+    assert "stage model_preprocessing: end, exit 137" in out
+    assert "pipeline: stopped by SIGTERM; stages that ran and replaced their outputs: data_creation;" in out
+    assert stage_processes(copy) == [] and lock_is_free(copy)
+
+
+def test_a_stop_grace_that_is_not_whole_seconds_is_refused(copy):
+    result = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
+                            env=dict(os.environ, PYTHON=sys.executable, PIPELINE_STOP_GRACE="5s"),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "pipeline: error: PIPELINE_STOP_GRACE takes whole seconds, got '5s'"
+
+
 def test_a_killed_pipeline_leaves_no_stage_running_nor_the_lock_held_and_the_next_run_cleans_up(copy, tmp_path):
     import time
 

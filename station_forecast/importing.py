@@ -30,6 +30,9 @@ STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
 # A coordinate beyond its limit (degrees, metres) is a typo, not a place.
 COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
+# Below the lowest land (the Dead Sea's shore, about -430 m) an elevation is a code for "unknown" (GHCN's
+# station list writes -999.9), read as unknown: elevation is never used, only passed on.
+LOWEST_ELEVATION = -500.0
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
 DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
@@ -273,12 +276,30 @@ def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
         text = table[columns[key]].astype(str).str.strip()
         text = text[text != ""]
         values = pd.to_numeric(text, errors="coerce")
-        bad = values.isna() | (values.abs() > limit)
+        if key == "elevation":
+            values = unknown_elevations(values, where)
+        bad = values.isna() | (values.abs() > limit) if key != "elevation" else values > limit
         if bad.any():
-            raise PipelineError(f"{where}: {key} {text[bad].iat[0]!r} is not a number within ±{limit:g}")
-        if len(values):
+            raise PipelineError(f"{where}: {key} {text[bad].iat[0]!r} is not {_coordinate(key)}")
+        if values.notna().any():
             found[key] = float(values.mode().iat[0])
-    return found
+    return found if {"latitude", "longitude"} <= set(found) else {}  # half a position is none
+
+
+def _coordinate(key: str) -> str:
+    limit = COORDINATE_LIMITS[key]
+    return f"a number of metres up to {limit:g}" if key == "elevation" else f"a number within ±{limit:g}"
+
+
+def unknown_elevations(values: pd.Series, where: Path | str, stations: pd.Series | None = None) -> pd.Series:
+    """``values`` with those below ``LOWEST_ELEVATION`` (codes for unknown) read as unknown, with a warning."""
+    coded = values < LOWEST_ELEVATION
+    if coded.any():
+        more = f" and {coded.sum() - 1} more" if coded.sum() > 1 else ""
+        whose = f" (station {stations[coded].iat[0]!r}{more})" if stations is not None else ""
+        log.warning("%s: elevation %g%s is below any land (%g m): read as unknown", getattr(where, "name", where),
+                    values[coded].iat[0], whose, LOWEST_ELEVATION)
+    return values.mask(coded)
 
 
 def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path) -> tuple[dict, dict, str]:
@@ -345,19 +366,33 @@ def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.Data
         raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (it needs "
                             f"{', '.join(STATION_LIST_COLUMNS)}, optionally elevation); a file named {STATION_LIST} "
                             "in data.source is read as the station list, never as a station")
+    if table.empty:
+        raise PipelineError(f"{path}: the station list lists no station (a header only); add a row per station "
+                            f"({', '.join(STATION_LIST_COLUMNS)}) or remove the file")
     columns = [c for c in [*STATION_LIST_COLUMNS, "elevation"] if c in table.columns]
-    table = table[columns].apply(lambda column: column.str.strip())
+    table = table[columns].astype(object).apply(lambda column: column.str.strip())
     repeated = table["station"][table["station"].duplicated()]
     if len(repeated):
         raise PipelineError(f"{path}: station {repeated.iat[0]!r} is listed twice")
-    numbers = table[columns[1:]].apply(pd.to_numeric, errors="coerce")
+    # An empty cell is unknown: an elevation, or a station's whole position (it is then one without
+    # coordinates); half a position is a mistake.
+    unknown = table[columns[1:]] == ""
+    half = unknown["latitude"] != unknown["longitude"]
+    if half.any():
+        raise PipelineError(f"{path}: station {table['station'][half].iat[0]!r} has a latitude or a longitude "
+                            "but not both")
+    numbers = table[columns[1:]].apply(pd.to_numeric, errors="coerce").astype(float)
+    if "elevation" in numbers:
+        coded = numbers["elevation"] < LOWEST_ELEVATION
+        numbers["elevation"] = unknown_elevations(numbers["elevation"], path, table["station"])
+        unknown["elevation"] |= coded
     for column in columns[1:]:
-        bad = numbers[column].isna() | (numbers[column].abs() > COORDINATE_LIMITS[column])
+        bad = (numbers[column].isna() & ~unknown[column]) | (numbers[column].abs() > COORDINATE_LIMITS[column])
         if bad.any():
             raise PipelineError(f"{path}: station {table['station'][bad].iat[0]!r}: {column} "
-                                f"{table[column][bad].iat[0]!r} is not a number within "
-                                f"±{COORDINATE_LIMITS[column]:g}")
+                                f"{table[column][bad].iat[0]!r} is not {_coordinate(column)}")
     numbers.insert(0, "station", table["station"])
+    numbers = numbers[~unknown["latitude"]]
     unlisted = sorted(stations - set(numbers["station"]))
     if unlisted:
         log.warning("%s: no coordinates for %d station(s), e.g. %s", path.name, len(unlisted), unlisted[0])

@@ -473,6 +473,10 @@ def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(t
     ("STATION;LAT;LON\nA;1;2\n", "the station list has no column 'latitude'"),
     ("STATION;LATITUDE;LONGITUDE\nA;95;2\n", "station 'A': latitude '95' is not a number within ±90"),
     ("STATION;LATITUDE;LONGITUDE\nA;1;2\nA;1;2\n", "station 'A' is listed twice"),
+    ("STATION;LATITUDE;LONGITUDE\n", "the station list lists no station (a header only)"),
+    ("STATION;LATITUDE;LONGITUDE\nA;1;\n", "station 'A' has a latitude or a longitude but not both"),
+    ("STATION;LATITUDE;LONGITUDE;ELEVATION\nA;1;2;9100\n", "station 'A': elevation '9100' is not a number of metres "
+                                                            "up to 9000"),
 ])
 def test_a_broken_station_list_is_named(tmp_path, capsys, content, message):
     own = tmp_path / "own"
@@ -482,6 +486,26 @@ def test_a_broken_station_list_is_named(tmp_path, capsys, content, message):
     params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
+
+
+def test_unknowns_in_a_station_list_are_unknown_not_errors(tmp_path, capsys):
+    """As archives write them: an empty elevation, GHCN's -999.9 for one, a station listed without a position."""
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("A", "B", "C"):
+        write_real_format_station(own / f"{name}.csv")
+    (own / "stations.csv").write_text("STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;\nB;52.4;-1.9;-999.9\n"
+                                      "C;;;12\n")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    err = capsys.readouterr().err
+    assert "stations.csv: elevation -999.9 (station 'B') is below any land (-500 m): read as unknown" in err
+    assert "stations.csv: no coordinates for 1 station(s), e.g. C" in err
+    listed = pd.read_csv(root / "data/stations.csv", dtype={"station": str})
+    assert listed["latitude"].tolist()[:2] == [52.1, 52.4] and listed.iloc[2, 1:].isna().all()
+    assert listed["elevation"].isna().all()
+    assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
 
 
 def test_a_file_that_is_not_a_station_s_is_named_with_the_way_out(tmp_path):
@@ -554,6 +578,14 @@ def test_a_long_form_export_s_coordinate_columns_become_the_station_list(tmp_pat
     listed = pd.read_csv(root / "data/stations.csv")
     assert listed.to_dict("list") == {"station": ["USW0001", "USW0002"], "latitude": [61.0, 61.1],
                                       "longitude": [-146.3, -146.4], "elevation": [10.0, 20.0]}
+    capsys.readouterr()
+    table.loc[table["STATION"] == "USW0002", "ELEVATION"] = -999.9  # the archive's code for unknown
+    table.to_csv(own / "export.csv", index=False)
+    assert run_stage(data_creation, root, params) == 0
+    assert "elevation -999.9 is below any land (-500 m): read as unknown" in capsys.readouterr().err
+    listed = pd.read_csv(root / "data/stations.csv")
+    assert listed["elevation"].iloc[0] == 10.0 and np.isnan(listed["elevation"].iloc[1])
+    assert listed["latitude"].tolist() == [61.0, 61.1]
     assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
     table["LATITUDE"] = table["LATITUDE"].astype(object)
     table.loc[table.index[-1], "LATITUDE"] = "N61"

@@ -192,6 +192,16 @@ def wait_for_line(root, line: str) -> None:
     raise AssertionError(f"never logged: {line}")
 
 
+def as_from_a_terminal() -> None:
+    """Stop signals at their default actions, as a terminal starts a command, even where the tests run with
+    some ignored (SIGINT in a shell's background job, SIGHUP under nohup), which every process they start
+    would inherit and a shell cannot trap."""
+    import signal
+
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_DFL)
+
+
 def what_still_runs(group: int, root) -> str:
     """The processes of a run that did not end (what each waits in, what it holds open) and its log, for the
     failure message; then the run is killed."""
@@ -232,12 +242,9 @@ def test_a_signal_to_the_pipeline_or_its_group_stops_the_running_stage_and_the_l
     must stop, and only stages that finished are named."""
     import signal
 
-    # As a terminal starts it: with SIGINT at its default action, even where this test runs with SIGINT
-    # ignored (started by a shell as a background job), which every process it starts would inherit.
     process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
                                env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_from_a_terminal)
     wait_for_line(copy, "stage model_preprocessing: start")
     if to_group:
         os.killpg(process.pid, getattr(signal, name))
@@ -276,7 +283,8 @@ def test_a_stage_that_does_not_stop_when_signalled_is_killed_after_the_grace(cop
         "time.sleep(300)\n")
     process = subprocess.Popen(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
                                env=dict(os.environ, PYTHON=sys.executable, PIPELINE_STOP_GRACE="1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_from_a_terminal)
     wait_for_line(copy, "deaf stage running")
     process.send_signal(signal.SIGTERM)
     try:

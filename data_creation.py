@@ -22,6 +22,8 @@ Outputs:
     data/test/raw/<station>.csv    date, temperature
     data/truth/<station>.csv       date, clean_temperature, anomaly, event (simulation only)
     data/truth/stations.csv        each station's position, climate and role (simulation only)
+    data/stations.csv              station, latitude, longitude (and elevation): the simulated network's,
+                                   or an imported one's where its folder or rows give them
     data/source.json               where the data came from, the first test day; per imported file,
                                    what was dropped
 """
@@ -52,6 +54,10 @@ STATIONS_PER_CHUNK = 50  # stations whose files one task writes
 FRONT_DAYS = 1.5
 FRONT_STREAM = 1  # the fronts' random stream beside the simulation's main one
 OFFSET_STREAM = 2  # ... and the date offsets' (added later: every earlier draw stays as it was)
+# The simulated region's south-west corner on the globe (latitude, longitude): the station list gives
+# positions as a real network's does, for the choice of neighbours' candidates at scale.
+SIMULATED_CORNER = (50.0, 10.0)
+KM_PER_DEGREE = 111.195  # of latitude; of longitude, times the cosine of the latitude
 # Later kinds win where events overlap: a spike on a drifting sensor is a spike.
 _EFFECT_ORDER = [Flag.DATE_OFFSET, Flag.LEVEL_SHIFT, Flag.DRIFT, Flag.STUCK, Flag.SPIKE, Flag.MISSING]
 
@@ -369,15 +375,26 @@ def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resoluti
 # --------------------------------------------------------------------------- main
 
 
+def station_list(climates: pd.DataFrame) -> pd.DataFrame:
+    """The simulated stations' latitudes and longitudes: the region's kilometres from ``SIMULATED_CORNER``."""
+    latitude, longitude = SIMULATED_CORNER
+    return pd.DataFrame({
+        "station": climates["station"],
+        "latitude": (latitude + climates["y_km"] / KM_PER_DEGREE).round(5),
+        "longitude": (longitude + climates["x_km"] / (KM_PER_DEGREE * np.cos(np.radians(latitude)))).round(5),
+    })
+
+
 def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
     """Simulate the network into ``staging``; returns the inputs (none), the source record and a summary."""
     data, sim = params["data"], params["simulation"]
     simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
     write_station_files(staging, simulation, data["test_steps"], sim["resolution"],
                         pool if pool.cluster else runtime.Threads(runtime.work_threads(_chunks(sim["n_stations"]))))
+    storage.write_csv(staging / importing.STATION_LIST, station_list(simulation.climates), staged=True)
     dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
     source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
-              "test_start": str(dates[len(dates) - data["test_steps"]])}
+              "test_start": str(dates[len(dates) - data["test_steps"]]), "coordinates": n}
     counts = {kind: int((labels == kind).sum()) for kind in INJECTED}
     weather = int((simulation.events != "none").sum())
     summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "

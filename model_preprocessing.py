@@ -138,11 +138,11 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
 
 
 def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict,
-                          pool: compute.Pool | None = None, threads: int = 1, temperature: bool = True
-                          ) -> tuple[dict, dict[str, pd.DataFrame]]:
+                          pool: compute.Pool | None = None, threads: int = 1, temperature: bool = True,
+                          positions: np.ndarray | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
     """The detector learned on the days before the test period, and its verdict on every day (its station
     blocks on ``pool`` when that is a cluster, else on ``threads`` threads). For ``temperature`` readings
-    (°C) no jump beyond ``quality_control.JUMP_CEILING`` is weather.
+    (°C) no jump beyond ``quality_control.JUMP_CEILING`` is weather. ``positions``: ``station_positions``.
 
     With ``detector = "none"`` nothing is flagged and only missing days are
     filled (with the median of the days before), so the features stay defined.
@@ -153,7 +153,7 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     if pool is None or not pool.cluster:
         pool = runtime.Threads(threads)
     ceiling = quality_control.JUMP_CEILING if temperature else float("inf")
-    detector = quality_control.learn(observed, learning, qc, pool, ceiling)
+    detector = quality_control.learn(observed, learning, qc, pool, ceiling, positions)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
         raise PipelineError("the training period is too short or too constant to learn the quality control's "
                             "scales; more training days are needed")
@@ -513,6 +513,17 @@ def flags_tables(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str
     yield "flagged", to_long({**wide, "period": period}, flagged)[FLAG_COLUMNS]
 
 
+def station_positions(path: Path, stations: list[str]) -> np.ndarray | None:
+    """Each station's latitude and longitude (degrees; stations x 2, in ``stations`` order) from the station
+    list data_creation.py wrote, or None without one or when a station has no position: the neighbours'
+    candidates at scale then come from the readings alone (``quality_control.pair_statistics``)."""
+    if not path.exists():
+        return None
+    listed = storage.read_table(path, ["station", "latitude", "longitude"]).set_index("station")
+    positions = listed.reindex(stations)[["latitude", "longitude"]].to_numpy(dtype=float)
+    return positions if np.isfinite(positions).all() else None
+
+
 def read_source(path: Path) -> tuple[pd.Timestamp, str, str]:
     """The first step of the test period, the series' frequency and the unit its readings were written in
     ("C", "F" or "none"), as data_creation.py recorded them."""
@@ -532,13 +543,15 @@ def main(args) -> None:
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         frame = load_stations(paths.train_raw, paths.test_raw, params["preprocessing"], pool)
         raw_files = sorted([*storage.station_files(paths.train_raw), *storage.station_files(paths.test_raw)])
-        manifest.verify_outputs_of(paths, "data_creation", [*raw_files, paths.source_record])
+        inputs = [*raw_files, paths.source_record, *([paths.station_list] if paths.station_list.exists() else [])]
+        manifest.verify_outputs_of(paths, "data_creation", inputs)
         test_start, frequency, unit = read_source(paths.source_record)
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
+        positions = station_positions(paths.station_list, list(observed.columns))
         threads = runtime.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
         detector, verdict = quality_control_flags(observed, period, params["quality_control"], pool, threads,
-                                                  temperature=unit != "none")
+                                                  temperature=unit != "none", positions=positions)
         runtime.release_memory()  # each phase's peak would otherwise add to the last one's
         train, test = training_and_test_rows(observed, period, verdict, test_start, params["forecast"]["horizon"],
                                              pool if pool.cluster else runtime.Threads(threads), detector,
@@ -556,8 +569,8 @@ def main(args) -> None:
     outputs, repaired = write_tables(paths, features_and_flags, observed, period, threads)
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
-    manifest.record_stage(paths, STAGE, params, [*raw_files, paths.source_record],
-                          [*outputs, paths.scaler, paths.detector], folders=[paths.train_raw, paths.test_raw])
+    manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.scaler, paths.detector],
+                          folders=[paths.train_raw, paths.test_raw])
 
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired, counts.get(Flag.MISSING, 0))

@@ -175,8 +175,9 @@ def test_station_files_are_the_same_bytes_on_any_number_of_threads(tmp_path, mon
         assert run_stage(data_creation, root, params) == 0
         assert f"working on {threads} thread(s)" in capsys.readouterr().err
         files[threads] = {f.relative_to(root): f.read_bytes() for f in sorted((root / "data").rglob("*.csv"))}
-    # train, test and truth per station, less the held-out one's train file, plus stations.csv
-    assert len(files["1"]) == 3 * TINY["n_stations"] and files["1"] == files["3"]
+    # train, test and truth per station, less the held-out one's train file, plus the truth's and the positions'
+    # station lists
+    assert len(files["1"]) == 3 * TINY["n_stations"] + 1 and files["1"] == files["3"]
 
 
 def test_split_is_in_time_and_holdout_stations_never_reach_training(built):
@@ -203,6 +204,20 @@ def test_observation_files_hold_no_ground_truth(built):
     assert list(truth.columns) == ["date", *storage.TRUTH_COLUMNS]
     stations = pd.read_csv(root / "data/truth/stations.csv")
     assert {"station", "role", "x_km", "y_km"} <= set(stations.columns)
+
+
+def test_the_simulated_network_s_station_list_places_it_on_the_globe_as_its_kilometres_say(built):
+    """data/stations.csv holds positions only (no climate, no role): what a real network's list gives."""
+    root, _ = built
+    listed = pd.read_csv(root / "data/stations.csv")
+    truth = pd.read_csv(root / "data/truth/stations.csv")
+    assert list(listed.columns) == ["station", "latitude", "longitude"]
+    assert list(listed["station"]) == list(truth["station"])
+    corner_lat, corner_lon = data_creation.SIMULATED_CORNER
+    north_km = (listed["latitude"] - corner_lat) * data_creation.KM_PER_DEGREE
+    east_km = (listed["longitude"] - corner_lon) * data_creation.KM_PER_DEGREE * np.cos(np.radians(corner_lat))
+    assert np.allclose(north_km, truth["y_km"], atol=0.01) and np.allclose(east_km, truth["x_km"], atol=0.01)
+    assert json.loads((root / "data/source.json").read_text())["coordinates"] == len(listed)
 
 
 def test_fewer_stations_leave_no_stale_files(built, tmp_path):

@@ -314,3 +314,30 @@ def test_forecast_neighbours_are_the_stations_that_read_today_what_the_station_r
     assert [b["station"] for b in quality_control.learn_neighbours(anomaly, 1, 0.3)["B"]["buddies"]] == ["C"]
     assert quality_control.forecast_neighbours(anomaly, 1, 0.3)["B"] == ["A"]
     assert quality_control.forecast_neighbours(anomaly, 2, 0.3)["A"] == []  # nothing foretells A
+
+
+def test_at_scale_the_quality_control_s_neighbours_are_sought_among_the_nearest_listed_stations(project, monkeypatch,
+                                                                                                capsys):
+    """The station list data_creation.py writes gives the positions the quality control's candidates come from
+    at scale, and it is one of stage 2's inputs: a changed list is refused as a changed raw file is."""
+    from station_forecast.quality_control import neighbours as qc_neighbours
+
+    root, params = project
+    given = []
+    original = qc_neighbours.pair_statistics
+
+    def spy(anomaly, lead=0, wanted=1, positions=None):
+        given.append((lead, positions))
+        return original(anomaly, lead, wanted, positions)
+
+    monkeypatch.setattr(qc_neighbours, "ALL_PAIRS_STATIONS", 0)
+    monkeypatch.setattr(qc_neighbours, "pair_statistics", spy)
+    assert run_stage(model_preprocessing, root, params) == 0
+    listed = pd.read_csv(root / "data/stations.csv")
+    same_day = [positions for lead, positions in given if lead == 0]
+    assert same_day and all(np.array_equal(p, listed[["latitude", "longitude"]].to_numpy()) for p in same_day)
+    assert all(positions is None for lead, positions in given if lead == 1)  # upwind: from the readings
+    path = root / "data/stations.csv"
+    path.write_text(path.read_text().replace(",5", ",6", 1))
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
+    assert "stations.csv" in capsys.readouterr().err

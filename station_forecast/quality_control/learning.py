@@ -44,7 +44,7 @@ JUMP_CEILING = 50.0
 
 
 def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool | None = None,
-          jump_ceiling: float = float("inf")) -> dict:
+          jump_ceiling: float = float("inf"), positions: np.ndarray | None = None) -> dict:
     """Everything the detector needs, learned from readings on ``learning`` days only.
 
     Faults in the learning days would weaken the neighbours' correlations and
@@ -53,7 +53,8 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     Returns a JSON-ready dict: settings, per-station climatology coefficients,
     neighbours with their prediction lines, robust scales and thresholds. The
     gross threshold is learned from readings plausible by climate, and never
-    allows a jump beyond ``jump_ceiling`` (``JUMP_CEILING`` for temperatures).
+    allows a jump beyond ``jump_ceiling`` (``JUMP_CEILING`` for temperatures). ``positions``: the stations'
+    latitudes and longitudes, where known (``neighbours.pair_statistics``).
     """
     settings = {key: qc[key] for key in ("window", "spike_threshold", "shift_threshold", "stuck_threshold",
                                          "offset_threshold", "repair_confidence", "climate_margin")}
@@ -75,7 +76,8 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     facts = reading_facts(learning_readings, qc["window"])
     progress = Progress("quality control learning rounds", LEARNING_ROUNDS + 1)
     for _ in range(LEARNING_ROUNDS):
-        detector = _fit(observed, learning, trusted, provisional, settings, gross, threads, final=False)
+        detector = _fit(observed, learning, trusted, provisional, settings, gross, threads, final=False,
+                        positions=positions)
         # One pass is enough to decide which readings to trust (the second changed F1 by at most 0.02 on
         # three simulated networks) and a third of the work.
         found = detect(learning_readings, detector, pool, second_pass=False, onsets=True, facts=facts)
@@ -83,11 +85,12 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         # from the day it was found.
         trusted = learning & ~found["flag"].isin(FAULTS) & ~since_onset(found["onset"])
         progress.step()
-    return _fit(observed, learning, trusted, qc, settings, gross, threads)
+    return _fit(observed, learning, trusted, qc, settings, gross, threads, positions=positions)
 
 
 def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, qc: dict, settings: dict,
-         gross: dict[str, pd.Series], threads: int = 1, final: bool = True) -> dict:
+         gross: dict[str, pd.Series], threads: int = 1, final: bool = True, positions: np.ndarray | None = None
+         ) -> dict:
     """One round of learning: climatology, neighbours and scales from the ``trusted`` readings (on
     ``threads`` threads where the work is station by station); the date-offset test's scales only if
     ``final``."""
@@ -104,7 +107,7 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     typical = coefs[full].median(axis=1).to_numpy() if full else None
     coefs = borrow_seasons(coefs, values, dict.fromkeys(short, typical))
     anomaly = values - climatology_at(coefs, observed.index, observed.columns)
-    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"])
+    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"], positions)
     if short:  # the readings less the weather the neighbours share: mostly the station's own climatology
         weather = expected_anomaly(anomaly, {station: neighbours[station] for station in short}, threads)[short]
         coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),

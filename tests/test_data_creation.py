@@ -464,16 +464,24 @@ def test_a_bad_missing_values_setting_is_one_line(tmp_path):
         load(path)
 
 
-def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(tmp_path, capsys):
+def imported_with_station_list(tmp_path: Path, listing: str) -> tuple[Path, Path]:
+    """Stations A, B and C imported from a folder whose stations.csv holds ``listing``: the project folder
+    and the parameters file."""
     own = tmp_path / "own"
     own.mkdir()
     for name in ("A", "B", "C"):
         write_real_format_station(own / f"{name}.csv")
-    (own / "stations.csv").write_text("STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;100\nB;52.4;-1.9;80\n"
-                                      "Z;10;10;0\n")
+    (own / "stations.csv").write_text(listing)
     params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
+    return root, params
+
+
+def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(tmp_path, capsys):
+    root, params = imported_with_station_list(
+        tmp_path, "STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;100\nB;52.4;-1.9;80\nZ;10;10;0\n")
+    own = tmp_path / "own"
     assert "stations.csv: no coordinates for 1 station(s), e.g. C" in capsys.readouterr().err
     listed = pd.read_csv(root / "data/stations.csv", dtype={"station": str})
     assert list(listed["station"]) == ["A", "B", "C"] and listed["latitude"].iloc[:2].tolist() == [52.1, 52.4]
@@ -505,15 +513,8 @@ def test_a_broken_station_list_is_named(tmp_path, capsys, content, message):
 
 def test_unknowns_in_a_station_list_are_unknown_not_errors(tmp_path, capsys):
     """As archives write them: an empty elevation, GHCN's -999.9 for one, a station listed without a position."""
-    own = tmp_path / "own"
-    own.mkdir()
-    for name in ("A", "B", "C"):
-        write_real_format_station(own / f"{name}.csv")
-    (own / "stations.csv").write_text("STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;\nB;52.4;-1.9;-999.9\n"
-                                      "C;;;12\n")
-    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
-    root = tmp_path / "root"
-    assert run_stage(data_creation, root, params) == 0
+    root, _ = imported_with_station_list(
+        tmp_path, "STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;\nB;52.4;-1.9;-999.9\nC;;;12\n")
     err = capsys.readouterr().err
     assert "stations.csv: elevation -999.9 (station 'B') is below any land (-500 m): read as unknown" in err
     assert "stations.csv: no coordinates for 1 station(s), e.g. C" in err

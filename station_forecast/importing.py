@@ -276,11 +276,11 @@ def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
         text = table[columns[key]].astype(str).str.strip()
         text = text[text != ""]
         values = pd.to_numeric(text, errors="coerce")
-        if key == "elevation":
-            values = unknown_elevations(values, where)
-        bad = values.isna() | (values.abs() > limit) if key != "elevation" else values > limit
+        bad = values.isna() | (values > limit if key == "elevation" else values.abs() > limit)
         if bad.any():
             raise PipelineError(f"{where}: {key} {text[bad].iat[0]!r} is not {_coordinate(key)}")
+        if key == "elevation":
+            values = unknown_elevations(values, where)
         if values.notna().any():
             found[key] = float(values.mode().iat[0])
     return found if {"latitude", "longitude"} <= set(found) else {}  # half a position is none

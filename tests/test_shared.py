@@ -166,6 +166,21 @@ def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
     assert result.stderr.strip().endswith("the last line")
 
 
+@pytest.mark.parametrize(("setting", "huge_pages"), [(None, "False"), ("1", "True"), ("0", "False")])
+def test_a_stage_asks_numpy_for_small_pages_unless_the_user_chose(tmp_path, setting, huge_pages):
+    # Huge pages stalled first touches of large arrays on fragmented or virtual memory (docs/results.md).
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from station_forecast import cli\n"
+              "def main(args):\n"
+              "    import numpy._core.multiarray as m; print(m._get_madvise_hugepage())\n"
+              f"cli.exit_now(cli.run('stage', main, cli.stage_parser('test'), ['--root', {str(tmp_path)!r}]))")
+    env = {key: value for key, value in os.environ.items() if key != "NUMPY_MADVISE_HUGEPAGE"}
+    if setting is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = setting
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == huge_pages
+
+
 @pytest.mark.parametrize("told", ["go\n", "skip\n", ""])
 def test_a_stage_waiting_for_go_runs_only_when_told(tmp_path, monkeypatch, capsys, told):
     import io

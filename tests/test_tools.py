@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
@@ -27,5 +28,20 @@ def test_compare_real_scores_every_predictor_on_the_same_readings_beside_a_singl
         assert np.isfinite(row[name]) and row[name] > 0
     # A per-station autoregression beats tomorrow = today on a seasonal series with persistent weather.
     assert row["station_ridge"] < row["persistence"]
+    difference, low, high = row["model_minus_station_ridge"]
+    assert difference == pytest.approx(row["model"] - row["station_ridge"]) and low <= difference <= high
     assert compare_real.main([str(root)]) == 0
     assert f"{row['model']:.3f}" in capsys.readouterr().out
+
+
+def test_the_difference_interval_covers_the_year_s_luck_and_not_a_real_gap():
+    compare_real = load_tool("compare_real")
+    days = pd.Series(np.repeat(pd.date_range("2013-01-01", periods=365), 3))  # three stations a day
+    noise = np.random.default_rng(1).normal(0, 1, len(days))
+    noise -= noise.mean()  # a year whose differences average exactly 0
+    low, high = compare_real.difference_interval(days, pd.Series(noise))
+    assert low < 0 < high and high - low < 0.4
+    low, high = compare_real.difference_interval(days, pd.Series(noise + 0.3))
+    assert 0 < low < 0.3 < high
+    assert compare_real.difference_interval(days, pd.Series(np.full(len(days), 0.25))) == pytest.approx((0.25, 0.25))
+    assert compare_real.difference_interval(days, pd.Series(noise + 0.3)) == (low, high)  # the same every run

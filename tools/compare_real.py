@@ -6,7 +6,9 @@ Each PROJECT is a folder where ``pipeline.sh`` ran to the end (its ``reports/pre
 ``data/*/raw``). Beside the pipeline's own predictors, it fits the reference a forecaster would try first: per
 station, a scikit-learn Ridge on the station's last seven readings (lags 1-7 of the next day, a missing one
 carried forward up to 3 days) and the target day's day-of-year terms, fitted on the training readings only.
-Scores are MAE in the data's unit on the test readings one step ahead that every predictor forecast.
+Scores are MAE in the data's unit on the test readings one step ahead that every predictor forecast. Beside
+them, the model's MAE minus the single-station Ridge's with a 95 % interval: one test year is a small sample of
+weather, and the interval says whether a difference is more than that year's luck.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import pandas as pd
 
 LAGS = 7
 PREDICTORS = ["model", "neighbours_ridge", "station_ridge", "persistence"]
+# Resampled in runs of consecutive days, every station's readings of a day together: errors are correlated
+# from day to day (a weather regime lasts days) and between stations (they share the weather).
+BLOCK_DAYS = 14
+RESAMPLES = 2000
 
 
 def readings(folder: Path) -> dict[str, pd.Series]:
@@ -48,6 +54,21 @@ def station_ridge(train: pd.Series, test: pd.Series, origins: pd.DatetimeIndex) 
     return forecast
 
 
+def difference_interval(dates: pd.Series, difference: pd.Series, seed: int = 0) -> tuple[float, float]:
+    """A 95 % interval of the mean of ``difference`` (one value per reading, dated ``dates``) by a moving-block
+    bootstrap over the test days: ``RESAMPLES`` resamples of runs of ``BLOCK_DAYS`` consecutive days."""
+    by_day = pd.DataFrame({"total": difference.to_numpy(), "count": 1}).groupby(dates.to_numpy()).sum()
+    by_day = by_day.reindex(pd.date_range(by_day.index.min(), by_day.index.max()), fill_value=0)
+    total, count = by_day["total"].to_numpy(), by_day["count"].to_numpy()
+    block = min(BLOCK_DAYS, len(by_day))
+    starts = np.random.default_rng(seed).integers(0, len(by_day) - block + 1,
+                                                   size=(RESAMPLES, -(-len(by_day) // block)))
+    days = (starts[:, :, None] + np.arange(block)).reshape(RESAMPLES, -1)
+    means = total[days].sum(axis=1) / np.maximum(count[days].sum(axis=1), 1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def compare(project: Path) -> dict:
     predictions = pd.read_csv(project / "reports/predictions.csv", parse_dates=["date"])
     predictions = predictions[(predictions["step"] == 1) & predictions["observed"].notna()]
@@ -61,8 +82,10 @@ def compare(project: Path) -> dict:
     scored = pd.concat(parts).dropna(subset=PREDICTORS)
     error = {name: (scored[name] - scored["observed"]).abs() for name in PREDICTORS}
     per_station = pd.DataFrame(error).groupby(scored["station"]).mean()
+    low, high = difference_interval(scored["date"], error["model"] - error["station_ridge"])
     return {"project": project.name, "stations": len(per_station), "readings": len(scored),
             **{name: float(values.mean()) for name, values in error.items()},
+            "model_minus_station_ridge": (float((error["model"] - error["station_ridge"]).mean()), low, high),
             "at_or_below_ridge": int((per_station["model"] <= per_station["neighbours_ridge"]).sum()),
             "at_or_below_station_ridge": int((per_station["model"] <= per_station["station_ridge"]).sum())}
 
@@ -72,11 +95,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("projects", nargs="+", type=Path)
     args = parser.parse_args(argv)
     print(f"{'project':<16}{'stations':>9}{'readings':>9}" + "".join(f"{name:>18}" for name in PREDICTORS)
-          + "  model <= neighbours ridge / station ridge (stations)")
+          + "  model - station ridge [95 %]  model <= neighbours ridge / station ridge (stations)")
     for project in args.projects:
         row = compare(project)
         print(f"{row['project']:<16}{row['stations']:>9}{row['readings']:>9}"
               + "".join(f"{row[name]:>18.3f}" for name in PREDICTORS)
+              + "  {:+.3f} [{:+.3f}, {:+.3f}]".format(*row["model_minus_station_ridge"])
               + f"  {row['at_or_below_ridge']} / {row['at_or_below_station_ridge']}")
     return 0
 

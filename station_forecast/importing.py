@@ -101,6 +101,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "conflicting_duplicate": int(in_conflict.sum()),
         "repeated_rows": int((~in_conflict).sum() - len(kept)),
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
+        "repeated_header": int(table.attrs.get("repeated_header", 0)),
     }
     if kept.empty:
         raise PipelineError(f"{path}: no usable readings ({_describe(report)}); fix or remove the file")
@@ -171,9 +172,16 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     for key in absent:
         raise PipelineError(f"{path}: no column {imp[key]!r} (header is {header!r}); "
                             f"set import.{key} or import.delimiter")
+    # Exports downloaded in parts and joined with `cat` repeat the header where each part begins.
+    repeats = (table[imp["date_column"]].str.strip() == imp["date_column"]).to_numpy(copy=True)
+    if repeats.any():
+        repeats[repeats] = (table[repeats].apply(lambda values: values.str.strip()) == table.columns).all(axis=1)
+    table = table[~repeats]
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
-    return table.fillna("")  # a short last line (a truncated file) leaves its fields empty
+    table = table.fillna("")  # a short last line (a truncated file) leaves its fields empty
+    table.attrs["repeated_header"] = int(repeats.sum())
+    return table
 
 
 def _describe(report: dict) -> str:
@@ -182,6 +190,8 @@ def _describe(report: dict) -> str:
         parts.append(f"{report['repeated_rows']} repeated rows merged")
     if report.get("out_of_order"):
         parts.append("dates out of order (sorted)")
+    if report.get("repeated_header"):
+        parts.append(f"{report['repeated_header']} repeated header line(s) skipped (files joined together)")
     return ", ".join(parts) or "nothing dropped"
 
 
@@ -239,6 +249,9 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         if column not in table.columns:
             raise PipelineError(f"{path}: no column {column!r} (import.station_column); its columns are "
                                 f"{', '.join(map(repr, table.columns[:10]))}")
+        if table.attrs["repeated_header"]:  # a line of the file, no station's
+            log.info("%s: %d repeated header line(s) skipped (files joined together)", path.name,
+                     table.attrs["repeated_header"])
         for name, part in table.groupby(table[column].str.strip(), sort=True):
             if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \
                     or name.startswith("."):
@@ -255,6 +268,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file
         whole = pd.concat([part for _, part in parts], ignore_index=True)
+        whole.attrs = {}  # the files' repeated headers were reported with the files, not a station's rows
         where = first.with_name(f"{first.name} [station {name}]")
         table, counts = clean_readings(whole, where, imp, pre["min_temp"], pre["max_temp"])
         coordinates = row_coordinates(whole, where)

@@ -562,6 +562,40 @@ def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
     assert sorted(Path(key).name for key in manifest_inputs) == ["export-1.csv", "export-2.csv"]
 
 
+def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):
+    """Archives hand out large exports in parts; joined with `cat`, each part's header (quoted, as NOAA's are)
+    is a line of the file: skipped and counted, never a station or a reading."""
+    dates = pd.date_range("2020-01-01", "2022-12-31", freq="D")
+    rows = [pd.DataFrame({"STATION": station, "NAME": f"PLACE {k}, US", "DATE": dates.strftime("%Y-%m-%d"),
+                          "TMAX": np.round(10 + 10 * np.sin(np.arange(len(dates)) / 58.0) + k, 1)})
+            for k, station in enumerate(["USW0001", "USW0002"])]
+    table = pd.concat(rows, ignore_index=True).sort_values(["DATE", "STATION"], ignore_index=True)
+    parts = [table.iloc[:1000].to_csv(index=False, quoting=1), table.iloc[1000:].to_csv(index=False, quoting=1)]
+    raw = {}
+    for name, files in {"parts": {"export-1.csv": parts[0], "export-2.csv": parts[1]},
+                        "joined": {"export.csv": parts[0] + parts[1]}}.items():
+        (tmp_path / name).mkdir()
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+        params = write_params(tmp_path / f"{name}.toml", **TINY, source=name, station_column="STATION",
+                              date_column="DATE", temperature_column="TMAX", holdout_stations=0)
+        assert run_stage(data_creation, tmp_path / f"root-{name}", params) == 0
+        raw[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root-{name}/data/train/raw").iterdir())}
+    assert raw["joined"] == raw["parts"] and sorted(raw["joined"]) == ["USW0001.csv", "USW0002.csv"]
+    assert "export.csv: 1 repeated header line(s) skipped (files joined together)" in capsys.readouterr().err
+
+
+def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
+    lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
+    once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"
+    once.write_text("DATE;TMAX\n" + "\n".join(lines) + "\n")
+    joined.write_text("DATE;TMAX\n" + "\n".join(lines[:20]) + "\n DATE ; TMAX\n" + "\n".join(lines[20:]) + "\n")
+    imp = _import_params()["import"]
+    (expected, _), (table, report) = (importing.read_user_station(path, imp, -90.0, 60.0) for path in (once, joined))
+    pd.testing.assert_frame_equal(table, expected)
+    assert report["repeated_header"] == 1 and report["bad_date"] == 0 and report["kept"] == len(lines)
+
+
 @pytest.mark.parametrize(("station", "message"), [("../x", "cannot name a station"), ("", "cannot name a station")])
 def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, capsys, station, message):
     own = tmp_path / "own"

@@ -102,6 +102,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "repeated_rows": int((~in_conflict).sum() - len(kept)),
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
         "repeated_header": int(table.attrs.get("repeated_header", 0)),
+        "encoding": table.attrs.get("encoding", "utf-8"),
     }
     if kept.empty:
         raise PipelineError(f"{path}: no usable readings ({_describe(report)}); fix or remove the file")
@@ -154,7 +155,7 @@ def infer_frequency(dates: pd.DatetimeIndex) -> str:
 
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
-    text = storage.read_text_file(path, imp["delimiter"])
+    text, encoding = storage.read_archive_text(path, imp["delimiter"])
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
                             skipinitialspace=True, on_bad_lines="error")
@@ -180,7 +181,7 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
     table = table.fillna("")  # a short last line (a truncated file) leaves its fields empty
-    table.attrs["repeated_header"] = int(repeats.sum())
+    table.attrs.update(repeated_header=int(repeats.sum()), encoding=encoding)
     return table
 
 
@@ -190,6 +191,8 @@ def _describe(report: dict) -> str:
         parts.append(f"{report['repeated_rows']} repeated rows merged")
     if report.get("out_of_order"):
         parts.append("dates out of order (sorted)")
+    if report.get("encoding") == "latin-1":
+        parts.append("not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong")
     if report.get("repeated_header"):
         parts.append(f"{report['repeated_header']} repeated header line(s) skipped (files joined together)")
     return ", ".join(parts) or "nothing dropped"
@@ -243,7 +246,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     exports come): each station's rows, from every file, cleaned as one station's file is."""
     import re
 
-    column, rows = imp["station_column"], {}
+    column, rows, encodings = imp["station_column"], {}, {}
     for path in files:
         table = _read_user_csv(path, imp)
         if column not in table.columns:
@@ -252,6 +255,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         if table.attrs["repeated_header"]:  # a line of the file, no station's
             log.info("%s: %d repeated header line(s) skipped (files joined together)", path.name,
                      table.attrs["repeated_header"])
+        encodings[path.name] = table.attrs["encoding"]
         for name, part in table.groupby(table[column].str.strip(), sort=True):
             if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \
                     or name.startswith("."):
@@ -268,7 +272,9 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file
         whole = pd.concat([part for _, part in parts], ignore_index=True)
-        whole.attrs = {}  # the files' repeated headers were reported with the files, not a station's rows
+        # The files' repeated headers were reported with the files, not with a station's rows.
+        read_in = {encodings[path.name] for path, _ in parts}
+        whole.attrs = {"encoding": "latin-1" if "latin-1" in read_in else read_in.pop()}
         where = first.with_name(f"{first.name} [station {name}]")
         table, counts = clean_readings(whole, where, imp, pre["min_temp"], pre["max_temp"])
         coordinates = row_coordinates(whole, where)
@@ -325,7 +331,8 @@ def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, fo
     for name, (table, counts) in read.items():
         stations[name], report[name] = table, counts
         # Dates from the future or before any record are typos worth a look, not just dropped rows.
-        level = logging.WARNING if counts["future_date"] or counts["ancient_date"] else logging.INFO
+        level = logging.WARNING if counts["future_date"] or counts["ancient_date"] \
+            or counts["encoding"] == "latin-1" else logging.INFO
         label = counts["file"] if Path(counts["file"]).stem == name else f"{name} ({', '.join(counts['files'])})"
         log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
     frequency = common_frequency(report, data["frequency"], folder)
@@ -369,7 +376,9 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
 def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.DataFrame:
     """The station list's coordinates of every imported station (empty where the list has none), or
     PipelineError naming the file and the problem."""
-    text = storage.read_text_file(path, delimiter)
+    text, encoding = storage.read_archive_text(path, delimiter)
+    if encoding == "latin-1":
+        log.warning("%s: not UTF-8: read as Latin-1 (ISO-8859-1), so names may be wrong", path.name)
     try:
         table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.ParserError as exc:

@@ -488,11 +488,33 @@ def read_text_file(path: Path, delimiter: str = ",") -> str:
     """A CSV file's text, or PipelineError for a file that is missing, not regular, too large, binary (a NUL
     byte), not UTF-8, empty, or whose first line is too long or has too many ``delimiter``-separated fields
     to be a header."""
+    return _checked_text(path, delimiter, legacy=False)[0]
+
+
+def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
+    """A user's CSV file's text and the encoding it was read in, checked as ``read_text_file`` checks, but
+    read as archives ship it: UTF-16 where it starts with UTF-16's byte-order mark (a spreadsheet's "Unicode
+    text"), else UTF-8, else Latin-1 (ISO-8859-1: older European archives' station names). Dates and
+    readings are ASCII in all three, so only names and other text can come out wrong, in any other
+    encoding; the caller says which encoding it used."""
+    return _checked_text(path, delimiter, legacy=True)
+
+
+def _checked_text(path: Path, delimiter: str, legacy: bool) -> tuple[str, str]:
     check_regular_file(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
+    if legacy and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            text, encoding = raw.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{path}: starts with UTF-16's byte-order mark but is not UTF-16 text "
+                                f"(at byte {exc.start})") from None
+        raw = text.encode("utf-8", errors="replace")  # the checks below count in UTF-8 bytes
+    else:
+        text, encoding = None, "utf-8"
     nul = raw.find(b"\0")
     if nul >= 0:
         raise PipelineError(f"{path}: binary data (a NUL byte at offset {nul:,}), not a CSV text file")
@@ -502,13 +524,18 @@ def read_text_file(path: Path, delimiter: str = ",") -> str:
     if first_line.count(delimiter.encode()) >= MAX_COLUMNS:
         raise PipelineError(f"{path}: the header has {first_line.count(delimiter.encode()) + 1:,} columns, more "
                             f"than the {MAX_COLUMNS:,} a station file may have")
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if text is None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not legacy:
+                raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                                    f"{exc.start})") from None
+            text, encoding = raw.decode("latin-1"), "latin-1"
+    text = text.removeprefix("\ufeff")
     if not text.strip():
         raise PipelineError(f"{path}: empty file")
-    return text
+    return text, encoding
 
 
 def read_json(path: Path) -> Any:

@@ -254,7 +254,7 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     (b"DATE;TEMP\n01/01/2020;50\n", "no column 'TMAX'"),
     (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
                                     "(the first is '2020-01-01')"),
-    (b"DATE;TMAX\n01/01/2020;\xff\n", "not UTF-8 text (byte 0xff at offset 21)"),
+    (b"\xff\xfeD\x00A\x00\x00\xd8", "starts with UTF-16's byte-order mark but is not UTF-16 text"),
     (b"DATE;TMAX\n01/01/2020;NaN\n02/01/2020;999\n", "no usable readings (1 missing value, 1 impossible)"),
     (b"\0" * 20_000_000, "binary data (a NUL byte at offset 0), not a CSV text file"),
     (b"DATE;TMAX\n01/01/2020;5\0\n", "binary data (a NUL byte at offset 22)"),
@@ -583,6 +583,30 @@ def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):
         raw[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root-{name}/data/train/raw").iterdir())}
     assert raw["joined"] == raw["parts"] and sorted(raw["joined"]) == ["USW0001.csv", "USW0002.csv"]
     assert "export.csv: 1 repeated header line(s) skipped (files joined together)" in capsys.readouterr().err
+
+
+def test_files_in_the_encodings_archives_ship_import_as_the_utf8_file_does(tmp_path, capsys):
+    """A spreadsheet's "Unicode text" (UTF-16 with its byte-order mark) and an older archive's Latin-1 read
+    as their UTF-8 twin; Latin-1 is a guess, so it is said."""
+    own = tmp_path / "own"
+    own.mkdir()
+    dates = pd.date_range("2020-01-01", "2021-12-31", freq="D")
+    text = "STATION;NAME;DATE;TMAX\n" + "".join(
+        f"{station};{name};{day:%d/%m/%Y};{np.sin(i / 58.0) * 20 + k:.1f}\n"
+        for k, (station, name) in enumerate([("SÃO", "São Paulo, Mirante"), ("KÖLN", "Köln-Bonn")])
+        for i, day in enumerate(dates))
+    raw = {}
+    for encoding in ("utf-8", "utf-16", "latin-1"):
+        (own / "export.csv").write_bytes(text.encode(encoding))
+        params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION",
+                              **{k: v for k, v in REAL_FORMAT.items() if k != "unit"})
+        root = tmp_path / f"root-{encoding}"
+        assert run_stage(data_creation, root, params) == 0
+        raw[encoding] = {p.name: p.read_bytes() for p in sorted((root / "data/train/raw").iterdir())}
+        said = capsys.readouterr().err
+        assert ("warning: SÃO (export.csv): 731 of 731 rows kept; not UTF-8: read as Latin-1" in said) \
+            == (encoding == "latin-1")
+    assert raw["utf-16"] == raw["latin-1"] == raw["utf-8"] and sorted(raw["utf-8"]) == ["KÖLN.csv", "SÃO.csv"]
 
 
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):

@@ -61,10 +61,12 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     date, one is kept if they agree and none if they disagree (which one is
     right cannot be known). Rows that cannot be used at all raise PipelineError.
     """
-    date_text = table[imp["date_column"]].str.strip()
+    first, *others = date_columns(imp)
+    date_text = table[first].str.strip().str.cat([table[name].str.strip() for name in others], sep=" ")
     dates = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce").dt.normalize()
     if dates.isna().all():
-        raise PipelineError(f"{path}: no value in column {imp['date_column']!r} matches import.date_format "
+        where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
+        raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
     text = table[imp["temperature_column"]].str.strip()
     missing = text.str.lower().isin(MISSING_MARKERS)
@@ -154,6 +156,11 @@ def infer_frequency(dates: pd.DatetimeIndex) -> str:
                      "series can be used (resample yours to one of them)")
 
 
+def date_columns(imp: dict) -> list[str]:
+    """The column, or the columns whose values joined by a space, that hold a row's date."""
+    return [imp["date_column"]] if isinstance(imp["date_column"], str) else list(imp["date_column"])
+
+
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
     try:
@@ -163,18 +170,20 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [str(c).strip() for c in table.columns]
     header = text.splitlines()[0][:200]
-    absent = [key for key in ("date_column", "temperature_column") if imp[key] not in table.columns]
-    named = any(imp[key].lower() in header.lower() for key in absent)  # else another delimiter would do
-    if len(absent) == 2 and not named:  # most likely not a station's file at all
-        raise PipelineError(f"{path}: no column {imp['date_column']!r} nor {imp['temperature_column']!r} (header is "
+    wanted = {name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
+    absent = [name for name in wanted if name not in table.columns]
+    named = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
+    if len(absent) == len(wanted) and not named:  # most likely not a station's file at all
+        raise PipelineError(f"{path}: no column {' nor '.join(map(repr, wanted))} (header is "
                             f"{header!r}): every *.csv in data.source but {STATION_LIST} is read as one station's "
                             "readings; move this file out of the folder if it is not a station's, else set "
                             "import.date_column, import.temperature_column or import.delimiter")
-    for key in absent:
-        raise PipelineError(f"{path}: no column {imp[key]!r} (header is {header!r}); "
-                            f"set import.{key} or import.delimiter")
+    for name in absent:
+        raise PipelineError(f"{path}: no column {name!r} (header is {header!r}); "
+                            f"set import.{wanted[name]} or import.delimiter")
     # Exports downloaded in parts and joined with `cat` repeat the header where each part begins.
-    repeats = (table[imp["date_column"]].str.strip() == imp["date_column"]).to_numpy(copy=True)
+    first = date_columns(imp)[0]
+    repeats = (table[first].str.strip() == first).to_numpy(copy=True)
     if repeats.any():
         repeats[repeats] = (table[repeats].apply(lambda values: values.str.strip()) == table.columns).all(axis=1)
     table = table[~repeats]

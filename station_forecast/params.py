@@ -89,7 +89,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         **{f"{kind}_days": (list, 1, 365) for kind in INJECTED},
     },
     "import": {
-        "date_column": (str, None, None),
+        "date_column": ((str, list), lambda value: _date_columns_problem(value), None),
         "temperature_column": (str, None, None),
         "date_format": (str, None, None),
         "delimiter": (str, (",", ";", "\t", "|"), None),
@@ -232,15 +232,16 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise PipelineError(f"{where} must be {kind.__name__}, got {value!r}")
-        if kind is list and high is None:
-            _check_numbers(where, value, low)
-        elif kind is list:
-            _check_length_range(where, value, low, high)
-        elif kind is str and callable(low):
+            names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            raise PipelineError(f"{where} must be {names}, got {value!r}")
+        if callable(low):
             problem = low(value)
             if problem:
                 raise PipelineError(f"{where} = {problem}")
+        elif kind is list and high is None:
+            _check_numbers(where, value, low)
+        elif kind is list:
+            _check_length_range(where, value, low, high)
         elif kind is str:
             if low is not None and value not in low:
                 raise PipelineError(f"{where} = {value!r} must be one of {', '.join(map(repr, low))}")
@@ -250,6 +251,17 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
             raise PipelineError(f"{where} = {value!r} is out of range [{low}, {high}]")
         checked[key] = value
     return checked
+
+
+def _date_columns_problem(value: str | list) -> str | None:
+    """What is wrong with ``import.date_column``: one column's name, or the names of the columns whose values,
+    joined by a space, make the date (archives that write the year, month and day apart)."""
+    names = [value] if isinstance(value, str) else value
+    if not 1 <= len(names) <= 3 or not all(isinstance(name, str) and name.strip() for name in names) \
+            or len(set(names)) < len(names):
+        return (f"{value!r} must name a column, or 2 or 3 different columns whose values joined by a space make "
+                'the date, e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
+    return None
 
 
 def _check_numbers(where: str, value: list, most: int) -> None:

@@ -609,6 +609,30 @@ def test_files_in_the_encodings_archives_ship_import_as_the_utf8_file_does(tmp_p
     assert raw["utf-16"] == raw["latin-1"] == raw["utf-8"] and sorted(raw["utf-8"]) == ["KÖLN.csv", "SÃO.csv"]
 
 
+def test_dates_written_in_year_month_and_day_columns_import_as_one_date_column_does(tmp_path):
+    """As the Australian Bureau of Meteorology's daily files come: the year, month and day in columns of their
+    own (here the day not zero-padded), the station's number in a column named in words."""
+    dates = pd.date_range("2020-01-01", "2021-12-31", freq="D")
+    rows = pd.concat([pd.DataFrame({
+        "Product code": "IDCJAC0010", "Bureau of Meteorology station number": station,
+        "Year": dates.year, "Month": dates.strftime("%m"), "Day": dates.day, "date": dates.strftime("%Y-%m-%d"),
+        "Maximum temperature (Degree C)": np.round(20 + 8 * np.sin(np.arange(len(dates)) / 58.0) + k, 1),
+        "Quality": "Y"}) for k, station in enumerate(["066062", "086071"])], ignore_index=True)
+    raw = {}
+    for how, dated in {"one column": {"date_column": "date"},
+                       "three columns": {"date_column": ["Year", "Month", "Day"], "date_format": "%Y %m %d"}}.items():
+        own = tmp_path / how
+        own.mkdir()
+        rows.drop(columns=["date"] if how == "three columns" else ["Year", "Month", "Day"]).to_csv(
+            own / "IDCJAC0010.csv", index=False)
+        params = write_params(tmp_path / f"{how}.toml", **TINY, source=how, holdout_stations=0,
+                              station_column="Bureau of Meteorology station number",
+                              temperature_column="Maximum temperature (Degree C)", **dated)
+        assert run_stage(data_creation, tmp_path / f"root {how}", params) == 0
+        raw[how] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root {how}/data/train/raw").iterdir())}
+    assert raw["three columns"] == raw["one column"] and sorted(raw["one column"]) == ["066062.csv", "086071.csv"]
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

@@ -32,6 +32,11 @@ def test_compare_real_scores_every_predictor_on_the_same_readings_beside_a_singl
     assert difference == pytest.approx(row["model"] - row["station_ridge"]) and low <= difference <= high
     assert compare_real.main([str(root)]) == 0
     assert f"{row['model']:.3f}" in capsys.readouterr().out
+    # --by-station: a row per station over every project given, then one over all of them
+    assert compare_real.main(["--by-station", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == [*sorted(first["station"].unique())[:-1], "all"]
+    assert lines[-1].split()[1:4] == [str(row["stations"]), str(row["readings"]), f"{row['model']:.3f}"]
 
 
 def test_the_difference_interval_covers_the_year_s_luck_and_not_a_real_gap():

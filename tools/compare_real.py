@@ -1,6 +1,6 @@
 """Score finished runs on real station records against a single-station Ridge, and print one table row each.
 
-usage: python tools/compare_real.py PROJECT [PROJECT ...]
+usage: python tools/compare_real.py [--by-station] PROJECT [PROJECT ...]
 
 Each PROJECT is a folder where ``pipeline.sh`` ran to the end (its ``reports/predictions.csv`` and
 ``data/*/raw``). Beside the pipeline's own predictors, it fits the reference a forecaster would try first: per
@@ -69,7 +69,8 @@ def difference_interval(dates: pd.Series, difference: pd.Series, seed: int = 0) 
     return float(low), float(high)
 
 
-def compare(project: Path) -> dict:
+def scored_readings(project: Path) -> pd.DataFrame:
+    """The test readings one step ahead of a finished run that every predictor forecast, with each forecast."""
     predictions = pd.read_csv(project / "reports/predictions.csv", parse_dates=["date"])
     predictions = predictions[(predictions["step"] == 1) & predictions["observed"].notna()]
     train, test = readings(project / "data/train/raw"), readings(project / "data/test/raw")
@@ -79,25 +80,42 @@ def compare(project: Path) -> dict:
             rows = rows.assign(station_ridge=station_ridge(train[station], test.get(station, pd.Series(dtype=float)),
                                                            pd.DatetimeIndex(rows["date"])))
             parts.append(rows)
-    scored = pd.concat(parts).dropna(subset=PREDICTORS)
-    error = {name: (scored[name] - scored["observed"]).abs() for name in PREDICTORS}
+    return pd.concat(parts).dropna(subset=PREDICTORS)
+
+
+def summary(name: str, scored: pd.DataFrame) -> dict:
+    """Every predictor's MAE on ``scored``, the model's difference from the single-station Ridge with its
+    interval, and at how many stations the model is at or below each ridge."""
+    error = {predictor: (scored[predictor] - scored["observed"]).abs() for predictor in PREDICTORS}
     per_station = pd.DataFrame(error).groupby(scored["station"]).mean()
     low, high = difference_interval(scored["date"], error["model"] - error["station_ridge"])
-    return {"project": project.name, "stations": len(per_station), "readings": len(scored),
-            **{name: float(values.mean()) for name, values in error.items()},
+    return {"project": name, "stations": len(per_station), "readings": len(scored),
+            **{predictor: float(values.mean()) for predictor, values in error.items()},
             "model_minus_station_ridge": (float((error["model"] - error["station_ridge"]).mean()), low, high),
             "at_or_below_ridge": int((per_station["model"] <= per_station["neighbours_ridge"]).sum()),
             "at_or_below_station_ridge": int((per_station["model"] <= per_station["station_ridge"]).sum())}
 
 
+def compare(project: Path) -> dict:
+    return summary(project.name, scored_readings(project))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("projects", nargs="+", type=Path)
+    parser.add_argument("--by-station", action="store_true",
+                        help="pool the projects' readings (e.g. runs of one station with other test years) and "
+                             "print a row per station, then all of them")
     args = parser.parse_args(argv)
     print(f"{'project':<16}{'stations':>9}{'readings':>9}" + "".join(f"{name:>18}" for name in PREDICTORS)
           + "  model - station ridge [95 %]  model <= neighbours ridge / station ridge (stations)")
-    for project in args.projects:
-        row = compare(project)
+    if args.by_station:
+        pooled = pd.concat([scored_readings(project) for project in args.projects], ignore_index=True)
+        rows = [summary(station, scored) for station, scored in pooled.groupby("station", sort=True)]
+        rows.append(summary("all", pooled))
+    else:
+        rows = (compare(project) for project in args.projects)
+    for row in rows:
         print(f"{row['project']:<16}{row['stations']:>9}{row['readings']:>9}"
               + "".join(f"{row[name]:>18.3f}" for name in PREDICTORS)
               + "  {:+.3f} [{:+.3f}, {:+.3f}]".format(*row["model_minus_station_ridge"])

@@ -36,7 +36,10 @@ LOWEST_ELEVATION = -500.0
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
 DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
-                "impossible", "conflicting_duplicate"]
+                "impossible", "conflicting_duplicate", "incomplete_day"]
+# Readings at several times of a day make one daily value (the day's quantity: mean, max or min) where the day
+# has at least this share of the file's usual number of readings a day; fewer would bias it.
+COMPLETE_DAY = 0.5
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
 EARLIEST_DATE = "1700-01-01"
@@ -59,16 +62,22 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     period for every station) or before ``EARLIEST_DATE``, no reading, a reading that is not a number or is
     outside [min_temp, max_temp] are dropped; of rows sharing a
     date, one is kept if they agree and none if they disagree (which one is
-    right cannot be known). Rows that cannot be used at all raise PipelineError.
+    right cannot be known). Readings at several times of a day (``date_format`` with a time: hourly records)
+    become the day's ``quantity`` (mean, max or min) where the day is complete enough (``COMPLETE_DAY``). A
+    decimal comma is read as a decimal point where the comma is not the delimiter. Rows that cannot be used
+    at all raise PipelineError.
     """
     first, *others = date_columns(imp)
     date_text = table[first].str.strip().str.cat([table[name].str.strip() for name in others], sep=" ")
-    dates = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce").dt.normalize()
+    stamps = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce")
+    dates = stamps.dt.normalize()
     if dates.isna().all():
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
     text = table[imp["temperature_column"]].str.strip()
+    if imp["delimiter"] != ",":  # "12,5" as European archives write it
+        text = text.str.replace(",", ".", regex=False)
     missing = text.str.lower().isin(MISSING_MARKERS)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
     # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
@@ -90,18 +99,21 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "not_a_number": ~bad_date & not_number,
         "impossible": ~bad_date & impossible,
     }
-    usable = pd.DataFrame({"date": dates, "temperature": values.round(2)})[
+    usable = pd.DataFrame({"date": dates, "stamp": stamps, "temperature": values.round(2)})[
         ~(bad_date | missing | not_number | impossible)]
-    spread = usable.groupby("date")["temperature"].agg(["min", "max"])
-    in_conflict = usable["date"].isin(spread.index[spread["min"] != spread["max"]])
-    kept = usable[~in_conflict].drop_duplicates("date")
+    spread = usable.groupby("stamp")["temperature"].agg(["min", "max"])
+    in_conflict = usable["stamp"].isin(spread.index[spread["min"] != spread["max"]])
+    kept = usable[~in_conflict].drop_duplicates("stamp")
+    kept, within_days, incomplete = _daily(kept, imp["quantity"])
     report = {
         "file": path.name,
         "rows": len(table),
         "kept": len(kept),
         **{reason: int(mask.sum()) for reason, mask in reasons.items()},
         "conflicting_duplicate": int(in_conflict.sum()),
-        "repeated_rows": int((~in_conflict).sum() - len(kept)),
+        "repeated_rows": int((~in_conflict).sum() - within_days - incomplete - len(kept)),
+        "within_days": within_days,
+        "incomplete_day": incomplete,
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
         "repeated_header": int(table.attrs.get("repeated_header", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
@@ -119,6 +131,21 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     report.update(frequency=frequency, first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
                   steps_without_reading=span - len(kept))
     return kept, report
+
+
+def _daily(readings: pd.DataFrame, quantity: str) -> tuple[pd.DataFrame, int, int]:
+    """One reading a day (date, temperature) from readings with unique time stamps, and how many readings were
+    combined into other days' values and dropped with their incomplete days. Several readings a day make the
+    day's ``quantity`` where the day has at least ``COMPLETE_DAY`` of the usual number of readings a day."""
+    per_day = readings.groupby("date")["temperature"]
+    counts = per_day.size()
+    if counts.max() == 1:
+        return readings[["date", "temperature"]], 0, 0
+    complete = counts.index[counts >= COMPLETE_DAY * counts.median()]
+    daily = per_day.agg(quantity)[complete].round(2)
+    incomplete = int(counts.sum() - counts[complete].sum())
+    return (pd.DataFrame({"date": daily.index, "temperature": daily.to_numpy()}),
+            int(counts[complete].sum() - len(complete)), incomplete)
 
 
 def infer_frequency(dates: pd.DatetimeIndex) -> str:
@@ -198,6 +225,9 @@ def _describe(report: dict) -> str:
     parts = [f"{report[reason]} {reason.replace('_', ' ')}" for reason in DROP_REASONS if report.get(reason)]
     if report.get("repeated_rows"):
         parts.append(f"{report['repeated_rows']} repeated rows merged")
+    if report.get("within_days"):
+        parts.append(f"readings at several times of a day made into daily values ({report['within_days']} "
+                     "combined)")
     if report.get("out_of_order"):
         parts.append("dates out of order (sorted)")
     if report.get("encoding") == "latin-1":

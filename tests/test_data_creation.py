@@ -633,6 +633,42 @@ def test_dates_written_in_year_month_and_day_columns_import_as_one_date_column_d
     assert raw["three columns"] == raw["one column"] and sorted(raw["one column"]) == ["066062.csv", "086071.csv"]
 
 
+@pytest.mark.parametrize("quantity", ["mean", "max", "min"])
+def test_readings_at_several_times_a_day_become_the_day_s_quantity(tmp_path, quantity):
+    """Hourly records: each complete day's mean, max or min (what import.quantity says the series is); a day
+    with too few readings is dropped and counted, and one time written twice with two values is a conflict."""
+    stamps = pd.date_range("2020-01-01", "2020-03-31 23:00", freq="h")
+    values = np.round(5 + 4 * np.sin(2 * np.pi * stamps.hour.to_numpy() / 24) + stamps.day.to_numpy() / 10, 1)
+    rows = pd.DataFrame({"DATE": stamps.strftime("%d/%m/%Y %H:%M"), "TMAX": values.astype(str)})
+    short_day = rows["DATE"].str.startswith("15/02/2020") & (stamps.hour >= 5)  # 5 of its 24 hours left
+    twice = pd.DataFrame({"DATE": ["01/03/2020 12:00"], "TMAX": ["30.0"]})  # disagrees with that hour's row
+    path = tmp_path / "HOURLY.csv"
+    pd.concat([rows[~short_day], twice]).to_csv(path, sep=";", index=False)
+    imp = {**_import_params()["import"], "date_format": "%d/%m/%Y %H:%M", "unit": "C", "quantity": quantity}
+    table, report = importing.read_user_station(path, imp, -90.0, 60.0)
+    expected = pd.Series(values, index=stamps.normalize()).groupby(level=0).agg(quantity)
+    expected = expected.drop([pd.Timestamp("2020-02-15"), pd.Timestamp("2020-03-01")])  # short; one hour lost
+    expected["2020-03-01"] = pd.Series(values, index=stamps)[
+        (stamps.normalize() == "2020-03-01") & (stamps.hour != 12)].agg(quantity)
+    expected = expected.sort_index().round(2)
+    assert table["date"].tolist() == expected.index.tolist()
+    np.testing.assert_allclose(table["temperature"], expected.to_numpy())
+    assert (report["incomplete_day"], report["conflicting_duplicate"]) == (5, 2)
+    assert report["kept"] == len(expected) and report["frequency"] == "daily"
+    assert report["within_days"] == len(rows) - 19 - 1 - 5 - len(expected)
+
+
+def test_a_decimal_comma_reads_as_a_decimal_point_where_the_comma_is_not_the_delimiter(tmp_path):
+    lines = [f"{day:02d}/01/2020;{day - 10.25:.2f}" for day in range(1, 32)]
+    point, comma = tmp_path / "POINT.csv", tmp_path / "COMMA.csv"
+    point.write_text("DATE;TMAX\n" + "\n".join(lines) + "\n")
+    comma.write_text("DATE;TMAX\n" + "\n".join(line.replace(".", ",") for line in lines) + "\n")
+    imp = _import_params()["import"]
+    (expected, _), (table, report) = (importing.read_user_station(path, imp, -90.0, 60.0) for path in (point, comma))
+    pd.testing.assert_frame_equal(table, expected)
+    assert report["not_a_number"] == 0
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

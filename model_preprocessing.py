@@ -24,7 +24,7 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from station_forecast import cli, compute, features, manifest, quality_control, runtime, station_files, storage
+from station_forecast import cli, compute, features, manifest, quality_control, runtime, station_files, storage, units
 from station_forecast.errors import PipelineError
 from station_forecast.features import BASELINE_COLUMNS, FEATURES, SPREAD_COLUMN
 from station_forecast.flags import FAULTS, Flag
@@ -608,7 +608,7 @@ def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
     """Warn of each value far outside every climate that several stations read on one day, with the advice
     to declare it (as written in the files) a missing-value code."""
     for value, code in probable_codes.iterrows():
-        written = f"{value * 9 / 5 + 32:.1f} °F" if unit == "F" else f"{value:g}" + (" °C" if unit == "C" else "")
+        written = units.as_written(value, unit)
         log.warning("%g read by up to %d stations on the same day (%d readings on %d days), far outside every "
                     "station's climate: probably a missing-value code (%s as written in the files); the readings "
                     "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],

@@ -5,7 +5,8 @@ below it, and no imports go round in a circle (tests/test_shared.py checks both)
 layer       modules                           what they are for
 ==========  ================================  =========================================================
 base        errors, files, flags, steps,      exit codes, the checks every input file passes, the
-            params                            flags a reading can carry, time steps, the parameters
+            units, params                     flags a reading can carry, time steps, the units readings
+                                              are written in, the parameters
 runtime     runtime                           threads, memory, progress, lazy imports, the thread pool
                                               (standard library only)
 storage     storage, station_files,           where every artifact lives, how it is written and read
@@ -26,7 +27,7 @@ sit above them and are never imported by a stage.
 """
 
 LAYERS = {
-    "base": ["errors", "files", "flags", "steps", "params"],
+    "base": ["errors", "files", "flags", "steps", "units", "params"],
     "runtime": ["runtime"],
     "storage": ["storage", "station_files", "manifest", "registry"],
     "compute": ["compute"],

@@ -21,6 +21,7 @@ from station_forecast.errors import PipelineError
 from station_forecast.runtime import lazy_import, log
 from station_forecast.station_files import FILES_PER_CHUNK
 from station_forecast.steps import FREQUENCIES
+from station_forecast.units import to_celsius
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
@@ -40,6 +41,7 @@ DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "anc
 # Readings at several times of a day make one daily value (the day's quantity: mean, max or min) where the day
 # has at least this share of the file's usual number of readings a day; fewer would bias it.
 COMPLETE_DAY = 0.5
+PREAMBLE_LINES = 100  # lines of notes a file may have before its header
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
 EARLIEST_DATE = "1700-01-01"
@@ -85,7 +87,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
-        values = (values - 32.0) * 5.0 / 9.0 if imp["unit"] == "F" else values
+        values = to_celsius(values, imp["unit"])
     impossible = ~missing & ~not_number & ~values.between(min_temp, max_temp)
     future = dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()
     ancient = dates < pd.Timestamp(EARLIEST_DATE)
@@ -116,6 +118,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "incomplete_day": incomplete,
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
         "repeated_header": int(table.attrs.get("repeated_header", 0)),
+        "preamble": int(table.attrs.get("preamble", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
     }
     if kept.empty:
@@ -190,13 +193,14 @@ def date_columns(imp: dict) -> list[str]:
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
+    text, preamble = _from_header(text, imp)
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
                             skipinitialspace=True, on_bad_lines="error")
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [str(c).strip() for c in table.columns]
-    header = text.splitlines()[0][:200]
+    header = text.split("\n", 1)[0].rstrip("\r")[:200]
     wanted = {name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
     absent = [name for name in wanted if name not in table.columns]
     named = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
@@ -217,8 +221,20 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
     table = table.fillna("")  # a short last line (a truncated file) leaves its fields empty
-    table.attrs.update(repeated_header=int(repeats.sum()), encoding=encoding)
+    table.attrs.update(repeated_header=int(repeats.sum()), encoding=encoding, preamble=preamble)
     return table
+
+
+def _from_header(text: str, imp: dict) -> tuple[str, int]:
+    """The text from its header on, and how many lines came before it. Some archives (ECA&D among them) open
+    their files with lines of licence and notes: the header is then the first of the first
+    ``PREAMBLE_LINES`` lines that names the date and the temperature column."""
+    wanted = {*date_columns(imp), imp["temperature_column"]}
+    lines = text.split("\n", PREAMBLE_LINES)
+    for number, line in enumerate(lines[:PREAMBLE_LINES]):
+        if wanted <= {field.strip().strip('"') for field in line.split(imp["delimiter"])}:
+            return ("\n".join(lines[number:]), number) if number else (text, 0)
+    return text, 0
 
 
 def _describe(report: dict) -> str:
@@ -232,6 +248,8 @@ def _describe(report: dict) -> str:
         parts.append("dates out of order (sorted)")
     if report.get("encoding") == "latin-1":
         parts.append("not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong")
+    if report.get("preamble"):
+        parts.append(f"{report['preamble']} lines before the header skipped")
     if report.get("repeated_header"):
         parts.append(f"{report['repeated_header']} repeated header line(s) skipped (files joined together)")
     return ", ".join(parts) or "nothing dropped"
@@ -294,6 +312,8 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         if table.attrs["repeated_header"]:  # a line of the file, no station's
             log.info("%s: %d repeated header line(s) skipped (files joined together)", path.name,
                      table.attrs["repeated_header"])
+        if table.attrs["preamble"]:
+            log.info("%s: %d lines before the header skipped", path.name, table.attrs["preamble"])
         encodings[path.name] = table.attrs["encoding"]
         for name, part in table.groupby(table[column].str.strip(), sort=True):
             if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \

@@ -16,6 +16,7 @@ from typing import Any
 from station_forecast.errors import PipelineError
 from station_forecast.files import PROJECT, check_regular_file
 from station_forecast.flags import INJECTED
+from station_forecast.units import UNITS
 
 DEFAULT_PARAMS = PROJECT / "params.toml"
 # stage -> the parameter sections it reads, in the order pipeline.sh runs the stages (stages.txt)
@@ -93,7 +94,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "temperature_column": (str, None, None),
         "date_format": (str, None, None),
         "delimiter": (str, (",", ";", "\t", "|"), None),
-        "unit": (str, ("C", "F", "none"), None),
+        "unit": (str, tuple(UNITS), None),
         "quantity": (str, ("mean", "max", "min"), None),
         "missing_values": (list, MAX_MISSING_CODES, None),
         "station_column": (str, lambda value: None, None),  # "" (one station per file) or a column's name

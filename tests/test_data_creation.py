@@ -669,6 +669,30 @@ def test_a_decimal_comma_reads_as_a_decimal_point_where_the_comma_is_not_the_del
     assert report["not_a_number"] == 0
 
 
+def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a_plain_file(tmp_path):
+    """As ECA&D's files come: lines of licence and format notes, then the header; readings in 0.1 °C, -9999
+    on missing days."""
+    dates = pd.date_range("2019-01-01", "2020-12-31", freq="D")
+    tenths = np.round(80 + 90 * np.sin(np.arange(len(dates)) / 58.0)).astype(int)
+    tenths[40:45] = -9999
+    notes = ("EUROPEAN CLIMATE ASSESSMENT & DATASET (ECA&D), file created on: 05-12-2026\n"
+             "THESE DATA CAN BE USED FREELY PROVIDED THAT THE FOLLOWING SOURCE IS ACKNOWLEDGED:\n\n"
+             "FILE FORMAT (MISSING VALUE CODE IS -9999):\n15-22 DATE : Date YYYYMMDD\n"
+             "24-28 TG   : mean temperature in 0.1 &#176;C\n\n")
+    rows = "".join(f"   162,   100,{day:%Y%m%d},{value:5d},    0\n" for day, value in zip(dates, tenths, strict=True))
+    archive, plain = tmp_path / "TG_STAID000162.csv", tmp_path / "PLAIN.csv"
+    archive.write_text(notes + "STAID, SOUID,    DATE,   TG, Q_TG\n" + rows)
+    plain.write_text("DATE,TG\n" + "".join(f"{day:%Y%m%d},{value / 10}\n" for day, value
+                                            in zip(dates, tenths, strict=True) if value != -9999))
+    imp = {**_import_params()["import"], "date_column": "DATE", "temperature_column": "TG", "date_format": "%Y%m%d",
+           "delimiter": ","}
+    table, report = importing.read_user_station(archive, {**imp, "unit": "0.1C", "missing_values": [-9999]},
+                                                -90.0, 60.0)
+    expected, _ = importing.read_user_station(plain, {**imp, "unit": "C"}, -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+    assert (report["preamble"], report["missing_code"]) == (7, 5)
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

@@ -27,7 +27,7 @@ from station_forecast.params import load_params
     (lambda t: t.replace('"2019-01-01"', '"2019-13-01"'), "simulation.start_date must be YYYY-MM-DD"),
     (lambda t: t.replace("holdout_stations = 1", "holdout_stations = 10"), "holdout_stations must leave"),
     (lambda t: t.replace("[data]", "[data"), "malformed parameters file"),
-    (lambda t: t.replace('unit = "C"', 'unit = "K"'), "import.unit = 'K' must be one of 'C', 'F'"),
+    (lambda t: t.replace('unit = "C"', 'unit = "K"'), "import.unit = 'K' must be one of 'C', '0.1C', 'F', 'none'"),
     (lambda t: t.replace('date_column = "date"', 'date_column = ""'), "import.date_column = '' must name a column"),
     (lambda t: t.replace('date_column = "date"', 'date_column = ["Y", "Y"]'), "or 2 or 3 different columns"),
     (lambda t: t.replace('date_column = "date"', 'date_column = 3'), "import.date_column must be str or list, got 3"),
@@ -181,6 +181,14 @@ def test_a_stage_asks_numpy_for_small_pages_unless_the_user_chose(tmp_path, sett
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == huge_pages
+
+
+@pytest.mark.parametrize(("unit", "written", "said"), [("C", -40.0, "-40 °C"), ("F", -40.0, "-40.0 °F"),
+                                                     ("0.1C", -9999.0, "-9999 (tenths of °C)"), ("none", 7.5, "7.5")])
+def test_each_unit_converts_to_celsius_and_back_as_the_files_write_it(unit, written, said):
+    from station_forecast import units
+
+    assert units.as_written(units.to_celsius(written, unit), unit) == said
 
 
 @pytest.mark.parametrize("told", ["go\n", "skip\n", ""])

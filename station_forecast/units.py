@@ -1,0 +1,34 @@
+"""The units a user's readings can be written in, and how they become what the stages work in.
+
+Temperatures are worked in °C; "none" is a series that is not a temperature (used as written).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# unit -> how archives write it
+UNITS = {
+    "C": "degrees Celsius",
+    "0.1C": "tenths of a degree Celsius (ECA&D, GHCN-Daily)",
+    "F": "degrees Fahrenheit",
+    "none": "not a temperature: used as written",
+}
+
+
+def to_celsius(written: Any, unit: str) -> Any:
+    """Readings as written (a number, array or Series) in °C (unchanged for "none")."""
+    if unit == "F":
+        return (written - 32.0) * 5.0 / 9.0
+    if unit == "0.1C":
+        return written / 10.0
+    return written
+
+
+def as_written(celsius: float, unit: str) -> str:
+    """A value in °C as the files write it, with its unit, for messages that advise what to declare."""
+    if unit == "F":
+        return f"{celsius * 9 / 5 + 32:.1f} °F"
+    if unit == "0.1C":
+        return f"{celsius * 10:g} (tenths of °C)"
+    return f"{celsius:g}" + (" °C" if unit == "C" else "")

@@ -287,7 +287,11 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
         raise PipelineError(f"{folder}: data.source folder not found")
     files = [path for path in storage.station_files(folder) if path.name.lower() != STATION_LIST]
     if not files:
-        raise PipelineError(f"{folder}: no .csv files in the data.source folder")
+        others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
+        held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
+        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; each station's readings "
+                            "are read from a CSV table with a header line (import.delimiter may be ';', tab or "
+                            "'|'): convert other files to that, named <station>.csv")
     if imp["station_column"]:
         return _report_and_split(read_long_form(files, imp, pre), data, folder)
     if pool is None or not pool.cluster:

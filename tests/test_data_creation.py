@@ -693,6 +693,18 @@ def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a
     assert (report["preamble"], report["missing_code"]) == (7, 5)
 
 
+@pytest.mark.parametrize(("files", "said"), [({}, "(it is empty)"), ({"OSLO.txt": " 1  1  1995  24.0\n"},
+                                                                    "(it holds .txt files)")])
+def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(tmp_path, capsys, files, said):
+    (tmp_path / "own").mkdir()
+    for name, text in files.items():
+        (tmp_path / "own" / name).write_text(text)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"no .csv files in the data.source folder {said}" in err and "a header line" in err
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

@@ -229,11 +229,15 @@ def _from_header(text: str, imp: dict) -> tuple[str, int]:
     """The text from its header on, and how many lines came before it. Some archives (ECA&D among them) open
     their files with lines of licence and notes: the header is then the first of the first
     ``PREAMBLE_LINES`` lines that names the date and the temperature column."""
-    wanted = {*date_columns(imp), imp["temperature_column"]}
-    lines = text.split("\n", PREAMBLE_LINES)
-    for number, line in enumerate(lines[:PREAMBLE_LINES]):
+    wanted, start = {*date_columns(imp), imp["temperature_column"]}, 0
+    for number in range(PREAMBLE_LINES):
+        end = text.find("\n", start)
+        line = text[start:] if end < 0 else text[start:end]
         if wanted <= {field.strip().strip('"') for field in line.split(imp["delimiter"])}:
-            return ("\n".join(lines[number:]), number) if number else (text, 0)
+            return (text[start:], number) if number else (text, 0)
+        if end < 0:
+            break
+        start = end + 1
     return text, 0
 
 

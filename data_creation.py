@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from station_forecast import cli, compute, importing, manifest, runtime, storage
-from station_forecast.errors import PipelineError
+from station_forecast.errors import PipelineError, cannot_write
 from station_forecast.flags import INJECTED, Flag
 from station_forecast.params import SIMULATION, Params, load_params
 from station_forecast.runtime import log
@@ -460,6 +460,8 @@ def main(args) -> None:
                 os.replace(staging / importing.STATION_LIST, paths.station_list)
             else:  # an earlier import's list describes other stations
                 paths.station_list.unlink(missing_ok=True)
+        except OSError as exc:  # the staged files are written straight, not each through a temporary file
+            raise cannot_write(exc, exc.filename or staging) or exc from None
         finally:
             storage.remove_tree(staging)
     storage.write_json(paths.source_record, source)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from station_forecast import manifest, runtime
-from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError
+from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError, cannot_write
 from station_forecast.params import DEFAULT_PARAMS, STAGES, load_params
 from station_forecast.runtime import INHERITED_LOCK
 from station_forecast.storage import ROOT, Paths, check_project_layout, pid_alive, write_bytes
@@ -222,6 +222,8 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
         except Exception as exc:
             if _stop_signals:  # what the stop broke on its way out (an import it cut short leaves an ImportError)
                 return _stopped(args, stage, _stop_signals[0])
+            if isinstance(exc, OSError):  # a full or read-only disk met outside the writers that name their file
+                exc = cannot_write(exc) or exc
             if isinstance(exc, PipelineError):
                 return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
             # The one place that turns bugs into a clear line.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug or an unexpected environment problem
 EXIT_BAD_INPUT = 2  # bad data, parameters, arguments or artifacts: the user can fix it
@@ -27,3 +29,28 @@ class Busy(PipelineError):
     """Another run holds the project's lock (exit 4)."""
 
     exit_code = EXIT_BUSY
+
+
+class CannotWrite(PipelineError):
+    """The machine cannot take a stage's writes: a full, over-quota or read-only disk (exit 1). Every write
+    goes to a temporary file first, so the artifacts of the last good run are intact."""
+
+    exit_code = EXIT_INTERNAL
+
+
+# errno -> what to do about it
+DISK_PROBLEMS = {
+    errno.ENOSPC: "free space on that disk (or move the project to one with room), then rerun",
+    errno.EDQUOT: "your disk quota is used up: free some, then rerun",
+    errno.EROFS: "the disk is mounted read-only: remount it read-write or move the project, then rerun",
+}
+
+
+def cannot_write(error: OSError, where: object = None) -> CannotWrite | None:
+    """A ``CannotWrite`` naming ``where`` (else the file the error names) for an error of the disk itself;
+    None for any other error."""
+    if error.errno not in DISK_PROBLEMS:
+        return None
+    place = where or error.filename or "a file"
+    return CannotWrite(f"{place}: cannot write ({error.strerror}); {DISK_PROBLEMS[error.errno]}; the last good "
+                       "run's artifacts are intact")

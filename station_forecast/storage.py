@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from station_forecast import runtime
-from station_forecast.errors import PipelineError
+from station_forecast.errors import PipelineError, cannot_write
 from station_forecast.files import PROJECT, check_regular_file
 
 ROOT = PROJECT
@@ -236,21 +236,25 @@ def atomic_path(target: Path) -> Iterator[Path]:
     removed if anything goes wrong.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    refuse_folder(target)
-    remove_stale_temp_files(target.parent, target.name)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        refuse_folder(target)
+        remove_stale_temp_files(target.parent, target.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are ordinary files
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        fsync_folder(target.parent)
+    except OSError as exc:
+        raise cannot_write(exc, target) or exc from None
     finally:
-        tmp.unlink(missing_ok=True)
-    fsync_folder(target.parent)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def fsync_folder(folder: Path) -> None:

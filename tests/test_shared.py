@@ -1,5 +1,6 @@
 """The shared floor: parameters, storage, the lock and the runner, the manifest, the model registry."""
 
+import errno
 import json
 import os
 import signal
@@ -66,6 +67,32 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("disk full")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.csv"]
+
+
+@pytest.mark.parametrize(("stage", "writer", "code", "named", "advice"), [
+    (1, "write_csv_parts", errno.ENOSPC, "data/.staging", "free space on that disk"),
+    (2, "_write_csv_file", errno.ENOSPC, "data/train/features.csv", "free space on that disk"),
+    (2, "_write_csv_file", errno.EDQUOT, "data/train/features.csv", "quota"),
+    (3, "write_joblib", errno.EROFS, "model.joblib", "remount it read-write"),
+])
+def test_a_disk_that_cannot_take_a_write_is_one_line_naming_the_file_and_the_last_run_stays(
+        project, monkeypatch, capsys, stage, writer, code, named, advice):
+    root, params = project
+    before = snapshot(root)
+    real = getattr(storage, writer)
+
+    def full_disk(target, *args, **kwargs):
+        first = target[0] if isinstance(target, list) else target
+        if first.name.endswith(".tmp") or first.parent.name in ("train", "test", "truth", ".staging", "models"):
+            raise OSError(code, os.strerror(code), None if stage != 3 else str(first))
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(storage, writer, full_disk)
+    assert run_stage(STAGES[stage - 1], root, params) == errors.EXIT_INTERNAL
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert named in err and f"cannot write ({os.strerror(code)})" in err and advice in err, err
+    assert "internal error" not in err and "artifacts are intact" in err
+    assert snapshot(root) == before  # nothing replaced, no temporary file left
 
 
 def test_killed_stage_leaves_no_partial_file_and_the_rerun_succeeds(built, tmp_path):

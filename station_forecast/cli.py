@@ -224,6 +224,10 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
                 return _stopped(args, stage, _stop_signals[0])
             if isinstance(exc, OSError):  # a full or read-only disk met outside the writers that name their file
                 exc = cannot_write(exc) or exc
+            if isinstance(exc, MemoryError):
+                return _fail(args, f"{stage}: error: out of memory ({one_line(str(exc)) or 'an allocation failed'});"
+                                   " run fewer stations or years, or on a machine with more memory "
+                                   "(docs/scale_plan.md)", EXIT_INTERNAL)
             if isinstance(exc, PipelineError):
                 return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
             # The one place that turns bugs into a clear line.

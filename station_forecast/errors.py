@@ -46,11 +46,17 @@ DISK_PROBLEMS = {
 }
 
 
+# Met by reads too, so taken for a write's only where the writer names its file.
+PERMISSION_PROBLEMS = {errno.EACCES: "no permission to write there: check the folder's owner and mode, then rerun",
+                       errno.EPERM: "no permission to write there: check the folder's owner and mode, then rerun"}
+
+
 def cannot_write(error: OSError, where: object = None) -> CannotWrite | None:
-    """A ``CannotWrite`` naming ``where`` (else the file the error names) for an error of the disk itself;
-    None for any other error."""
-    if error.errno not in DISK_PROBLEMS:
+    """A ``CannotWrite`` naming ``where`` (else the file the error names) for an error of the disk itself, or
+    of permissions where ``where`` is given (a writer's own file); None for any other error."""
+    advice = DISK_PROBLEMS.get(error.errno) or (PERMISSION_PROBLEMS.get(error.errno) if where else None)
+    if advice is None:
         return None
     place = where or error.filename or "a file"
-    return CannotWrite(f"{place}: cannot write ({error.strerror}); {DISK_PROBLEMS[error.errno]}; the last good "
-                       "run's artifacts are intact")
+    return CannotWrite(f"{place}: cannot write ({error.strerror}); {advice}; the last good run's artifacts are "
+                       "intact")

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import ROOT, STAGES, TINY, lock_held, run_stage, snapshot, write_params
 
-from station_forecast import errors, files, manifest, runtime, storage
+from station_forecast import cli, errors, files, manifest, runtime, storage
 from station_forecast.params import load_params
 
 
@@ -74,6 +74,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     (2, "_write_csv_file", errno.ENOSPC, "data/train/features.csv", "free space on that disk"),
     (2, "_write_csv_file", errno.EDQUOT, "data/train/features.csv", "quota"),
     (3, "write_joblib", errno.EROFS, "model.joblib", "remount it read-write"),
+    (2, "_write_csv_file", errno.EACCES, "data/train/features.csv", "no permission to write there"),
 ])
 def test_a_disk_that_cannot_take_a_write_is_one_line_naming_the_file_and_the_last_run_stays(
         project, monkeypatch, capsys, stage, writer, code, named, advice):
@@ -93,6 +94,16 @@ def test_a_disk_that_cannot_take_a_write_is_one_line_naming_the_file_and_the_las
     assert named in err and f"cannot write ({os.strerror(code)})" in err and advice in err, err
     assert "internal error" not in err and "artifacts are intact" in err
     assert snapshot(root) == before  # nothing replaced, no temporary file left
+
+
+def test_running_out_of_memory_is_one_line_with_the_way_out(tmp_path, capsys):
+    def allocates(args):
+        raise MemoryError("Unable to allocate 2.27 GiB for an array with shape (3652, 83333)")
+
+    assert cli.run("stage", allocates, cli.stage_parser("test"), ["--root", str(tmp_path)]) == errors.EXIT_INTERNAL
+    err = capsys.readouterr().err.strip()
+    assert err == ("stage: error: out of memory (Unable to allocate 2.27 GiB for an array with shape (3652, 83333)); "
+                   "run fewer stations or years, or on a machine with more memory (docs/scale_plan.md)")
 
 
 def test_killed_stage_leaves_no_partial_file_and_the_rerun_succeeds(built, tmp_path):

@@ -77,9 +77,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
-    text = table[imp["temperature_column"]].str.strip()
-    if imp["delimiter"] != ",":  # "12,5" as European archives write it
-        text = text.str.replace(",", ".", regex=False)
+    text = _reading_text(table[imp["temperature_column"]], imp)
     missing = text.str.lower().isin(MISSING_MARKERS)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
     # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
@@ -335,10 +333,13 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         if other != name:
             raise PipelineError(f"station {name!r} differs from {other!r} only in case (import.station_column); "
                                 "one would hide the other")
-    stations = {}
+    stations, without = {}, []
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file
         whole = pd.concat([part for _, part in parts], ignore_index=True)
+        if not _holds_readings(whole[imp["temperature_column"]], imp):
+            without.append(name)  # an export's stations that measure other things (rain, snow) only
+            continue
         # The files' repeated headers were reported with the files, not with a station's rows.
         read_in = {encodings[path.name] for path, _ in parts}
         whole.attrs = {"encoding": "latin-1" if "latin-1" in read_in else read_in.pop()}
@@ -347,7 +348,29 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         coordinates = row_coordinates(whole, where)
         stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
                                  **({"coordinates": coordinates} if coordinates else {})}
+    if without:
+        if not stations:
+            raise PipelineError(f"{files[0].parent}: no station has a reading in column "
+                                f"{imp['temperature_column']!r} (import.temperature_column); every value is empty "
+                                "or a declared missing code")
+        log.warning("%d station(s) left out, with no reading in column %r (every value empty or a declared missing "
+                    "code: stations that measure other things), e.g. %s", len(without), imp["temperature_column"],
+                    ", ".join(without[:3]))
     return stations
+
+
+def _reading_text(column: pd.Series, imp: dict) -> pd.Series:
+    """A column of readings as text to parse: stripped, and a decimal comma ("12,5", as European archives
+    write it) made a point where the comma is not the delimiter."""
+    text = column.str.strip()
+    return text.str.replace(",", ".", regex=False) if imp["delimiter"] != "," else text
+
+
+def _holds_readings(column: pd.Series, imp: dict) -> bool:
+    """Whether a station's column holds anything but empty fields, "no reading" markers and declared codes."""
+    text = _reading_text(column, imp)
+    codes = pd.to_numeric(text, errors="coerce").isin([float(value) for value in imp["missing_values"]])
+    return not (text.str.lower().isin(MISSING_MARKERS) | codes).all()
 
 
 def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:

@@ -562,6 +562,29 @@ def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
     assert sorted(Path(key).name for key in manifest_inputs) == ["export-1.csv", "export-2.csv"]
 
 
+def test_an_export_s_stations_without_any_reading_in_the_column_are_left_out_with_a_warning(tmp_path, capsys):
+    """Archives' exports of an area list every station in it; many measure rain or snow only, their
+    temperature fields empty: they are left out, named, and the others imported."""
+    dates = pd.date_range("2020-01-01", "2022-12-31", freq="D")
+    temperature = np.round(10 + 10 * np.sin(np.arange(len(dates)) / 58.0), 1).astype(str)
+    rows = [pd.DataFrame({"STATION": station, "DATE": dates.strftime("%Y-%m-%d"), "TMAX": values, "PRCP": "0.1"})
+            for station, values in [("USW0001", temperature), ("USC0002", ""), ("USC0003", "-99"),
+                                    ("USW0004", temperature)]]
+    (tmp_path / "own").mkdir()
+    pd.concat(rows).to_csv(tmp_path / "own" / "export.csv", index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION", date_column="DATE",
+                          temperature_column="TMAX", missing_values=[-99], holdout_stations=0)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert sorted(p.stem for p in (root / "data/train/raw").iterdir()) == ["USW0001", "USW0004"]
+    assert ("warning: 2 station(s) left out, with no reading in column 'TMAX' (every value empty or a declared "
+            "missing code: stations that measure other things), e.g. USC0002, USC0003") in capsys.readouterr().err
+    pd.DataFrame({"STATION": "USC0002", "DATE": dates.strftime("%Y-%m-%d"), "TMAX": ""}).to_csv(
+        tmp_path / "own" / "export.csv", index=False)
+    assert run_stage(data_creation, root, params) == errors.EXIT_BAD_INPUT
+    assert "no station has a reading in column 'TMAX'" in capsys.readouterr().err
+
+
 def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):
     """Archives hand out large exports in parts; joined with `cat`, each part's header (quoted, as NOAA's are)
     is a line of the file: skipped and counted, never a station or a reading."""

@@ -295,13 +295,13 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             "are read from a CSV table with a header line (import.delimiter may be ';', tab or "
                             "'|'): convert other files to that, named <station>.csv")
     if imp["station_column"]:
-        return _report_and_split(read_long_form(files, imp, pre), data, folder)
+        return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"])
     if pool is None or not pool.cluster:
         pool = runtime.Threads(runtime.work_threads(-(-len(files) // FILES_PER_CHUNK)))
     read = pool.map(read_user_stations, runtime.chunks(files, FILES_PER_CHUNK), what="station files read (chunks)",
                     imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     stations = {path.stem: one for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
-    return _report_and_split(stations, data, folder)
+    return _report_and_split(stations, data, folder, pre["min_steps"])
 
 
 def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
@@ -412,19 +412,32 @@ def unknown_elevations(values: pd.Series, where: Path | str, stations: pd.Series
     return values.mask(coded)
 
 
-def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path) -> tuple[dict, dict, str]:
-    """The parts, report and first test day of the stations read (``import_stations``)."""
+def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path, min_steps: int
+                      ) -> tuple[dict, dict, str]:
+    """The parts, report and first test day of the stations read (``import_stations``), without those with
+    fewer than ``min_steps`` readings (too few to build features from; one would stop the run)."""
+    for name, (_, counts) in read.items():
+        label = counts["file"] if Path(counts["file"]).stem == name else f"{name} ({', '.join(counts['files'])})"
+        # Dates from the future or before any record are typos worth a look, not just dropped rows.
+        level = logging.WARNING if counts["future_date"] or counts["ancient_date"] \
+            or counts["encoding"] == "latin-1" else logging.INFO
+        log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
+    short = {name: counts["kept"] for name, (_, counts) in read.items() if counts["kept"] < min_steps}
+    if len(short) == len(read):
+        raise PipelineError(f"{folder}: no station has the preprocessing.min_steps = {min_steps} readings the "
+                            f"features need (the most: {max(short.values())}); add history, or lower min_steps "
+                            "only if the records really are that short")
+    if short:
+        log.warning("%d station(s) left out, with fewer than preprocessing.min_steps = %d readings (too few to build "
+                    "features from): %s", len(short), min_steps,
+                    ", ".join(f"{name} ({kept})" for name, kept in list(short.items())[:5]))
+        read = {name: one for name, one in read.items() if name not in short}
     if data["holdout_stations"] >= len(read):
         raise PipelineError(f"data.holdout_stations = {data['holdout_stations']} leaves no station to train on "
                             f"({len(read)} station(s) in {folder}); set it to 0 for a single station")
     stations, report = {}, {}
     for name, (table, counts) in read.items():
         stations[name], report[name] = table, counts
-        # Dates from the future or before any record are typos worth a look, not just dropped rows.
-        level = logging.WARNING if counts["future_date"] or counts["ancient_date"] \
-            or counts["encoding"] == "latin-1" else logging.INFO
-        label = counts["file"] if Path(counts["file"]).stem == name else f"{name} ({', '.join(counts['files'])})"
-        log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
     frequency = common_frequency(report, data["frequency"], folder)
     first, last = min(t["date"].iat[0] for t in stations.values()), max(t["date"].iat[-1] for t in stations.values())
     runtime.check_memory(len(stations) * len(pd.date_range(first, last, freq=FREQUENCIES[frequency])),

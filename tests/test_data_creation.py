@@ -422,7 +422,7 @@ def test_monthly_files_are_imported_as_monthly_steps_and_mixed_frequencies_refus
         importing.import_stations(tmp_path, data, imp, p["pre"])
     (tmp_path / "C.csv").write_text("DATE;TMAX\n1979-06-01;12.5\n")  # one reading: no step of its own
     _, report, _ = importing.import_stations(tmp_path, data, imp, p["pre"])
-    assert report["C"]["frequency"] == "monthly"
+    assert "C" not in report and report["A"]["frequency"] == "monthly"  # too short to forecast: left out
 
 
 def test_a_declared_missing_code_is_never_a_reading_nor_impossible(tmp_path):
@@ -583,6 +583,25 @@ def test_an_export_s_stations_without_any_reading_in_the_column_are_left_out_wit
         tmp_path / "own" / "export.csv", index=False)
     assert run_stage(data_creation, root, params) == errors.EXIT_BAD_INPUT
     assert "no station has a reading in column 'TMAX'" in capsys.readouterr().err
+
+
+def test_stations_too_short_to_build_features_from_are_left_out_with_a_warning(tmp_path, caplog):
+    """One short record (a station opened last month) must not stop a network's run."""
+    p = _import_params()
+    days = pd.date_range("2020-01-01", periods=800, freq="D")
+    for name, length in [("LONG1", 800), ("SHORT", 25), ("LONG2", 800)]:
+        pd.DataFrame({"DATE": days[-length:].strftime("%d/%m/%Y"), "TMAX": "50"}).to_csv(
+            tmp_path / f"{name}.csv", sep=";", index=False)
+    parts, report, _ = importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+    assert sorted(parts) == sorted(report) == ["LONG1", "LONG2"]
+    min_steps = p["pre"]["min_steps"]
+    assert (f"1 station(s) left out, with fewer than preprocessing.min_steps = {min_steps} readings (too few to "
+            "build features from): SHORT (25)") in caplog.text
+    for name in ("LONG1", "LONG2"):
+        (tmp_path / f"{name}.csv").unlink()
+    with pytest.raises(PipelineError, match=rf"no station has the preprocessing.min_steps = {min_steps} readings "
+                                            r"the features need \(the most: 25\)"):
+        importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
 
 
 def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):

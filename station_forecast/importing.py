@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 
 from station_forecast import compute, runtime, storage
@@ -191,13 +192,15 @@ def date_columns(imp: dict) -> list[str]:
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
-    text, preamble = _from_header(text, imp)
+    headerless = _by_position(imp)
+    text, preamble = (text, 0) if headerless else _from_header(text, imp)
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
-                            skipinitialspace=True, on_bad_lines="error")
+                            skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer")
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
-    table.columns = [str(c).strip() for c in table.columns]
+    table.columns = [f"#{i + 1}" for i in range(table.shape[1])] if headerless else \
+        [str(c).strip() for c in table.columns]
     header = text.split("\n", 1)[0].rstrip("\r")[:200]
     wanted = {name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
     absent = [name for name in wanted if name not in table.columns]
@@ -221,6 +224,13 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     table = table.fillna("")  # a short last line (a truncated file) leaves its fields empty
     table.attrs.update(repeated_header=int(repeats.sum()), encoding=encoding, preamble=preamble)
     return table
+
+
+def _by_position(imp: dict) -> bool:
+    """Whether every column ``[import]`` names is a position ("#1" is the first column): files without a
+    header line, as some archives' bulk files are."""
+    names = [*date_columns(imp), imp["temperature_column"], *([imp["station_column"]] if imp["station_column"] else [])]
+    return all(re.fullmatch(r"#[1-9][0-9]{0,2}", name) for name in names)
 
 
 def _from_header(text: str, imp: dict) -> tuple[str, int]:
@@ -307,8 +317,6 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
 def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Files that hold many stations each, a station per value of ``import.station_column`` (as archives'
     exports come): each station's rows, from every file, cleaned as one station's file is."""
-    import re
-
     column, rows, encodings = imp["station_column"], {}, {}
     for path in files:
         table = _read_user_csv(path, imp)

@@ -747,6 +747,24 @@ def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(t
     assert f"no .csv files in the data.source folder {said}" in err and "a header line" in err
 
 
+def test_files_without_a_header_line_are_read_by_column_positions(tmp_path):
+    """Some archives' bulk files have no header (date, mean, min, max, ...): "#1" names the first column."""
+    days = pd.date_range("2020-01-01", "2021-12-31", freq="D")
+    values = np.round(10 + 10 * np.sin(np.arange(len(days)) / 58.0), 1)
+    plain, bare = tmp_path / "PLAIN.csv", tmp_path / "BARE.csv"
+    plain.write_text("date,tavg\n" + "".join(f"{d:%Y-%m-%d},{v}\n" for d, v in zip(days, values, strict=True)))
+    bare.write_text("".join(f"{d:%Y-%m-%d},{v},{v - 5},{v + 5}\n" for d, v in zip(days, values, strict=True)))
+    imp = {**_import_params()["import"], "date_format": "%Y-%m-%d", "delimiter": ",", "unit": "C"}
+    expected, _ = importing.read_user_station(plain, {**imp, "date_column": "date", "temperature_column": "tavg"},
+                                              -90.0, 60.0)
+    table, report = importing.read_user_station(bare, {**imp, "date_column": "#1", "temperature_column": "#2"},
+                                                -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+    assert report["rows"] == len(days)  # the first line is a reading, not a header
+    with pytest.raises(PipelineError, match="no column '#7'"):
+        importing.read_user_station(bare, {**imp, "date_column": "#1", "temperature_column": "#7"}, -90.0, 60.0)
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

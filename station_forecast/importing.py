@@ -194,15 +194,21 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
     headerless = _by_position(imp)
     text, preamble = (text, 0) if headerless else _from_header(text, imp)
+    wanted = {name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
+    station = {imp["station_column"]: "station_column"} if imp["station_column"] else {}
+
+    def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
+        return str(name).strip() in {**wanted, **station} or str(name).strip().lower() in COORDINATE_LIMITS
+
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
-                            skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer")
+                            skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
+                            usecols=None if headerless else used)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [f"#{i + 1}" for i in range(table.shape[1])] if headerless else \
         [str(c).strip() for c in table.columns]
     header = text.split("\n", 1)[0].rstrip("\r")[:200]
-    wanted = {name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
     absent = [name for name in wanted if name not in table.columns]
     named = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
     if len(absent) == len(wanted) and not named:  # most likely not a station's file at all
@@ -210,9 +216,9 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
                             f"{header!r}): every *.csv in data.source but {STATION_LIST} is read as one station's "
                             "readings; move this file out of the folder if it is not a station's, else set "
                             "import.date_column, import.temperature_column or import.delimiter")
-    for name in absent:
+    for name in [*absent, *(name for name in station if name not in table.columns)]:
         raise PipelineError(f"{path}: no column {name!r} (header is {header!r}); "
-                            f"set import.{wanted[name]} or import.delimiter")
+                            f"set import.{({**wanted, **station})[name]} or import.delimiter")
     # Exports downloaded in parts and joined with `cat` repeat the header where each part begins.
     first = date_columns(imp)[0]
     repeats = (table[first].str.strip() == first).to_numpy(copy=True)
@@ -320,9 +326,6 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     column, rows, encodings = imp["station_column"], {}, {}
     for path in files:
         table = _read_user_csv(path, imp)
-        if column not in table.columns:
-            raise PipelineError(f"{path}: no column {column!r} (import.station_column); its columns are "
-                                f"{', '.join(map(repr, table.columns[:10]))}")
         if table.attrs["repeated_header"]:  # a line of the file, no station's
             log.info("%s: %d repeated header line(s) skipped (files joined together)", path.name,
                      table.attrs["repeated_header"])

@@ -776,6 +776,16 @@ def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     assert report["repeated_header"] == 1 and report["bad_date"] == 0 and report["kept"] == len(lines)
 
 
+def test_a_file_without_the_station_column_names_it_and_the_header(tmp_path, capsys):
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "export.csv").write_text("DATE,TMAX,NAME\n2020-01-01,50,\"A, US\"\n")
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION", date_column="DATE",
+                          temperature_column="TMAX", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert ("export.csv: no column 'STATION' (header is 'DATE,TMAX,NAME'); set import.station_column or "
+            "import.delimiter") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("station", "message"), [("../x", "cannot name a station"), ("", "cannot name a station")])
 def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, capsys, station, message):
     own = tmp_path / "own"

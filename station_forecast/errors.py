@@ -44,17 +44,16 @@ DISK_PROBLEMS = {
     errno.EDQUOT: "your disk quota is used up: free some, then rerun",
     errno.EROFS: "the disk is mounted read-only: remount it read-write or move the project, then rerun",
 }
-
-
 # Met by reads too, so taken for a write's only where the writer names its file.
-PERMISSION_PROBLEMS = {errno.EACCES: "no permission to write there: check the folder's owner and mode, then rerun",
-                       errno.EPERM: "no permission to write there: check the folder's owner and mode, then rerun"}
+PERMISSION_PROBLEMS = {errno.EACCES, errno.EPERM}
 
 
 def cannot_write(error: OSError, where: object = None) -> CannotWrite | None:
     """A ``CannotWrite`` naming ``where`` (else the file the error names) for an error of the disk itself, or
     of permissions where ``where`` is given (a writer's own file); None for any other error."""
-    advice = DISK_PROBLEMS.get(error.errno) or (PERMISSION_PROBLEMS.get(error.errno) if where else None)
+    advice = DISK_PROBLEMS.get(error.errno)
+    if advice is None and where and error.errno in PERMISSION_PROBLEMS:
+        advice = "no permission to write there: check the folder's owner and mode, then rerun"
     if advice is None:
         return None
     place = where or error.filename or "a file"

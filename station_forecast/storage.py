@@ -492,7 +492,7 @@ def read_text_file(path: Path, delimiter: str = ",") -> str:
     """A CSV file's text, or PipelineError for a file that is missing, not regular, too large, binary (a NUL
     byte), not UTF-8, empty, or whose first line is too long or has too many ``delimiter``-separated fields
     to be a header."""
-    return _checked_text(path, delimiter, legacy=False)[0]
+    return _checked_text(path, delimiter, other_encodings=False)[0]
 
 
 def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
@@ -501,16 +501,16 @@ def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
     text"), else UTF-8, else Latin-1 (ISO-8859-1: older European archives' station names). Dates and
     readings are ASCII in all three, so only names and other text can come out wrong, in any other
     encoding; the caller says which encoding it used."""
-    return _checked_text(path, delimiter, legacy=True)
+    return _checked_text(path, delimiter, other_encodings=True)
 
 
-def _checked_text(path: Path, delimiter: str, legacy: bool) -> tuple[str, str]:
+def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[str, str]:
     check_regular_file(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
-    if legacy and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+    if other_encodings and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         try:
             text, encoding = raw.decode("utf-16"), "utf-16"
         except UnicodeDecodeError as exc:
@@ -532,7 +532,7 @@ def _checked_text(path: Path, delimiter: str, legacy: bool) -> tuple[str, str]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            if not legacy:
+            if not other_encodings:
                 raise PipelineError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
                                     f"{exc.start})") from None
             text, encoding = raw.decode("latin-1"), "latin-1"

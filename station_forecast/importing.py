@@ -192,13 +192,12 @@ def date_columns(imp: dict) -> list[str]:
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
-    headerless = _by_position(imp)
-    text, preamble = (text, 0) if headerless else _from_header(text, imp)
-    wanted = {name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
-    station = {imp["station_column"]: "station_column"} if imp["station_column"] else {}
+    named = named_columns(imp)
+    headerless = all(re.fullmatch(r"#[1-9][0-9]{0,2}", name) for name in named)  # "#1": the first column
+    text, preamble = (text, 0) if headerless else _from_header(text, set(named), imp["delimiter"])
 
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
-        return str(name).strip() in {**wanted, **station} or str(name).strip().lower() in COORDINATE_LIMITS
+        return str(name).strip() in named or str(name).strip().lower() in COORDINATE_LIMITS
 
     try:
         table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
@@ -209,16 +208,16 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     table.columns = [f"#{i + 1}" for i in range(table.shape[1])] if headerless else \
         [str(c).strip() for c in table.columns]
     header = text.split("\n", 1)[0].rstrip("\r")[:200]
-    absent = [name for name in wanted if name not in table.columns]
-    named = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
-    if len(absent) == len(wanted) and not named:  # most likely not a station's file at all
-        raise PipelineError(f"{path}: no column {' nor '.join(map(repr, wanted))} (header is "
+    absent = [name for name in named if name not in table.columns]
+    in_header = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
+    if len(absent) == len(named) and not in_header:  # most likely not a station's file at all
+        raise PipelineError(f"{path}: no column {' nor '.join(map(repr, named))} (header is "
                             f"{header!r}): every *.csv in data.source but {STATION_LIST} is read as one station's "
                             "readings; move this file out of the folder if it is not a station's, else set "
                             "import.date_column, import.temperature_column or import.delimiter")
-    for name in [*absent, *(name for name in station if name not in table.columns)]:
+    for name in absent:
         raise PipelineError(f"{path}: no column {name!r} (header is {header!r}); "
-                            f"set import.{({**wanted, **station})[name]} or import.delimiter")
+                            f"set import.{named[name]} or import.delimiter")
     # Exports downloaded in parts and joined with `cat` repeat the header where each part begins.
     first = date_columns(imp)[0]
     repeats = (table[first].str.strip() == first).to_numpy(copy=True)
@@ -232,22 +231,22 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     return table
 
 
-def _by_position(imp: dict) -> bool:
-    """Whether every column ``[import]`` names is a position ("#1" is the first column): files without a
-    header line, as some archives' bulk files are."""
-    names = [*date_columns(imp), imp["temperature_column"], *([imp["station_column"]] if imp["station_column"] else [])]
-    return all(re.fullmatch(r"#[1-9][0-9]{0,2}", name) for name in names)
+def named_columns(imp: dict) -> dict[str, str]:
+    """Every column ``[import]`` names, and the parameter that names it. Names that are all positions ("#1",
+    "#2") are a file without a header line, as some archives' bulk files are."""
+    return ({name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
+            | ({imp["station_column"]: "station_column"} if imp["station_column"] else {}))
 
 
-def _from_header(text: str, imp: dict) -> tuple[str, int]:
+def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]:
     """The text from its header on, and how many lines came before it. Some archives (ECA&D among them) open
     their files with lines of licence and notes: the header is then the first of the first
-    ``PREAMBLE_LINES`` lines that names the date and the temperature column."""
-    wanted, start = {*date_columns(imp), imp["temperature_column"]}, 0
+    ``PREAMBLE_LINES`` lines that names every column ``wanted``."""
+    start = 0
     for number in range(PREAMBLE_LINES):
         end = text.find("\n", start)
         line = text[start:] if end < 0 else text[start:end]
-        if wanted <= {field.strip().strip('"') for field in line.split(imp["delimiter"])}:
+        if wanted <= {field.strip().strip('"') for field in line.split(delimiter)}:
             return (text[start:], number) if number else (text, 0)
         if end < 0:
             break

@@ -43,6 +43,7 @@ DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "anc
 # has at least this share of the file's usual number of readings a day; fewer would bias it.
 COMPLETE_DAY = 0.5
 PREAMBLE_LINES = 100  # lines of notes a file may have before its header
+WHITESPACE = "whitespace"  # the import.delimiter of files whose fields are separated by runs of spaces
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
 EARLIEST_DATE = "1700-01-01"
@@ -200,7 +201,7 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_LIMITS
 
     try:
-        table = pd.read_csv(io.StringIO(text), sep=imp["delimiter"], dtype=str, keep_default_na=False,
+        table = pd.read_csv(io.StringIO(text), sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
                             skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
                             usecols=None if headerless else used)
     except pd.errors.ParserError as exc:
@@ -231,6 +232,12 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     return table
 
 
+def separator(delimiter: str) -> str:
+    """``import.delimiter`` as pandas reads it: "whitespace" is any run of spaces and tabs, as older
+    archives' fixed-width text files are laid out."""
+    return r"\s+" if delimiter == WHITESPACE else delimiter
+
+
 def named_columns(imp: dict) -> dict[str, str]:
     """Every column ``[import]`` names, and the parameter that names it. Names that are all positions ("#1",
     "#2") are a file without a header line, as some archives' bulk files are."""
@@ -246,7 +253,8 @@ def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]
     for number in range(PREAMBLE_LINES):
         end = text.find("\n", start)
         line = text[start:] if end < 0 else text[start:end]
-        if wanted <= {field.strip().strip('"') for field in line.split(delimiter)}:
+        fields = line.split() if delimiter == WHITESPACE else line.split(delimiter)
+        if wanted <= {field.strip().strip('"') for field in fields}:
             return (text[start:], number) if number else (text, 0)
         if end < 0:
             break
@@ -493,7 +501,8 @@ def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.Data
     if encoding == "latin-1":
         log.warning("%s: not UTF-8: read as Latin-1 (ISO-8859-1), so names may be wrong", path.name)
     try:
-        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(io.StringIO(text), sep=separator(delimiter), dtype=str, keep_default_na=False,
+                            skipinitialspace=True)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]

@@ -93,7 +93,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "date_column": ((str, list), lambda value: _date_columns_problem(value), None),
         "temperature_column": (str, None, None),
         "date_format": (str, None, None),
-        "delimiter": (str, (",", ";", "\t", "|"), None),
+        "delimiter": (str, (",", ";", "\t", "|", "whitespace"), None),
         "unit": (str, tuple(UNITS), None),
         "quantity": (str, ("mean", "max", "min"), None),
         "missing_values": (list, MAX_MISSING_CODES, None),

@@ -525,9 +525,10 @@ def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[st
     first_line = raw[:MAX_HEADER_BYTES + 1].split(b"\n", 1)[0]
     if len(first_line) > MAX_HEADER_BYTES:
         raise PipelineError(f"{path}: the first line is longer than {MAX_HEADER_BYTES:,} bytes; not a CSV header")
-    if first_line.count(delimiter.encode()) >= MAX_COLUMNS:
-        raise PipelineError(f"{path}: the header has {first_line.count(delimiter.encode()) + 1:,} columns, more "
-                            f"than the {MAX_COLUMNS:,} a station file may have")
+    fields = len(first_line.split()) if delimiter == "whitespace" else first_line.count(delimiter.encode()) + 1
+    if fields > MAX_COLUMNS:
+        raise PipelineError(f"{path}: the header has {fields:,} columns, more than the {MAX_COLUMNS:,} a station "
+                            "file may have")
     if text is None:
         try:
             text = raw.decode("utf-8")

@@ -765,6 +765,26 @@ def test_files_without_a_header_line_are_read_by_column_positions(tmp_path):
         importing.read_user_station(bare, {**imp, "date_column": "#1", "temperature_column": "#7"}, -90.0, 60.0)
 
 
+def test_a_text_file_of_space_separated_columns_without_a_header_imports_as_its_csv_twin(tmp_path):
+    """As the University of Dayton's daily archive ships each city: month, day, year and the mean in
+    °F, aligned with runs of spaces, no header, -99 on missing days."""
+    days = pd.date_range("2019-01-01", "2020-12-31", freq="D")
+    values = np.round(50 + 20 * np.sin(np.arange(len(days)) / 58.0), 1)
+    values[10] = -99
+    aligned, twin = tmp_path / "CITY.csv", tmp_path / "TWIN.csv"
+    aligned.write_text("".join(f" {d.month:<13d} {d.day:<13d} {d.year:<12d} {v}\n"
+                               for d, v in zip(days, values, strict=True)))
+    twin.write_text("date,temperature\n" + "".join(f"{d:%Y-%m-%d},{v}\n" for d, v in zip(days, values, strict=True)))
+    imp = {**_import_params()["import"], "unit": "F", "missing_values": [-99]}
+    expected, _ = importing.read_user_station(twin, {**imp, "date_column": "date", "temperature_column": "temperature",
+                                                     "date_format": "%Y-%m-%d", "delimiter": ","}, -90.0, 60.0)
+    table, report = importing.read_user_station(aligned, {**imp, "date_column": ["#3", "#1", "#2"],
+                                                          "temperature_column": "#4", "date_format": "%Y %m %d",
+                                                          "delimiter": "whitespace"}, -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+    assert (report["rows"], report["missing_code"]) == (len(days), 1)
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

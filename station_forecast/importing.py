@@ -314,9 +314,10 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
-        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; each station's readings "
-                            "are read from a CSV table with a header line (import.delimiter may be ';', tab or "
-                            "'|'): convert other files to that, named <station>.csv")
+        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
+                            "tables in .csv files (import.delimiter: ',', ';', tab, '|' or whitespace; without a "
+                            "header line, columns named by position, \"#1\"): rename text tables to <station>.csv, "
+                            "convert anything else")
     if imp["station_column"]:
         return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"])
     if pool is None or not pool.cluster:

@@ -744,7 +744,7 @@ def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(t
     params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert f"no .csv files in the data.source folder {said}" in err and "a header line" in err
+    assert f"no .csv files in the data.source folder {said}" in err and "rename text tables to <station>.csv" in err
 
 
 def test_files_without_a_header_line_are_read_by_column_positions(tmp_path):

@@ -258,10 +258,10 @@ def _date_columns_problem(value: str | list) -> str | None:
     """What is wrong with ``import.date_column``: one column's name, or the names of the columns whose values,
     joined by a space, make the date (archives that write the year, month and day apart)."""
     names = [value] if isinstance(value, str) else value
-    if not 1 <= len(names) <= 3 or not all(isinstance(name, str) and name.strip() for name in names) \
+    if not 1 <= len(names) <= 6 or not all(isinstance(name, str) and name.strip() for name in names) \
             or len(set(names)) < len(names):
-        return (f"{value!r} must name a column, or 2 or 3 different columns whose values joined by a space make "
-                'the date, e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
+        return (f"{value!r} must name a column, or 2 to 6 different columns whose values joined by a space make "
+                'the date (and time), e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
     return None
 
 

@@ -785,6 +785,27 @@ def test_a_text_file_of_space_separated_columns_without_a_header_imports_as_its_
     assert (report["rows"], report["missing_code"]) == (len(days), 1)
 
 
+def test_an_hourly_text_file_in_tenths_of_a_degree_imports_as_its_daily_means(tmp_path):
+    """As NOAA's ISD-Lite ships a station-year: year, month, day and hour in columns aligned with spaces, the
+    temperature in tenths of °C, -9999 where an hour has none; no header."""
+    hours = pd.date_range("2019-01-01", "2020-12-31 23:00", freq="h")
+    tenths = np.round(100 + 80 * np.sin(np.arange(len(hours)) / 1400.0)
+                      + 30 * np.sin(2 * np.pi * hours.hour.to_numpy() / 24)).astype(int)
+    tenths[5] = -9999
+    path = tmp_path / "722950-23174-2019.csv"
+    path.write_text("".join(f"{h.year:4d} {h.month:02d} {h.day:02d} {h.hour:02d} {t:5d}   -9999 10200\n"
+                            for h, t in zip(hours, tenths, strict=True)))
+    imp = {**_import_params()["import"], "delimiter": "whitespace", "date_column": ["#1", "#2", "#3", "#4"],
+           "date_format": "%Y %m %d %H", "temperature_column": "#5", "unit": "0.1C", "missing_values": [-9999],
+           "quantity": "mean"}
+    table, report = importing.read_user_station(path, imp, -90.0, 60.0)
+    celsius = pd.Series(np.where(tenths == -9999, np.nan, tenths / 10), index=hours)
+    expected = celsius.dropna().groupby(celsius.dropna().index.normalize()).mean().round(2)
+    assert table["date"].tolist() == expected.index.tolist()
+    np.testing.assert_allclose(table["temperature"], expected.to_numpy())
+    assert (report["missing_code"], report["kept"], report["frequency"]) == (1, len(expected), "daily")
+
+
 def test_a_station_file_s_repeated_header_is_skipped_and_counted(tmp_path):
     lines = [f"{day:02d}/{month:02d}/2020;{day / 2}" for month in (1, 2) for day in range(1, 29)]
     once, joined = tmp_path / "once.csv", tmp_path / "joined.csv"

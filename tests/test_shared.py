@@ -30,7 +30,7 @@ from station_forecast.params import load_params
     (lambda t: t.replace("[data]", "[data"), "malformed parameters file"),
     (lambda t: t.replace('unit = "C"', 'unit = "K"'), "import.unit = 'K' must be one of 'C', '0.1C', 'F', 'none'"),
     (lambda t: t.replace('date_column = "date"', 'date_column = ""'), "import.date_column = '' must name a column"),
-    (lambda t: t.replace('date_column = "date"', 'date_column = ["Y", "Y"]'), "or 2 or 3 different columns"),
+    (lambda t: t.replace('date_column = "date"', 'date_column = ["Y", "Y"]'), "or 2 to 6 different columns"),
     (lambda t: t.replace('date_column = "date"', 'date_column = 3'), "import.date_column must be str or list, got 3"),
     (lambda t: t.replace('"2019-01-01"', '"9999-01-01"'), "must stay within the years 1800 to 9999"),
 ])

@@ -45,6 +45,7 @@ DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "anc
 COMPLETE_DAY = 0.5
 PREAMBLE_LINES = 100  # lines of notes a file may have before its header
 WHITESPACE = "whitespace"  # the import.delimiter of files whose fields are separated by runs of spaces
+LATIN1_READ = "not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong"
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
 EARLIEST_DATE = "1700-01-01"
@@ -80,11 +81,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
-    text = _reading_text(table[imp["temperature_column"]], imp)
-    missing = text.str.lower().isin(MISSING_MARKERS)
-    values = pd.to_numeric(text.where(~missing), errors="coerce")
-    # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
-    code = values.isin([float(value) for value in imp["missing_values"]])
+    values, missing, code = _readings_as_written(table[imp["temperature_column"]], imp)
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
@@ -279,7 +276,7 @@ def _describe(report: dict) -> str:
     if report.get("out_of_order"):
         parts.append("dates out of order (sorted)")
     if report.get("encoding") == "latin-1":
-        parts.append("not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong")
+        parts.append(LATIN1_READ)
     if report.get("preamble"):
         parts.append(f"{report['preamble']} lines before the header skipped")
     if report.get("repeated_header"):
@@ -341,11 +338,9 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     column, rows, encodings = imp["station_column"], {}, {}
     for path in files:
         table = _read_user_csv(path, imp)
-        if table.attrs["repeated_header"]:  # a line of the file, no station's
-            log.info("%s: %d repeated header line(s) skipped (files joined together)", path.name,
-                     table.attrs["repeated_header"])
-        if table.attrs["preamble"]:
-            log.info("%s: %d lines before the header skipped", path.name, table.attrs["preamble"])
+        skipped = {key: table.attrs[key] for key in ("preamble", "repeated_header")}  # the file's lines, no station's
+        if any(skipped.values()):
+            log.info("%s: %s", path.name, _describe(skipped))
         encodings[path.name] = table.attrs["encoding"]
         for name, part in table.groupby(table[column].str.strip(), sort=True):
             if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \
@@ -385,18 +380,23 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     return stations
 
 
-def _reading_text(column: pd.Series, imp: dict) -> pd.Series:
-    """A column of readings as text to parse: stripped, and a decimal comma ("12,5", as European archives
-    write it) made a point where the comma is not the delimiter."""
+def _readings_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """A column of readings as numbers in the file's unit (NaN where not a number), where it says "no
+    reading" (empty, ``MISSING_MARKERS``) and where it holds a declared missing code. A decimal comma ("12,5",
+    as European archives write it) is a point where the comma is not the delimiter."""
     text = column.str.strip()
-    return text.str.replace(",", ".", regex=False) if imp["delimiter"] != "," else text
+    if imp["delimiter"] != ",":
+        text = text.str.replace(",", ".", regex=False)
+    missing = text.str.lower().isin(MISSING_MARKERS)
+    values = pd.to_numeric(text.where(~missing), errors="coerce")
+    # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
+    return values, missing, values.isin([float(value) for value in imp["missing_values"]])
 
 
 def _holds_readings(column: pd.Series, imp: dict) -> bool:
     """Whether a station's column holds anything but empty fields, "no reading" markers and declared codes."""
-    text = _reading_text(column, imp)
-    codes = pd.to_numeric(text, errors="coerce").isin([float(value) for value in imp["missing_values"]])
-    return not (text.str.lower().isin(MISSING_MARKERS) | codes).all()
+    _, missing, code = _readings_as_written(column, imp)
+    return not (missing | code).all()
 
 
 def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
@@ -507,10 +507,9 @@ def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.Data
     PipelineError naming the file and the problem."""
     text, encoding = storage.read_archive_text(path, delimiter)
     if encoding == "latin-1":
-        log.warning("%s: not UTF-8: read as Latin-1 (ISO-8859-1), so names may be wrong", path.name)
+        log.warning("%s: %s", path.name, LATIN1_READ)
     try:
-        table = _parsed(text, sep=separator(delimiter), dtype=str, keep_default_na=False,
-                            skipinitialspace=True)
+        table = _parsed(text, sep=separator(delimiter), dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]

@@ -211,8 +211,10 @@ fifos="$ROOT/logs/.fifos-$$"
 rm -rf -- "$fifos" && mkdir -m 700 "$fifos" || die "cannot make $fifos"
 # A signal between starting a stage's copies and the stage itself leaves copies waiting to open a FIFO no
 # stage will write: they would hold the terminal's output open after this script ends. Every child still
-# running at the end (each stage has been waited for by then) is one of those.
-trap 'kill -KILL $(jobs -p) 2>/dev/null || true; rm -rf -- "$fifos"' EXIT
+# running at the end (each stage has been waited for by then) is one of those, or a stage started ahead
+# that a signal caught before its pid was recorded. They are waited for: each holds the project's lock,
+# and the next run must find it free once this script has ended.
+trap 'kill -KILL $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf -- "$fifos"' EXIT
 
 # Each stage's interpreter is started while the stage before it works: it imports what its stage needs
 # (--wait-for-go) and waits for a line on its FIFO, "go" to run or "skip" to end, so the imports (most

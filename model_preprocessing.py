@@ -330,12 +330,15 @@ def network_features(stations: list[str], compared: dict[str, pd.DataFrame], nei
     return tables
 
 
-def forecast_neighbours(departure: pd.DataFrame, period: pd.DataFrame, forecast: dict) -> dict[str, list[str]]:
+def forecast_neighbours(departure: pd.DataFrame, period: pd.DataFrame, forecast: dict, detector: dict | None = None
+                        ) -> dict[str, list[str]]:
     """Each station's neighbours for the network features and the neighbours ridge
     (``quality_control.forecast_neighbours`` on the training steps' ``departures``, with the ``[forecast]``
-    settings)."""
+    settings), never a station the ``detector`` found to hold the same record."""
+    copies = {station: [copy["station"] for copy in found]
+              for station, found in quality_control.same_records(detector or {}).items()}
     return quality_control.forecast_neighbours(departure.where(period[departure.columns] == "train"),
-                                               forecast["neighbours"], forecast["min_correlation"])
+                                               forecast["neighbours"], forecast["min_correlation"], copies)
 
 
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
@@ -416,7 +419,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     network features compare; a block takes its stations' columns and their neighbours' from them."""
     coefs = baseline_climatology(observed, period, verdict["flag"], detector)
     departure, compared = departures(verdict["repaired"], coefs), compared_values(verdict["repaired"])
-    near = forecast_neighbours(departure, period, forecast) if forecast else {}
+    near = forecast_neighbours(departure, period, forecast, detector) if forecast else {}
     # Each block's columns are kept as separate arrays and joined one column at a time, each column's pieces
     # let go as soon as it is joined: the tables never exist twice over (a concat of frames doubles them).
     blocks = runtime.chunks(observed.columns, STATION_BLOCK)
@@ -575,6 +578,7 @@ def main(args) -> None:
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired, counts.get(Flag.MISSING, 0))
     log_probable_codes(probable_codes, unit)
+    log_same_records(detector)
     untested = sorted(set(observed.columns) - tested)
     if untested:
         log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
@@ -613,6 +617,18 @@ def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
                     "station's climate: probably a missing-value code (%s as written in the files); the readings "
                     "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],
                     code["readings"], code["days"], written)
+
+
+def log_same_records(detector: dict) -> None:
+    """Warn of each pair of stations that read the same on most days both read: one record under two names,
+    which the quality control cannot check one against the other."""
+    for station, copies in quality_control.same_records(detector).items():
+        for copy in copies:
+            if station < copy["station"]:
+                log.warning("stations %s and %s read the same on %.0f %% of the %d training days both read: "
+                            "probably one station's record under two names; neither is used as the other's "
+                            "neighbour (its faults would look like shared weather); keep one of the two files",
+                            station, copy["station"], 100 * copy["share"], copy["days"])
 
 
 if __name__ == "__main__":

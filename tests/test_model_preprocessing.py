@@ -1,11 +1,13 @@
+"""Stage 2: reading the station files, the quality control it runs, the features and the scaler."""
 
 import json
+import shutil
 
 import joblib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import model_preparation, model_preprocessing, run_stage, snapshot
+from conftest import TINY, data_creation, model_preparation, model_preprocessing, run_stage, snapshot, write_params
 
 from station_forecast import errors, features, manifest, quality_control, station_files, storage
 from station_forecast.features import FEATURES
@@ -314,6 +316,37 @@ def test_forecast_neighbours_are_the_stations_that_read_today_what_the_station_r
     assert [b["station"] for b in quality_control.learn_neighbours(anomaly, 1, 0.3)["B"]["buddies"]] == ["C"]
     assert quality_control.forecast_neighbours(anomaly, 1, 0.3)["B"] == ["A"]
     assert quality_control.forecast_neighbours(anomaly, 2, 0.3)["A"] == []  # nothing foretells A
+
+
+def test_a_station_that_holds_another_s_record_is_never_its_forecast_neighbour():
+    rng = np.random.default_rng(8)
+    upwind = rng.normal(0, 3, 400)
+    anomaly = pd.DataFrame({"A": upwind, "B": np.concatenate([[0.0], upwind[:-1]]) + rng.normal(0, 0.3, 400)},
+                           index=pd.date_range("2020-01-01", periods=400, freq="D"))
+    anomaly["A2"] = anomaly["A"]
+    assert quality_control.forecast_neighbours(anomaly, 2, 0.3)["B"] == ["A", "A2"]
+    assert quality_control.forecast_neighbours(anomaly, 2, 0.3, {"B": ["A2"]})["B"] == ["A"]
+
+
+def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
+    """A station list that names one station twice: stage 2 says which two files, and neither is the other's
+    neighbour in the detector or in the forecast features."""
+    root, params = project
+    own = tmp_path / "own"
+    own.mkdir()
+    for path in sorted((root / "data/train/raw").glob("*.csv")):
+        table = pd.concat([pd.read_csv(path), pd.read_csv(root / "data/test/raw" / path.name)])
+        table.to_csv(own / path.name, index=False)
+    first = sorted(own.glob("*.csv"))[0]
+    shutil.copy(first, own / "TWIN.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own))
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "two names" in line]
+    assert len(warned) == 1 and f"stations {first.stem} and TWIN read the same on 100 %" in warned[0]
+    detector = json.loads((root / "models/detector.json").read_text())
+    buddies = detector["stations"]["TWIN"]["neighbours"]["buddies"]
+    assert buddies and first.stem not in [b["station"] for b in buddies]
 
 
 def test_at_scale_the_quality_control_s_neighbours_are_sought_among_the_nearest_listed_stations(project, monkeypatch,

@@ -88,6 +88,26 @@ def test_a_3_degree_shift_at_one_of_five_stations_is_found_within_days_and_mostl
     assert not others.to_numpy().any()  # the neighbours of a faulty station are not blamed
 
 
+def test_a_record_listed_twice_is_not_its_own_neighbour_so_its_faults_are_still_found(settings):
+    """An archive that lists one station under two names: each copy would be the other's perfect neighbour and
+    every fault in the record would pass as weather. Neither is the other's neighbour; the shift and spike
+    in the record are found in both copies; a whole-degree neighbour that often reads the same is no copy."""
+    observed = network(6)
+    observed["S5"] = observed["S0"]
+    observed["W"] = observed["S1"].round() + 0.4  # agrees with S1 to the degree, never to 0.1
+    start = TEST_FROM + 40
+    observed.iloc[start: start + 40, [0, 5]] += 4.0
+    observed.iloc[TEST_FROM + 150, [0, 5]] += 9.0
+    detector, result = verdict(observed, settings)
+    for station, copy in (("S0", "S5"), ("S5", "S0")):
+        found = detector["stations"][station]["neighbours"]
+        assert copy not in [b["station"] for b in found["buddies"]] and len(found["buddies"]) >= 3
+        assert [c["station"] for c in found["same_record"]] == [copy] and found["same_record"][0]["share"] == 1.0
+        assert faults(result)[station].iloc[start + 7: start + 40].mean() > 0.9
+        assert result["flag"][station].iloc[TEST_FROM + 150] == "spike"
+    assert qc_neighbours.same_records(detector).keys() == {"S0", "S5"}
+
+
 @pytest.mark.parametrize("size", [15.0, 25.0, -20.0])  # far beyond the weather: a sensor gone to °F, a lost sign
 @pytest.mark.parametrize("n_stations", [3, 5])  # with 3, each neighbour's median of lines is a mean, half the fault
 def test_a_shift_far_beyond_the_weather_is_flagged_throughout_and_removed(settings, size, n_stations):

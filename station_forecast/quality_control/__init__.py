@@ -6,7 +6,9 @@ reading is compared with what its neighbours say it should be:
 * **Neighbours** are learned on the days before the test period: the stations
   whose daily anomalies (reading minus the station's seasonal climatology)
   correlate best with this one's, at least ``min_correlation``. No coordinates
-  are needed, so this works on a user's own files. The **expected value** of a
+  are needed, so this works on a user's own files. A station that reads the
+  same as this one on most days is the same record under another name, never
+  a neighbour (the two would agree on every fault). The **expected value** of a
   reading is the climatology plus the neighbours' anomalies that day combined by
   a regression fitted on those days (or, on days some neighbour is missing or
   suspect, the median of each neighbour's own straight-line prediction).
@@ -104,8 +106,9 @@ from station_forecast.quality_control.climatology import (
     fit_climatology,
 )
 from station_forecast.quality_control.learning import JUMP_CEILING, learn
-from station_forecast.quality_control.neighbours import forecast_neighbours, learn_neighbours
+from station_forecast.quality_control.neighbours import forecast_neighbours, learn_neighbours, same_records
 from station_forecast.quality_control.verdict import detect, no_detection, shared_values
 
 __all__ = ["JUMP_CEILING", "STATION_BLOCK", "borrow_seasons", "climatology_at", "covers_the_year", "detect",
-           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "no_detection", "shared_values"]
+           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "no_detection", "same_records",
+           "shared_values"]

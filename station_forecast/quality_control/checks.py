@@ -174,7 +174,7 @@ def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: p
     """
     change = observed.diff().to_numpy()
     neighbours = expected.diff().to_numpy()
-    spread = scale.to_numpy()[None, :]
+    spread = np.where(scale.to_numpy() > 0, scale.to_numpy(), np.nan)[None, :]  # 0: a station its neighbours copy
 
     def surprise(residual: np.ndarray) -> np.ndarray:  # a Student-t residual's negative log-likelihood, plus a constant
         with np.errstate(invalid="ignore"):
@@ -185,7 +185,7 @@ def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: p
 
     right = change - neighbours
     enough = reporting.to_numpy() >= OFFSET_LEAST_NEIGHBOURS
-    judged = enough & day_before(enough, fill=False) & ~np.isnan(right) & (spread > 0)
+    judged = enough & day_before(enough, fill=False) & ~np.isnan(right) & ~np.isnan(spread)
     on_the_day = surprise(right)
     late = capped(on_the_day - surprise(change - day_before(neighbours)))
     early = capped(day_before(on_the_day) - surprise(day_before(change) - neighbours))

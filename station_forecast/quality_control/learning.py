@@ -107,7 +107,7 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     typical = coefs[full].median(axis=1).to_numpy() if full else None
     coefs = borrow_seasons(coefs, values, dict.fromkeys(short, typical))
     anomaly = values - climatology_at(coefs, observed.index, observed.columns)
-    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"], positions)
+    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"], positions, readings=values)
     if short:  # the readings less the weather the neighbours share: mostly the station's own climatology
         weather = expected_anomaly(anomaly, {station: neighbours[station] for station in short}, threads)[short]
         coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),

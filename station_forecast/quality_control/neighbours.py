@@ -16,6 +16,12 @@ ALL_PAIRS_STATIONS = 3000  # up to this many stations every pair is compared (si
 CANDIDATES = 256  # above it, the stations each station is compared with: those its anomalies resemble most
 CANDIDATES_PER_NEIGHBOUR = 32  # ... or this many per neighbour wanted, if more
 PAIR_BLOCK = 256  # stations whose candidates are compared at a time
+# Two stations that read exactly the same on most days both read are one record under two names (archives list
+# some stations twice). Each would be the other's perfect neighbour, so a fault in the record, being in both,
+# would pass as weather: neither is the other's neighbour. At 0.1 °C no two stations of a network agree that
+# often; at whole °F the nearest do on a fifth to two fifths of their days.
+SAME_RECORD_SHARE = 0.9
+SAME_RECORD_PAIRS = 4096  # pairs compared at a time (days x pairs arrays)
 
 
 def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positions: np.ndarray | None = None
@@ -128,31 +134,45 @@ def _ranked(index: np.ndarray, corr: np.ndarray, usable: np.ndarray, n_neighbour
     return [[k for k in ranked[i] if usable[i, k]] for i in range(len(index))]
 
 
-def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float) -> dict[str, list[str]]:
+def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float,
+                        same_record: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """For each station, the stations whose anomaly on a day best predicts its anomaly the next day (at least
     ``min_correlation``, on the learning days): upwind stations, where today's weather is the station's
     tomorrow, rank above same-day look-alikes. Their candidates at scale come from the readings, never from
     positions: the best upwind stations can be further away than many others (on a simulated network of 120,
-    some stations' were not among their 64 nearest)."""
+    some stations' were not among their 64 nearest). ``same_record``: the stations that hold each station's
+    own record under another name (``learn_neighbours``), never its neighbours."""
     index, corr, _, _, shared = pair_statistics(anomaly.to_numpy(), lead=1, wanted=n_neighbours)
     stations = list(anomaly.columns)
-    slots = _ranked(index, corr, (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation), n_neighbours)
+    usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation)
+    position = {station: i for i, station in enumerate(stations)}
+    for station, others in (same_record or {}).items():
+        if station in position:
+            i = position[station]
+            usable[i] &= ~np.isin(index[i], [position[other] for other in others if other in position])
+    slots = _ranked(index, corr, usable, n_neighbours)
     return {station: [stations[index[i, k]] for k in slots[i]] for i, station in enumerate(stations)}
 
 
 def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float,
-                     positions: np.ndarray | None = None) -> dict[str, dict]:
+                     positions: np.ndarray | None = None, readings: pd.DataFrame | None = None) -> dict[str, dict]:
     """For each station, its best-correlated stations on the learning days and how they predict it.
 
     Each neighbour gets a straight line predicting the station from it alone; the
     chosen neighbours together get a multiple regression, used on days all of
     them report (more precise than any one line), with the median of the single
     lines as the fallback on other days. ``positions``: see ``pair_statistics``.
+    ``readings``: the readings the anomalies come from; a station that reads the
+    same as this one on ``SAME_RECORD_SHARE`` of the days both read is listed
+    under "same_record" (with that share and those days), not as a neighbour.
     """
     values = anomaly.to_numpy()
     index, corr, slope, intercept, shared = pair_statistics(values, wanted=n_neighbours, positions=positions)
     stations = list(anomaly.columns)
     usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation) & np.isfinite(slope)
+    copies = {} if readings is None else _same_records(readings.to_numpy(), index, corr, usable, n_neighbours)
+    for (i, k) in copies:
+        usable[i, k] = False
     neighbours = {}
     for i, (station, slots) in enumerate(zip(stations, _ranked(index, corr, usable, n_neighbours), strict=True)):
         chosen = [index[i, k] for k in slots]  # one short list and one small regression per station
@@ -163,7 +183,41 @@ def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: 
                          "slope": round(float(slope[i, k]), 6), "intercept": round(float(intercept[i, k]), 6),
                          "weight": weight} for k, weight in zip(slots, weights, strict=True)],
         }
+        same = sorted((stations[index[i, k]], share, days) for (j, k), (share, days) in copies.items() if j == i)
+        if same:
+            neighbours[station]["same_record"] = [{"station": other, "share": share, "days": days}
+                                                  for other, share, days in same]
     return neighbours
+
+
+def _same_records(readings: np.ndarray, index: np.ndarray, corr: np.ndarray, usable: np.ndarray,
+                  n_neighbours: int) -> dict[tuple[int, int], tuple[float, int]]:
+    """The (station, slot) pairs whose readings are the same on at least ``SAME_RECORD_SHARE`` of the days
+    both read (at least ``MIN_OVERLAP_DAYS``), with that share and those days. A copy correlates best of
+    all, so only the slots that would be chosen are compared, again after each copy is set aside."""
+    usable, checked, copies = usable.copy(), np.zeros(index.shape, dtype=bool), {}
+    while True:
+        pairs = np.array([(i, k) for i, slots in enumerate(_ranked(index, corr, usable, n_neighbours))
+                          for k in slots if not checked[i, k]], dtype=int).reshape(-1, 2)
+        if not len(pairs):
+            return copies
+        checked[pairs[:, 0], pairs[:, 1]] = True
+        for begin in range(0, len(pairs), SAME_RECORD_PAIRS):
+            rows, slots = pairs[begin:begin + SAME_RECORD_PAIRS].T
+            own, other = readings[:, rows], readings[:, index[rows, slots]]
+            days = (~np.isnan(own) & ~np.isnan(other)).sum(axis=0)
+            share = (own == other).sum(axis=0) / np.maximum(days, 1)
+            for n in np.nonzero((share >= SAME_RECORD_SHARE) & (days >= MIN_OVERLAP_DAYS))[0]:
+                copies[rows[n], slots[n]] = (round(float(share[n]), 4), int(days[n]))
+                usable[rows[n], slots[n]] = False
+
+
+def same_records(detector: dict) -> dict[str, list[dict]]:
+    """Per station of the ``detector``, the stations found to hold its record under another name, each with
+    the share of days they read the same and the days both read (``learn_neighbours``); only stations with
+    any."""
+    return {station: entry["neighbours"]["same_record"] for station, entry in detector.get("stations", {}).items()
+            if "same_record" in entry.get("neighbours", {})}
 
 
 def _joint_regression(target: np.ndarray, predictors: np.ndarray) -> tuple[list[float | None], float | None]:

@@ -684,3 +684,22 @@ def test_the_date_offset_test_keeps_little_evidence_beyond_its_threshold_and_kno
     assert bounded.max() == ceiling
     np.testing.assert_allclose(summed[:, 0], [0, 2, 5, 8, 11, 9, 9.5, 6.5, 3.5])
     np.testing.assert_array_equal(onset[:, 0], [1, 1, 1, 1, 1, 1, 1, 1, 9])
+
+
+def test_the_date_offset_test_leaves_alone_the_months_a_station_s_changes_are_its_own(settings):
+    """In summer a coastal station's day-to-day changes are its showers and sea breezes more than the weather
+    it shares: which day they follow cannot be told, so those months are not tested; a stretch keyed a day
+    early in winter still is."""
+    clean = network()
+    summer = clean.index.month.isin([5, 6, 7, 8, 9])
+    clean.loc[summer, "S3"] += np.random.default_rng(3).normal(0, 4.0, summer.sum())
+    winter, july = TEST_FROM + 10, int(np.argmax(clean.index >= "2022-07-01"))
+    observed = keyed_apart(keyed_apart(clean, "S3", slice(winter, winter + 30), 1), "S3", slice(july, july + 30), 1)
+    detector, result = verdict(observed, settings)
+    by_month = detector["stations"]["S3"]["offset_alignment_by_month"]
+    assert max(by_month[5:8]) < checks.OFFSET_LEAST_ALIGNMENT < min(by_month[:3] + by_month[11:])
+    assert min(detector["stations"]["S0"]["offset_alignment_by_month"]) > checks.OFFSET_LEAST_ALIGNMENT
+    keyed = result["flag"]["S3"].eq("date_offset").to_numpy()
+    assert keyed[winter: winter + 30].mean() > 0.6
+    # Tested all year, its summer showers made 16 false flags in June to August (and missed July's stretch).
+    assert not keyed[clean.index.month.isin([6, 7, 8]) & (np.arange(DAYS) >= TEST_FROM)].any()

@@ -132,9 +132,9 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     # simulated networks moved by -0.05 to +0.01 (the other kinds' by as little either way), for about 2 s more
     # at 1,000 stations x 10 years.
     unknown = pd.Series(np.nan, index=observed.columns)
-    change_scale, alignment = offset_alignment(observed.where(learning), network["expected"],
-                                               reporting_neighbours(values, neighbours), learning) \
-        if final else (unknown, unknown)
+    change_scale, alignment, by_month = offset_alignment(observed.where(learning), network["expected"],
+                                                         reporting_neighbours(values, neighbours), learning) \
+        if final else (unknown, unknown, None)
     del network
     persistence = _lag_one_correlation(departure, departure_scale, threads)
     innovation = departure_innovation(departure, persistence, departure_scale)
@@ -148,6 +148,9 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
         entry = {"neighbours": neighbours[station], "repeat_share": round(float(share[station]), 6)}
         if np.isfinite(alignment[station]):
             entry["offset_alignment"] = round(float(alignment[station]), 6)
+            # a month without days judged is as aligned as the station
+            entry["offset_alignment_by_month"] = [round(float(value), 6) for value in
+                                                  by_month[station].fillna(alignment[station])]
         if station in short:
             entry["seen_months"] = int(seen_months[station].to_numpy() @ (1 << np.arange(12)))
         if station in coefs:

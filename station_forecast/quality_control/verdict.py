@@ -12,6 +12,7 @@ from station_forecast.flags import FAULTS, VERDICT_CODES, Flag
 from station_forecast.quality_control.checks import (
     OFFSET_DAY_CAP,
     OFFSET_LEAST_ALIGNMENT,
+    OFFSET_MEMORY,
     RAMP_LAGS,
     STEP_LAGS,
     change_evidence,
@@ -71,7 +72,6 @@ class StationValues(NamedTuple):
     repeat_share: pd.Series
     seen_months: pd.Series
     change_scale: pd.Series
-    offset_alignment: pd.Series
 
 
 VERDICT_SETTINGS = ["window", "shift_threshold", "spike_threshold", "stuck_threshold", "offset_threshold",
@@ -130,6 +130,7 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     facts["outside_z"] = outside_the_lines(anomaly.mask(left_out), neighbours) \
         / _station_table(detector, stations, "departure_scale")
     facts["reporting"] = reporting_neighbours(observed, neighbours)
+    facts["offset_tested"] = offset_tested(detector, observed)
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
         left_out = left_out | (nearest_line_distance(anomaly, neighbours)
                                > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
@@ -231,8 +232,8 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     # A stuck or gross reading's change says nothing of its date; a spike's may (on a stormy day a reading
     # keyed a day apart is one), so it stays: leaving spikes out too cost date-offset F1 0.02-0.08 on four
     # simulated networks.
-    apart = date_offsets(observed.mask(gross | stuck), expected, tables["reporting"], per_station,
-                         settings["offset_threshold"])
+    apart = date_offsets(observed.mask(gross | stuck), expected, tables["reporting"], tables["offset_tested"],
+                         per_station, settings["offset_threshold"])
 
     # The verdict as a code per reading (integer comparisons, not text, from here on): VERDICT_CODES[code].
     missing = observed.isna().to_numpy()
@@ -296,16 +297,33 @@ class DateOffsets(NamedTuple):
     onset: np.ndarray  # the row where it began
 
 
-def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.DataFrame, per_station: StationValues,
-                 threshold: float) -> DateOffsets:
+def offset_tested(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
+    """Where the date-offset test runs (date x station): at stations whose learning days are clearly on their
+    neighbours' dates (``offset_alignment`` at least ``OFFSET_LEAST_ALIGNMENT``), in the months where they are
+    too (its value by month; the station's own where a detector learned none by month)."""
+    columns = {}
+    for station in observed.columns:
+        entry = detector["stations"].get(station, {})
+        overall = entry.get("offset_alignment", np.nan)
+        by_month = np.asarray(entry.get("offset_alignment_by_month", [overall] * 12), dtype=float)
+        columns[station] = (by_month >= OFFSET_LEAST_ALIGNMENT) & (overall >= OFFSET_LEAST_ALIGNMENT)
+    months = observed.index.month.to_numpy() - 1
+    tested = np.column_stack([columns[station][months] for station in observed.columns]) if columns \
+        else np.zeros(observed.shape, dtype=bool)
+    return pd.DataFrame(tested, index=observed.index, columns=observed.columns)
+
+
+def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.DataFrame, tested: pd.DataFrame,
+                 per_station: StationValues, threshold: float) -> DateOffsets:
     """Stretches a station's readings are keyed a day late or early against its neighbours' ``expected``
-    values, found by two sequential tests (one per direction; the stronger wins), on the stations whose
-    learning days are clearly on their neighbours' dates (``offset_alignment``), on the days the test can judge (the
+    values, found by two sequential tests (one per direction; the stronger wins), where it is ``tested``
+    (``offset_tested``: a day it is not starts the tests afresh), on the days the test can judge (the
     evidence of a stretch carries over the others, which are not flagged)."""
     late, early, judged = offset_day_evidence(observed, expected, per_station.change_scale, reporting)
+    tested = tested.to_numpy()
+    afresh = -(threshold + OFFSET_MEMORY)  # takes the statistic and the evidence summed back to 0
     (late_level, late_sum, late_onset), (early_level, early_sum, early_onset) = (
-        offset_evidence(evidence, threshold) for evidence in (late, early))
-    tested = (per_station.offset_alignment >= OFFSET_LEAST_ALIGNMENT).to_numpy()[None, :]
+        offset_evidence(np.where(tested, evidence, afresh), threshold) for evidence in (late, early))
     is_early = early_level > late_level
     found = tested & judged & (np.where(is_early, early_level, late_level) > threshold)
     return DateOffsets(found, is_early, np.where(is_early, early_sum, late_sum),

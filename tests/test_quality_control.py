@@ -703,3 +703,28 @@ def test_the_date_offset_test_leaves_alone_the_months_a_station_s_changes_are_it
     assert keyed[winter: winter + 30].mean() > 0.6
     # Tested all year, its summer showers made 16 false flags in June to August (and missed July's stretch).
     assert not keyed[clean.index.month.isin([6, 7, 8]) & (np.arange(DAYS) >= TEST_FROM)].any()
+
+
+def test_a_departure_that_wanders_more_in_summer_is_judged_by_its_summer_wander(settings):
+    """A sea breeze or a town's summer heat makes a station's departure from its neighbours wander more in
+    summer: a week's mean departure is measured against that season's spread (never less than the year's),
+    which halves the summer's shift and drift flags and leaves a winter shift found as before."""
+    flags, found = {"season": 0, "year": 0}, {"season": [], "year": []}
+    for seed in range(2):
+        observed = network(seed=seed)
+        summer = observed.index.month.isin([5, 6, 7, 8, 9])
+        observed.loc[summer, "S2"] += local_weather(1, seed, persistence=0.9, sd=1.5)[summer, 0]
+        start = TEST_FROM + 20  # January of the test year
+        observed.iloc[start: start + 40, 2] += 2.0
+        detector = learning.learn(observed, learning_days(observed), settings)
+        by_month = detector["stations"]["S2"]["departure_scale_by_month"]
+        assert min(by_month[5:8]) > detector["stations"]["S2"]["departure_scale"] > max(by_month[:2])
+        year_only = {**detector, "stations": {station: {key: value for key, value in entry.items()
+                                                        if key != "departure_scale_by_month"}
+                                              for station, entry in detector["stations"].items()}}
+        for name, learned in (("season", detector), ("year", year_only)):
+            shifted = verdicts.detect(observed, learned)["flag"]["S2"].isin(["level_shift", "drift"]).to_numpy()
+            flags[name] += int(shifted[summer & (np.arange(DAYS) >= TEST_FROM)].sum())
+            found[name].append(shifted[start + 7: start + 40].mean())
+    assert flags["year"] >= 30 and flags["season"] <= flags["year"] / 2
+    assert found["season"] == found["year"] and max(found["season"]) > 0.5

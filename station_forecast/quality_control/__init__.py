@@ -26,7 +26,8 @@ reading is compared with what its neighbours say it should be:
   flagged only while today's reading and the last week's mean departure still
   carry the offset, so a fault that ended is let go, and only while the last
   week's mean departure is beyond ``LEAST_SHIFT`` robust standard deviations of
-  the daily departure (less is local weather on a real network). A run of
+  the daily departure in that season, never less than the year's (less is local
+  weather on a real network, and a sea breeze wanders more in summer). A run of
   identical readings is ``stuck`` when the neighbours moved while the sensor
   did not, or when it is longer than the station's own resolution makes likely
   (learned from how often its learning days repeat: whole-degree °F records

@@ -9,7 +9,7 @@ import statistics
 from station_forecast import runtime
 from station_forecast.compute import Pool
 from station_forecast.flags import Flag
-from station_forecast.quality_control.robust import robust_scale
+from station_forecast.quality_control.robust import robust_scale, season_rows
 from station_forecast.runtime import lazy_import
 
 np = lazy_import("numpy")
@@ -55,11 +55,10 @@ OFFSET_TAILS = 2.0
 OFFSET_DAY_CAP = 2.0
 OFFSET_MEMORY = 1.0
 OFFSET_LEAST_ALIGNMENT = 0.5
-# ... and only in the months whose learning days (with OFFSET_SEASON months either side) put it there too: in
-# summer a station's day-to-day changes are its own (showers, sea breezes) more than the weather it shares, so
-# which day they follow is not clear (on two real networks of 17 and 19 stations, the mean evidence at coastal
-# stations fell from about 1 in winter to 0.2 in July, and most date-offset flags were summer days).
-OFFSET_SEASON = 1
+# ... and only in the months whose learning days (with a month either side) put it there too: in summer a
+# station's day-to-day changes are its own (showers, sea breezes) more than the weather it shares, so which day
+# they follow is not clear (on two real networks of 17 and 19 stations, the mean evidence at coastal stations
+# fell from about 1 in winter to 0.2 in July, and most date-offset flags were summer days).
 # A day is judged only where at least this many neighbours read that day and the day before: with one, which of
 # the two stations is keyed wrong cannot be told.
 OFFSET_LEAST_NEIGHBOURS = 2
@@ -224,24 +223,21 @@ def offset_alignment(observed: pd.DataFrame, expected: pd.DataFrame, reporting: 
     """Per station, the spread of its day-to-day change less its neighbours' (on ``learning`` days), and how
     clearly its learning days are on its neighbours' dates: the mean daily evidence (``offset_day_evidence``)
     for the right date over a day late or early, whichever is nearer, on the days judged (NaN without); and
-    the same for each calendar month (rows 1-12) from the days of that month and the ``OFFSET_SEASON``
-    months either side."""
+    the same for each calendar month (rows 1-12) from the days of its season (``robust.season_rows``)."""
     scale = robust_scale((observed.diff() - expected.diff()).where(learning))
     late, early, judged = offset_day_evidence(observed, expected, scale, reporting)
     judged = judged & learning.to_numpy()
-    month = observed.index.month.to_numpy() - 1
-    by_month = np.zeros((3, 12, observed.shape[1]))  # late, early and days judged, summed per month
-    for total, values in zip(by_month, (late * judged, early * judged, judged), strict=True):
-        np.add.at(total, month, values)
+    late, early = late * judged, early * judged
 
-    def alignment(late_sum: np.ndarray, early_sum: np.ndarray, days: np.ndarray) -> np.ndarray:
+    def alignment(rows: np.ndarray | slice) -> np.ndarray:
+        days = judged[rows].sum(axis=0)
+        nearer = np.maximum(late[rows].sum(axis=0), early[rows].sum(axis=0))
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(days > 0, -np.maximum(late_sum, early_sum) / days, np.nan)
+            return np.where(days > 0, -nearer / days, np.nan)
 
-    season = sum(np.roll(by_month, shift, axis=1) for shift in range(-OFFSET_SEASON, OFFSET_SEASON + 1))
-    overall = alignment(*by_month.sum(axis=1))
-    return (scale, pd.Series(overall, index=observed.columns),
-            pd.DataFrame(alignment(*season), index=pd.RangeIndex(1, 13, name="month"), columns=observed.columns))
+    by_month = [alignment(rows) for rows in season_rows(observed.index)]
+    return (scale, pd.Series(alignment(slice(None)), index=observed.columns),
+            pd.DataFrame(by_month, index=pd.RangeIndex(1, 13, name="month"), columns=observed.columns))
 
 
 def departure_innovation(departure: pd.DataFrame, persistence: pd.Series, scale: pd.Series) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from station_forecast.quality_control.neighbours import (
     network_departures,
     reporting_neighbours,
 )
-from station_forecast.quality_control.robust import robust_scale
+from station_forecast.quality_control.robust import robust_scale, seasonal_scale
 from station_forecast.quality_control.verdict import detect, local_threads
 from station_forecast.runtime import Progress, lazy_import
 
@@ -126,6 +126,9 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     network = network_departures(values, climatology, neighbours, None, threads)
     departure = network["departure"]
     departure_scale = robust_scale(departure, threads)
+    # How far the departure wanders in each season (a sea breeze, a town's summer heat): the floor below
+    # which a week's mean departure is local weather, not a shift (only the final fit uses it).
+    season_scale = seasonal_scale(departure, threads) if final else None
     # On every learning day, not the trusted ones only: a station keyed a day apart from its neighbours for
     # years would otherwise have those years left out after the first round, and look aligned.
     # Only the final fit tests for date offsets: with the provisional rounds testing too, date-offset F1 on four
@@ -151,6 +154,10 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
             # a month without days judged is as aligned as the station
             entry["offset_alignment_by_month"] = [round(float(value), 6) for value in
                                                   by_month[station].fillna(alignment[station])]
+        if season_scale is not None and np.isfinite(departure_scale.get(station, np.nan)):
+            # a month without learning days wanders as the year does
+            entry["departure_scale_by_month"] = [round(float(value), 6) for value in
+                                                 season_scale[station].fillna(departure_scale[station])]
         if station in short:
             entry["seen_months"] = int(seen_months[station].to_numpy() @ (1 << np.arange(12)))
         if station in coefs:

@@ -11,6 +11,7 @@ np = lazy_import("numpy")
 pd = lazy_import("pandas")
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 SCALE_BLOCK = 128  # stations per task of robust_scale
+SEASON = 1  # a calendar month's statistics take the days of this many months either side too
 
 
 def nanmedian(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -39,3 +40,16 @@ def robust_scale(values: pd.DataFrame, threads: int = 1) -> pd.Series:
 
 def _median_deviation(block: np.ndarray) -> np.ndarray:
     return nanmedian(np.abs(block - nanmedian(block)))
+
+
+def season_rows(index: pd.DatetimeIndex) -> list[np.ndarray]:
+    """For each calendar month 1-12, whether each day of ``index`` falls in it or within ``SEASON`` months of it."""
+    month = index.month.to_numpy() - 1
+    return [np.isin(month, [(m + shift) % 12 for shift in range(-SEASON, SEASON + 1)]) for m in range(12)]
+
+
+def seasonal_scale(values: pd.DataFrame, threads: int = 1) -> pd.DataFrame:
+    """``robust_scale`` of each calendar month's days (and ``SEASON`` months either side): month (1-12) x
+    column."""
+    return pd.DataFrame([robust_scale(values[rows], threads) for rows in season_rows(values.index)],
+                        index=pd.RangeIndex(1, 13, name="month"))

@@ -131,6 +131,7 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
         / _station_table(detector, stations, "departure_scale")
     facts["reporting"] = reporting_neighbours(observed, neighbours)
     facts["offset_tested"] = offset_tested(detector, observed)
+    facts["season_scale"] = season_departure_scale(detector, observed)
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
         left_out = left_out | (nearest_line_distance(anomaly, neighbours)
                                > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
@@ -208,8 +209,8 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     recent = recent_evidence(departure.div(day, axis=0) / scale, persistence, RECENT_DAYS)
     carries = (np.sign(departure) == np.sign(offset)) & (departure.abs() > 0.5 * offset.abs()) \
         & (np.sign(recent) == np.sign(offset)) & (recent.abs() > RECENT_Z) \
-        & ((departure / scale).rolling(RECENT_DAYS, min_periods=(RECENT_DAYS + 1) // 2).mean().abs()
-           > LEAST_SHIFT)
+        & ((departure / tables["season_scale"]).rolling(RECENT_DAYS, min_periods=(RECENT_DAYS + 1) // 2)
+           .mean().abs() > LEAST_SHIFT)
     # In a month a station never saw while learning, its climatology is taken from its neighbours and
     # may be off by a degree or two for weeks: a slow departure there is no evidence of a fault.
     month_bit = 1 << (observed.index.month.to_numpy() - 1)
@@ -311,6 +312,20 @@ def offset_tested(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
     tested = np.column_stack([columns[station][months] for station in observed.columns]) if columns \
         else np.zeros(observed.shape, dtype=bool)
     return pd.DataFrame(tested, index=observed.index, columns=observed.columns)
+
+
+def season_departure_scale(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
+    """The spread of each station's departure in each day's season, never less than the year's (date x station;
+    the year's where a detector learned none by month, NaN where it learned none at all)."""
+    months = observed.index.month.to_numpy() - 1
+    columns = []
+    for station in observed.columns:
+        entry = detector["stations"].get(station, {})
+        overall = entry.get("departure_scale", np.nan)
+        by_month = np.asarray(entry.get("departure_scale_by_month", [overall] * 12), dtype=float)
+        columns.append(np.maximum(by_month, overall)[months])
+    table = np.column_stack(columns) if columns else np.empty(observed.shape)
+    return pd.DataFrame(table, index=observed.index, columns=observed.columns)
 
 
 def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.DataFrame, tested: pd.DataFrame,

@@ -578,6 +578,7 @@ def main(args) -> None:
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired, counts.get(Flag.MISSING, 0))
     log_probable_codes(probable_codes, unit)
+    log_station_codes(detector, set(probable_codes.index), unit)
     log_same_records(detector)
     untested = sorted(set(observed.columns) - tested)
     if untested:
@@ -617,6 +618,18 @@ def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
                     "station's climate: probably a missing-value code (%s as written in the files); the readings "
                     "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],
                     code["readings"], code["days"], written)
+
+
+def log_station_codes(detector: dict, logged: set[float], unit: str) -> None:
+    """Warn of each missing-value code the detector found written as readings at one station (``logged``: the
+    values already named as codes several stations share)."""
+    for station, entry in detector.get("stations", {}).items():
+        for value in entry.get("codes", []):
+            if round(value, 2) not in logged:
+                log.warning("station %s: %g on many training days, far outside its other readings: probably a "
+                            "missing-value code (%s as written in the files); left out of what the quality "
+                            "control learns and flagged gross; declare it in [import] missing_values", station,
+                            value, units.as_written(value, unit))
 
 
 def log_same_records(detector: dict) -> None:

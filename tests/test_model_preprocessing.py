@@ -349,6 +349,26 @@ def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys)
     assert buddies and first.stem not in [b["station"] for b in buddies]
 
 
+def test_stage_2_names_a_code_one_station_writes_on_most_of_its_days(project, tmp_path, capsys):
+    root, params = project
+    own = tmp_path / "own"
+    own.mkdir()
+    for path in sorted((root / "data/train/raw").glob("*.csv")):
+        table = pd.concat([pd.read_csv(path), pd.read_csv(root / "data/test/raw" / path.name)])
+        table.to_csv(own / path.name, index=False)
+    first = sorted(own.glob("*.csv"))[0]
+    table = pd.read_csv(first)
+    table.loc[np.random.default_rng(1).random(len(table)) < 0.6, "temperature"] = -72.8
+    table.to_csv(first, index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own))
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "probably a missing-value code" in line]
+    assert len(warned) == 1 and f"station {first.stem}: -72.8 on many training days" in warned[0]
+    flags = pd.concat([pd.read_csv(root / f"data/{part}/flags.csv") for part in ("train", "test")])
+    assert (flags.loc[flags["observed"] == -72.8, "flag"] == "gross").all()
+
+
 def test_at_scale_the_quality_control_s_neighbours_are_sought_among_the_nearest_listed_stations(project, monkeypatch,
                                                                                                 capsys):
     """The station list data_creation.py writes gives the positions the quality control's candidates come from

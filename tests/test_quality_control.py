@@ -728,3 +728,23 @@ def test_a_departure_that_wanders_more_in_summer_is_judged_by_its_summer_wander(
             found[name].append(shifted[start + 7: start + 40].mean())
     assert flags["year"] >= 30 and flags["season"] <= flags["year"] / 2
     assert found["season"] == found["year"] and max(found["season"]) > 0.5
+
+
+def test_a_code_written_on_most_of_a_station_s_days_is_left_out_of_learning_and_flagged_gross(settings):
+    """An archive that writes -72.8 (-99 °F) on the days of a years-long outage: at 60 % of a station's
+    learning days its climatology, learned from them, would sit near the code, its real readings would look
+    out of its climate and the code like weather. The code is found (the commonest value, far outside the
+    station's other readings), nothing is learned from it, and every such reading is flagged gross."""
+    clean = network()
+    observed = clean.copy()
+    outage = np.random.default_rng(5).random(DAYS) < 0.6
+    observed.loc[outage, "S1"] = -72.8
+    observed.loc[outage[:DAYS] & (np.arange(DAYS) % 7 == 0), "S3"] = -72.8  # a neighbour writes it some days
+    detector, result = verdict(observed, settings)
+    assert detector["stations"]["S1"]["codes"] == [-72.8]
+    assert (result["flag"].to_numpy()[(observed == -72.8).to_numpy()] == "gross").all()
+    reference, _ = verdict(clean, settings)
+    assert abs(detector["stations"]["S1"]["climatology"][0] - reference["stations"]["S1"]["climatology"][0]) < 0.5
+    assert faults(result)["S1"][~outage].mean() < 0.01  # its real readings are weather, as before
+    assert checks.written_codes(clean) == {}
+    assert checks.written_codes(network(resolution=5 / 9)) == {}  # whole °F: common repeats, none outside

@@ -55,7 +55,10 @@ reading is compared with what its neighbours say it should be:
   from its climatology is gross whatever its neighbours read: no weather is
   that far out, however many stations share it (a code written by every
   station on the same day), and such a reading neither speaks for its
-  neighbours nor makes the day look stormy.
+  neighbours nor makes the day look stormy. A value a station's learning days
+  hold on at least 1 % of days, far outside all its other readings, is a code
+  written as a reading (an outage of years written -99 a day): nothing is
+  learned from it, so the climate check flags it.
 
 Every flag carries its kind and a confidence: 0.5 at its threshold, the odds
 multiplied by e² for each unit of evidence beyond it (a heuristic, not a

@@ -9,7 +9,7 @@ import statistics
 from station_forecast import runtime
 from station_forecast.compute import Pool
 from station_forecast.flags import Flag
-from station_forecast.quality_control.robust import robust_scale, season_rows
+from station_forecast.quality_control.robust import MAD_TO_SD, robust_scale, season_rows
 from station_forecast.runtime import lazy_import
 
 np = lazy_import("numpy")
@@ -77,6 +77,44 @@ def repeat_runs(observed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     run = count - count.where(~same).ffill().fillna(0)
     start = np.arange(len(observed))[:, None] - run.to_numpy().astype(int)
     return run + 1, pd.DataFrame(start, index=observed.index, columns=observed.columns)
+
+
+# A value a station's learning days hold exactly, far more often than any temperature is read to the last digit,
+# and far outside all its other readings, is a missing-value code written as a reading (an archive that writes
+# -99 on the days of a years-long outage). Learned from those readings the station's climatology would sit at the
+# code, its real readings would look far outside its climate, and the code would pass as weather.
+CODE_LEAST_SHARE = 0.01  # of the station's learning readings (the commonest value of a 0.1 °C record: about 1 %)
+CODE_LEAST_READINGS = 10
+CODE_MARGIN = 3.0  # robust standard deviations of the other readings beyond their 0.1 and 99.9 percentiles
+MOST_CODES = 3  # codes sought per station
+
+
+def written_codes(values: pd.DataFrame) -> dict[str, list[float]]:
+    """Per station (only those with any), the values of its readings ``values`` that are missing-value codes
+    by the rule above, commonest first."""
+    codes = {}
+    for station in values.columns:
+        readings = values[station].to_numpy()
+        readings = readings[~np.isnan(readings)]
+        found = []
+        for _ in range(MOST_CODES):
+            if len(readings) == 0:
+                break
+            distinct, counts = np.unique(readings, return_counts=True)
+            commonest = int(np.argmax(counts))
+            value, count = distinct[commonest], counts[commonest]
+            others = readings[readings != value]
+            if count < max(CODE_LEAST_READINGS, CODE_LEAST_SHARE * len(readings)) or len(others) < CODE_LEAST_READINGS:
+                break
+            low, high = np.quantile(others, [0.001, 0.999])
+            spread = MAD_TO_SD * np.median(np.abs(others - np.median(others)))
+            if low - CODE_MARGIN * spread <= value <= high + CODE_MARGIN * spread:
+                break
+            found.append(float(value))
+            readings = others
+        if found:
+            codes[station] = found
+    return codes
 
 
 def reading_facts(observed: pd.DataFrame, window: int) -> dict[str, pd.DataFrame]:

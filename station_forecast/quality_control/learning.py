@@ -13,6 +13,7 @@ from station_forecast.quality_control.checks import (
     reading_facts,
     repeat_share,
     trailing_median,
+    written_codes,
 )
 from station_forecast.quality_control.climatology import (
     borrow_seasons,
@@ -62,6 +63,12 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     last = learning.any(axis=1)[::-1].idxmax() if learning.to_numpy().any() else observed.index[-1]
     observed, learning = observed.loc[:last], learning.loc[:last]
     threads = local_threads(pool)
+    # A missing-value code written as a reading teaches nothing: every learned value comes from the rest (the
+    # verdict then finds the code far outside the station's climate, a gross error).
+    codes = written_codes(observed.where(learning))
+    if codes:
+        learning = learning & ~pd.DataFrame({station: observed[station].isin(codes.get(station, []))
+                                             for station in observed.columns})
     plausible = observed.mask(learning & ~within_climate(observed.where(learning), qc["climate_margin"], threads))
     jump = plausible - trailing_median(plausible, qc["window"])
     jump_scale = robust_scale(jump.where(learning), threads)
@@ -85,7 +92,10 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         # from the day it was found.
         trusted = learning & ~found["flag"].isin(FAULTS) & ~since_onset(found["onset"])
         progress.step()
-    return _fit(observed, learning, trusted, qc, settings, gross, threads, positions=positions)
+    detector = _fit(observed, learning, trusted, qc, settings, gross, threads, positions=positions)
+    for station, values in codes.items():
+        detector["stations"][station]["codes"] = values
+    return detector
 
 
 def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, qc: dict, settings: dict,

@@ -120,7 +120,12 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "encoding": table.attrs.get("encoding", "utf-8"),
     }
     if kept.empty:
-        raise PipelineError(f"{path}: no usable readings ({_describe(report)}); fix or remove the file")
+        hint = ""
+        if report["impossible"] and report["impossible"] >= report["rows"] // 2:
+            first = table[imp["temperature_column"]].iat[int(np.argmax(reasons["impossible"].to_numpy()))]
+            hint = (f"; read as unit {imp['unit']!r} its readings lie outside preprocessing's [min_temp, max_temp] = "
+                    f"[{min_temp:g}, {max_temp:g}] °C (the first: {first.strip()!r}): is import.unit right for it?")
+        raise PipelineError(f"{path}: no usable readings ({_describe(report)}){hint or '; fix or remove the file'}")
     kept = kept.sort_values("date", ignore_index=True)
     try:
         frequency = infer_frequency(pd.DatetimeIndex(kept["date"]))

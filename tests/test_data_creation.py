@@ -255,7 +255,11 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
                                     "(the first is '2020-01-01')"),
     (b"\xff\xfeD\x00A\x00\x00\xd8", "starts with UTF-16's byte-order mark but is not UTF-16 text"),
-    (b"DATE;TMAX\n01/01/2020;NaN\n02/01/2020;999\n", "no usable readings (1 missing value, 1 impossible)"),
+    (b"DATE;TMAX\n01/01/2020;NaN\n02/01/2020;999\n", "no usable readings (1 missing value, 1 impossible); read "
+                                                      "as unit 'F' its readings lie outside preprocessing's "
+                                                      "[min_temp, max_temp] = [-90, 60] °C (the first: '999'): is "
+                                                      "import.unit right for it?"),
+    (b"DATE;TMAX\n01/01/2020;272.1\n02/01/2020;275.3\n", "no usable readings (2 impossible); read as unit 'F'"),
     (b"\0" * 20_000_000, "binary data (a NUL byte at offset 0), not a CSV text file"),
     (b"DATE;TMAX\n01/01/2020;5\0\n", "binary data (a NUL byte at offset 22)"),
     (";".join(f"c{i}" for i in range(10**6)).encode() + b"\n1;2\n" * 1435,

@@ -315,25 +315,27 @@ def split_in_time(stations: dict[str, pd.DataFrame], test_steps: int, holdout_st
 
 def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: compute.Pool | None = None
                     ) -> tuple[dict, dict, str]:
-    """Read, clean and split every <station>.csv in ``folder`` (read on ``pool``); returns the parts, a report
-    and the first test day."""
+    """Read, clean and split every <station>.csv (or .csv.gz) in ``folder`` (read on ``pool``); returns the parts,
+    a report and the first test day."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data.source folder not found")
-    files = [path for path in storage.station_files(folder) if path.name.lower() != STATION_LIST]
+    files = [path for path in storage.station_files(folder, compressed=True) if path.name.lower() != STATION_LIST]
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
         raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
-                            "tables in .csv files (import.delimiter: ',', ';', tab, '|' or whitespace; without a "
-                            "header line, columns named by position, \"#1\"): rename text tables to <station>.csv, "
-                            "convert anything else")
+                            "tables in .csv files, or .csv.gz as archives compress them (import.delimiter: ',', "
+                            "';', tab, '|' or whitespace; without a header line, columns named by position, "
+                            "\"#1\"): rename text tables to <station>.csv (<station>.csv.gz), convert anything "
+                            "else")
     if imp["station_column"]:
         return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"])
     if pool is None or not pool.cluster:
         pool = runtime.Threads(runtime.work_threads(-(-len(files) // FILES_PER_CHUNK)))
     read = pool.map(read_user_stations, runtime.chunks(files, FILES_PER_CHUNK), what="station files read (chunks)",
                     imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
-    stations = {path.stem: one for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
+    stations = {storage.station_name(path): one
+                for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
     return _report_and_split(stations, data, folder, pre["min_steps"])
 
 
@@ -448,7 +450,8 @@ def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, fo
     """The parts, report and first test day of the stations read (``import_stations``), without those with
     fewer than ``min_steps`` readings (too few to build features from; one would stop the run)."""
     for name, (_, counts) in read.items():
-        label = counts["file"] if Path(counts["file"]).stem == name else f"{name} ({', '.join(counts['files'])})"
+        label = counts["file"] if storage.station_name(Path(counts["file"])) == name \
+            else f"{name} ({', '.join(counts['files'])})"
         # Dates from the future or before any record are typos worth a look, not just dropped rows.
         level = logging.WARNING if counts["future_date"] or counts["ancient_date"] \
             or counts["encoding"] == "latin-1" else logging.INFO

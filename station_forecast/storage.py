@@ -26,7 +26,7 @@ from typing import Any
 
 from station_forecast import runtime
 from station_forecast.errors import PipelineError, cannot_write
-from station_forecast.files import PROJECT, check_regular_file
+from station_forecast.files import MAX_INPUT_BYTES, PROJECT, check_regular_file
 
 ROOT = PROJECT
 # Ground-truth columns live only in data/truth; a test checks none of them
@@ -507,7 +507,8 @@ def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
 def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[str, str]:
     check_regular_file(path)
     try:
-        raw = path.read_bytes()
+        raw = _decompressed(path) if other_encodings and path.name.lower().endswith(COMPRESSED) \
+            else path.read_bytes()
     except OSError as exc:
         raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
     if other_encodings and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -541,6 +542,22 @@ def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[st
     if not text.strip():
         raise PipelineError(f"{path}: empty file")
     return text, encoding
+
+
+def _decompressed(path: Path) -> bytes:
+    """A gzip-compressed file's bytes, at most ``MAX_INPUT_BYTES`` of them (a small file can expand to any
+    size), or PipelineError."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            raw = stream.read(MAX_INPUT_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise PipelineError(f"{path}: not a complete gzip file ({exc or 'it ends too early'})") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise PipelineError(f"{path}: decompresses to more than the {MAX_INPUT_BYTES:,} bytes a data file may have")
+    return raw
 
 
 def read_json(path: Path) -> Any:
@@ -610,16 +627,32 @@ def read_tables(paths: list[Path], required: list[str]) -> tuple[Any, list[int]]
     return (table, rows) if len(table) == sum(rows) else None
 
 
-def station_files(folder: Path) -> list[Path]:
-    """Every ``*.csv`` entry of a folder, sorted; two names that differ only in case are refused (one station
-    would silently hide the other on a case-insensitive disk or in a report)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv")
+COMPRESSED = ".gz"  # a user's station file may come gzip-compressed, as archives ship them: <station>.csv.gz
+
+
+def station_name(path: Path) -> str:
+    """The station a file holds: its name without ``.csv`` (and ``.gz`` for a compressed one)."""
+    name = path.name[:-len(COMPRESSED)] if path.name.lower().endswith(COMPRESSED) else path.name
+    return Path(name).stem
+
+
+def station_files(folder: Path, compressed: bool = False) -> list[Path]:
+    """Every ``*.csv`` entry of a folder (and ``*.csv.gz`` if ``compressed``), sorted; two names of one station
+    (names that differ only in case, or one file twice, compressed and not) are refused: one would silently
+    hide the other, on a case-insensitive disk or in a report."""
+    def holds_a_table(path: Path) -> bool:
+        name = path.name.lower()
+        return name.endswith(".csv") or (compressed and name.endswith(".csv" + COMPRESSED))
+
+    files = sorted(p for p in folder.iterdir() if holds_a_table(p))
     seen: dict[str, Path] = {}
     for path in files:
-        if len(path.stem.encode()) > MAX_NAME_BYTES:
-            raise PipelineError(f"{path}: a station name of {len(path.stem.encode())} bytes; at most "
+        name = station_name(path)
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise PipelineError(f"{path}: a station name of {len(name.encode())} bytes; at most "
                                 f"{MAX_NAME_BYTES} (the name becomes part of report file names); rename the file")
-        other = seen.setdefault(path.stem.lower(), path)
+        other = seen.setdefault(name.lower(), path)
         if other != path:
-            raise PipelineError(f"{path}: station name differs from {other.name} only in case; rename one")
+            raise PipelineError(f"{path}: names the same station as {other.name} (station names may not differ "
+                                "only in case, and a file may not be there compressed and not); rename or remove one")
     return files

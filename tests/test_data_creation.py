@@ -325,6 +325,35 @@ def test_importing_writes_the_raw_contract_and_no_ground_truth(built, tmp_path):
     assert source["source"] == str(own) and source["files"]["HOME"]["kept"] == len(train) + len(test)
 
 
+def test_a_station_file_compressed_as_archives_ship_it_imports_as_the_plain_file(tmp_path, monkeypatch):
+    import gzip
+
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    write_real_format_station(plain / "HOME.csv")
+    (packed / "HOME.csv.gz").write_bytes(gzip.compress((plain / "HOME.csv").read_bytes()))
+    p = _import_params()
+    (from_plain, report_plain, _), (from_packed, report_packed, _) = (
+        importing.import_stations(folder, p["data"], p["import"], p["pre"]) for folder in (plain, packed))
+    assert list(from_packed) == ["HOME"]
+    pd.testing.assert_frame_equal(from_packed["HOME"]["train"], from_plain["HOME"]["train"])
+    assert report_packed["HOME"]["file"] == "HOME.csv.gz"
+    assert {k: v for k, v in report_packed["HOME"].items() if k != "file"} == \
+        {k: v for k, v in report_plain["HOME"].items() if k != "file"}
+    (packed / "HOME.csv").write_bytes((plain / "HOME.csv").read_bytes())
+    with pytest.raises(PipelineError, match=r"names the same station as HOME\.csv"):
+        importing.import_stations(packed, p["data"], p["import"], p["pre"])
+    (packed / "HOME.csv").unlink()
+    (packed / "AWAY.csv.gz").write_bytes(gzip.compress(b"DATE;TMAX\n")[:-8])  # cut short in transfer
+    with pytest.raises(PipelineError, match=r"AWAY.csv.gz: not a complete gzip file"):
+        importing.import_stations(packed, p["data"], p["import"], p["pre"])
+    (packed / "AWAY.csv.gz").write_bytes(gzip.compress(b"0" * 5000))
+    monkeypatch.setattr(storage, "MAX_INPUT_BYTES", 4096)  # a small file may expand to any size
+    with pytest.raises(PipelineError, match=r"AWAY.csv.gz: decompresses to more than the 4,096 bytes"):
+        importing.import_stations(packed, p["data"], p["import"], p["pre"])
+
+
 def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
     import shutil
 

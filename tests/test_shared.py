@@ -392,7 +392,7 @@ def test_two_station_files_differing_only_in_case_are_refused(tmp_path, capsys):
     params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     assert run_stage(STAGES[0], tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err.splitlines()[-1]
-    assert "st001.CSV: station name differs from ST001.csv only in case" in err
+    assert "st001.CSV: names the same station as ST001.csv (station names may not differ only in case" in err
 
 
 def test_a_failed_promotion_changes_neither_the_accepted_nor_the_previous_model(project, monkeypatch):

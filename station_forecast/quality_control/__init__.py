@@ -41,8 +41,11 @@ reading is compared with what its neighbours say it should be:
   read, and only at stations whose learning days are clearly on their
   neighbours' dates (a network mixing observation hours has stations a day
   apart by nature), in the months where they are (in summer a station's
-  changes may be its own showers more than shared weather). A reading keyed a day early is repaired by the one before
-  it, which holds its day's temperature; one keyed a day late is not repaired.
+  changes may be its own showers more than shared weather). A stretch keyed a
+  day early ends with one day's temperature read twice, so at a station whose
+  exact repeats are rare a repeat lets such a stretch go that day. A reading
+  keyed a day early is repaired by the one before it, which holds its day's
+  temperature; one keyed a day late is not repaired.
 * **Gross checks** run everywhere, and are all a station with no usable
   neighbour gets: a jump from the median of the ``window`` days before beyond
   ``gross_margin`` times the 99.9th percentile of the station's own learning

@@ -59,6 +59,10 @@ OFFSET_LEAST_ALIGNMENT = 0.5
 # station's day-to-day changes are its own (showers, sea breezes) more than the weather it shares, so which day
 # they follow is not clear (on two real networks of 17 and 19 stations, the mean evidence at coastal stations
 # fell from about 1 in winter to 0.2 in July, and most date-offset flags were summer days).
+# A stretch keyed a day early ends with one day's temperature read twice: its last reading already held the day
+# after it. Where the station's resolution makes an exact repeat rare (its learned repeat share below this), a
+# repeat ends the test for an early stretch at once, instead of the one to four days the weather takes to tell.
+OFFSET_ORDINARY_REPEAT = 0.05
 # A day is judged only where at least this many neighbours read that day and the day before: with one, which of
 # the two stations is keyed wrong cannot be told.
 OFFSET_LEAST_NEIGHBOURS = 2

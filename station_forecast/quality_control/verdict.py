@@ -13,6 +13,7 @@ from station_forecast.quality_control.checks import (
     OFFSET_DAY_CAP,
     OFFSET_LEAST_ALIGNMENT,
     OFFSET_MEMORY,
+    OFFSET_ORDINARY_REPEAT,
     RAMP_LAGS,
     STEP_LAGS,
     change_evidence,
@@ -234,7 +235,7 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     # keyed a day apart is one), so it stays: leaving spikes out too cost date-offset F1 0.02-0.08 on four
     # simulated networks.
     apart = date_offsets(observed.mask(gross | stuck), expected, tables["reporting"], tables["offset_tested"],
-                         per_station, settings["offset_threshold"])
+                         tables["run"].to_numpy() >= 2, per_station, settings["offset_threshold"])
 
     # The verdict as a code per reading (integer comparisons, not text, from here on): VERDICT_CODES[code].
     missing = observed.isna().to_numpy()
@@ -329,14 +330,18 @@ def season_departure_scale(detector: dict, observed: pd.DataFrame) -> pd.DataFra
 
 
 def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.DataFrame, tested: pd.DataFrame,
-                 per_station: StationValues, threshold: float) -> DateOffsets:
+                 repeated: np.ndarray, per_station: StationValues, threshold: float) -> DateOffsets:
     """Stretches a station's readings are keyed a day late or early against its neighbours' ``expected``
     values, found by two sequential tests (one per direction; the stronger wins), where it is ``tested``
     (``offset_tested``: a day it is not starts the tests afresh), on the days the test can judge (the
-    evidence of a stretch carries over the others, which are not flagged)."""
+    evidence of a stretch carries over the others, which are not flagged). ``repeated``: where a reading
+    equals the day before's, which starts the test for an early stretch afresh at a station whose repeats are
+    rare (``OFFSET_ORDINARY_REPEAT``)."""
     late, early, judged = offset_day_evidence(observed, expected, per_station.change_scale, reporting)
     tested = tested.to_numpy()
     afresh = -(threshold + OFFSET_MEMORY)  # takes the statistic and the evidence summed back to 0
+    early = np.where(repeated & (per_station.repeat_share < OFFSET_ORDINARY_REPEAT).to_numpy()[None, :],
+                     afresh, early)
     (late_level, late_sum, late_onset), (early_level, early_sum, early_onset) = (
         offset_evidence(np.where(tested, evidence, afresh), threshold) for evidence in (late, early))
     is_early = early_level > late_level

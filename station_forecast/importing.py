@@ -81,7 +81,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
-    values, missing, code = _readings_as_written(table[imp["temperature_column"]], imp)
+    values, missing, code = _readings_as_written(table, imp)
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
@@ -122,9 +122,10 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     if kept.empty:
         hint = ""
         if report["impossible"] and report["impossible"] >= report["rows"] // 2:
-            first = table[imp["temperature_column"]].iat[int(np.argmax(reasons["impossible"].to_numpy()))]
+            row = int(np.argmax(reasons["impossible"].to_numpy()))
+            first = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
             hint = (f"; read as unit {imp['unit']!r} its readings lie outside preprocessing's [min_temp, max_temp] = "
-                    f"[{min_temp:g}, {max_temp:g}] °C (the first: {first.strip()!r}): is import.unit right for it?")
+                    f"[{min_temp:g}, {max_temp:g}] °C (the first: {first!r}): is import.unit right for it?")
         raise PipelineError(f"{path}: no usable readings ({_describe(report)}){hint or '; fix or remove the file'}")
     kept = kept.sort_values("date", ignore_index=True)
     try:
@@ -189,6 +190,17 @@ def infer_frequency(dates: pd.DatetimeIndex) -> str:
                      "series can be used (resample yours to one of them)")
 
 
+def temperature_columns(imp: dict) -> list[str]:
+    """The column that holds a row's reading, or the two (the day's maximum and minimum) whose mean it is."""
+    names = [imp["temperature_column"]] if isinstance(imp["temperature_column"], str) \
+        else list(imp["temperature_column"])
+    if len(names) == 2 and imp["quantity"] != "mean":
+        raise PipelineError(f"import.temperature_column = {names!r} makes each day's reading the mean of the two "
+                            f"columns, but import.quantity is {imp['quantity']!r}: set quantity = \"mean\", or name "
+                            "one column")
+    return names
+
+
 def date_columns(imp: dict) -> list[str]:
     """The column, or the columns whose values joined by a space, that hold a row's date."""
     return [imp["date_column"]] if isinstance(imp["date_column"], str) else list(imp["date_column"])
@@ -250,7 +262,8 @@ def separator(delimiter: str) -> str:
 def named_columns(imp: dict) -> dict[str, str]:
     """Every column ``[import]`` names, and the parameter that names it. Names that are all positions ("#1",
     "#2") are a file without a header line, as some archives' bulk files are."""
-    return ({name: "date_column" for name in date_columns(imp)} | {imp["temperature_column"]: "temperature_column"}
+    return ({name: "date_column" for name in date_columns(imp)}
+            | dict.fromkeys(temperature_columns(imp), "temperature_column")
             | ({imp["station_column"]: "station_column"} if imp["station_column"] else {}))
 
 
@@ -365,7 +378,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file
         whole = pd.concat([part for _, part in parts], ignore_index=True)
-        if not _holds_readings(whole[imp["temperature_column"]], imp):
+        if not _holds_readings(whole, imp):
             without.append(name)  # an export's stations that measure other things (rain, snow) only
             continue
         # The files' repeated headers were reported with the files, not with a station's rows.
@@ -387,10 +400,19 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     return stations
 
 
-def _readings_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """A column of readings as numbers in the file's unit (NaN where not a number), where it says "no
-    reading" (empty, ``MISSING_MARKERS``) and where it holds a declared missing code. A decimal comma ("12,5",
-    as European archives write it) is a point where the comma is not the delimiter."""
+def _readings_as_written(table: pd.DataFrame, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """A table's readings (``import.temperature_column``; the mean of the two where it names a day's maximum and
+    minimum) as numbers in the file's unit (NaN where not a number), where it says "no reading" (empty,
+    ``MISSING_MARKERS``; either column, for two) and where it holds a declared missing code (either column). A
+    decimal comma ("12,5", as European archives write it) is a point where the comma is not the delimiter."""
+    columns = [_column_as_written(table[name], imp) for name in temperature_columns(imp)]
+    if len(columns) == 1:
+        return columns[0]
+    (high, high_missing, high_code), (low, low_missing, low_code) = columns
+    return (high + low) / 2, high_missing | low_missing, high_code | low_code
+
+
+def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series]:
     text = column.str.strip()
     if imp["delimiter"] != ",":
         text = text.str.replace(",", ".", regex=False)
@@ -400,9 +422,10 @@ def _readings_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Se
     return values, missing, values.isin([float(value) for value in imp["missing_values"]])
 
 
-def _holds_readings(column: pd.Series, imp: dict) -> bool:
-    """Whether a station's column holds anything but empty fields, "no reading" markers and declared codes."""
-    _, missing, code = _readings_as_written(column, imp)
+def _holds_readings(table: pd.DataFrame, imp: dict) -> bool:
+    """Whether a station's rows hold a reading: anything but empty fields, "no reading" markers and declared
+    codes."""
+    _, missing, code = _readings_as_written(table, imp)
     return not (missing | code).all()
 
 

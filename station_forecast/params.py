@@ -91,7 +91,7 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     },
     "import": {
         "date_column": ((str, list), lambda value: _date_columns_problem(value), None),
-        "temperature_column": (str, None, None),
+        "temperature_column": ((str, list), lambda value: _temperature_columns_problem(value), None),
         "date_format": (str, None, None),
         "delimiter": (str, (",", ";", "\t", "|", "whitespace"), None),
         "unit": (str, tuple(UNITS), None),
@@ -262,6 +262,17 @@ def _date_columns_problem(value: str | list) -> str | None:
             or len(set(names)) < len(names):
         return (f"{value!r} must name a column, or 2 to 6 different columns whose values joined by a space make "
                 'the date (and time), e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
+    return None
+
+
+def _temperature_columns_problem(value: str | list) -> str | None:
+    """What is wrong with ``import.temperature_column``: one column's name, or two different columns, a day's
+    maximum and minimum, whose mean is the day's reading (archives that keep no daily mean)."""
+    names = [value] if isinstance(value, str) else value
+    if not 1 <= len(names) <= 2 or not all(isinstance(name, str) and name.strip() for name in names) \
+            or len(set(names)) < len(names):
+        return (f"{value!r} must name a column, or two different columns whose mean is the day's reading, "
+                'e.g. ["TMAX", "TMIN"] with quantity = "mean"')
     return None
 
 

@@ -354,6 +354,27 @@ def test_a_station_file_compressed_as_archives_ship_it_imports_as_the_plain_file
         importing.import_stations(packed, p["data"], p["import"], p["pre"])
 
 
+def test_a_day_s_maximum_and_minimum_make_its_mean_where_an_archive_keeps_no_mean(tmp_path):
+    """Most stations of NOAA's daily archives keep TMAX and TMIN only: temperature_column = ["TMAX", "TMIN"]
+    reads each day as their mean; a day missing either, or with a declared code in either, is missing."""
+    (tmp_path / "export.csv").write_text(
+        "STATION,DATE,TMAX,TMIN,PRCP\n"
+        + "".join(f"HOME,2020-01-{day:02d},{50 + day},{30 + day},0.1\n" for day in range(1, 29))
+        + "HOME,2020-01-29,55,,0\nHOME,2020-01-30,-99,31,0\nRAIN,2020-01-01,,,0.3\n")
+    p = _import_params()
+    imp = {**p["import"], "station_column": "STATION", "date_column": "DATE", "date_format": "%Y-%m-%d",
+           "delimiter": ",", "temperature_column": ["TMAX", "TMIN"], "quantity": "mean", "unit": "F",
+           "missing_values": [-99]}
+    stations = importing.read_long_form([tmp_path / "export.csv"], imp, p["pre"])
+    assert list(stations) == ["HOME"]  # the rain gauge, without a temperature, is left out
+    table, counts = stations["HOME"]
+    expected = ((np.arange(1, 29) * 2 + 80) / 2 - 32) * 5 / 9
+    np.testing.assert_allclose(table["temperature"], expected.round(2))
+    assert counts["missing_value"] == 1 and counts["missing_code"] == 1
+    with pytest.raises(PipelineError, match=r"import.quantity is 'max': set quantity = \"mean\""):
+        importing.read_long_form([tmp_path / "export.csv"], {**imp, "quantity": "max"}, p["pre"])
+
+
 def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
     import shutil
 

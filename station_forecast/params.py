@@ -254,26 +254,28 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
     return checked
 
 
-def _date_columns_problem(value: str | list) -> str | None:
-    """What is wrong with ``import.date_column``: one column's name, or the names of the columns whose values,
-    joined by a space, make the date (archives that write the year, month and day apart)."""
+def _columns_problem(value: str | list, most: int, alternative: str) -> str | None:
+    """What is wrong with a parameter that names one column, or up to ``most`` different ones
+    (``alternative`` says what they are for)."""
     names = [value] if isinstance(value, str) else value
-    if not 1 <= len(names) <= 6 or not all(isinstance(name, str) and name.strip() for name in names) \
+    if not 1 <= len(names) <= most or not all(isinstance(name, str) and name.strip() for name in names) \
             or len(set(names)) < len(names):
-        return (f"{value!r} must name a column, or 2 to 6 different columns whose values joined by a space make "
-                'the date (and time), e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
+        return f"{value!r} must name a column, or {alternative}"
     return None
+
+
+def _date_columns_problem(value: str | list) -> str | None:
+    """``import.date_column``: one column's name, or the names of the columns whose values, joined by a space,
+    make the date (archives that write the year, month and day apart)."""
+    return _columns_problem(value, 6, '2 to 6 different columns whose values joined by a space make the date (and '
+                                      'time), e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
 
 
 def _temperature_columns_problem(value: str | list) -> str | None:
-    """What is wrong with ``import.temperature_column``: one column's name, or two different columns, a day's
-    maximum and minimum, whose mean is the day's reading (archives that keep no daily mean)."""
-    names = [value] if isinstance(value, str) else value
-    if not 1 <= len(names) <= 2 or not all(isinstance(name, str) and name.strip() for name in names) \
-            or len(set(names)) < len(names):
-        return (f"{value!r} must name a column, or two different columns whose mean is the day's reading, "
-                'e.g. ["TMAX", "TMIN"] with quantity = "mean"')
-    return None
+    """``import.temperature_column``: one column's name, or two different columns, a day's maximum and minimum,
+    whose mean is the day's reading (archives that keep no daily mean)."""
+    return _columns_problem(value, 2, "two different columns whose mean is the day's reading, e.g. "
+                                      '["TMAX", "TMIN"] with quantity = "mean"')
 
 
 def _check_numbers(where: str, value: list, most: int) -> None:

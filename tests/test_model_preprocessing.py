@@ -328,15 +328,20 @@ def test_a_station_that_holds_another_s_record_is_never_its_forecast_neighbour()
     assert quality_control.forecast_neighbours(anomaly, 2, 0.3, {"B": ["A2"]})["B"] == ["A"]
 
 
-def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
-    """A station list that names one station twice: stage 2 says which two files, and neither is the other's
-    neighbour in the detector or in the forecast features."""
-    root, params = project
-    own = tmp_path / "own"
+def own_files_of(root, own):
+    """The project's simulated stations as a folder of the user's own files (date, temperature)."""
     own.mkdir()
     for path in sorted((root / "data/train/raw").glob("*.csv")):
         table = pd.concat([pd.read_csv(path), pd.read_csv(root / "data/test/raw" / path.name)])
         table.to_csv(own / path.name, index=False)
+    return own
+
+
+def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
+    """A station list that names one station twice: stage 2 says which two files, and neither is the other's
+    neighbour in the detector or in the forecast features."""
+    root, params = project
+    own = own_files_of(root, tmp_path / "own")
     first = sorted(own.glob("*.csv"))[0]
     shutil.copy(first, own / "TWIN.csv")
     params = write_params(tmp_path / "own.toml", **TINY, source=str(own))
@@ -351,11 +356,7 @@ def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys)
 
 def test_stage_2_names_a_code_one_station_writes_on_most_of_its_days(project, tmp_path, capsys):
     root, params = project
-    own = tmp_path / "own"
-    own.mkdir()
-    for path in sorted((root / "data/train/raw").glob("*.csv")):
-        table = pd.concat([pd.read_csv(path), pd.read_csv(root / "data/test/raw" / path.name)])
-        table.to_csv(own / path.name, index=False)
+    own = own_files_of(root, tmp_path / "own")
     first = sorted(own.glob("*.csv"))[0]
     table = pd.read_csv(first)
     table.loc[np.random.default_rng(1).random(len(table)) < 0.6, "temperature"] = -72.8

@@ -51,14 +51,14 @@ RETURN_SHARE = 0.5  # a spike returned when the next day's departure is within t
 # hour, 0.68-1.17 on four simulated ones; 0.40 at a station of a real network mixing observation hours (a
 # morning reading's maximum is the afternoon before's) whose neighbours read at other hours for years (tested,
 # it was flagged on 220 more days, in whole seasons); below 0 at one keyed a day apart throughout (the tests).
+# It is tested only in the months whose learning days (with a month either side) put it there too: in summer a
+# station's day-to-day changes are its own (showers, sea breezes) more than the weather it shares, so which day
+# they follow is not clear (on two real networks of 17 and 19 stations, the mean evidence at coastal stations
+# fell from about 1 in winter to 0.2 in July, and most date-offset flags were summer days).
 OFFSET_TAILS = 2.0
 OFFSET_DAY_CAP = 2.0
 OFFSET_MEMORY = 1.0
 OFFSET_LEAST_ALIGNMENT = 0.5
-# ... and only in the months whose learning days (with a month either side) put it there too: in summer a
-# station's day-to-day changes are its own (showers, sea breezes) more than the weather it shares, so which day
-# they follow is not clear (on two real networks of 17 and 19 stations, the mean evidence at coastal stations
-# fell from about 1 in winter to 0.2 in July, and most date-offset flags were summer days).
 # A stretch keyed a day early ends with one day's temperature read twice: its last reading already held the day
 # after it. Where the station's resolution makes an exact repeat rare (its learned repeat share below this), a
 # repeat ends the test for an early stretch at once, instead of the one to four days the weather takes to tell.
@@ -87,7 +87,7 @@ def repeat_runs(observed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 # and far outside all its other readings, is a missing-value code written as a reading (an archive that writes
 # -99 on the days of a years-long outage). Learned from those readings the station's climatology would sit at the
 # code, its real readings would look far outside its climate, and the code would pass as weather.
-CODE_LEAST_SHARE = 0.01  # of the station's learning readings (the commonest value of a 0.1 °C record: about 1 %)
+CODE_LEAST_SHARE = 0.01  # of the station's learning readings (a whole-°F record's commonest value: 3-4 %, inside)
 CODE_LEAST_READINGS = 10
 CODE_MARGIN = 3.0  # robust standard deviations of the other readings beyond their 0.1 and 99.9 percentiles
 MOST_CODES = 3  # codes sought per station

@@ -264,8 +264,10 @@ for i in "${!run_stages[@]}"; do
   say "stage $stage: start${verdict:+ (${verdict#*: runs (}}"
   stage_start=$(date +%s.%N)
   [ "$ahead" = "$stage" ] || start_ahead "$stage"
-  # The stage runs in the background, so a signal to this script can be passed on to it.
-  child="$ahead_pid" child_stage="$stage" tees=("${ahead_tees[@]}")
+  # The stage runs in the background, so a signal to this script can be passed on to it. From this line on
+  # it is the running stage, not one started ahead: a signal that comes before it is told to go must stop
+  # it as a stage (it ends with the signal's code), not kill it as a stage that will not run (137).
+  child="$ahead_pid" child_stage="$stage" tees=("${ahead_tees[@]}") ahead=""
   tell_ahead go
   if [ $((i + 1)) -lt "${#run_stages[@]}" ]; then
     start_ahead "${run_stages[$((i + 1))]}"

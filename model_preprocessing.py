@@ -580,6 +580,8 @@ def main(args) -> None:
     log_probable_codes(probable_codes, unit)
     log_station_codes(detector, set(probable_codes.index), unit)
     log_same_records(detector)
+    if unit != "none":
+        log_other_units(detector, unit)
     untested = sorted(set(observed.columns) - tested)
     if untested:
         log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
@@ -630,6 +632,16 @@ def log_station_codes(detector: dict, logged: set[float], unit: str) -> None:
                             "missing-value code (%s as written in the files); left out of what the quality "
                             "control learns and flagged gross; declare it in [import] missing_values", station,
                             value, units.as_written(value, unit))
+
+
+def log_other_units(detector: dict, unit: str) -> None:
+    """Warn of each station whose readings look written in another unit than its neighbours' (all read as
+    ``unit``)."""
+    for found in quality_control.other_units(detector):
+        log.warning("station %s: its mean (%.1f °C) lies %.0f °C from its neighbours' and its weather swings %.2f "
+                    "times theirs: its file is probably in another unit than import.unit = %r says (°C among °F "
+                    "files, or the reverse); convert it, or import it in a run of its own", found["station"],
+                    found["mean"], abs(found["mean"] - found["neighbours_mean"]), found["ratio"], unit)
 
 
 def log_same_records(detector: dict) -> None:

@@ -370,6 +370,20 @@ def test_stage_2_names_a_code_one_station_writes_on_most_of_its_days(project, tm
     assert (flags.loc[flags["observed"] == -72.8, "flag"] == "gross").all()
 
 
+def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys):
+    root, params = project
+    own = own_files_of(root, tmp_path / "own")
+    first = sorted(own.glob("*.csv"))[0]
+    table = pd.read_csv(first)
+    table["temperature"] = (table["temperature"] * 9 / 5 + 32).round(1)  # °F among °C files
+    table.to_csv(first, index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own), max_temp=200.0)
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "another unit" in line]
+    assert len(warned) == 1 and f"station {first.stem}: its mean" in warned[0]
+
+
 def test_at_scale_the_quality_control_s_neighbours_are_sought_among_the_nearest_listed_stations(project, monkeypatch,
                                                                                                 capsys):
     """The station list data_creation.py writes gives the positions the quality control's candidates come from

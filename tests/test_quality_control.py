@@ -766,3 +766,16 @@ def test_a_code_written_on_most_of_a_station_s_days_is_left_out_of_learning_and_
     assert faults(result)["S1"][~outage].mean() < 0.01  # its real readings are weather, as before
     assert checks.written_codes(clean) == {}
     assert checks.written_codes(network(resolution=5 / 9)) == {}  # whole °F: common repeats, none outside
+
+
+def test_a_station_written_in_another_unit_than_its_neighbours_is_named(settings):
+    """One station's file in °C among °F files, all read as °F: its mean lies some 20 °C below its neighbours'
+    and its weather swings 5/9 of theirs. It is named; stations of one unit never are."""
+    clean = network(6, seed=2) + 10.0
+    observed = clean.copy()
+    observed["S4"] = (clean["S4"] - 32) * 5 / 9  # °C numbers converted once more, as if they were °F
+    detector = learning.learn(observed, learning_days(observed), settings)
+    found = learning.other_units(detector)
+    assert [f["station"] for f in found] == ["S4"]
+    assert abs(found[0]["ratio"] / (5 / 9) - 1) < 0.3 and found[0]["neighbours_mean"] - found[0]["mean"] > 15
+    assert learning.other_units(learning.learn(clean, learning_days(clean), settings)) == []

@@ -113,10 +113,10 @@ from station_forecast.quality_control.climatology import (
     covers_the_year,
     fit_climatology,
 )
-from station_forecast.quality_control.learning import JUMP_CEILING, learn
+from station_forecast.quality_control.learning import JUMP_CEILING, learn, other_units
 from station_forecast.quality_control.neighbours import forecast_neighbours, learn_neighbours, same_records
 from station_forecast.quality_control.verdict import detect, no_detection, shared_values
 
 __all__ = ["JUMP_CEILING", "STATION_BLOCK", "borrow_seasons", "climatology_at", "covers_the_year", "detect",
-           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "no_detection", "same_records",
-           "shared_values"]
+           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "no_detection", "other_units",
+           "same_records", "shared_values"]

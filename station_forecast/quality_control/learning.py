@@ -37,6 +37,12 @@ from station_forecast.runtime import Progress, lazy_import
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 GROSS_QUANTILE = 0.999
+# A station whose file is in °C while the others are in °F (or the reverse), all read with one import.unit: its
+# mean lies tens of degrees from its neighbours' (10 °C read as °F is -12.2 °C; stations of one network differ
+# by at most a few, 3.7 °C at most on nine real ones) and its anomalies swing 5/9 (or 9/5) times theirs.
+UNIT_LEVEL_GAP = 15.0
+UNIT_RATIOS = (5 / 9, 9 / 5)
+UNIT_TOLERANCE = 0.3  # stations of one network differ in how far their weather swings: 0.88-1.32 on nine real ones
 LEARNING_ROUNDS = 2
 PROVISIONAL_CORRELATION = 0.5
 # °C: no day's temperature is further than this from the median of the days before it (the largest day-to-day
@@ -213,3 +219,20 @@ def since_onset(onset: pd.DataFrame) -> pd.DataFrame:
     began = np.where(onset.to_numpy() >= 0, onset.to_numpy(), len(onset))
     earliest_later = np.minimum.accumulate(began[::-1], axis=0)[::-1]
     return pd.DataFrame(earliest_later <= rows, index=onset.index, columns=onset.columns)
+
+
+def other_units(detector: dict) -> list[dict]:
+    """The stations whose learned mean and spread say their readings were written in another unit than their
+    neighbours' (``UNIT_LEVEL_GAP``, ``UNIT_RATIOS``): each with its mean, its neighbours' median mean and the
+    ratio of its anomalies' spread to theirs."""
+    stations, found = detector.get("stations", {}), []
+    for station, entry in stations.items():
+        known = [stations[b["station"]] for b in entry.get("neighbours", {}).get("buddies", [])
+                 if {"climatology", "anomaly_scale"} <= stations.get(b["station"], {}).keys()]
+        if not {"climatology", "anomaly_scale"} <= entry.keys() or len(known) < 2:
+            continue
+        level, theirs = entry["climatology"][0], float(np.median([k["climatology"][0] for k in known]))
+        ratio = entry["anomaly_scale"] / float(np.median([k["anomaly_scale"] for k in known]))
+        if abs(level - theirs) > UNIT_LEVEL_GAP and any(abs(ratio / r - 1) < UNIT_TOLERANCE for r in UNIT_RATIOS):
+            found.append({"station": station, "mean": level, "neighbours_mean": theirs, "ratio": ratio})
+    return found

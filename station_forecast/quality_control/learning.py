@@ -167,13 +167,9 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
         entry = {"neighbours": neighbours[station], "repeat_share": round(float(share[station]), 6)}
         if np.isfinite(alignment[station]):
             entry["offset_alignment"] = round(float(alignment[station]), 6)
-            # a month without days judged is as aligned as the station
-            entry["offset_alignment_by_month"] = [round(float(value), 6) for value in
-                                                  by_month[station].fillna(alignment[station])]
+            entry["offset_alignment_by_month"] = _by_month(by_month[station], alignment[station])
         if season_scale is not None and np.isfinite(departure_scale.get(station, np.nan)):
-            # a month without learning days wanders as the year does
-            entry["departure_scale_by_month"] = [round(float(value), 6) for value in
-                                                 season_scale[station].fillna(departure_scale[station])]
+            entry["departure_scale_by_month"] = _by_month(season_scale[station], departure_scale[station])
         if station in short:
             entry["seen_months"] = int(seen_months[station].to_numpy() @ (1 << np.arange(12)))
         if station in coefs:
@@ -184,6 +180,11 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
                 entry[name] = round(float(value), 6)
         detector["stations"][station] = entry
     return detector
+
+
+def _by_month(values: pd.Series, overall: float) -> list[float]:
+    """A station's value for each calendar month, as stored: the station's own where a month had no days."""
+    return [round(float(value), 6) for value in values.fillna(overall)]
 
 
 def _neighbours_shape(coefs: pd.DataFrame, found: dict, seen: pd.Series, otherwise: np.ndarray | None

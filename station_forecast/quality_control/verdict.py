@@ -303,30 +303,26 @@ def offset_tested(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
     """Where the date-offset test runs (date x station): at stations whose learning days are clearly on their
     neighbours' dates (``offset_alignment`` at least ``OFFSET_LEAST_ALIGNMENT``), in the months where they are
     too (its value by month; the station's own where a detector learned none by month)."""
-    columns = {}
-    for station in observed.columns:
-        entry = detector["stations"].get(station, {})
-        overall = entry.get("offset_alignment", np.nan)
-        by_month = np.asarray(entry.get("offset_alignment_by_month", [overall] * 12), dtype=float)
-        columns[station] = (by_month >= OFFSET_LEAST_ALIGNMENT) & (overall >= OFFSET_LEAST_ALIGNMENT)
-    months = observed.index.month.to_numpy() - 1
-    tested = np.column_stack([columns[station][months] for station in observed.columns]) if columns \
-        else np.zeros(observed.shape, dtype=bool)
-    return pd.DataFrame(tested, index=observed.index, columns=observed.columns)
+    overall, by_day = _by_month(detector, observed, "offset_alignment")
+    return pd.DataFrame((by_day >= OFFSET_LEAST_ALIGNMENT) & (overall >= OFFSET_LEAST_ALIGNMENT),
+                        index=observed.index, columns=observed.columns)
 
 
 def season_departure_scale(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
     """The spread of each station's departure in each day's season, never less than the year's (date x station;
     the year's where a detector learned none by month, NaN where it learned none at all)."""
-    months = observed.index.month.to_numpy() - 1
-    columns = []
-    for station in observed.columns:
-        entry = detector["stations"].get(station, {})
-        overall = entry.get("departure_scale", np.nan)
-        by_month = np.asarray(entry.get("departure_scale_by_month", [overall] * 12), dtype=float)
-        columns.append(np.maximum(by_month, overall)[months])
-    table = np.column_stack(columns) if columns else np.empty(observed.shape)
-    return pd.DataFrame(table, index=observed.index, columns=observed.columns)
+    overall, by_day = _by_month(detector, observed, "departure_scale")
+    return pd.DataFrame(np.maximum(by_day, overall), index=observed.index, columns=observed.columns)
+
+
+def _by_month(detector: dict, observed: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A learned value of each station (``key``; NaN where not learned) and, at each day of ``observed``, its
+    value for the day's calendar month (``key``_by_month; the station's own where none was learned by month)."""
+    entries = [detector["stations"].get(station, {}) for station in observed.columns]
+    overall = np.array([entry.get(key, np.nan) for entry in entries], dtype=float)
+    by_month = [entry.get(f"{key}_by_month", [value] * 12) for entry, value in zip(entries, overall, strict=True)]
+    months = np.array(by_month, dtype=float).reshape(len(entries), 12)
+    return overall[None, :], months.T[observed.index.month.to_numpy() - 1]
 
 
 def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.DataFrame, tested: pd.DataFrame,

@@ -42,7 +42,7 @@ GROSS_QUANTILE = 0.999
 # by at most a few, 3.7 °C at most on nine real ones) and its anomalies swing 5/9 (or 9/5) times theirs.
 UNIT_LEVEL_GAP = 15.0
 UNIT_RATIOS = (5 / 9, 9 / 5)
-UNIT_TOLERANCE = 0.3  # stations of one network differ in how far their weather swings: 0.88-1.32 on nine real ones
+UNIT_TOLERANCE = 0.3  # stations of one network differ in how far their weather swings: 0.72-1.32 on nine real ones
 LEARNING_ROUNDS = 2
 PROVISIONAL_CORRELATION = 0.5
 # °C: no day's temperature is further than this from the median of the days before it (the largest day-to-day

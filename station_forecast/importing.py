@@ -117,6 +117,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
         "repeated_header": int(table.attrs.get("repeated_header", 0)),
         "preamble": int(table.attrs.get("preamble", 0)),
+        "other_elements": int(table.attrs.get("other_elements", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
     }
     if kept.empty:
@@ -243,8 +244,38 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
     table = table.fillna("")  # a short last line (a truncated file) leaves its fields empty
-    table.attrs.update(repeated_header=int(repeats.sum()), encoding=encoding, preamble=preamble)
+    attrs = {"repeated_header": int(repeats.sum()), "encoding": encoding, "preamble": preamble}
+    if imp["element_column"]:
+        table = elements_as_columns(table, imp, path)
+    table.attrs.update(attrs)
     return table
+
+
+def elements_as_columns(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
+    """A file with a row per day and element (``import.element_column`` names the element, ``value_column`` holds
+    its value: GHCN-Daily's by-station files) as one with a column per element kept, named as the element, for
+    the elements ``import.temperature_column`` names; rows of other elements (rain, snow) are left out. Two
+    elements (a day's maximum and minimum) are matched by date (and station): a day with one of them has the
+    other empty, a missing value. Rows keep the file's order."""
+    element = table[imp["element_column"]].str.strip()
+    wanted = temperature_columns(imp)
+    keys = [*date_columns(imp), *([imp["station_column"]] if imp["station_column"] else [])]
+    if not element.isin(wanted).any():
+        held = ", ".join(map(repr, element.drop_duplicates().head(8)))
+        raise PipelineError(f"{path}: no row of element {' nor '.join(map(repr, wanted))} in column "
+                            f"{imp['element_column']!r} (import.element_column), which holds {held}: set "
+                            "import.temperature_column to the element(s) to read, or move the file out of the "
+                            "folder if it holds no temperature")
+    parts = [table[element == name].drop(columns=imp["element_column"]).rename(columns={imp["value_column"]: name})
+             .rename_axis("row").reset_index() for name in wanted]
+    whole = parts[0]
+    for name, part in zip(wanted[1:], parts[1:], strict=True):
+        whole = whole.merge(part[[*keys, "row", name]], on=keys, how="outer", suffixes=("", "_other"))
+        whole["row"] = whole[["row", "row_other"]].min(axis=1)
+        whole = whole.drop(columns="row_other")
+    whole = whole.sort_values("row", kind="stable").drop(columns="row").fillna("").reset_index(drop=True)
+    whole.attrs["other_elements"] = int((~element.isin(wanted)).sum())
+    return whole
 
 
 def _parsed(text: str, **options: Any) -> pd.DataFrame:
@@ -262,8 +293,9 @@ def separator(delimiter: str) -> str:
 def named_columns(imp: dict) -> dict[str, str]:
     """Every column ``[import]`` names, and the parameter that names it. Names that are all positions ("#1",
     "#2") are a file without a header line, as some archives' bulk files are."""
-    return ({name: "date_column" for name in date_columns(imp)}
-            | dict.fromkeys(temperature_columns(imp), "temperature_column")
+    readings = {imp["element_column"]: "element_column", imp["value_column"]: "value_column"} \
+        if imp["element_column"] else dict.fromkeys(temperature_columns(imp), "temperature_column")
+    return ({name: "date_column" for name in date_columns(imp)} | readings
             | ({imp["station_column"]: "station_column"} if imp["station_column"] else {}))
 
 
@@ -299,6 +331,8 @@ def _describe(report: dict) -> str:
         parts.append(f"{report['preamble']} lines before the header skipped")
     if report.get("repeated_header"):
         parts.append(f"{report['repeated_header']} repeated header line(s) skipped (files joined together)")
+    if report.get("other_elements"):
+        parts.append(f"{report['other_elements']} rows of other elements not read")
     return ", ".join(parts) or "nothing dropped"
 
 
@@ -358,7 +392,8 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     column, rows, encodings = imp["station_column"], {}, {}
     for path in files:
         table = _read_user_csv(path, imp)
-        skipped = {key: table.attrs[key] for key in ("preamble", "repeated_header")}  # the file's lines, no station's
+        skipped = {key: table.attrs.get(key, 0)  # the file's lines, no station's
+                   for key in ("preamble", "repeated_header", "other_elements")}
         if any(skipped.values()):
             log.info("%s: %s", path.name, _describe(skipped))
         encodings[path.name] = table.attrs["encoding"]

@@ -98,6 +98,8 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "quantity": (str, ("mean", "max", "min"), None),
         "missing_values": (list, MAX_MISSING_CODES, None),
         "station_column": (str, lambda value: None, None),  # "" (one station per file) or a column's name
+        "element_column": (str, lambda value: None, None),  # "" (a column per quantity) or a column's name
+        "value_column": (str, lambda value: None, None),  # with element_column: the column of the values
     },
     "quality_control": {
         "detector": (str, ("network", "none"), None),
@@ -306,6 +308,11 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
                             f"{sim['n_years']} must stay within the years 1800 to 9999")
     if pre["min_temp"] >= pre["max_temp"]:
         raise PipelineError(f"{path}: preprocessing.min_temp must be below preprocessing.max_temp")
+    imp = s["import"]
+    if bool(imp["element_column"].strip()) != bool(imp["value_column"].strip()):
+        raise PipelineError(f"{path}: import.element_column and import.value_column go together: a file with a row "
+                            "per day and element (GHCN-Daily's by-station files) names both, e.g. "
+                            'element_column = "#3", value_column = "#4"; any other file neither')
     if data["source"] != SIMULATION:
         return  # the next checks are about the simulated stations; imported ones are checked when read
     if data["holdout_stations"] >= sim["n_stations"]:

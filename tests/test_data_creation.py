@@ -375,6 +375,70 @@ def test_a_day_s_maximum_and_minimum_make_its_mean_where_an_archive_keeps_no_mea
         importing.read_long_form([tmp_path / "export.csv"], {**imp, "quantity": "max"}, p["pre"])
 
 
+GHCN_BY_STATION = {"date_column": "#2", "date_format": "%Y%m%d", "delimiter": ",", "element_column": "#3",
+                   "value_column": "#4", "unit": "0.1C", "missing_values": [-9999], "station_column": ""}
+
+
+def _ghcn_rows(station: str, days: int, skip_tmin: int = -1) -> str:
+    """GHCN-Daily by-station rows as shipped (no header; ID, YYYYMMDD, element, value in tenths, flags, time),
+    the elements of a day in no fixed order, precipitation among them; day ``skip_tmin`` has no TMIN."""
+    rows = []
+    for day in range(1, days + 1):
+        date = (pd.Timestamp("2020-01-01") + pd.Timedelta(days=day - 1)).strftime("%Y%m%d")
+        rows.append(f"{station},{date},PRCP,{day % 7},,,S,")
+        if day != skip_tmin:
+            rows.append(f"{station},{date},TMIN,{-50 + day},,,S,")
+        rows.append(f"{station},{date},TMAX,{50 + day if day != 3 else -9999},,{'I' if day == 4 else ''},S,0700")
+    return "\n".join(rows) + "\n"
+
+
+def test_a_ghcn_daily_by_station_file_is_read_as_shipped(tmp_path, capsys):
+    """GHCN-Daily's by-station files hold a row per day and element: import.element_column and value_column
+    read the element(s) temperature_column names, leave the other elements out (counted), and match a day's
+    maximum and minimum by date for their mean."""
+    (tmp_path / "USW00000001.csv").write_text(_ghcn_rows("USW00000001", 80, skip_tmin=10))
+    p = _import_params()
+    imp = {**p["import"], **GHCN_BY_STATION, "temperature_column": "TMAX", "quantity": "max"}
+    table, report = importing.read_user_station(tmp_path / "USW00000001.csv", imp, -90.0, 60.0)
+    assert report["rows"] == 80 and report["other_elements"] == 159  # PRCP, and TMIN but on day 10
+    assert report["missing_code"] == 1 and report["kept"] == 79
+    expected = pd.Series((50 + np.arange(1, 81)) / 10).drop(2).reset_index(drop=True)
+    np.testing.assert_allclose(table["temperature"], expected)
+    assert "159 rows of other elements not read" in importing._describe(report)
+
+    mean = {**imp, "temperature_column": ["TMAX", "TMIN"], "quantity": "mean"}
+    table, report = importing.read_user_station(tmp_path / "USW00000001.csv", mean, -90.0, 60.0)
+    assert report["rows"] == 80 and report["other_elements"] == 80
+    assert report["missing_value"] == 1 and report["missing_code"] == 1  # day 10 without TMIN, day 3 coded
+    day = np.arange(1, 81)
+    expected = pd.Series(((50 + day) + (-50 + day)) / 20, index=day).drop([3, 10]).to_numpy()
+    np.testing.assert_allclose(table["temperature"], expected)
+    assert table["date"].is_monotonic_increasing and not report["out_of_order"]
+
+    # The same days as NCEI's data service ships them: a row per day, flags beside each element in quoted fields.
+    (tmp_path / "access").mkdir()
+    (tmp_path / "access/USW00000001.csv").write_text(
+        "STATION,DATE,LATITUDE,LONGITUDE,ELEVATION,NAME,PRCP,PRCP_ATTRIBUTES,TMAX,TMAX_ATTRIBUTES,TMIN,TMIN_ATTRIBUTES\n"
+        + "".join(f'"USW00000001","{(pd.Timestamp("2020-01-01") + pd.Timedelta(days=d - 1)).date()}","40.7","-73.9",'
+                  f'"42.7","CENTRAL PARK, NY US","{d % 7}",",,W,2400","{50 + d if d != 3 else -9999}",",,W",'
+                  f'"{-50 + d if d != 10 else ""}",",,W"\n' for d in range(1, 81)))
+    wide = {**mean, "element_column": "", "value_column": "", "date_column": "DATE", "date_format": "%Y-%m-%d"}
+    from_wide, _ = importing.read_user_station(tmp_path / "access/USW00000001.csv", wide, -90.0, 60.0)
+    pd.testing.assert_frame_equal(from_wide, table)
+
+    with pytest.raises(PipelineError, match=r"USW00000001.csv: no row of element 'TAVG' in column '#3' "
+                                            r"\(import.element_column\), which holds 'PRCP', 'TMIN', 'TMAX'"):
+        importing.read_user_station(tmp_path / "USW00000001.csv", {**imp, "temperature_column": "TAVG"}, -90.0, 60.0)
+
+
+def test_element_column_and_value_column_go_together(tmp_path):
+    path = write_params(tmp_path / "p.toml", **TINY)
+    text = path.read_text().replace('element_column = ""', 'element_column = "#3"')
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=r"import\.element_column and import\.value_column go together"):
+        load_params(path)
+
+
 def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
     import shutil
 

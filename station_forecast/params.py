@@ -217,6 +217,12 @@ def load_params(path: Path | str | None = None) -> Params:
     return Params(sections, path, hashlib.sha256(raw_bytes).hexdigest())
 
 
+# Keys that switch on a layout of the user's files, added after params files were first written: absent, they
+# can only mean the layout is not used, so a file made before them still loads. Every other key is required.
+ABSENT_MEANS_OFF: dict[str, Any] = {"import.missing_values": [], "import.station_column": "",
+                                    "import.element_column": "", "import.value_column": ""}
+
+
 def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise PipelineError(f"{path}: missing section [{name}]")
@@ -228,6 +234,10 @@ def _check_section(path: Path, name: str, values: Any, schema: dict) -> dict[str
     checked = {}
     for key, (kind, low, high) in schema.items():
         where = f"{path}: {name}.{key}"
+        if key not in values and f"{name}.{key}" in ABSENT_MEANS_OFF:
+            off = ABSENT_MEANS_OFF[f"{name}.{key}"]
+            checked[key] = list(off) if isinstance(off, list) else off
+            continue
         if key not in values:
             raise PipelineError(f"{where} is missing (every key is required; {DEFAULT_PARAMS} has each one with "
                                 "its default, to copy from: a file made for an earlier version lacks the newer keys)")

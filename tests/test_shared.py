@@ -44,6 +44,22 @@ def test_bad_parameters_get_one_clear_message(tmp_path, edit, message):
     assert message in str(caught.value) and str(path) in str(caught.value)
 
 
+def test_a_parameters_file_made_before_the_newer_layout_keys_still_loads(tmp_path):
+    """The import keys that switch on a file layout (many stations per file, a row per element, declared codes)
+    were added later: a file without them loads with each layout off; any other missing key is still refused."""
+    import re
+
+    text = (ROOT / "params.toml").read_text()
+    older = re.sub(r"^(missing_values|station_column|element_column|value_column) = .*$", "#", text, flags=re.M)
+    (tmp_path / "old.toml").write_text(older)
+    imp = load_params(tmp_path / "old.toml")["import"]
+    assert (imp["missing_values"], imp["station_column"], imp["element_column"], imp["value_column"]) == \
+        ([], "", "", "")
+    (tmp_path / "older.toml").write_text(older.replace('quantity = "mean"', "#"))
+    with pytest.raises(errors.PipelineError, match=r"import\.quantity is missing"):
+        load_params(tmp_path / "older.toml")
+
+
 @pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.STAGE)
 def test_every_stage_checks_parameters_before_writing_anything(project, capsys, stage):
     root, _ = project

@@ -122,15 +122,15 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     observed[row[on], column[on]] = frame["temperature"].to_numpy()[on]
     split[row[on], column[on]] = (frame["split"] == "test").to_numpy()[on]  # 0 train, 1 test
     columns = pd.Index(stations, dtype=object, name="station")
-    observed = pd.DataFrame(observed, index=calendar, columns=columns)
-    split = pd.DataFrame(split, index=calendar, columns=columns)
+    observed = pd.DataFrame(observed, index=calendar, columns=columns, copy=False)
+    split = pd.DataFrame(split, index=calendar, columns=columns, copy=False)
     # A missing day belongs to the period of the day before it; days before a
     # station's first or after its last day belong to none.
     inside = split.ffill().notna() & split.bfill().notna()
     labels = np.array(["train", "test", ""], dtype=object)  # shared objects, not one string per day
     codes = np.where(inside, (split.ffill() == 1.0).astype(int), 2)
     # Kept as objects: a pandas string column of a million cells costs five times as much to make and read.
-    period = pd.DataFrame(labels[codes], index=observed.index, columns=observed.columns, dtype=object)
+    period = pd.DataFrame(labels[codes], index=observed.index, columns=observed.columns, dtype=object, copy=False)
     before_test = pd.DataFrame(np.repeat(np.asarray(observed.index < test_start)[:, None], observed.shape[1], axis=1),
                                index=observed.index, columns=observed.columns)
     period = period.mask((period == "test") & before_test, "history")
@@ -326,7 +326,7 @@ def network_features(stations: list[str], compared: dict[str, pd.DataFrame], nei
                 with np.errstate(invalid="ignore"):
                     near[:, k] = np.where(present, every[:, chosen], 0.0).sum(axis=1) / present.sum(axis=1)
         gap = np.where(np.isnan(near) & ~np.isnan(own), 0.0, near - own)
-        tables[name] = pd.DataFrame(gap, index=values.index, columns=stations)
+        tables[name] = pd.DataFrame(gap, index=values.index, columns=stations, copy=False)
     return tables
 
 

@@ -80,7 +80,7 @@ def repeat_runs(observed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     count = same.cumsum()
     run = count - count.where(~same).ffill().fillna(0)
     start = np.arange(len(observed))[:, None] - run.to_numpy().astype(int)
-    return run + 1, pd.DataFrame(start, index=observed.index, columns=observed.columns)
+    return run + 1, pd.DataFrame(start, index=observed.index, columns=observed.columns, copy=False)
 
 
 # A value a station's learning days hold exactly, far more often than any temperature is read to the last digit,
@@ -193,8 +193,8 @@ def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: p
         strongest[within] = np.maximum(strongest[within], evidence[days[within] - lag, columns[within]])
     best = np.full(evidence.shape, np.nan)
     best[days, columns] = np.maximum(strongest, 0.0)
-    best = pd.DataFrame(best, index=run.index, columns=run.columns)
-    return pd.DataFrame(stuck, index=run.index, columns=run.columns), best
+    best = pd.DataFrame(best, index=run.index, columns=run.columns, copy=False)
+    return pd.DataFrame(stuck, index=run.index, columns=run.columns, copy=False), best
 
 
 def day_before(values: np.ndarray, fill: float | bool = float("nan")) -> np.ndarray:
@@ -341,7 +341,7 @@ def change_evidence(innovation_z: pd.DataFrame, persistence: pd.Series, lags: tu
     done = (pool or runtime.Threads()).map(change_block, blocks, lags=lags, shape=shape)
     best = np.hstack([b for b, _ in done]) if done else np.zeros_like(values)
     best_lag = np.hstack([lag for _, lag in done]) if done else np.zeros(values.shape, dtype=int)
-    return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns), best_lag
+    return pd.DataFrame(best, index=innovation_z.index, columns=innovation_z.columns, copy=False), best_lag
 
 
 def change_block(block: tuple[np.ndarray, np.ndarray, np.ndarray | None], lags: tuple[int, ...], shape: str
@@ -414,7 +414,7 @@ def mean_since(values: pd.DataFrame, lag: np.ndarray) -> pd.DataFrame:
     n = np.take_along_axis(count, end, axis=0) - np.take_along_axis(count, begin, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (np.take_along_axis(total, end, axis=0) - np.take_along_axis(total, begin, axis=0)) / n
-    return pd.DataFrame(mean, index=values.index, columns=values.columns)
+    return pd.DataFrame(mean, index=values.index, columns=values.columns, copy=False)
 
 
 def held(start: pd.DataFrame, hold: pd.DataFrame) -> pd.DataFrame:
@@ -422,7 +422,8 @@ def held(start: pd.DataFrame, hold: pd.DataFrame) -> pd.DataFrame:
     rows = np.arange(len(start))[:, None]
     last_start = np.maximum.accumulate(np.where(start.to_numpy(), rows, -1), axis=0)
     last_break = np.maximum.accumulate(np.where(hold.to_numpy(), -1, rows), axis=0)
-    return pd.DataFrame((last_start > last_break) & hold.to_numpy(), index=start.index, columns=start.columns)
+    return pd.DataFrame((last_start > last_break) & hold.to_numpy(), index=start.index, columns=start.columns,
+                        copy=False)
 
 
 def explained_readings(flag: pd.DataFrame, departure: pd.DataFrame) -> pd.DataFrame:
@@ -433,7 +434,7 @@ def explained_readings(flag: pd.DataFrame, departure: pd.DataFrame) -> pd.DataFr
     returned = departure.shift(-1).abs() < RETURN_SHARE * departure.abs()
     codes = np.select([flag.isin([Flag.STUCK, Flag.GROSS]).to_numpy(), (flag.eq(Flag.SPIKE) & returned).to_numpy()],
                       [1, 2], 0).astype(np.int8)
-    return pd.DataFrame(codes, index=flag.index, columns=flag.columns)
+    return pd.DataFrame(codes, index=flag.index, columns=flag.columns, copy=False)
 
 
 def explained_innovations(innovation: pd.DataFrame, departure: pd.DataFrame, explained: pd.DataFrame

@@ -138,7 +138,7 @@ def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterat
 
 def climatology_at(coefs: pd.DataFrame, dates: pd.DatetimeIndex, stations: pd.Index) -> pd.DataFrame:
     """The seasonal mean of every station at ``dates``; NaN for stations without coefficients."""
-    table = pd.DataFrame(harmonic_design(dates) @ coefs.to_numpy(), index=dates, columns=coefs.columns)
+    table = pd.DataFrame(harmonic_design(dates) @ coefs.to_numpy(), index=dates, columns=coefs.columns, copy=False)
     return table.reindex(columns=stations)
 
 

@@ -219,7 +219,7 @@ def since_onset(onset: pd.DataFrame) -> pd.DataFrame:
     rows = np.arange(len(onset))[:, None]
     began = np.where(onset.to_numpy() >= 0, onset.to_numpy(), len(onset))
     earliest_later = np.minimum.accumulate(began[::-1], axis=0)[::-1]
-    return pd.DataFrame(earliest_later <= rows, index=onset.index, columns=onset.columns)
+    return pd.DataFrame(earliest_later <= rows, index=onset.index, columns=onset.columns, copy=False)
 
 
 def other_units(detector: dict) -> list[dict]:

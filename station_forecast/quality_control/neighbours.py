@@ -21,7 +21,7 @@ PAIR_BLOCK = 256  # stations whose candidates are compared at a time
 # would pass as weather: neither is the other's neighbour. At 0.1 °C no two stations of a network agree that
 # often; at whole °F the nearest do on a fifth to two fifths of their days.
 SAME_RECORD_SHARE = 0.9
-SAME_RECORD_PAIRS = 4096  # pairs compared at a time (days x pairs arrays)
+SAME_RECORD_PAIRS = 4096  # pairs compared at a time (pairs x days arrays)
 
 
 def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positions: np.ndarray | None = None
@@ -196,6 +196,7 @@ def _same_records(readings: np.ndarray, index: np.ndarray, corr: np.ndarray, usa
     both read (at least ``MIN_OVERLAP_DAYS``), with that share and those days. A copy correlates best of
     all, so only the slots that would be chosen are compared, again after each copy is set aside."""
     usable, checked, copies = usable.copy(), np.zeros(index.shape, dtype=bool), {}
+    by_station = np.ascontiguousarray(readings.T)  # a station's days in one row: pairs are gathered by rows
     while True:
         pairs = np.array([(i, k) for i, slots in enumerate(_ranked(index, corr, usable, n_neighbours))
                           for k in slots if not checked[i, k]], dtype=int).reshape(-1, 2)
@@ -204,9 +205,9 @@ def _same_records(readings: np.ndarray, index: np.ndarray, corr: np.ndarray, usa
         checked[pairs[:, 0], pairs[:, 1]] = True
         for begin in range(0, len(pairs), SAME_RECORD_PAIRS):
             rows, slots = pairs[begin:begin + SAME_RECORD_PAIRS].T
-            own, other = readings[:, rows], readings[:, index[rows, slots]]
-            days = (~np.isnan(own) & ~np.isnan(other)).sum(axis=0)
-            share = (own == other).sum(axis=0) / np.maximum(days, 1)
+            own, other = by_station[rows], by_station[index[rows, slots]]
+            days = (~np.isnan(own) & ~np.isnan(other)).sum(axis=1)
+            share = (own == other).sum(axis=1) / np.maximum(days, 1)
             for n in np.nonzero((share >= SAME_RECORD_SHARE) & (days >= MIN_OVERLAP_DAYS))[0]:
                 copies[rows[n], slots[n]] = (round(float(share[n]), 4), int(days[n]))
                 usable[rows[n], slots[n]] = False
@@ -277,7 +278,7 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads
     joint = np.empty((anomaly.shape[1], days))
     rows = [slice(begin, begin + EXPECTED_BLOCK) for begin in range(0, anomaly.shape[1], EXPECTED_BLOCK)]
     runtime.Threads(threads).map(_expected_rows, rows, padded=padded, lines=lines, out=joint)
-    return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns)
+    return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns, copy=False)
 
 
 def nearest_line_distance(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
@@ -296,7 +297,7 @@ def nearest_line_distance(anomaly: pd.DataFrame, neighbours: dict[str, dict]) ->
         predicted *= lines["slope"][:, m, None]
         predicted += lines["intercept"][:, m, None]
         np.fmin(nearest, np.abs(np.subtract(own, predicted, out=predicted), out=predicted), out=nearest)
-    return pd.DataFrame(nearest.T, index=anomaly.index, columns=anomaly.columns)
+    return pd.DataFrame(nearest.T, index=anomaly.index, columns=anomaly.columns, copy=False)
 
 
 def outside_the_lines(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
@@ -315,7 +316,7 @@ def outside_the_lines(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.
         np.fmax(highest, predicted, out=highest)
     beyond = np.fmax(np.fmax(own - highest, lowest - own), 0.0)
     beyond[np.isnan(lowest) | np.isnan(own)] = np.nan
-    return pd.DataFrame(beyond.T, index=anomaly.index, columns=anomaly.columns)
+    return pd.DataFrame(beyond.T, index=anomaly.index, columns=anomaly.columns, copy=False)
 
 
 def _expected_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:
@@ -352,7 +353,7 @@ def reporting_neighbours(observed: pd.DataFrame, neighbours: dict[str, dict]) ->
         present = np.vstack([observed.notna().to_numpy().T, np.zeros((1, len(observed)), dtype=bool)])
         for m in range(lines["index"].shape[1]):
             count += present[lines["index"][:, m]]
-    return pd.DataFrame(count.T, index=observed.index, columns=observed.columns)
+    return pd.DataFrame(count.T, index=observed.index, columns=observed.columns, copy=False)
 
 
 def network_departures(observed: pd.DataFrame, climatology: pd.DataFrame, neighbours: dict[str, dict],

@@ -248,7 +248,7 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
                       CODE[Flag.DRIFT], CODE[Flag.LEVEL_SHIFT]], CODE[Flag.NONE])
 
     def frame(values: np.ndarray) -> pd.DataFrame:  # text stays object: a string column costs 5x to make
-        return pd.DataFrame(values, index=observed.index, columns=stations, dtype=values.dtype)
+        return pd.DataFrame(values, index=observed.index, columns=stations, dtype=values.dtype, copy=False)
 
     flag = frame(np.array([kind.value for kind in VERDICT_CODES], dtype=object)[code])
     if settings["onsets"]:  # learning needs only which readings to trust, and since when
@@ -305,14 +305,14 @@ def offset_tested(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
     too (its value by month; the station's own where a detector learned none by month)."""
     overall, by_day = _by_month(detector, observed, "offset_alignment")
     return pd.DataFrame((by_day >= OFFSET_LEAST_ALIGNMENT) & (overall >= OFFSET_LEAST_ALIGNMENT),
-                        index=observed.index, columns=observed.columns)
+                        index=observed.index, columns=observed.columns, copy=False)
 
 
 def season_departure_scale(detector: dict, observed: pd.DataFrame) -> pd.DataFrame:
     """The spread of each station's departure in each day's season, never less than the year's (date x station;
     the year's where a detector learned none by month, NaN where it learned none at all)."""
     overall, by_day = _by_month(detector, observed, "departure_scale")
-    return pd.DataFrame(np.maximum(by_day, overall), index=observed.index, columns=observed.columns)
+    return pd.DataFrame(np.maximum(by_day, overall), index=observed.index, columns=observed.columns, copy=False)
 
 
 def _by_month(detector: dict, observed: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:

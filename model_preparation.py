@@ -26,6 +26,9 @@ Outputs: models/model.joblib  per step: the fitted estimator and its interval; t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import threadpoolctl
 
@@ -50,6 +53,13 @@ STOPPING_SHARE = 0.1
 STOPPING_ROUNDS = 10
 TRAIN_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN,
                  *FEATURES]
+# A features table larger than this is never held whole (a national network's): it is read twice in batches of
+# STREAM_BATCH_ROWS, first for each step's training rows per station, then for the cross-validation sample (the
+# same whole stations as ``cv_sample`` takes), the Ridge's normal equations summed over every training row, and
+# every k-th training row for gradient boosting, at most BOOSTING_MAX_ROWS of them.
+STREAM_BYTES = 1 << 30
+STREAM_BATCH_ROWS = 1 << 19
+BOOSTING_MAX_ROWS = 1_500_000
 
 
 def candidates(model: dict) -> dict:
@@ -216,9 +226,17 @@ def choose(scores: dict[str, list[float]], names: list[str], tie_tolerance: floa
 def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None = None) -> dict:
     """Choose, calibrate and fit the forecaster of one step ahead, from that step's training rows
     (the cross-validation fits on ``pool``, the final fit here)."""
+    return select_and_fit(cv_sample(rows, model_params["cv_max_rows"]), len(rows), model_params, pool,
+                          lambda estimator: fit_forecaster(estimator, rows))
+
+
+def select_and_fit(sample: pd.DataFrame, training_rows: int, model_params: dict, pool: compute.Pool | None,
+                   final_fit: Callable[[Any], features.Forecaster], fit: dict | None = None) -> dict:
+    """Choose the candidate by cross-validation on ``sample`` (rows in date order), calibrate its interval, and
+    fit it by ``final_fit`` (on the step's ``training_rows`` rows; ``fit`` says how, where not on all of them
+    at once)."""
     from sklearn.base import clone
 
-    sample = cv_sample(rows, model_params["cv_max_rows"])
     estimators = candidates(model_params)
     folds = purged(time_folds(sample["target_date"], model_params["cv_folds"]), sample)
     scores, residuals, trees = cross_validate(estimators, sample, folds, pool)
@@ -226,7 +244,7 @@ def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None =
     final = clone(estimators[chosen])
     if chosen in trees:  # on every row, as many trees as the folds grew before their latest dates stopped them
         final.set_params(max_iter=int(np.median(trees[chosen])))
-    final = fit_forecaster(final, rows)
+    final = final_fit(final)
     level = model_params["interval_level"]
     intervals = {"model": calibrate_interval(residuals[chosen], level),
                  "persistence": calibrate_interval(residuals["persistence"], level)}
@@ -243,7 +261,8 @@ def fit_step(rows: pd.DataFrame, model_params: dict, pool: compute.Pool | None =
             "trees": trees,
         },
         "interval": intervals,
-        "training_rows": len(rows),
+        "training_rows": training_rows,
+        **({"fit": fit[chosen]} if fit else {}),
     }
     return {"estimator": final, "record": record, "estimators": estimators}
 
@@ -259,6 +278,119 @@ def fit_one_of(steps: list[int], step: int, rows: pd.DataFrame, model_params: di
     return fitted
 
 
+def fitted_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[list[int], list[dict], int]:
+    """``fit_one_of`` for every step of the features table, read whole; returns the steps, their fits and the
+    training rows of all steps."""
+    features = storage.read_table(path, TRAIN_COLUMNS)
+    # The CSV parser's buffers, as large as the table, go back before its rows are copied in date order:
+    # at 1,000 stations the stage's peak falls from 1,980 to 1,530 MiB.
+    runtime.release_memory(collect=False)
+    rows = training_rows(features)
+    del features
+    first = rows[rows["step"] == 1]
+    sample_size = len(cv_sample(first, model_params["cv_max_rows"]))
+    if sample_size < len(first):
+        log.info("cross-validation on about %d of %d training rows per step (every station's rows of some "
+                 "stations); the chosen model is then fitted on all rows", sample_size, len(first))
+    steps = sorted(int(s) for s in rows["step"].unique())
+    return steps, [fit_one_of(steps, step, rows, model_params, pool) for step in steps], len(rows)
+
+
+def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[list[int], list[dict], int]:
+    """``fit_one_of`` for every step of a features table too large to hold (``STREAM_BYTES``), reading it in
+    batches; returns the steps, their fits and the training rows of all steps. The same candidate is chosen as
+    from the whole table (its cross-validation sample is the same rows); a Ridge is the same fit, up to the
+    rounding of sums over batches; gradient boosting is fitted on every k-th training row in the table's order
+    (stations, then dates), at most ``BOOSTING_MAX_ROWS``."""
+    counts: dict[int, pd.Series] = {}
+    for batch in storage.read_table_batches(path, ["station", "step", "target_ok"], STREAM_BATCH_ROWS):
+        for step, per_station in batch[batch["target_ok"] == 1].groupby("step")["station"]:
+            counts[int(step)] = per_station.value_counts().add(counts.get(int(step), pd.Series(dtype=int)),
+                                                               fill_value=0)
+    if not counts:
+        raise PipelineError(f"{path}: no training rows (target_ok = 1)")
+    steps = sorted(counts)
+    total = {step: int(counts[step].sum()) for step in steps}
+    sampled = {step: set(_sampled_stations(sorted(counts[step].index), total[step], model_params["cv_max_rows"]))
+               for step in steps}
+    stride = {step: -(-total[step] // BOOSTING_MAX_ROWS) for step in steps}
+    parts: dict[int, dict[str, list]] = {step: {"cv": [], "boosting": []} for step in steps}
+    sums = {step: {"full": NormalEquations(FEATURES), "fallback": NormalEquations(FALLBACK_FEATURES)}
+            for step in steps}
+    seen = dict.fromkeys(steps, 0)
+    for batch in storage.read_table_batches(path, TRAIN_COLUMNS, STREAM_BATCH_ROWS):
+        batch = batch[(batch["target_ok"] == 1).to_numpy()]
+        for step, rows in batch.groupby("step"):
+            step = int(step)
+            parts[step]["cv"].append(rows[rows["station"].isin(sampled[step])])
+            order = seen[step] + np.arange(len(rows))
+            seen[step] += len(rows)
+            parts[step]["boosting"].append(rows[order % stride[step] == 0])
+            known = rows[RIDGE_FEATURE].notna().to_numpy()
+            sums[step]["full"].add(rows[known])
+            sums[step]["fallback"].add(rows)
+    fitted = []
+    for step in steps:
+        sample = training_rows(pd.concat(parts[step].pop("cv"), ignore_index=True))
+        boosting_rows = training_rows(pd.concat(parts[step].pop("boosting"), ignore_index=True))
+        how = {"ridge": f"normal equations summed over all {total[step]} training rows, in batches",
+               "gradient_boosting": f"one in {stride[step]} of the {total[step]} training rows, in the table's "
+                                    f"order ({len(boosting_rows)} rows; at most {BOOSTING_MAX_ROWS})"}
+
+        def final_fit(estimator, step=step, boosting_rows=boosting_rows):
+            if _is_boosting(estimator):
+                return fit_forecaster(estimator, boosting_rows)
+            return features.Forecaster(sums[step]["full"].ridge(estimator), sums[step]["fallback"].ridge(estimator))
+
+        done = select_and_fit(sample, total[step], model_params, pool, final_fit, fit=how)
+        if len(steps) > 1:
+            log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["record"]["chosen"],
+                     done["record"]["cv"]["mean_mae"][done["record"]["chosen"]],
+                     done["record"]["cv"]["mean_mae"]["persistence"])
+        fitted.append(done)
+    return steps, fitted, sum(total.values())
+
+
+def _sampled_stations(stations: list[str], rows: int, max_rows: int) -> list[str]:
+    """The stations ``cv_sample`` keeps from ``rows`` training rows of these (sorted) stations."""
+    return stations if rows <= max_rows else stations[::-(-rows // max_rows)]
+
+
+class NormalEquations:
+    """The sums a Ridge with an intercept is fitted from (the change from ``temp_today`` to ``target`` on
+    ``columns``), added batch by batch: the same solution as scikit-learn's, without holding the rows."""
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns, self.rows = columns, 0
+        self.total, self.target = np.zeros(len(columns)), 0.0
+        self.gram, self.moment = np.zeros((len(columns), len(columns))), np.zeros(len(columns))
+
+    def add(self, rows: pd.DataFrame) -> None:
+        inputs = rows[self.columns].to_numpy(dtype=float)
+        change = (rows["target"] - rows["temp_today"]).to_numpy(dtype=float)
+        self.rows += len(rows)
+        self.total += inputs.sum(axis=0)
+        self.target += change.sum()
+        self.gram += inputs.T @ inputs
+        self.moment += inputs.T @ change
+
+    def ridge(self, estimator: Any) -> Any:
+        """``estimator`` (a Ridge) as fitted on the rows added (centred, the intercept unpenalised); None
+        without rows."""
+        from sklearn.base import clone
+
+        if not self.rows:
+            return None
+        estimator = clone(estimator)
+        mean, target_mean = self.total / self.rows, self.target / self.rows
+        gram = self.gram - self.rows * np.outer(mean, mean)
+        moment = self.moment - self.rows * mean * target_mean
+        coef = np.linalg.solve(gram + estimator.alpha * np.eye(len(mean)), moment)
+        estimator.coef_, estimator.intercept_ = coef, float(target_mean - mean @ coef)
+        estimator.n_features_in_, estimator.feature_names_in_ = len(mean), np.asarray(self.columns, dtype=object)
+        return estimator
+
+
 def main(args) -> None:
     params: Params = load_params(args.params)
     paths = Paths(args.root)
@@ -266,26 +398,20 @@ def main(args) -> None:
     inputs = [paths.train_features, paths.scaler]
     manifest.verify_outputs_of(paths, "model_preprocessing", inputs)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
-        features = storage.read_table(paths.train_features, TRAIN_COLUMNS)
-        # The CSV parser's buffers, as large as the table, go back before its rows are copied in date order:
-        # at 1,000 stations the stage's peak falls from 1,980 to 1,530 MiB.
-        runtime.release_memory(collect=False)
-        rows = training_rows(features)
-        del features
         threads, why = runtime.thread_budget(spinning=True)  # gradient boosting's OpenMP threads
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
         log.info("using %d thread(s) (%s)", threads, why)
-        first = rows[rows["step"] == 1]
-        sample_size = len(cv_sample(first, model_params["cv_max_rows"]))
-        if sample_size < len(first):
-            log.info("cross-validation on about %d of %d training rows per step (every station's rows of some "
-                     "stations); the chosen model is then fitted on all rows", sample_size, len(first))
-        steps = sorted(int(s) for s in rows["step"].unique())
+        streamed = paths.train_features.exists() and paths.train_features.stat().st_size > STREAM_BYTES
         # OpenMP (gradient boosting) on the threads the machine can give; BLAS (Ridge's normal equations, a
         # fraction of a second) on one, because BLAS splits the sum over rows between its threads and so the
         # coefficients' last bits, and the model file's bytes, would depend on the machine's load.
         with threadpoolctl.threadpool_limits(limits={"openmp": threads, "blas": 1}):
-            fitted = [fit_one_of(steps, step, rows, model_params, pool) for step in steps]
+            if streamed:
+                log.info("%s is larger than %d MiB: read in batches of %d rows, never whole", paths.train_features,
+                         STREAM_BYTES >> 20, STREAM_BATCH_ROWS)
+                steps, fitted, n_rows = streamed_steps(paths.train_features, model_params, pool)
+            else:
+                steps, fitted, n_rows = fitted_steps(paths.train_features, model_params, pool)
 
     next_step = fitted[0]["record"]
     record = {
@@ -298,7 +424,7 @@ def main(args) -> None:
         "features": FEATURES,
         "estimator_params": {name: {k: repr(v) for k, v in est.get_params().items()}
                              for name, est in fitted[0]["estimators"].items()},
-        "training_rows": len(rows),
+        "training_rows": n_rows,
         "training_data_sha256": storage.sha256_file(paths.train_features),
         "scaler_sha256": storage.sha256_file(paths.scaler),
         "params_sha256": params.sha256,
@@ -324,7 +450,7 @@ def main(args) -> None:
     band = record["interval"]["model"]
     log.info("%.0f%% interval: forecast %+.2f to %+.2f times change_sd60 (from %d validation residuals)",
              100 * band["level"], band["lower"], band["upper"], band["residuals"])
-    log.info("wrote %s (%s, %d training rows%s)", paths.model, chosen, len(rows),
+    log.info("wrote %s (%s, %d training rows%s)", paths.model, chosen, n_rows,
              f", {len(steps)} steps ahead" if len(steps) > 1 else "")
 
 

@@ -596,6 +596,26 @@ def read_table(path: Path, required: list[str], allow_empty: bool = False) -> An
     return table
 
 
+def read_table_batches(path: Path, columns: list[str], rows_per_batch: int) -> Iterator[Any]:
+    """``read_table``'s parse of the ``columns`` of a table too large to hold, ``rows_per_batch`` rows at a time."""
+    import pandas as pd
+
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found; run the earlier stages first")
+    check_regular_file(path, limit=None)
+    with open(path, "rb") as handle:
+        header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n").split(",")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise PipelineError(f"{path}: missing column {missing[0]!r}")
+    try:
+        with pd.read_csv(path, usecols=columns, dtype={"station": str}, keep_default_na=False, na_values=[""],
+                         chunksize=rows_per_batch) as batches:
+            yield from (batch[columns] for batch in batches)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable CSV ({str(exc).strip()[:200]})") from None
+
+
 def read_tables(paths: list[Path], required: list[str]) -> tuple[Any, list[int]] | None:
     """Many CSV files with one header, as ``read_table`` reads each, in one table (their rows in order)
     and how many rows each has; None where one of them needs reading on its own (another header, no

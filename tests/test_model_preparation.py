@@ -252,3 +252,57 @@ def test_rows_without_the_ridge_feature_are_forecast_by_a_model_fitted_without_i
     without = model_preparation.fit_forecaster(ridge, rows, fallback=False)
     with pytest.raises(ValueError, match="5 rows need a model"):
         features.forecast(without, unknown.iloc[:5])
+
+
+def _forecasts(root: Path) -> np.ndarray:
+    bundle = joblib.load(root / "models/model.joblib")
+    test = pd.read_csv(root / "data/test/features.csv")
+    return np.concatenate([features.forecast(step["estimator"], test[test["step"] == step["step"]])
+                           for step in bundle["steps"]])
+
+
+@pytest.mark.parametrize("root_of", ["project", "horizon"])
+def test_a_features_table_too_large_to_hold_is_read_in_batches_with_the_same_choice_and_fit(
+        project, horizon_built, tmp_path, monkeypatch, root_of):
+    """Above STREAM_BYTES the training features are read twice in batches (which here cut stations and steps
+    apart) and never held whole: the cross-validation is on the same rows, so its scores and the choice are
+    the same, and the Ridge summed batch by batch forecasts as scikit-learn's fitted on every row does (and
+    gradient boosting, chosen for steps 2 and 3, on every row while they are no more than BOOSTING_MAX_ROWS)."""
+    import shutil
+
+    if root_of == "project":
+        root, params = project
+    else:
+        root = tmp_path / "horizon"
+        shutil.copytree(horizon_built, root, symlinks=True)
+        params = root / "params.toml"
+    assert run_stage(model_preparation, root, params) == 0
+    whole, whole_forecasts = json.loads((root / "models/model.json").read_text()), _forecasts(root)
+    monkeypatch.setattr(model_preparation, "STREAM_BYTES", 0)
+    monkeypatch.setattr(model_preparation, "STREAM_BATCH_ROWS", 997)
+    assert run_stage(model_preparation, root, params) == 0
+    streamed = json.loads((root / "models/model.json").read_text())
+    assert streamed["training_rows"] == whole["training_rows"]
+    for one, other in zip(streamed["steps"], whole["steps"], strict=True):
+        assert one["cv"] == other["cv"] and one["chosen"] == other["chosen"]
+        assert one["interval"] == other["interval"]
+    assert whole["chosen"] == "ridge" and "normal equations summed over all" in streamed["fit"]
+    np.testing.assert_allclose(_forecasts(root), whole_forecasts, rtol=0, atol=1e-9)
+
+
+def test_gradient_boosting_on_a_table_too_large_to_hold_is_fitted_on_every_k_th_row(project, monkeypatch):
+    root, params = project
+    boosting_only = model_preparation.candidates
+    monkeypatch.setattr(model_preparation, "candidates",
+                        lambda model: {"gradient_boosting": boosting_only(model)["gradient_boosting"]})
+    monkeypatch.setattr(model_preparation, "STREAM_BYTES", 0)
+    monkeypatch.setattr(model_preparation, "BOOSTING_MAX_ROWS", 1000)
+    assert run_stage(model_preparation, root, params) == 0
+    record = json.loads((root / "models/model.json").read_text())
+    rows = record["training_rows"]
+    stride = -(-rows // 1000)
+    assert record["chosen"] == "gradient_boosting"
+    assert record["fit"] == (f"one in {stride} of the {rows} training rows, in the table's order "
+                             f"({-(-rows // stride)} rows; at most 1000)")
+    forecasts = _forecasts(root)
+    assert np.isfinite(forecasts).mean() > 0.9

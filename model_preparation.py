@@ -94,10 +94,14 @@ def cv_sample(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:
     """
     if len(rows) <= max_rows:
         return rows
-    stations = sorted(rows["station"].unique())
-    step = -(-len(rows) // max_rows)  # ceiling division
-    kept = rows[rows["station"].isin(stations[::step])]
+    kept = rows[rows["station"].isin(sampled_stations(sorted(rows["station"].unique()), len(rows), max_rows))]
     return kept.reset_index(drop=True)
+
+
+def sampled_stations(stations: list[str], rows: int, max_rows: int) -> list[str]:
+    """The stations ``cv_sample`` keeps of these (sorted by name) with ``rows`` training rows: every k-th, k the
+    fewest that leaves at most about ``max_rows``."""
+    return stations if rows <= max_rows else stations[::-(-rows // max_rows)]  # -(-a // b): a / b rounded up
 
 
 def time_folds(dates: pd.Series, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -271,11 +275,15 @@ def fit_one_of(steps: list[int], step: int, rows: pd.DataFrame, model_params: di
     """``fit_step`` for one of the direct models (one per step ahead, each with its own interval)."""
     step_rows = rows if len(steps) == 1 else rows[rows["step"] == step].reset_index(drop=True)
     fitted = fit_step(step_rows, model_params, pool)
-    if len(steps) > 1:
-        done = fitted["record"]
-        log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["chosen"],
-                 done["cv"]["mean_mae"][done["chosen"]], done["cv"]["mean_mae"]["persistence"])
+    log_step(steps, step, fitted["record"])
     return fitted
+
+
+def log_step(steps: list[int], step: int, record: dict) -> None:
+    """With several steps ahead, one line per step: its choice and CV MAE beside persistence's."""
+    if len(steps) > 1:
+        log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), record["chosen"],
+                 record["cv"]["mean_mae"][record["chosen"]], record["cv"]["mean_mae"]["persistence"])
 
 
 def fitted_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[list[int], list[dict], int]:
@@ -311,7 +319,7 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
         raise PipelineError(f"{path}: no training rows (target_ok = 1)")
     steps = sorted(counts)
     total = {step: int(counts[step].sum()) for step in steps}
-    sampled = {step: set(_sampled_stations(sorted(counts[step].index), total[step], model_params["cv_max_rows"]))
+    sampled = {step: set(sampled_stations(sorted(counts[step].index), total[step], model_params["cv_max_rows"]))
                for step in steps}
     stride = {step: -(-total[step] // BOOSTING_MAX_ROWS) for step in steps}
     parts: dict[int, dict[str, list]] = {step: {"cv": [], "boosting": []} for step in steps}
@@ -342,18 +350,9 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
                 return fit_forecaster(estimator, boosting_rows)
             return features.Forecaster(sums[step]["full"].ridge(estimator), sums[step]["fallback"].ridge(estimator))
 
-        done = select_and_fit(sample, total[step], model_params, pool, final_fit, fit=how)
-        if len(steps) > 1:
-            log.info("step %d of %d: %s, CV MAE %.3f (persistence %.3f)", step, len(steps), done["record"]["chosen"],
-                     done["record"]["cv"]["mean_mae"][done["record"]["chosen"]],
-                     done["record"]["cv"]["mean_mae"]["persistence"])
-        fitted.append(done)
+        fitted.append(select_and_fit(sample, total[step], model_params, pool, final_fit, fit=how))
+        log_step(steps, step, fitted[-1]["record"])
     return steps, fitted, sum(total.values())
-
-
-def _sampled_stations(stations: list[str], rows: int, max_rows: int) -> list[str]:
-    """The stations ``cv_sample`` keeps from ``rows`` training rows of these (sorted) stations."""
-    return stations if rows <= max_rows else stations[::-(-rows // max_rows)]
 
 
 class NormalEquations:

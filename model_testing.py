@@ -80,8 +80,12 @@ def load_verified(paths: Paths) -> tuple:
     return scaler, bundle, record
 
 
-def load_truth(truth_dir, stations) -> pd.DataFrame | None:
-    """Clean temperature, fault and weather event per station and day, or None without ground truth.
+TRUTH_FILES_PER_BATCH = 256  # truth files parsed at a time: a large network's whole truth is never held at once
+
+
+def load_truth(truth_dir, stations, since: str | None = None) -> pd.DataFrame | None:
+    """Clean temperature, fault and weather event per station and day from ``since`` on (every day without it),
+    or None without ground truth. Every file is checked whole.
 
     Truth for some stations but not all is refused: scoring only part of the
     stations against it would silently change what the scores mean.
@@ -93,13 +97,20 @@ def load_truth(truth_dir, stations) -> pd.DataFrame | None:
     if not all(present):
         missing = files[present.index(False)]
         raise PipelineError(f"{missing}: missing, while other stations have ground truth; rerun data_creation.py")
+    return pd.concat([_truth_batch(files[begin:begin + TRUTH_FILES_PER_BATCH], since)
+                      for begin in range(0, len(files), TRUTH_FILES_PER_BATCH)], ignore_index=True)
+
+
+def _truth_batch(files: list, since: str | None) -> pd.DataFrame:
     together = storage.read_tables(files, TRUTH_FILE_COLUMNS)
-    if together is not None:  # every file at once; a damaged one is found and named file by file
+    table = None
+    if together is not None:  # the batch's files at once; a damaged one is found and named file by file
         table, rows = together
         table["station"] = pd.Series(np.repeat(np.array([f.stem for f in files], dtype=object), rows), dtype=str)
-        if _truth_problem(table) is None:
-            return table
-    return pd.concat([_truth_file(f) for f in files], ignore_index=True)
+        table = table if _truth_problem(table) is None else None
+    if table is None:
+        table = pd.concat([_truth_file(f) for f in files], ignore_index=True)
+    return table if since is None else table[(table["date"] >= since).to_numpy()]
 
 
 def _truth_file(path) -> pd.DataFrame:
@@ -233,9 +244,8 @@ def main(args) -> None:
         test = storage.read_table(paths.test_features, TEST_COLUMNS)
         flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
         manifest.verify_outputs_of(paths, "data_creation", storage.station_files(paths.truth))
-        truth = load_truth(paths.truth, sorted(test["station"].unique()))
-        if truth is not None:  # checked whole; only the test period's days are scored
-            truth = truth[(truth["date"] >= flags["date"].min()).to_numpy()].reset_index(drop=True)
+        # Checked whole; only the test period's days are scored.
+        truth = load_truth(paths.truth, sorted(test["station"].unique()), since=flags["date"].min())
         frame = predictions(test, flags, truth, bundle, pool)
     source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
     metrics = scoring.evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])

@@ -492,3 +492,16 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     assert np.nanmean(error) < 0.5 < np.nanmean(np.abs(readings["B"] - readings["B"].shift(-1)).to_numpy()[test])
     changed = readings.where(period == "train", readings + 100.0)  # the test period's targets moved
     assert np.allclose(forecast(changed), made, equal_nan=True)
+
+
+def test_ground_truth_is_read_a_few_files_at_a_time_with_the_same_scores(project, monkeypatch):
+    """A large network's truth (every day of every station) is parsed and checked a batch of files at a time,
+    keeping only the test period's days: the scores are the ones reading it all at once gives."""
+    root, params = project
+    assert run_stage(model_testing, root, params) == 0
+    at_once = (root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()
+    monkeypatch.setattr(model_testing, "TRUTH_FILES_PER_BATCH", 3)
+    assert run_stage(model_testing, root, params) == 0
+    assert ((root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()) == at_once
+    truth = model_testing.load_truth(root / "data/truth", ["ST001", "ST002", "ST003", "ST004"], since="2021-06-01")
+    assert truth["date"].min() >= "2021-06-01" and truth["station"].is_monotonic_increasing

@@ -289,7 +289,7 @@ def log_step(steps: list[int], step: int, record: dict) -> None:
 def fitted_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[list[int], list[dict], int]:
     """``fit_one_of`` for every step of the features table, read whole; returns the steps, their fits and the
     training rows of all steps."""
-    features = storage.read_table(path, TRAIN_COLUMNS)
+    features = storage.read_table(path, TRAIN_COLUMNS, only=True)
     # The CSV parser's buffers, as large as the table, go back before its rows are copied in date order:
     # at 1,000 stations the stage's peak falls from 1,980 to 1,530 MiB.
     runtime.release_memory(collect=False)

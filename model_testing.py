@@ -241,8 +241,8 @@ def main(args) -> None:
     params: Params = load_params(args.params)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         _, bundle, record = load_verified(paths)
-        test = storage.read_table(paths.test_features, TEST_COLUMNS)
-        flags = storage.read_table(paths.test_flags, FLAG_COLUMNS)
+        test = storage.read_table(paths.test_features, TEST_COLUMNS, only=True)
+        flags = storage.read_table(paths.test_flags, FLAG_COLUMNS, only=True)
         manifest.verify_outputs_of(paths, "data_creation", storage.station_files(paths.truth))
         # Checked whole; only the test period's days are scored.
         truth = load_truth(paths.truth, sorted(test["station"].unique()), since=flags["date"].min())

@@ -570,8 +570,9 @@ def read_json(path: Path) -> Any:
         raise PipelineError(f"{path}: corrupt JSON ({str(exc)[:100]})") from None
 
 
-def read_table(path: Path, required: list[str], allow_empty: bool = False) -> Any:
-    """Read a CSV this pipeline wrote, checking the columns a stage relies on.
+def read_table(path: Path, required: list[str], allow_empty: bool = False, only: bool = False) -> Any:
+    """Read a CSV this pipeline wrote, checking the columns a stage relies on (and reading no other with
+    ``only``: a large table's other columns cost memory for nothing).
 
     Station names are text ("NA", "null" and "001" are names, not a missing
     value or the number 1); only an empty field is a missing value. The size is
@@ -585,7 +586,8 @@ def read_table(path: Path, required: list[str], allow_empty: bool = False) -> An
         raise PipelineError(f"{path}: file not found; run the earlier stages first")
     check_regular_file(path, limit=None)
     try:
-        table = pd.read_csv(path, dtype={"station": str}, keep_default_na=False, na_values=[""])
+        table = pd.read_csv(path, dtype={"station": str}, keep_default_na=False, na_values=[""],
+                            usecols=(lambda column: column in required) if only else None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable CSV ({str(exc).strip()[:200]})") from None
     missing = [c for c in required if c not in table.columns]

@@ -266,14 +266,15 @@ def elements_as_columns(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFr
                             f"{imp['element_column']!r} (import.element_column), which holds {held}: set "
                             "import.temperature_column to the element(s) to read, or move the file out of the "
                             "folder if it holds no temperature")
+    row = " row"  # each row's place in the file, under a name no column read from a file has (names are stripped)
     parts = [table[element == name].drop(columns=imp["element_column"]).rename(columns={imp["value_column"]: name})
-             .rename_axis("row").reset_index() for name in wanted]
+             .rename_axis(row).reset_index() for name in wanted]
     whole = parts[0]
     for name, part in zip(wanted[1:], parts[1:], strict=True):
-        whole = whole.merge(part[[*keys, "row", name]], on=keys, how="outer", suffixes=("", "_other"))
-        whole["row"] = whole[["row", "row_other"]].min(axis=1)
-        whole = whole.drop(columns="row_other")
-    whole = whole.sort_values("row", kind="stable").drop(columns="row").fillna("").reset_index(drop=True)
+        whole = whole.merge(part[[*keys, row, name]], on=keys, how="outer", suffixes=("", " other"))
+        whole[row] = whole[[row, row + " other"]].min(axis=1)
+        whole = whole.drop(columns=row + " other")
+    whole = whole.sort_values(row, kind="stable").drop(columns=row).fillna("").reset_index(drop=True)
     whole.attrs["other_elements"] = int((~element.isin(wanted)).sum())
     return whole
 

@@ -654,6 +654,20 @@ def test_a_station_keyed_a_day_early_for_weeks_is_a_date_offset_repaired_by_the_
     np.testing.assert_array_equal(repaired[inside], clean["S2"][inside])
 
 
+def test_the_repeat_that_ends_a_stretch_keyed_a_day_early_is_no_stuck_sensor(settings):
+    """An early stretch ends with the right day's temperature read twice. On a day the weather moved a lot,
+    a stuck sensor's repeat would stand out against the neighbours; this one is the right reading."""
+    clean = network()
+    change = clean.diff().abs().mean(axis=1).to_numpy()
+    end = TEST_FROM + 60 + int(np.argmax(change[TEST_FROM + 60: DAYS - 5]))  # the stormiest day left
+    observed = keyed_apart(clean, "S2", slice(end - 30, end), 1)
+    assert observed["S2"].iloc[end] == observed["S2"].iloc[end - 1] and change[end] > 3.0
+    _, result = verdict(observed, settings)
+    flag = result["flag"]["S2"].to_numpy()
+    assert (flag[end - 10: end] == "date_offset").all()
+    assert flag[end] == "none" and result["repaired"]["S2"].iloc[end] == clean["S2"].iloc[end]
+
+
 def test_at_whole_degrees_a_repeat_does_not_cut_a_stretch_keyed_a_day_early_short(settings):
     """At whole °F one reading in fourteen repeats the day before's, so a repeat says nothing of a stretch's
     end: the stretch stays flagged through them."""

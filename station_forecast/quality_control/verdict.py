@@ -236,6 +236,11 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     # simulated networks.
     apart = date_offsets(observed.mask(gross | stuck), expected, tables["reporting"], tables["offset_tested"],
                          tables["run"].to_numpy() >= 2, per_station, settings["offset_threshold"])
+    # A stretch keyed a day early ends with the right day's temperature read twice (the stretch's last reading
+    # held it already): where repeats are rare that repeat ends the stretch, and it is no stuck sensor either.
+    closing = (tables["run"].to_numpy() == 2) & day_before(apart.found & apart.early, fill=False) \
+        & (share < OFFSET_ORDINARY_REPEAT).to_numpy()[None, :]
+    stuck = stuck & ~closing
 
     # The verdict as a code per reading (integer comparisons, not text, from here on): VERDICT_CODES[code].
     missing = observed.isna().to_numpy()

@@ -570,6 +570,26 @@ def read_json(path: Path) -> Any:
         raise PipelineError(f"{path}: corrupt JSON ({str(exc)[:100]})") from None
 
 
+# How every table this pipeline wrote is parsed: station names are text ("NA" and "001" are names), and only an
+# empty field is a missing value.
+TABLE_OPTIONS = {"dtype": {"station": str}, "keep_default_na": False, "na_values": [""]}
+
+
+@contextmanager
+def _reading_table(path: Path) -> Iterator[None]:
+    """``path`` checked before a table is read from it (it exists, a regular file); a parse error while it is
+    read becomes one PipelineError naming it."""
+    import pandas as pd
+
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found; run the earlier stages first")
+    check_regular_file(path, limit=None)
+    try:
+        yield
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable CSV ({str(exc).strip()[:200]})") from None
+
+
 def read_table(path: Path, required: list[str], allow_empty: bool = False, only: bool = False) -> Any:
     """Read a CSV this pipeline wrote, checking the columns a stage relies on (and reading no other with
     ``only``: a large table's other columns cost memory for nothing).
@@ -582,14 +602,8 @@ def read_table(path: Path, required: list[str], allow_empty: bool = False, only:
     """
     import pandas as pd
 
-    if not path.exists():
-        raise PipelineError(f"{path}: file not found; run the earlier stages first")
-    check_regular_file(path, limit=None)
-    try:
-        table = pd.read_csv(path, dtype={"station": str}, keep_default_na=False, na_values=[""],
-                            usecols=(lambda column: column in required) if only else None)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable CSV ({str(exc).strip()[:200]})") from None
+    with _reading_table(path):
+        table = pd.read_csv(path, **TABLE_OPTIONS, usecols=(lambda column: column in required) if only else None)
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise PipelineError(f"{path}: missing column {missing[0]!r}")
@@ -602,20 +616,14 @@ def read_table_batches(path: Path, columns: list[str], rows_per_batch: int) -> I
     """``read_table``'s parse of the ``columns`` of a table too large to hold, ``rows_per_batch`` rows at a time."""
     import pandas as pd
 
-    if not path.exists():
-        raise PipelineError(f"{path}: file not found; run the earlier stages first")
-    check_regular_file(path, limit=None)
-    with open(path, "rb") as handle:
-        header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n").split(",")
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]!r}")
-    try:
-        with pd.read_csv(path, usecols=columns, dtype={"station": str}, keep_default_na=False, na_values=[""],
-                         chunksize=rows_per_batch) as batches:
+    with _reading_table(path):
+        with open(path, "rb") as handle:
+            header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n").split(",")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise PipelineError(f"{path}: missing column {missing[0]!r}")
+        with pd.read_csv(path, **TABLE_OPTIONS, usecols=columns, chunksize=rows_per_batch) as batches:
             yield from (batch[columns] for batch in batches)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable CSV ({str(exc).strip()[:200]})") from None
 
 
 def read_tables(paths: list[Path], required: list[str]) -> tuple[Any, list[int]] | None:
@@ -641,8 +649,7 @@ def read_tables(paths: list[Path], required: list[str]) -> tuple[Any, list[int]]
     if not bodies or any(column not in names for column in required):
         return None
     try:
-        table = pd.read_csv(io.BytesIO(b"".join(bodies)), names=names, header=None, dtype={"station": str},
-                            keep_default_na=False, na_values=[""])
+        table = pd.read_csv(io.BytesIO(b"".join(bodies)), names=names, header=None, **TABLE_OPTIONS)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
         return None
     rows = [body.count(b"\n") for body in bodies]

@@ -6,7 +6,8 @@ slow trend). Day-to-day weather is mostly regional: neighbours share it, the
 more the closer they are; it persists from day to day, varies more in winter and
 has heavy tails, and regional cold snaps and heat waves come on top. Measurement
 noise, then five kinds of station-local sensor fault are added at the rates in
-params.toml, and readings are rounded as real ones are. Observations are split
+params.toml, and readings are rounded as real ones are. Stations are simulated
+and written a block at a time, so no process holds the whole network's days. Observations are split
 in time: the last ``test_steps`` go to data/test, the earlier days to data/train;
 held-out stations go wholly to data/test. The ground truth (clean value, fault
 and weather event per day) goes only to data/truth, which no training stage reads.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,7 +51,9 @@ pd = runtime.lazy_import("pandas")
 STAGE = "data_creation"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
 IMPORTS = ["numpy", "pandas"]
-STATIONS_PER_CHUNK = 50  # stations whose files one task writes
+STATIONS_PER_CHUNK = 50  # stations one task simulates and writes
+N_MODES = 512  # random Fourier features of the regional weather
+OWN_COEF = 0.4  # day-to-day persistence of a station's own weather, less than the regional weather's
 # A front's air mass is modified towards the region's weather with this time scale (days).
 FRONT_DAYS = 1.5
 FRONT_STREAM = 1  # the fronts' random stream beside the simulation's main one
@@ -119,7 +123,150 @@ def ar1_burn_in(coef: float) -> int:
     return int(np.ceil(np.log(1e-12) / np.log(coef)))
 
 
-def regional_weather(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict,
+# --------------------------------------------------------------------------- the network's draws
+
+
+class Network(NamedTuple):
+    """What each block of stations is simulated from, small beside the stations' days: the stations'
+    positions and climates, the days, the regional weather's modes, the weather events and fronts, and
+    for every draw made per station, the random stream's state at each block's first station."""
+
+    climates: pd.DataFrame
+    dates: np.ndarray
+    regional: dict
+    events: dict
+    fronts: dict
+    blocks: list[tuple[int, int]]
+    starts: dict[str, list[dict]]
+
+
+def station_draws(n_days: int, anomalies: dict) -> dict[str, Callable[[np.random.Generator, int], np.ndarray]]:
+    """Every random draw made per station and day: name -> the draw of ``rows`` stations' values.
+
+    Each is drawn for all stations before the next (so each block of stations
+    starts where its stream stood after the blocks before it: see ``plan``).
+    """
+    draws = {
+        # Local effects (cloud, wind, inversions at one site): innovations of an AR(1) with a burn-in.
+        "own_weather": lambda g, rows: g.normal(size=(rows, n_days + ar1_burn_in(OWN_COEF))),
+        "noise": lambda g, rows: g.normal(0.0, 1.0, (rows, n_days)),
+    }
+    for kind in _EFFECT_ORDER:
+        low, high = anomalies[f"{kind}_days"]
+        lead = high - 1  # runs may begin before the first day (see ``fault_runs``)
+        draws |= {
+            f"{kind}.starts": lambda g, rows, lead=lead: g.random((rows, n_days + lead)),
+            f"{kind}.lengths": lambda g, rows, lead=lead, low=low, high=high: g.integers(
+                low, high + 1, size=(rows, n_days + lead)),
+            f"{kind}.sign": lambda g, rows: g.choice([-1.0, 1.0], size=(rows, n_days)),
+            f"{kind}.size": lambda g, rows: g.uniform(0.0, 1.0, size=(rows, n_days)),
+        }
+    return draws
+
+
+def plan(sim: dict, holdout_stations: int, anomalies: dict, block_stations: int | None = None) -> Network:
+    """Draw everything the network shares (climates, the regional weather's modes, events, fronts) and walk
+    each per-station draw through the stations a block at a time, keeping where each block starts.
+
+    The streams are the same as drawing each per-station table whole, so the
+    network is the same whatever the block size (a test holds it).
+    """
+    block_stations = block_stations or STATIONS_PER_CHUNK
+    rng = np.random.default_rng(sim["seed"])
+    climates = station_climates(rng, sim, holdout_stations)
+    dates = simulated_days(sim)
+    n_days, n_stations = len(dates), len(climates)
+    blocks = [(begin, min(begin + block_stations, n_stations)) for begin in range(0, n_stations, block_stations)]
+    draws = station_draws(n_days, anomalies)
+
+    def walk(generator: np.random.Generator, name: str) -> list[dict]:
+        starts = []
+        for begin, end in blocks:
+            starts.append(generator.bit_generator.state)
+            draws[name](generator, end - begin)
+        return starts
+
+    regional = regional_modes(rng, n_days, sim)
+    starts = {"own_weather": walk(rng, "own_weather")}
+    events = event_draws(rng, n_days, sim)
+    starts["noise"] = walk(rng, "noise")
+    # Date offsets draw from a stream of their own (added later: every earlier draw stays as it was).
+    offsets = np.random.default_rng([sim["seed"], OFFSET_STREAM])
+    for kind in _EFFECT_ORDER:
+        for part in ("starts", "lengths", "sign", "size"):
+            starts[f"{kind}.{part}"] = walk(offsets if kind == Flag.DATE_OFFSET else rng, f"{kind}.{part}")
+    # Fronts draw from a stream of their own, so with or without them every other draw is the same.
+    fronts = front_draws(np.random.default_rng([sim["seed"], FRONT_STREAM]), climates, n_days, sim)
+    return Network(climates, dates, regional, events, fronts, blocks, starts)
+
+
+def simulated_days(sim: dict) -> np.ndarray:
+    """The simulated days: ``n_years`` from ``start_date``, to the day (a start on 29 February ends on
+    1 March of a common year)."""
+    first = dt.date.fromisoformat(sim["start_date"])
+    year = first.year + sim["n_years"]
+    last = first.replace(year=year) if calendar.isleap(year) or (first.month, first.day) != (2, 29) \
+        else dt.date(year, 3, 1)
+    return np.arange(np.datetime64(first, "D"), np.datetime64(last, "D"))
+
+
+def regional_modes(rng: np.random.Generator, n_days: int, sim: dict) -> dict:
+    """The regional weather's random Fourier features and their daily values (features x days), AR(1) in
+    time with a common storminess per day (see ``regional_weather``)."""
+    frequency = rng.normal(size=(N_MODES, 2)) / sim["correlation_km"]
+    phase = rng.uniform(0.0, 2 * np.pi, N_MODES)
+    coef = rng.uniform(0.6, 0.8)
+    burn = ar1_burn_in(coef)
+    tails = 6.0  # degrees of freedom of the day's storminess: heavier tails than a normal distribution
+    storminess = np.sqrt((tails - 2.0) / rng.chisquare(tails, n_days + burn))
+    innovation = rng.normal(size=(N_MODES, n_days + burn)) * storminess * np.sqrt(1 - coef**2)
+    return {"frequency": frequency, "phase": phase, "modes": ar1(innovation, np.full(N_MODES, coef))}
+
+
+def event_draws(rng: np.random.Generator, n_days: int, sim: dict) -> dict:
+    """The regional cold snaps and heat waves: start, length, centre, radius and size of each."""
+    region = sim["region_km"]
+    n_events = rng.poisson(sim["events_per_year"] * n_days / 365.25)
+    return {"start": rng.integers(0, n_days, n_events),
+            "length": rng.integers(sim["event_days"][0], sim["event_days"][1] + 1, n_events),
+            "centre": rng.uniform(-0.25 * region, 1.25 * region, (n_events, 2)),
+            "radius": rng.uniform(*sim["event_radius_km"], n_events),
+            "size": rng.uniform(*sim["event_size"], n_events) * rng.choice([-1.0, 1.0], n_events)}
+
+
+def front_draws(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict) -> dict:
+    """The fronts: direction, speed, size, the day each crosses the region's centre, and the days it
+    touches some station of the network (its arrival at the first to its air mass's end at the last)."""
+    n_fronts = rng.poisson(sim["fronts_per_year"] * n_days / 365.25)
+    fronts = {"angle": rng.uniform(0.0, 2 * np.pi, n_fronts),
+              "speed": rng.uniform(*sim["front_speed_km"], n_fronts),
+              "size": rng.uniform(*sim["front_size"], n_fronts) * rng.choice([-1.0, 1.0], n_fronts),
+              "centre_day": rng.uniform(0.0, n_days, n_fronts)}
+    xy = centred(climates, sim)
+    span = int(np.ceil(12 * FRONT_DAYS))  # days after its arrival a front's air mass still counts
+    first, end = np.zeros(n_fronts, dtype=int), np.zeros(n_fronts, dtype=int)
+    for i in range(n_fronts):
+        arrival = front_arrival(fronts, i, xy)
+        first[i] = max(0, int(np.floor(arrival.min())))
+        end[i] = min(n_days, int(np.ceil(arrival.max())) + span)
+    return fronts | {"first": first, "end": end}
+
+
+def centred(climates: pd.DataFrame, sim: dict) -> np.ndarray:
+    """The stations' positions (km) from the region's centre."""
+    return climates[["x_km", "y_km"]].to_numpy() - sim["region_km"] / 2
+
+
+def front_arrival(fronts: dict, i: int, xy: np.ndarray) -> np.ndarray:
+    """When (days, fractional) front ``i`` reaches each station at ``xy`` (from the region's centre)."""
+    angle = fronts["angle"][i]
+    return fronts["centre_day"][i] + xy @ np.array([np.cos(angle), np.sin(angle)]) / fronts["speed"][i]
+
+
+# --------------------------------------------------------------------------- a block of stations
+
+
+def regional_weather(network: Network, climates: pd.DataFrame, sim: dict, own_innovations: np.ndarray,
                      day_of_year: np.ndarray) -> np.ndarray:
     """Day-to-day weather (stations x days, °C): shared by neighbours, seasonal in spread, heavy-tailed.
 
@@ -132,32 +279,20 @@ def regional_weather(rng: np.random.Generator, climates: pd.DataFrame, n_days: i
     (a Student-t scale mixture), so calm and stormy days hit the whole region
     together; winter weather varies more than summer weather.
     """
-    n_features = 512
+    regional = network.regional
     xy = climates[["x_km", "y_km"]].to_numpy()
     # The spectral density of the Gaussian kernel is itself Gaussian.
-    frequency = rng.normal(size=(n_features, 2)) / sim["correlation_km"]
-    phase = rng.uniform(0.0, 2 * np.pi, n_features)
-    basis = np.cos(frequency @ xy.T + phase[:, None])
+    basis = np.cos(regional["frequency"] @ xy.T + regional["phase"][:, None])
     basis /= np.linalg.norm(basis, axis=0)  # unit variance at every station
-
-    coef = rng.uniform(0.6, 0.8)
-    burn = ar1_burn_in(coef)
-    tails = 6.0  # degrees of freedom of the day's storminess: heavier tails than a normal distribution
-    storminess = np.sqrt((tails - 2.0) / rng.chisquare(tails, n_days + burn))
-    innovation = rng.normal(size=(n_features, n_days + burn)) * storminess * np.sqrt(1 - coef**2)
-    shared = basis.T @ ar1(innovation, np.full(n_features, coef))
-    # Local effects (cloud, wind, inversions at one site) persist less than the regional weather.
-    own_coef = 0.4
-    own = ar1(rng.normal(size=(len(climates), n_days + ar1_burn_in(own_coef))) * np.sqrt(1 - own_coef**2),
-              np.full(len(climates), own_coef))
+    shared = basis.T @ regional["modes"]
+    own = ar1(own_innovations * np.sqrt(1 - OWN_COEF**2), np.full(len(climates), OWN_COEF))
     share = sim["shared_weather"]
     season = 1.0 + 0.3 * np.cos(2 * np.pi * (day_of_year - 15) / 365.25)  # more variable in winter
     sd = climates["weather_sd"].to_numpy()[:, None]
     return sd * season * (np.sqrt(share) * shared + np.sqrt(1 - share) * own)
 
 
-def weather_events(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def weather_events(events: dict, climates: pd.DataFrame, n_days: int) -> tuple[np.ndarray, np.ndarray]:
     """Regional cold snaps and heat waves: their effect (°C, stations x days) and labels.
 
     Each event has a centre in or near the region, a radius, a length in days and
@@ -165,25 +300,19 @@ def weather_events(rng: np.random.Generator, climates: pd.DataFrame, n_days: int
     rises and falls over its days. A station-day is labelled with the event where
     the effect is at least 2 °C: that is weather a detector must leave alone.
     """
-    region = sim["region_km"]
-    n_events = rng.poisson(sim["events_per_year"] * n_days / 365.25)
-    start = rng.integers(0, n_days, n_events)
-    length = rng.integers(sim["event_days"][0], sim["event_days"][1] + 1, n_events)
-    centre = rng.uniform(-0.25 * region, 1.25 * region, (n_events, 2))
-    radius = rng.uniform(*sim["event_radius_km"], n_events)
-    size = rng.uniform(*sim["event_size"], n_events) * rng.choice([-1.0, 1.0], n_events)
+    start, length, size = events["start"], events["length"], events["size"]
     xy = climates[["x_km", "y_km"]].to_numpy()
     effect = np.zeros((len(climates), n_days))
-    for i in range(n_events):  # a handful of events a year: a short loop over events, not days
-        distance = np.linalg.norm(xy - centre[i], axis=1)
+    for i in range(len(start)):  # a handful of events a year: a short loop over events, not days
+        distance = np.linalg.norm(xy - events["centre"][i], axis=1)
         days = np.arange(start[i], min(start[i] + length[i], n_days))
         shape = np.sin(np.pi * (days - start[i] + 1) / (length[i] + 1))
-        effect[:, days] += size[i] * np.exp(-((distance / radius[i]) ** 2))[:, None] * shape
-    events = np.where(effect <= -2.0, "cold_snap", np.where(effect >= 2.0, "heat_wave", "none"))
-    return effect, events.astype(object)
+        effect[:, days] += size[i] * np.exp(-((distance / events["radius"][i]) ** 2))[:, None] * shape
+    labels = np.where(effect <= -2.0, "cold_snap", np.where(effect >= 2.0, "heat_wave", "none"))
+    return effect, labels.astype(object)
 
 
-def weather_fronts(rng: np.random.Generator, climates: pd.DataFrame, n_days: int, sim: dict) -> np.ndarray:
+def weather_fronts(fronts: dict, climates: pd.DataFrame, n_days: int, sim: dict) -> np.ndarray:
     """Fronts crossing the region: their effect (°C, stations x days).
 
     A front is a straight line between two air masses moving across the region
@@ -195,30 +324,24 @@ def weather_fronts(rng: np.random.Generator, climates: pd.DataFrame, n_days: int
     off those it has not: weather that splits the neighbours, as real fronts,
     sea breezes and cold air dammed by a ridge do.
     """
-    n_fronts = rng.poisson(sim["fronts_per_year"] * n_days / 365.25)
-    angle = rng.uniform(0.0, 2 * np.pi, n_fronts)
-    speed = rng.uniform(*sim["front_speed_km"], n_fronts)
-    size = rng.uniform(*sim["front_size"], n_fronts) * rng.choice([-1.0, 1.0], n_fronts)
-    centre_day = rng.uniform(0.0, n_days, n_fronts)  # when the front crosses the region's centre
-    xy = climates[["x_km", "y_km"]].to_numpy() - sim["region_km"] / 2
+    xy = centred(climates, sim)
     effect = np.zeros((len(climates), n_days))
-    span = int(np.ceil(12 * FRONT_DAYS))  # days after its arrival a front's air mass still counts
-    for i in range(n_fronts):  # a few fronts a month: a loop over fronts, each over its few days only
-        arrival = centre_day[i] + xy @ np.array([np.cos(angle[i]), np.sin(angle[i])]) / speed[i]
-        first = max(0, int(np.floor(arrival.min())))
-        days = np.arange(first, min(n_days, int(np.ceil(arrival.max())) + span))
+    for i in range(len(fronts["size"])):  # a few fronts a month: a loop over fronts, each over its few days only
+        days = np.arange(fronts["first"][i], fronts["end"][i])
         if len(days) == 0:
             continue
+        arrival = front_arrival(fronts, i, xy)
         # The mean over day d of size * exp(-(t - arrival) / FRONT_DAYS) for t after the arrival.
         begin = np.maximum(days[None, :] - arrival[:, None], 0.0)
         end = np.maximum(days[None, :] + 1.0 - arrival[:, None], 0.0)
-        effect[:, days] += size[i] * FRONT_DAYS * (np.exp(-begin / FRONT_DAYS) - np.exp(-end / FRONT_DAYS))
+        effect[:, days] += fronts["size"][i] * FRONT_DAYS * (np.exp(-begin / FRONT_DAYS) - np.exp(-end / FRONT_DAYS))
     return effect
 
 
-def draw_events(rng: np.random.Generator, rate: np.ndarray, days: list[int], n_days: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random runs of anomalous days covering about ``rate`` of each row's days.
+def fault_runs(starts: np.ndarray, lengths: np.ndarray, rate: np.ndarray, days: list[int], n_days: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random runs of anomalous days covering about ``rate`` of each row's days, from uniform draws
+    (``starts``) and run lengths drawn in ``days`` for every day from ``high - 1`` days before the first.
 
     Returns the covered mask, each covered day's run start (-1 where none; it may
     be negative for a run begun before day 0) and its progress through the run
@@ -229,10 +352,9 @@ def draw_events(rng: np.random.Generator, rate: np.ndarray, days: list[int], n_d
     # Runs may begin before the first day, so the first days are as likely to be
     # covered as any other and the realised fraction matches ``rate``.
     lead = high - 1
-    starts = rng.random((len(rate), n_days + lead)) < start_prob[:, None]
-    lengths = rng.integers(low, high + 1, size=starts.shape)
+    begins = starts < start_prob[:, None]
     day = np.arange(n_days + lead)
-    run_start = np.maximum.accumulate(np.where(starts, day, -1), axis=1)
+    run_start = np.maximum.accumulate(np.where(begins, day, -1), axis=1)
     run_length = np.take_along_axis(lengths, np.maximum(run_start, 0), axis=1)
     position = day - run_start
     covered = ((run_start >= 0) & (position < run_length))[:, lead:]
@@ -248,40 +370,37 @@ def quantise(values: np.ndarray, resolution: str) -> np.ndarray:
     return np.round(values, 1)
 
 
-def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
-    """Simulate every station: climate, shared weather and its extremes, noise, faults, quantisation."""
-    rng = np.random.default_rng(sim["seed"])
-    climates = station_climates(rng, sim, holdout_stations)
-    start = np.datetime64(sim["start_date"], "D")
-    first = dt.date.fromisoformat(sim["start_date"])
-    year = first.year + sim["n_years"]
-    # n_years later, to the day; a start on 29 February ends on 1 March of a common year
-    last = first.replace(year=year) if calendar.isleap(year) or (first.month, first.day) != (2, 29) \
-        else dt.date(year, 3, 1)
-    end = np.datetime64(last, "D")
-    dates = np.arange(start, end)
-    n_days, n_stations = len(dates), len(climates)
+def simulate_block(network: Network, block: int, sim: dict, anomalies: dict) -> Simulation:
+    """Simulate one block of the network's stations: climate, shared weather and its extremes, noise,
+    faults, quantisation."""
+    begin, end = network.blocks[block]
+    climates, dates = network.climates.iloc[begin:end], network.dates
+    n_days, n_stations = len(dates), end - begin
+    draws = station_draws(n_days, anomalies)
+
+    def draw(name: str) -> np.ndarray:
+        generator = np.random.Generator(np.random.PCG64())
+        generator.bit_generator.state = network.starts[name][block]
+        return draws[name](generator, n_stations)
 
     day_of_year = (dates - dates.astype("datetime64[Y]")).astype(int) + 1
     years = np.arange(n_days) / 365.25
     c = {col: climates[col].to_numpy()[:, None] for col in climates.columns if col not in ("station", "role")}
     seasonal = c["amplitude"] * np.cos(2 * np.pi * (day_of_year - c["warmest_doy"]) / 365.25)
-    weather = regional_weather(rng, climates, n_days, sim, day_of_year)
-    extremes, events = weather_events(rng, climates, n_days, sim)
-    # Fronts draw from a stream of their own, so with or without them every other draw is the same.
-    fronts = weather_fronts(np.random.default_rng([sim["seed"], FRONT_STREAM]), climates, n_days, sim)
+    weather = regional_weather(network, climates, sim, draw("own_weather"), day_of_year)
+    extremes, events = weather_events(network.events, climates, n_days)
+    fronts = weather_fronts(network.fronts, climates, n_days, sim)
     events[(events == "none") & (np.abs(fronts) >= 2.0)] = "front"
     clean = c["annual_mean"] + c["trend_per_year"] * years + seasonal + weather + extremes + fronts
-    observed = clean + rng.normal(0.0, 1.0, clean.shape) * c["noise_sd"]
+    observed = clean + draw("noise") * c["noise_sd"]
 
     labels = np.full(clean.shape, Flag.NONE.value, dtype=object)
     rows = np.arange(n_stations)[:, None]
     for kind in _EFFECT_ORDER:
-        draws = np.random.default_rng([sim["seed"], OFFSET_STREAM]) if kind == Flag.DATE_OFFSET else rng
         rate = anomalies[f"{kind}_rate"] * c["contamination"][:, 0]
-        covered, run_start, progress = draw_events(draws, rate, anomalies[f"{kind}_days"], n_days)
-        sign = draws.choice([-1.0, 1.0], size=clean.shape)
-        size = draws.uniform(0.0, 1.0, size=clean.shape)
+        covered, run_start, progress = fault_runs(draw(f"{kind}.starts"), draw(f"{kind}.lengths"), rate,
+                                                  anomalies[f"{kind}_days"], n_days)
+        sign, size = draw(f"{kind}.sign"), draw(f"{kind}.size")
         at_start = np.maximum(run_start, 0)
         if kind == "date_offset":  # each reading is the one of the day before (or after) it
             step = np.take_along_axis(sign, at_start, axis=1).astype(int)
@@ -302,6 +421,15 @@ def simulate(sim: dict, holdout_stations: int, anomalies: dict) -> Simulation:
             observed = np.where(covered, np.nan, observed)
         labels[covered] = kind.value
     return Simulation(climates, dates, clean, quantise(observed, sim["resolution"]), labels, events)
+
+
+def simulate(sim: dict, holdout_stations: int, anomalies: dict, block_stations: int | None = None) -> Simulation:
+    """Simulate every station, a block at a time, as one table of stations x days."""
+    network = plan(sim, holdout_stations, anomalies, block_stations)
+    parts = [simulate_block(network, block, sim, anomalies) for block in range(len(network.blocks))]
+    return Simulation(network.climates, network.dates,
+                      *(np.concatenate([getattr(part, name) for part in parts])
+                        for name in ("clean", "observed", "labels", "events")))
 
 
 def training_days(climates: pd.DataFrame, n_days: int, test_steps: int) -> np.ndarray:
@@ -331,45 +459,36 @@ def station_tables(dates: np.ndarray, clean: np.ndarray, observed: np.ndarray, l
     return tables
 
 
-def write_station_files(staging: Path, simulation: Simulation, test_steps: int, resolution: str,
-                        pool: compute.Pool | None = None) -> None:
-    """Every station's train, test and truth files into ``staging``, ``STATIONS_PER_CHUNK`` stations per
-    task of ``pool`` (on a cluster the workers write them: the folder is on shared storage)."""
-    climates = simulation.climates
-    train_end = training_days(climates, len(simulation.dates), test_steps)
-    # The label tables travel as small integer codes: text columns of millions of cells are slow to send.
-    (label_codes, label_names), (event_codes, event_names) = (
-        _codes(simulation.labels), _codes(simulation.events))
-    chunks = [(climates["station"].to_numpy()[b], simulation.clean[b], simulation.observed[b], label_codes[b],
-               event_codes[b], train_end[b])
-              for b in (slice(i, i + STATIONS_PER_CHUNK) for i in range(0, len(climates), STATIONS_PER_CHUNK))]
-    (pool or runtime.Threads()).map(write_station_chunk, chunks, what="station files written (chunks)",
-                                    staging=staging, dates=simulation.dates, resolution=resolution,
-                                    names=(label_names, event_names))
-    climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
+def write_station_files(staging: Path, network: Network, params: Params, pool: compute.Pool) -> dict[str, int]:
+    """Simulate every station and write its train, test and truth files into ``staging``, a block of
+    ``STATIONS_PER_CHUNK`` stations per task of ``pool`` (on a cluster the workers do it: the folder is on
+    shared storage), so no process holds more than a block's days. Returns the days of each fault kind and
+    the station-days of weather events."""
+    counts = pool.map(write_block, list(range(len(network.blocks))), what="station blocks simulated and written",
+                      network=pool.share(network), staging=staging, params=params)
+    network.climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
+    return {key: sum(count[key] for count in counts) for key in counts[0]} if counts else {}
+
+
+def write_block(block: int, network: Network, staging: Path, params: Params) -> dict[str, int]:
+    """Simulate block ``block`` of the network and write its stations' files; the days of each fault kind
+    and the station-days of weather events in it."""
+    sim = params["simulation"]
+    simulation = simulate_block(network, block, sim, params["anomalies"])
+    train_end = training_days(simulation.climates, len(simulation.dates), params["data"]["test_steps"])
+    tables = station_tables(simulation.dates, simulation.clean, simulation.observed, simulation.labels,
+                            simulation.events, train_end)
+    places = {"temperature": 2 if sim["resolution"] == "1F" else 1, "clean_temperature": 2}
+    for folder, (table, sizes) in tables.items():
+        storage.write_csv_parts([staging / folder / f"{station}.csv" for station in simulation.climates["station"]],
+                                table, sizes, fixed={k: v for k, v in places.items() if k in table})
+    return {**{kind: int((simulation.labels == kind).sum()) for kind in INJECTED},
+            "weather": int((simulation.events != "none").sum())}
 
 
 def _chunks(stations: int) -> int:
-    """How many tasks of ``STATIONS_PER_CHUNK`` stations write ``stations`` stations' files."""
+    """How many tasks of ``STATIONS_PER_CHUNK`` stations simulate ``stations`` stations."""
     return -(-stations // STATIONS_PER_CHUNK)
-
-
-def _codes(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    codes, names = pd.factorize(table.ravel())
-    return codes.astype(np.int8).reshape(table.shape), np.asarray(names, dtype=object)
-
-
-def write_station_chunk(chunk: tuple, staging: Path, dates: np.ndarray, resolution: str,
-                        names: tuple[np.ndarray, np.ndarray]) -> None:
-    """The files of a few stations: (names, clean, observed, label codes, event codes, training days), one row
-    each; ``names`` turns the codes back into labels and events."""
-    places = {"temperature": 2 if resolution == "1F" else 1, "clean_temperature": 2}
-    stations, clean, observed, labels, events, train_end = chunk
-    label_names, event_names = names
-    tables = station_tables(dates, clean, observed, label_names[labels], event_names[events], train_end)
-    for folder, (table, sizes) in tables.items():
-        storage.write_csv_parts([staging / folder / f"{station}.csv" for station in stations], table, sizes,
-                                fixed={k: v for k, v in places.items() if k in table})
 
 
 # --------------------------------------------------------------------------- main
@@ -388,18 +507,16 @@ def station_list(climates: pd.DataFrame) -> pd.DataFrame:
 def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
     """Simulate the network into ``staging``; returns the inputs (none), the source record and a summary."""
     data, sim = params["data"], params["simulation"]
-    simulation = simulate(sim, data["holdout_stations"], params["anomalies"])
-    write_station_files(staging, simulation, data["test_steps"], sim["resolution"],
-                        pool if pool.cluster else runtime.Threads(runtime.work_threads(_chunks(sim["n_stations"]))))
-    storage.write_csv(staging / importing.STATION_LIST, station_list(simulation.climates), staged=True)
-    dates, labels, n = simulation.dates, simulation.labels, len(simulation.climates)
+    network = plan(sim, data["holdout_stations"], params["anomalies"])
+    counts = write_station_files(staging, network, params, pool if pool.cluster else
+                                 runtime.Threads(runtime.work_threads(_chunks(sim["n_stations"]))))
+    storage.write_csv(staging / importing.STATION_LIST, station_list(network.climates), staged=True)
+    dates, n = network.dates, len(network.climates)
     source = {"source": SIMULATION, "quantity": "mean", "unit": "C", "frequency": "daily", "stations": n,
               "test_start": str(dates[len(dates) - data["test_steps"]]), "coordinates": n}
-    counts = {kind: int((labels == kind).sum()) for kind in INJECTED}
-    weather = int((simulation.events != "none").sum())
     summary = (f"{n} stations x {len(dates)} days ({dates[0]} to {dates[-1]}); anomalous days: "
-               + ", ".join(f"{k} {v}" for k, v in counts.items())
-               + f"; station-days in regional cold snaps or heat waves: {weather}")
+               + ", ".join(f"{kind} {counts[kind]}" for kind in INJECTED)
+               + f"; station-days in regional cold snaps or heat waves: {counts['weather']}")
     return [], source, summary
 
 

@@ -140,6 +140,30 @@ def test_a_front_splits_the_neighbours_for_a_day_and_changes_no_other_draw(param
     assert np.abs(front).mean() > 0.1
 
 
+def test_the_network_is_simulated_a_block_at_a_time_from_the_same_draws(params):
+    """Each block of stations starts where every random stream stood after the blocks before it, so the faults,
+    their places and the weather events do not depend on the block size, and the temperatures only by the
+    rounding of a matrix product's sums; what the network keeps beside its blocks grows by far less than a
+    station's days per station."""
+    sim = dict(params["simulation"], n_stations=23)
+    whole = data_creation.simulate(sim, 1, params["anomalies"], block_stations=23)
+    blocks = data_creation.simulate(sim, 1, params["anomalies"], block_stations=4)
+    assert whole.climates.equals(blocks.climates)
+    assert (whole.labels == blocks.labels).all() and (whole.events == blocks.events).all()
+    np.testing.assert_allclose(blocks.clean, whole.clean, rtol=0, atol=1e-9)
+    assert (np.isnan(whole.observed) == np.isnan(blocks.observed)).all()
+    assert np.nanmax(np.abs(blocks.observed - whole.observed)) <= 0.1 + 1e-9
+
+    def held(n_stations: int) -> int:
+        network = data_creation.plan(dict(sim, n_stations=n_stations), 1, params["anomalies"], block_stations=4)
+        shared = (network.regional, network.events, network.fronts)
+        return network.climates.memory_usage(deep=True).sum() + sum(
+            value.nbytes for part in shared for value in part.values())
+
+    days = len(whole.dates)
+    assert held(230) - held(23) < (230 - 23) * days * 8 / 10
+
+
 def test_whole_degree_fahrenheit_readings_repeat_more_often(params):
     repeats = {}
     for resolution in ("0.1C", "1F"):

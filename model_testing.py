@@ -148,27 +148,41 @@ def _repeats_a_day(station: pd.Series, days: np.ndarray) -> bool:
 
 
 
-def predictions(test: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict,
-                pool: compute.Pool | None = None) -> pd.DataFrame:
-    """Every test row with the forecasts of the model and the baselines, the model's and persistence's
-    bands, the reading and its flag, and, with ground truth, the clean value and the injected anomaly.
+TEST_BATCH_ROWS = 1 << 19  # test rows read and forecast at a time: their features are let go once forecast
+
+
+def forecast_rows(path, bundle: dict, pool: compute.Pool) -> pd.DataFrame:
+    """Every test row of ``path`` without its features, with the model's forecast ("model"): the features are
+    read and forecast ``TEST_BATCH_ROWS`` rows at a time, so the test table is never held whole."""
+    parts = []
+    for batch in storage.read_table_batches(path, TEST_COLUMNS, TEST_BATCH_ROWS):
+        unknown = sorted(set(batch["step"].astype(int)) - {entry["step"] for entry in bundle["steps"]})
+        if unknown:
+            raise PipelineError(f"test rows {unknown[0]} steps ahead, but the model has no forecaster for that "
+                                "step; rerun the pipeline")
+        batch["model"] = model_forecasts(batch, bundle, pool)
+        parts.append(batch.drop(columns=FEATURES))
+    if not parts:
+        raise PipelineError(f"{path}: no data rows")
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def predictions(forecasts: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict
+                ) -> pd.DataFrame:
+    """Every test row with the forecasts of the model (``forecast_rows``) and the baselines, the model's and
+    persistence's bands, the reading and its flag, and, with ground truth, the clean value and the injected
+    anomaly.
 
     Each row is forecast by the model of its step ahead, with that step's band.
     Baselines: persistence (the last reading), climatology (the training-years
     seasonal mean) and drift (the last reading plus the station's mean change
-    per step in training, times the step). The model's forecasts are made in
-    blocks of stations on ``pool``.
+    per step in training, times the step).
     """
-    frame = test.assign(model=np.nan, persistence=test["temp_today"],
-                        drift=test["temp_today"] + test["step"] * test["drift"])
+    frame = forecasts.assign(persistence=forecasts["temp_today"],
+                             drift=forecasts["temp_today"] + forecasts["step"] * forecasts["drift"])
     for band in ("model_lower", "model_upper", "persistence_lower", "persistence_upper"):
         frame[band] = np.nan
     by_step = {entry["step"]: entry for entry in bundle["steps"]}
-    unknown = sorted(set(frame["step"].astype(int)) - set(by_step))
-    if unknown:
-        raise PipelineError(f"test rows {unknown[0]} steps ahead, but the model has no forecaster for that step; "
-                            "rerun the pipeline")
-    frame["model"] = model_forecasts(frame, bundle, pool or runtime.Threads())
     for step, rows in frame.groupby("step").groups.items():
         entry = by_step[int(step)]
         part = frame.loc[rows]
@@ -241,12 +255,12 @@ def main(args) -> None:
     params: Params = load_params(args.params)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         _, bundle, record = load_verified(paths)
-        test = storage.read_table(paths.test_features, TEST_COLUMNS, only=True)
+        forecasts = forecast_rows(paths.test_features, bundle, pool)
         flags = storage.read_table(paths.test_flags, FLAG_COLUMNS, only=True)
         manifest.verify_outputs_of(paths, "data_creation", storage.station_files(paths.truth))
         # Checked whole; only the test period's days are scored.
-        truth = load_truth(paths.truth, sorted(test["station"].unique()), since=flags["date"].min())
-        frame = predictions(test, flags, truth, bundle, pool)
+        truth = load_truth(paths.truth, sorted(forecasts["station"].unique()), since=flags["date"].min())
+        frame = predictions(forecasts, flags, truth, bundle)
     source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
     metrics = scoring.evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
     metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))

@@ -494,6 +494,29 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     assert np.allclose(forecast(changed), made, equal_nan=True)
 
 
+def test_the_test_features_are_read_and_forecast_a_batch_of_rows_at_a_time_with_the_same_scores(
+        project, monkeypatch):
+    """A large network's test features are read, forecast and let go a batch of rows at a time (batches that
+    cut a station's rows in two): the scores and forecasts are the ones reading them all at once gives."""
+    root, params = project
+    assert run_stage(model_testing, root, params) == 0
+    at_once = (root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()
+    read = []
+    monkeypatch.setattr(model_testing, "TEST_BATCH_ROWS", 97)
+    monkeypatch.setattr(storage, "read_table_batches", _counting(storage.read_table_batches, read))
+    assert run_stage(model_testing, root, params) == 0
+    assert len(read) > 3 and max(read) == 97
+    assert ((root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()) == at_once
+
+
+def _counting(batches, read: list):
+    def counted(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            read.append(len(batch))
+            yield batch
+    return counted
+
+
 def test_ground_truth_is_read_a_few_files_at_a_time_with_the_same_scores(project, monkeypatch):
     """A large network's truth (every day of every station) is parsed and checked a batch of files at a time,
     keeping only the test period's days: the scores are the ones reading it all at once gives."""

@@ -1,6 +1,7 @@
 """Stage 2: reading the station files, the quality control it runs, the features and the scaler."""
 
 import json
+import pickle
 import shutil
 
 import joblib
@@ -28,6 +29,23 @@ def test_scaler_is_fitted_on_training_rows_only(built):
     np.testing.assert_allclose(train[FEATURES].mean(), 0, atol=1e-4)
     np.testing.assert_allclose(train[FEATURES].std(ddof=0), 1, atol=1e-3)
     assert not np.allclose(test[FEATURES].mean(), 0, atol=1e-3)
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing):
+    """The same pickled bytes as StandardScaler fitted on every training feature at once (one step ahead only),
+    with and without a feature missing on some rows."""
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    rows = 5001
+    train = pd.DataFrame({name: rng.normal(i, 1 + i, rows) for i, name in enumerate(FEATURES)})
+    train["step"] = np.where(rng.random(rows) < 0.7, 1, 2)
+    if missing:
+        train.loc[rng.random(rows) < 0.1, FEATURES[5]] = np.nan
+    whole = StandardScaler().fit(train.loc[train["step"] == 1, FEATURES].to_numpy())
+    whole.feature_names_in_ = np.asarray(FEATURES, dtype=object)
+    assert pickle.dumps(model_preprocessing.fit_scaler(train)) == pickle.dumps(whole)
 
 
 def test_test_data_does_not_change_what_is_learned(project):

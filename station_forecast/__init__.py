@@ -10,8 +10,9 @@ base        errors, files, flags, steps,      exit codes, the checks every input
 runtime     runtime                           threads, memory, progress, lazy imports, the thread pool
                                               (standard library only)
 storage     storage, station_files,           where every artifact lives, how it is written and read
-            manifest, registry                safely, the one reader of station files, what each stage
-                                              ran with, accepted model sets
+            manifest, registry, spill         safely, the one reader of station files, what each stage
+                                              ran with, accepted model sets, tables kept a block at a
+                                              time (on disk when large)
 compute     compute                           where chunks of work run: this process's threads or a
                                               Dask cluster
 domain      importing, quality_control,       a user's own files made into the stages' station files,
@@ -29,7 +30,7 @@ sit above them and are never imported by a stage.
 LAYERS = {
     "base": ["errors", "files", "flags", "steps", "units", "params"],
     "runtime": ["runtime"],
-    "storage": ["storage", "station_files", "manifest", "registry"],
+    "storage": ["storage", "station_files", "manifest", "registry", "spill"],
     "compute": ["compute"],
     "domain": ["importing", "quality_control", "features", "report", "scoring"],
     "entry": ["cli"],

@@ -46,6 +46,7 @@ CODE = PROJECT  # the folder a worker must have on its path to import the stages
 LOCAL_WORKERS_PER_CPU = 4
 SCATTER_RETRY_SECONDS = 1.0  # the scheduler notices a dead worker within about a second
 IN_FLIGHT_PER_WORKER = 2  # chunks sent to a worker before its first is back: one running, one ready
+IMAP_WINDOW_PER_WORKER = 4  # chunks per worker whose results ``imap`` holds at a time
 CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
 WORKER_PEAKS = "Dask workers' peak memory (MB):"
 
@@ -87,6 +88,15 @@ class Cluster:
         if len(results) < len(items):
             raise PipelineError(self._died(name))
         return [results.pop(i) for i in range(len(items))]
+
+    def imap(self, function: Callable[..., Any], items: Sequence[Any], **shared: Any) -> Iterator[Any]:
+        """``map``'s results yielded in order, a window of ``IMAP_WINDOW_PER_WORKER`` chunks per worker at a
+        time, so a caller that writes them out or spills them holds only a window's results."""
+        workers = max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+        window = IMAP_WINDOW_PER_WORKER * workers
+        for begin in range(0, len(items), window):
+            yield from self.map(function, [items[i] for i in range(begin, min(begin + window, len(items)))],
+                                **shared)
 
     def _run(self, function: Callable[..., Any], items: dict[int, Any], sent: dict[str, Any],
              results: dict[int, Any], progress: runtime.Progress) -> None:

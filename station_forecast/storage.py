@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,34 +296,52 @@ def write_csv(target: Path, frame: Any, decimals: int = 6, fixed: dict[str, int]
     files that saves most of the time.
     """
     if staged:
-        digest = _write_csv_file(target, frame, decimals, fixed or {}, threads)
+        digest = _write_csv_file(target, lambda: [frame], decimals, fixed or {}, threads)
         with open(target, "rb+") as handle:
             os.fsync(handle.fileno())
     else:
         with atomic_path(target) as tmp:
-            digest = _write_csv_file(tmp, frame, decimals, fixed or {}, threads)
+            digest = _write_csv_file(tmp, lambda: [frame], decimals, fixed or {}, threads)
     _remember_digest(target, digest)
 
 
-def _write_csv_file(path: Path, frame: Any, decimals: int, fixed: dict[str, int], threads: int) -> str:
-    """Write the CSV text; returns its SHA-256."""
+def write_csv_batches(target: Path, batches: Callable[[], Iterable[Any]], decimals: int = 6,
+                      threads: int = 1) -> None:
+    """``write_csv`` of the table the DataFrames of ``batches()`` make one after the other, byte for byte
+    (a batch's date-time columns are judged whole days on its own rows), without it ever being held whole.
+    ``batches`` is called a second time if some value needs quotes: every value is then quoted, as
+    ``write_csv`` quotes a table with such a value."""
+    with atomic_path(target) as tmp:
+        digest = _write_csv_file(tmp, batches, decimals, {}, threads)
+    _remember_digest(target, digest)
+
+
+def _write_csv_file(path: Path, frames: Callable[[], Iterable[Any]], decimals: int, fixed: dict[str, int],
+                    threads: int) -> str:
+    """Write the CSV text of the frames ``frames()`` gives, one header; returns its SHA-256."""
     import hashlib
 
     import pyarrow as pa
 
-    header = _csv_header(frame)
-    days = {name for name, dtype in frame.dtypes.items() if dtype.kind == "M" and _whole_days(frame[name])}
-    starts = range(0, len(frame), CSV_CHUNK_ROWS)
     for quoting in ("none", "needed"):  # "none" refuses values that need quotes
         try:
-            digest = hashlib.sha256(header)
+            digest = None
             with open(path, "wb") as handle:
-                handle.write(header)
-                # pyarrow formats without holding the GIL, so chunks are made into text on threads.
-                for text in runtime.Threads(threads).imap(_csv_chunk, starts, frame=frame, decimals=decimals,
-                                                          fixed=fixed, days=days, quoting=quoting):
-                    handle.write(text)
-                    digest.update(text)
+                for frame in frames():
+                    if digest is None:
+                        header = _csv_header(frame)
+                        digest = hashlib.sha256(header)
+                        handle.write(header)
+                    days = {name for name, dtype in frame.dtypes.items()
+                            if dtype.kind == "M" and _whole_days(frame[name])}
+                    # pyarrow formats without holding the GIL, so chunks are made into text on threads.
+                    for text in runtime.Threads(threads).imap(_csv_chunk, range(0, len(frame), CSV_CHUNK_ROWS),
+                                                              frame=frame, decimals=decimals, fixed=fixed,
+                                                              days=days, quoting=quoting):
+                        handle.write(text)
+                        digest.update(text)
+            if digest is None:
+                raise ValueError(f"{path}: no table to write")
             return digest.hexdigest()
         except pa.ArrowInvalid:
             continue

@@ -45,7 +45,25 @@ def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing):
         train.loc[rng.random(rows) < 0.1, FEATURES[5]] = np.nan
     whole = StandardScaler().fit(train.loc[train["step"] == 1, FEATURES].to_numpy())
     whole.feature_names_in_ = np.asarray(FEATURES, dtype=object)
-    assert pickle.dumps(model_preprocessing.fit_scaler(train)) == pickle.dumps(whole)
+    first = train[train["step"] == 1]
+    assert pickle.dumps(model_preprocessing.fit_scaler(lambda name: first[name].to_numpy())) == pickle.dumps(whole)
+
+
+def test_training_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(project, monkeypatch, capsys):
+    """Past SPILL_BYTES the training rows wait on disk, a block of stations at a time, until they are written
+    (the scaler fitted from them): the tables and the scaler are the bytes of the run that held them, and
+    the stage leaves no spilled block behind."""
+    root, params = project
+    paths = Paths(root)
+    outputs = [paths.train_features, paths.test_features, paths.scaler, paths.train_flags]
+    monkeypatch.setattr(model_preprocessing, "STATION_BLOCK", 1)  # a block per station
+    assert run_stage(model_preprocessing, root, params) == 0
+    held = {path: path.read_bytes() for path in outputs}
+    monkeypatch.setattr(model_preprocessing, "SPILL_BYTES", 0)
+    assert run_stage(model_preprocessing, root, params) == 0
+    assert "a block at a time until written" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in outputs} == held
+    assert not (paths.data / model_preprocessing.SPILL_FOLDER).exists()
 
 
 def test_test_data_does_not_change_what_is_learned(project):

@@ -1,6 +1,7 @@
 """The shared floor: parameters, storage, the lock and the runner, the manifest, the model registry."""
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -540,6 +541,23 @@ def test_tables_write_days_as_dates_and_keep_times_that_are_not_whole_days(tmp_p
     with_time = pd.to_datetime(["2020-02-29 13:30", "2021-01-01"], format="ISO8601")
     storage.write_csv(path, pd.DataFrame({"date": with_time}))
     assert path.read_text().splitlines()[1].startswith("2020-02-29 13:30")
+
+
+@pytest.mark.parametrize("label", ["plain", "needs, quotes"])
+def test_a_table_written_a_batch_at_a_time_is_the_table_written_whole(tmp_path, monkeypatch, label):
+    """Batches make one file with one header, the bytes of the whole table's (a value that needs quotes in
+    a later batch quotes every value, as in the whole table), and the digest the manifest records."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"date": pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03"] * 3),
+                          "temperature": [0.1, -2.0, None] * 3, "station": ["A"] * 7 + [label] * 2})
+    monkeypatch.setattr(storage, "CSV_CHUNK_ROWS", 2)  # rows cut across chunks as well as batches
+    storage.write_csv(tmp_path / "whole.csv", frame)
+    bounds = [0, 4, 4, 9]  # an empty batch among them
+    storage.write_csv_batches(tmp_path / "batches.csv",
+                              lambda: (frame.iloc[a:b] for a, b in itertools.pairwise(bounds)))
+    assert (tmp_path / "batches.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert storage.sha256_file(tmp_path / "batches.csv") == storage.sha256_file(tmp_path / "whole.csv")
 
 
 @pytest.mark.parametrize("label", ["plain", "needs, quotes"])

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -228,11 +228,11 @@ class Threads:
             progress.step()
         return results
 
-    def imap(self, function: Callable[..., Any], items: Sequence[Any], **shared: Any) -> Iterator[Any]:
+    def imap(self, function: Callable[..., Any], items: Iterable[Any], **shared: Any) -> Iterator[Any]:
         """``function(item, **shared)`` for each item, yielded in order as each is ready; at most two
         results per thread wait to be taken, so a caller that writes them out keeps memory bounded (and
-        an ``OnDemand`` item is made only shortly before it runs)."""
-        if self.threads == 1 or len(items) < 2:
+        an ``OnDemand`` item, or an item of a generator, is made only shortly before it runs)."""
+        if self.threads == 1 or (isinstance(items, Sized) and len(items) < 2):
             yield from (function(item, **shared) for item in items)
             return
         from concurrent.futures import ThreadPoolExecutor

@@ -14,6 +14,7 @@ read or written.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -325,27 +326,31 @@ def _write_csv_file(path: Path, frames: Callable[[], Iterable[Any]], decimals: i
 
     for quoting in ("none", "needed"):  # "none" refuses values that need quotes
         try:
-            digest = None
-            with open(path, "wb") as handle:
-                for frame in frames():
-                    if digest is None:
-                        header = _csv_header(frame)
-                        digest = hashlib.sha256(header)
-                        handle.write(header)
-                    days = {name for name, dtype in frame.dtypes.items()
-                            if dtype.kind == "M" and _whole_days(frame[name])}
-                    # pyarrow formats without holding the GIL, so chunks are made into text on threads.
-                    for text in runtime.Threads(threads).imap(_csv_chunk, range(0, len(frame), CSV_CHUNK_ROWS),
-                                                              frame=frame, decimals=decimals, fixed=fixed,
-                                                              days=days, quoting=quoting):
-                        handle.write(text)
-                        digest.update(text)
-            if digest is None:
+            given = iter(frames())
+            first = next(given, None)
+            if first is None:
                 raise ValueError(f"{path}: no table to write")
+            header = _csv_header(first)
+            digest = hashlib.sha256(header)
+            with open(path, "wb") as handle:
+                handle.write(header)
+                # pyarrow formats without holding the GIL, so chunks are made into text on threads; the chunks
+                # of all the frames go through one pool, so a frame of two chunks keeps both threads busy.
+                chunks = ((frame, start, days) for frame in itertools.chain([first], given)
+                          for days in [_day_columns(frame)] for start in range(0, len(frame), CSV_CHUNK_ROWS))
+                for text in runtime.Threads(threads).imap(_csv_chunk, chunks, decimals=decimals, fixed=fixed,
+                                                          quoting=quoting):
+                    handle.write(text)
+                    digest.update(text)
             return digest.hexdigest()
         except pa.ArrowInvalid:
             continue
     raise AssertionError("quoting 'needed' writes any text")
+
+
+def _day_columns(frame: Any) -> set[str]:
+    """The date-time columns of ``frame`` that hold whole days only (written as YYYY-MM-DD)."""
+    return {name for name, dtype in frame.dtypes.items() if dtype.kind == "M" and _whole_days(frame[name])}
 
 
 def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals: int = 6,
@@ -369,7 +374,7 @@ def write_csv_parts(targets: list[Path], frame: Any, sizes: list[int], decimals:
     text = None
     if all(_whole_days(frame[name]) for name in days):
         try:
-            text = b"".join(bytes(_csv_chunk(start, frame, decimals, fixed, days, "none"))
+            text = b"".join(bytes(_csv_chunk((frame, start, days), decimals, fixed, "none"))
                             for start in range(0, len(frame), CSV_CHUNK_ROWS))
         except pa.ArrowInvalid:  # a value needs quotes
             pass
@@ -398,13 +403,14 @@ def _csv_header(frame: Any) -> bytes:
     return (",".join(map(str, frame.columns)) + "\n").encode()
 
 
-def _csv_chunk(start: int, frame: Any, decimals: int, fixed: dict[str, int], days: set[str], quoting: str) -> Any:
-    """The CSV text of ``CSV_CHUNK_ROWS`` rows of ``frame`` from row ``start`` on, as a pyarrow buffer (the
-    date-time columns in ``days`` as YYYY-MM-DD)."""
+def _csv_chunk(chunk: tuple[Any, int, set[str]], decimals: int, fixed: dict[str, int], quoting: str) -> Any:
+    """The CSV text of ``CSV_CHUNK_ROWS`` rows of a frame from row ``start`` on (``chunk``: the frame, start and
+    the date-time columns written as YYYY-MM-DD), as a pyarrow buffer."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
+    frame, start, days = chunk
     columns = []
     for name, dtype in frame.dtypes.items():
         # Column by column, each handed to pyarrow as pandas stores it, floats rounded by numpy: no rounded

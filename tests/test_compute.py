@@ -155,9 +155,13 @@ def test_a_chunk_that_kills_every_worker_it_meets_fails_with_one_line(tmp_path):
     assert "\n" not in str(caught.value) and str(caught.value).startswith("station files read (chunks):")
 
 
-def test_a_cluster_run_gives_the_same_bytes_as_a_local_run(built, tmp_path):
-    """All four stages on a LocalCluster of two worker processes, against the local run of the same parameters."""
+def test_a_cluster_run_gives_the_same_bytes_as_a_local_run(built, tmp_path, monkeypatch):
+    """All four stages on a LocalCluster of two worker processes, against the local run of the same parameters:
+    with the simulation's blocks of stations on the workers and stage 2's training blocks spilled to disk."""
     local_root, _ = built
+    data_creation, model_preprocessing = STAGES[0], STAGES[1]
+    monkeypatch.setattr(data_creation, "STATIONS_PER_CHUNK", 2)
+    monkeypatch.setattr(model_preprocessing, "SPILL_BYTES", 0)
     params = write_params(tmp_path / "params.toml", **TINY, scheduler="local:2")
     for module in STAGES:
         assert run_stage(module, tmp_path, params) == 0, module.STAGE

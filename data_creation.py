@@ -7,10 +7,11 @@ more the closer they are; it persists from day to day, varies more in winter and
 has heavy tails, and regional cold snaps and heat waves come on top. Measurement
 noise, then five kinds of station-local sensor fault are added at the rates in
 params.toml, and readings are rounded as real ones are. Stations are simulated
-and written a block at a time, so no process holds the whole network's days. Observations are split
-in time: the last ``test_steps`` go to data/test, the earlier days to data/train;
-held-out stations go wholly to data/test. The ground truth (clean value, fault
-and weather event per day) goes only to data/truth, which no training stage reads.
+and written a block at a time, so no process holds the whole network's days.
+Observations are split in time: the last ``test_steps`` go to data/test, the
+earlier days to data/train; held-out stations go wholly to data/test. The ground
+truth (clean value, fault and weather event per day) goes only to data/truth,
+which no training stage reads.
 
 Import (data.source = a folder): each <station>.csv (or .csv.gz) there is read with the column
 names, date format, delimiter and unit in [import]; rows without a usable date or
@@ -168,8 +169,10 @@ def plan(sim: dict, holdout_stations: int, anomalies: dict, block_stations: int 
     """Draw everything the network shares (climates, the regional weather's modes, events, fronts) and walk
     each per-station draw through the stations a block at a time, keeping where each block starts.
 
-    The streams are the same as drawing each per-station table whole, so the
-    network is the same whatever the block size (a test holds it).
+    The draws are those of each per-station table drawn whole, so the faults,
+    their places and the weather events are the same whatever the block size,
+    and the temperatures differ at most by the rounding of a matrix product's
+    sums (a test holds both).
     """
     block_stations = block_stations or STATIONS_PER_CHUNK
     rng = np.random.default_rng(sim["seed"])
@@ -192,9 +195,8 @@ def plan(sim: dict, holdout_stations: int, anomalies: dict, block_stations: int 
     starts["noise"] = walk(rng, "noise")
     # Date offsets draw from a stream of their own (added later: every earlier draw stays as it was).
     offsets = np.random.default_rng([sim["seed"], OFFSET_STREAM])
-    for kind in _EFFECT_ORDER:
-        for part in ("starts", "lengths", "sign", "size"):
-            starts[f"{kind}.{part}"] = walk(offsets if kind == Flag.DATE_OFFSET else rng, f"{kind}.{part}")
+    for name in [name for name in draws if name not in starts]:  # the faults' draws, kind after kind
+        starts[name] = walk(offsets if name.startswith(f"{Flag.DATE_OFFSET}.") else rng, name)
     # Fronts draw from a stream of their own, so with or without them every other draw is the same.
     fronts = front_draws(np.random.default_rng([sim["seed"], FRONT_STREAM]), climates, n_days, sim)
     return Network(climates, dates, regional, events, fronts, blocks, starts)

@@ -52,7 +52,8 @@ def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing):
 def test_training_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(project, monkeypatch, capsys):
     """Past SPILL_BYTES the training rows wait on disk, a block of stations at a time, until they are written
     (the scaler fitted from them): the tables and the scaler are the bytes of the run that held them, and
-    the stage leaves no spilled block behind."""
+    the stage leaves no spilled block behind, nor touches what a link left in the spill folder's place
+    points to."""
     root, params = project
     paths = Paths(root)
     outputs = [paths.train_features, paths.test_features, paths.scaler, paths.train_flags]
@@ -60,10 +61,15 @@ def test_training_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(
     assert run_stage(model_preprocessing, root, params) == 0
     held = {path: path.read_bytes() for path in outputs}
     monkeypatch.setattr(model_preprocessing, "SPILL_BYTES", 0)
+    mine = root.parent / "mine"  # a link in place of the spill folder is let go, never followed
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    (paths.data / model_preprocessing.SPILL_FOLDER).symlink_to(mine, target_is_directory=True)
     assert run_stage(model_preprocessing, root, params) == 0
     assert "a block at a time until written" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in outputs} == held
     assert not (paths.data / model_preprocessing.SPILL_FOLDER).exists()
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
 
 
 def test_test_data_does_not_change_what_is_learned(project):

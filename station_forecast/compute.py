@@ -47,7 +47,6 @@ LOCAL_WORKERS_PER_CPU = 4
 SCATTER_RETRY_SECONDS = 1.0  # the scheduler notices a dead worker within about a second
 IN_FLIGHT_PER_WORKER = 2  # chunks sent to a worker before its first is back: one running, one ready
 IMAP_WINDOW_PER_WORKER = 4  # chunks per worker whose results ``imap`` holds at a time
-CANCELLED = ("FuturesCancelledError", "CancelledError")  # a chunk whose input died with its worker
 WORKER_PEAKS = "Dask workers' peak memory (MB):"
 
 
@@ -120,7 +119,7 @@ class Cluster:
                 except TimeoutError:
                     pass
                 except Exception as exc:
-                    if type(exc).__name__ not in CANCELLED:
+                    if not _cancelled(exc):
                         raise
                 for future in [f for f in running if f.status != "pending"]:
                     index = running.pop(future)
@@ -128,8 +127,9 @@ class Cluster:
                         try:
                             results[index] = future.result()
                             progress.step()
-                        except OSError:  # the worker holding the result died: the chunk runs again
-                            pass
+                        except Exception as exc:  # the worker holding the result died: the chunk runs again
+                            if not (isinstance(exc, OSError) or _cancelled(exc)):
+                                raise
                     elif future.status == "error":
                         future.result()  # raises the chunk's own error
                     future.release()
@@ -164,6 +164,12 @@ class Cluster:
                 time.sleep(SCATTER_RETRY_SECONDS * attempt)
         raise PipelineError(f"cannot send chunks to the Dask workers of {self.scheduler}: they died "
                             f"{ALLOWED_FAILURES} times in a row; check their memory and restarts")
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is Dask's word that a chunk was cancelled (its input or result died with a worker; the
+    chunk runs again): any of its CancelledError kinds, whose names change between versions."""
+    return any(kind.__name__ == "CancelledError" for kind in type(exc).__mro__)
 
 
 class Shared:

@@ -141,6 +141,19 @@ def test_a_cluster_checks_its_workers_and_keeps_the_order(tmp_path):
     assert not list(tmp_path.glob(".compute-check-*"))  # the probe file is gone
 
 
+def test_every_kind_of_dask_cancellation_is_a_chunk_to_run_again():
+    """A worker killed while it held a chunk's input or result cancels that chunk's future, with one of
+    Dask's CancelledError kinds (their names change between versions; one of them once ended a stage with
+    an internal error): each is a chunk to send again, and nothing else is."""
+    from distributed.client import CancelledError, FutureCancelledError, FuturesCancelledError
+
+    assert compute._cancelled(FutureCancelledError("read_station_files-1", None))
+    assert compute._cancelled(FuturesCancelledError([]))
+    assert compute._cancelled(CancelledError())
+    assert not compute._cancelled(ValueError("a chunk's own error"))
+    assert not compute._cancelled(OSError("connection closed"))
+
+
 def test_a_killed_worker_s_chunks_run_again_on_the_others(tmp_path):
     marker = tmp_path / "died"
     with compute.pool("local:2", tmp_path) as pool:

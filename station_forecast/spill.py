@@ -32,9 +32,6 @@ class Blocks:
         if self.bytes > self.limit_bytes:
             self._blocks = [self._spilled(i, block) for i, block in enumerate(self._blocks)]
 
-    def __len__(self) -> int:
-        return len(self._blocks)
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Each block's columns in order (mapped from their files where spilled)."""
         return (self._columns(block) for block in self._blocks)

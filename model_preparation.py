@@ -51,6 +51,7 @@ MIN_FOLD_ROWS = 30  # a fold trains on at least this many rows, or it is not use
 # date) has not improved for ten trees; the final fit on all rows grows the median number the folds grew.
 STOPPING_SHARE = 0.1
 STOPPING_ROUNDS = 10
+TEXT_COLUMNS = ["station", "date", "target_date"]
 TRAIN_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN,
                  *FEATURES]
 # A features table larger than this is never held whole (a national network's): it is read twice in batches of
@@ -76,13 +77,17 @@ def candidates(model: dict) -> dict:
 
 
 def training_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows whose next-day target was really observed and not flagged, in date order."""
+    """Rows whose next-day target was really observed and not flagged, in date order. Text columns come
+    back as ordered categoricals (the same values, compared and sorted as the text is)."""
     kept = np.flatnonzero((table["target_ok"] == 1).to_numpy())
-    # Codes in name order and in date order (ISO dates sort as text): integers sort far faster than text.
-    station = pd.factorize(table["station"], sort=True)[0]
-    target_date = pd.factorize(table["target_date"], sort=True)[0]
-    order = np.lexsort((station[kept], target_date[kept]))
-    return table.take(kept[order]).reset_index(drop=True)  # one copy, however large the table
+    # Codes in name order and in date order (ISO dates sort as text): integers sort, and are taken, far
+    # faster than text (taking three text columns was 2.6 s of the stage at 1,000 stations x 10 years).
+    text = {name: pd.factorize(table[name], sort=True) for name in TEXT_COLUMNS if name in table}
+    order = kept[np.lexsort((text["station"][0][kept], text["target_date"][0][kept]))]
+    rows = table.drop(columns=list(text)).take(order).reset_index(drop=True)  # one copy, however large
+    for name, (codes, values) in text.items():
+        rows[name] = pd.Categorical.from_codes(codes[order], categories=values, ordered=True)
+    return rows[table.columns]
 
 
 def cv_sample(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:

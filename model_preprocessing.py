@@ -294,7 +294,8 @@ def _ridge_forecasts(inputs: np.ndarray, target: np.ndarray, fit: np.ndarray, kn
     ``known`` rows: one on the first ``plain`` inputs, fitted on every training row; one on all inputs, each
     of ``RIDGE_FOLDS`` consecutive blocks of dates (from the first to the last training row) forecast by the
     fit on the other blocks, and the dates outside them by the fit on all."""
-    mean, scale = inputs[fit].mean(axis=0), inputs[fit].std(axis=0)
+    chosen = inputs[fit]
+    mean, scale = chosen.mean(axis=0), chosen.std(axis=0)
     scale[scale == 0] = 1.0
     x = np.column_stack([(inputs - mean) / scale, np.ones(len(inputs))])
     penalty = RIDGE_ALPHA * np.eye(x.shape[1])
@@ -457,7 +458,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
         for block in (pool or runtime.Threads()).imap(block_rows, runtime.OnDemand(block_input, len(blocks)),
                                                         horizon=horizon):
             train.add(block["train"])
-            trained.update(np.unique(block["train"]["station"]))
+            trained.update(pd.unique(block["train"]["station"]))  # hashed: sorting text cost 1 s
             for column, values in block["test"].items():
                 pieces.setdefault(column, []).append(values)
             progress.step()
@@ -489,11 +490,9 @@ def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     ridge = neighbours_ridge(stations, departure, observed, period, verdict["flag"], climatology, near, horizon)
     network = network_features(stations, compared, near)
     rows = build_features(observed, period, verdict, horizon, climatology, ridge, network)
-    split = {}
-    for name in ("train", "test"):
-        chosen = (rows["period"] == name).to_numpy()
-        split[name] = {column: rows[column].to_numpy()[chosen] for column in rows.columns}
-    return split
+    train = (rows["period"] == "train").to_numpy()  # build_features keeps training and test rows only
+    return {name: {column: rows[column].to_numpy()[chosen] for column in rows.columns}
+            for name, chosen in (("train", train), ("test", ~train))}
 
 
 def fit_scaler(one_step_ahead: Callable[[str], np.ndarray]):

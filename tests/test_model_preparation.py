@@ -73,6 +73,16 @@ def test_training_uses_only_usable_rows_in_date_order(built):
     rows = model_preparation.training_rows(table)
     assert (rows["target_ok"] == 1).all() and len(rows) < len(table)
     assert rows["target_date"].is_monotonic_increasing
+    # The same rows and values as sorting the text itself, with the text as text: compared, sorted and
+    # written as before.
+    expected = table[table["target_ok"] == 1].sort_values(["target_date", "station"], kind="stable")
+    assert list(rows.columns) == list(table.columns)
+    pd.testing.assert_frame_equal(rows.astype({name: str for name in model_preparation.TEXT_COLUMNS}),
+                                  expected.reset_index(drop=True).astype({name: str for name in
+                                                                          model_preparation.TEXT_COLUMNS}))
+    assert rows["target_date"].min() == expected["target_date"].min()
+    assert rows["station"].isin([expected["station"].iat[0]]).sum() == (expected["station"] ==
+                                                                        expected["station"].iat[0]).sum()
 
 
 def test_same_inputs_same_model(project):

@@ -56,8 +56,11 @@ RECENT_Z = 2.5
 # A shift or drift is flagged only while the last week's mean departure from the neighbours is beyond this many
 # robust standard deviations of the (daily) departure: on real networks the departure wanders that far for days
 # or weeks with the local weather (snow cover, a lake breeze, cold air pooling in one valley), which a test for
-# a step or ramp cannot tell from a fault; a fault that small costs a forecast little.
-LEAST_SHIFT = 2.0
+# a step or ramp cannot tell from a fault; a fault that small costs a forecast little. 2, 2.1, 2.25 and 2.5 flagged
+# 0.27, 0.25, 0.21 and 0.16 % of the readings of eight real networks (most of the change drift flags) against
+# level-shift F1 0.871, 0.869, 0.860 and 0.841 and drift F1 0.618, 0.617, 0.612 and 0.591 on eight simulated
+# ones; the forecasts on the real networks moved by at most 0.003 °C.
+LEAST_SHIFT = 2.25
 VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster
 CODE = {kind: code for code, kind in enumerate(VERDICT_CODES)}
 

@@ -122,6 +122,22 @@ def test_a_shift_far_beyond_the_weather_is_flagged_throughout_and_removed(settin
     assert not faults(result).drop(columns="S2").iloc[start: start + length].to_numpy().any()
 
 
+@pytest.mark.parametrize("both_read", [True, False])
+def test_a_shift_is_blamed_on_a_station_only_while_two_neighbours_read(settings, both_read):
+    """With one neighbour reading, a lasting departure is either station's fault: neither is flagged for it."""
+    observed = network(3)
+    start, length = TEST_FROM + 40, 40
+    observed.iloc[start: start + length, 2] += 10.0
+    if not both_read:
+        observed.iloc[start - 10: start + length + 10, 1] = np.nan
+    _, result = verdict(observed, settings)
+    lasting = result["flag"].isin(["level_shift", "drift"]).iloc[start: start + length]
+    if both_read:
+        assert lasting["S2"].sum() >= 15 and not lasting[["S0", "S1"]].to_numpy().any()
+    else:
+        assert not lasting.to_numpy().any()
+
+
 @pytest.mark.parametrize("gap", [3, 4])
 def test_a_burst_of_spikes_that_each_return_is_not_taken_for_a_shift(settings, gap):
     observed = network()

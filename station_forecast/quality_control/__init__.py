@@ -27,7 +27,9 @@ reading is compared with what its neighbours say it should be:
   carry the offset, so a fault that ended is let go, and only while the last
   week's mean departure is beyond ``LEAST_SHIFT`` robust standard deviations of
   the daily departure in that season, never less than the year's (less is local
-  weather on a real network, and a sea breeze wanders more in summer). A run of
+  weather on a real network, and a sea breeze wanders more in summer), and only
+  on days ``LEAST_NEIGHBOURS`` (two) or more of its neighbours read (with one,
+  which of the two stations moved cannot be told). A run of
   identical readings is ``stuck`` when the neighbours moved while the sensor
   did not, or when it is longer than the station's own resolution makes likely
   (learned from how often its learning days repeat: whole-degree °F records
@@ -37,8 +39,8 @@ reading is compared with what its neighbours say it should be:
   the neighbours' expected changes of the day before (or after) better than
   those of the same day. Each day's evidence, a capped log-likelihood ratio of
   Student-t residuals, is summed by a sequential test (CUSUM) per direction
-  and flagged above ``offset_threshold``; only on days two or more neighbours
-  read, and only at stations whose learning days are clearly on their
+  and flagged above ``offset_threshold``; only on days ``LEAST_NEIGHBOURS`` or
+  more neighbours read, and only at stations whose learning days are clearly on their
   neighbours' dates (a network mixing observation hours has stations a day
   apart by nature), in the months where they are (in summer a station's
   changes may be its own showers more than shared weather). A stretch keyed a

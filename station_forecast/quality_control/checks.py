@@ -63,9 +63,10 @@ OFFSET_LEAST_ALIGNMENT = 0.5
 # after it. Where the station's resolution makes an exact repeat rare (its learned repeat share below this), a
 # repeat ends the test for an early stretch at once, instead of the one to four days the weather takes to tell.
 OFFSET_ORDINARY_REPEAT = 0.05
-# A day is judged only where at least this many neighbours read that day and the day before: with one, which of
-# the two stations is keyed wrong cannot be told.
-OFFSET_LEAST_NEIGHBOURS = 2
+# A fault that lasts (a date offset, a level shift, a drift) is blamed on a station only on days at least this many
+# of its neighbours read (for a date offset, that day and the day before): with one, which of the two stations is
+# wrong cannot be told, and each would be flagged for the other's fault.
+LEAST_NEIGHBOURS = 2
 
 
 def trailing_median(observed: pd.DataFrame, window: int) -> pd.DataFrame:
@@ -215,7 +216,7 @@ def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: p
     station's change less its neighbours' on the learning days; ``reporting``:
     how many of its neighbours read each day (``reporting_neighbours``).
     Returns (late, early, judged) as days x stations arrays: 0 evidence on days
-    not judged (a reading missing, or fewer than ``OFFSET_LEAST_NEIGHBOURS``
+    not judged (a reading missing, or fewer than ``LEAST_NEIGHBOURS``
     neighbours reading that day and the day before).
     """
     change = observed.diff().to_numpy()
@@ -230,7 +231,7 @@ def offset_day_evidence(observed: pd.DataFrame, expected: pd.DataFrame, scale: p
         return np.nan_to_num(np.clip(evidence, -OFFSET_DAY_CAP, OFFSET_DAY_CAP), nan=0.0)
 
     right = change - neighbours
-    enough = reporting.to_numpy() >= OFFSET_LEAST_NEIGHBOURS
+    enough = reporting.to_numpy() >= LEAST_NEIGHBOURS
     judged = enough & day_before(enough, fill=False) & ~np.isnan(right) & ~np.isnan(spread)
     on_the_day = surprise(right)
     late = capped(on_the_day - surprise(change - day_before(neighbours)))

@@ -51,6 +51,14 @@ def test_score_matches_definitions():
 
 
 
+
+def test_scores_read_the_rows_with_a_reference_and_only_the_columns_they_score():
+    frame = pd.DataFrame({"station": ["A", "B", "A", "B"], "observed": [1.0, np.nan, 3.0, 4.0],
+                          "model": [1.5, 2.0, 2.5, 4.5], "features_kept_for_the_report": [9.0] * 4})
+    rows = scoring.scored_rows(frame, "observed", ["model"])
+    assert list(rows.columns) == ["observed", "station", "model"]
+    assert rows.index.tolist() == [0, 2, 3] and rows["model"].tolist() == [1.5, 2.5, 4.5]
+
 def test_gate_failure_exits_3_with_a_clear_line(project, capsys):
     root, _ = project
     strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,

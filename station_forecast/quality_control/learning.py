@@ -87,6 +87,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     jump_z = (jump.where(learning) / jump_scale).abs()
     threshold = np.minimum(qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE), jump_ceiling / jump_scale)
     gross = {"jump_scale": jump_scale, "gross_threshold": threshold}
+    del plausible, jump, jump_z  # days x stations tables let go once used: at scale they are the stage's peak
     # The provisional rounds only decide which readings to trust, so they accept weaker neighbours: a
     # faulty station's correlations are low until its faults are left out.
     provisional = dict(qc, min_correlation=min(qc["min_correlation"], PROVISIONAL_CORRELATION))
@@ -135,6 +136,7 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
         coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),
                                {station: _neighbours_shape(coefs, neighbours[station], seen, typical)
                                 for station in short})
+    del anomaly
     departure = network_departures(values, climatology_at(coefs, values.index, values.columns), neighbours,
                                     None, threads)["departure"]
     # A fault the detector missed in some season biases that season's climatology; against the

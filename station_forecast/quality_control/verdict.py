@@ -140,11 +140,15 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
         left_out = left_out | (nearest_line_distance(anomaly, neighbours)
                                > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
+    del anomaly  # each days x stations table let go once used: at scale they are the stage's peak
     result = _classify(observed, facts, detector,
                        network_departures(observed, climatology, neighbours, left_out, threads), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
-        network = network_departures(observed, climatology, neighbours, result["flag"].isin(FAULTS), threads)
-        explained = explained_readings(result["flag"], network["departure"])
+        first_flag = result["flag"]
+        del result, left_out
+        network = network_departures(observed, climatology, neighbours, first_flag.isin(FAULTS), threads)
+        explained = explained_readings(first_flag, network["departure"])
+        del first_flag
         result = _classify(observed, {**facts, "explained": explained}, detector, network, pool)
     return result
 

@@ -82,7 +82,7 @@ def training_rows(table: pd.DataFrame) -> pd.DataFrame:
     kept = np.flatnonzero((table["target_ok"] == 1).to_numpy())
     # Codes in name order and in date order (ISO dates sort as text): integers sort, and are taken, far
     # faster than text (taking three text columns was 2.6 s of the stage at 1,000 stations x 10 years).
-    text = {name: pd.factorize(table[name], sort=True) for name in TEXT_COLUMNS if name in table}
+    text = {name: pd.factorize(table[name], sort=True) for name in TEXT_COLUMNS}
     order = kept[np.lexsort((text["station"][0][kept], text["target_date"][0][kept]))]
     rows = table.drop(columns=list(text)).take(order).reset_index(drop=True)  # one copy, however large
     for name, (codes, values) in text.items():

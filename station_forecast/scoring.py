@@ -27,7 +27,8 @@ def score(actual: np.ndarray, predicted: np.ndarray) -> dict:
     }
 
 
-BANDS = [f"{p}_{bound}" for p in ("model", "persistence") for bound in ("lower", "upper")]
+BANDED = ("model", "persistence")  # the predictors whose bands are scored
+BANDS = [f"{p}_{bound}" for p in BANDED for bound in ("lower", "upper")]
 
 
 def scored_rows(frame: pd.DataFrame, actual: str, columns: list[str]) -> pd.DataFrame:
@@ -111,7 +112,7 @@ def interval_scores(frame: pd.DataFrame, actual: str, level: float) -> dict:
     def both(part: pd.DataFrame) -> dict:
         y = part[actual].to_numpy()
         return {p: interval_score(y, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(), level)
-                for p in ("model", "persistence")}
+                for p in BANDED}
 
     result = {group: both(part) for group, (part, _) in station_groups(rows).items() if len(part)}
     result["per_station"] = {
@@ -189,7 +190,7 @@ def step_scores(frame: pd.DataFrame, reference: str, level: float) -> dict:
         result[str(int(step))] = {
             "forecast": {p: score(actual, part[p].to_numpy()) for p in PREDICTORS},
             "interval": {p: interval_score(actual, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(),
-                                           level) for p in ("model", "persistence")},
+                                           level) for p in BANDED},
         }
     return result
 

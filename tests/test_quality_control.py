@@ -237,8 +237,9 @@ def test_the_change_tests_on_a_day_take_its_innovations_as_known_that_day(shape,
         np.testing.assert_allclose(evidence(day)[-1], whole[day], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [3, 1])  # blocks in parallel, or one after the other
 @pytest.mark.parametrize("verdict_block", [verdicts.VERDICT_BLOCK, 2])  # the change tests on threads; the whole verdict
-def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monkeypatch, verdict_block):
+def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monkeypatch, verdict_block, threads):
     observed = network(n_stations=7, seed=2)
     observed.iloc[TEST_FROM + 40:TEST_FROM + 90, 3] += np.linspace(0, 5, 50)
     observed.iloc[TEST_FROM + 100:TEST_FROM + 110, 5] = 12.3
@@ -247,9 +248,9 @@ def test_the_verdict_does_not_depend_on_threads_or_station_blocks(settings, monk
     monkeypatch.setattr(verdicts, "VERDICT_BLOCK", verdict_block)
     monkeypatch.setattr(qc_neighbours, "EXPECTED_BLOCK", 3)  # the expected values in blocks too
     monkeypatch.setattr(learning, "EXPECTED_BLOCK", 3)  # and the persistences
-    detector = learning.learn(observed, learning_days(observed), settings, runtime.Threads(3))
+    detector = learning.learn(observed, learning_days(observed), settings, runtime.Threads(threads))
     assert detector == reference[0]
-    blocked = verdicts.detect(observed, detector, runtime.Threads(3))
+    blocked = verdicts.detect(observed, detector, runtime.Threads(threads))
     assert set(blocked["flag"].stack()) >= {"drift", "stuck"}
     for name, table in reference[1].items():
         pd.testing.assert_frame_equal(blocked[name], table)

@@ -104,6 +104,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         # Learning need not be causal: a shift or drift is left out from the day it began, not only
         # from the day it was found.
         trusted = learning & ~found["flag"].isin(FAULTS) & ~since_onset(found["onset"])
+        del found
         progress.step()
     detector = _fit(observed, learning, trusted, qc, settings, gross, threads, positions=positions)
     for station, values in codes.items():

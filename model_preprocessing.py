@@ -57,6 +57,11 @@ PROBABLE_CODES = 3  # values shared by stations on a day and far outside every c
 # stage's peak from 1.52 to 1.29 GB at no measurable cost in time.
 SPILL_BYTES = 1 << 28
 SPILL_FOLDER = ".features.spill"  # in data/, removed when the stage ends
+# A step's period as a code: outside the station's record, training, test, or a held-out station's days before
+# the test period ("history"). A days x stations table of codes is an eighth of one of text, and comparing it
+# (which the stage does some hundred times) is fifty times faster. PERIOD_NAMES[code]: as flagged.csv writes it.
+OUTSIDE, TRAIN, TEST, HISTORY = range(4)
+PERIOD_NAMES = ("", "train", "test", "history")
 
 
 # ------------------------------------------------------------------------ loading
@@ -117,13 +122,13 @@ def _check_station_periods(files: list[tuple[str, Path]], readings: list[tuple[n
 
 def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = "daily"
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Wide tables (date x station) of observed temperature and of period.
+    """Wide tables (date x station) of observed temperature and of period (codes, ``PERIOD_NAMES``).
 
     Every station gets a complete calendar of ``frequency`` steps from its first
-    to its last step; missing steps are NaN. The period is "train" or "test" as the raw files say,
-    except that a held-out station's days before the test period are "history":
+    to its last step; missing steps are NaN. The period is TRAIN or TEST as the raw files say,
+    except that a held-out station's days before the test period are HISTORY:
     they give its features a past and its detector something to learn from, but
-    are neither trained on nor scored. Outside a station's own days it is "".
+    are neither trained on nor scored. Outside a station's own days it is OUTSIDE.
     """
     # Placed straight into date x station arrays (each reading's row and column found once): the files
     # were checked to hold every station-day at most once, so nothing is overwritten.
@@ -142,15 +147,10 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     split = pd.DataFrame(split, index=calendar, columns=columns, copy=False)
     # A missing day belongs to the period of the day before it; days before a
     # station's first or after its last day belong to none.
-    inside = split.ffill().notna() & split.bfill().notna()
-    labels = np.array(["train", "test", ""], dtype=object)  # shared objects, not one string per day
-    codes = np.where(inside, (split.ffill() == 1.0).astype(int), 2)
-    # Kept as objects: a pandas string column of a million cells costs five times as much to make and read.
-    period = pd.DataFrame(labels[codes], index=observed.index, columns=observed.columns, dtype=object, copy=False)
-    before_test = pd.DataFrame(np.repeat(np.asarray(observed.index < test_start)[:, None], observed.shape[1], axis=1),
-                               index=observed.index, columns=observed.columns)
-    period = period.mask((period == "test") & before_test, "history")
-    return observed, period
+    inside = (split.ffill().notna() & split.bfill().notna()).to_numpy()
+    codes = np.where(inside, np.where(split.ffill().to_numpy() == 1.0, TEST, TRAIN), OUTSIDE).astype(np.int8)
+    codes[(codes == TEST) & np.asarray(observed.index < test_start)[:, None]] = HISTORY
+    return observed, pd.DataFrame(codes, index=observed.index, columns=observed.columns, copy=False)
 
 
 def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict,
@@ -165,7 +165,7 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     """
     if qc["detector"] == "none":
         return {"detector": "none"}, quality_control.no_detection(observed, qc["window"])
-    learning = period.isin(["train", "history"])
+    learning = (period == TRAIN) | (period == HISTORY)
     if pool is None or not pool.cluster:
         pool = runtime.Threads(threads)
     ceiling = quality_control.JUMP_CEILING if temperature else float("inf")
@@ -209,7 +209,7 @@ def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, flag: pd.
     baseline's coefficients): yearly harmonics where those steps cover the year; else the seasons the
     detector took for it from its neighbours, moved to the station's own level, or that level alone
     (a station that started a few months ago has no seasons of its own to show)."""
-    trained = observed.where((period == "train") & (flag == Flag.NONE))
+    trained = observed.where((period == TRAIN) & (flag == Flag.NONE))
     coefs = quality_control.fit_climatology(trained)
     seen = quality_control.covers_the_year(trained)
     learned = (detector or {}).get("stations", {})
@@ -260,7 +260,7 @@ def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.
     normals = {step: quality_control.climatology_at(coefs, dates.shift(step), pd.Index(trained)).to_numpy()
                for step in baseline}
     targets = {step: (observed[trained].shift(-step).to_numpy() - normals[step],
-                      ((period[trained].shift(-step) == "train")
+                      ((period[trained].shift(-step, fill_value=OUTSIDE) == TRAIN)
                        & (flag[trained].shift(-step) == Flag.NONE)).to_numpy(),
                       np.column_stack(features.day_of_year_terms(dates.shift(step))))
                for step in baseline}
@@ -354,7 +354,7 @@ def forecast_neighbours(departure: pd.DataFrame, period: pd.DataFrame, forecast:
     settings), never a station the ``detector`` found to hold the same record."""
     copies = {station: [copy["station"] for copy in found]
               for station, found in quality_control.same_records(detector or {}).items()}
-    return quality_control.forecast_neighbours(departure.where(period[departure.columns] == "train"),
+    return quality_control.forecast_neighbours(departure.where(period[departure.columns] == TRAIN),
                                                forecast["neighbours"], forecast["min_correlation"], copies)
 
 
@@ -378,7 +378,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     block's ``network_features`` (all 0 without it: no neighbours).
     ``change_sd60`` is the spread of recent step-to-step changes, which scales
     the prediction interval. The ``period`` of a row is that of its target; from
-    a station's last test steps, the steps beyond its record are "test" rows with
+    a station's last test steps, the steps beyond its record are test rows with
     no target: the forecast ahead.
     """
     repaired, flag = verdict["repaired"], verdict["flag"]
@@ -387,21 +387,21 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
     def table(values) -> pd.DataFrame:  # a date x station table of these values (broadcast if need be)
         return pd.DataFrame(np.broadcast_to(values, repaired.shape), index=dates, columns=stations)
 
-    repaired_today = (repaired != observed).astype(float).where(period != "")
+    repaired_today = (repaired != observed).astype(float).where(period != OUTSIDE)
     wide = {name: feature(repaired, repaired_today) for name, feature in features.STATION_FEATURES.items()}
     wide.update(network or {name: table(0.0) for name in features.NETWORK_FEATURES})
     wide[SPREAD_COLUMN] = features.spread(repaired)
     usable = table(np.logical_and.reduce([values.notna().to_numpy() for values in wide.values()]))
-    trained = observed.where((period == "train") & (flag == Flag.NONE))
+    trained = observed.where((period == TRAIN) & (flag == Flag.NONE))
     coefs = baseline_climatology(observed, period, flag) if climatology is None else climatology
     drift = features.mean_change(trained)
-    last_test = period.eq("test") & period.shift(-1).fillna("").ne("test")
+    last_test = period.eq(TEST) & period.shift(-1, fill_value=OUTSIDE).ne(TEST)
     parts = []
     for step in range(1, horizon + 1):
         target_dates = dates.shift(step)
         # Origins within ``step`` steps of a station's last test step forecast beyond its record.
         ahead = last_test.iloc[::-1].astype(float).rolling(step, min_periods=1).max().iloc[::-1].astype(bool)
-        target_period = period.shift(-step)
+        target_period = period.shift(-step, fill_value=OUTSIDE)
         long = to_long({
             **wide,
             "usable": usable,
@@ -409,13 +409,13 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
             "target_date": table(target_dates.to_numpy()[:, None]),
             "target": observed.shift(-step),
             "target_ok": (observed.shift(-step).notna() & (flag.shift(-step) == Flag.NONE)).astype(float),
-            "period": target_period.mask(ahead & target_period.ne("test"), "test"),
+            "period": target_period.mask(ahead & target_period.ne(TEST), TEST),
             "climatology": table(quality_control.climatology_at(coefs, target_dates, stations).to_numpy()),
             "neighbours_ridge": table(np.nan) if ridge is None else table(ridge[0][step]),
             features.RIDGE_FEATURE: table(np.nan) if ridge is None else table(ridge[1][step]) - repaired,
             "drift": table(drift.reindex(stations).to_numpy()),
         })
-        parts.append(long[long.pop("usable") & long["period"].isin(["train", "test"])])
+        parts.append(long[long.pop("usable") & long["period"].isin([TRAIN, TEST])])
     long = pd.concat(parts, ignore_index=True).sort_values(["station", "date", "step"], ignore_index=True) \
         if horizon > 1 else parts[0].reset_index(drop=True)
     long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["target_date"]))
@@ -490,7 +490,7 @@ def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     ridge = neighbours_ridge(stations, departure, observed, period, verdict["flag"], climatology, near, horizon)
     network = network_features(stations, compared, near)
     rows = build_features(observed, period, verdict, horizon, climatology, ridge, network)
-    train = (rows["period"] == "train").to_numpy()  # build_features keeps training and test rows only
+    train = (rows["period"] == TRAIN).to_numpy()  # build_features keeps training and test rows only
     return {name: {column: rows[column].to_numpy()[chosen] for column in rows.columns}
             for name, chosen in (("train", train), ("test", ~train))}
 
@@ -556,10 +556,12 @@ def flags_tables(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str
             "repaired": verdict["repaired"].round(2), "flag": verdict["flag"],
             "confidence": verdict["confidence"].round(4), "score": verdict["score"].round(3)}
     periods = period.to_numpy().T.ravel()
-    for part in ("train", "test"):
-        yield part, to_long(wide, periods == part)
-    flagged = np.isin(verdict["flag"].to_numpy().T.ravel(), FAULTS) & (periods != "")
-    yield "flagged", to_long({**wide, "period": period}, flagged)[FLAG_COLUMNS]
+    for part, code in (("train", TRAIN), ("test", TEST)):
+        yield part, to_long(wide, periods == code)
+    flagged = np.isin(verdict["flag"].to_numpy().T.ravel(), FAULTS) & (periods != OUTSIDE)
+    rows = to_long({**wide, "period": period}, flagged)
+    rows["period"] = np.array(PERIOD_NAMES, dtype=object)[rows["period"].to_numpy()]
+    yield "flagged", rows[FLAG_COLUMNS]
 
 
 def station_positions(path: Path, stations: list[str]) -> np.ndarray | None:
@@ -611,7 +613,7 @@ def main(args) -> None:
         scaler = fit_scaler(one_step_ahead(train))
         scale_features(test, scaler)
         tested, n_train, n_test = set(test["station"].unique()), train.rows, len(test)
-        counts = pd.Series(verdict["flag"].where(period != "").to_numpy().ravel()).value_counts()
+        counts = pd.Series(verdict["flag"].where(period != OUTSIDE).to_numpy().ravel()).value_counts()
         probable_codes = quality_control.shared_values(observed, verdict["flag"]).head(PROBABLE_CODES)
 
         features_and_flags = {"features": [train, test], "verdict": [verdict]}

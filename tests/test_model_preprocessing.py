@@ -16,6 +16,8 @@ from station_forecast.flags import Flag
 from station_forecast.params import load_params
 from station_forecast.storage import Paths
 
+TRAIN, TEST = model_preprocessing.TRAIN, model_preprocessing.TEST
+
 GOOD = "date,temperature\n2020-01-01,1.5\n2020-01-02,\n2020-01-03,-2.0\n"
 
 
@@ -114,7 +116,7 @@ def test_features_use_no_day_after_the_forecast_day():
     rng = np.random.default_rng(0)
     shared = np.cumsum(rng.normal(size=400)) * 0.3
     values = pd.DataFrame({name: 10 + shared + rng.normal(0, 0.3, 400) for name in "ABC"}, index=dates)
-    period = pd.DataFrame(np.where(np.arange(400) < 300, "train", "test")[:, None].repeat(3, axis=1),
+    period = pd.DataFrame(np.where(np.arange(400) < 300, TRAIN, TEST)[:, None].repeat(3, axis=1),
                           index=dates, columns=values.columns)
     qc = load_params()["quality_control"]
 
@@ -271,7 +273,7 @@ def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_gu
     values = pd.DataFrame({name: season + level + weather + rng.normal(0, 0.5, len(dates))
                            for name, level in zip("ABCD", (0.0, 1.0, -1.5, 3.0), strict=True)}, index=dates)
     values.iloc[: 2 * 365 - 150, 3] = np.nan  # D started 150 days before the test year
-    period = pd.DataFrame(np.where(np.arange(len(dates)) < 2 * 365, "train", "test")[:, None].repeat(4, axis=1),
+    period = pd.DataFrame(np.where(np.arange(len(dates)) < 2 * 365, TRAIN, TEST)[:, None].repeat(4, axis=1),
                           index=dates, columns=values.columns)
     qc = load_params()["quality_control"]
     detector, verdict = model_preprocessing.quality_control_flags(values, period, qc)
@@ -282,7 +284,7 @@ def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_gu
         baseline = quality_control.climatology_at(coefs, test_dates, values.columns)["D"]
         worst = (baseline - true_d).abs().max()
         assert worst < (3.0 if learned else 25.0), worst  # its own mean alone misses the seasons, but stays sane
-    naive = quality_control.climatology_at(quality_control.fit_climatology(values.where(period == "train")),
+    naive = quality_control.climatology_at(quality_control.fit_climatology(values.where(period == TRAIN)),
                                            test_dates, values.columns)["D"]
     assert (naive - true_d).abs().max() > 10.0
 
@@ -316,10 +318,10 @@ def _follower_network(days: int = 800) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     rng = np.random.default_rng(3)
     upwind = pd.Series(np.cumsum(rng.normal(0, 1, days)) * 0.3 + rng.normal(0, 2, days), index=dates)
     readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, days)})
-    period = pd.DataFrame(np.where((dates < dates[600])[:, None], "train", "test").repeat(2, axis=1),
+    period = pd.DataFrame(np.where((dates < dates[600])[:, None], TRAIN, TEST).repeat(2, axis=1),
                           index=dates, columns=readings.columns)
     flag = pd.DataFrame(Flag.NONE.value, index=dates, columns=readings.columns)
-    return readings, period, flag, quality_control.fit_climatology(readings.where(period == "train"))
+    return readings, period, flag, quality_control.fit_climatology(readings.where(period == TRAIN))
 
 
 def test_the_ridge_feature_forecasts_each_block_of_training_days_from_a_fit_on_the_other_blocks():

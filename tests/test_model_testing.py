@@ -478,6 +478,7 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     """A station that follows its neighbour a day late is forecast from the neighbour's reading; the test
     period's targets never reach the fit (changing them changes no forecast)."""
     import model_preprocessing
+    from model_preprocessing import TEST, TRAIN
     from station_forecast import quality_control
     from station_forecast.flags import Flag
 
@@ -485,20 +486,20 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     rng = np.random.default_rng(3)
     upwind = pd.Series(np.cumsum(rng.normal(0, 1, len(dates))) * 0.3 + rng.normal(0, 2, len(dates)), index=dates)
     readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, len(dates))})
-    period = pd.DataFrame(np.where((dates < dates[600])[:, None], "train", "test").repeat(2, axis=1),
+    period = pd.DataFrame(np.where((dates < dates[600])[:, None], TRAIN, TEST).repeat(2, axis=1),
                           index=dates, columns=readings.columns)
     flag = pd.DataFrame(Flag.NONE.value, index=dates, columns=readings.columns)
-    coefs = quality_control.fit_climatology(readings.where(period == "train"))
+    coefs = quality_control.fit_climatology(readings.where(period == TRAIN))
 
     def forecast(observed):
         return model_preprocessing.neighbours_ridge(["B"], model_preprocessing.departures(readings, coefs), observed,
                                                     period, flag, coefs, {"B": ["A"]}, 1)[0][1][:, 0]
 
     made = forecast(readings)
-    test = (period["B"].shift(-1) == "test").to_numpy() & ~np.isnan(made)
+    test = (period["B"].shift(-1) == TEST).to_numpy() & ~np.isnan(made)
     error = np.abs(made - readings["B"].shift(-1).to_numpy())[test]
     assert np.nanmean(error) < 0.5 < np.nanmean(np.abs(readings["B"] - readings["B"].shift(-1)).to_numpy()[test])
-    changed = readings.where(period == "train", readings + 100.0)  # the test period's targets moved
+    changed = readings.where(period == TRAIN, readings + 100.0)  # the test period's targets moved
     assert np.allclose(forecast(changed), made, equal_nan=True)
 
 

@@ -51,6 +51,24 @@ def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing):
     assert pickle.dumps(model_preprocessing.fit_scaler(lambda name: first[name].to_numpy())) == pickle.dumps(whole)
 
 
+def test_the_flag_tables_made_a_block_of_stations_at_a_time_are_the_bytes_of_one_block(project, monkeypatch, capsys):
+    """The flag tables are made and written FLAGS_BLOCK stations at a time (made whole, they were the stage's
+    peak): a block per station writes the bytes one block for all writes, and counts the same repairs."""
+    root, params = project
+    paths = Paths(root)
+    outputs = [paths.train_flags, paths.test_flags, paths.flagged]
+
+    def run(block: int) -> tuple[dict, list[str]]:
+        monkeypatch.setattr(model_preprocessing, "FLAGS_BLOCK", block)
+        assert run_stage(model_preprocessing, root, params) == 0
+        logged = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines() if "repaired" in line]
+        return {path: path.read_bytes() for path in outputs}, logged
+
+    whole, logged = run(10_000)
+    assert whole[paths.flagged].count(b"\n") > 10 and len(logged) == 1
+    assert run(1) == (whole, logged)
+
+
 def test_training_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(project, monkeypatch, capsys):
     """Past SPILL_BYTES the training rows wait on disk, a block of stations at a time, until they are written
     (the scaler fitted from them): the tables and the scaler are the bytes of the run that held them, and

@@ -7,7 +7,8 @@ layer       modules                           what they are for
 base        errors, files, flags, steps,      exit codes, the checks every input file passes, the
             units, params                     flags a reading can carry, time steps, the units readings
                                               are written in, the parameters
-runtime     runtime                           threads, memory, progress, lazy imports, the thread pool
+runtime     runtime, stopping                 threads, memory, progress, lazy imports, the thread pool;
+                                              stop signals and the check before every commit
                                               (standard library only)
 storage     storage, station_files,           where every artifact lives, how it is written and read
             manifest, registry, spill         safely, the one reader of station files, what each stage
@@ -20,7 +21,7 @@ domain      importing, quality_control,       a user's own files made into the s
                                               report's tables and figures, how forecasts, intervals
                                               and the detector are scored
 entry       cli                               how a stage runs from the command line: the lock,
-                                              signals, one clear line on failure
+                                              one clear line on failure
 ==========  ================================  =========================================================
 
 The stage scripts sit above all of these, beside this folder; tools (``tools/``) that are not stages
@@ -29,7 +30,7 @@ sit above them and are never imported by a stage.
 
 LAYERS = {
     "base": ["errors", "files", "flags", "steps", "units", "params"],
-    "runtime": ["runtime"],
+    "runtime": ["runtime", "stopping"],
     "storage": ["storage", "station_files", "manifest", "registry", "spill"],
     "compute": ["compute"],
     "domain": ["importing", "quality_control", "features", "report", "scoring"],

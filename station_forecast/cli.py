@@ -21,26 +21,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from station_forecast import manifest, runtime
+from station_forecast import manifest, runtime, stopping
 from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError, cannot_write
 from station_forecast.params import DEFAULT_PARAMS, STAGES, load_params
 from station_forecast.runtime import INHERITED_LOCK
+from station_forecast.stopping import STOP_SIGNALS, Terminated, signal_of
 from station_forecast.storage import ROOT, Paths, check_project_layout, pid_alive, write_bytes
 
 log = logging.getLogger("pipeline")
 MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
 PIPELINE_PID = "PIPELINE_PID"  # the pipeline.sh process that started this stage
 GO = "go"  # the line that starts a stage waiting with --wait-for-go
-# Signals that stop a stage cleanly, each ending it with 128 + the signal's number, as a shell reports it.
-STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
-
-
-class Terminated(Exception):
-    """SIGTERM or SIGHUP arrived: stop like Ctrl-C, cleaning up temporary files on the way out."""
-
-    def __init__(self, signum: int = signal.SIGTERM) -> None:
-        super().__init__(STOP_SIGNALS.get(signum, "terminated"))
-        self.signum = signum
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -124,23 +115,6 @@ def _is_lock_file(fd: int, lock_path: Path) -> bool:
         return False
 
 
-def _on_stop_signal(signum: int, frame: object) -> None:
-    """Stop once: a second signal (Ctrl-C reaches the stage and pipeline.sh passes it on too) must not cut
-    the clean-up of the first short. The signal is remembered, for what it breaks on its way out."""
-    _stop_signals.append(signum)
-    for other in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: a signal already pending would
-        signal.signal(other, _already_stopping)  # then raise "ignored due to race condition"
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
-
-
-# The stop signals this process received while ``run`` ran (``_on_stop_signal``).
-_stop_signals: list[int] = []
-
-
-def _already_stopping(signum: int, frame: object) -> None:
-    """A stop signal after the first: the stage is already stopping."""
-
-
 def _stop_with_the_pipeline() -> None:
     """Under pipeline.sh, have the kernel send SIGTERM to this stage when the pipeline's process ends, even
     by SIGKILL: the stage then stops cleanly and frees the lock instead of running on, orphaned, holding it."""
@@ -194,53 +168,54 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_Formatter(stage))
     # A background job of a non-interactive shell starts with SIGINT ignored; Ctrl-C must stop it all the same.
-    _stop_signals.clear()
-    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS}
-    try:
-        failed_import = None
-        if getattr(args, "wait_for_go", False):
-            try:
-                _stop_with_the_pipeline()
-                failed_import = load_ahead(imports)
-                if not wait_for_go():
-                    return EXIT_OK
-            except (KeyboardInterrupt, Terminated) as exc:
-                if not told_to_go():  # a stage started ahead that was never to run ends without a word
-                    return 128 + _signal_of(exc)
-                return _stopped(args, stage, _signal_of(exc))
+    with stopping.handled():
+        return _run_stopping_on_a_signal(stage, main, args, imports)
+
+
+def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], None], args: argparse.Namespace,
+                              imports: list[str] | tuple[str, ...]) -> int:
+    failed_import = None
+    if getattr(args, "wait_for_go", False):
         try:
-            if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
-                raise failed_import
             _stop_with_the_pipeline()
-            runtime.chosen_threads()  # a bad setting is refused before any work, not when a stage first asks
-            args.root = project_root(args.root)
-            check_project_layout(Paths(args.root))
-            with project_lock(args.root):
-                main(args)
+            failed_import = load_ahead(imports)
+            stopping.check()  # a stop whose exception an import's clean-up dropped
+            if not wait_for_go():
+                return EXIT_OK
         except (KeyboardInterrupt, Terminated) as exc:
-            return _stopped(args, stage, _signal_of(exc))
-        except Exception as exc:
-            if _stop_signals:  # what the stop broke on its way out (an import it cut short leaves an ImportError)
-                return _stopped(args, stage, _stop_signals[0])
-            if isinstance(exc, OSError):  # a full or read-only disk met outside the writers that name their file
-                exc = cannot_write(exc) or exc
-            if isinstance(exc, MemoryError):
-                return _fail(args, f"{stage}: error: out of memory ({one_line(str(exc)) or 'an allocation failed'});"
-                                   " run fewer stations or years, or on a machine with more memory "
-                                   "(docs/scale_plan.md)", EXIT_INTERNAL)
-            if isinstance(exc, PipelineError):
-                return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
-            # The one place that turns bugs into a clear line.
-            return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
-                               "(rerun with --debug for the traceback)", EXIT_INTERNAL)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if not told_to_go():  # a stage started ahead that was never to run ends without a word
+                return 128 + signal_of(exc)
+            return _stopped(args, stage, signal_of(exc))
+    try:
+        if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
+            raise failed_import
+        _stop_with_the_pipeline()
+        runtime.chosen_threads()  # a bad setting is refused before any work, not when a stage first asks
+        args.root = project_root(args.root)
+        check_project_layout(Paths(args.root))
+        stopping.check()
+        with project_lock(args.root):
+            main(args)
+    except (KeyboardInterrupt, Terminated) as exc:
+        return _stopped(args, stage, signal_of(exc))
+    except Exception as exc:
+        if stopping.received:  # what the stop broke on its way out (an import it cut short leaves an ImportError)
+            return _stopped(args, stage, stopping.received[0])
+        if isinstance(exc, OSError):  # a full or read-only disk met outside the writers that name their file
+            exc = cannot_write(exc) or exc
+        if isinstance(exc, MemoryError):
+            return _fail(args, f"{stage}: error: out of memory ({one_line(str(exc)) or 'an allocation failed'});"
+                               " run fewer stations or years, or on a machine with more memory "
+                               "(docs/scale_plan.md)", EXIT_INTERNAL)
+        if isinstance(exc, PipelineError):
+            return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
+        # The one place that turns bugs into a clear line.
+        return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
+                           "(rerun with --debug for the traceback)", EXIT_INTERNAL)
+    if stopping.received:  # its exception was dropped (stopping.py) and nothing was left to commit after it
+        log.info("a stop signal (%s) came after the stage's last output was written; the stage finished",
+                 STOP_SIGNALS[stopping.received[0]])
     return EXIT_OK
-
-
-def _signal_of(stop: BaseException) -> int:
-    return stop.signum if isinstance(stop, Terminated) else signal.SIGINT
 
 
 def _stopped(args: argparse.Namespace, stage: str, signum: int) -> int:

@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from station_forecast import stopping
 from station_forecast.errors import PipelineError
 from station_forecast.manifest import check_signature, signature
 from station_forecast.storage import Paths, fsync_folder, read_json, remove_tree, sha256_file, write_bytes, write_json
@@ -52,6 +53,7 @@ def accept(paths: Paths, trusted: dict[Path, str]) -> None:
         if final.exists():  # the same set was accepted before: reuse it
             remove_tree(staged)
         else:
+            stopping.check()
             staged.rename(final)
             fsync_folder(sets)
     finally:
@@ -133,6 +135,7 @@ def _point(link: Path, set_name: str) -> None:
         stale.unlink(missing_ok=True)
     temporary = link.with_name(f".{link.name}.{os.getpid()}.link")
     os.symlink(Path("sets") / set_name, temporary)
+    stopping.check()
     os.replace(temporary, link)
     fsync_folder(link.parent)
 

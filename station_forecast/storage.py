@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from station_forecast import runtime
+from station_forecast import runtime, stopping
 from station_forecast.errors import PipelineError, cannot_write
 from station_forecast.files import MAX_INPUT_BYTES, PROJECT, check_regular_file
 
@@ -249,6 +249,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        stopping.check()
         os.replace(tmp, target)
         fsync_folder(target.parent)
     except OSError as exc:
@@ -452,6 +453,7 @@ def replace_folder(staged: Path, target: Path) -> None:
     refuse_link(target)
     parking = target.with_name(f".{target.name}.old")
     remove_tree(parking)
+    stopping.check()
     try:
         if target.exists():
             target.rename(parking)

@@ -210,6 +210,39 @@ def test_what_a_stop_signal_breaks_on_its_way_out_is_reported_as_the_stop_not_as
     assert "internal error" in capsys.readouterr().err  # without a stop, the same error is a bug
 
 
+def test_a_stop_whose_exception_python_dropped_still_stops_the_stage_before_it_commits_more(tmp_path, capsys):
+    """A signal handled inside a callback the interpreter runs for itself (a weakref callback of the import
+    machinery, a ``__del__``) has its exception dropped, with "Exception ignored" and a traceback on stderr:
+    the stage must stop all the same before it renames anything more into place, in one line."""
+    import signal
+
+    from station_forecast import cli, storage
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(10_000):  # the handler raises in here, where Python can only drop the exception
+                pass
+
+    def stopped_then_writes(args):
+        SignalledWhileCollected()
+        storage.write_bytes(args.root / "after.txt", b"written after the stop\n")
+
+    code = cli.run("stage", stopped_then_writes, cli.stage_parser("test"), ["--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 129 and "stage: stopped (hung up)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "after.txt").exists()
+
+    def writes_then_stopped(args):
+        storage.write_bytes(args.root / "before.txt", b"written before the stop\n")
+        SignalledWhileCollected()
+
+    code = cli.run("stage", writes_then_stopped, cli.stage_parser("test"), ["--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0 and "the stage finished" in err and "Traceback" not in err, err  # nothing was left to do
+    assert (tmp_path / "before.txt").read_text() == "written before the stop\n"
+
+
 def test_a_stage_process_ends_with_its_exit_code_and_everything_it_printed():
     # Stages end without the interpreter's teardown: what is still buffered must be written first.
     script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r}); from station_forecast import cli\n"

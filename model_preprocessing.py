@@ -55,7 +55,7 @@ PROBABLE_CODES = 3  # values shared by stations on a day and far outside every c
 # Training rows past this many bytes of columns wait on disk, a block of stations at a time, until they are
 # written (about 300 stations x 10 years; the default run's stay in memory). At 1,000 x 10 that took the
 # stage's peak from 1.52 to 1.29 GB at no measurable cost in time.
-SPILL_BYTES = 1 << 28
+SPILL_BYTES = spill.LIMIT_BYTES
 SPILL_FOLDER = ".features.spill"  # in data/, removed when the stage ends
 FLAGS_BLOCK = 256  # stations whose rows of the flag tables are made at a time
 # A step's period as a code: outside the station's record, training, test, or a held-out station's days before

@@ -29,6 +29,7 @@ accepted model is then left as it was.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 from station_forecast import (
     cli,
@@ -40,6 +41,7 @@ from station_forecast import (
     report,
     runtime,
     scoring,
+    spill,
     storage,
 )
 from station_forecast.errors import PipelineError
@@ -148,28 +150,120 @@ def _repeats_a_day(station: pd.Series, days: np.ndarray) -> bool:
 
 
 
-TEST_BATCH_ROWS = 1 << 19  # test rows read and forecast at a time: their features are let go once forecast
+# Test rows read, forecast and scored at a time (whole stations), then let go: about 700 stations x 365 days. At
+# 1,000 x 10 the stage's peak was the same as scoring all the rows in one piece (567 against 559 MB); in blocks
+# of 2^19 rows (one block there) it was 636 MB.
+TEST_BATCH_ROWS = 1 << 18
+SPILL_BYTES = spill.LIMIT_BYTES  # the predictions table's blocks are kept on disk past this size
+SPILL_FOLDER = ".predictions.spill"  # in data/, removed when the stage ends
 
 
-def forecast_rows(path, bundle: dict, pool: compute.Pool) -> pd.DataFrame:
-    """Every test row of ``path`` without its features, with the model's forecast ("model"): the features are
-    read and forecast ``TEST_BATCH_ROWS`` rows at a time, so the test table is never held whole."""
-    parts = []
-    for batch in storage.read_table_batches(path, TEST_COLUMNS, TEST_BATCH_ROWS):
+def forecasts_by_stations(path, bundle: dict, pool: compute.Pool) -> Iterator[pd.DataFrame]:
+    """The test rows of ``path`` about ``TEST_BATCH_ROWS`` at a time, whole stations each time, every row without
+    its features and with the model's forecast ("model"): the test table is never held whole."""
+    none = True
+    for batch in storage.read_station_batches(path, TEST_COLUMNS, TEST_BATCH_ROWS):
         unknown = sorted(set(batch["step"].astype(int)) - {entry["step"] for entry in bundle["steps"]})
         if unknown:
             raise PipelineError(f"test rows {unknown[0]} steps ahead, but the model has no forecaster for that "
                                 "step; rerun the pipeline")
         batch["model"] = model_forecasts(batch, bundle, pool)
-        parts.append(batch.drop(columns=FEATURES))
-    if not parts:
+        none = False
+        yield batch.drop(columns=FEATURES)
+    if none:
         raise PipelineError(f"{path}: no data rows")
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+class FlagsByStation:
+    """The test days' flags of ``path`` (rows station by station, in name order, as the features are), handed
+    out a block of stations at a time."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self._batches = storage.read_station_batches(path, FLAG_COLUMNS, TEST_BATCH_ROWS)
+        self._held: pd.DataFrame | None = None
+        self.rows = 0
+
+    def up_to(self, last: str | None) -> pd.DataFrame:
+        """The rows not handed out yet of the stations up to ``last`` by name; with None, all that are left."""
+        taken = []
+        while True:
+            if self._held is None:
+                self._held = next(self._batches, None)
+                if self._held is None:
+                    break
+            station = self._held["station"].to_numpy(dtype=object)
+            within = len(station) if last is None else int(np.searchsorted(station, last, side="right"))
+            taken.append(self._held.iloc[:within])
+            if within < len(station):
+                self._held = self._held.iloc[within:]
+                break
+            self._held = None
+        flags = pd.concat(taken, ignore_index=True) if taken else pd.DataFrame(
+            {"station": pd.Series(dtype=object), "date": pd.Series(dtype=object), "observed": pd.Series(dtype=float),
+             "flag": pd.Series(dtype=object)})
+        self.rows += len(flags)
+        return flags
+
+
+def score_test_period(paths: Paths, bundle: dict, pool: compute.Pool, evaluation: dict
+                      ) -> tuple[dict, report.FigureRows, spill.Blocks]:
+    """Forecast and score the test period a block of whole stations at a time: its metrics, what the figures
+    are drawn from, and the predictions table in its blocks (on disk past ``SPILL_BYTES``; the caller
+    closes them). The flags of a station without test rows are scored with the block before them."""
+    level = bundle["steps"][0]["interval"]["level"]
+    flags = FlagsByStation(paths.test_flags)
+    kept = spill.Blocks(paths.data / SPILL_FOLDER, SPILL_BYTES)
+    tally = figures = None
+    try:
+        for forecasts in forecasts_by_stations(paths.test_features, bundle, pool):
+            block_flags = flags.up_to(forecasts["station"].iat[-1])
+            truth = _block_truth(paths, forecasts, block_flags, tally)
+            if tally is None:
+                tally = scoring.Tally(level, truth is not None)
+                figures = report.FigureRows(evaluation["report_stations"], tally.gate_reference)
+            frame = predictions(forecasts, block_flags, truth, bundle)
+            tally.add_forecasts(frame)
+            tally.add_detector(block_flags, truth)
+            figures.add(frame)
+            kept.add(_kept_columns(report.predictions_table(frame)))
+        rest = flags.up_to(None)
+        if len(rest):
+            tally.add_detector(rest, _block_truth(paths, rest.iloc[:0], rest, tally))
+        if not flags.rows:
+            raise PipelineError(f"{paths.test_flags}: no data rows")
+    except BaseException:
+        kept.close()
+        raise
+    return tally.metrics(), figures, kept
+
+
+def _kept_columns(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A block of the predictions table as ``spill.Blocks`` keeps it: numbers copied out of the block's frame
+    (a view would keep all of it), text as codes (a string object per row cost more than the numbers)."""
+    columns: dict[str, np.ndarray] = {}
+    for name, values in table.items():
+        numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values)
+        columns.update({name: values.to_numpy(copy=True)} if numeric else spill.coded(name, values))
+    return columns
+
+
+def _block_truth(paths: Paths, forecasts: pd.DataFrame, flags: pd.DataFrame, tally: scoring.Tally | None
+                 ) -> pd.DataFrame | None:
+    """The ground truth of a block's stations (those forecast and those flagged) from its first test day on,
+    or None without ground truth; refused where some blocks have it and others not."""
+    stations = sorted({*forecasts["station"].unique(), *flags["station"].unique()})
+    truth = load_truth(paths.truth, stations, since=flags["date"].min() if len(flags) else None)
+    if tally is not None and (truth is not None) != tally.truth:
+        missing = paths.truth / f"{stations[0]}.csv" if truth is None else paths.truth
+        raise PipelineError(f"{missing}: missing for some stations while others have ground truth; rerun "
+                            "data_creation.py")
+    return truth
 
 
 def predictions(forecasts: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, bundle: dict
                 ) -> pd.DataFrame:
-    """Every test row with the forecasts of the model (``forecast_rows``) and the baselines, the model's and
+    """Every test row with the forecasts of the model (``forecasts_by_stations``) and the baselines, the model's and
     persistence's bands, the reading and its flag, and, with ground truth, the clean value and the injected
     anomaly.
 
@@ -227,23 +321,33 @@ def forecast_block(rows: pd.DataFrame, estimators: dict) -> np.ndarray:
 
 
 
-def write_report(paths: Paths, frame: pd.DataFrame, metrics: dict, source: dict, evaluation: dict,
-                 flagged: pd.DataFrame) -> None:
+def write_report(paths: Paths, figures: report.FigureRows, predicted: spill.Blocks, metrics: dict, source: dict,
+                 evaluation: dict) -> None:
     """reports/: summary.md, predictions.csv and the figures, swapped in as one folder."""
     staged = paths.reports.with_name(".reports.new")
     storage.remove_tree(staged)
     staged.mkdir(parents=True)
     try:
-        names = report.figure_names(frame, evaluation["report_stations"])
-        report.write_figures(staged, frame, metrics, names)
-        storage.write_csv(staged / "predictions.csv", report.predictions_table(frame))
+        names = report.figure_names(figures.stations, figures.steps)
+        report.write_figures(staged, figures, metrics, names)
+        storage.write_csv_batches(staged / "predictions.csv",
+                                  lambda: (pd.DataFrame(spill.decoded(block)) for block in predicted))
         summary = report.summary_markdown(metrics, source, names, evaluation["interval_tolerance"],
-                                          report.largest_flags(flagged, evaluation["report_flags"]))
+                                          largest_flags(paths.flagged, evaluation["report_flags"]))
         storage.write_bytes(staged / "summary.md", summary.encode())
         storage.replace_folder(staged, paths.reports)
     finally:
         storage.remove_tree(staged)
     log.info("wrote %s (summary.md, predictions.csv, %d figures)", paths.reports, len(names))
+
+
+def largest_flags(path, n: int) -> pd.DataFrame:
+    """``report.largest_flags`` of the table of flagged readings at ``path``, read a batch of rows at a time."""
+    parts = [report.largest_flags(batch, n)
+             for batch in storage.read_table_batches(path, report.FLAGGED_COLUMNS, TEST_BATCH_ROWS)]
+    if not parts:
+        return report.largest_flags(storage.read_table(path, report.FLAGGED_COLUMNS, allow_empty=True), n)
+    return report.largest_flags(pd.concat(parts) if len(parts) > 1 else parts[0], n)
 
 
 def main(args) -> None:
@@ -255,21 +359,18 @@ def main(args) -> None:
     params: Params = load_params(args.params)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         _, bundle, record = load_verified(paths)
-        forecasts = forecast_rows(paths.test_features, bundle, pool)
-        flags = storage.read_table(paths.test_flags, FLAG_COLUMNS, only=True)
         manifest.verify_outputs_of(paths, "data_creation", storage.station_files(paths.truth))
-        # Checked whole; only the test period's days are scored.
-        truth = load_truth(paths.truth, sorted(forecasts["station"].unique()), since=flags["date"].min())
-        frame = predictions(forecasts, flags, truth, bundle)
-    source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
-    metrics = scoring.evaluate(frame, flags, truth, bundle["steps"][0]["interval"]["level"])
-    metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))
-    passed, verdict = scoring.gate(metrics, params["evaluation"]["gate_min_improvement"])
-    metrics.update(model=record["chosen"], gate={"passed": passed, "verdict": verdict},
-                   model_sha256=storage.sha256_file(paths.model))
-    storage.write_json(paths.metrics, metrics)
-    flagged = storage.read_table(paths.flagged, report.FLAGGED_COLUMNS, allow_empty=True)
-    write_report(paths, frame, metrics, source, params["evaluation"], flagged)
+        metrics, figures, predicted = score_test_period(paths, bundle, pool, params["evaluation"])
+    try:
+        source = storage.read_json(paths.source_record) if paths.source_record.exists() else {}
+        metrics.update(frequency=source.get("frequency", "daily"), horizon=len(bundle["steps"]))
+        passed, verdict = scoring.gate(metrics, params["evaluation"]["gate_min_improvement"])
+        metrics.update(model=record["chosen"], gate={"passed": passed, "verdict": verdict},
+                       model_sha256=storage.sha256_file(paths.model))
+        storage.write_json(paths.metrics, metrics)
+        write_report(paths, figures, predicted, metrics, source, params["evaluation"])
+    finally:
+        predicted.close()
     print(report.console_table(metrics, source))
     inputs = [paths.test_features, paths.test_flags, paths.flagged, paths.scaler, paths.model, paths.model_record,
               *storage.station_files(paths.truth)]

@@ -1,7 +1,9 @@
 """The human-readable report of model_testing.py: a Markdown summary and PNG figures.
 
 Everything here reads the metrics and the per-row predictions model_testing.py
-has already computed; nothing is scored twice. matplotlib is imported inside
+has already computed (for the figures, the rows of the first stations and the
+residuals' histograms, gathered a block of stations at a time: ``FigureRows``);
+nothing is scored twice. matplotlib is imported inside
 ``write_figures`` with the headless Agg backend, so the report works on a server
 without a display and the import costs nothing to the other stages.
 """
@@ -45,20 +47,66 @@ WEATHER_SCORES = {"weather_events": "regional cold snaps, heat waves and fronts"
 FLAGGED_COLUMNS = ["station", "date", "period", "observed", "expected", "repaired", "flag", "confidence"]
 
 
-def figure_names(frame: pd.DataFrame, n_stations: int) -> dict[str, str]:
-    """File name of every figure, keyed by what it shows."""
-    first = sorted(frame["station"].unique())[:n_stations]
-    names = {f"forecast {station}": f"forecast_{station}.png" for station in first}
+def figure_names(stations: list[str], steps: int) -> dict[str, str]:
+    """File name of every figure, keyed by what it shows: a forecast figure for each of ``stations`` (the
+    first ones by name), and one of the error by step where more than one step ahead is forecast."""
+    names = {f"forecast {station}": f"forecast_{station}.png" for station in stations}
     names.update({"error by station": "error_by_station.png", "residuals": "residuals.png"})
-    if frame["step"].max() > 1:
+    if steps > 1:
         names["error by step"] = "error_by_step.png"
     return names
+
+
+class FigureRows:
+    """What the figures are drawn from, gathered from the test rows a block of stations at a time (``add``,
+    blocks in station order): every row of the first ``n_stations`` stations by name, the largest step ahead,
+    and the histograms of the next-step residuals against ``reference`` (``residual_histograms``)."""
+
+    def __init__(self, n_stations: int, reference: str) -> None:
+        self.n_stations, self.reference = n_stations, reference
+        self.stations: list[str] = []
+        self.rows: list[pd.DataFrame] = []
+        self.steps = 0
+        self.residuals: dict | None = None
+
+    def add(self, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        self.steps = max(self.steps, int(frame["step"].max()))
+        wanted = sorted(frame["station"].unique())[:self.n_stations - len(self.stations)]
+        if wanted:
+            self.stations += wanted
+            self.rows.append(frame[frame["station"].isin(wanted).to_numpy()])
+        histograms = residual_histograms(frame[frame["step"] == 1], self.reference)
+        self.residuals = histograms if self.residuals is None else {
+            key: self.residuals[key] + value for key, value in histograms.items()}
+
+    def station_rows(self) -> pd.DataFrame:
+        return pd.concat(self.rows, ignore_index=True) if len(self.rows) > 1 else self.rows[0]
+
+
+RESIDUAL_RANGE = 8  # °C either side of zero in the residuals figure; beyond it a residual is drawn at the edge
+RESIDUALS_DRAWN = ("persistence", "model")
+
+
+def residual_histograms(rows: pd.DataFrame, reference: str) -> dict:
+    """Per predictor drawn, the counts of its residuals against ``reference`` in bins of 0.2 °C, their
+    absolute sum and number; and how many rows have the reference: sums, so blocks of rows add up."""
+    actual = rows[REFERENCE_COLUMNS[reference]]
+    bins = np.linspace(-RESIDUAL_RANGE, RESIDUAL_RANGE, 81)
+    result = {"forecasts": int(actual.notna().sum())}
+    for predictor in RESIDUALS_DRAWN:
+        residual = (actual - rows[predictor]).dropna()
+        result[f"{predictor} counts"] = np.histogram(residual.clip(-RESIDUAL_RANGE, RESIDUAL_RANGE), bins=bins)[0]
+        result[f"{predictor} absolute"] = residual.abs().sum()
+        result[f"{predictor} n"] = len(residual)
+    return result
 
 
 # ------------------------------------------------------------------------ figures
 
 
-def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[str, str]) -> None:
+def write_figures(folder: Path, figures: FigureRows, metrics: dict, names: dict[str, str]) -> None:
     import logging
 
     import matplotlib
@@ -68,6 +116,7 @@ def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[
     import matplotlib.pyplot as plt
 
     reference = metrics["gate_reference"]
+    frame = figures.station_rows() if figures.stations else None
     for key, name in names.items():
         if key.startswith("forecast "):
             fig = _forecast_figure(plt, frame[frame["station"] == key.removeprefix("forecast ")], metrics)
@@ -76,7 +125,7 @@ def write_figures(folder: Path, frame: pd.DataFrame, metrics: dict, names: dict[
         elif key == "error by step":
             fig = _error_by_step_figure(plt, metrics["by_step"], reference, metrics["interval"]["level"])
         else:
-            fig = _residuals_figure(plt, frame[frame["step"] == 1], reference)
+            fig = _residuals_figure(plt, figures.residuals, reference)
         # No creation date or version in the file, so the same data gives the same bytes.
         fig.savefig(folder / name, dpi=DPI, metadata={"Software": None})
         plt.close(fig)
@@ -177,19 +226,19 @@ def _error_by_step_figure(plt, by_step: dict, reference: str, level: float):
     return fig
 
 
-def _residuals_figure(plt, frame: pd.DataFrame, reference: str):
-    actual = frame[REFERENCE_COLUMNS[reference]]
+def _residuals_figure(plt, histograms: dict, reference: str):
     fig, ax = _subplots(plt, SUMMARY_SIZE)
-    bins = np.linspace(-8, 8, 81)
-    for predictor in ("persistence", "model"):
-        residual = (actual - frame[predictor]).dropna()
-        counts, _ = np.histogram(residual.clip(-8, 8), bins=bins)
-        ax.stairs(counts, bins, fill=True, alpha=0.5, color=COLOURS[predictor],
-                  label=f"{predictor} (MAE {residual.abs().mean():.2f})")
+    bins = np.linspace(-RESIDUAL_RANGE, RESIDUAL_RANGE, 81)
+    for predictor in RESIDUALS_DRAWN:
+        n = histograms[f"{predictor} n"]
+        mae = histograms[f"{predictor} absolute"] / n if n else float("nan")
+        ax.stairs(histograms[f"{predictor} counts"], bins, fill=True, alpha=0.5, color=COLOURS[predictor],
+                  label=f"{predictor} (MAE {mae:.2f})")
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel(f"{reference} temperature minus forecast (°C); values beyond ±8 are drawn at ±8")
+    ax.set_xlabel(f"{reference} temperature minus forecast (°C); values beyond ±{RESIDUAL_RANGE} are drawn at "
+                  f"±{RESIDUAL_RANGE}")
     ax.set_ylabel("test rows")
-    ax.set_title(f"Residual distribution on the test period, all stations ({actual.notna().sum()} forecasts)")
+    ax.set_title(f"Residual distribution on the test period, all stations ({histograms['forecasts']} forecasts)")
     ax.legend(loc="upper left")
     return fig
 
@@ -358,7 +407,8 @@ def _detector_section(metrics: dict) -> list[str]:
 
 
 def largest_flags(flagged: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The ``n`` flagged readings that depart most from their expected value."""
+    """The ``n`` flagged readings that depart most from their expected value, the first in the table first
+    among equals: so the largest of the largest of consecutive parts of a table are the table's largest."""
     departure = (flagged["observed"] - flagged["expected"]).abs()
     order = departure.sort_values(ascending=False, kind="stable").index
     return flagged.loc[order].head(n).assign(departure=(flagged["observed"] - flagged["expected"]).round(2))

@@ -6,6 +6,7 @@ the detector accepted), overall, by group of stations, per station and per step 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from station_forecast.features import BASELINE_COLUMNS
 from station_forecast.flags import FAULTS, SCORED, Flag
@@ -16,15 +17,45 @@ np = lazy_import("numpy")
 pd = lazy_import("pandas")
 
 
+class ErrorSums(NamedTuple):
+    """What a forecast's scores are made of, summed over its rows: the sums of blocks of rows add up (``+``)
+    to those of all the rows, so a network too large to hold is scored a block of stations at a time.
+    ``spread`` is the sum of squared deviations of the actual values from their ``mean`` (merged by Chan
+    et al.'s pairwise rule). One block's scores are, bit for bit, what the same rows score in one piece."""
+
+    n: int
+    abs_error: float
+    squared_error: float
+    mean: float
+    spread: float
+
+    @classmethod
+    def of(cls, actual: np.ndarray, predicted: np.ndarray) -> ErrorSums:
+        if not len(actual):
+            return cls(0, 0.0, 0.0, 0.0, 0.0)
+        error = predicted - actual
+        mean = actual.mean()
+        return cls(len(actual), np.sum(np.abs(error)), np.sum(error**2), mean, np.sum((actual - mean) ** 2))
+
+    def __add__(self, other: ErrorSums) -> ErrorSums:  # type: ignore[override]
+        if not other.n or not self.n:
+            return other if self.n == 0 else self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        return ErrorSums(n, self.abs_error + other.abs_error, self.squared_error + other.squared_error,
+                         self.mean + delta * other.n / n, self.spread + other.spread + delta**2 * self.n * other.n / n)
+
+    def scores(self) -> dict:
+        return {
+            "n": self.n,
+            "mae": round(float(self.abs_error / self.n), 4),
+            "rmse": round(float(np.sqrt(self.squared_error / self.n)), 4),
+            "r2": round(float(1 - self.squared_error / self.spread), 4) if self.spread > 0 else None,
+        }
+
+
 def score(actual: np.ndarray, predicted: np.ndarray) -> dict:
-    error = predicted - actual
-    total = np.sum((actual - actual.mean()) ** 2)
-    return {
-        "n": len(actual),
-        "mae": round(float(np.mean(np.abs(error))), 4),
-        "rmse": round(float(np.sqrt(np.mean(error**2))), 4),
-        "r2": round(float(1 - np.sum(error**2) / total), 4) if total > 0 else None,
-    }
+    return ErrorSums.of(actual, predicted).scores()
 
 
 BANDED = ("model", "persistence")  # the predictors whose bands are scored
@@ -37,34 +68,6 @@ def scored_rows(frame: pd.DataFrame, actual: str, columns: list[str]) -> pd.Data
     stage 4's peak fell from 1.20 to 0.99 GB, with the same bytes."""
     kept = frame[actual].notna().to_numpy()
     return frame.loc[kept, list(dict.fromkeys([actual, "station", *columns]))]
-
-
-def forecast_scores(frame: pd.DataFrame, actual: str) -> dict:
-    """Scores of every predictor against ``actual``: overall, by station group, per station.
-
-    Within a group every predictor is scored on the same rows; climatology only
-    where it exists (stations seen in training), so its group leaves the others out.
-    """
-    rows = scored_rows(frame, actual, PREDICTORS)
-    result = {group: {p: score(part[actual].to_numpy(), part[p].to_numpy()) for p in predictors}
-              for group, (part, predictors) in station_groups(rows).items() if len(part)}
-    result["per_station"] = {
-        station: {p: score(part[actual], part[p]) for p in PREDICTORS if not np.isnan(part[p]).any()}
-        for station, part in by_station(rows, [actual, *PREDICTORS])
-    }
-    return result
-
-
-def station_groups(rows: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str]]]:
-    """The groups of rows scored, each with the predictors scored on it. Climatology and drift exist only for
-    stations seen in training: with held-out stations, all stations are scored on model and persistence,
-    and the trained and held-out ones apart; without, all stations on every predictor (a trained group
-    would repeat it)."""
-    trained = rows[BASELINE_COLUMNS].notna().all(axis=1)
-    if trained.all():
-        return {"all_stations": (rows, PREDICTORS)}
-    return {"all_stations": (rows, ["model", "persistence"]), "trained_stations": (rows[trained], PREDICTORS),
-            "holdout_stations": (rows[~trained], ["model", "persistence"])}
 
 
 def by_station(rows: pd.DataFrame, columns: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
@@ -82,79 +85,218 @@ def by_station(rows: pd.DataFrame, columns: list[str]) -> Iterator[tuple[str, di
 def pinball_loss(actual: np.ndarray, quantile: np.ndarray, alpha: float) -> float:
     """The mean quantile (pinball) loss of forecasting the ``alpha`` quantile; scikit-learn's
     ``mean_pinball_loss``, without its input checks, which cost more than the sum at a thousand stations."""
+    return float(_pinball_sum(actual, quantile, alpha) / len(actual))
+
+
+def _pinball_sum(actual: np.ndarray, quantile: np.ndarray, alpha: float) -> float:
     diff = actual - quantile
     above = (diff >= 0).astype(diff.dtype)
-    return float(np.mean(alpha * above * diff - (1 - alpha) * (1 - above) * diff))
+    return np.sum(alpha * above * diff - (1 - alpha) * (1 - above) * diff)
+
+
+class IntervalSums(NamedTuple):
+    """What a band's scores are made of, summed over its rows (added up as ``ErrorSums`` are): how many rows
+    it covers, misses below and above, its widths and its bounds' quantile losses."""
+
+    n: int
+    covered: int
+    below: int
+    above: int
+    width: float
+    lower_loss: float
+    upper_loss: float
+
+    @classmethod
+    def of(cls, actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float) -> IntervalSums:
+        tail = (1 - level) / 2
+        return cls(len(actual), int(((actual >= lower) & (actual <= upper)).sum()), int((actual < lower).sum()),
+                   int((actual > upper).sum()), np.sum(upper - lower), _pinball_sum(actual, lower, tail),
+                   _pinball_sum(actual, upper, 1 - tail))
+
+    def __add__(self, other: IntervalSums) -> IntervalSums:  # type: ignore[override]
+        return IntervalSums(*(mine + theirs for mine, theirs in zip(self, other, strict=True)))
+
+    def scores(self) -> dict:
+        """Coverage, mean width and pinball loss (the mean of the two bounds' quantile losses; lower is
+        better, and it punishes both a band that misses and one that is too wide)."""
+        pinball = (float(self.lower_loss / self.n) + float(self.upper_loss / self.n)) / 2
+        return {
+            "n": self.n,
+            "coverage": round(self.covered / self.n, 4),
+            "below": round(self.below / self.n, 4),
+            "above": round(self.above / self.n, 4),
+            "width": round(float(self.width / self.n), 4),
+            "pinball": round(pinball, 4),
+        }
 
 
 def interval_score(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float) -> dict:
-    """Coverage, mean width and pinball loss of a central ``level`` interval.
-
-    The pinball loss is the mean of the two bounds' quantile losses; lower is
-    better, and it punishes both a band that misses and one that is too wide.
-    """
-    tail = (1 - level) / 2
-    pinball = (pinball_loss(actual, lower, tail) + pinball_loss(actual, upper, 1 - tail)) / 2
-    return {
-        "n": len(actual),
-        "coverage": round(float(np.mean((actual >= lower) & (actual <= upper))), 4),
-        "below": round(float(np.mean(actual < lower)), 4),
-        "above": round(float(np.mean(actual > upper)), 4),
-        "width": round(float(np.mean(upper - lower)), 4),
-        "pinball": round(float(pinball), 4),
-    }
+    """Coverage, mean width and pinball loss of a central ``level`` interval."""
+    return IntervalSums.of(actual, lower, upper, level).scores()
 
 
-def interval_scores(frame: pd.DataFrame, actual: str, level: float) -> dict:
-    """Interval scores of the model's and persistence's bands, overall, by group and per station."""
-    rows = scored_rows(frame, actual, [*BASELINE_COLUMNS, *BANDS])
+# The groups of rows scored, each with the predictors scored on it. Climatology and drift exist only for
+# stations seen in training: with held-out stations, all stations are scored on model and persistence, and
+# the trained and held-out ones apart; without, all stations on every predictor (a trained group would repeat
+# it). Within a group every predictor is scored on the same rows.
+GROUP_PREDICTORS = {"all_stations": list(BANDED), "trained_stations": PREDICTORS, "holdout_stations": list(BANDED)}
 
-    def both(part: pd.DataFrame) -> dict:
-        y = part[actual].to_numpy()
-        return {p: interval_score(y, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(), level)
-                for p in BANDED}
 
-    result = {group: both(part) for group, (part, _) in station_groups(rows).items() if len(part)}
-    result["per_station"] = {
-        station: interval_score(part[actual], part["model_lower"], part["model_upper"], level)
-        for station, part in by_station(rows, [actual, "model_lower", "model_upper"])
-    }
-    return result
+def _trained(rows: pd.DataFrame) -> np.ndarray:
+    """The rows of stations seen in training: every baseline exists."""
+    return rows[BASELINE_COLUMNS].notna().all(axis=1).to_numpy()
+
+
+def _finished_groups(sums: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """The scores of the groups ``GROUP_PREDICTORS`` names, from their sums: without held-out rows, one
+    group of all stations on every predictor (the trained rows are then all the rows)."""
+    if not sums["holdout_stations"]["model"].n:
+        trained = sums["trained_stations"]
+        return {"all_stations": {p: s.scores() for p, s in trained.items()}} if trained["model"].n else {}
+    return {group: {p: s.scores() for p, s in sums[group].items()} for group in GROUP_PREDICTORS
+            if sums[group]["model"].n}
+
+
+class Tally:
+    """The scores of a test period, added up a block of stations at a time (``add_forecasts`` and
+    ``add_detector``) and finished once (``metrics``): the same metrics as scoring all the rows in one piece, which
+    one block is, bit for bit; more blocks differ from it only by the rounding of sums."""
+
+    def __init__(self, level: float, truth: bool) -> None:
+        self.level = level
+        self.references = ["truth", "observed", "accepted"] if truth else ["observed", "accepted"]
+        self.gate_reference = "truth" if truth else "observed"
+        self.stations = 0
+        self.forecast = {ref: {group: {p: ErrorSums.of(np.empty(0), np.empty(0)) for p in predictors}
+                               for group, predictors in GROUP_PREDICTORS.items()} for ref in self.references}
+        self.interval = {ref: {group: {p: IntervalSums(0, 0, 0, 0, 0.0, 0.0, 0.0) for p in BANDED}
+                               for group in GROUP_PREDICTORS} for ref in self.references}
+        self.per_station: dict[str, dict[str, dict]] = {ref: {} for ref in self.references}
+        self.interval_per_station: dict[str, dict[str, dict]] = {ref: {} for ref in self.references}
+        self.by_step: dict[int, dict[str, dict]] = {}
+        self.truth = truth
+        self.detector: DetectorCounts | None = None
+
+    def add_forecasts(self, frame: pd.DataFrame) -> None:
+        """Score a block's predictions (``model_testing.predictions``; every station's rows in one block)."""
+        self.stations += int(frame["station"].nunique())
+        for reference in self.references:
+            column = REFERENCE_COLUMNS[reference]
+            rows = scored_rows(frame, column, ["step", *PREDICTORS, *BANDS])
+            trained = _trained(rows)
+            parts = {"all_stations": rows, "trained_stations": rows[trained], "holdout_stations": rows[~trained]}
+            for group, predictors in GROUP_PREDICTORS.items():
+                part = parts[group]
+                y = part[column].to_numpy()
+                sums = self.forecast[reference][group]
+                for p in predictors:
+                    sums[p] = sums[p] + ErrorSums.of(y, part[p].to_numpy())
+                bands = self.interval[reference][group]
+                for p in BANDED:
+                    bands[p] = bands[p] + IntervalSums.of(y, part[f"{p}_lower"].to_numpy(),
+                                                          part[f"{p}_upper"].to_numpy(), self.level)
+            for station, values in by_station(rows, [column, *PREDICTORS, "model_lower", "model_upper"]):
+                y = values[column]
+                self.per_station[reference][station] = {p: score(y, values[p]) for p in PREDICTORS
+                                                        if not np.isnan(values[p]).any()}
+                self.interval_per_station[reference][station] = interval_score(
+                    y, values["model_lower"], values["model_upper"], self.level)
+            if reference == self.gate_reference:
+                self._add_steps(rows[trained], column)
+
+    def add_detector(self, flags: pd.DataFrame, truth: pd.DataFrame | None) -> None:
+        """Count a block's test days' flags against its ground truth (none without it)."""
+        if (truth is not None) != self.truth:
+            raise ValueError("ground truth for some blocks of stations and not for others")
+        if truth is not None:
+            counts = DetectorCounts.of(flags.merge(truth, on=["station", "date"], how="left"))
+            self.detector = counts if self.detector is None else self.detector + counts
+
+    def _add_steps(self, rows: pd.DataFrame, column: str) -> None:
+        """Per step ahead, on the rows of stations seen in training (where every baseline exists)."""
+        for step, part in rows.groupby("step"):
+            y = part[column].to_numpy()
+            sums = self.by_step.setdefault(int(step), {
+                "forecast": {p: ErrorSums.of(np.empty(0), np.empty(0)) for p in PREDICTORS},
+                "interval": {p: IntervalSums(0, 0, 0, 0, 0.0, 0.0, 0.0) for p in BANDED}})
+            for p in PREDICTORS:
+                sums["forecast"][p] = sums["forecast"][p] + ErrorSums.of(y, part[p].to_numpy())
+            for p in BANDED:
+                sums["interval"][p] = sums["interval"][p] + IntervalSums.of(
+                    y, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(), self.level)
+
+    def metrics(self) -> dict:
+        metrics: dict = {"forecast": {}, "interval": {"level": self.level}, "stations": self.stations,
+                         "gate_reference": self.gate_reference}
+        metrics["detector"] = self.detector.scores() if self.detector is not None \
+            else {"skipped": "no ground-truth labels for these stations"}
+        for reference in self.references:
+            metrics["forecast"][reference] = {**_finished_groups(self.forecast[reference]),
+                                              "per_station": dict(sorted(self.per_station[reference].items()))}
+            metrics["interval"][reference] = {**_finished_groups(self.interval[reference]), "per_station": dict(
+                sorted(self.interval_per_station[reference].items()))}
+        metrics["by_step"] = {str(step): {kind: {p: s.scores() for p, s in sums[kind].items()}
+                                          for kind in ("forecast", "interval")}
+                              for step, sums in sorted(self.by_step.items())}
+        return metrics
+
+
+class DetectorCounts(NamedTuple):
+    """Days counted for the detector's scores (``scores``), added up block by block: per kind (``"any"`` and
+    each scored kind) the fault days, the flags and the right flags; per kind of weather its fault-free days
+    and the flagged ones; and how many days were counted."""
+
+    kinds: dict[str, tuple[int, int, int]]
+    weather: dict[str, tuple[int, int]]
+    days: int
+
+    @classmethod
+    def of(cls, flags: pd.DataFrame) -> DetectorCounts:
+        """Missing days are left out (they are known, not detected). For one kind, precision counts only
+        flags on days of that kind or on normal days, so other kinds' anomalies neither help nor hurt it."""
+        days = flags[flags["anomaly"] != Flag.MISSING]
+        flagged = days["flag"].isin(FAULTS).to_numpy()
+        label = days["anomaly"].to_numpy()
+        normal = label == Flag.NONE
+
+        def counted(positive: np.ndarray, considered: np.ndarray) -> tuple[int, int, int]:
+            return (int((positive & considered).sum()), int((flagged & considered).sum()),
+                    int((flagged & positive & considered).sum()))
+
+        kinds = {"any": counted(~normal, np.ones_like(normal))}
+        kinds.update({kind: counted(label == kind, normal | (label == kind)) for kind in SCORED})
+        event = days["event"].to_numpy()
+        weather = {"weather_events": normal & (event != "none"),  # cold snaps, heat waves and fronts
+                   "fronts": normal & (event == "front")}
+        return cls(kinds, {name: (int(w.sum()), int((flagged & w).sum())) for name, w in weather.items()},
+                   len(days))
+
+    def __add__(self, other: DetectorCounts) -> DetectorCounts:  # type: ignore[override]
+        return DetectorCounts({k: tuple(a + b for a, b in zip(v, other.kinds[k], strict=True))
+                               for k, v in self.kinds.items()},
+                              {k: tuple(a + b for a, b in zip(v, other.weather[k], strict=True))
+                               for k, v in self.weather.items()}, self.days + other.days)
+
+    def scores(self) -> dict:
+        """Point-wise precision, recall and F1 of the flags against the injected labels."""
+        def prf(n_positive: int, n_flagged: int, tp: int) -> dict:
+            precision = tp / n_flagged if n_flagged else None
+            recall = tp / n_positive if n_positive else None
+            f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+            return {"days": n_positive, "flagged": n_flagged, "precision": _round(precision),
+                    "recall": _round(recall), "f1": _round(f1)}
+
+        def share(days: int, flagged: int) -> dict:  # as shares of all days, then their ratio
+            return {"days": days, "flagged": flagged,
+                    "share": _round(float((flagged / self.days) / (days / self.days))) if days else None}
+
+        return {**{kind: prf(*counts) for kind, counts in self.kinds.items()},
+                **{name: share(*counts) for name, counts in self.weather.items()}}
 
 
 def detector_scores(flags: pd.DataFrame) -> dict:
-    """Point-wise precision, recall and F1 of the flags against the injected labels.
-
-    Missing days are left out (they are known, not detected). For one kind,
-    precision counts only flags on days of that kind or on normal days, so other
-    kinds' anomalies neither help nor hurt it.
-    """
-    days = flags[flags["anomaly"] != Flag.MISSING]
-    flagged = days["flag"].isin(FAULTS).to_numpy()
-
-    def prf(positive: np.ndarray, considered: np.ndarray) -> dict:
-        tp = int((flagged & positive & considered).sum())
-        n_flagged, n_positive = int((flagged & considered).sum()), int((positive & considered).sum())
-        precision = tp / n_flagged if n_flagged else None
-        recall = tp / n_positive if n_positive else None
-        f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
-        return {"days": n_positive, "flagged": n_flagged, "precision": _round(precision),
-                "recall": _round(recall), "f1": _round(f1)}
-
-    label = days["anomaly"].to_numpy()
-    normal = label == Flag.NONE
-    result = {"any": prf(~normal, np.ones_like(normal))}
-    for kind in SCORED:
-        result[kind] = prf(label == kind, normal | (label == kind))
-    event = days["event"].to_numpy()
-
-    def share(weather: np.ndarray) -> dict:
-        return {"days": int(weather.sum()), "flagged": int((flagged & weather).sum()),
-                "share": _round(float((flagged & weather).mean() / weather.mean())) if weather.any() else None}
-
-    result["weather_events"] = share(normal & (event != "none"))  # cold snaps, heat waves and fronts
-    result["fronts"] = share(normal & (event == "front"))
-    return result
+    """Point-wise precision, recall and F1 of the flags against the injected labels (``DetectorCounts``)."""
+    return DetectorCounts.of(flags).scores()
 
 
 def _round(value: float | None) -> float | None:
@@ -162,37 +304,11 @@ def _round(value: float | None) -> float | None:
 
 
 def evaluate(frame: pd.DataFrame, flags: pd.DataFrame, truth: pd.DataFrame | None, level: float) -> dict:
-    metrics: dict = {"forecast": {}, "interval": {"level": level}, "stations": int(frame["station"].nunique())}
-    references = ["truth", "observed", "accepted"] if truth is not None else ["observed", "accepted"]
-    if truth is not None:
-        labelled = flags.merge(truth, on=["station", "date"], how="left")
-        metrics["detector"] = detector_scores(labelled)
-    else:
-        metrics["detector"] = {"skipped": "no ground-truth labels for these stations"}
-    for reference in references:
-        column = REFERENCE_COLUMNS[reference]
-        metrics["forecast"][reference] = forecast_scores(frame, column)
-        metrics["interval"][reference] = interval_scores(frame, column, level)
-    metrics["gate_reference"] = "truth" if truth is not None else "observed"
-    metrics["by_step"] = step_scores(frame, metrics["gate_reference"], level)
-    return metrics
-
-
-def step_scores(frame: pd.DataFrame, reference: str, level: float) -> dict:
-    """Per step ahead, against ``reference``: the scores of the model and every baseline on the same rows
-    (stations seen in training, where every baseline exists), and the model's and persistence's bands."""
-    column = REFERENCE_COLUMNS[reference]
-    rows = scored_rows(frame, column, ["step", *PREDICTORS, *BANDS])
-    rows = rows[rows[BASELINE_COLUMNS].notna().all(axis=1).to_numpy()]
-    result = {}
-    for step, part in rows.groupby("step"):
-        actual = part[column].to_numpy()
-        result[str(int(step))] = {
-            "forecast": {p: score(actual, part[p].to_numpy()) for p in PREDICTORS},
-            "interval": {p: interval_score(actual, part[f"{p}_lower"].to_numpy(), part[f"{p}_upper"].to_numpy(),
-                                           level) for p in BANDED},
-        }
-    return result
+    """Every score of a test period held in one piece (``Tally`` of one block)."""
+    tally = Tally(level, truth is not None)
+    tally.add_forecasts(frame)
+    tally.add_detector(flags, truth)
+    return tally.metrics()
 
 
 def gate(metrics: dict, min_improvement: float) -> tuple[bool, str]:

@@ -13,6 +13,33 @@ from station_forecast import runtime, storage
 
 np = runtime.lazy_import("numpy")
 
+LIMIT_BYTES = 1 << 28  # a table's blocks held in memory up to this size in all, then all of them on disk
+
+
+LABELS = ":labels"  # the key of a coded text column's labels: its name and this (``coded``)
+
+
+def coded(name: str, values: Any) -> dict[str, Any]:
+    """A text column of a block (``values``: a pandas Series or array) as integer codes under ``name`` and its
+    distinct values under ``name + LABELS`` (-1: missing): four bytes a row instead of a string object each.
+    ``decoded`` gives the text back."""
+    import pandas as pd
+
+    codes, labels = pd.factorize(values)
+    return {name: codes.astype(np.int32), name + LABELS: np.asarray(labels, dtype=object)}
+
+
+def decoded(columns: dict[str, Any]) -> dict[str, Any]:
+    """A block's columns with each coded text column (``coded``) back as text (None where missing), in
+    their order, without the labels."""
+    result = {}
+    for name, values in columns.items():
+        if name.endswith(LABELS):
+            continue
+        labels = columns.get(name + LABELS)
+        result[name] = values if labels is None else np.where(values < 0, None, labels[np.maximum(values, 0)])
+    return result
+
 
 class Blocks:
     """Blocks of rows (each a dict of equally long column arrays, every block the same columns), in the

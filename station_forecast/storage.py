@@ -652,6 +652,32 @@ def read_table_batches(path: Path, columns: list[str], rows_per_batch: int) -> I
             yield from (batch[columns] for batch in batches)
 
 
+def read_station_batches(path: Path, columns: list[str], rows_per_batch: int) -> Iterator[Any]:
+    """``read_table_batches`` of a table whose rows come station by station, stations in name order (as stage
+    2 writes them), cut so that each batch holds whole stations: about ``rows_per_batch`` rows, more where
+    one station has more. PipelineError if the rows are not in that order."""
+    import numpy as np
+    import pandas as pd
+
+    held = None
+    last = None
+    for batch in read_table_batches(path, columns, rows_per_batch):
+        if held is not None:
+            batch = pd.concat([held, batch], ignore_index=True)
+        station = batch["station"].to_numpy(dtype=object)
+        changes = np.flatnonzero(station[1:] != station[:-1]) + 1
+        firsts = station[np.r_[0, changes]]
+        if (last is not None and firsts[0] < last) or (firsts[1:] <= firsts[:-1]).any():
+            raise PipelineError(f"{path}: rows are not station by station in name order; rerun the stage that "
+                                "wrote it")
+        cut = changes[-1] if len(changes) else 0  # the last station may go on in the next batch
+        if cut:
+            yield batch.iloc[:cut].reset_index(drop=True)
+        held, last = batch.iloc[cut:].reset_index(drop=True), firsts[-1]
+    if held is not None and len(held):
+        yield held
+
+
 def read_tables(paths: list[Path], required: list[str]) -> tuple[Any, list[int]] | None:
     """Many CSV files with one header, as ``read_table`` reads each, in one table (their rows in order)
     and how many rows each has; None where one of them needs reading on its own (another header, no

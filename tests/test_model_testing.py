@@ -367,7 +367,7 @@ def test_figures_keep_one_colour_per_predictor_true_titles_and_a_readable_year()
     assert right - left < 450 and "last 365 steps" in fig.axes[0].get_title()  # 365 days and margins
 
     frame = rows.assign(clean_temperature=rows["observed"])
-    fig = report._residuals_figure(plt, frame, "truth")
+    fig = report._residuals_figure(plt, report.residual_histograms(frame, "truth"), "truth")
     handles, labels = fig.axes[0].get_legend_handles_labels()
     colour = {label.split(" ")[0]: colours.to_hex(handle.get_facecolor()[:3])
               for handle, label in zip(handles, labels, strict=True)}
@@ -503,19 +503,80 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     assert np.allclose(forecast(changed), made, equal_nan=True)
 
 
-def test_the_test_features_are_read_and_forecast_a_batch_of_rows_at_a_time_with_the_same_scores(
+def test_the_test_period_is_forecast_and_scored_a_block_of_stations_at_a_time_with_the_same_bytes(
         project, monkeypatch):
-    """A large network's test features are read, forecast and let go a batch of rows at a time (batches that
-    cut a station's rows in two): the scores and forecasts are the ones reading them all at once gives."""
+    """A large network's test features and flags are read, forecast, scored and let go a block of whole
+    stations at a time (read in batches that cut a station's rows in two), its predictions table kept on disk:
+    the metrics and every report file are the bytes of scoring it all in one piece, and nothing is left on
+    disk."""
     root, params = project
     assert run_stage(model_testing, root, params) == 0
-    at_once = (root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()
+    outputs = [root / "models/metrics.json", *sorted((root / "reports").iterdir())]
+    at_once = {path.name: path.read_bytes() for path in outputs}
     read = []
     monkeypatch.setattr(model_testing, "TEST_BATCH_ROWS", 97)
+    monkeypatch.setattr(model_testing, "SPILL_BYTES", 0)
     monkeypatch.setattr(storage, "read_table_batches", _counting(storage.read_table_batches, read))
     assert run_stage(model_testing, root, params) == 0
-    assert len(read) > 3 and max(read) == 97
-    assert ((root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()) == at_once
+    assert len(read) > 6 and max(read) == 97
+    assert {path.name: path.read_bytes() for path in outputs} == at_once
+    assert not (root / "data" / model_testing.SPILL_FOLDER).exists()
+
+
+def test_tables_are_read_a_block_of_whole_stations_at_a_time_and_rows_out_of_station_order_are_refused(tmp_path):
+    """Batches of rows are cut at a station's end (a station longer than a batch stays whole), and the flags
+    of stations without a test row go with the block of the next station that has one, or come last; a table
+    whose rows are not station by station in name order is refused, naming it."""
+    path = tmp_path / "flags.csv"
+    pd.DataFrame({"station": list("AABBBCDD"), "date": [f"2020-01-0{i}" for i in range(1, 9)],
+                  "observed": np.arange(8.0), "flag": "none"}).to_csv(path, index=False)
+    batches = [list(batch["station"]) for batch in storage.read_station_batches(path, ["station", "date"], 2)]
+    assert batches == [["A", "A"], ["B", "B", "B"], ["C"], ["D", "D"]]
+    flags = model_testing.FlagsByStation(path)
+    assert list(flags.up_to("A")["station"]) == ["A", "A"]
+    assert list(flags.up_to("C")["station"]) == ["B", "B", "B", "C"]  # B has no test rows of its own
+    assert list(flags.up_to(None)["station"]) == ["D", "D"] and flags.rows == 8
+    assert flags.up_to(None).empty
+
+    pd.DataFrame({"station": list("ABA"), "date": ["2020-01-01"] * 3}).to_csv(path, index=False)
+    with pytest.raises(errors.PipelineError, match=r"flags\.csv: rows are not station by station in name order"):
+        list(storage.read_station_batches(path, ["station", "date"], 2))
+
+
+def test_scores_added_up_block_by_block_are_those_of_all_rows_in_one_piece():
+    """``scoring.Tally`` of blocks of whole stations gives the counts of scoring everything at once, and the
+    same scores up to the last digit's rounding."""
+    rng = np.random.default_rng(3)
+    n = 600
+    frame = pd.DataFrame({"station": np.repeat([f"S{i}" for i in range(6)], n // 6), "step": 1,
+                          "clean_temperature": rng.normal(10, 5, n)})
+    frame["observed"] = frame["clean_temperature"] + rng.normal(0, 1, n)
+    frame["observed_accepted"] = frame["observed"].where(rng.random(n) > 0.1)
+    for p in ("model", "persistence", "climatology", "drift", "neighbours_ridge"):
+        frame[p] = frame["clean_temperature"] + rng.normal(0, 2, n)
+    frame.loc[frame["station"] == "S5", ["climatology", "drift", "neighbours_ridge"]] = np.nan  # held out
+    for p in ("model", "persistence"):
+        frame[f"{p}_lower"], frame[f"{p}_upper"] = frame[p] - 2, frame[p] + 2
+    flags = pd.DataFrame({"station": frame["station"], "date": np.arange(n).astype(str),
+                          "flag": rng.choice(["none", "spike"], n)})
+    truth = pd.DataFrame({"station": frame["station"], "date": flags["date"],
+                          "anomaly": rng.choice(["none", "spike", "drift"], n), "event": "none"})
+    whole = scoring.evaluate(frame, flags, truth, 0.9)
+    tally = scoring.Tally(0.9, truth=True)
+    for stations in (["S0", "S1"], ["S2"], ["S3", "S4", "S5"]):
+        rows = frame["station"].isin(stations).to_numpy()
+        tally.add_forecasts(frame[rows])
+        tally.add_detector(flags[rows], truth[rows])
+    blocks = tally.metrics()
+    assert blocks["detector"] == whole["detector"] and blocks["stations"] == whole["stations"] == 6
+    for reference in ("truth", "observed", "accepted"):
+        assert blocks["forecast"][reference]["per_station"] == whole["forecast"][reference]["per_station"]
+        for group in ("all_stations", "trained_stations", "holdout_stations"):
+            for p, scores in whole["forecast"][reference][group].items():
+                assert blocks["forecast"][reference][group][p] == pytest.approx(scores, abs=1e-4)
+            for p, scores in whole["interval"][reference][group].items():
+                assert blocks["interval"][reference][group][p] == pytest.approx(scores, abs=1e-4)
+    assert set(whole["forecast"]["truth"]["holdout_stations"]) == {"model", "persistence"}
 
 
 def _counting(batches, read: list):

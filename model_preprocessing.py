@@ -428,10 +428,11 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[s
 def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame],
                            test_start: pd.Timestamp, spill_folder: Path, horizon: int = 1,
                            pool: compute.Pool | None = None, detector: dict | None = None,
-                           forecast: dict | None = None) -> tuple[spill.Blocks, pd.DataFrame]:
-    """The feature rows of the training period (in their blocks, unscaled, kept in ``spill_folder`` when
-    large) and of the test period, built ``STATION_BLOCK`` stations at a time on ``pool``, or PipelineError
-    when either is empty or no test station was trained on. What every block needs
+                           forecast: dict | None = None) -> tuple[spill.Blocks, spill.Blocks, set[str]]:
+    """The feature rows of the training period and of the test period (each in their blocks, unscaled, kept
+    in ``spill_folder`` and ``test_spill(spill_folder)`` when large), built ``STATION_BLOCK`` stations at a
+    time on ``pool``, and the stations with test rows; PipelineError when either is empty or no test station
+    was trained on. What every block needs
     of the whole network is made once: the climatology baseline (``baseline_climatology``, with the
     ``detector``'s seasons), each station's neighbours (``forecast_neighbours``, with the ``[forecast]``
     settings ``forecast``; none without them), the departures the neighbours ridge reads and the values the
@@ -448,38 +449,41 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
                 coefs[[s for s in stations if s in coefs]], departure[[s for s in halo if s in departure]],
                 {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations})
 
-    # The training rows stay in their blocks (on disk past SPILL_BYTES) until they are written; the test
-    # rows, a tenth as many, are joined one column at a time, each column's pieces let go as soon as it is
-    # joined (a concat of frames would double them).
-    train = spill.Blocks(spill_folder, SPILL_BYTES)
-    pieces: dict[str, list[np.ndarray]] = {}
+    # The rows stay in their blocks (on disk past SPILL_BYTES) until they are written.
+    train, test = spill.Blocks(spill_folder, SPILL_BYTES), spill.Blocks(test_spill(spill_folder), SPILL_BYTES)
     trained: set[str] = set()
+    tested: set[str] = set()
     progress = runtime.Progress("feature blocks", len(blocks))
     try:
         for block in (pool or runtime.Threads()).imap(block_rows, runtime.OnDemand(block_input, len(blocks)),
                                                         horizon=horizon):
             train.add(block["train"])
+            test.add(block["test"])
             trained.update(pd.unique(block["train"]["station"]))  # hashed: sorting text cost 1 s
-            for column, values in block["test"].items():
-                pieces.setdefault(column, []).append(values)
+            tested.update(pd.unique(block["test"]["station"]))
             progress.step()
-        test = _joined(pieces)
-        if not train.rows or test.empty:
+        if not train.rows or not test.rows:
             which = "training" if not train.rows else "test"
             raise PipelineError(f"no {which} rows left after building features; the {which} period (test from "
                                 f"{test_start.date()}) has too few readings with the history the features need "
                                 "(30 steps)")
-        if not set(test["station"].unique()) & trained:
+        if not tested & trained:
             raise PipelineError(f"no station trained on has readings in the test period (from {test_start.date()}); "
                                 "the quality gate would judge the model on held-out stations only: check the "
                                 "stations' last dates or lower data.test_steps")
     except BaseException:
         train.close()
+        test.close()
         raise
     if train.spilled:
         log.info("training features: %.1f GB kept in %s a block at a time until written", train.bytes / 1e9,
                  spill_folder)
-    return train, test
+    return train, test, tested
+
+
+def test_spill(spill_folder: Path) -> Path:
+    """Where the test rows' blocks wait, beside the training rows' (its own folder: each is removed whole)."""
+    return spill_folder.with_name(spill_folder.name + ".test")
 
 
 def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
@@ -524,16 +528,8 @@ def one_step_ahead(train: spill.Blocks) -> Callable[[str], np.ndarray]:
                                                                                   strict=True)])
 
 
-def _joined(pieces: dict[str, list[np.ndarray]]) -> pd.DataFrame:
-    joined = {}
-    for column in list(pieces):
-        joined[column] = np.concatenate(pieces.pop(column))
-        runtime.release_memory(collect=False)  # the pieces' memory goes back before the next column is joined
-    return _frame(joined)
-
-
 def scaled_rows(block: dict[str, np.ndarray], scaler) -> pd.DataFrame:
-    """One block of training rows as written: scaled, without the period column (the block stays as it was)."""
+    """One block of feature rows as written: scaled, without the period column (the block stays as it was)."""
     rows = _frame({name: values for name, values in block.items() if name != "period"})
     scale_features(rows, scaler)
     return rows
@@ -628,23 +624,23 @@ def main(args) -> None:
         detector, verdict = quality_control_flags(observed, period, params["quality_control"], pool, threads,
                                                   temperature=unit != "none", positions=positions)
         runtime.release_memory()  # each phase's peak would otherwise add to the last one's
-        train, test = training_and_test_rows(observed, period, verdict, test_start, paths.data / SPILL_FOLDER,
+        train, test, tested = training_and_test_rows(observed, period, verdict, test_start, paths.data / SPILL_FOLDER,
                                              params["forecast"]["horizon"],
                                              pool if pool.cluster else runtime.Threads(threads), detector,
                                              params["forecast"])
         runtime.release_memory()
     try:
         scaler = fit_scaler(one_step_ahead(train))
-        scale_features(test, scaler)
-        tested, n_train, n_test = set(test["station"].unique()), train.rows, len(test)
+        n_train, n_test = train.rows, test.rows
         counts = pd.Series(verdict["flag"].where(period != OUTSIDE).to_numpy().ravel()).value_counts()
         probable_codes = quality_control.shared_values(observed, verdict["flag"]).head(PROBABLE_CODES)
 
         features_and_flags = {"features": [train, test], "verdict": [verdict]}
-        del test, verdict  # handed over: each table is let go as soon as it is written
+        del verdict  # handed over: each table is let go as soon as it is written
         outputs, repaired = write_tables(paths, features_and_flags, observed, period, scaler, threads)
     finally:
         train.close()
+        test.close()
     storage.write_joblib(paths.scaler, scaler)
     storage.write_json(paths.detector, detector)
     manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.scaler, paths.detector],
@@ -665,8 +661,8 @@ def main(args) -> None:
 
 def write_tables(paths: Paths, handed: dict[str, list], observed: pd.DataFrame, period: pd.DataFrame, scaler,
                  threads: int) -> tuple[list[Path], int]:
-    """Write the feature tables (``handed["features"]``: the training blocks, scaled by ``scaler`` a block at
-    a time as they are written, and the scaled test table) and the detector's verdict as the flag tables
+    """Write the feature tables (``handed["features"]``: the training and the test blocks, scaled by ``scaler``
+    a block at a time as they are written) and the detector's verdict as the flag tables
     (``handed["verdict"]``), each let go as soon as it is written (at scale they are large: the lists are
     emptied, so nothing else holds them). Returns the files written and how many flagged readings were
     repaired."""
@@ -677,9 +673,9 @@ def write_tables(paths: Paths, handed: dict[str, list], observed: pd.DataFrame, 
                               threads=threads)
     train.close()
     progress.step()
-    del test["period"]
-    storage.write_csv(paths.test_features, test, threads=threads)
-    del test
+    storage.write_csv_batches(paths.test_features, lambda: (scaled_rows(block, scaler) for block in test),
+                              threads=threads)
+    test.close()
     progress.step()
     verdict = handed["verdict"].pop()
     flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}

@@ -69,8 +69,8 @@ def test_the_flag_tables_made_a_block_of_stations_at_a_time_are_the_bytes_of_one
     assert run(1) == (whole, logged)
 
 
-def test_training_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(project, monkeypatch, capsys):
-    """Past SPILL_BYTES the training rows wait on disk, a block of stations at a time, until they are written
+def test_feature_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(project, monkeypatch, capsys):
+    """Past SPILL_BYTES the training and test rows wait on disk, a block of stations at a time, until written
     (the scaler fitted from them): the tables and the scaler are the bytes of the run that held them, and
     the stage leaves no spilled block behind, nor touches what a link left in the spill folder's place
     points to."""
@@ -89,6 +89,7 @@ def test_training_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(
     assert "a block at a time until written" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in outputs} == held
     assert not (paths.data / model_preprocessing.SPILL_FOLDER).exists()
+    assert not model_preprocessing.test_spill(paths.data / model_preprocessing.SPILL_FOLDER).exists()
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
 
 

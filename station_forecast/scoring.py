@@ -32,7 +32,7 @@ class ErrorSums(NamedTuple):
     @classmethod
     def of(cls, actual: np.ndarray, predicted: np.ndarray) -> ErrorSums:
         if not len(actual):
-            return cls(0, 0.0, 0.0, 0.0, 0.0)
+            return NO_ERRORS
         error = predicted - actual
         mean = actual.mean()
         return cls(len(actual), np.sum(np.abs(error)), np.sum(error**2), mean, np.sum((actual - mean) ** 2))
@@ -130,6 +130,10 @@ class IntervalSums(NamedTuple):
         }
 
 
+NO_ERRORS = ErrorSums(0, 0.0, 0.0, 0.0, 0.0)  # the sums of no rows: where adding up starts
+NO_INTERVALS = IntervalSums(0, 0, 0, 0, 0.0, 0.0, 0.0)
+
+
 def interval_score(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float) -> dict:
     """Coverage, mean width and pinball loss of a central ``level`` interval."""
     return IntervalSums.of(actual, lower, upper, level).scores()
@@ -167,9 +171,9 @@ class Tally:
         self.references = ["truth", "observed", "accepted"] if truth else ["observed", "accepted"]
         self.gate_reference = "truth" if truth else "observed"
         self.stations = 0
-        self.forecast = {ref: {group: {p: ErrorSums.of(np.empty(0), np.empty(0)) for p in predictors}
+        self.forecast = {ref: {group: {p: NO_ERRORS for p in predictors}
                                for group, predictors in GROUP_PREDICTORS.items()} for ref in self.references}
-        self.interval = {ref: {group: {p: IntervalSums(0, 0, 0, 0, 0.0, 0.0, 0.0) for p in BANDED}
+        self.interval = {ref: {group: {p: NO_INTERVALS for p in BANDED}
                                for group in GROUP_PREDICTORS} for ref in self.references}
         self.per_station: dict[str, dict[str, dict]] = {ref: {} for ref in self.references}
         self.interval_per_station: dict[str, dict[str, dict]] = {ref: {} for ref in self.references}
@@ -217,8 +221,8 @@ class Tally:
         for step, part in rows.groupby("step"):
             y = part[column].to_numpy()
             sums = self.by_step.setdefault(int(step), {
-                "forecast": {p: ErrorSums.of(np.empty(0), np.empty(0)) for p in PREDICTORS},
-                "interval": {p: IntervalSums(0, 0, 0, 0, 0.0, 0.0, 0.0) for p in BANDED}})
+                "forecast": {p: NO_ERRORS for p in PREDICTORS},
+                "interval": {p: NO_INTERVALS for p in BANDED}})
             for p in PREDICTORS:
                 sums["forecast"][p] = sums["forecast"][p] + ErrorSums.of(y, part[p].to_numpy())
             for p in BANDED:

@@ -662,6 +662,8 @@ def read_station_batches(path: Path, columns: list[str], rows_per_batch: int) ->
     held = None
     last = None
     for batch in read_table_batches(path, columns, rows_per_batch):
+        if batch.empty:  # a table of a header only
+            continue
         if held is not None:
             batch = pd.concat([held, batch], ignore_index=True)
         station = batch["station"].to_numpy(dtype=object)

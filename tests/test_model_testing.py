@@ -538,6 +538,10 @@ def test_tables_are_read_a_block_of_whole_stations_at_a_time_and_rows_out_of_sta
     assert list(flags.up_to(None)["station"]) == ["D", "D"] and flags.rows == 8
     assert flags.up_to(None).empty
 
+    path.write_text("station,date,observed,flag\n")  # a header only: no rows, no error
+    assert list(storage.read_station_batches(path, ["station", "date"], 2)) == []
+    assert model_testing.FlagsByStation(path).up_to(None).empty
+
     pd.DataFrame({"station": list("ABA"), "date": ["2020-01-01"] * 3}).to_csv(path, index=False)
     with pytest.raises(errors.PipelineError, match=r"flags\.csv: rows are not station by station in name order"):
         list(storage.read_station_batches(path, ["station", "date"], 2))

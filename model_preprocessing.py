@@ -169,6 +169,8 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     learning = (period == TRAIN) | (period == HISTORY)
     if pool is None or not pool.cluster:
         pool = runtime.Threads(threads)
+    else:  # the network-wide work stays in this process, the workers waiting: on this process's threads
+        pool.threads = threads
     ceiling = quality_control.JUMP_CEILING if temperature else float("inf")
     detector = quality_control.learn(observed, learning, qc, pool, ceiling, positions)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):

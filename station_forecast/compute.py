@@ -61,6 +61,9 @@ class Cluster:
 
     def __init__(self, client: Any, scheduler: str) -> None:
         self.client, self.scheduler = client, scheduler
+        # Threads of the stage process for the work that stays in it, while the workers wait for their next
+        # chunks: one unless the stage sets its own thread budget.
+        self.threads = 1
 
     def share(self, value: Any) -> Shared:
         return Shared(value)

@@ -170,17 +170,34 @@ def test_a_chunk_that_kills_every_worker_it_meets_fails_with_one_line(tmp_path):
 
 def test_a_cluster_run_gives_the_same_bytes_as_a_local_run(built, tmp_path, monkeypatch):
     """All four stages on a LocalCluster of two worker processes, against the local run of the same parameters:
-    with the simulation's blocks of stations on the workers and stage 2's training blocks spilled to disk."""
+    with the simulation's blocks of stations on the workers, stage 2's training blocks spilled to disk, and
+    the quality control's network-wide work in the stage process on its own two threads while the workers
+    wait (not on one, as it once was)."""
+    from station_forecast import quality_control
+
     local_root, _ = built
     data_creation, model_preprocessing = STAGES[0], STAGES[1]
     monkeypatch.setattr(data_creation, "STATIONS_PER_CHUNK", 2)
     monkeypatch.setattr(model_preprocessing, "SPILL_BYTES", 0)
+    monkeypatch.setattr(quality_control, "STATION_BLOCK", 1)  # a chunk per station: the stage asks for threads
+    monkeypatch.setenv("PIPELINE_THREADS", "2")
+    used = []
+    for module in (quality_control.learning, quality_control.verdict):
+        monkeypatch.setattr(module, "local_threads", _recorded(module.local_threads, used))
     params = write_params(tmp_path / "params.toml", **TINY, scheduler="local:2")
     for module in STAGES:
         assert run_stage(module, tmp_path, params) == 0, module.STAGE
+    assert used and set(used) == {2}
     local, cluster = outputs(local_root), outputs(tmp_path)
     assert sorted(cluster) == sorted(local)
     assert [name for name in local if local[name] != cluster[name]] == []
+
+
+def _recorded(function, results: list):
+    def recording(*args, **kwargs):
+        results.append(function(*args, **kwargs))
+        return results[-1]
+    return recording
 
 
 def test_own_files_are_read_on_the_workers_as_here_and_a_bad_one_is_one_line(tmp_path, capsys):

@@ -90,8 +90,9 @@ def confidence(excess: pd.DataFrame | np.ndarray) -> np.ndarray:
 
 def local_threads(pool: Pool | None) -> int:
     """Threads of this process for the work that stays here (all of it when ``pool`` is a cluster's, whose
-    workers get only the verdict's blocks): the pool's own when it is threads, else one."""
-    return pool.threads if pool is not None and not pool.cluster else 1
+    workers get only the verdict's blocks and wait meanwhile): the pool's threads, or a cluster's own
+    ``threads``; one without a pool."""
+    return pool.threads if pool is not None else 1
 
 
 def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:

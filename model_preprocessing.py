@@ -575,17 +575,6 @@ def flagged_cells(flag: pd.DataFrame, periods: np.ndarray) -> np.ndarray:
     return np.isin(flag.to_numpy().T.ravel(), FAULTS) & (periods != OUTSIDE)
 
 
-def repaired_count(observed: pd.DataFrame, period: pd.DataFrame, verdict: dict[str, pd.DataFrame]) -> int:
-    """How many flagged readings were repaired (their value in flagged.csv changed), ``FLAGS_BLOCK`` stations
-    at a time."""
-    count = 0
-    for stations in runtime.chunks(list(observed.columns), FLAGS_BLOCK):
-        flagged = flagged_cells(verdict["flag"][stations], period[stations].to_numpy().T.ravel())
-        changed = verdict["repaired"][stations].round(2).to_numpy().T.ravel() != observed[stations].to_numpy().T.ravel()
-        count += int((flagged & changed).sum())
-    return count
-
-
 def station_positions(path: Path, stations: list[str]) -> np.ndarray | None:
     """Each station's latitude and longitude (degrees; stations x 2, in ``stations`` order) from the station
     list data_creation.py wrote, or None without one or when a station has no position: the neighbours'
@@ -681,11 +670,20 @@ def write_tables(paths: Paths, handed: dict[str, list], observed: pd.DataFrame, 
     progress.step()
     verdict = handed["verdict"].pop()
     flag_paths = {"train": paths.train_flags, "test": paths.test_flags, "flagged": paths.flagged}
-    for part, batches in flags_tables(observed, period, verdict).items():
+    tables = flags_tables(observed, period, verdict)
+    repaired = 0
+
+    def counted_flagged() -> Iterator[pd.DataFrame]:  # the repairs counted as the flagged rows are written
+        nonlocal repaired
+        repaired = 0  # a second pass (values that need quotes) counts them again
+        for table in tables["flagged"]():
+            repaired += int((table["repaired"] != table["observed"]).sum())
+            yield table
+
+    for part, batches in {**tables, "flagged": counted_flagged}.items():
         storage.write_csv_batches(flag_paths[part], batches, threads=threads)
         progress.step()
-    return [paths.train_features, paths.test_features, *flag_paths.values()], repaired_count(observed, period,
-                                                                                             verdict)
+    return [paths.train_features, paths.test_features, *flag_paths.values()], repaired
 
 
 def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:

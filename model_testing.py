@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 from station_forecast import (
     cli,
@@ -218,7 +219,7 @@ def score_test_period(paths: Paths, bundle: dict, pool: compute.Pool, evaluation
     try:
         for forecasts in forecasts_by_stations(paths.test_features, bundle, pool):
             block_flags = flags.up_to(forecasts["station"].iat[-1])
-            truth = _block_truth(paths, forecasts, block_flags, tally)
+            truth = _block_truth(paths, forecasts["station"].unique(), block_flags, tally)
             if tally is None:
                 tally = scoring.Tally(level, truth is not None)
                 figures = report.FigureRows(evaluation["report_stations"], tally.gate_reference)
@@ -229,7 +230,7 @@ def score_test_period(paths: Paths, bundle: dict, pool: compute.Pool, evaluation
             kept.add(_kept_columns(report.predictions_table(frame)))
         rest = flags.up_to(None)
         if len(rest):
-            tally.add_detector(rest, _block_truth(paths, rest.iloc[:0], rest, tally))
+            tally.add_detector(rest, _block_truth(paths, [], rest, tally))
         if not flags.rows:
             raise PipelineError(f"{paths.test_flags}: no data rows")
     except BaseException:
@@ -248,11 +249,11 @@ def _kept_columns(table: pd.DataFrame) -> dict[str, np.ndarray]:
     return columns
 
 
-def _block_truth(paths: Paths, forecasts: pd.DataFrame, flags: pd.DataFrame, tally: scoring.Tally | None
+def _block_truth(paths: Paths, forecast: Any, flags: pd.DataFrame, tally: scoring.Tally | None
                  ) -> pd.DataFrame | None:
-    """The ground truth of a block's stations (those forecast and those flagged) from its first test day on,
+    """The ground truth of a block's stations (those ``forecast`` and those flagged) from its first test day on,
     or None without ground truth; refused where some blocks have it and others not."""
-    stations = sorted({*forecasts["station"].unique(), *flags["station"].unique()})
+    stations = sorted({*forecast, *flags["station"].unique()})
     truth = load_truth(paths.truth, stations, since=flags["date"].min() if len(flags) else None)
     if tally is not None and (truth is not None) != tally.truth:
         missing = paths.truth / f"{stations[0]}.csv" if truth is None else paths.truth

@@ -14,8 +14,7 @@ MIN_OVERLAP_DAYS = 90  # a neighbour must share at least this many learning days
 EXPECTED_BLOCK = 64  # stations per block of the neighbours' expected values and of the persistences
 # Up to this many stations every pair is compared (six stations x stations matrices, and their products). At 3,000
 # stations x 10 years those made stage 2's peak (2,321 MB of its own memory on one thread); from candidates it was
-# 1,852 MB (up to 1,982 MB in runs of memory variants), with the same test MAE against the truth (1.744) and
-# each kind's detector F1 within 0.003.
+# 1,852 MB, with the same test MAE against the truth (1.744) and each kind's detector F1 within 0.003.
 ALL_PAIRS_STATIONS = 2000
 CANDIDATES = 256  # above it, the stations each station is compared with: those its anomalies resemble most
 CANDIDATES_PER_NEIGHBOUR = 32  # ... or this many per neighbour wanted, if more

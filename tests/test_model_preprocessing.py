@@ -282,6 +282,27 @@ def test_files_parsed_together_read_as_each_file_alone(tmp_path):
         station_files.read_station_files(paths, -90.0, 60.0)
 
 
+def test_the_calendar_gives_each_station_its_days_and_each_day_its_period():
+    """Readings land on their station's column and date; a missing day takes the period of the day before; days
+    before a station's first reading or after its last are outside; test days before the test period are
+    history (a held-out station's past)."""
+    OUTSIDE, HISTORY = model_preprocessing.OUTSIDE, model_preprocessing.HISTORY
+    rows = [("B", "2020-01-02", 1.0, "train"), ("B", "2020-01-04", 2.0, "test"), ("B", "2020-01-06", np.nan, "test"),
+            ("A", "2020-01-01", 3.0, "train"), ("A", "2020-01-02", 4.0, "train"), ("A", "2020-01-03", 5.0, "train"),
+            ("A", "2020-01-05", 6.0, "test")]
+    frame = pd.DataFrame(rows, columns=["station", "date", "temperature", "split"])
+    frame["date"] = pd.to_datetime(frame["date"])
+    observed, period = model_preprocessing.to_calendar(frame, pd.Timestamp("2020-01-05"))
+
+    assert list(observed.columns) == ["A", "B"] and list(period.columns) == ["A", "B"]
+    assert list(observed.index) == list(pd.date_range("2020-01-01", "2020-01-06"))
+    np.testing.assert_array_equal(observed["A"], [3.0, 4.0, 5.0, np.nan, 6.0, np.nan])
+    np.testing.assert_array_equal(observed["B"], [np.nan, 1.0, np.nan, 2.0, np.nan, np.nan])
+    assert list(period["A"]) == [TRAIN, TRAIN, TRAIN, TRAIN, TEST, OUTSIDE]
+    assert list(period["B"]) == [OUTSIDE, TRAIN, TRAIN, HISTORY, TEST, TEST]
+    assert period.dtypes.eq(np.int8).all() and observed.to_numpy().flags["C_CONTIGUOUS"]
+
+
 def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_guessed():
     """Yearly harmonics fitted to five months extrapolate wildly into the other seven; the baseline takes the
     seasons its neighbours show instead (or its own level alone, without a detector)."""

@@ -261,8 +261,9 @@ def test_above_the_all_pairs_size_each_station_is_compared_with_its_candidates_a
         monkeypatch, by_position):
     """A network too large to compare every pair compares each station with its nearest stations where their
     positions are known (the quality control's neighbours), else with the stations its anomalies resemble most
-    (a sketch), block by block; on a simulated network it chooses exactly the neighbours, and the same lines,
-    that comparing every pair does."""
+    (a sketch; the forecast's neighbours always), block by block (blocks of stations near each other where
+    positions are known); on a simulated network it chooses exactly the neighbours, and the same lines, that
+    comparing every pair does."""
     import data_creation
     from station_forecast.params import load_params
 
@@ -282,7 +283,7 @@ def test_above_the_all_pairs_size_each_station_is_compared_with_its_candidates_a
 
     def choose() -> tuple[dict, dict]:
         return qc_neighbours.learn_neighbours(anomaly, 5, 0.7, positions), qc_neighbours.forecast_neighbours(
-            anomaly, 8, 0.3)
+            anomaly, 8, 0.3, positions=positions)
 
     every_pair = choose()
     monkeypatch.setattr(qc_neighbours, "ALL_PAIRS_STATIONS", 0)
@@ -338,6 +339,30 @@ def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else
     np.testing.assert_allclose(expected["S1"], s1, rtol=0, atol=1e-12)
     assert expected[["S2", "S3", "S4"]].isna().all().all()  # a neighbour not in the table, none, unknown
     pd.testing.assert_frame_equal(expected, qc_neighbours.expected_anomaly(anomaly, neighbours))  # the same bytes
+
+
+def test_the_neighbours_work_done_in_blocks_of_stations_on_threads_is_the_same_bytes_as_in_one_piece(monkeypatch):
+    rng = np.random.default_rng(4)
+    anomaly = pd.DataFrame(rng.normal(size=(120, 7)), columns=[f"S{i}" for i in range(7)])
+    anomaly = anomaly.add(rng.normal(size=(120, 1)), axis=0)  # weather the stations share: neighbours to find
+    anomaly[anomaly > 1.8] = np.nan
+    neighbours = qc_neighbours.learn_neighbours(anomaly, 3, 0.3)
+
+    def everything(threads: int) -> tuple:
+        return (qc_neighbours.learn_neighbours(anomaly, 3, 0.3, threads=threads),
+                qc_neighbours.outside_the_lines(anomaly, neighbours, threads),
+                qc_neighbours.nearest_line_distance(anomaly, neighbours, threads),
+                checks.trailing_median(anomaly, 15, threads))
+
+    whole = everything(1)
+    monkeypatch.setattr(qc_neighbours, "EXPECTED_BLOCK", 2)
+    monkeypatch.setattr(checks, "MEDIAN_BLOCK", 3)
+    blocked = everything(3)
+    assert sum(len(found["buddies"]) for found in whole[0].values()) >= 14  # most stations have neighbours
+    assert blocked[0] == whole[0]
+    for made, expected in zip(blocked[1:], whole[1:], strict=True):
+        assert made.notna().any().all()
+        pd.testing.assert_frame_equal(made, expected, check_exact=True)
 
 
 def test_the_nearest_line_distance_is_to_the_closest_neighbour_line_that_day():

@@ -82,7 +82,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         learning = learning & ~pd.DataFrame({station: observed[station].isin(codes.get(station, []))
                                              for station in observed.columns})
     plausible = observed.mask(learning & ~within_climate(observed.where(learning), qc["climate_margin"], threads))
-    jump = plausible - trailing_median(plausible, qc["window"])
+    jump = plausible - trailing_median(plausible, qc["window"], threads)
     jump_scale = robust_scale(jump.where(learning), threads)
     jump_z = (jump.where(learning) / jump_scale).abs()
     threshold = np.minimum(qc["gross_margin"] * jump_z.quantile(GROSS_QUANTILE), jump_ceiling / jump_scale)
@@ -93,7 +93,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
     provisional = dict(qc, min_correlation=min(qc["min_correlation"], PROVISIONAL_CORRELATION))
     trusted = learning
     learning_readings = observed.where(learning)
-    facts = reading_facts(learning_readings, qc["window"])
+    facts = reading_facts(learning_readings, qc["window"], threads)
     progress = Progress("quality control learning rounds", LEARNING_ROUNDS + 1)
     for _ in range(LEARNING_ROUNDS):
         detector = _fit(observed, learning, trusted, provisional, settings, gross, threads, final=False,
@@ -131,7 +131,8 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
     typical = coefs[full].median(axis=1).to_numpy() if full else None
     coefs = borrow_seasons(coefs, values, dict.fromkeys(short, typical))
     anomaly = values - climatology_at(coefs, observed.index, observed.columns)
-    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"], positions, readings=values)
+    neighbours = learn_neighbours(anomaly, qc["neighbours"], qc["min_correlation"], positions, readings=values,
+                                  threads=threads)
     if short:  # the readings less the weather the neighbours share: mostly the station's own climatology
         weather = expected_anomaly(anomaly, {station: neighbours[station] for station in short}, threads)[short]
         coefs = borrow_seasons(coefs, values[short] - weather.fillna(0.0),

@@ -4,6 +4,8 @@ should be.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from station_forecast import runtime
 from station_forecast.quality_control.robust import nanmedian
 from station_forecast.runtime import lazy_import
@@ -27,8 +29,8 @@ SAME_RECORD_SHARE = 0.9
 SAME_RECORD_PAIRS = 4096  # pairs compared at a time (pairs x days arrays)
 
 
-def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positions: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, ...]:
+def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positions: np.ndarray | None = None,
+                    by_position: bool = True) -> tuple[np.ndarray, ...]:
     """For each station, the stations it is compared with (``index``: station x slot, ascending) and, per
     slot, the correlation, slope and intercept of predicting the station, ``lead`` days later, from that one,
     and the days they share.
@@ -37,11 +39,12 @@ def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positio
     stations x stations matrices would not fit in memory, and comparing every pair's readings would take
     most of the stage: each station is compared with ``CANDIDATES`` others (or ``CANDIDATES_PER_NEIGHBOUR``
     times the ``wanted`` neighbours if more), block by block. Where every station's ``positions`` (latitude
-    and longitude, degrees) are known, they are the nearest, and the blocks are stations near each other, so
-    a block's candidates are few (one call at 10,000 stations x 10 years: 12-13 s against 68-162 s);
-    otherwise they are the stations whose standardised anomalies (missing days as 0) correlate best with its
-    own, a sketch of the pairwise-complete correlation. A station's best neighbours are among them (tests
-    check the choice is the all-pairs one).
+    and longitude, degrees) are known, the blocks are stations near each other, so a block's candidates
+    have more in common and the pairs compared are fewer; with ``by_position`` the candidates are the
+    nearest stations (one call at 10,000 stations x 10 years: 12-13 s against 68-162 s). Otherwise they
+    are the stations whose standardised anomalies (missing days as 0) correlate best with its own, a
+    sketch of the pairwise-complete correlation. A station's best neighbours are among them (tests check
+    the choice is the all-pairs one).
     """
     target, predictor = (anomaly[lead:], anomaly[:len(anomaly) - lead]) if lead else (anomaly, anomaly)
     stations = anomaly.shape[1]
@@ -49,15 +52,15 @@ def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positio
         index = np.broadcast_to(np.arange(stations), (stations, stations))
         return index, *_pair_sums(target, predictor, symmetric=not lead)
     width = min(max(CANDIDATES, CANDIDATES_PER_NEIGHBOUR * wanted), stations - 1)
-    if positions is not None and np.isfinite(positions).all():
+    located = positions is not None and np.isfinite(positions).all()
+    order = _spatial_order(positions) if located else np.arange(stations)
+    if located and by_position:
         units = _unit_vectors(positions)
-        order = _spatial_order(positions)
 
         def likeness(rows: np.ndarray) -> np.ndarray:  # the cosine of the angle between stations: nearer is larger
             return units[rows] @ units.T
     else:
         sketch_t, sketch_p = _standardised(target), _standardised(predictor)
-        order = np.arange(stations)
 
         def likeness(rows: np.ndarray) -> np.ndarray:
             return sketch_t[:, rows].T @ sketch_p
@@ -138,14 +141,19 @@ def _ranked(index: np.ndarray, corr: np.ndarray, usable: np.ndarray, n_neighbour
 
 
 def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float,
-                        same_record: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+                        same_record: dict[str, list[str]] | None = None, positions: np.ndarray | None = None
+                        ) -> dict[str, list[str]]:
     """For each station, the stations whose anomaly on a day best predicts its anomaly the next day (at least
     ``min_correlation``, on the learning days): upwind stations, where today's weather is the station's
     tomorrow, rank above same-day look-alikes. Their candidates at scale come from the readings, never from
     positions: the best upwind stations can be further away than many others (on a simulated network of 120,
-    some stations' were not among their 64 nearest). ``same_record``: the stations that hold each station's
-    own record under another name (``learn_neighbours``), never its neighbours."""
-    index, corr, _, _, shared = pair_statistics(anomaly.to_numpy(), lead=1, wanted=n_neighbours)
+    some stations' were not among their 64 nearest); ``positions``, where known, only make the blocks of
+    stations compared at a time (``pair_statistics``) stations near each other: at 10,000 stations x 10 years
+    the pairs a block compares went from 5,505 to 2,954 stations' worth, the call from 53 to 30 s.
+    ``same_record``: the stations that hold each station's own record under another name
+    (``learn_neighbours``), never its neighbours."""
+    index, corr, _, _, shared = pair_statistics(anomaly.to_numpy(), lead=1, wanted=n_neighbours, positions=positions,
+                                                by_position=False)
     stations = list(anomaly.columns)
     usable = (shared >= MIN_OVERLAP_DAYS) & (corr >= min_correlation)
     position = {station: i for i, station in enumerate(stations)}
@@ -158,7 +166,8 @@ def forecast_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlatio
 
 
 def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: float,
-                     positions: np.ndarray | None = None, readings: pd.DataFrame | None = None) -> dict[str, dict]:
+                     positions: np.ndarray | None = None, readings: pd.DataFrame | None = None, threads: int = 1
+                     ) -> dict[str, dict]:
     """For each station, its best-correlated stations on the learning days and how they predict it.
 
     Each neighbour gets a straight line predicting the station from it alone; the
@@ -167,7 +176,8 @@ def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: 
     lines as the fallback on other days. ``positions``: see ``pair_statistics``.
     ``readings``: the readings the anomalies come from; a station that reads the
     same as this one on ``SAME_RECORD_SHARE`` of the days both read is listed
-    under "same_record" (with that share and those days), not as a neighbour.
+    under "same_record" (with that share and those days), not as a neighbour. The regressions run in
+    blocks of ``EXPECTED_BLOCK`` stations on ``threads`` threads.
     """
     values = anomaly.to_numpy()
     index, corr, slope, intercept, shared = pair_statistics(values, wanted=n_neighbours, positions=positions)
@@ -176,10 +186,14 @@ def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: 
     copies = {} if readings is None else _same_records(readings.to_numpy(), index, corr, usable, n_neighbours)
     for (i, k) in copies:
         usable[i, k] = False
+    ranked = _ranked(index, corr, usable, n_neighbours)
+    chosen = [[index[i, k] for k in slots] for i, slots in enumerate(ranked)]
+    by_station = np.ascontiguousarray(values.T)  # a station's days in one row: its neighbours are whole rows
+    blocks = runtime.chunks(range(len(stations)), EXPECTED_BLOCK)
+    regressions = [fit for block in runtime.Threads(threads).map(_joint_regressions, blocks, by_station=by_station,
+                                                                 chosen=chosen) for fit in block]
     neighbours = {}
-    for i, (station, slots) in enumerate(zip(stations, _ranked(index, corr, usable, n_neighbours), strict=True)):
-        chosen = [index[i, k] for k in slots]  # one short list and one small regression per station
-        weights, constant = _joint_regression(values[:, i], values[:, chosen])
+    for i, (station, slots, (weights, constant)) in enumerate(zip(stations, ranked, regressions, strict=True)):
         neighbours[station] = {
             "constant": constant,
             "buddies": [{"station": stations[index[i, k]], "correlation": round(float(corr[i, k]), 4),
@@ -222,6 +236,12 @@ def same_records(detector: dict) -> dict[str, list[dict]]:
     any."""
     return {station: entry["neighbours"]["same_record"] for station, entry in detector.get("stations", {}).items()
             if "same_record" in entry.get("neighbours", {})}
+
+
+def _joint_regressions(stations: range, by_station: np.ndarray, chosen: list[list[int]]
+                       ) -> list[tuple[list[float | None], float | None]]:
+    """``_joint_regression`` of each of ``stations`` on its ``chosen`` neighbours (station x day readings)."""
+    return [_joint_regression(by_station[i], by_station[chosen[i]].T) for i in stations]
 
 
 def _joint_regression(target: np.ndarray, predictors: np.ndarray) -> tuple[list[float | None], float | None]:
@@ -284,42 +304,59 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads
     return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns, copy=False)
 
 
-def nearest_line_distance(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
+def nearest_line_distance(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int = 1) -> pd.DataFrame:
     """How far each station's anomaly is from the nearest of its neighbours' single lines that day (NaN
     where none of them reports): small for a reading that agrees with any one neighbour, large only for
     one at odds with them all, which one faulty neighbour cannot make it."""
+    return _by_lines(_nearest_line_rows, anomaly, neighbours, threads)
+
+
+def outside_the_lines(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int = 1) -> pd.DataFrame:
+    """How far each station's anomaly lies beyond the range its neighbours' single lines span that day: 0
+    for a reading between them (a front that split the neighbours, the station on one side of it or in
+    the middle), the distance to the nearest line for one beyond them all; NaN where none reports."""
+    return _by_lines(_outside_rows, anomaly, neighbours, threads)
+
+
+def _by_lines(rows_of: Callable[..., None], anomaly: pd.DataFrame, neighbours: dict[str, dict], threads: int
+              ) -> pd.DataFrame:
+    """A date x station table of what ``rows_of`` makes of the neighbours' single lines, in blocks of
+    ``EXPECTED_BLOCK`` stations on ``threads`` threads (each value the same wherever it was computed); NaN
+    everywhere if no station has a neighbour."""
     lines = neighbour_lines(list(anomaly.columns), neighbours)
     if lines is None:
         return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
     # Station by day, as in expected_anomaly: a neighbour's readings are one whole row; the last row is an
     # empty slot's.
     padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
-    own, nearest = padded[:-1], np.full((anomaly.shape[1], len(anomaly)), np.nan)
+    stations = anomaly.shape[1]
+    out = np.empty((stations, len(anomaly)))
+    rows = [slice(begin, min(begin + EXPECTED_BLOCK, stations)) for begin in range(0, stations, EXPECTED_BLOCK)]
+    runtime.Threads(threads).map(rows_of, rows, padded=padded, lines=lines, out=out)
+    return pd.DataFrame(out.T, index=anomaly.index, columns=anomaly.columns, copy=False)
+
+
+def _nearest_line_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:
+    own = padded[rows]
+    nearest = np.full(own.shape, np.nan)
     for m in range(lines["index"].shape[1]):
-        predicted = padded[lines["index"][:, m]]
-        predicted *= lines["slope"][:, m, None]
-        predicted += lines["intercept"][:, m, None]
+        predicted = padded[lines["index"][rows, m]]
+        predicted *= lines["slope"][rows, m, None]
+        predicted += lines["intercept"][rows, m, None]
         np.fmin(nearest, np.abs(np.subtract(own, predicted, out=predicted), out=predicted), out=nearest)
-    return pd.DataFrame(nearest.T, index=anomaly.index, columns=anomaly.columns, copy=False)
+    out[rows] = nearest
 
 
-def outside_the_lines(anomaly: pd.DataFrame, neighbours: dict[str, dict]) -> pd.DataFrame:
-    """How far each station's anomaly lies beyond the range its neighbours' single lines span that day: 0
-    for a reading between them (a front that split the neighbours, the station on one side of it or in
-    the middle), the distance to the nearest line for one beyond them all; NaN where none reports."""
-    lines = neighbour_lines(list(anomaly.columns), neighbours)
-    if lines is None:
-        return pd.DataFrame(np.nan, index=anomaly.index, columns=anomaly.columns)
-    padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
-    own = padded[:-1]
-    lowest, highest = (np.full((anomaly.shape[1], len(anomaly)), np.nan) for _ in range(2))
+def _outside_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:
+    own = padded[rows]
+    lowest, highest = (np.full(own.shape, np.nan) for _ in range(2))
     for m in range(lines["index"].shape[1]):
-        predicted = padded[lines["index"][:, m]] * lines["slope"][:, m, None] + lines["intercept"][:, m, None]
+        predicted = padded[lines["index"][rows, m]] * lines["slope"][rows, m, None] + lines["intercept"][rows, m, None]
         np.fmin(lowest, predicted, out=lowest)
         np.fmax(highest, predicted, out=highest)
     beyond = np.fmax(np.fmax(own - highest, lowest - own), 0.0)
     beyond[np.isnan(lowest) | np.isnan(own)] = np.nan
-    return pd.DataFrame(beyond.T, index=anomaly.index, columns=anomaly.columns, copy=False)
+    out[rows] = beyond
 
 
 def _expected_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:

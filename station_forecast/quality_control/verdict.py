@@ -118,8 +118,8 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
                                  stations)
     neighbours = {s: e["neighbours"] for s, e in detector["stations"].items()}
     detector = {**detector, "onsets": onsets}
-    facts = facts if facts is not None else reading_facts(observed, detector["window"])
     threads = local_threads(pool)
+    facts = facts if facts is not None else reading_facts(observed, detector["window"], threads)
     # How far each reading is from its climatology, in robust standard deviations of the station's anomalies
     # (NaN without a learned scale); a reading beyond any climate speaks for no neighbour, in any pass.
     anomaly = observed - climatology
@@ -130,16 +130,17 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     if len(affected):  # a jump is measured from the days before that were weather, not codes
         # Column by column, so only the few stations with such readings need their median again.
         reference = facts["reference"].copy()
-        reference[affected] = trailing_median(observed[affected].mask(left_out[affected]), detector["window"])
+        reference[affected] = trailing_median(observed[affected].mask(left_out[affected]), detector["window"],
+                                             threads)
         facts["reference"] = reference
     # In departure scales, how far each reading lies beyond all its neighbours' lines (0 between them).
-    facts["outside_z"] = outside_the_lines(anomaly.mask(left_out), neighbours) \
+    facts["outside_z"] = outside_the_lines(anomaly.mask(left_out), neighbours, threads) \
         / _station_table(detector, stations, "departure_scale")
     facts["reporting"] = reporting_neighbours(observed, neighbours)
     facts["offset_tested"] = offset_tested(detector, observed)
     facts["season_scale"] = season_departure_scale(detector, observed)
     if second_pass:  # a reading beyond any weather does not speak for its neighbours even in the first pass
-        left_out = left_out | (nearest_line_distance(anomaly, neighbours)
+        left_out = left_out | (nearest_line_distance(anomaly, neighbours, threads)
                                > BEYOND_WEATHER * _station_table(detector, stations, "departure_scale"))
     del anomaly  # each days x stations table let go once used: at scale they are the stage's peak
     result = _classify(observed, facts, detector,

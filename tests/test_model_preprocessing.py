@@ -471,24 +471,28 @@ def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys)
 def test_at_scale_the_quality_control_s_neighbours_are_sought_among_the_nearest_listed_stations(project, monkeypatch,
                                                                                                 capsys):
     """The station list data_creation.py writes gives the positions the quality control's candidates come from
-    at scale, and it is one of stage 2's inputs: a changed list is refused as a changed raw file is."""
+    at scale (and the order in which the forecast's neighbours are sought), and it is one of stage 2's inputs: a
+    changed list is refused as a changed raw file is."""
     from station_forecast.quality_control import neighbours as qc_neighbours
 
     root, params = project
     given = []
     original = qc_neighbours.pair_statistics
 
-    def spy(anomaly, lead=0, wanted=1, positions=None):
-        given.append((lead, positions))
-        return original(anomaly, lead, wanted, positions)
+    def spy(anomaly, lead=0, wanted=1, positions=None, by_position=True):
+        given.append((lead, positions, by_position))
+        return original(anomaly, lead, wanted, positions, by_position)
 
     monkeypatch.setattr(qc_neighbours, "ALL_PAIRS_STATIONS", 0)
     monkeypatch.setattr(qc_neighbours, "pair_statistics", spy)
     assert run_stage(model_preprocessing, root, params) == 0
-    listed = pd.read_csv(root / "data/stations.csv")
-    same_day = [positions for lead, positions in given if lead == 0]
-    assert same_day and all(np.array_equal(p, listed[["latitude", "longitude"]].to_numpy()) for p in same_day)
-    assert all(positions is None for lead, positions in given if lead == 1)  # upwind: from the readings
+    listed = pd.read_csv(root / "data/stations.csv")[["latitude", "longitude"]].to_numpy()
+    same_day = [(positions, nearest) for lead, positions, nearest in given if lead == 0]
+    assert same_day and all(np.array_equal(p, listed) and nearest for p, nearest in same_day)
+    # Upwind: the candidates from the readings, the positions only ordering the blocks; of the stations trained
+    # on (the held-out station, the last by name, is not).
+    upwind = [(positions, nearest) for lead, positions, nearest in given if lead == 1]
+    assert upwind and all(np.array_equal(p, listed[:-1]) and not nearest for p, nearest in upwind)
     path = root / "data/stations.csv"
     path.write_text(path.read_text().replace(",5", ",6", 1))
     assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT

@@ -513,17 +513,17 @@ def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
             for name, chosen in (("train", train), ("test", ~train))}
 
 
-def fit_scaler(one_step_ahead: Callable[[str], np.ndarray]):
+def fit_scaler(one_step_ahead: Callable[[str], np.ndarray], threads: int = 1):
     """StandardScaler on the training features only, of the rows one step ahead (each forecast origin once,
     so forecasting further ahead leaves the next-step forecasts exactly as they were); ``one_step_ahead(name)``
-    gives one feature's values on those rows."""
+    gives one feature's values on those rows. The features are fitted on ``threads`` threads."""
     from sklearn.preprocessing import StandardScaler
 
     # A scaler's statistics are per feature: fitted one feature at a time they are the numbers a fit of all
     # of them at once gives (a test holds it), without a copy of every training feature beside the table
     # (0.37 GB at 1,000 stations x 10 years, the stage's peak). Each is handed over as an array: given a
     # table, scikit-learn spent ten times the fit putting its columns together.
-    fits = [StandardScaler().fit(one_step_ahead(name)[:, None]) for name in FEATURES]
+    fits = runtime.Threads(threads).map(lambda name: StandardScaler().fit(one_step_ahead(name)[:, None]), FEATURES)
     seen = np.concatenate([np.atleast_1d(fit.n_samples_seen_) for fit in fits])
     scaler = StandardScaler()  # its attributes set in the order fit sets them: the same pickled bytes
     scaler.n_features_in_ = len(FEATURES)
@@ -632,7 +632,7 @@ def main(args) -> None:
                                              params["forecast"], positions)
         runtime.release_memory()
     try:
-        scaler = fit_scaler(one_step_ahead(train))
+        scaler = fit_scaler(one_step_ahead(train), threads)
         n_train, n_test = train.rows, test.rows
         counts = pd.Series(verdict["flag"].where(period != OUTSIDE).to_numpy().ravel()).value_counts()
         probable_codes = quality_control.shared_values(observed, verdict["flag"]).head(PROBABLE_CODES)

@@ -33,10 +33,10 @@ def test_scaler_is_fitted_on_training_rows_only(built):
     assert not np.allclose(test[FEATURES].mean(), 0, atol=1e-3)
 
 
-@pytest.mark.parametrize("missing", [False, True])
-def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing):
+@pytest.mark.parametrize("missing, threads", [(False, 1), (True, 1), (True, 3)])
+def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing, threads):
     """The same pickled bytes as StandardScaler fitted on every training feature at once (one step ahead only),
-    with and without a feature missing on some rows."""
+    with and without a feature missing on some rows, the features fitted on one thread or several."""
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(3)
@@ -48,7 +48,8 @@ def test_the_scaler_fitted_a_feature_at_a_time_is_the_fit_of_them_all(missing):
     whole = StandardScaler().fit(train.loc[train["step"] == 1, FEATURES].to_numpy())
     whole.feature_names_in_ = np.asarray(FEATURES, dtype=object)
     first = train[train["step"] == 1]
-    assert pickle.dumps(model_preprocessing.fit_scaler(lambda name: first[name].to_numpy())) == pickle.dumps(whole)
+    fitted = model_preprocessing.fit_scaler(lambda name: first[name].to_numpy(), threads)
+    assert pickle.dumps(fitted) == pickle.dumps(whole)
 
 
 def test_the_flag_tables_made_a_block_of_stations_at_a_time_are_the_bytes_of_one_block(project, monkeypatch, capsys):

@@ -299,8 +299,8 @@ def expected_anomaly(anomaly: pd.DataFrame, neighbours: dict[str, dict], threads
     days = len(anomaly)
     padded = np.vstack([anomaly.to_numpy().T, np.full((1, days), np.nan), np.zeros((1, days))])
     joint = np.empty((anomaly.shape[1], days))
-    rows = [slice(begin, begin + EXPECTED_BLOCK) for begin in range(0, anomaly.shape[1], EXPECTED_BLOCK)]
-    runtime.Threads(threads).map(_expected_rows, rows, padded=padded, lines=lines, out=joint)
+    runtime.Threads(threads).map(_expected_rows, _station_rows(anomaly.shape[1]), padded=padded, lines=lines,
+                                 out=joint)
     return pd.DataFrame(joint.T, index=anomaly.index, columns=anomaly.columns, copy=False)
 
 
@@ -329,11 +329,14 @@ def _by_lines(rows_of: Callable[..., None], anomaly: pd.DataFrame, neighbours: d
     # Station by day, as in expected_anomaly: a neighbour's readings are one whole row; the last row is an
     # empty slot's.
     padded = np.vstack([anomaly.to_numpy().T, np.full((1, len(anomaly)), np.nan)])
-    stations = anomaly.shape[1]
-    out = np.empty((stations, len(anomaly)))
-    rows = [slice(begin, min(begin + EXPECTED_BLOCK, stations)) for begin in range(0, stations, EXPECTED_BLOCK)]
-    runtime.Threads(threads).map(rows_of, rows, padded=padded, lines=lines, out=out)
+    out = np.empty((anomaly.shape[1], len(anomaly)))
+    runtime.Threads(threads).map(rows_of, _station_rows(anomaly.shape[1]), padded=padded, lines=lines, out=out)
     return pd.DataFrame(out.T, index=anomaly.index, columns=anomaly.columns, copy=False)
+
+
+def _station_rows(stations: int) -> list[slice]:
+    """The blocks of ``EXPECTED_BLOCK`` stations (rows of a station x day array) the neighbours' work runs in."""
+    return [slice(begin, min(begin + EXPECTED_BLOCK, stations)) for begin in range(0, stations, EXPECTED_BLOCK)]
 
 
 def _nearest_line_rows(rows: slice, padded: np.ndarray, lines: dict[str, np.ndarray], out: np.ndarray) -> None:

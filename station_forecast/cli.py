@@ -164,6 +164,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     # at 1,000 stations spent most of its time in the kernel. Small pages cost a little where huge pages
     # come free and never stall. Read when numpy loads; a value the user set wins; results are the same.
     os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    runtime.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_Formatter(stage))

@@ -198,7 +198,10 @@ def pool(scheduler: str, root: Path) -> Iterator[runtime.Threads | Cluster]:
 
     for name in ("distributed", "tornado", "asyncio"):  # a restarted worker is reported here, as one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES - 1}), \
+    # The local cluster's workers keep freed memory as the stage process does (Dask's default trims at 64 KiB).
+    kept_heap = {f"distributed.nanny.pre-spawn-environ.{name}": value
+                 for name, value in runtime.kept_heap_environment().items()}
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES - 1, **kept_heap}), \
             _client(distributed, scheduler) as client:
         _check_workers(client, root, scheduler)
         yield Cluster(client, scheduler)

@@ -138,6 +138,9 @@ def test_a_cluster_checks_its_workers_and_keeps_the_order(tmp_path):
     with compute.pool("local:2", tmp_path) as pool:
         assert pool.cluster
         assert pool.map(double, list(range(9)), plus=pool.share(1)) == [2 * i + 1 for i in range(9)]
+        # The workers started keeping freed memory as the stage process does, not with Dask's 64 KiB trim.
+        assert set(pool.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {
+            str(runtime.KEPT_HEAP["MALLOC_TRIM_THRESHOLD_"])}
     assert not list(tmp_path.glob(".compute-check-*"))  # the probe file is gone
 
 

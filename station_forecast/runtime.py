@@ -145,7 +145,7 @@ def available_memory() -> int | None:
 # lie free there, and maps arrays above a moving threshold afresh each time: a stage that makes and drops
 # tables of megabytes all the time then pays a page fault for every 4 KiB it touches again. Kept instead,
 # and handed back only by ``release_memory`` between phases: stage 2 at 3,000 stations x 10 years spent
-# 26 s of 124 s in the kernel, 19 s of 117 s so (peak 2.1 -> 2.3 GB). Dask's worker processes trim at
+# 26 s of 124 s in the kernel, 22 s of 117 s so (peak 2,092 -> 2,114 MiB). Dask's worker processes trim at
 # 64 KiB; there the kernel's share was a third of their time. The names are glibc's environment variables
 # (read when a process starts), the values at most a C int (``mallopt``'s argument).
 KEPT_HEAP = {"MALLOC_TRIM_THRESHOLD_": 1 << 30, "MALLOC_MMAP_THRESHOLD_": 32 << 20}
@@ -154,8 +154,8 @@ _MALLOPT_OPTION = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  
 
 def keep_freed_memory() -> None:
     """Let this process's allocator keep freed memory for reuse (``KEPT_HEAP``) rather than hand it back at
-    once; a setting of the user's (these variables, or the same in ``GLIBC_TUNABLES``) wins. Does nothing where there
-    is no glibc. Results are the same either way."""
+    once; a setting of the user's (these variables, or the same in ``GLIBC_TUNABLES``) wins. Does nothing
+    where there is no glibc. Results are the same either way."""
     import ctypes
 
     tunables = os.environ.get("GLIBC_TUNABLES", "")

@@ -636,6 +636,7 @@ def main(args) -> None:
         n_train, n_test = train.rows, test.rows
         counts = pd.Series(verdict["flag"].where(period != OUTSIDE).to_numpy().ravel()).value_counts()
         probable_codes = quality_control.shared_values(observed, verdict["flag"]).head(PROBABLE_CODES)
+        unusable = quality_control.mostly_flagged(observed, verdict["flag"])
 
         features_and_flags = {"features": [train, test], "verdict": [verdict]}
         del verdict  # handed over: each table is let go as soon as it is written
@@ -651,6 +652,7 @@ def main(args) -> None:
     log.info("%d stations; flagged readings: %s (%d repaired); missing steps %d", observed.shape[1],
              ", ".join(f"{k} {counts.get(k, 0)}" for k in FAULTS), repaired, counts.get(Flag.MISSING, 0))
     log_probable_codes(probable_codes, unit)
+    log_mostly_flagged(unusable)
     log_station_codes(detector, set(probable_codes.index), unit)
     log_same_records(detector)
     if unit != "none":
@@ -706,6 +708,16 @@ def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
                     "station's climate: probably a missing-value code (%s as written in the files); the readings "
                     "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],
                     code["readings"], code["days"], written)
+
+
+def log_mostly_flagged(unusable: pd.DataFrame) -> None:
+    """Warn of each station whose readings are mostly flagged (``quality_control.mostly_flagged``)."""
+    for station, found in unusable.iterrows():
+        kinds = ", ".join(f"{kind} {found[kind]}" for kind in FAULTS if found[kind])
+        log.warning("station %s: %d of its %d readings flagged (%s): not a temperature record as read (a dead "
+                    "sensor, a fill value, another column or unit?); its flagged days are not trained on, but its "
+                    "readings are scored like every station's: check its file, or leave it out", station,
+                    found["flagged"], found["readings"], kinds)
 
 
 def log_station_codes(detector: dict, logged: set[float], unit: str) -> None:

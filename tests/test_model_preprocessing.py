@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import shutil
 
 import joblib
@@ -453,6 +454,27 @@ def test_stage_2_names_a_code_one_station_writes_on_most_of_its_days(project, tm
     assert len(warned) == 1 and f"station {first.stem}: -72.8 on many training days" in warned[0]
     flags = pd.concat([pd.read_csv(root / f"data/{part}/flags.csv") for part in ("train", "test")])
     assert (flags.loc[flags["observed"] == -72.8, "flag"] == "gross").all()
+
+
+def test_stage_2_names_a_station_whose_readings_are_mostly_flagged(project, tmp_path, capsys):
+    """A dead sensor that writes 0.0 every day: the quality control flags it, and stage 2 says so by name
+    (its readings are still scored, so the user must hear why its persistence is unbeatable)."""
+    root, params = project
+    own = own_files_of(root, tmp_path / "own")
+    files = sorted(own.glob("*.csv"))
+    table = pd.read_csv(files[0])
+    table["temperature"] = 0.0
+    table.to_csv(files[0], index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own))
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "not a temperature record" in line]
+    assert len(warned) == 1 and f"station {files[0].stem}: " in warned[0]
+    flags = pd.concat([pd.read_csv(root / f"data/{part}/flags.csv") for part in ("train", "test")])
+    dead = flags[(flags["station"] == files[0].stem) & flags["observed"].notna()]
+    said = re.search(r"(\d+) of its (\d+) readings flagged", warned[0])
+    assert (int(said[1]), int(said[2])) == ((dead["flag"] != "none").sum(), len(dead))
+    assert int(said[1]) >= 0.5 * len(dead)
 
 
 def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys):

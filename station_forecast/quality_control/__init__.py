@@ -117,8 +117,8 @@ from station_forecast.quality_control.climatology import (
 )
 from station_forecast.quality_control.learning import JUMP_CEILING, learn, other_units
 from station_forecast.quality_control.neighbours import forecast_neighbours, learn_neighbours, same_records
-from station_forecast.quality_control.verdict import detect, no_detection, shared_values
+from station_forecast.quality_control.verdict import detect, mostly_flagged, no_detection, shared_values
 
 __all__ = ["JUMP_CEILING", "STATION_BLOCK", "borrow_seasons", "climatology_at", "covers_the_year", "detect",
-           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "no_detection", "other_units",
-           "same_records", "shared_values"]
+           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "mostly_flagged", "no_detection",
+           "other_units", "same_records", "shared_values"]

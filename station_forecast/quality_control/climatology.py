@@ -138,6 +138,8 @@ def robust_seasonal_fit(values: pd.DataFrame, harmonics: int = HARMONICS, iterat
 
 def climatology_at(coefs: pd.DataFrame, dates: pd.DatetimeIndex, stations: pd.Index) -> pd.DataFrame:
     """The seasonal mean of every station at ``dates``; NaN for stations without coefficients."""
+    if coefs.shape[1] == 0:  # no station had the readings for one (weeks of history): its table has no rows
+        return pd.DataFrame(np.nan, index=dates, columns=stations)
     table = pd.DataFrame(harmonic_design(dates) @ coefs.to_numpy(), index=dates, columns=coefs.columns, copy=False)
     return table.reindex(columns=stations)
 

@@ -31,6 +31,9 @@ pd = lazy_import("pandas")
 # In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
+# Archives' files that are not tables, and where the same readings come as tables this stage reads as shipped.
+ELSEWHERE = {".dly": "GHCN-Daily's fixed-width .dly files hold the readings its by-station files hold as CSV "
+                     "(<ID>.csv.gz in its by_station folder), which are read as shipped: docs/own_data.md"}
 # A coordinate beyond its limit (degrees, metres) is a typo, not a place.
 COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
 # Below the lowest land (the Dead Sea's shore, about -430 m) an elevation is a code for "unknown" (GHCN's
@@ -371,11 +374,12 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
-        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
-                            "tables in .csv files, or .csv.gz as archives compress them (import.delimiter: ',', "
-                            "';', tab, '|' or whitespace; without a header line, columns named by position, "
-                            "\"#1\"): rename text tables to <station>.csv (<station>.csv.gz), convert anything "
-                            "else")
+        known = [ELSEWHERE[suffix] for suffix in others if suffix in ELSEWHERE]
+        advice = "; ".join(known) if known else (
+            "readings are read from tables in .csv files, or .csv.gz as archives compress them (import.delimiter: "
+            "',', ';', tab, '|' or whitespace; without a header line, columns named by position, \"#1\"): rename "
+            "text tables to <station>.csv (<station>.csv.gz), convert anything else")
+        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; {advice}")
     if imp["station_column"]:
         return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"])
     if pool is None or not pool.cluster:

@@ -878,7 +878,9 @@ def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a
 
 
 @pytest.mark.parametrize(("files", "said"), [({}, "(it is empty)"), ({"OSLO.txt": " 1  1  1995  24.0\n"},
-                                                                    "(it holds .txt files)")])
+                                                                    "(it holds .txt files)"),
+                                             ({"USW00094728.dly": "USW00094728201401TMAX   13  W\n"},
+                                              "(it holds .dly files)")])
 def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(tmp_path, capsys, files, said):
     (tmp_path / "own").mkdir()
     for name, text in files.items():
@@ -886,7 +888,11 @@ def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(t
     params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert f"no .csv files in the data.source folder {said}" in err and "rename text tables to <station>.csv" in err
+    assert f"no .csv files in the data.source folder {said}" in err
+    if ".dly" in said:  # where the same readings come as tables
+        assert "by-station files hold as CSV (<ID>.csv.gz in its by_station folder)" in err
+    else:
+        assert "rename text tables to <station>.csv" in err
 
 
 def test_files_without_a_header_line_are_read_by_column_positions(tmp_path):

@@ -423,6 +423,21 @@ def own_files_of(root, own):
     return own
 
 
+def stage_2_warnings(project, tmp_path, capsys, edit, marker: str, **params) -> tuple[str, list[str]]:
+    """Stages 1 and 2 on the project's stations as own files, the first file's readings changed by ``edit``
+    (a table in, a column of readings out): that station, and stage 2's warnings that hold ``marker``."""
+    root, _ = project
+    own = own_files_of(root, tmp_path / "own")
+    first = sorted(own.glob("*.csv"))[0]
+    table = pd.read_csv(first)
+    table["temperature"] = edit(table)
+    table.to_csv(first, index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own), **params)
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == 0
+    return first.stem, [line for line in capsys.readouterr().err.splitlines() if marker in line]
+
+
 def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
     """A station list that names one station twice: stage 2 says which two files, and neither is the other's
     neighbour in the detector or in the forecast features."""
@@ -441,37 +456,22 @@ def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys)
 
 
 def test_stage_2_names_a_code_one_station_writes_on_most_of_its_days(project, tmp_path, capsys):
-    root, params = project
-    own = own_files_of(root, tmp_path / "own")
-    first = sorted(own.glob("*.csv"))[0]
-    table = pd.read_csv(first)
-    table.loc[np.random.default_rng(1).random(len(table)) < 0.6, "temperature"] = -72.8
-    table.to_csv(first, index=False)
-    params = write_params(tmp_path / "own.toml", **TINY, source=str(own))
-    assert run_stage(data_creation, root, params) == 0
-    assert run_stage(model_preprocessing, root, params) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "probably a missing-value code" in line]
-    assert len(warned) == 1 and f"station {first.stem}: -72.8 on many training days" in warned[0]
-    flags = pd.concat([pd.read_csv(root / f"data/{part}/flags.csv") for part in ("train", "test")])
+    def coded(table):
+        return table["temperature"].mask(np.random.default_rng(1).random(len(table)) < 0.6, -72.8)
+
+    station, warned = stage_2_warnings(project, tmp_path, capsys, coded, "probably a missing-value code")
+    assert len(warned) == 1 and f"station {station}: -72.8 on many training days" in warned[0]
+    flags = pd.concat([pd.read_csv(project[0] / f"data/{part}/flags.csv") for part in ("train", "test")])
     assert (flags.loc[flags["observed"] == -72.8, "flag"] == "gross").all()
 
 
 def test_stage_2_names_a_station_whose_readings_are_mostly_flagged(project, tmp_path, capsys):
     """A dead sensor that writes 0.0 every day: the quality control flags it, and stage 2 says so by name
     (its readings are still scored, so the user must hear why its persistence is unbeatable)."""
-    root, params = project
-    own = own_files_of(root, tmp_path / "own")
-    files = sorted(own.glob("*.csv"))
-    table = pd.read_csv(files[0])
-    table["temperature"] = 0.0
-    table.to_csv(files[0], index=False)
-    params = write_params(tmp_path / "own.toml", **TINY, source=str(own))
-    assert run_stage(data_creation, root, params) == 0
-    assert run_stage(model_preprocessing, root, params) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "not a temperature record" in line]
-    assert len(warned) == 1 and f"station {files[0].stem}: " in warned[0]
-    flags = pd.concat([pd.read_csv(root / f"data/{part}/flags.csv") for part in ("train", "test")])
-    dead = flags[(flags["station"] == files[0].stem) & flags["observed"].notna()]
+    station, warned = stage_2_warnings(project, tmp_path, capsys, lambda table: 0.0, "not a temperature record")
+    assert len(warned) == 1 and f"station {station}: " in warned[0]
+    flags = pd.concat([pd.read_csv(project[0] / f"data/{part}/flags.csv") for part in ("train", "test")])
+    dead = flags[(flags["station"] == station) & flags["observed"].notna()]
     said = re.search(r"(\d+) of its (\d+) readings flagged", warned[0])
     assert (int(said[1]), int(said[2])) == ((dead["flag"] != "none").sum(), len(dead))
     assert int(said[1]) >= 0.5 * len(dead)
@@ -494,17 +494,11 @@ def test_a_station_with_weeks_of_history_alone_ends_in_a_clear_line_not_an_inter
 
 
 def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys):
-    root, params = project
-    own = own_files_of(root, tmp_path / "own")
-    first = sorted(own.glob("*.csv"))[0]
-    table = pd.read_csv(first)
-    table["temperature"] = (table["temperature"] * 9 / 5 + 32).round(1)  # °F among °C files
-    table.to_csv(first, index=False)
-    params = write_params(tmp_path / "own.toml", **TINY, source=str(own), max_temp=200.0)
-    assert run_stage(data_creation, root, params) == 0
-    assert run_stage(model_preprocessing, root, params) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "another unit" in line]
-    assert len(warned) == 1 and f"station {first.stem}: its mean" in warned[0]
+    def in_fahrenheit(table):  # °F among °C files
+        return (table["temperature"] * 9 / 5 + 32).round(1)
+
+    station, warned = stage_2_warnings(project, tmp_path, capsys, in_fahrenheit, "another unit", max_temp=200.0)
+    assert len(warned) == 1 and f"station {station}: its mean" in warned[0]
 
 
 def test_at_scale_the_quality_control_s_neighbours_are_sought_among_the_nearest_listed_stations(project, monkeypatch,

@@ -523,7 +523,13 @@ def fit_scaler(one_step_ahead: Callable[[str], np.ndarray], threads: int = 1):
     # of them at once gives (a test holds it), without a copy of every training feature beside the table
     # (0.37 GB at 1,000 stations x 10 years, the stage's peak). Each is handed over as an array: given a
     # table, scikit-learn spent ten times the fit putting its columns together.
-    fits = runtime.Threads(threads).map(lambda name: StandardScaler().fit(one_step_ahead(name)[:, None]), FEATURES)
+    def fitted(name: str) -> StandardScaler:
+        # A feature no training row has (one station with weeks of history: its ridge needs 60 rows) fits to
+        # NaN; numpy's warnings about it would only bury stage 3's clear line about too little to train on.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return StandardScaler().fit(one_step_ahead(name)[:, None])
+
+    fits = runtime.Threads(threads).map(fitted, FEATURES)
     seen = np.concatenate([np.atleast_1d(fit.n_samples_seen_) for fit in fits])
     scaler = StandardScaler()  # its attributes set in the order fit sets them: the same pickled bytes
     scaler.n_features_in_ = len(FEATURES)

@@ -13,7 +13,7 @@ earlier days to data/train; held-out stations go wholly to data/test. The ground
 truth (clean value, fault and weather event per day) goes only to data/truth,
 which no training stage reads.
 
-Import (data.source = a folder): each <station>.csv (or .csv.gz) there is read with the column
+Import (data.source = a folder): each <station>.csv (or .csv.gz, or GHCN-Daily .dly) there is read with the column
 names, date format, delimiter and unit in [import]; rows without a usable date or
 reading, impossible readings and conflicting duplicate dates are dropped and
 counted, and the rest is split in time by the same rules. There is no ground

@@ -31,9 +31,12 @@ pd = lazy_import("pandas")
 # In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
-# Archives' files that are not tables, and where the same readings come as tables this stage reads as shipped.
-ELSEWHERE = {".dly": "GHCN-Daily's fixed-width .dly files hold the readings its by-station files hold as CSV "
-                     "(<ID>.csv.gz in its by_station folder), which are read as shipped: docs/own_data.md"}
+# GHCN-Daily's .dly layout: a line per station, month and element, then 31 days of a 5-character value and 3
+# flags each; read as the by-station CSV file with the same readings, so with that file's settings.
+DLY_FIRST_DAY, DLY_DAY_WIDTH, DLY_WIDTH = 21, 8, 21 + 8 * 31
+BY_STATION_SETTINGS = ('date_column = "#2", element_column = "#3", value_column = "#4", temperature_column = the '
+                       'element(s), date_format = "%Y%m%d", unit = "0.1C", missing_values = [-9999] and the '
+                       'delimiter "," (docs/own_data.md)')
 # A coordinate beyond its limit (degrees, metres) is a typo, not a place.
 COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
 # Below the lowest land (the Dead Sea's shore, about -430 m) an elevation is a code for "unknown" (GHCN's
@@ -214,6 +217,11 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
     named = named_columns(imp)
     headerless = all(re.fullmatch(r"#[1-9][0-9]{0,2}", name) for name in named)  # "#1": the first column
+    if path.name.lower().endswith(storage.FIXED_WIDTH):
+        if not (headerless and imp["element_column"] and imp["delimiter"] == ","):
+            raise PipelineError(f"{path}: a GHCN-Daily .dly file is read as its by-station CSV file would be: "
+                                f"{BY_STATION_SETTINGS}")
+        text = dly_as_csv(text, path)
     text, preamble = (text, 0) if headerless else _from_header(text, set(named), imp["delimiter"])
 
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
@@ -252,6 +260,41 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
         table = elements_as_columns(table, imp, path)
     table.attrs.update(attrs)
     return table
+
+
+def dly_as_csv(text: str, path: Path) -> str:
+    """A GHCN-Daily ``.dly`` file's readings as the lines of its by-station CSV file (``ID,YYYYMMDD,ELEMENT,
+    VALUE``, no header). A ``.dly`` line is one station, month and element: the ID, year, month and element in
+    the first 21 characters, then each of 31 days as a value of 5 characters and 3 flag characters; every day
+    of the month is a row, its missing code (-9999) included, and the slots past a shorter month's end none.
+    GHCN's flags are not read: the quality control checks every reading itself."""
+    if not text.isascii():
+        raise PipelineError(f"{path}: text that is not ASCII; not a GHCN-Daily .dly file")
+    lines = np.array(text.splitlines())
+    lines = lines[np.char.str_len(np.char.rstrip(lines)) > 0]
+    if not len(lines):
+        raise PipelineError(f"{path}: no lines; not a GHCN-Daily .dly file")
+    chars = np.char.ljust(lines, DLY_WIDTH).astype(f"S{DLY_WIDTH}").view("S1").reshape(len(lines), -1)[:, :DLY_WIDTH]
+
+    def field(start: int, width: int) -> np.ndarray:
+        return np.ascontiguousarray(chars[:, start:start + width]).view(f"S{width}")[:, 0]
+
+    year, month = field(11, 4), field(15, 2)
+    if not (np.char.isdigit(year).all() and np.char.isdigit(month).all()):
+        bad = int(np.flatnonzero(~(np.char.isdigit(year) & np.char.isdigit(month)))[0])
+        raise PipelineError(f"{path}: line {bad + 1} has no year and month in characters 12-17; not a GHCN-Daily "
+                            ".dly file")
+    values = np.char.strip(np.stack([field(DLY_FIRST_DAY + DLY_DAY_WIDTH * day, 5) for day in range(31)], axis=1))
+    months = np.char.add(np.char.add(year, b"-"), month).astype("U7").astype("datetime64[M]")
+    length = ((months + 1).astype("datetime64[D]") - months.astype("datetime64[D]")).astype(int)
+    row, day = np.nonzero((np.arange(31) < length[:, None]) & (values != b""))
+    days = np.char.zfill(np.arange(1, 32).astype("S2"), 2)
+    rows = [field(0, 11)[row], np.char.add(np.char.add(year[row], month[row]), days[day]), field(17, 4)[row],
+            values[row, day]]
+    joined = rows[0]
+    for column in rows[1:]:
+        joined = np.char.add(np.char.add(joined, b","), column)
+    return b"\n".join(joined).decode("ascii") + "\n"
 
 
 def elements_as_columns(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
@@ -370,16 +413,15 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     a report and the first test day."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data.source folder not found")
-    files = [path for path in storage.station_files(folder, compressed=True) if path.name.lower() != STATION_LIST]
+    files = [path for path in storage.station_files(folder, as_shipped=True) if path.name.lower() != STATION_LIST]
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
-        known = [ELSEWHERE[suffix] for suffix in others if suffix in ELSEWHERE]
-        advice = "; ".join(known) if known else (
-            "readings are read from tables in .csv files, or .csv.gz as archives compress them (import.delimiter: "
-            "',', ';', tab, '|' or whitespace; without a header line, columns named by position, \"#1\"): rename "
-            "text tables to <station>.csv (<station>.csv.gz), convert anything else")
-        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; {advice}")
+        raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
+                            "tables in .csv files, or .csv.gz as archives compress them (import.delimiter: ',', "
+                            "';', tab, '|' or whitespace; without a header line, columns named by position, "
+                            "\"#1\"), and from GHCN-Daily's .dly files: rename text tables to <station>.csv "
+                            "(<station>.csv.gz), convert anything else")
     if imp["station_column"]:
         return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"])
     if pool is None or not pool.cluster:

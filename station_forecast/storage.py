@@ -711,6 +711,7 @@ def read_tables(paths: list[Path], required: list[str]) -> tuple[Any, list[int]]
 
 
 COMPRESSED = ".gz"  # a user's station file may come gzip-compressed, as archives ship them: <station>.csv.gz
+FIXED_WIDTH = ".dly"  # GHCN-Daily's by-station files in its own fixed-width layout: <station>.dly
 
 
 def station_name(path: Path) -> str:
@@ -719,13 +720,13 @@ def station_name(path: Path) -> str:
     return Path(name).stem
 
 
-def station_files(folder: Path, compressed: bool = False) -> list[Path]:
-    """Every ``*.csv`` entry of a folder (and ``*.csv.gz`` if ``compressed``), sorted; two names of one station
-    (names that differ only in case, or one file twice, compressed and not) are refused: one would silently
-    hide the other, on a case-insensitive disk or in a report."""
+def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
+    """Every ``*.csv`` entry of a folder (and, ``as_shipped`` by archives, ``*.csv.gz`` and GHCN-Daily's
+    ``*.dly``), sorted; two names of one station (names that differ only in case, or one file twice, in two
+    forms) are refused: one would silently hide the other, on a case-insensitive disk or in a report."""
     def holds_a_table(path: Path) -> bool:
         name = path.name.lower()
-        return name.endswith(".csv") or (compressed and name.endswith(".csv" + COMPRESSED))
+        return name.endswith(".csv") or (as_shipped and name.endswith((".csv" + COMPRESSED, FIXED_WIDTH)))
 
     files = sorted(p for p in folder.iterdir() if holds_a_table(p))
     seen: dict[str, Path] = {}
@@ -737,5 +738,5 @@ def station_files(folder: Path, compressed: bool = False) -> list[Path]:
         other = seen.setdefault(name.lower(), path)
         if other != path:
             raise PipelineError(f"{path}: names the same station as {other.name} (station names may not differ "
-                                "only in case, and a file may not be there compressed and not); rename or remove one")
+                                "only in case, and a file may not be there in two forms); rename or remove one")
     return files

@@ -1,3 +1,4 @@
+import io
 import json
 from pathlib import Path
 
@@ -455,6 +456,46 @@ def test_a_ghcn_daily_by_station_file_is_read_as_shipped(tmp_path, capsys):
         importing.read_user_station(tmp_path / "USW00000001.csv", {**imp, "temperature_column": "TAVG"}, -90.0, 60.0)
 
 
+def _as_dly(rows: str) -> str:
+    """GHCN-Daily by-station rows written in its fixed-width .dly layout: a line per station, month and element,
+    31 days of a value and three flags each, -9999 on the days without a row and past the month's end."""
+    table = pd.read_csv(io.StringIO(rows), header=None, usecols=[0, 1, 2, 3], names=["id", "date", "element", "value"],
+                        dtype={"date": str})
+    table["month"], table["day"] = table["date"].str[:6], table["date"].str[6:].astype(int)
+    lines = []
+    for (station, month, element), days in table.groupby(["id", "month", "element"], sort=True):
+        value = dict(zip(days["day"], days["value"], strict=True))
+        lines.append(f"{station}{month}{element}" + "".join(f"{value.get(day, -9999):5d}  S" for day in range(1, 32)))
+    return "\n".join(lines) + "\n"
+
+
+def test_a_ghcn_daily_dly_file_is_read_as_its_by_station_file(tmp_path):
+    """GHCN-Daily's fixed-width .dly file holds what its by-station CSV file holds: with the same settings, the
+    same readings (the days the .dly marks missing, -9999, are missing days either way)."""
+    rows = _ghcn_rows("USW00000001", 80, skip_tmin=10)
+    (tmp_path / "USW00000001.csv").write_text(rows)
+    (tmp_path / "dly").mkdir()
+    (tmp_path / "dly/USW00000001.dly").write_text(_as_dly(rows))
+    imp = {**_import_params()["import"], **GHCN_BY_STATION, "temperature_column": ["TMAX", "TMIN"],
+           "quantity": "mean"}
+    from_csv, _ = importing.read_user_station(tmp_path / "USW00000001.csv", imp, -90.0, 60.0)
+    from_dly, report = importing.read_user_station(tmp_path / "dly/USW00000001.dly", imp, -90.0, 60.0)
+    pd.testing.assert_frame_equal(from_dly, from_csv)
+    assert report["other_elements"] == 91  # PRCP on every day of January to March
+    assert storage.station_files(tmp_path / "dly", as_shipped=True) == [tmp_path / "dly/USW00000001.dly"]
+    assert storage.station_name(tmp_path / "dly/USW00000001.dly") == "USW00000001"
+
+    with pytest.raises(PipelineError, match=r'USW00000001.dly: a GHCN-Daily .dly file is read as its by-station CSV '
+                                            r'file would be: date_column = "#2"'):
+        importing.read_user_station(tmp_path / "dly/USW00000001.dly", {**imp, "date_column": "DATE"}, -90.0, 60.0)
+    (tmp_path / "dly/USW00000002.dly").write_text("USW00000002 2020 1TMAX   13  S\n")
+    with pytest.raises(PipelineError, match=r"USW00000002.dly: line 1 has no year and month"):
+        importing.read_user_station(tmp_path / "dly/USW00000002.dly", imp, -90.0, 60.0)
+    (tmp_path / "dly/USW00000001.csv").write_text(rows)
+    with pytest.raises(PipelineError, match=r"names the same station as USW00000001.csv"):
+        storage.station_files(tmp_path / "dly", as_shipped=True)
+
+
 def test_element_column_and_value_column_go_together(tmp_path):
     path = write_params(tmp_path / "p.toml", **TINY)
     text = path.read_text().replace('element_column = ""', 'element_column = "#3"')
@@ -878,9 +919,7 @@ def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a
 
 
 @pytest.mark.parametrize(("files", "said"), [({}, "(it is empty)"), ({"OSLO.txt": " 1  1  1995  24.0\n"},
-                                                                    "(it holds .txt files)"),
-                                             ({"USW00094728.dly": "USW00094728201401TMAX   13  W\n"},
-                                              "(it holds .dly files)")])
+                                                                    "(it holds .txt files)")])
 def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(tmp_path, capsys, files, said):
     (tmp_path / "own").mkdir()
     for name, text in files.items():
@@ -888,11 +927,7 @@ def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(t
     params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert f"no .csv files in the data.source folder {said}" in err
-    if ".dly" in said:  # where the same readings come as tables
-        assert "by-station files hold as CSV (<ID>.csv.gz in its by_station folder)" in err
-    else:
-        assert "rename text tables to <station>.csv" in err
+    assert f"no .csv files in the data.source folder {said}" in err and "rename text tables to <station>.csv" in err
 
 
 def test_files_without_a_header_line_are_read_by_column_positions(tmp_path):

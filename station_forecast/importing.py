@@ -31,9 +31,12 @@ pd = lazy_import("pandas")
 # In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
-# GHCN-Daily's .dly layout: a line per station, month and element, then 31 days of a 5-character value and 3
-# flags each; read as the by-station CSV file with the same readings, so with that file's settings.
-DLY_FIRST_DAY, DLY_DAY_WIDTH, DLY_WIDTH = 21, 8, 21 + 8 * 31
+# GHCN-Daily's .dly layout: a line per station, month and element (each field's first character and width),
+# then 31 days of a 5-character value and 3 flags each; read as the by-station CSV file with the same
+# readings, so with that file's settings.
+DLY_FIELDS = {"station": (0, 11), "year": (11, 4), "month": (15, 2), "element": (17, 4)}
+DLY_FIRST_DAY, DLY_DAY_WIDTH, DLY_VALUE_WIDTH = 21, 8, 5
+DLY_WIDTH = DLY_FIRST_DAY + 31 * DLY_DAY_WIDTH
 BY_STATION_SETTINGS = ('date_column = "#2", element_column = "#3", value_column = "#4", temperature_column = the '
                        'element(s), date_format = "%Y%m%d", unit = "0.1C", missing_values = [-9999] and the '
                        'delimiter "," (docs/own_data.md)')
@@ -279,17 +282,18 @@ def dly_as_csv(text: str, path: Path) -> str:
     def field(start: int, width: int) -> np.ndarray:
         return np.ascontiguousarray(chars[:, start:start + width]).view(f"S{width}")[:, 0]
 
-    year, month = field(11, 4), field(15, 2)
-    if not (np.char.isdigit(year).all() and np.char.isdigit(month).all()):
-        bad = int(np.flatnonzero(~(np.char.isdigit(year) & np.char.isdigit(month)))[0])
-        raise PipelineError(f"{path}: line {bad + 1} has no year and month in characters 12-17; not a GHCN-Daily "
-                            ".dly file")
-    values = np.char.strip(np.stack([field(DLY_FIRST_DAY + DLY_DAY_WIDTH * day, 5) for day in range(31)], axis=1))
+    station, year, month, element = (field(*DLY_FIELDS[name]) for name in DLY_FIELDS)
+    dated = np.char.isdigit(year) & np.char.isdigit(month)
+    if not dated.all():
+        raise PipelineError(f"{path}: line {int(np.flatnonzero(~dated)[0]) + 1} has no year and month in "
+                            "characters 12-17; not a GHCN-Daily .dly file")
+    values = np.char.strip(np.stack([field(DLY_FIRST_DAY + DLY_DAY_WIDTH * day, DLY_VALUE_WIDTH)
+                                     for day in range(31)], axis=1))
     months = np.char.add(np.char.add(year, b"-"), month).astype("U7").astype("datetime64[M]")
     length = ((months + 1).astype("datetime64[D]") - months.astype("datetime64[D]")).astype(int)
     row, day = np.nonzero((np.arange(31) < length[:, None]) & (values != b""))
     days = np.char.zfill(np.arange(1, 32).astype("S2"), 2)
-    rows = [field(0, 11)[row], np.char.add(np.char.add(year[row], month[row]), days[day]), field(17, 4)[row],
+    rows = [station[row], np.char.add(np.char.add(year[row], month[row]), days[day]), element[row],
             values[row, day]]
     joined = rows[0]
     for column in rows[1:]:

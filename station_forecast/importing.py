@@ -490,7 +490,8 @@ def _readings_as_written(table: pd.DataFrame, imp: dict) -> tuple[pd.Series, pd.
     """A table's readings (``import.temperature_column``; the mean of the two where it names a day's maximum and
     minimum) as numbers in the file's unit (NaN where not a number), where it says "no reading" (empty,
     ``MISSING_MARKERS``; either column, for two) and where it holds a declared missing code (either column). A
-    decimal comma ("12,5", as European archives write it) is a point where the comma is not the delimiter."""
+    decimal comma ("12,5", as European archives write it) is a point where the comma is not the delimiter, and
+    the minus sign of typeset tables (U+2212) a minus."""
     columns = [_column_as_written(table[name], imp) for name in temperature_columns(imp)]
     if len(columns) == 1:
         return columns[0]
@@ -504,6 +505,11 @@ def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Seri
         text = text.str.replace(",", ".", regex=False)
     missing = text.str.lower().isin(MISSING_MARKERS)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
+    # The minus sign of typeset tables (U+2212, as web pages and word processors write it) is a minus; looked
+    # for only in what did not read as a number, which is few values or none.
+    retry = values.isna() & ~missing & text.notna()
+    if retry.any():
+        values[retry] = pd.to_numeric(text[retry].str.replace("\u2212", "-", regex=False), errors="coerce")
     # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
     return values, missing, values.isin([float(value) for value in imp["missing_values"]])
 

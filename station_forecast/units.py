@@ -12,6 +12,7 @@ UNITS = {
     "C": "degrees Celsius",
     "0.1C": "tenths of a degree Celsius (ECA&D, GHCN-Daily)",
     "F": "degrees Fahrenheit",
+    "K": "kelvins (reanalyses such as ERA5, some weather services' APIs)",
     "none": "not a temperature: used as written",
 }
 
@@ -22,6 +23,8 @@ def to_celsius(written: Any, unit: str) -> Any:
         return (written - 32.0) * 5.0 / 9.0
     if unit == "0.1C":
         return written / 10.0
+    if unit == "K":
+        return written - 273.15
     return written
 
 
@@ -31,4 +34,6 @@ def as_written(celsius: float, unit: str) -> str:
         return f"{celsius * 9 / 5 + 32:.1f} °F"
     if unit == "0.1C":
         return f"{celsius * 10:g} (tenths of °C)"
+    if unit == "K":
+        return f"{celsius + 273.15:.2f} K"
     return f"{celsius:g}" + (" °C" if unit == "C" else "")

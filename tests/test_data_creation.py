@@ -894,6 +894,25 @@ def test_a_decimal_comma_reads_as_a_decimal_point_where_the_comma_is_not_the_del
     assert report["not_a_number"] == 0
 
 
+def test_a_typeset_minus_and_kelvins_read_as_the_plain_file_in_celsius(tmp_path):
+    """Web pages and word processors write minus five with the minus sign U+2212; reanalyses write kelvins."""
+    days = range(1, 32)
+    lines = [f"2020-01-{day:02d},{day - 15.5:.1f}" for day in days]
+    plain, typeset, kelvin = tmp_path / "PLAIN.csv", tmp_path / "TYPESET.csv", tmp_path / "KELVIN.csv"
+    plain.write_text("date,temperature\n" + "\n".join(lines) + "\n")
+    typeset.write_text("date,temperature\n" + "\n".join(line.replace(",-", ",\u2212") for line in lines) + "\n")
+    kelvin.write_text("date,temperature\n" + "".join(f"2020-01-{day:02d},{day - 15.5 + 273.15:.2f}\n"
+                                                     for day in days))
+    imp = {**_import_params()["import"], "date_column": "date", "temperature_column": "temperature",
+           "date_format": "%Y-%m-%d", "delimiter": ",", "unit": "C"}
+    expected, _ = importing.read_user_station(plain, imp, -90.0, 60.0)
+    table, report = importing.read_user_station(typeset, imp, -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+    assert report["not_a_number"] == 0 and "\u2212" in typeset.read_text()
+    table, _ = importing.read_user_station(kelvin, {**imp, "unit": "K"}, -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+
+
 def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a_plain_file(tmp_path):
     """As ECA&D's files come: lines of licence and format notes, then the header; readings in 0.1 °C, -9999
     on missing days."""

@@ -45,6 +45,9 @@ COORDINATE_LIMITS = {"latitude": 90.0, "longitude": 180.0, "elevation": 9000.0}
 # Below the lowest land (the Dead Sea's shore, about -430 m) an elevation is a code for "unknown" (GHCN's
 # station list writes -999.9), read as unknown: elevation is never used, only passed on.
 LOWEST_ELEVATION = -500.0
+# A file with at least this share of its rows outside [min_temp, max_temp] gets a warning: a sentinel now and then
+# is dropped quietly, but that many are a unit read wrongly (°F as °C: every summer day) or an undeclared code.
+IMPOSSIBLE_SHARE = 0.01
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
 DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
@@ -129,13 +132,15 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "other_elements": int(table.attrs.get("other_elements", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
     }
+    if report["impossible"]:
+        row = int(np.argmax(reasons["impossible"].to_numpy()))
+        report["impossible_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
     if kept.empty:
         hint = ""
         if report["impossible"] and report["impossible"] >= report["rows"] // 2:
-            row = int(np.argmax(reasons["impossible"].to_numpy()))
-            first = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
             hint = (f"; read as unit {imp['unit']!r} its readings lie outside preprocessing's [min_temp, max_temp] = "
-                    f"[{min_temp:g}, {max_temp:g}] °C (the first: {first!r}): is import.unit right for it?")
+                    f"[{min_temp:g}, {max_temp:g}] °C (the first: {report['impossible_example']!r}): is import.unit "
+                    "right for it?")
         raise PipelineError(f"{path}: no usable readings ({_describe(report)}){hint or '; fix or remove the file'}")
     kept = kept.sort_values("date", ignore_index=True)
     try:
@@ -427,14 +432,14 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             "\"#1\"), and from GHCN-Daily's .dly files: rename text tables to <station>.csv "
                             "(<station>.csv.gz), convert anything else")
     if imp["station_column"]:
-        return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"])
+        return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"], imp["unit"])
     if pool is None or not pool.cluster:
         pool = runtime.Threads(runtime.work_threads(-(-len(files) // FILES_PER_CHUNK)))
     read = pool.map(read_user_stations, runtime.chunks(files, FILES_PER_CHUNK), what="station files read (chunks)",
                     imp=imp, min_temp=pre["min_temp"], max_temp=pre["max_temp"])
     stations = {storage.station_name(path): one
                 for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
-    return _report_and_split(stations, data, folder, pre["min_steps"])
+    return _report_and_split(stations, data, folder, pre["min_steps"], imp["unit"])
 
 
 def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
@@ -504,7 +509,7 @@ def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Seri
     if imp["delimiter"] != ",":
         text = text.str.replace(",", ".", regex=False)
     missing = text.str.lower().isin(MISSING_MARKERS)
-    values = pd.to_numeric(text.where(~missing), errors="coerce")
+    values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)  # whole degrees too
     # The minus sign of typeset tables (U+2212, as web pages and word processors write it) is a minus; looked
     # for only in what did not read as a number, which is few values or none.
     retry = values.isna() & ~missing & text.notna()
@@ -560,17 +565,33 @@ def unknown_elevations(values: pd.Series, where: Path | str, stations: pd.Series
     return values.mask(coded)
 
 
-def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path, min_steps: int
-                      ) -> tuple[dict, dict, str]:
-    """The parts, report and first test day of the stations read (``import_stations``), without those with
-    fewer than ``min_steps`` readings (too few to build features from; one would stop the run)."""
+def log_many_impossible(reports: dict[str, dict], unit: str) -> None:
+    """One warning for the files (``reports``: import reports by label) with at least ``IMPOSSIBLE_SHARE`` of their
+    rows outside [min_temp, max_temp], naming the first few with a value as written."""
+    many = {label: counts for label, counts in reports.items()
+            if counts["impossible"] >= max(1, IMPOSSIBLE_SHARE * counts["rows"])}
+    if not many:
+        return
+    named = [f"{label}: {counts['impossible']} of {counts['rows']} rows, e.g. {counts['impossible_example']!r}"
+             for label, counts in list(many.items())[:3]]
+    log.warning("%d file(s) with many readings outside preprocessing's [min_temp, max_temp], read as unit %r (%s%s): "
+                "if they are readings, import.unit is probably wrong (°F or kelvins read as °C?); if the value marks "
+                "missing days, declare it in [import] missing_values", len(many), unit, "; ".join(named),
+                "; ..." if len(many) > 3 else "")
+
+
+def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, folder: Path, min_steps: int,
+                      unit: str) -> tuple[dict, dict, str]:
+    """The parts, report and first test day of the stations read (``import_stations``; their ``unit``), without
+    those with fewer than ``min_steps`` readings (too few to build features from; one would stop the run)."""
+    labels = {name: counts["file"] if storage.station_name(Path(counts["file"])) == name
+              else f"{name} ({', '.join(counts['files'])})" for name, (_, counts) in read.items()}
     for name, (_, counts) in read.items():
-        label = counts["file"] if storage.station_name(Path(counts["file"])) == name \
-            else f"{name} ({', '.join(counts['files'])})"
         # Dates from the future or before any record are typos worth a look, not just dropped rows.
         level = logging.WARNING if counts["future_date"] or counts["ancient_date"] \
             or counts["encoding"] == "latin-1" else logging.INFO
-        log.log(level, "%s: %d of %d rows kept; %s", label, counts["kept"], counts["rows"], _describe(counts))
+        log.log(level, "%s: %d of %d rows kept; %s", labels[name], counts["kept"], counts["rows"], _describe(counts))
+    log_many_impossible({labels[name]: counts for name, (_, counts) in read.items()}, unit)
     short = {name: counts["kept"] for name, (_, counts) in read.items() if counts["kept"] < min_steps}
     if len(short) == len(read):
         raise PipelineError(f"{folder}: no station has the preprocessing.min_steps = {min_steps} readings the "

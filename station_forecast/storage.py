@@ -419,6 +419,8 @@ def _csv_chunk(chunk: tuple[Any, int, set[str]], decimals: int, fixed: dict[str,
         values = frame[name].iloc[start:start + CSV_CHUNK_ROWS]
         if dtype.kind == "f":
             values = np.round(values.to_numpy(), fixed.get(name, decimals))
+        elif name in fixed and dtype.kind in "iu":  # whole numbers: an int64 needs more digits than the decimal has
+            values = values.to_numpy(dtype=float)
         column = pa.array(values, from_pandas=True)
         if name in days:  # YYYY-MM-DD, without making text in Python
             column = column.cast(pa.date32())

@@ -913,6 +913,47 @@ def test_a_typeset_minus_and_kelvins_read_as_the_plain_file_in_celsius(tmp_path)
     pd.testing.assert_frame_equal(table, expected)
 
 
+def test_files_in_fahrenheit_read_as_celsius_are_named_in_one_warning(tmp_path, capsys):
+    """°F read as °C loses every summer day as impossible and keeps the rest, wrong: the log says so once. A
+    sentinel now and then (the real-format file's one 999.9 in 1,078 rows) is dropped without it."""
+    days = pd.date_range("2018-01-01", periods=400, freq="D")
+    fahrenheit = np.round(60 + 30 * np.sin(np.arange(400) / 58.0), 1)
+    for folder, names in (("wrong", ["EAST", "WEST", "HOME"]), ("right", ["HOME"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            if name == "HOME":
+                write_real_format_station(tmp_path / folder / "HOME.csv")
+            else:
+                pd.DataFrame({"DATE": days.strftime("%d/%m/%Y"), "TMAX": fahrenheit}).to_csv(
+                    tmp_path / folder / f"{name}.csv", sep=";", index=False)
+    settings = {**TINY, "test_steps": 30, "holdout_stations": 0, **{k: v for k, v in REAL_FORMAT.items()
+                                                                   if k != "unit"}}
+    right = write_params(tmp_path / "right.toml", **settings, source="right", unit="F")
+    assert run_stage(data_creation, tmp_path / "root", right) == 0
+    assert "outside preprocessing's" not in capsys.readouterr().err
+    wrong = write_params(tmp_path / "wrong.toml", **settings, source="wrong", unit="C")
+    assert run_stage(data_creation, tmp_path / "root", wrong) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "outside preprocessing's" in line]
+    assert len(warned) == 1 and "3 file(s)" in warned[0] and "import.unit is probably wrong" in warned[0]
+    assert "EAST.csv: " in warned[0] and "WEST.csv: " in warned[0]
+    report = json.loads((tmp_path / "root/data/source.json").read_text())["files"]
+    assert float(report["EAST"]["impossible_example"]) > 60
+
+
+def test_whole_degree_celsius_readings_import_as_readings(tmp_path):
+    """Old records and some national archives write whole °C: every reading a whole number."""
+    (tmp_path / "own").mkdir()
+    days = pd.date_range("2018-01-01", periods=400, freq="D")
+    whole = np.round(8 + 10 * np.sin(np.arange(400) / 58.0)).astype(int)
+    pd.DataFrame({"date": days.strftime("%Y-%m-%d"), "temperature": whole}).to_csv(tmp_path / "own/WHOLE.csv",
+                                                                                    index=False)
+    params = write_params(tmp_path / "own.toml", **{**TINY, "test_steps": 30}, source="own", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == 0
+    raw = pd.concat(pd.read_csv(tmp_path / f"root/data/{split}/raw/WHOLE.csv") for split in ("train", "test"))
+    assert raw["temperature"].tolist() == whole.tolist()
+    assert (tmp_path / "root/data/test/raw/WHOLE.csv").read_text().splitlines()[1].endswith(f",{whole[370]}.00")
+
+
 def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a_plain_file(tmp_path):
     """As ECA&D's files come: lines of licence and format notes, then the header; readings in 0.1 °C, -9999
     on missing days."""

@@ -29,7 +29,7 @@ from station_forecast.params import load_params
     (lambda t: t.replace('"2019-01-01"', '"2019-13-01"'), "simulation.start_date must be YYYY-MM-DD"),
     (lambda t: t.replace("holdout_stations = 1", "holdout_stations = 10"), "holdout_stations must leave"),
     (lambda t: t.replace("[data]", "[data"), "malformed parameters file"),
-    (lambda t: t.replace('unit = "C"', 'unit = "K"'), "import.unit = 'K' must be one of 'C', '0.1C', 'F', 'none'"),
+    (lambda t: t.replace('unit = "C"', 'unit = "R"'), "import.unit = 'R' must be one of 'C', '0.1C', 'F', 'K', 'none'"),
     (lambda t: t.replace('date_column = "date"', 'date_column = ""'), "import.date_column = '' must name a column"),
     (lambda t: t.replace('date_column = "date"', 'date_column = ["Y", "Y"]'), "or 2 to 6 different columns"),
     (lambda t: t.replace('date_column = "date"', 'date_column = 3'), "import.date_column must be str or list, got 3"),
@@ -613,6 +613,16 @@ def test_a_table_written_a_batch_at_a_time_is_the_table_written_whole(tmp_path, 
                               lambda: (frame.iloc[a:b] for a, b in itertools.pairwise(bounds)))
     assert (tmp_path / "batches.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
     assert storage.sha256_file(tmp_path / "batches.csv") == storage.sha256_file(tmp_path / "whole.csv")
+
+
+def test_whole_numbers_in_a_column_of_fixed_decimals_are_written_with_them(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"station": ["A", "B"], "temperature": [12, -3]})
+    storage.write_csv(tmp_path / "whole.csv", frame, fixed={"temperature": 2})
+    storage.write_csv_parts([tmp_path / "a.csv", tmp_path / "b.csv"], frame, [1, 1], fixed={"temperature": 2})
+    assert (tmp_path / "whole.csv").read_text() == "station,temperature\nA,12.00\nB,-3.00\n"
+    assert (tmp_path / "b.csv").read_text() == "station,temperature\nB,-3.00\n"
 
 
 @pytest.mark.parametrize("label", ["plain", "needs, quotes"])

@@ -87,7 +87,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     """
     first, *others = date_columns(imp)
     date_text = table[first].str.strip().str.cat([table[name].str.strip() for name in others], sep=" ")
-    stamps = pd.to_datetime(date_text, format=imp["date_format"], errors="coerce")
+    stamps = parse_stamps(date_text, imp["date_format"])
     dates = stamps.dt.normalize()
     if dates.isna().all():
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
@@ -153,6 +153,17 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     report.update(frequency=frequency, first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
                   steps_without_reading=span - len(kept))
     return kept, report
+
+
+def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:
+    """Dates (and times) as written, NaT where one does not match ``date_format``. A UTC offset at the end
+    (``%z``: ``+02:00``, ``+0200`` or ``Z``, as ISO 8601 time stamps carry it) is dropped, not applied: the
+    local date and time as written is the station's day, which a daily value means, and an offset that
+    changes with daylight saving time would otherwise mix time zones in one column."""
+    if date_format.rstrip().endswith("%z"):
+        text = text.str.replace(r"\s*(?:[+-]\d{2}:?\d{2}|Z)$", "", regex=True)
+        date_format = date_format.rstrip()[:-2].rstrip()
+    return pd.to_datetime(text, format=date_format, errors="coerce")
 
 
 def _daily(readings: pd.DataFrame, quantity: str) -> tuple[pd.DataFrame, int, int]:

@@ -894,6 +894,22 @@ def test_a_decimal_comma_reads_as_a_decimal_point_where_the_comma_is_not_the_del
     assert report["not_a_number"] == 0
 
 
+@pytest.mark.parametrize("offsets", ["Europe/Berlin", "UTC"])
+def test_time_stamps_with_utc_offsets_read_as_their_local_date_and_time(tmp_path, offsets):
+    """ISO 8601 stamps as services export them: the offset changes with daylight saving time (or is +00:00)."""
+    hours = pd.date_range("2021-03-20", "2021-11-10", freq="6h", tz=offsets)
+    values = np.round(10 + 5 * np.sin(np.arange(len(hours)) / 9.0), 1)
+    stamped, plain = tmp_path / "STAMPED.csv", tmp_path / "PLAIN.csv"
+    pd.DataFrame({"time": hours.strftime("%Y-%m-%dT%H:%M:%S%z"), "t": values}).to_csv(stamped, index=False)
+    pd.DataFrame({"time": hours.strftime("%Y-%m-%d %H:%M"), "t": values}).to_csv(plain, index=False)
+    imp = {**_import_params()["import"], "date_column": "time", "temperature_column": "t", "delimiter": ",",
+           "unit": "C", "quantity": "mean"}
+    expected, _ = importing.read_user_station(plain, {**imp, "date_format": "%Y-%m-%d %H:%M"}, -90.0, 60.0)
+    table, report = importing.read_user_station(stamped, {**imp, "date_format": "%Y-%m-%dT%H:%M:%S%z"}, -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+    assert report["bad_date"] == 0 and "+0" in stamped.read_text().splitlines()[1]
+
+
 def test_a_typeset_minus_and_kelvins_read_as_the_plain_file_in_celsius(tmp_path):
     """Web pages and word processors write minus five with the minus sign U+2212; reanalyses write kelvins."""
     days = range(1, 32)

@@ -373,6 +373,7 @@ def main(args) -> None:
     finally:
         predicted.close()
     print(report.console_table(metrics, source))
+    log_untrained(metrics, params["data"]["holdout_stations"])
     inputs = [paths.test_features, paths.test_flags, paths.flagged, paths.scaler, paths.model, paths.model_record,
               *storage.station_files(paths.truth)]
     outputs = [paths.metrics, *sorted(paths.reports.iterdir())]
@@ -389,6 +390,17 @@ def main(args) -> None:
                           [*outputs, *(file for folder in sets for file in sorted(folder.iterdir()))],
                           gate_passed=True, folders=[paths.truth, paths.reports, paths.sets, *sets], links=links)
     log.info("quality gate passed: %s; accepted into %s", verdict, paths.accepted)
+
+
+def log_untrained(metrics: dict, holdout_stations: int) -> None:
+    """Name the stations scored on the holdout_stations rows although none was held out (``holdout_stations``
+    0): stations with no training rows, whose days all fall in the test period or were all flagged."""
+    per_station = metrics["forecast"][metrics["gate_reference"]].get("per_station", {})
+    untrained = sorted(station for station, scores in per_station.items() if "climatology" not in scores)
+    if holdout_stations == 0 and untrained:
+        log.warning("%d station(s) never trained on, though data.holdout_stations = 0: %s%s (no training rows: "
+                    "their days all fall in the test period, or were all flagged); they are the holdout_stations "
+                    "rows", len(untrained), ", ".join(untrained[:5]), ", ..." if len(untrained) > 5 else "")
 
 
 def restore(args) -> None:

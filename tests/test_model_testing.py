@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import model_preparation, model_testing, run_stage, snapshot, write_params
+from conftest import TINY, model_preparation, model_testing, run_all, run_stage, snapshot, write_params
 
 from station_forecast import errors, manifest, scoring, storage
 
@@ -602,3 +602,22 @@ def test_ground_truth_is_read_a_few_files_at_a_time_with_the_same_scores(project
     assert ((root / "models/metrics.json").read_bytes(), (root / "reports/predictions.csv").read_bytes()) == at_once
     truth = model_testing.load_truth(root / "data/truth", ["ST001", "ST002", "ST003", "ST004"], since="2021-06-01")
     assert truth["date"].min() >= "2021-06-01" and truth["station"].is_monotonic_increasing
+
+
+def test_a_station_never_trained_on_without_held_out_stations_is_named(tmp_path, capsys):
+    """With data.holdout_stations = 0, a station whose days all fall in the test period is scored on the
+    holdout_stations rows: stage 4 says which and why."""
+    (tmp_path / "own").mkdir()
+    days = pd.date_range("2018-01-01", periods=3 * 365, freq="D")
+    rng = np.random.default_rng(0)
+    weather = 8 + 10 * np.sin(np.arange(len(days)) / 58.0) + np.cumsum(rng.normal(0, 1, len(days))) * 0.1
+    for name, first in (("EARLY", 0), ("OTHER", 0), ("LATE", len(days) - 100)):
+        values = np.round(weather + rng.normal(0, 0.5, len(days)), 1)[first:]
+        pd.DataFrame({"date": days[first:].strftime("%Y-%m-%d"), "temperature": values}).to_csv(
+            tmp_path / f"own/{name}.csv", index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
+    run_all(tmp_path / "root", params)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "never trained on" in line]
+    assert len(warned) == 1 and "1 station(s)" in warned[0] and ": LATE (no training rows" in warned[0]
+    metrics = json.loads((tmp_path / "root/models/metrics.json").read_text())
+    assert metrics["forecast"]["observed"]["holdout_stations"]["model"]["n"] > 0

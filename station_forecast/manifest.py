@@ -232,7 +232,8 @@ def why_stale(paths: Paths, stage: str, params: Any) -> str | None:
         for key, value in recorded.items():
             path = Path(key) if Path(key).is_absolute() else paths.root / key
             if changed(path, value):
-                return CHANGE_WORDS[kind].format(key)
+                gone = kind in ("inputs", "outputs") and not path.exists() and not path.is_symlink()
+                return f"{key} is gone since it ran" if gone else CHANGE_WORDS[kind].format(key)
     return None
 
 

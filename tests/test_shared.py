@@ -889,6 +889,8 @@ def test_a_file_a_stage_wrote_removed_or_edited_makes_that_stage_stale(project, 
     root, params = project
     change_file(root / file, change)
     assert stale_stages(root, params)[:1] == [writer]
+    said = manifest.why_stale(storage.Paths(root), writer, load_params(params))
+    assert said == f"{file} is gone since it ran" if change == "remove" else said == f"{file} changed since it ran"
 
 
 def test_a_moved_link_or_another_signing_key_makes_the_stage_that_made_it_stale(project, tmp_path, monkeypatch):

@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # Run the four stages in order, logging each one's start, end, duration and exit status.
+# Started as "sh pipeline.sh" (dash, busybox), it runs itself again under bash, which it is written for.
+if [ -z "${BASH_VERSION:-}" ]; then
+  command -v bash >/dev/null 2>&1 && exec bash "$0" "$@"
+  echo "pipeline: error: needs bash (run ./pipeline.sh or bash pipeline.sh)" >&2
+  exit 2
+fi
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -109,6 +109,9 @@ def test_help_and_bad_options():
     bad = subprocess.run(["bash", str(ROOT / "pipeline.sh"), "--from", "nowhere"], capture_output=True, text=True,
                          env=dict(os.environ, PYTHON=sys.executable))
     assert bad.returncode == 2 and "unknown stage 'nowhere'" in bad.stderr
+    # Started with sh (dash on Debian and Ubuntu), the script runs itself again under bash.
+    with_sh = subprocess.run(["sh", str(ROOT / "pipeline.sh"), "--help"], capture_output=True, text=True)
+    assert with_sh.returncode == 0 and with_sh.stdout == help_text.stdout
 
 
 def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):

@@ -436,7 +436,13 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     files = [path for path in storage.station_files(folder, as_shipped=True) if path.name.lower() != STATION_LIST]
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
-        held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
+        inside = sorted(path.name for path in folder.iterdir() if path.is_dir())
+        held = " (it is empty)"
+        if others:
+            held = f" (it holds {', '.join(others[:5])} files)"
+        elif inside:
+            held = (f" (it holds folders only: {', '.join(inside[:5])}; files in folders inside it are not read: "
+                    "gather the station files in one folder)")
         raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
                             "tables in .csv files, or .csv.gz as archives compress them (import.delimiter: ',', "
                             "';', tab, '|' or whitespace; without a header line, columns named by position, "

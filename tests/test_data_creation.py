@@ -995,10 +995,13 @@ def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a
 
 
 @pytest.mark.parametrize(("files", "said"), [({}, "(it is empty)"), ({"OSLO.txt": " 1  1  1995  24.0\n"},
-                                                                    "(it holds .txt files)")])
+                                                                    "(it holds .txt files)"),
+                                             ({"2019/OSLO.csv": "date,temperature\n"},
+                                              "(it holds folders only: 2019; files in folders inside it are not read")])
 def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(tmp_path, capsys, files, said):
     (tmp_path / "own").mkdir()
     for name, text in files.items():
+        (tmp_path / "own" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "own" / name).write_text(text)
     params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT

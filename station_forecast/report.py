@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from station_forecast import units
 from station_forecast.flags import FAULTS, Flag
 from station_forecast.runtime import lazy_import
 from station_forecast.steps import FREQUENCIES
@@ -309,8 +310,10 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
                      "they are (not temperatures: read °C below as the series' own unit).")
     else:
         n = source.get("stations", 0)
+        written = units.SHORT_NAMES.get(source.get("unit", "C"))
+        converted = f", converted from {written}" if written else ""
         lines.append(f"Data: {n} station file{'s' if n != 1 else ''} from `{source.get('source')}` "
-                     f"({quantity} temperature{', converted from °F' if source.get('unit') == 'F' else ''}).")
+                     f"({quantity} temperature{converted}).")
     passed = metrics["gate"]["passed"]
     lines += ["", f"**Quality gate: {'passed' if passed else 'FAILED'}** — {metrics['gate']['verdict']}. "
               f"Model: `{metrics['model']}`.", ""]

@@ -17,6 +17,10 @@ UNITS = {
 }
 
 
+# unit -> its short name in a report's "converted from ..." (none for °C and for series that are not temperatures)
+SHORT_NAMES = {"0.1C": "tenths of °C", "F": "°F", "K": "kelvins"}
+
+
 def to_celsius(written: Any, unit: str) -> Any:
     """Readings as written (a number, array or Series) in °C (unchanged for "none")."""
     if unit == "F":

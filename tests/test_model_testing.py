@@ -621,3 +621,15 @@ def test_a_station_never_trained_on_without_held_out_stations_is_named(tmp_path,
     assert len(warned) == 1 and "1 station(s)" in warned[0] and ": LATE (no training rows" in warned[0]
     metrics = json.loads((tmp_path / "root/models/metrics.json").read_text())
     assert metrics["forecast"]["observed"]["holdout_stations"]["model"]["n"] > 0
+
+
+@pytest.mark.parametrize(("unit", "said"), [("F", ", converted from °F"), ("K", ", converted from kelvins"),
+                                            ("0.1C", ", converted from tenths of °C"), ("C", "")])
+def test_the_report_says_which_unit_readings_were_converted_from(built, unit, said):
+    from station_forecast import report
+
+    root, _ = built
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    source = {"source": "own", "unit": unit, "stations": 2, "quantity": "mean", "frequency": "daily"}
+    text = report.summary_markdown(metrics, source, {}, 0.05, pd.DataFrame())
+    assert f"2 station files from `own` (daily mean temperature{said})." in text.splitlines()[2]

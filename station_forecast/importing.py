@@ -99,8 +99,10 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
         values = to_celsius(values, imp["unit"])
     impossible = ~missing & ~not_number & ~values.between(min_temp, max_temp)
-    future = dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()
-    ancient = dates < pd.Timestamp(EARLIEST_DATE)
+    # A date out of time is a typo worth a warning where it carries a reading; an archive's rows for the rest of
+    # the current year, empty until the days come (as national services' yearly files are), are missing days.
+    future = (dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()) & ~missing
+    ancient = (dates < pd.Timestamp(EARLIEST_DATE)) & ~missing
     bad_date = dates.isna() | future | ancient
     reasons = {
         "bad_date": dates.isna(),

@@ -521,9 +521,15 @@ def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
 def test_a_future_or_ancient_date_and_an_overflowing_reading_are_dropped_and_counted(tmp_path):
     path = tmp_path / "HOME.csv"
     rows = [f"{day:02d}/01/2020;{40 + day}" for day in range(1, 29)]
-    path.write_text("DATE;TMAX\n" + "\n".join([*rows, "01/01/2099;50", "01/01/0001;50", "29/01/2020;1.7e308"]) + "\n")
+    # The rows of the rest of this year, empty until their days come (a national service's yearly file), and an
+    # empty ancient one are missing days, not typos: only a reading gives a date out of time away.
+    empty = [f"{day:%d/%m/%Y};" for day in pd.date_range(pd.Timestamp.now().normalize() + pd.Timedelta(days=2),
+                                                          periods=5)]
+    path.write_text("DATE;TMAX\n" + "\n".join([*rows, "01/01/2099;50", "01/01/0001;50", "29/01/2020;1.7e308", *empty,
+                                               "01/01/1066;"]) + "\n")
     table, report = importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
     assert report["future_date"] == 1 and report["ancient_date"] == 1 and report["impossible"] == 1
+    assert report["missing_value"] == 6
     assert report["kept"] == 28 and report["steps_without_reading"] == 0  # no gap of centuries
     assert table["date"].max() == pd.Timestamp("2020-01-28") and np.isfinite(table["temperature"]).all()
 

@@ -439,12 +439,12 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         inside = sorted(path.name for path in folder.iterdir() if path.is_dir())
-        held = " (it is empty)"
-        if others:
-            held = f" (it holds {', '.join(others[:5])} files)"
-        elif inside:
-            held = (f" (it holds folders only: {', '.join(inside[:5])}; files in folders inside it are not read: "
-                    "gather the station files in one folder)")
+        if inside and not others:
+            raise PipelineError(f"{folder}: the data.source folder holds folders only ({', '.join(inside[:3])}"
+                                f"{', ...' if len(inside) > 3 else ''}), and files inside them are not read: put the "
+                                "station files (<station>.csv, .csv.gz or .dly) in one folder and point data.source "
+                                "at it")
+        held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
         raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
                             "tables in .csv files, or .csv.gz as archives compress them (import.delimiter: ',', "
                             "';', tab, '|' or whitespace; without a header line, columns named by position, "

@@ -25,6 +25,7 @@ Outputs: models/model.joblib  per step: the fitted estimator and its interval; t
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -408,7 +409,12 @@ def main(args) -> None:
         streamed = paths.train_features.exists() and paths.train_features.stat().st_size > STREAM_BYTES
         # OpenMP (gradient boosting) on the threads the machine can give; BLAS (Ridge's normal equations, a
         # fraction of a second) on one, because BLAS splits the sum over rows between its threads and so the
-        # coefficients' last bits, and the model file's bytes, would depend on the machine's load.
+        # coefficients' last bits, and the model file's bytes, would depend on the machine's load. A limit
+        # reaches only the libraries loaded when it is set, and numpy (imported lazily) and scipy load their BLAS
+        # on first use, so everything the stage uses is loaded first: run alone, the stage gave BLAS as many
+        # threads as OMP_NUM_THREADS says, and at 1,000 stations the model's bytes differed between one and two.
+        for name in IMPORTS:
+            importlib.import_module(name)
         with threadpoolctl.threadpool_limits(limits={"openmp": threads, "blas": 1}):
             if streamed:
                 log.info("%s is larger than %d MiB: read in batches of %d rows, never whole", paths.train_features,

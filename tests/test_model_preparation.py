@@ -316,3 +316,32 @@ def test_gradient_boosting_on_a_table_too_large_to_hold_is_fitted_on_every_k_th_
                              f"({-(-rows // stride)} rows; at most 1000)")
     forecasts = _forecasts(root)
     assert np.isfinite(forecasts).mean() > 0.9
+
+
+def test_run_alone_every_blas_library_fits_on_one_thread_whatever_the_threads_given(project):
+    """BLAS splits sums between its threads, so the model's bytes would follow the machine's load. The stage
+    sets one thread for BLAS, which reaches only the libraries loaded by then: run alone (not started ahead by
+    pipeline.sh), numpy and scipy load theirs on first use. A fresh interpreter, as a user runs the stage."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    root, params = project
+    probe = (
+        "import sys, threadpoolctl, model_preparation\n"
+        "from station_forecast import cli\n"
+        "fitted = model_preparation.fitted_steps\n"
+        "def spy(*args, **kwargs):\n"
+        "    result = fitted(*args, **kwargs)\n"
+        "    print('BLAS', [info['num_threads'] for info in threadpoolctl.threadpool_info()\n"
+        "                   if info['user_api'] == 'blas'], file=sys.stderr)\n"
+        "    return result\n"
+        "model_preparation.fitted_steps = spy\n"
+        f"sys.exit(cli.run('model_preparation', model_preparation.main, cli.stage_parser('x'),\n"
+        f"                 ['--root', {str(root)!r}, '--params', {str(params)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "PIPELINE_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    threads = ast.literal_eval(next(line for line in done.stderr.splitlines() if line.startswith("BLAS"))[5:])
+    assert threads and set(threads) == {1}

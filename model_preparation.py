@@ -26,7 +26,6 @@ Outputs: models/model.joblib  per step: the fitted estimator and its interval; t
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -403,19 +402,18 @@ def main(args) -> None:
     inputs = [paths.train_features, paths.scaler]
     manifest.verify_outputs_of(paths, "model_preprocessing", inputs)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
-        threads, why = runtime.thread_budget(spinning=True)  # gradient boosting's OpenMP threads
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when scikit-learn's OpenMP code loads
-        log.info("using %d thread(s) (%s)", threads, why)
         streamed = paths.train_features.exists() and paths.train_features.stat().st_size > STREAM_BYTES
-        # OpenMP (gradient boosting) on the threads the machine can give; BLAS (Ridge's normal equations, a
-        # fraction of a second) on one, because BLAS splits the sum over rows between its threads and so the
-        # coefficients' last bits, and the model file's bytes, would depend on the machine's load. A limit
-        # reaches only the libraries loaded when it is set, and numpy (imported lazily) and scipy load their BLAS
-        # on first use, so everything the stage uses is loaded first: run alone, the stage gave BLAS as many
-        # threads as OMP_NUM_THREADS says, and at 1,000 stations the model's bytes differed between one and two.
+        # Every fit on one thread, BLAS and OpenMP alike: BLAS splits the sum over rows between its threads, and
+        # gradient boosting's OpenMP threads split its gradients' sums, so a model's last bits, and the model
+        # file's bytes, followed the number of threads, which followed the machine's load (a boosted model fitted
+        # on one thread and on two differed, its forecasts the same to six decimals); and OpenMP's threads spin
+        # while they wait, so on a busy machine more of them were slower. A limit reaches only the libraries
+        # loaded when it is set, and numpy (imported lazily), scipy and scikit-learn's OpenMP load on first use,
+        # so everything the stage uses is loaded first (run alone, the stage gave BLAS as many threads as
+        # OMP_NUM_THREADS said, and at 1,000 stations a Ridge's bytes differed between one thread and two).
         for name in IMPORTS:
             importlib.import_module(name)
-        with threadpoolctl.threadpool_limits(limits={"openmp": threads, "blas": 1}):
+        with threadpoolctl.threadpool_limits(limits={"openmp": 1, "blas": 1}):
             if streamed:
                 log.info("%s is larger than %d MiB: read in batches of %d rows, never whole", paths.train_features,
                          STREAM_BYTES >> 20, STREAM_BATCH_ROWS)

@@ -31,19 +31,18 @@ def work_threads(chunks: int) -> int:
     return threads
 
 
-def thread_budget(spinning: bool = False) -> tuple[int, str]:
-    """How many threads a stage's numerical libraries should use, and why.
+def thread_budget() -> tuple[int, str]:
+    """How many threads a stage's work should use, and why.
 
     ``PIPELINE_THREADS`` decides when set. Otherwise: the CPUs this process may
     run on (its affinity, not the machine's count), less those other processes
-    kept busy over the last tenth of a second, and at least one. On a shared
-    server, threads beyond the idle CPUs do not add speed: OpenMP's threads
-    (``spinning``) spin while they wait for each other (gradient boosting took
-    5.2 s instead of 2.0 s next to one busy process with two threads; 2.0 s with
-    one). Under pipeline.sh, the stage it started ahead of this one imports for
-    a second or two and then waits for its turn: it counts as busy only for
-    threads that spin, which it would slow down; threads that block share the
-    CPU with it for those seconds and then have it to themselves.
+    kept busy over the last tenth of a second, and at least one: on a shared
+    server, threads beyond the idle CPUs do not add speed. Under pipeline.sh,
+    the stage it started ahead of this one imports for a second or two and then
+    waits for its turn: it does not count as busy, since the threads sized here
+    block rather than spin while they wait (stage 3 fits on one OpenMP thread
+    each), so they share the CPU with it for those seconds and then have it to
+    themselves.
     """
     import time
 
@@ -52,11 +51,11 @@ def thread_budget(spinning: bool = False) -> tuple[int, str]:
         return chosen, "PIPELINE_THREADS"
     cpus = usable_cpus()
     try:
-        ahead_first = {} if spinning else _siblings_jiffies()
+        ahead_first = _siblings_jiffies()
         first, own_first = _busy_jiffies(), os.times()
         time.sleep(0.1)
         second, own_second = _busy_jiffies(), os.times()
-        ahead_second = {} if spinning else _siblings_jiffies()
+        ahead_second = _siblings_jiffies()
     except OSError:  # no /proc/stat: trust the affinity
         return cpus, f"{cpus} CPUs"
     ticks = os.sysconf("SC_CLK_TCK")

@@ -318,10 +318,11 @@ def test_gradient_boosting_on_a_table_too_large_to_hold_is_fitted_on_every_k_th_
     assert np.isfinite(forecasts).mean() > 0.9
 
 
-def test_run_alone_every_blas_library_fits_on_one_thread_whatever_the_threads_given(project):
-    """BLAS splits sums between its threads, so the model's bytes would follow the machine's load. The stage
-    sets one thread for BLAS, which reaches only the libraries loaded by then: run alone (not started ahead by
-    pipeline.sh), numpy and scipy load theirs on first use. A fresh interpreter, as a user runs the stage."""
+def test_run_alone_every_fit_runs_on_one_blas_and_openmp_thread_whatever_the_threads_given(project):
+    """BLAS and OpenMP split sums between their threads, so the model's bytes would follow the machine's load.
+    The stage sets one thread for both, which reaches only the libraries loaded by then: run alone (not started
+    ahead by pipeline.sh), numpy, scipy and scikit-learn's OpenMP load on first use. A fresh interpreter, as a
+    user runs the stage."""
     import ast
     import os
     import subprocess
@@ -334,8 +335,8 @@ def test_run_alone_every_blas_library_fits_on_one_thread_whatever_the_threads_gi
         "fitted = model_preparation.fitted_steps\n"
         "def spy(*args, **kwargs):\n"
         "    result = fitted(*args, **kwargs)\n"
-        "    print('BLAS', [info['num_threads'] for info in threadpoolctl.threadpool_info()\n"
-        "                   if info['user_api'] == 'blas'], file=sys.stderr)\n"
+        "    print('THREADS', [(info['user_api'], info['num_threads']) for info in threadpoolctl.threadpool_info()],\n"
+        "          file=sys.stderr)\n"
         "    return result\n"
         "model_preparation.fitted_steps = spy\n"
         f"sys.exit(cli.run('model_preparation', model_preparation.main, cli.stage_parser('x'),\n"
@@ -343,5 +344,5 @@ def test_run_alone_every_blas_library_fits_on_one_thread_whatever_the_threads_gi
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parents[1],
                           env={**os.environ, "PIPELINE_THREADS": "2"})
     assert done.returncode == 0, done.stderr
-    threads = ast.literal_eval(next(line for line in done.stderr.splitlines() if line.startswith("BLAS"))[5:])
-    assert threads and set(threads) == {1}
+    threads = ast.literal_eval(next(line for line in done.stderr.splitlines() if line.startswith("THREADS"))[8:])
+    assert {api for api, _ in threads} == {"blas", "openmp"} and {count for _, count in threads} == {1}

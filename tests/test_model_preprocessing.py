@@ -143,7 +143,8 @@ def test_features_use_no_day_after_the_forecast_day():
 
     def features(observed):
         _, verdict = model_preprocessing.quality_control_flags(observed, period, qc)
-        return model_preprocessing.build_features(observed, period, verdict).set_index(["station", "date"])
+        return model_preprocessing.build_features(observed, period, verdict["repaired"],
+                                                  verdict["flag"] == Flag.NONE).set_index(["station", "date"])
 
     base = features(values)
     changed = values.copy()
@@ -322,7 +323,7 @@ def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_gu
     test_dates = dates[2 * 365:]
     true_d = pd.Series(season[2 * 365:] + 3.0, index=test_dates)
     for learned in (detector, None):
-        coefs = model_preprocessing.baseline_climatology(values, period, verdict["flag"], learned)
+        coefs = model_preprocessing.baseline_climatology(values, period, verdict["flag"] == Flag.NONE, learned)
         baseline = quality_control.climatology_at(coefs, test_dates, values.columns)["D"]
         worst = (baseline - true_d).abs().max()
         assert worst < (3.0 if learned else 25.0), worst  # its own mean alone misses the seasons, but stays sane
@@ -355,26 +356,27 @@ def test_network_features_compare_the_station_with_its_neighbours_on_the_origin_
 
 
 def _follower_network(days: int = 800) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Station B reads what upwind station A read the day before; 600 training days, then test days."""
+    """Station B reads what upwind station A read the day before; 600 training days, then test days; every
+    reading accepted."""
     dates = pd.date_range("2020-01-01", periods=days, freq="D")
     rng = np.random.default_rng(3)
     upwind = pd.Series(np.cumsum(rng.normal(0, 1, days)) * 0.3 + rng.normal(0, 2, days), index=dates)
     readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, days)})
     period = pd.DataFrame(np.where((dates < dates[600])[:, None], TRAIN, TEST).repeat(2, axis=1),
                           index=dates, columns=readings.columns)
-    flag = pd.DataFrame(Flag.NONE.value, index=dates, columns=readings.columns)
-    return readings, period, flag, quality_control.fit_climatology(readings.where(period == TRAIN))
+    accepted = pd.DataFrame(True, index=dates, columns=readings.columns)
+    return readings, period, accepted, quality_control.fit_climatology(readings.where(period == TRAIN))
 
 
 def test_the_ridge_feature_forecasts_each_block_of_training_days_from_a_fit_on_the_other_blocks():
     """Stacking without a leak: moving the targets of some early training days leaves the feature's forecasts
     from those days as they were (their own targets never reach their fit), while later blocks and the
     baseline, fitted on them, move."""
-    readings, period, flag, coefs = _follower_network()
+    readings, period, accepted, coefs = _follower_network()
 
     def forecasts(observed):
         return model_preprocessing.neighbours_ridge(["B"], model_preprocessing.departures(readings, coefs), observed,
-                                                    period, flag, coefs, {"B": ["A"]}, 1)
+                                                    period, accepted, coefs, {"B": ["A"]}, 1)
 
     baseline, stacked = forecasts(readings)
     moved = readings.copy()

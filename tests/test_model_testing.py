@@ -480,7 +480,6 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     import model_preprocessing
     from model_preprocessing import TEST, TRAIN
     from station_forecast import quality_control
-    from station_forecast.flags import Flag
 
     dates = pd.date_range("2020-01-01", periods=800, freq="D")
     rng = np.random.default_rng(3)
@@ -488,12 +487,12 @@ def test_the_neighbours_ridge_baseline_is_fitted_per_station_on_training_rows_on
     readings = pd.DataFrame({"A": upwind, "B": upwind.shift(1) + rng.normal(0, 0.3, len(dates))})
     period = pd.DataFrame(np.where((dates < dates[600])[:, None], TRAIN, TEST).repeat(2, axis=1),
                           index=dates, columns=readings.columns)
-    flag = pd.DataFrame(Flag.NONE.value, index=dates, columns=readings.columns)
+    accepted = pd.DataFrame(True, index=dates, columns=readings.columns)
     coefs = quality_control.fit_climatology(readings.where(period == TRAIN))
 
     def forecast(observed):
         return model_preprocessing.neighbours_ridge(["B"], model_preprocessing.departures(readings, coefs), observed,
-                                                    period, flag, coefs, {"B": ["A"]}, 1)[0][1][:, 0]
+                                                    period, accepted, coefs, {"B": ["A"]}, 1)[0][1][:, 0]
 
     made = forecast(readings)
     test = (period["B"].shift(-1) == TEST).to_numpy() & ~np.isnan(made)

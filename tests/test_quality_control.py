@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from station_forecast import runtime
-from station_forecast.flags import FAULTS
+from station_forecast.flags import FAULTS, VERDICT_CODES
 from station_forecast.params import load_params
 from station_forecast.quality_control import checks, climatology, learning, robust
 from station_forecast.quality_control import neighbours as qc_neighbours
@@ -222,17 +222,18 @@ def test_the_change_tests_on_a_day_take_its_innovations_as_known_that_day(shape,
     flag = pd.DataFrame("none", index=days, columns=departure.columns)
     flag.iloc[[40, 70], 0] = "spike"
     flag.iloc[50:53, 1] = "stuck"
+    codes = flag.replace({kind.value: code for code, kind in enumerate(VERDICT_CODES)}).astype(np.int8)
     persistence = pd.Series(0.4, index=departure.columns)
 
     def evidence(upto: int) -> np.ndarray:
         known = departure.iloc[: upto + 1]
         innovation = checks.departure_innovation(known, persistence, pd.Series(1.0, index=known.columns))
-        explained = checks.explained_readings(flag.iloc[: upto + 1], known)
+        explained = checks.explained_readings(codes.iloc[: upto + 1], known)
         summed, latest = checks.explained_innovations(innovation, known, explained)
         return checks.change_evidence(summed, persistence, lags, shape, latest=latest)[0].to_numpy()
 
     whole = evidence(len(days) - 1)
-    assert checks.explained_readings(flag, departure).iloc[[40, 70], 0].tolist() == [2, 2]
+    assert checks.explained_readings(codes, departure).iloc[[40, 70], 0].tolist() == [2, 2]
     for day in range(35, 80):
         np.testing.assert_allclose(evidence(day)[-1], whole[day], rtol=1e-12, atol=1e-12)
 

@@ -8,7 +8,7 @@ import statistics
 
 from station_forecast import runtime
 from station_forecast.compute import Pool
-from station_forecast.flags import Flag
+from station_forecast.flags import VERDICT_CODES, Flag
 from station_forecast.quality_control.robust import MAD_TO_SD, robust_scale, season_rows
 from station_forecast.runtime import lazy_import
 
@@ -441,15 +441,17 @@ def held(start: pd.DataFrame, hold: pd.DataFrame) -> pd.DataFrame:
                         copy=False)
 
 
-def explained_readings(flag: pd.DataFrame, departure: pd.DataFrame) -> pd.DataFrame:
-    """Readings whose departure a first pass's ``flag`` explains as a fault of the day, not the start of a
-    lasting change: 1 for a stuck or gross reading (known on its day), 2 for a spike whose next day's
-    ``departure`` is back within ``RETURN_SHARE`` of it (known a day later; a spike the next day does not
-    return from may be a level shift's first day), 0 for the others."""
-    returned = departure.shift(-1).abs() < RETURN_SHARE * departure.abs()
-    codes = np.select([flag.isin([Flag.STUCK, Flag.GROSS]).to_numpy(), (flag.eq(Flag.SPIKE) & returned).to_numpy()],
-                      [1, 2], 0).astype(np.int8)
-    return pd.DataFrame(codes, index=flag.index, columns=flag.columns, copy=False)
+def explained_readings(verdict: pd.DataFrame, departure: pd.DataFrame) -> pd.DataFrame:
+    """Readings whose departure a first pass's ``verdict`` (its codes: a flag's position in ``VERDICT_CODES``)
+    explains as a fault of the day, not the start of a lasting change: 1 for a stuck or gross reading (known
+    on its day), 2 for a spike whose next day's ``departure`` is back within ``RETURN_SHARE`` of it (known a
+    day later; a spike the next day does not return from may be a level shift's first day), 0 for the
+    others."""
+    code = verdict.to_numpy()
+    returned = (departure.shift(-1).abs() < RETURN_SHARE * departure.abs()).to_numpy()
+    codes = np.select([np.isin(code, [VERDICT_CODES.index(Flag.STUCK), VERDICT_CODES.index(Flag.GROSS)]),
+                       (code == VERDICT_CODES.index(Flag.SPIKE)) & returned], [1, 2], 0).astype(np.int8)
+    return pd.DataFrame(codes, index=verdict.index, columns=verdict.columns, copy=False)
 
 
 def explained_innovations(innovation: pd.DataFrame, departure: pd.DataFrame, explained: pd.DataFrame

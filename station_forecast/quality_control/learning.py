@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from station_forecast import runtime
 from station_forecast.compute import Pool
-from station_forecast.flags import FAULTS
 from station_forecast.quality_control.checks import (
     departure_innovation,
     offset_alignment,
@@ -103,7 +102,7 @@ def learn(observed: pd.DataFrame, learning: pd.DataFrame, qc: dict, pool: Pool |
         found = detect(learning_readings, detector, pool, second_pass=False, onsets=True, facts=facts)
         # Learning need not be causal: a shift or drift is left out from the day it began, not only
         # from the day it was found.
-        trusted = learning & ~found["flag"].isin(FAULTS) & ~since_onset(found["onset"])
+        trusted = learning & ~found["fault"] & ~since_onset(found["onset"])
         del found
         progress.step()
     detector = _fit(observed, learning, trusted, qc, settings, gross, threads, positions=positions)

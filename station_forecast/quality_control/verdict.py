@@ -68,6 +68,7 @@ VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster or one thre
 # (its heavily faulty station), 22 % at 1,000 stations, 0.5 % on the real Ohio valley network.
 MOSTLY_FLAGGED = 0.5
 CODE = {kind: code for code, kind in enumerate(VERDICT_CODES)}
+FAULT_CODES = [CODE[kind] for kind in FAULTS]
 
 
 class StationValues(NamedTuple):
@@ -111,9 +112,9 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     flags only), ``score`` (the robust z-score of the departure from the
     expected value; of the jump from the days before where a station has no
     neighbours), ``expected`` and ``repaired``. With ``onsets`` (what learning
-    needs), only ``flag`` and ``onset``: for a level shift or drift, the row
-    where the test estimates it began; -1 elsewhere. ``facts``: ``reading_facts`` of ``observed``, if
-    already known.
+    needs), only ``fault`` (a fault flagged: boolean) and ``onset``: for a level
+    shift or drift, the row where the test estimates it began; -1 elsewhere.
+    ``facts``: ``reading_facts`` of ``observed``, if already known.
     """
     stations = observed.columns
     coefs = pd.DataFrame({s: e["climatology"] for s, e in detector["stations"].items()
@@ -150,12 +151,14 @@ def detect(observed: pd.DataFrame, detector: dict, pool: Pool | None = None, sec
     result = _classify(observed, facts, detector,
                        network_departures(observed, climatology, neighbours, left_out, threads), pool)
     if second_pass:  # readings the first pass flagged do not speak for their neighbours
-        first_flag = result["flag"]
+        first_code = result["code"]
         del result, left_out
-        network = network_departures(observed, climatology, neighbours, first_flag.isin(FAULTS), threads)
-        explained = explained_readings(first_flag, network["departure"])
-        del first_flag
+        faulty = pd.DataFrame(np.isin(first_code.to_numpy(), FAULT_CODES), index=observed.index, columns=stations)
+        network = network_departures(observed, climatology, neighbours, faulty, threads)
+        explained = explained_readings(first_code, network["departure"])
+        del first_code, faulty
         result = _classify(observed, {**facts, "explained": explained}, detector, network, pool)
+    result.pop("code", None)  # the verdict's integer codes served the second pass; the flags say it in words
     return result
 
 
@@ -274,13 +277,13 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     def frame(values: np.ndarray) -> pd.DataFrame:  # text stays object: a string column costs 5x to make
         return pd.DataFrame(values, index=observed.index, columns=stations, dtype=values.dtype, copy=False)
 
-    flag = frame(np.array([kind.value for kind in VERDICT_CODES], dtype=object)[code])
+    fault = np.isin(code, FAULT_CODES)
     if settings["onsets"]:  # learning needs only which readings to trust, and since when
         began = np.arange(len(observed))[:, None] - np.where(drifting, ramp_lag, step_lag)
         began = np.where(code == CODE[Flag.DATE_OFFSET], apart.onset, np.where(persistent, began, -1))
-        return {"flag": flag, "onset": frame(began)}
+        return {"fault": frame(fault), "onset": frame(began)}
 
-    fault = np.isin(code, [CODE[kind] for kind in FAULTS])
+    flag = frame(np.array([kind.value for kind in VERDICT_CODES], dtype=object)[code])
     shifted = np.isin(code, [CODE[Flag.LEVEL_SHIFT], CODE[Flag.DRIFT]])
     excess = np.select(
         [code == CODE[Flag.SPIKE], shifted, code == CODE[Flag.GROSS], code == CODE[Flag.STUCK],
@@ -310,8 +313,8 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     repaired = np.where(known, yesterday, repaired)
     repaired = np.where(missing, fallback, repaired)
     score = z.abs().fillna(jump_z.abs())
-    return {"flag": flag, "confidence": frame(sure), "score": score, "expected": frame(fallback),
-            "repaired": frame(repaired)}
+    return {"flag": flag, "code": frame(code.astype(np.int8)), "confidence": frame(sure), "score": score,
+            "expected": frame(fallback), "repaired": frame(repaired)}
 
 
 class DateOffsets(NamedTuple):

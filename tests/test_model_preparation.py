@@ -122,6 +122,7 @@ def larger(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("which", ["tiny", "larger"])
 def test_the_model_is_byte_identical_whatever_the_thread_count(project, larger, monkeypatch, which):
+    """In this process, where every library is loaded already (run alone: the test of one thread per fit)."""
     root, params = project if which == "tiny" else larger
     models = {}
     for threads in ("1", "2"):

@@ -30,3 +30,5 @@ SCORED = [kind for kind in INJECTED if kind != Flag.MISSING]
 # The verdict works on integer codes, a reading's code being its flag's position here.
 VERDICT_CODES = [Flag.NONE, Flag.MISSING, Flag.STUCK, Flag.GROSS, Flag.SPIKE, Flag.DRIFT, Flag.LEVEL_SHIFT,
                  Flag.DATE_OFFSET]
+CODE = {kind: code for code, kind in enumerate(VERDICT_CODES)}
+FAULT_CODES = [CODE[kind] for kind in FAULTS]

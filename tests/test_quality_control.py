@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from station_forecast import runtime
-from station_forecast.flags import FAULTS, VERDICT_CODES
+from station_forecast.flags import CODE, FAULTS
 from station_forecast.params import load_params
 from station_forecast.quality_control import checks, climatology, learning, robust
 from station_forecast.quality_control import neighbours as qc_neighbours
@@ -222,7 +222,7 @@ def test_the_change_tests_on_a_day_take_its_innovations_as_known_that_day(shape,
     flag = pd.DataFrame("none", index=days, columns=departure.columns)
     flag.iloc[[40, 70], 0] = "spike"
     flag.iloc[50:53, 1] = "stuck"
-    codes = flag.replace({kind.value: code for code, kind in enumerate(VERDICT_CODES)}).astype(np.int8)
+    codes = flag.replace({kind.value: code for kind, code in CODE.items()}).astype(np.int8)
     persistence = pd.Series(0.4, index=departure.columns)
 
     def evidence(upto: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import statistics
 
 from station_forecast import runtime
 from station_forecast.compute import Pool
-from station_forecast.flags import VERDICT_CODES, Flag
+from station_forecast.flags import CODE, Flag
 from station_forecast.quality_control.robust import MAD_TO_SD, robust_scale, season_rows
 from station_forecast.runtime import lazy_import
 
@@ -449,8 +449,8 @@ def explained_readings(verdict: pd.DataFrame, departure: pd.DataFrame) -> pd.Dat
     others."""
     code = verdict.to_numpy()
     returned = (departure.shift(-1).abs() < RETURN_SHARE * departure.abs()).to_numpy()
-    codes = np.select([np.isin(code, [VERDICT_CODES.index(Flag.STUCK), VERDICT_CODES.index(Flag.GROSS)]),
-                       (code == VERDICT_CODES.index(Flag.SPIKE)) & returned], [1, 2], 0).astype(np.int8)
+    codes = np.select([np.isin(code, [CODE[Flag.STUCK], CODE[Flag.GROSS]]), (code == CODE[Flag.SPIKE]) & returned],
+                      [1, 2], 0).astype(np.int8)
     return pd.DataFrame(codes, index=verdict.index, columns=verdict.columns, copy=False)
 
 

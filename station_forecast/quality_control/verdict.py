@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from station_forecast import runtime
 from station_forecast.compute import Pool
-from station_forecast.flags import FAULTS, VERDICT_CODES, Flag
+from station_forecast.flags import CODE, FAULT_CODES, FAULTS, VERDICT_CODES, Flag
 from station_forecast.quality_control.checks import (
     LEAST_NEIGHBOURS,
     OFFSET_DAY_CAP,
@@ -67,8 +67,6 @@ VERDICT_BLOCK = 256  # stations per task of the verdict on a cluster or one thre
 # sensor, a fill value, another column): the most of any station is 16 % on the simulation's default run
 # (its heavily faulty station), 22 % at 1,000 stations, 0.5 % on the real Ohio valley network.
 MOSTLY_FLAGGED = 0.5
-CODE = {kind: code for code, kind in enumerate(VERDICT_CODES)}
-FAULT_CODES = [CODE[kind] for kind in FAULTS]
 
 
 class StationValues(NamedTuple):

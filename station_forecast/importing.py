@@ -82,8 +82,9 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     date, one is kept if they agree and none if they disagree (which one is
     right cannot be known). Readings at several times of a day (``date_format`` with a time: hourly records)
     become the day's ``quantity`` (mean, max or min) where the day is complete enough (``COMPLETE_DAY``). A
-    decimal comma is read as a decimal point where the comma is not the delimiter. Rows that cannot be used
-    at all raise PipelineError.
+    decimal comma is read as a decimal point where the comma is not the delimiter. A file with no usable row
+    raises PipelineError, unless most of its rows hold no reading (empty, a marker or a declared code): that
+    station has no readings, an empty table, and is left out like a short one.
     """
     first, *others = date_columns(imp)
     date_text = table[first].str.strip().str.cat([table[name].str.strip() for name in others], sep=" ")
@@ -137,6 +138,9 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     if report["impossible"]:
         row = int(np.argmax(reasons["impossible"].to_numpy()))
         report["impossible_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
+    if kept.empty and not _misread(report):  # a station without readings (one closed before the archive's years)
+        report.update(frequency="unknown", steps_without_reading=0)
+        return kept, report  # left out with the short stations (``_report_and_split``)
     if kept.empty:
         hint = ""
         if report["impossible"] and report["impossible"] >= report["rows"] // 2:
@@ -155,6 +159,14 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     report.update(frequency=frequency, first=str(kept["date"].iat[0].date()), last=str(kept["date"].iat[-1].date()),
                   steps_without_reading=span - len(kept))
     return kept, report
+
+
+def _misread(report: dict) -> bool:
+    """Whether at least half of a file's rows hold something the settings could not read as a reading (not a
+    date, not a number, out of range, at odds with another row of its time), which says a setting is wrong."""
+    unread = sum(report[reason] for reason in ("bad_date", "future_date", "ancient_date", "not_a_number",
+                                               "impossible", "conflicting_duplicate"))
+    return 2 * unread >= max(1, report["rows"])
 
 
 def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:

@@ -793,6 +793,26 @@ def test_stations_too_short_to_build_features_from_are_left_out_with_a_warning(t
         importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
 
 
+def test_a_station_file_without_a_reading_is_left_out_like_a_short_one(tmp_path, caplog):
+    """A station closed before the archive's years ships as a file of missing codes and empty values: it has
+    no readings, so it is left out with the short stations, not a reason to stop the run; a file mostly of
+    values that do not read as numbers still stops it (a setting is wrong)."""
+    caplog.set_level("INFO", logger="pipeline")
+    p = _import_params()
+    p["import"]["missing_values"] = [-99]
+    dates = pd.date_range("2020-01-01", periods=800, freq="D").strftime("%d/%m/%Y")
+    for name, values in [("OPEN1", "50"), ("CLOSED", ["-99", ""] * 400), ("OPEN2", "51")]:
+        pd.DataFrame({"DATE": dates, "TMAX": values}).to_csv(tmp_path / f"{name}.csv", sep=";", index=False)
+    parts, report, _ = importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+    assert sorted(parts) == sorted(report) == ["OPEN1", "OPEN2"]
+    assert "CLOSED.csv: 0 of 800 rows kept; 400 missing value, 400 missing code" in caplog.text
+    assert "1 station(s) left out, with fewer than preprocessing.min_steps" in caplog.text
+    assert "CLOSED (0)" in caplog.text
+    pd.DataFrame({"DATE": dates, "TMAX": ["n/r", ""] * 400}).to_csv(tmp_path / "CLOSED.csv", sep=";", index=False)
+    with pytest.raises(PipelineError, match=r"CLOSED\.csv: no usable readings \(400 missing value, 400 not a number\)"):
+        importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+
+
 def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):
     """Archives hand out large exports in parts; joined with `cat`, each part's header (quoted, as NOAA's are)
     is a line of the file: skipped and counted, never a station or a reading."""

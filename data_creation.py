@@ -533,7 +533,8 @@ def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Po
                             if "coordinates" in entry], columns=["station", *importing.COORDINATE_LIMITS])
     coordinates = None
     if listed is not None:  # the list's coordinates first; a station it lacks takes those of its rows
-        coordinates = importing.read_station_list(listed, params["import"]["delimiter"], set(parts))
+        coordinates = importing.read_station_list(listed, params["import"]["delimiter"], set(parts),
+                                                  params["import"]["station_column"])
         coordinates = coordinates.set_index("station").combine_first(in_rows.set_index("station")) \
             .reindex(columns=coordinates.columns[1:]).reset_index()
         inputs.append(listed)

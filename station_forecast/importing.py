@@ -31,6 +31,11 @@ pd = lazy_import("pandas")
 # In the data.source folder, the station list (station, latitude, longitude, optionally elevation), not a station.
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
+# The names station lists give these columns as archives ship them (any case; the first found is read): GHCN's
+# derived packages name the station "id", others "station_id"; lat / lon as many tools write them.
+STATION_LIST_NAMES = {"station": ("station", "station_id", "stationid", "station id", "id"),
+                      "latitude": ("latitude", "lat"), "longitude": ("longitude", "lon", "lng", "long"),
+                      "elevation": ("elevation", "elev", "altitude", "alt")}
 # GHCN-Daily's .dly layout: a line per station, month and element (each field's first character and width),
 # then 31 days of a 5-character value and 3 flags each; read as the by-station CSV file with the same
 # readings, so with that file's settings.
@@ -677,9 +682,10 @@ def write_imported_files(staging: Path, parts: dict[str, dict[str, pd.DataFrame]
                 storage.write_csv(staging / folder / f"{station}.csv", table, fixed={"temperature": 2}, staged=True)
 
 
-def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.DataFrame:
+def read_station_list(path: Path, delimiter: str, stations: set[str], station_column: str = "") -> pd.DataFrame:
     """The station list's coordinates of every imported station (empty where the list has none), or
-    PipelineError naming the file and the problem."""
+    PipelineError naming the file and the problem. Its columns go by any of ``STATION_LIST_NAMES`` (the
+    station's also by ``station_column``, the name the station files give it)."""
     text, encoding = storage.read_archive_text(path, delimiter)
     if encoding == "latin-1":
         log.warning("%s: %s", path.name, LATIN1_READ)
@@ -688,11 +694,19 @@ def read_station_list(path: Path, delimiter: str, stations: set[str]) -> pd.Data
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
-    missing = [c for c in STATION_LIST_COLUMNS if c not in table.columns]
+    own = [station_column.strip().lower()] if station_column.strip() else []
+    names = {**STATION_LIST_NAMES, "station": (*own, *STATION_LIST_NAMES["station"])}
+    found = {column: next((name for name in names[column] if name in table.columns), None) for column in names}
+    missing = [c for c in STATION_LIST_COLUMNS if found[c] is None]
     if missing:
-        raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (it needs "
+        raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (any of "
+                            f"{', '.join(map(repr, names[missing[0]]))}; it needs "
                             f"{', '.join(STATION_LIST_COLUMNS)}, optionally elevation); a file named {STATION_LIST} "
                             "in data.source is read as the station list, never as a station")
+    renamed = {name: column for column, name in found.items() if name not in (None, column)}
+    if renamed:
+        log.info("%s: read %s", path.name, ", ".join(f"{name!r} as {column}" for name, column in renamed.items()))
+    table = table.rename(columns=renamed)
     if table.empty:
         raise PipelineError(f"{path}: the station list lists no station (a header only); add a row per station "
                             f"({', '.join(STATION_LIST_COLUMNS)}) or remove the file")

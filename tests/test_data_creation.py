@@ -681,8 +681,21 @@ def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(t
     assert run_stage(data_creation, root, params) == 0 and not (root / "data/stations.csv").exists()
 
 
+@pytest.mark.parametrize("header", ["id;name;longitude;latitude;elevation", "Station_ID;Name;Lon;Lat;Elev",
+                                    "site_code;name;lng;lat;altitude"])
+def test_a_station_list_is_read_by_the_names_archives_give_its_columns(tmp_path, header):
+    """GHCN's derived packages name the station column "id", other lists "station_id", and many write lat / lon;
+    a list that names its station as the station files do (``import.station_column``) is read by that name."""
+    path = tmp_path / "stations.csv"
+    path.write_text(f"{header}\nA;Here;-1.5;52.1;100\nB;There;-1.9;52.4;80\n")
+    listed = importing.read_station_list(path, ";", {"A", "B", "C"}, station_column="SITE_CODE")
+    assert listed.columns.tolist() == ["station", "latitude", "longitude", "elevation"]
+    assert listed.values[:2].tolist() == [["A", 52.1, -1.5, 100.0], ["B", 52.4, -1.9, 80.0]]
+    assert listed.iloc[2, 1:].isna().all()
+
+
 @pytest.mark.parametrize(("content", "message"), [
-    ("STATION;LAT;LON\nA;1;2\n", "the station list has no column 'latitude'"),
+    ("STATION;Y;X\nA;1;2\n", "the station list has no column 'latitude' (any of 'latitude', 'lat'; it needs "),
     ("STATION;LATITUDE;LONGITUDE\nA;95;2\n", "station 'A': latitude '95' is not a number within ±90"),
     ("STATION;LATITUDE;LONGITUDE\nA;1;2\nA;1;2\n", "station 'A' is listed twice"),
     ("STATION;LATITUDE;LONGITUDE\n", "the station list lists no station (a header only)"),

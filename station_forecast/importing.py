@@ -36,6 +36,7 @@ STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
 STATION_LIST_NAMES = {"station": ("station", "station_id", "stationid", "station id", "id"),
                       "latitude": ("latitude", "lat"), "longitude": ("longitude", "lon", "lng", "long"),
                       "elevation": ("elevation", "elev", "altitude", "alt")}
+COORDINATE_NAMES = {name for key in ("latitude", "longitude", "elevation") for name in STATION_LIST_NAMES[key]}
 # GHCN-Daily's .dly layout: a line per station, month and element (each field's first character and width),
 # then 31 days of a 5-character value and 3 flags each; read as the by-station CSV file with the same
 # readings, so with that file's settings.
@@ -263,7 +264,7 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, preamble = (text, 0) if headerless else _from_header(text, set(named), imp["delimiter"])
 
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
-        return str(name).strip() in named or str(name).strip().lower() in COORDINATE_LIMITS
+        return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
 
     try:
         table = _parsed(text, sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
@@ -564,13 +565,16 @@ def _holds_readings(table: pd.DataFrame, imp: dict) -> bool:
 
 def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
     """A station's coordinates from the latitude, longitude and (optional) elevation columns its rows carry, as
-    NOAA's exports do (any case), the most frequent value of each; {} without latitude and longitude columns."""
-    columns = {str(column).strip().lower(): column for column in table.columns}
-    if not {"latitude", "longitude"} <= set(columns):
+    NOAA's exports do (any case, any of ``STATION_LIST_NAMES``), the most frequent value of each; {} without
+    latitude and longitude columns."""
+    lowered = {str(column).strip().lower(): column for column in table.columns}
+    columns = {key: next((lowered[name] for name in STATION_LIST_NAMES[key] if name in lowered), None)
+               for key in COORDINATE_LIMITS}
+    if columns["latitude"] is None or columns["longitude"] is None:
         return {}
     found = {}
     for key, limit in COORDINATE_LIMITS.items():
-        if key not in columns:
+        if columns[key] is None:
             continue
         text = table[columns[key]].astype(str).str.strip()
         text = text[text != ""]

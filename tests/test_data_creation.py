@@ -1163,6 +1163,11 @@ def test_a_long_form_export_s_coordinate_columns_become_the_station_list(tmp_pat
     listed = pd.read_csv(root / "data/stations.csv")
     assert listed.to_dict("list") == {"station": ["USW0001", "USW0002"], "latitude": [61.0, 61.1],
                                       "longitude": [-146.3, -146.4], "elevation": [10.0, 20.0]}
+    # as other exports name the columns: the same list
+    table.rename(columns={"LATITUDE": "Lat", "LONGITUDE": "lon", "ELEVATION": "ELEV"}).to_csv(own / "export.csv",
+                                                                                             index=False)
+    assert run_stage(data_creation, root, params) == 0
+    assert pd.read_csv(root / "data/stations.csv").equals(listed)
     capsys.readouterr()
     table.loc[table["STATION"] == "USW0002", "ELEVATION"] = -999.9  # the archive's code for unknown
     table.to_csv(own / "export.csv", index=False)

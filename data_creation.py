@@ -527,8 +527,11 @@ def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Po
     parts, report, test_start = importing.import_stations(folder, params["data"], params["import"],
                                                           params["preprocessing"], pool)
     importing.write_imported_files(staging, parts)
-    inputs = sorted({folder / file for entry in report.values() for file in entry.get("files", [entry["file"]])})
-    listed = next((path for path in storage.station_files(folder) if path.name.lower() == importing.STATION_LIST), None)
+    # data.source is a folder of files (the station list among them), or one file: a station's or many's
+    base = folder if folder.is_dir() else folder.parent
+    inputs = sorted({base / file for entry in report.values() for file in entry.get("files", [entry["file"]])})
+    listed = next((path for path in storage.station_files(folder) if path.name.lower() == importing.STATION_LIST),
+                  None) if folder.is_dir() else None
     in_rows = pd.DataFrame([{"station": name, **entry["coordinates"]} for name, entry in sorted(report.items())
                             if "coordinates" in entry], columns=["station", *importing.COORDINATE_LIMITS])
     coordinates = None
@@ -588,8 +591,8 @@ def main(args) -> None:
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
     outputs += [paths.station_list] if paths.station_list.exists() else []
     manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record],
-                          folders=[*([folder] if folder is not None else []), paths.train_raw, paths.test_raw,
-                                   paths.truth])
+                          folders=[*([folder] if folder is not None and folder.is_dir() else []),
+                                   paths.train_raw, paths.test_raw, paths.truth])
 
     log.info("%s", summary)
     log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.source_record)

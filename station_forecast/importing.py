@@ -449,11 +449,9 @@ def split_in_time(stations: dict[str, pd.DataFrame], test_steps: int, holdout_st
 
 def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: compute.Pool | None = None
                     ) -> tuple[dict, dict, str]:
-    """Read, clean and split every <station>.csv (or .csv.gz) in ``folder`` (read on ``pool``); returns the parts,
-    a report and the first test day."""
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: data.source folder not found")
-    files = [path for path in storage.station_files(folder, as_shipped=True) if path.name.lower() != STATION_LIST]
+    """Read, clean and split every <station>.csv (or .csv.gz) in ``folder``, or the one file it is (read on
+    ``pool``); returns the parts, a report and the first test day."""
+    files = source_files(folder)
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         inside = sorted(path.name for path in folder.iterdir() if path.is_dir())
@@ -477,6 +475,22 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     stations = {storage.station_name(path): one
                 for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
     return _report_and_split(stations, data, folder, pre["min_steps"], imp["unit"])
+
+
+def source_files(source: Path) -> list[Path]:
+    """The station files ``data.source`` names: those of its folder but the station list, or the one file it
+    names (a single station's, or many stations' in long form)."""
+    if source.is_file():
+        if source.name.lower() == STATION_LIST:
+            raise PipelineError(f"{source}: data.source names the station list, which is never a station; point "
+                                "it at the folder that holds the list and the station files")
+        if not storage.holds_a_table(source, as_shipped=True):
+            raise PipelineError(f"{source}: data.source names a file that is not a station table (<station>.csv, "
+                                ".csv.gz or .dly); rename a text table to .csv, or point data.source at its folder")
+        return [source]
+    if not source.is_dir():
+        raise PipelineError(f"{source}: data.source not found (a folder of station files, or one file)")
+    return [path for path in storage.station_files(source, as_shipped=True) if path.name.lower() != STATION_LIST]
 
 
 def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:

@@ -186,7 +186,7 @@ class Params:
 
     @property
     def source_folder(self) -> Path | None:
-        """The folder of the user's station files, or None to simulate.
+        """The folder of the user's station files (or the one file), or None to simulate.
 
         A relative folder is taken relative to the parameters file.
         """

@@ -722,15 +722,18 @@ def station_name(path: Path) -> str:
     return Path(name).stem
 
 
+def holds_a_table(path: Path, as_shipped: bool = False) -> bool:
+    """Whether a file's name says it is a station table: ``*.csv`` (and, ``as_shipped`` by archives, ``*.csv.gz``
+    and GHCN-Daily's ``*.dly``)."""
+    name = path.name.lower()
+    return name.endswith(".csv") or (as_shipped and name.endswith((".csv" + COMPRESSED, FIXED_WIDTH)))
+
+
 def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
     """Every ``*.csv`` entry of a folder (and, ``as_shipped`` by archives, ``*.csv.gz`` and GHCN-Daily's
     ``*.dly``), sorted; two names of one station (names that differ only in case, or one file twice, in two
     forms) are refused: one would silently hide the other, on a case-insensitive disk or in a report."""
-    def holds_a_table(path: Path) -> bool:
-        name = path.name.lower()
-        return name.endswith(".csv") or (as_shipped and name.endswith((".csv" + COMPRESSED, FIXED_WIDTH)))
-
-    files = sorted(p for p in folder.iterdir() if holds_a_table(p))
+    files = sorted(p for p in folder.iterdir() if holds_a_table(p, as_shipped))
     seen: dict[str, Path] = {}
     for path in files:
         name = station_name(path)

@@ -16,7 +16,7 @@ from conftest import (
     write_real_format_station,
 )
 
-from station_forecast import errors, importing, storage
+from station_forecast import errors, importing, manifest, storage
 from station_forecast.errors import PipelineError
 from station_forecast.flags import INJECTED
 from station_forecast.params import load_params
@@ -665,6 +665,41 @@ def imported_with_station_list(tmp_path: Path, listing: str) -> tuple[Path, Path
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
     return root, params
+
+
+def test_data_source_may_name_one_file(tmp_path, capsys):
+    """One station's file (or one export of many stations) as data.source imports as a folder holding only it
+    would, and a change to it makes stage 1 stale; the station list, a file that is no table or a path that is
+    not there is refused, naming it."""
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    write_real_format_station(own / "AWAY.csv")
+    (own / "stations.csv").write_text("STATION;LATITUDE;LONGITUDE\nHOME;1;2\n")
+    (own / "notes.txt").write_text("checked in June\n")
+    by_file = write_params(tmp_path / "file.toml", **TINY, **REAL_FORMAT, source="own/HOME.csv")
+    assert run_stage(data_creation, tmp_path / "file", by_file) == 0
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone/HOME.csv").write_bytes((own / "HOME.csv").read_bytes())
+    by_folder = write_params(tmp_path / "folder.toml", **TINY, **REAL_FORMAT, source="alone")
+    assert run_stage(data_creation, tmp_path / "folder", by_folder) == 0
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (tmp_path / "file/data" / split / "raw").iterdir()) == ["HOME.csv"]
+        assert (tmp_path / "file/data" / split / "raw/HOME.csv").read_bytes() == \
+            (tmp_path / "folder/data" / split / "raw/HOME.csv").read_bytes()
+    assert not (tmp_path / "file/data/stations.csv").exists()  # a list is read beside a folder's files only
+    paths = storage.Paths(tmp_path / "file")
+    assert manifest.why_stale(paths, "data_creation", load_params(by_file)) is None
+    with (own / "HOME.csv").open("a") as handle:
+        handle.write("31/12/2030;50\n")
+    assert "HOME.csv changed" in manifest.why_stale(paths, "data_creation", load_params(by_file))
+    capsys.readouterr()
+    for name, message in [("stations.csv", "data.source names the station list, which is never a station"),
+                          ("notes.txt", "data.source names a file that is not a station table"),
+                          ("gone.csv", "data.source not found (a folder of station files, or one file)")]:
+        params = write_params(tmp_path / "other.toml", **TINY, **REAL_FORMAT, source=f"own/{name}")
+        assert run_stage(data_creation, tmp_path / "other", params) == errors.EXIT_BAD_INPUT
+        assert f"{own / name}: {message}" in capsys.readouterr().err
 
 
 def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(tmp_path, capsys):

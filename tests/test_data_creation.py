@@ -306,7 +306,7 @@ def test_an_unusable_own_file_gets_one_clear_message(tmp_path, content, message)
 
 def test_own_folder_problems_are_named(tmp_path):
     p = _import_params()
-    with pytest.raises(PipelineError, match=r"data\.source folder not found"):
+    with pytest.raises(PipelineError, match=r"data\.source not found \(a folder of station files, or one file\)"):
         importing.import_stations(tmp_path / "nowhere", p["data"], p["import"], p["pre"])
     with pytest.raises(PipelineError, match=r"no \.csv files in the data\.source folder"):
         importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])

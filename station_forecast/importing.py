@@ -32,9 +32,11 @@ pd = lazy_import("pandas")
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
 # The names station lists give these columns as archives ship them (any case; the first found is read): GHCN's
-# derived packages name the station "id", others "station_id"; lat / lon as many tools write them.
+# derived packages name the station "id", others "station_id"; lat / lon as many tools write them, and
+# Environment Canada's daily files "Latitude (y)".
 STATION_LIST_NAMES = {"station": ("station", "station_id", "stationid", "station id", "id"),
-                      "latitude": ("latitude", "lat"), "longitude": ("longitude", "lon", "lng", "long"),
+                      "latitude": ("latitude", "lat", "latitude (y)"),
+                      "longitude": ("longitude", "lon", "lng", "long", "longitude (x)"),
                       "elevation": ("elevation", "elev", "altitude", "alt")}
 COORDINATE_NAMES = {name for key in ("latitude", "longitude", "elevation") for name in STATION_LIST_NAMES[key]}
 # GHCN-Daily's .dly layout: a line per station, month and element (each field's first character and width),
@@ -72,8 +74,11 @@ MONTHLY_STRETCH = 12  # this many month-apart readings in a row make a daily fil
 
 def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -> tuple[pd.DataFrame, dict]:
     """One of the user's station files as (date, temperature in °C) and a count of what was dropped
-    (``clean_readings``)."""
-    return clean_readings(_read_user_csv(path, imp), path, imp, min_temp, max_temp)
+    (``clean_readings``), with the coordinates its rows carry (``row_coordinates``) if any."""
+    table = _read_user_csv(path, imp)
+    kept, report = clean_readings(table, path, imp, min_temp, max_temp)
+    coordinates = row_coordinates(table, path)
+    return kept, {**report, **({"coordinates": coordinates} if coordinates else {})}
 
 
 def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, max_temp: float

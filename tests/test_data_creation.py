@@ -1177,6 +1177,27 @@ def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, 
     assert message in capsys.readouterr().err
 
 
+def test_station_files_carrying_their_coordinates_make_the_station_list(tmp_path):
+    """One file per station as NOAA's and Environment Canada's single-station downloads ship them, each row
+    with the station's position: the positions become data/stations.csv as a long-form export's do."""
+    own = tmp_path / "own"
+    own.mkdir()
+    dates = pd.date_range("2020-01-01", "2022-12-31", freq="D").strftime("%Y-%m-%d")
+    readings = np.round(10 + 10 * np.sin(np.arange(len(dates)) / 58.0), 1)
+    pd.DataFrame({"STATION": "USW0001", "NAME": "HERE, US", "LATITUDE": 61.0, "LONGITUDE": -146.3,
+                  "ELEVATION": 10.0, "DATE": dates, "TAVG": readings}).to_csv(own / "USW0001.csv", index=False)
+    pd.DataFrame({"Longitude (x)": -75.7, "Latitude (y)": 45.4, "Station Name": "OTTAWA", "DATE": dates,
+                  "TAVG": readings + 1}).to_csv(own / "OTTAWA.csv", index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", date_column="DATE", temperature_column="TAVG",
+                          unit="C", holdout_stations=0)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    listed = pd.read_csv(root / "data/stations.csv")
+    assert listed.fillna(-1).to_dict("list") == {"station": ["OTTAWA", "USW0001"], "latitude": [45.4, 61.0],
+                                                 "longitude": [-75.7, -146.3], "elevation": [-1, 10.0]}
+    assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
+
+
 def test_a_long_form_export_s_coordinate_columns_become_the_station_list(tmp_path, capsys):
     """NOAA's exports carry LATITUDE, LONGITUDE and ELEVATION in every row: they become data/stations.csv (the
     most frequent value per station), and a value that is not a coordinate is refused naming the station."""

@@ -730,7 +730,8 @@ def test_a_station_list_is_read_by_the_names_archives_give_its_columns(tmp_path,
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("STATION;Y;X\nA;1;2\n", "the station list has no column 'latitude' (any of 'latitude', 'lat'; it needs "),
+    ("STATION;Y;X\nA;1;2\n", "the station list has no column 'latitude' (any of 'latitude', 'lat', 'latitude (y)'; "
+                              "it needs "),
     ("STATION;LATITUDE;LONGITUDE\nA;95;2\n", "station 'A': latitude '95' is not a number within ±90"),
     ("STATION;LATITUDE;LONGITUDE\nA;1;2\nA;1;2\n", "station 'A' is listed twice"),
     ("STATION;LATITUDE;LONGITUDE\n", "the station list lists no station (a header only)"),

@@ -188,10 +188,10 @@ class Params:
     def source_folder(self) -> Path | None:
         """The folder of the user's station files (or the one file), or None to simulate.
 
-        A relative folder is taken relative to the parameters file.
+        A relative folder is taken relative to the parameters file; ``~`` at its start is the user's home.
         """
         source = self.sections["data"]["source"]
-        return None if source == SIMULATION else (self.path.parent / source).resolve()
+        return None if source == SIMULATION else (self.path.parent / Path(source).expanduser()).resolve()
 
 
 def load_params(path: Path | str | None = None) -> Params:

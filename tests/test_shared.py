@@ -165,6 +165,15 @@ def test_a_byte_order_mark_in_the_parameters_file_is_accepted(tmp_path):
     assert load_params(path)["simulation"]["seed"] == 42
 
 
+def test_a_source_is_found_relative_to_the_parameters_file_or_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "p").mkdir()
+    for source, folder in [("own", tmp_path / "p/own"), ("../own", tmp_path / "own"), ("~/own", tmp_path / "home/own"),
+                           (str(tmp_path / "x/own"), tmp_path / "x/own")]:
+        params = write_params(tmp_path / "p/params.toml", **TINY, source=source)
+        assert load_params(params).source_folder == folder.resolve()
+
+
 def test_debug_prints_the_traceback_and_keeps_the_exit_code(project, capsys):
     root, _ = project
     bad = root / "bad.toml"

@@ -11,6 +11,7 @@ without a display and the import costs nothing to the other stages.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from station_forecast import units
 from station_forecast.flags import FAULTS, Flag
@@ -27,6 +28,13 @@ COLOURS = {"model": "tab:blue", "persistence": "tab:orange", "climatology": "tab
 FORECAST_STEPS = 365  # the forecast figure shows at most the last 365 steps of the test period, so they stay readable
 GROUPS = ["all_stations", "trained_stations", "holdout_stations"]
 STATION_BARS = 40  # the error-by-station figure shows at most this many stations
+MARKDOWN_SPECIAL = "\\`*[]<>|"  # characters a station's name may hold that mean something in Markdown text
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as literal Markdown: a station named "Dayton | OH" or "[old] Erie" must not end a table cell or
+    start a link."""
+    return "".join("\\" + char if char in MARKDOWN_SPECIAL else char for char in str(text))
 # Figure sizes in inches at DPI dots per inch: the PNGs are 1200x450 and 1000x500 pixels.
 DPI = 100
 FORECAST_SIZE = (12.0, 4.5)
@@ -327,7 +335,7 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
         lines += _import_section(source["files"])
     lines += ["## Figures", ""]
     for key, name in names.items():
-        lines += [f"![{key}]({name})", ""]
+        lines += [f"![{markdown_text(key)}]({quote(name)})", ""]  # a name with spaces is one link
     return "\n".join(lines)
 
 
@@ -384,7 +392,7 @@ def _interval_section(metrics: dict, level: float, tolerance: float) -> list[str
             m, p = interval[reference][group]["model"], interval[reference][group]["persistence"]
             lines.append(f"| {group.replace('_', ' ')} | {m['coverage']:.1%} | {m['width']:.2f} | {m['pinball']:.3f} "
                          f"| {p['coverage']:.1%} | {p['width']:.2f} | {p['pinball']:.3f} |")
-    lines += ["", "Per station: " + ", ".join(f"{station} {s['coverage']:.1%}" for station, s in
+    lines += ["", "Per station: " + ", ".join(f"{markdown_text(station)} {s['coverage']:.1%}" for station, s in
                                                interval[reference]["per_station"].items()), ""]
     return lines
 
@@ -427,8 +435,8 @@ def _flagged_section(flags: pd.DataFrame) -> list[str]:
               "| station | date | period | reading °C | expected °C | kind | confidence | used as °C |",
               "|---|---|---|---:|---:|---|---:|---:|"]
     for row in flags.itertuples():
-        lines.append(f"| {row.station} | {row.date} | {row.period} | {row.observed:.1f} | {row.expected:.1f} | "
-                     f"{row.flag} | {row.confidence:.2f} | {row.repaired:.1f} |")
+        lines.append(f"| {markdown_text(row.station)} | {row.date} | {row.period} | {row.observed:.1f} | "
+                     f"{row.expected:.1f} | {row.flag} | {row.confidence:.2f} | {row.repaired:.1f} |")
     return [*lines, ""]
 
 
@@ -438,7 +446,7 @@ def _import_section(files: dict) -> list[str]:
     lines = ["## Imported files", "", "| station | " + " | ".join(c.replace("_", " ") for c in columns)
              + " | out of order | train / test steps |", "|---|" + "---:|" * len(columns) + "---|---|"]
     for station, r in files.items():
-        lines.append(f"| {station} | " + " | ".join(str(r.get(c, 0)) for c in columns)
+        lines.append(f"| {markdown_text(station)} | " + " | ".join(str(r.get(c, 0)) for c in columns)
                      + f" | {'yes' if r['out_of_order'] else 'no'} | {r['train_steps']} / {r['test_steps']} |")
     return [*lines, ""]
 

@@ -465,6 +465,35 @@ def test_station_names_are_text_everywhere(tmp_path):
     assert sorted(set(predictions["station"])) == ["001", "1", "NA", "null"]
 
 
+def test_station_names_with_spaces_and_punctuation_keep_their_report_readable(tmp_path):
+    """Real station names hold spaces, commas, quotes and brackets: the tables keep them whole, and every
+    figure the report links is the file of that name."""
+    import re
+    from urllib.parse import unquote
+
+    import pandas as pd
+    from conftest import REAL_FORMAT, run_all, write_real_format_station
+
+    names = ["Dayton, OH", 'Lunken "Field"', "Erie | PA", "[old] Toledo"]
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in names:
+        write_real_format_station(own / f"{name}.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own", report_stations=4)
+    run_all(tmp_path / "root", params)
+    reports = tmp_path / "root/reports"
+    assert sorted(set(pd.read_csv(reports / "predictions.csv")["station"])) == sorted(names)
+    summary = (reports / "summary.md").read_text()
+    links = re.findall(r"^!\[.*\]\((.*)\)$", summary, flags=re.MULTILINE)
+    assert len(links) == 4 + 2 and all((reports / unquote(link)).is_file() for link in links)
+    rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    header = next(line for line in rows if line.startswith("| station | rows |"))
+    for name in names:
+        row = next(line for line in rows if line.startswith("| " + name.replace("|", "\\|").replace("[", "\\[")
+                                                             .replace("]", "\\]") + " | "))
+        assert len(re.findall(r"(?<!\\)\|", row)) == len(re.findall(r"\|", header))
+
+
 def test_two_station_files_differing_only_in_case_are_refused(tmp_path, capsys):
     from conftest import REAL_FORMAT, write_real_format_station
 

@@ -528,7 +528,8 @@ def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
     read as archives ship it: UTF-16 where it starts with UTF-16's byte-order mark (a spreadsheet's "Unicode
     text"), else UTF-8, else Latin-1 (ISO-8859-1: older European archives' station names). Dates and
     readings are ASCII in all three, so only names and other text can come out wrong, in any other
-    encoding; the caller says which encoding it used."""
+    encoding; the caller says which encoding it used. Lines may end in CR alone (as old Mac spreadsheets
+    wrote them)."""
     return _checked_text(path, delimiter, other_encodings=True)
 
 
@@ -551,6 +552,10 @@ def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[st
     nul = raw.find(b"\0")
     if nul >= 0:
         raise PipelineError(f"{path}: binary data (a NUL byte at offset {nul:,}), not a CSV text file")
+    start = raw[:MAX_HEADER_BYTES + 1]
+    if other_encodings and b"\r" in start and b"\n" not in start:  # lines ended by CR alone, as old Macs wrote
+        raw = raw.replace(b"\r", b"\n")
+        text = None if text is None else text.replace("\r", "\n")
     first_line = raw[:MAX_HEADER_BYTES + 1].split(b"\n", 1)[0]
     if len(first_line) > MAX_HEADER_BYTES:
         raise PipelineError(f"{path}: the first line is longer than {MAX_HEADER_BYTES:,} bytes; not a CSV header")

@@ -887,7 +887,8 @@ def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):
 
 def test_files_in_the_encodings_archives_ship_import_as_the_utf8_file_does(tmp_path, capsys):
     """A spreadsheet's "Unicode text" (UTF-16 with its byte-order mark) and an older archive's Latin-1 read
-    as their UTF-8 twin; Latin-1 is a guess, so it is said."""
+    as their UTF-8 twin, and so do lines ended by CR LF (Windows) or CR alone (old Mac spreadsheets); Latin-1
+    is a guess, so it is said."""
     own = tmp_path / "own"
     own.mkdir()
     dates = pd.date_range("2020-01-01", "2021-12-31", freq="D")
@@ -896,17 +897,19 @@ def test_files_in_the_encodings_archives_ship_import_as_the_utf8_file_does(tmp_p
         for k, (station, name) in enumerate([("SÃO", "São Paulo, Mirante"), ("KÖLN", "Köln-Bonn")])
         for i, day in enumerate(dates))
     raw = {}
-    for encoding in ("utf-8", "utf-16", "latin-1"):
-        (own / "export.csv").write_bytes(text.encode(encoding))
+    for encoding, line_end in [("utf-8", "\n"), ("utf-16", "\n"), ("latin-1", "\n"), ("utf-8", "\r\n"),
+                               ("utf-8", "\r"), ("utf-16", "\r")]:
+        (own / "export.csv").write_bytes(text.replace("\n", line_end).encode(encoding))
         params = write_params(tmp_path / "own.toml", **TINY, source="own", station_column="STATION",
                               **{k: v for k, v in REAL_FORMAT.items() if k != "unit"})
-        root = tmp_path / f"root-{encoding}"
+        root = tmp_path / f"root-{encoding}-{len(raw)}"
         assert run_stage(data_creation, root, params) == 0
-        raw[encoding] = {p.name: p.read_bytes() for p in sorted((root / "data/train/raw").iterdir())}
+        raw[encoding, line_end] = {p.name: p.read_bytes() for p in sorted((root / "data/train/raw").iterdir())}
         said = capsys.readouterr().err
         assert ("warning: SÃO (export.csv): 731 of 731 rows kept; not UTF-8: read as Latin-1" in said) \
             == (encoding == "latin-1")
-    assert raw["utf-16"] == raw["latin-1"] == raw["utf-8"] and sorted(raw["utf-8"]) == ["KÖLN.csv", "SÃO.csv"]
+    assert all(files == raw["utf-8", "\n"] for files in raw.values())
+    assert sorted(raw["utf-8", "\n"]) == ["KÖLN.csv", "SÃO.csv"]
 
 
 def test_dates_written_in_year_month_and_day_columns_import_as_one_date_column_does(tmp_path):

@@ -465,6 +465,11 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                                 f"{', ...' if len(inside) > 3 else ''}), and files inside them are not read: put the "
                                 "station files (<station>.csv, .csv.gz or .dly) in one folder and point data.source "
                                 "at it")
+        packed = sorted(path.name for path in folder.iterdir() if path.suffix.lower() in (".zip", ".tar", ".7z"))
+        if packed and set(others) <= {".zip", ".tar", ".7z", ".txt", ".pdf", ".md"}:
+            raise PipelineError(f"{folder}: no .csv files in the data.source folder, but archives "
+                                f"({', '.join(packed[:3])}{', ...' if len(packed) > 3 else ''}): unpack them (unzip, "
+                                "tar -xf) and point data.source at the folder of station files they hold")
         held = f" (it holds {', '.join(others[:5])} files)" if others else " (it is empty)"
         raise PipelineError(f"{folder}: no .csv files in the data.source folder{held}; readings are read from "
                             "tables in .csv files, or .csv.gz as archives compress them (import.delimiter: ',', "

@@ -1076,6 +1076,8 @@ def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a
     ({}, ["no .csv files in the data.source folder (it is empty)", "rename text tables to <station>.csv"]),
     ({"OSLO.txt": " 1  1  1995  24.0\n"},
      ["no .csv files in the data.source folder (it holds .txt files)", "rename text tables to <station>.csv"]),
+    ({"ECA_blend_tg.zip": "PK", "readme.txt": "ECA&D"},  # an archive as downloaded
+     ["no .csv files in the data.source folder, but archives (ECA_blend_tg.zip): unpack them (unzip, tar -xf)"]),
     ({"2019/OSLO.csv": "date,temperature\n", "2020/OSLO.csv": "date,temperature\n"},  # an archive's years
      ["the data.source folder holds folders only (2019, 2020), and files inside them are not read",
       "point data.source at it"])])

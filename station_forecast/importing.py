@@ -149,6 +149,9 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     if report["impossible"]:
         row = int(np.argmax(reasons["impossible"].to_numpy()))
         report["impossible_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
+    if report["not_a_number"]:
+        row = int(np.argmax(reasons["not_a_number"].to_numpy()))
+        report["not_a_number_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
     if kept.empty and not _misread(report):  # a station without readings (one closed before the archive's years)
         report.update(frequency="unknown", steps_without_reading=0)
         return kept, report  # left out with the short stations (``_report_and_split``)
@@ -158,6 +161,9 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
             hint = (f"; read as unit {imp['unit']!r} its readings lie outside preprocessing's [min_temp, max_temp] = "
                     f"[{min_temp:g}, {max_temp:g}] °C (the first: {report['impossible_example']!r}): is import.unit "
                     "right for it?")
+        elif report["not_a_number"] >= report["rows"] // 2:
+            hint = ("; most of its values do not read as numbers: a unit or a flag written beside them, or another "
+                    f"column than import.temperature_column = {imp['temperature_column']!r} meant?")
         raise PipelineError(f"{path}: no usable readings ({_describe(report)}){hint or '; fix or remove the file'}")
     kept = kept.sort_values("date", ignore_index=True)
     try:
@@ -409,7 +415,11 @@ def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]
 
 
 def _describe(report: dict) -> str:
-    parts = [f"{report[reason]} {reason.replace('_', ' ')}" for reason in DROP_REASONS if report.get(reason)]
+    def example(reason: str) -> str:  # what a column holds that is not a number says what to set, or to fix
+        return f" (e.g. {report['not_a_number_example']!r})" if reason == "not_a_number" else ""
+
+    parts = [f"{report[reason]} {reason.replace('_', ' ')}{example(reason)}" for reason in DROP_REASONS
+             if report.get(reason)]
     if report.get("repeated_rows"):
         parts.append(f"{report['repeated_rows']} repeated rows merged")
     if report.get("within_days"):

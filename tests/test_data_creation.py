@@ -858,7 +858,8 @@ def test_a_station_file_without_a_reading_is_left_out_like_a_short_one(tmp_path,
     assert "1 station(s) left out, with fewer than preprocessing.min_steps" in caplog.text
     assert "CLOSED (0)" in caplog.text
     pd.DataFrame({"DATE": dates, "TMAX": ["n/r", ""] * 400}).to_csv(tmp_path / "CLOSED.csv", sep=";", index=False)
-    with pytest.raises(PipelineError, match=r"CLOSED\.csv: no usable readings \(400 missing value, 400 not a number\)"):
+    with pytest.raises(PipelineError, match=r"CLOSED\.csv: no usable readings \(400 missing value, 400 not a number "
+                                            r"\(e\.g\. 'n/r'\)\); most of its values do not read as numbers"):
         importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
 
 

@@ -467,6 +467,7 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     """Read, clean and split every <station>.csv (or .csv.gz) in ``folder``, or the one file it is (read on
     ``pool``); returns the parts, a report and the first test day."""
     files = source_files(folder)
+    storage.note_read(files)  # the record of what was read must not take a file written since for it
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
         inside = sorted(path.name for path in folder.iterdir() if path.is_dir())

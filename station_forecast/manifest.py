@@ -21,6 +21,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import platform
 import secrets
@@ -31,7 +32,9 @@ from typing import Any
 from station_forecast.errors import PipelineError
 from station_forecast.files import check_regular_file
 from station_forecast.params import STAGES
-from station_forecast.storage import ROOT, Paths, sha256_file, write_json
+from station_forecast.storage import CHANGED_SINCE_READ, ROOT, Paths, digest_as_read, sha256_file, write_json
+
+log = logging.getLogger("pipeline")
 
 PACKAGE = Path(__file__).resolve().parent.name  # the shared code's folder beside the stage scripts
 
@@ -271,11 +274,16 @@ def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outp
     the same bytes reruns nothing after it).
     """
     manifest = read_manifest(paths, fresh_if_damaged=stage == STAGES[0])
+    read = {relative(paths, p): digest_as_read(p) for p in sorted(inputs)}
+    changed = [name for name, digest in read.items() if digest == CHANGED_SINCE_READ]
+    if changed:
+        log.warning("%d input(s) changed after %s read them, e.g. %s: its outputs are from what it read, and the "
+                    "next run reads them again", len(changed), stage, changed[0])
     manifest["stages"][stage] = {
         "params": {"file": str(params.path), "sha256": params.sha256},
         "params_read": params.stage_hash(stage),
         "code": code_hash(stage),
-        "inputs": {relative(paths, p): sha256_file(p) for p in sorted(inputs)},
+        "inputs": read,
         "outputs": {relative(paths, p): sha256_file(p) for p in sorted(outputs)},
         "signatures": {relative(paths, p): signature(p) for p in sorted(outputs) if p.suffix in SIGNED_SUFFIXES},
         "listings": {relative(paths, folder): listing(folder) for folder in folders},

@@ -492,6 +492,28 @@ def _file_state(path: Path) -> tuple[tuple[int, int], tuple[int, ...]]:
     return (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
+# What each file a stage read was like when it read it (``_checked_text``): a file changed after that, by a
+# download or a sync job still writing, is not what the stage's outputs were made from, and its record must
+# not say it is (``digest_as_read``).
+_READ_STATES: dict[tuple[int, int], tuple[int, ...]] = {}
+CHANGED_SINCE_READ = "changed after the stage read it"  # recorded in place of a digest: the next run reads it again
+
+
+def note_read(paths: list[Path]) -> None:
+    """Note what files are like as a stage starts to read them, where its workers (on a cluster) read them."""
+    for path in paths:
+        file, state = _file_state(path)
+        _READ_STATES.setdefault(file, state)
+
+
+def digest_as_read(path: Path) -> str:
+    """The SHA-256 of a file a stage read, or ``CHANGED_SINCE_READ`` when it has changed since the stage read
+    it (then no digest can say what the stage read)."""
+    file, state = _file_state(path)
+    read = _READ_STATES.get(file)
+    return CHANGED_SINCE_READ if read is not None and read != state else sha256_file(path)
+
+
 def _remember_digest(path: Path, digest: str) -> None:
     file, state = _file_state(path)
     _DIGESTS[file] = (state, digest)
@@ -536,10 +558,15 @@ def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
 def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[str, str]:
     check_regular_file(path)
     try:
+        file, state = _file_state(path)
         raw = _decompressed(path) if other_encodings and path.name.lower().endswith(COMPRESSED) \
             else path.read_bytes()
+        if _file_state(path) != (file, state):
+            raise PipelineError(f"{path}: changed while it was read (a download or copy still writing it?); run "
+                                "again once it is complete")
     except OSError as exc:
         raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None
+    _READ_STATES.setdefault(file, state)
     if other_encodings and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         try:
             text, encoding = raw.decode("utf-16"), "utf-16"

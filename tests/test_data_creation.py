@@ -702,6 +702,43 @@ def test_data_source_may_name_one_file(tmp_path, capsys):
         assert f"{own / name}: {message}" in capsys.readouterr().err
 
 
+def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_run(tmp_path, monkeypatch, capsys):
+    """A sync job appending to a station file while stage 1 runs: the outputs come from what the stage read,
+    so its record must not say the file is what it read (it said "up to date", with the new day never read);
+    a file that changes while it is being read stops the stage, naming it."""
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    write_real_format_station(own / "AWAY.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    read = importing.read_user_station
+
+    def read_then_appended(path: Path, *args: object) -> tuple:
+        result = read(path, *args)
+        if path.name == "HOME.csv":
+            with path.open("a") as handle:
+                handle.write("01/01/2023;50\n")
+        return result
+
+    monkeypatch.setattr(importing, "read_user_station", read_then_appended)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert "1 input(s) changed after data_creation read them, e.g. " in capsys.readouterr().err
+    assert "HOME.csv changed" in manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
+    monkeypatch.undo()
+    read_bytes = Path.read_bytes
+
+    def read_while_written(path: Path) -> bytes:
+        text = read_bytes(path)
+        with path.open("a") as handle:
+            handle.write("02/01/2023;50\n")
+        return text
+
+    monkeypatch.setattr(Path, "read_bytes", read_while_written)
+    with pytest.raises(PipelineError, match=r"AWAY\.csv: changed while it was read \(a download or copy still "):
+        importing.read_user_station(own / "AWAY.csv", load_params(params)["import"], -90.0, 60.0)
+
+
 def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(tmp_path, capsys):
     root, params = imported_with_station_list(
         tmp_path, "STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;100\nB;52.4;-1.9;80\nZ;10;10;0\n")

@@ -153,6 +153,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     to (``wait_for_go``); stopped before that, it ends without a word.
     """
     args = parser.parse_args(argv)
+    manifest.note_code(stage)  # its modules are loaded: what it runs is what they were as it started
     # OpenBLAS's idle threads spin for about 2^28 cycles after each call before they sleep: on two cores
     # that doubled the CPU time of stage 2's many short matrix products, taken from the stage's own
     # threads. 2^4 lets them sleep at once. Read when numpy first loads, which here is later (lazily);

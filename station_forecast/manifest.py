@@ -200,6 +200,15 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+_CODE_AT_START: dict[str, str] = {}  # the code a stage process started with, by stage (``note_code``)
+
+
+def note_code(stage: str) -> None:
+    """Note the code ``stage`` runs as its process starts: code replaced while it runs (an update deployed
+    mid-run) is not what made its outputs, so its record keeps what it started with and the next run reruns it."""
+    _CODE_AT_START[stage] = code_hash(stage)
+
+
 def code_hash(stage: str | None = None) -> str:
     """A hash of the code a stage runs (``code_files``), so editing a tool or a module it never imports reruns
     nothing; with no stage, of every module of the project (the stage scripts and the package)."""
@@ -282,7 +291,7 @@ def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outp
     manifest["stages"][stage] = {
         "params": {"file": str(params.path), "sha256": params.sha256},
         "params_read": params.stage_hash(stage),
-        "code": code_hash(stage),
+        "code": _CODE_AT_START.get(stage) or code_hash(stage),
         "inputs": read,
         "outputs": {relative(paths, p): sha256_file(p) for p in sorted(outputs)},
         "signatures": {relative(paths, p): signature(p) for p in sorted(outputs) if p.suffix in SIGNED_SUFFIXES},

@@ -174,6 +174,27 @@ def test_a_source_is_found_relative_to_the_parameters_file_or_the_home_folder(tm
         assert load_params(params).source_folder == folder.resolve()
 
 
+def test_code_replaced_while_a_stage_runs_leaves_the_stage_to_run_again(project, monkeypatch):
+    """An update deployed while a stage runs: its outputs come from the code it started with, so its record
+    keeps that code's hash (taken as the stage started, it said "up to date" for code it never ran)."""
+    from conftest import data_creation
+
+    root, params = project
+    started, hash_of = manifest.code_hash("data_creation"), manifest.code_hash
+    deployed = []
+    run = data_creation.main
+
+    def main_during_a_deploy(args: object) -> None:
+        deployed.append(True)  # from here on, the files hold other code
+        run(args)
+
+    monkeypatch.setattr(manifest, "code_hash", lambda stage=None: "deployed mid-run" if deployed else hash_of(stage))
+    monkeypatch.setattr(data_creation, "main", main_during_a_deploy)
+    assert run_stage(data_creation, root, params) == 0
+    assert manifest.read_manifest(storage.Paths(root))["stages"]["data_creation"]["code"] == started
+    assert manifest.why_stale(storage.Paths(root), "data_creation", load_params(params)) == "its code changed"
+
+
 def test_debug_prints_the_traceback_and_keeps_the_exit_code(project, capsys):
     root, _ = project
     bad = root / "bad.toml"

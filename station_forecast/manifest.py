@@ -206,7 +206,8 @@ _CODE_AT_START: dict[str, str] = {}  # the code a stage process started with, by
 def note_code(stage: str) -> None:
     """Note the code ``stage`` runs as its process starts: code replaced while it runs (an update deployed
     mid-run) is not what made its outputs, so its record keeps what it started with and the next run reruns it."""
-    _CODE_AT_START[stage] = code_hash(stage)
+    if stage in STAGES:  # a stage's name; the tests run demonstration ones too
+        _CODE_AT_START[stage] = code_hash(stage)
 
 
 def code_hash(stage: str | None = None) -> str:

@@ -26,7 +26,7 @@ from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError,
 from station_forecast.params import DEFAULT_PARAMS, STAGES, load_params
 from station_forecast.runtime import INHERITED_LOCK
 from station_forecast.stopping import STOP_SIGNALS, Terminated, signal_of
-from station_forecast.storage import ROOT, Paths, check_project_layout, pid_alive, write_bytes
+from station_forecast.storage import ROOT, Paths, check_project_layout, forget_reads, pid_alive, write_bytes
 
 log = logging.getLogger("pipeline")
 MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
@@ -154,6 +154,7 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     """
     args = parser.parse_args(argv)
     manifest.note_code(stage)  # its modules are loaded: what it runs is what they were as it started
+    forget_reads()
     # OpenBLAS's idle threads spin for about 2^28 cycles after each call before they sleep: on two cores
     # that doubled the CPU time of stage 2's many short matrix products, taken from the stage's own
     # threads. 2^4 lets them sleep at once. Read when numpy first loads, which here is later (lazily);

@@ -32,7 +32,16 @@ from typing import Any
 from station_forecast.errors import PipelineError
 from station_forecast.files import check_regular_file
 from station_forecast.params import STAGES
-from station_forecast.storage import CHANGED_SINCE_READ, ROOT, Paths, digest_as_read, sha256_file, write_json
+from station_forecast.storage import (
+    CHANGED_SINCE_READ,
+    ROOT,
+    Paths,
+    digest_as_read,
+    listing,
+    listing_as_read,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -266,11 +275,6 @@ def _signature_changed(path: Path, expected: str) -> bool:
     return not isinstance(expected, str) or not path.is_file() or not hmac.compare_digest(signature(path), expected)
 
 
-def listing(folder: Path) -> list[str]:
-    """The names in a folder, sorted, leaving out hidden ones (temporary files, editors' and systems' own)."""
-    return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
-
-
 def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outputs: list[Path],
                  gate_passed: bool | None = None, folders: list[Path] = (), links: list[Path] = ()) -> None:
     """Record the SHA-256 of a stage's inputs and outputs (and signatures of its pickles), the listing of each
@@ -296,7 +300,7 @@ def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outp
         "inputs": read,
         "outputs": {relative(paths, p): sha256_file(p) for p in sorted(outputs)},
         "signatures": {relative(paths, p): signature(p) for p in sorted(outputs) if p.suffix in SIGNED_SUFFIXES},
-        "listings": {relative(paths, folder): listing(folder) for folder in folders},
+        "listings": {relative(paths, folder): listing_as_read(folder) for folder in folders},
         "links": {relative(paths, link, follow=False): os.readlink(link) for link in links if link.is_symlink()},
         "libraries": library_versions(),
     }

@@ -499,6 +499,27 @@ _READ_STATES: dict[tuple[int, int], tuple[int, ...]] = {}
 CHANGED_SINCE_READ = "changed after the stage read it"  # recorded in place of a digest: the next run reads it again
 
 
+_LISTED: dict[Path, list[str]] = {}  # each folder's listing as a stage listed it to read it (``station_files``)
+
+
+def listing(folder: Path) -> list[str]:
+    """The names in a folder, sorted, leaving out hidden ones (temporary files, editors' and systems' own)."""
+    return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
+
+
+def listing_as_read(folder: Path) -> list[str]:
+    """A folder's listing as the stage listed it to read it, else as it is now: a station file added while
+    the stage ran was not read, so its record must not list it."""
+    listed = _LISTED.get(folder.resolve())
+    return listing(folder) if listed is None else listed
+
+
+def forget_reads() -> None:
+    """Nothing noted of what a stage read: each run starts so (a process may run several, as the tests do)."""
+    _READ_STATES.clear()
+    _LISTED.clear()
+
+
 def note_read(paths: list[Path]) -> None:
     """Note what files are like as a stage starts to read them, where its workers (on a cluster) read them."""
     for path in paths:
@@ -765,6 +786,7 @@ def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
     """Every ``*.csv`` entry of a folder (and, ``as_shipped`` by archives, ``*.csv.gz`` and GHCN-Daily's
     ``*.dly``), sorted; two names of one station (names that differ only in case, or one file twice, in two
     forms) are refused: one would silently hide the other, on a case-insensitive disk or in a report."""
+    _LISTED.setdefault(folder.resolve(), listing(folder))
     files = sorted(p for p in folder.iterdir() if holds_a_table(p, as_shipped))
     seen: dict[str, Path] = {}
     for path in files:

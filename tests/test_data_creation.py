@@ -739,6 +739,27 @@ def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_
         importing.read_user_station(own / "AWAY.csv", load_params(params)["import"], -90.0, 60.0)
 
 
+def test_a_station_file_added_while_stage_1_runs_is_read_by_the_next_run(tmp_path, monkeypatch):
+    """A download adding stations while stage 1 reads the folder: the new file was not read, so the record
+    of the folder must not list it (it was listed as the folder stood at the end: "up to date", the station
+    never imported)."""
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    read = importing.read_user_station
+
+    def read_while_a_station_arrives(path: Path, *args: object) -> tuple:
+        write_real_format_station(own / "LATE.csv")
+        return read(path, *args)
+
+    monkeypatch.setattr(importing, "read_user_station", read_while_a_station_arrives)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert sorted(p.name for p in (root / "data/train/raw").iterdir()) == ["HOME.csv"]
+    assert "files were added" in manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
+
+
 def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(tmp_path, capsys):
     root, params = imported_with_station_list(
         tmp_path, "STATION;LATITUDE;LONGITUDE;ELEVATION\nA;52.1;-1.5;100\nB;52.4;-1.9;80\nZ;10;10;0\n")

@@ -665,6 +665,7 @@ def main(args) -> None:
     log_mostly_flagged(unusable)
     log_station_codes(detector, set(probable_codes.index), unit)
     log_same_records(detector)
+    log_without_neighbours(detector, params["quality_control"]["min_correlation"])
     if unit != "none":
         log_other_units(detector, unit)
     untested = sorted(set(observed.columns) - tested)
@@ -762,6 +763,21 @@ def log_same_records(detector: dict) -> None:
                             "probably one station's record under two names; neither is used as the other's "
                             "neighbour (its faults would look like shared weather); keep one of the two files",
                             station, copy["station"], 100 * copy["share"], copy["days"])
+
+
+def log_without_neighbours(detector: dict, min_correlation: float) -> None:
+    """Warn of the stations of a network that have no neighbour: only the gross checks judge their readings."""
+    lonely = quality_control.without_neighbours(detector)
+    if not lonely or len(detector.get("stations", {})) < 2:  # a station alone has none to have
+        return
+    named = [f"{station}: best {nearest['correlation']:.2f}, {nearest['station']}" if nearest else
+             f"{station}: none shares {quality_control.MIN_OVERLAP_DAYS} days with it"
+             for station, nearest in list(lonely.items())[:3]]
+    log.warning("%d station(s) with no neighbour whose daily anomalies correlate at least "
+                "quality_control.min_correlation = %g with theirs on the training days (%s%s): only the gross "
+                "checks judge their readings. A record that changed unit, instrument or site partway correlates "
+                "poorly with its neighbours (check it); so does a station far from the others", len(lonely),
+                min_correlation, "; ".join(named), "; ..." if len(lonely) > 3 else "")
 
 
 if __name__ == "__main__":

@@ -440,6 +440,20 @@ def stage_2_warnings(project, tmp_path, capsys, edit, marker: str, **params) -> 
     return first.stem, [line for line in capsys.readouterr().err.splitlines() if marker in line]
 
 
+def test_stage_2_names_a_station_left_without_a_neighbour(project, tmp_path, capsys):
+    """A record whose unit changed partway (°C written where °F is read, from the middle of its years on)
+    correlates with none of its neighbours, and only the gross checks judge it: stage 2 names it and how near
+    its best candidate came; the network's other stations keep theirs."""
+    def unit_changed(table: pd.DataFrame) -> pd.Series:
+        later = table.index >= len(table) // 2
+        return table["temperature"].where(~later, ((table["temperature"] - 32) * 5 / 9).round(1))
+
+    station, warned = stage_2_warnings(project, tmp_path, capsys, unit_changed, "with no neighbour whose daily")
+    assert len(warned) == 1 and warned[0].count(": best 0.") == 1 and f"({station}: best 0." in warned[0]
+    detector = json.loads((project[0] / "models/detector.json").read_text())
+    assert quality_control.without_neighbours(detector).keys() == {station}
+
+
 def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
     """A station list that names one station twice: stage 2 says which two files, and neither is the other's
     neighbour in the detector or in the forecast features."""

@@ -116,9 +116,15 @@ from station_forecast.quality_control.climatology import (
     fit_climatology,
 )
 from station_forecast.quality_control.learning import JUMP_CEILING, learn, other_units
-from station_forecast.quality_control.neighbours import forecast_neighbours, learn_neighbours, same_records
+from station_forecast.quality_control.neighbours import (
+    MIN_OVERLAP_DAYS,
+    forecast_neighbours,
+    learn_neighbours,
+    same_records,
+    without_neighbours,
+)
 from station_forecast.quality_control.verdict import detect, mostly_flagged, no_detection, shared_values
 
-__all__ = ["JUMP_CEILING", "STATION_BLOCK", "borrow_seasons", "climatology_at", "covers_the_year", "detect",
-           "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "mostly_flagged", "no_detection",
-           "other_units", "same_records", "shared_values"]
+__all__ = ["JUMP_CEILING", "MIN_OVERLAP_DAYS", "STATION_BLOCK", "borrow_seasons", "climatology_at", "covers_the_year",
+           "detect", "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "mostly_flagged",
+           "no_detection", "other_units", "same_records", "shared_values", "without_neighbours"]

@@ -204,6 +204,13 @@ def learn_neighbours(anomaly: pd.DataFrame, n_neighbours: int, min_correlation: 
         if same:
             neighbours[station]["same_record"] = [{"station": other, "share": share, "days": days}
                                                   for other, share, days in same]
+        if not slots:  # how near the best candidate came, for the stage to say (``without_neighbours``)
+            near = np.where((index[i] != i) & (shared[i] >= MIN_OVERLAP_DAYS) & np.isfinite(corr[i]), corr[i], -np.inf)
+            near[[k for (j, k) in copies if j == i]] = -np.inf
+            if np.isfinite(near.max(initial=-np.inf)):
+                k = int(np.argmax(near))
+                neighbours[station]["nearest"] = {"station": stations[index[i, k]],
+                                                  "correlation": round(float(corr[i, k]), 4)}
     return neighbours
 
 
@@ -236,6 +243,13 @@ def same_records(detector: dict) -> dict[str, list[dict]]:
     any."""
     return {station: entry["neighbours"]["same_record"] for station, entry in detector.get("stations", {}).items()
             if "same_record" in entry.get("neighbours", {})}
+
+
+def without_neighbours(detector: dict) -> dict[str, dict]:
+    """Per station of the ``detector`` with no neighbour, its best-correlated other station and that
+    correlation ({} where no other shares enough learning days with it)."""
+    return {station: entry["neighbours"].get("nearest", {}) for station, entry in detector.get("stations", {}).items()
+            if "neighbours" in entry and not entry["neighbours"].get("buddies")}
 
 
 def _joint_regressions(stations: range, by_station: np.ndarray, chosen: list[list[int]]

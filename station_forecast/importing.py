@@ -751,7 +751,11 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
                             f"({', '.join(STATION_LIST_COLUMNS)}) or remove the file")
     columns = [c for c in [*STATION_LIST_COLUMNS, "elevation"] if c in table.columns]
     table = table[columns].astype(object).apply(lambda column: column.str.strip())
-    repeated = table["station"][table["station"].duplicated()]
+    # Names are matched whatever their case (station names may not differ only in case): a list that writes
+    # "Helsinki" names the station of HELSINKI.csv.
+    imported = {name.lower(): name for name in stations}
+    table["station"] = table["station"].map(lambda name: imported.get(name.lower(), name))
+    repeated = table["station"][table["station"].str.lower().duplicated()]
     if len(repeated):
         raise PipelineError(f"{path}: station {repeated.iat[0]!r} is listed twice")
     # An empty cell is unknown: an elevation, or a station's whole position (it is then one without

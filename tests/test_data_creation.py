@@ -778,13 +778,15 @@ def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(t
                                     "site_code;name;lng;lat;altitude"])
 def test_a_station_list_is_read_by_the_names_archives_give_its_columns(tmp_path, header):
     """GHCN's derived packages name the station column "id", other lists "station_id", and many write lat / lon;
-    a list that names its station as the station files do (``import.station_column``) is read by that name."""
+    a list that names its station as the station files do (``import.station_column``) is read by that name,
+    and a station is matched whatever the case it is written in."""
     path = tmp_path / "stations.csv"
     path.write_text(f"{header}\nA;Here;-1.5;52.1;100\nB;There;-1.9;52.4;80\n")
-    listed = importing.read_station_list(path, ";", {"A", "B", "C"}, station_column="SITE_CODE")
+    listed = importing.read_station_list(path, ";", {"A", "b", "C"}, station_column="SITE_CODE")
     assert listed.columns.tolist() == ["station", "latitude", "longitude", "elevation"]
-    assert listed.values[:2].tolist() == [["A", 52.1, -1.5, 100.0], ["B", 52.4, -1.9, 80.0]]
-    assert listed.iloc[2, 1:].isna().all()
+    by_station = listed.set_index("station")
+    assert by_station.loc["A"].tolist() == [52.1, -1.5, 100.0] and by_station.loc["b"].tolist() == [52.4, -1.9, 80.0]
+    assert by_station.loc["C"].isna().all()  # matched whatever the case: B in the list is station b
 
 
 @pytest.mark.parametrize(("content", "message"), [

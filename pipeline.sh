@@ -23,7 +23,8 @@ Runs ${STAGES[*]} in order.
 
 Options:
   --params FILE     parameters file passed to every stage (default: params.toml)
-  --from STAGE      start at STAGE, reusing the artifacts of the stages before it
+  --from STAGE      start at STAGE (its name, its script, or its number 1-4), reusing the artifacts of the
+                    stages before it
   --force           run every stage, even those whose inputs, parameters and code are unchanged
   --wait SECONDS    if another run holds the lock, wait up to SECONDS (default: 0, exit at once)
   --setup-only      create .venv and install requirements.txt, then stop
@@ -77,7 +78,8 @@ params_real="$(realpath -e -- "$params" 2>/dev/null)" \
 [ -f "$params_real" ] || die "--params $params is not a regular file (a FIFO, device or terminal); give a TOML file"
 params="$params_real"
 start_index=-1
-for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$from" ] && start_index=$i; done
+from="${from%.py}"  # the script's name names its stage too
+for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$from" ] || [ "$((i + 1))" = "$from" ] && start_index=$i; done
 [ "$start_index" -ge 0 ] || die "unknown stage '$from'; stages are: ${STAGES[*]}"
 
 # The interpreter: $PYTHON as given, else the project's .venv, made on first use.

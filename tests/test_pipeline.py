@@ -125,6 +125,15 @@ def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
     assert after.returncode == 2 and "stage model_testing: start" in after.stdout
 
 
+@pytest.mark.parametrize("stage", ["model_preparation.py", "3"])
+def test_from_takes_a_stage_s_script_or_number_too(copy, stage):
+    """As the README's table names them: the script, or the stage's number (this copy has no artifacts, so the
+    stage it starts at fails at once, after saying it started)."""
+    result = pipeline(copy, "--params", "tiny.toml", "--from", stage)
+    assert result.returncode == 2 and "stage model_preparation: start" in result.stdout
+    assert "stage model_preprocessing" not in result.stdout
+
+
 def test_wait_gives_up_after_its_timeout_with_a_clear_message(copy):
     (copy / "logs").mkdir()
     (copy / "logs/.pipeline.pid").write_text("12345\n")

@@ -526,10 +526,11 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
             log.info("%s: %s", path.name, _describe(skipped))
         encodings[path.name] = table.attrs["encoding"]
         for name, part in table.groupby(table[column].str.strip(), sort=True):
-            if not name or len(name.encode()) > storage.MAX_NAME_BYTES or not re.fullmatch(r"[^/\\\0]+", name) \
-                    or name.startswith("."):
+            if not name or len(name.encode()) > storage.MAX_NAME_BYTES or name.startswith(".") \
+                    or not re.fullmatch(r"[^/\\\x00-\x1f\x7f]+", name):
                 raise PipelineError(f"{path}: station {name[:60]!r} in column {column!r} cannot name a station "
-                                    f"(empty, over {storage.MAX_NAME_BYTES} bytes, a leading dot or a slash)")
+                                    f"(empty, over {storage.MAX_NAME_BYTES} bytes, a leading dot, a slash or a "
+                                    "control character such as a line break)")
             rows.setdefault(name, []).append((path, part))
     seen: dict[str, str] = {}
     for name in rows:

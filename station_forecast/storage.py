@@ -794,6 +794,9 @@ def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
         if len(name.encode()) > MAX_NAME_BYTES:
             raise PipelineError(f"{path}: a station name of {len(name.encode())} bytes; at most "
                                 f"{MAX_NAME_BYTES} (the name becomes part of report file names); rename the file")
+        if any(ord(char) < 32 or char == "\x7f" for char in name):
+            raise PipelineError(f"{path!r}: a station name with a control character (a line break or a tab); "
+                                "rename the file")
         other = seen.setdefault(name.lower(), path)
         if other != path:
             raise PipelineError(f"{path}: names the same station as {other.name} (station names may not differ "

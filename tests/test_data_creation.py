@@ -1233,7 +1233,9 @@ def test_a_file_without_the_station_column_names_it_and_the_header(tmp_path, cap
             "import.delimiter") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("station", "message"), [("../x", "cannot name a station"), ("", "cannot name a station")])
+@pytest.mark.parametrize(("station", "message"), [("../x", "cannot name a station"), ("", "cannot name a station"),
+                                                 ('"LINE\nBREAK"', "a control character such as a line break"),
+                                                 ("TAB\tBED", "a control character such as a line break")])
 def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, capsys, station, message):
     own = tmp_path / "own"
     own.mkdir()
@@ -1242,6 +1244,12 @@ def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, 
                           temperature_column="TMAX", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
+
+
+def test_a_station_file_named_with_a_control_character_is_refused(tmp_path):
+    (tmp_path / "HOME\nAWAY.csv").write_text("date,temperature\n2020-01-01,5\n")
+    with pytest.raises(PipelineError, match=r"a station name with a control character \(a line break or a tab\)"):
+        storage.station_files(tmp_path)
 
 
 def test_station_files_carrying_their_coordinates_make_the_station_list(tmp_path):

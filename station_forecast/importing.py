@@ -294,7 +294,10 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
                             "readings; move this file out of the folder if it is not a station's, else set "
                             "import.date_column, import.temperature_column or import.delimiter")
     for name in absent:
-        raise PipelineError(f"{path}: no column {name!r} (header is {header!r}); "
+        alike = re.search(rf"(?i)(?<![\w]){re.escape(name)}(?![\w])", header)
+        hint = f"; its {alike.group()!r} differs only in case, and names must match exactly" \
+            if alike and alike.group() != name else ""
+        raise PipelineError(f"{path}: no column {name!r} (header is {header!r}){hint}; "
                             f"set import.{named[name]} or import.delimiter")
     # Exports downloaded in parts and joined with `cat` repeat the header where each part begins.
     first = date_columns(imp)[0]

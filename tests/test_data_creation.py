@@ -277,6 +277,8 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     (b"DATE,TMAX\n01/01/2020,50\n", "no column 'DATE' (header is 'DATE,TMAX'); set import.date_column or "
                                     "import.delimiter"),
     (b"DATE;TEMP\n01/01/2020;50\n", "no column 'TMAX'"),
+    (b"DATE;Tmax\n01/01/2020;50\n", "no column 'TMAX' (header is 'DATE;Tmax'); its 'Tmax' differs only in case, "
+                                    "and names must match exactly; set import.temperature_column"),
     (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
                                     "(the first is '2020-01-01')"),
     (b"\xff\xfeD\x00A\x00\x00\xd8", "starts with UTF-16's byte-order mark but is not UTF-16 text"),

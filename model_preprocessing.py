@@ -776,7 +776,8 @@ def log_without_neighbours(detector: dict, min_correlation: float) -> None:
     log.warning("%d station(s) with no neighbour whose daily anomalies correlate at least "
                 "quality_control.min_correlation = %g with theirs on the training days (%s%s): only the gross "
                 "checks judge their readings. A record that changed unit, instrument or site partway correlates "
-                "poorly with its neighbours (check it); so does a station far from the others", len(lonely),
+                "poorly with its neighbours (check it); so does a station far from the others or in weather of its "
+                "own (a mountain top, a coast)", len(lonely),
                 min_correlation, "; ".join(named), "; ..." if len(lonely) > 3 else "")
 
 

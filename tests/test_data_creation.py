@@ -1248,6 +1248,17 @@ def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, 
     assert message in capsys.readouterr().err
 
 
+def test_hidden_files_beside_the_station_files_are_not_stations(tmp_path):
+    """A folder copied from a Mac to a shared or USB drive holds a binary "._HOME.csv" beside each file, and
+    editors leave hidden copies: none is a station (they stopped stage 1 as binary data)."""
+    write_real_format_station(tmp_path / "HOME.csv")
+    (tmp_path / "._HOME.csv").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (tmp_path / ".HOME.csv.swp.csv").write_text("not a station\n")
+    p = _import_params()
+    parts, report, _ = importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+    assert list(parts) == list(report) == ["HOME"]
+
+
 def test_a_station_file_named_with_a_control_character_is_refused(tmp_path):
     (tmp_path / "HOME\nAWAY.csv").write_text("date,temperature\n2020-01-01,5\n")
     with pytest.raises(PipelineError, match=r"a station name with a control character \(a line break or a tab\)"):

@@ -788,8 +788,10 @@ def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
     forms) are refused: one would silently hide the other, on a case-insensitive disk or in a report."""
     _LISTED.setdefault(folder.resolve(), listing(folder))
     # Hidden files are no station's, as for the listing: macOS writes "._HOME.csv" (binary) beside each file
-    # copied to a shared or USB drive, editors their temporary copies.
-    files = sorted(p for p in folder.iterdir() if holds_a_table(p, as_shipped) and not p.name.startswith("."))
+    # copied to a shared or USB drive, editors their temporary copies; nor are Excel's "~$HOME.csv" owner
+    # files, there while HOME.csv is open in it.
+    files = sorted(p for p in folder.iterdir()
+                   if holds_a_table(p, as_shipped) and not p.name.startswith((".", "~$")))
     seen: dict[str, Path] = {}
     for path in files:
         name = station_name(path)

@@ -1249,11 +1249,13 @@ def test_a_station_column_value_that_cannot_name_a_station_is_refused(tmp_path, 
 
 
 def test_hidden_files_beside_the_station_files_are_not_stations(tmp_path):
-    """A folder copied from a Mac to a shared or USB drive holds a binary "._HOME.csv" beside each file, and
-    editors leave hidden copies: none is a station (they stopped stage 1 as binary data)."""
+    """A folder copied from a Mac to a shared or USB drive holds a binary "._HOME.csv" beside each file,
+    editors leave hidden copies, and Excel an owner file "~$HOME.csv" while it has the file open: none is a
+    station (they stopped stage 1 as binary data)."""
     write_real_format_station(tmp_path / "HOME.csv")
     (tmp_path / "._HOME.csv").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
     (tmp_path / ".HOME.csv.swp.csv").write_text("not a station\n")
+    (tmp_path / "~$HOME.csv").write_bytes(b"\x04user" + b" " * 50 + b"\x00" * 4)  # Excel has HOME.csv open
     p = _import_params()
     parts, report, _ = importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
     assert list(parts) == list(report) == ["HOME"]

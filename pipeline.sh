@@ -23,6 +23,8 @@ Runs ${STAGES[*]} in order.
 
 Options:
   --params FILE     parameters file passed to every stage (default: params.toml)
+  --root DIR        project folder the stages read and write (data/, models/, reports/, logs/; it must
+                    exist; default: this script's folder), so one copy of the code serves several projects
   --from STAGE      start at STAGE (its name, its script, or its number 1-4), reusing the artifacts of the
                     stages before it
   --force           run every stage, even those whose inputs, parameters and code are unchanged
@@ -45,6 +47,7 @@ die() { echo "pipeline: error: $*" >&2; exit 2; }
 MAX_WAIT=604800  # a week: --wait beyond it is a typo
 
 params="$ROOT/params.toml"
+project="$ROOT"
 from="${STAGES[0]}"
 wait_seconds=0
 setup_only=0
@@ -53,6 +56,7 @@ stage_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --params) [ $# -ge 2 ] || die "--params needs a file"; params="$2"; shift 2 ;;
+    --root) [ $# -ge 2 ] || die "--root needs a folder"; project="$2"; shift 2 ;;
     --from) [ $# -ge 2 ] || die "--from needs a stage"; from="$2"; shift 2 ;;
     --wait) [ $# -ge 2 ] || die "--wait needs seconds"; wait_seconds="$2"; shift 2 ;;
     --setup-only) setup_only=1; shift ;;
@@ -77,6 +81,9 @@ params_real="$(realpath -e -- "$params" 2>/dev/null)" \
   || die "--params $params is not a file on disk (a pipe, a link loop or a dangling link); give a TOML file"
 [ -f "$params_real" ] || die "--params $params is not a regular file (a FIFO, device or terminal); give a TOML file"
 params="$params_real"
+project_real="$(realpath -e -- "$project" 2>/dev/null)" && [ -d "$project_real" ] \
+  || die "--root $project: folder not found (a stage never creates its project folder: make it)"
+project="$project_real"
 start_index=-1
 from="${from%.py}"  # the script's name names its stage too
 for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$from" ] || [ "$((i + 1))" = "$from" ] && start_index=$i; done
@@ -127,22 +134,22 @@ fi
 # folder so that its package is the one imported.
 ask() { (cd "$ROOT" && "$py" -m station_forecast.cli "$@"); }
 # The folders the pipeline writes must be its own: a link there would carry its writes and deletes elsewhere.
-ask layout --root "$ROOT" || exit $?
-mkdir -p "$ROOT/logs"
-log_file="$ROOT/logs/pipeline-$(date +%Y%m%d-%H%M%S)-$$.log"
+ask layout --root "$project" || exit $?
+mkdir -p "$project/logs"
+log_file="$project/logs/pipeline-$(date +%Y%m%d-%H%M%S)-$$.log"
 if [ -e "$log_file" ] || [ -L "$log_file" ]; then die "$log_file already exists; a run's log is never written twice"; fi
 say() { printf '%s %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" | tee -a "$log_file"; }
 
 # One run at a time per project folder. flock's lock belongs to this process's
 # open file, so the kernel releases it however the run ends (SIGKILL included):
 # a killed run never leaves a stale lock behind.
-lock_file="$ROOT/logs/.pipeline.lock"
+lock_file="$project/logs/.pipeline.lock"
 exec 9>>"$lock_file"
-pid_file="$ROOT/logs/.pipeline.pid"
+pid_file="$project/logs/.pipeline.pid"
 if ! flock -n 9; then
   holder=""
   [ -f "$pid_file" ] && [ ! -L "$pid_file" ] && holder="$(head -c 20 "$pid_file" | tr -cd '0-9' || true)"
-  busy="another run (pid ${holder:-unknown}) is using $ROOT"
+  busy="another run (pid ${holder:-unknown}) is using $project"
   if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
     busy+=" (that process has ended; a stage it started is still stopping)"
   fi
@@ -212,10 +219,10 @@ done
 say "pipeline: start (python $("$py" -c 'import platform; print(platform.python_version())'), params $params, log $log_file)"
 # The stages' FIFOs live in the project's logs/, one folder per run; a run killed outright (SIGKILL) leaves
 # its folder, which the next run removes once that run's process is gone.
-for old in "$ROOT"/logs/.fifos-*; do
+for old in "$project"/logs/.fifos-*; do
   if [ -d "$old" ] && [ ! -L "$old" ] && ! kill -0 "${old##*-}" 2>/dev/null; then rm -rf -- "$old"; fi
 done
-fifos="$ROOT/logs/.fifos-$$"
+fifos="$project/logs/.fifos-$$"
 rm -rf -- "$fifos" && mkdir -m 700 "$fifos" || die "cannot make $fifos"
 # A signal between starting a stage's copies and the stage itself leaves copies waiting to open a FIFO no
 # stage will write: they would hold the terminal's output open after this script ends. Every child still
@@ -240,7 +247,7 @@ start_ahead() {
   # closes its output, so its last words (why it stopped) still reach the terminal and the log.
   (trap '' INT HUP TERM; exec tee -a "$log_file") < "$fifos/out-$stage" {ahead_go}>&- & ahead_tees=($!)
   (trap '' INT HUP TERM; exec tee -a "$log_file" >&2) < "$fifos/err-$stage" {ahead_go}>&- & ahead_tees+=($!)
-  "$py" "$ROOT/$stage.py" --params "$params" "${stage_flags[@]}" --wait-for-go \
+  "$py" "$ROOT/$stage.py" --params "$params" --root "$project" "${stage_flags[@]}" --wait-for-go \
     < "$fifos/go-$stage" > "$fifos/out-$stage" 2> "$fifos/err-$stage" {ahead_go}>&- &
   ahead="$stage" ahead_pid=$!
 }
@@ -264,7 +271,7 @@ run_stages=("${STAGES[@]:$start_index}")
 for i in "${!run_stages[@]}"; do
   stage="${run_stages[$i]}"
   # A stage whose parameters, code, inputs and outputs are as the manifest recorded them is skipped.
-  if [ "$force" = 0 ] && verdict="$(ask "$stage" --params "$params" 2>&1)"; then
+  if [ "$force" = 0 ] && verdict="$(ask "$stage" --params "$params" --root "$project" 2>&1)"; then
     say "$verdict"
     end_ahead
     continue
@@ -301,4 +308,4 @@ for i in "${!run_stages[@]}"; do
   ran+=("$stage")
 done
 total=$(awk -v a="$pipeline_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-say "pipeline: done in ${total}s. Metrics: $ROOT/models/metrics.json"
+say "pipeline: done in ${total}s. Metrics: $project/models/metrics.json"

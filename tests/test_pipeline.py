@@ -114,6 +114,24 @@ def test_help_and_bad_options():
     assert with_sh.returncode == 0 and with_sh.stdout == help_text.stdout
 
 
+def test_one_copy_of_the_code_serves_projects_in_other_folders(copy, tmp_path):
+    """--root: data, models, reports and logs go to that folder, the code's own folder stays as it was,
+    and the next run there finds every stage up to date; a folder that is not there is refused."""
+    project = tmp_path / "project"
+    project.mkdir()
+    before = sorted(path.relative_to(copy) for path in copy.rglob("*"))
+    result = pipeline(copy, "--params", "tiny.toml", "--root", str(project))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (project / "models/metrics.json").is_file() and (project / "reports/summary.md").is_file()
+    assert len(list((project / "logs").glob("pipeline-*.log"))) == 1
+    assert f"Metrics: {project}/models/metrics.json" in result.stdout
+    assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == before
+    again = pipeline(copy, "--params", "tiny.toml", "--root", str(project))
+    assert again.returncode == 0 and again.stdout.count(": up to date") == 4
+    missing = pipeline(copy, "--params", "tiny.toml", "--root", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "--root" in missing.stderr and "folder not found" in missing.stderr
+
+
 def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
     with lock_held(copy):
         result = pipeline(copy, "--params", "tiny.toml")

@@ -732,14 +732,32 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
     text, encoding = storage.read_archive_text(path, delimiter)
     if encoding == "latin-1":
         log.warning("%s: %s", path.name, LATIN1_READ)
+    own = [station_column.strip().lower()] if station_column.strip() else []
+    names = {**STATION_LIST_NAMES, "station": (*own, *STATION_LIST_NAMES["station"])}
+
+    def found_in(columns: list[str]) -> dict[str, str | None]:  # each column's name in the list, or None
+        return {column: next((name for name in names[column] if name in columns), None) for column in names}
+
+    # A list saved by hand (a spreadsheet's ";" export beside ","-separated station files) is read with the
+    # delimiter its header is written with.
+    header = text.lstrip().split("\n", 1)[0]
+
+    def names_a_list(other: str) -> bool:
+        fields = header.split() if other == WHITESPACE else header.split(other)
+        found = found_in([field.strip().strip('"').lower() for field in fields])
+        return all(found[column] for column in STATION_LIST_COLUMNS)
+
+    written = next((other for other in dict.fromkeys([delimiter, ",", ";", "\t", "|"]) if names_a_list(other)),
+                   delimiter)
+    if written != delimiter:
+        log.info("%s: read with the delimiter %r its header is written with", path.name, written)
+        delimiter = written
     try:
         table = _parsed(text, sep=separator(delimiter), dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
-    own = [station_column.strip().lower()] if station_column.strip() else []
-    names = {**STATION_LIST_NAMES, "station": (*own, *STATION_LIST_NAMES["station"])}
-    found = {column: next((name for name in names[column] if name in table.columns), None) for column in names}
+    found = found_in(list(table.columns))
     missing = [c for c in STATION_LIST_COLUMNS if found[c] is None]
     if missing:
         raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (any of "

@@ -791,6 +791,18 @@ def test_a_station_list_is_read_by_the_names_archives_give_its_columns(tmp_path,
     assert by_station.loc["C"].isna().all()  # matched whatever the case: B in the list is station b
 
 
+@pytest.mark.parametrize("separator", [",", ";", "\t", "|"])
+def test_a_station_list_is_read_with_the_delimiter_its_header_is_written_with(tmp_path, separator):
+    """A list saved by hand from a spreadsheet (";" or tabs) beside station files separated by commas, or the
+    reverse: the header says which delimiter the list uses."""
+    path = tmp_path / "stations.csv"
+    path.write_text("\n".join(separator.join(row) for row in [["station", "latitude", "longitude"],
+                                                            ["A", "52.1", "-1.5"], ["B", "52.4", "-1.9"]]) + "\n")
+    for delimiter in (",", ";"):
+        listed = importing.read_station_list(path, delimiter, {"A", "B"})
+        assert listed.values.tolist() == [["A", 52.1, -1.5], ["B", 52.4, -1.9]]
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("STATION;Y;X\nA;1;2\n", "the station list has no column 'latitude' (any of 'latitude', 'lat', 'latitude (y)'; "
                               "it needs "),

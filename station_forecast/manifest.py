@@ -136,14 +136,22 @@ def load_signed(path: Path, expected: str | None, stage: str) -> Any:
 # -------------------------------------------------------------------------- manifest
 
 
+LIBRARIES = {"numpy": "numpy", "pandas": "pandas", "scikit-learn": "sklearn", "joblib": "joblib",
+             "matplotlib": "matplotlib", "pyarrow": "pyarrow"}  # distribution: module
+
+
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour or pickles the artifacts depend on."""
+    """Versions of the libraries whose behaviour or pickles the artifacts depend on: of the one this process
+    loaded where it did (a library upgraded in the shared environment while a stage ran is not what it ran),
+    else of the one installed."""
+    import sys
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for name in ("numpy", "pandas", "scikit-learn", "joblib", "matplotlib", "pyarrow"):
+    for name, module in LIBRARIES.items():
+        loaded = getattr(sys.modules.get(module), "__version__", None)
         try:
-            versions[name] = version(name)
+            versions[name] = loaded if isinstance(loaded, str) else version(name)
         except PackageNotFoundError:
             versions[name] = "not installed"
     return versions

@@ -195,6 +195,15 @@ def test_code_replaced_while_a_stage_runs_leaves_the_stage_to_run_again(project,
     assert manifest.why_stale(storage.Paths(root), "data_creation", load_params(params)) == "its code changed"
 
 
+def test_a_stage_records_the_library_versions_it_loaded_not_those_installed_since(monkeypatch):
+    """A library upgraded in the shared environment while a stage ran is not what the stage ran with."""
+    import types
+
+    installed = manifest.library_versions()["numpy"]
+    monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__="1.0.loaded"))
+    assert manifest.library_versions()["numpy"] == "1.0.loaded" != installed
+
+
 def test_debug_prints_the_traceback_and_keeps_the_exit_code(project, capsys):
     root, _ = project
     bad = root / "bad.toml"

@@ -146,12 +146,10 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "other_elements": int(table.attrs.get("other_elements", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
     }
-    if report["impossible"]:
-        row = int(np.argmax(reasons["impossible"].to_numpy()))
-        report["impossible_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
-    if report["not_a_number"]:
-        row = int(np.argmax(reasons["not_a_number"].to_numpy()))
-        report["not_a_number_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
+    for reason in ("impossible", "not_a_number"):  # the first such value as written says what to set, or fix
+        if report[reason]:
+            row = int(np.argmax(reasons[reason].to_numpy()))
+            report[f"{reason}_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
     if kept.empty and not _misread(report):  # a station without readings (one closed before the archive's years)
         report.update(frequency="unknown", steps_without_reading=0)
         return kept, report  # left out with the short stations (``_report_and_split``)
@@ -418,7 +416,7 @@ def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]
 
 
 def _describe(report: dict) -> str:
-    def example(reason: str) -> str:  # what a column holds that is not a number says what to set, or to fix
+    def example(reason: str) -> str:  # the impossible ones are shown by the warning of many
         return f" (e.g. {report['not_a_number_example']!r})" if reason == "not_a_number" else ""
 
     parts = [f"{report[reason]} {reason.replace('_', ' ')}{example(reason)}" for reason in DROP_REASONS

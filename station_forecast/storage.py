@@ -784,14 +784,15 @@ def holds_a_table(path: Path, as_shipped: bool = False) -> bool:
 
 def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
     """Every ``*.csv`` entry of a folder but hidden ones (and, ``as_shipped`` by archives, ``*.csv.gz`` and
-    GHCN-Daily's ``*.dly``), sorted; two names of one station (names that differ only in case, or one file twice, in two
-    forms) are refused: one would silently hide the other, on a case-insensitive disk or in a report."""
-    _LISTED.setdefault(folder.resolve(), listing(folder))
-    # Hidden files are no station's, as for the listing: macOS writes "._HOME.csv" (binary) beside each file
-    # copied to a shared or USB drive, editors their temporary copies; nor are Excel's "~$HOME.csv" owner
-    # files, there while HOME.csv is open in it.
-    files = sorted(p for p in folder.iterdir()
-                   if holds_a_table(p, as_shipped) and not p.name.startswith((".", "~$")))
+    GHCN-Daily's ``*.dly``), sorted; two names of one station (names that differ only in case, or one file
+    twice, in two forms) are refused: one would silently hide the other, on a case-insensitive disk or in a
+    report."""
+    # The listing leaves hidden files out: macOS writes "._HOME.csv" (binary) beside each file copied to a
+    # shared or USB drive, editors their temporary copies. Nor are Excel's "~$HOME.csv" owner files, there
+    # while HOME.csv is open in it, a station's.
+    names = listing(folder)
+    _LISTED.setdefault(folder.resolve(), names)
+    files = [folder / name for name in names if holds_a_table(folder / name, as_shipped) and not name.startswith("~$")]
     seen: dict[str, Path] = {}
     for path in files:
         name = station_name(path)

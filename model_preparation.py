@@ -34,7 +34,7 @@ import threadpoolctl
 
 from station_forecast import cli, compute, features, manifest, runtime, storage
 from station_forecast.errors import PipelineError
-from station_forecast.features import FALLBACK_FEATURES, FEATURES, RIDGE_FEATURE, SPREAD_COLUMN
+from station_forecast.features import FALLBACK_FEATURES, FEATURES, FULL_FEATURES, RIDGE_FEATURE, SPREAD_COLUMN
 from station_forecast.params import Params, load_params
 from station_forecast.runtime import log
 from station_forecast.storage import Paths
@@ -190,7 +190,7 @@ def fit_forecaster(estimator, rows: pd.DataFrame, early_stopping: bool = False, 
     ``fallback``, or no row has it) a copy fitted on every row without that feature: a ``features.Forecaster``.
     With ``early_stopping``, gradient boosting stops when the rows' latest dates stop improving."""
     known = rows[RIDGE_FEATURE].notna().to_numpy()
-    full = _fitted(estimator, rows[known], FEATURES, early_stopping) if known.any() else None
+    full = _fitted(estimator, rows[known], FULL_FEATURES, early_stopping) if known.any() else None
     spare = _fitted(estimator, rows, FALLBACK_FEATURES, early_stopping) if fallback or full is None else None
     return features.Forecaster(full, spare)
 
@@ -328,7 +328,7 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
                for step in steps}
     stride = {step: -(-total[step] // BOOSTING_MAX_ROWS) for step in steps}
     parts: dict[int, dict[str, list]] = {step: {"cv": [], "boosting": []} for step in steps}
-    sums = {step: {"full": NormalEquations(FEATURES), "fallback": NormalEquations(FALLBACK_FEATURES)}
+    sums = {step: {"full": NormalEquations(FULL_FEATURES), "fallback": NormalEquations(FALLBACK_FEATURES)}
             for step in steps}
     seen = dict.fromkeys(steps, 0)
     for batch in storage.read_table_batches(path, TRAIN_COLUMNS, STREAM_BATCH_ROWS):

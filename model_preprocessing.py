@@ -219,13 +219,39 @@ def baseline_climatology(observed: pd.DataFrame, period: pd.DataFrame, accepted:
     baseline's coefficients): yearly harmonics where those steps cover the year; else the seasons the
     detector took for it from its neighbours, moved to the station's own level, or that level alone
     (a station that started a few months ago has no seasons of its own to show)."""
-    trained = observed.where((period == TRAIN) & accepted)
-    coefs = quality_control.fit_climatology(trained)
-    seen = quality_control.covers_the_year(trained)
+    return _seasonal_means(observed.where((period == TRAIN) & accepted), detector)
+
+
+def station_climatology(observed: pd.DataFrame, period: pd.DataFrame, accepted: pd.DataFrame, coefs: pd.DataFrame,
+                        detector: dict | None = None) -> pd.DataFrame:
+    """Every station's climatology coefficients, the climate ``features.CLIMATE_FEATURES`` leave out: the
+    training climatology ``coefs`` (``baseline_climatology``) where it has one; for a station never trained on,
+    the seasonal mean of its steps before the test period that were not flagged (made as
+    ``baseline_climatology`` makes it); for a station without either, the network's typical climatology (the
+    median of the others')."""
+    untrained = [station for station in observed.columns if station not in coefs]
+    if not untrained:
+        return coefs
+    own = _seasonal_means(observed[untrained].where((period[untrained] == HISTORY) & accepted[untrained]), detector)
+    coefs = pd.concat([coefs, own], axis=1)
+    others = [station for station in untrained if station not in coefs]
+    if not others or coefs.empty:  # with no climatology anywhere, the climate features stay empty
+        return coefs
+    typical = coefs.median(axis=1).to_numpy()[:, None]
+    return pd.concat([coefs, pd.DataFrame(np.repeat(typical, len(others), axis=1), index=coefs.index,
+                                          columns=others)], axis=1)
+
+
+def _seasonal_means(readings: pd.DataFrame, detector: dict | None) -> pd.DataFrame:
+    """Each station's seasonal mean of ``readings`` (the steps to learn from; NaN elsewhere): yearly
+    harmonics where they cover the year; else the ``detector``'s seasons for the station moved to its level,
+    or that level alone."""
+    coefs = quality_control.fit_climatology(readings)
+    seen = quality_control.covers_the_year(readings)
     learned = (detector or {}).get("stations", {})
     shapes = {station: learned.get(station, {}).get("climatology") for station in seen.index[~seen]
               if station in coefs}
-    return quality_control.borrow_seasons(coefs, trained, shapes)
+    return quality_control.borrow_seasons(coefs, readings, shapes)
 
 
 # The neighbours-ridge baseline: per station, a Ridge on its own last readings, the target day's calendar
@@ -373,7 +399,8 @@ def forecast_neighbours(departure: pd.DataFrame, period: pd.DataFrame, forecast:
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.DataFrame, accepted: pd.DataFrame,
                    horizon: int = 1, climatology: pd.DataFrame | None = None,
                    ridge: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None,
-                   network: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+                   network: dict[str, pd.DataFrame] | None = None, levels: pd.DataFrame | None = None
+                   ) -> pd.DataFrame:
     """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
     Features use steps up to t only, from the ``repaired`` readings; the calendar
@@ -388,7 +415,8 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
     trained on), and ``neighbours_ridge`` the baseline forecast ``ridge`` made for
     step h (``neighbours_ridge``; empty without it): baselines; the feature
     ``ridge_change`` is made from its stacked forecast. ``network`` holds the
-    block's ``network_features`` (all 0 without it: no neighbours).
+    block's ``network_features`` (all 0 without it: no neighbours). ``levels``: the stations'
+    ``station_climatology`` (made here if None), which ``features.CLIMATE_FEATURES`` read at t and t+h.
     ``change_sd60`` is the spread of recent step-to-step changes, which scales
     the prediction interval. The ``period`` of a row is that of its target; from
     a station's last test steps, the steps beyond its record are test rows with
@@ -400,12 +428,14 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
         return pd.DataFrame(np.broadcast_to(values, repaired.shape), index=dates, columns=stations)
 
     repaired_today = (repaired != observed).astype(float).where(period != OUTSIDE)
+    coefs = baseline_climatology(observed, period, accepted) if climatology is None else climatology
+    levels = station_climatology(observed, period, accepted, coefs) if levels is None else levels
+    normal = quality_control.climatology_at(levels, dates, stations)
     wide = {name: feature(repaired, repaired_today) for name, feature in features.STATION_FEATURES.items()}
     wide.update(network or {name: table(0.0) for name in features.NETWORK_FEATURES})
     wide[SPREAD_COLUMN] = features.spread(repaired)
     usable = table(np.logical_and.reduce([values.notna().to_numpy() for values in wide.values()]))
     trained = observed.where((period == TRAIN) & accepted)
-    coefs = baseline_climatology(observed, period, accepted) if climatology is None else climatology
     drift = features.mean_change(trained)
     last_test = period.eq(TEST) & period.shift(-1, fill_value=OUTSIDE).ne(TEST)
     parts = []
@@ -414,8 +444,10 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
         # Origins within ``step`` steps of a station's last test step forecast beyond its record.
         ahead = last_test.iloc[::-1].astype(float).rolling(step, min_periods=1).max().iloc[::-1].astype(bool)
         target_period = period.shift(-step, fill_value=OUTSIDE)
+        target_normal = table(quality_control.climatology_at(levels, target_dates, stations).to_numpy())
         long = to_long({
             **wide,
+            "temp_today": repaired,
             "usable": usable,
             "step": table(step),
             "target_date": table(target_dates.to_numpy()[:, None]),
@@ -423,6 +455,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
             "target_ok": (observed.shift(-step).notna() & accepted.shift(-step, fill_value=False)).astype(float),
             "period": target_period.mask(ahead & target_period.ne(TEST), TEST),
             "climatology": table(quality_control.climatology_at(coefs, target_dates, stations).to_numpy()),
+            **{name: feature(repaired, normal, target_normal) for name, feature in features.CLIMATE_FEATURES.items()},
             "neighbours_ridge": table(np.nan) if ridge is None else table(ridge[0][step]),
             features.RIDGE_FEATURE: table(np.nan) if ridge is None else table(ridge[1][step]) - repaired,
             "drift": table(drift.reindex(stations).to_numpy()),
@@ -431,7 +464,6 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
     long = pd.concat(parts, ignore_index=True).sort_values(["station", "date", "step"], ignore_index=True) \
         if horizon > 1 else parts[0].reset_index(drop=True)
     long["doy_sin"], long["doy_cos"] = features.day_of_year_terms(pd.DatetimeIndex(long["target_date"]))
-    long["temp_today"] = long["temp_lag0"]
     return long[["station", "date", "step", "target_date", "period", "temp_today", "target", "target_ok",
                  *BASELINE_COLUMNS, SPREAD_COLUMN, *FEATURES]]
 
@@ -445,14 +477,15 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     in ``spill_folder`` and ``test_spill(spill_folder)`` when large), built ``STATION_BLOCK`` stations at a
     time on ``pool``, and the stations with test rows; PipelineError when either is empty or no test station
     was trained on. What every block needs of the whole network is made once: the climatology baseline
-    (``baseline_climatology``, with the ``detector``'s seasons), each station's neighbours
-    (``forecast_neighbours``, with the ``[forecast]`` settings ``forecast``; none without them; ``positions``:
-    ``station_positions`` of ``observed``), the departures the neighbours ridge reads and the values the
-    network features compare, and which readings the detector accepted (the flags' text compared once, not
-    three times in every block: at 1,000 stations that took the stage about a second); a block takes its
-    stations' columns and their neighbours' from them."""
+    (``baseline_climatology``, with the ``detector``'s seasons) and every station's climate for the features
+    (``station_climatology``), each station's neighbours (``forecast_neighbours``, with the ``[forecast]``
+    settings ``forecast``; none without them; ``positions``: ``station_positions`` of ``observed``), the
+    departures the neighbours ridge reads and the values the network features compare, and which readings the
+    detector accepted (the flags' text compared once, not three times in every block: at 1,000 stations that
+    took the stage about a second); a block takes its stations' columns and their neighbours' from them."""
     repaired, accepted = verdict["repaired"], verdict["flag"] == Flag.NONE
     coefs = baseline_climatology(observed, period, accepted, detector)
+    levels = station_climatology(observed, period, accepted, coefs, detector)
     departure, compared = departures(repaired, coefs), compared_values(repaired)
     located = None if positions is None else positions[observed.columns.get_indexer(departure.columns)]
     near = forecast_neighbours(departure, period, forecast, detector, located) if forecast else {}
@@ -462,7 +495,8 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
         stations = list(blocks[i])
         halo = list(dict.fromkeys([*stations, *(n for s in stations for n in near.get(s, []))]))
         return (observed[stations], period[stations], repaired[stations], accepted[stations],
-                coefs[[s for s in stations if s in coefs]], departure[[s for s in halo if s in departure]],
+                coefs[[s for s in stations if s in coefs]], levels[[s for s in stations if s in levels]],
+                departure[[s for s in halo if s in departure]],
                 {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations})
 
     # The rows stay in their blocks (on disk past SPILL_BYTES) until they are written.
@@ -504,13 +538,13 @@ def test_spill(spill_folder: Path) -> Path:
 
 def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     """The feature columns of one block of stations (observed, period, repaired and accepted readings,
-    climatology coefficients, and the departures, compared values and neighbours its ridges and network
-    features read), split into "train" and "test"."""
-    observed, period, repaired, accepted, climatology, departure, compared, near = block
+    climatology coefficients of the baseline and of the features, and the departures, compared values and
+    neighbours its ridges and network features read), split into "train" and "test"."""
+    observed, period, repaired, accepted, climatology, levels, departure, compared, near = block
     stations = list(observed.columns)
     ridge = neighbours_ridge(stations, departure, observed, period, accepted, climatology, near, horizon)
     network = network_features(stations, compared, near)
-    rows = build_features(observed, period, repaired, accepted, horizon, climatology, ridge, network)
+    rows = build_features(observed, period, repaired, accepted, horizon, climatology, ridge, network, levels)
     train = (rows["period"] == TRAIN).to_numpy()  # build_features keeps training and test rows only
     return {name: {column: rows[column].to_numpy()[chosen] for column in rows.columns}
             for name, chosen in (("train", train), ("test", ~train))}

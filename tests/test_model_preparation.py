@@ -245,16 +245,19 @@ GBR_OFF = {"gbr_max_iter": 1, "gbr_learning_rate": 0.1, "gbr_max_leaf_nodes": 2,
 
 
 def test_rows_without_the_ridge_feature_are_forecast_by_a_model_fitted_without_it():
-    """A station never trained on has no ridge of its own: its rows get the fallback model's forecast, and the
-    model of the other rows is fitted on every feature."""
+    """A station never trained on has no ridge of its own: its rows get the fallback model's forecast, from its
+    anomalies instead of its temperatures; the model of the other rows reads the temperatures and the ridge."""
     rng = np.random.default_rng(2)
     rows = pd.DataFrame({name: rng.normal(size=300) for name in features.FEATURES})
     rows["temp_today"] = 10.0
     rows["target"] = 10.0 + 2.0 * rows[features.RIDGE_FEATURE] + rows["temp_lag1"]
     ridge = model_preparation.candidates({**GBR_OFF, "ridge_alpha": 1.0})["ridge"]
     forecaster = model_preparation.fit_forecaster(ridge, rows)
-    assert forecaster.full.n_features_in_ == len(features.FEATURES)
-    assert forecaster.fallback.n_features_in_ == len(features.FEATURES) - 1
+    assert list(forecaster.full.feature_names_in_) == features.FULL_FEATURES
+    assert list(forecaster.fallback.feature_names_in_) == features.FALLBACK_FEATURES
+    assert features.RIDGE_FEATURE not in features.FALLBACK_FEATURES
+    assert not set(features.TEMPERATURE_FEATURES) & set(features.FALLBACK_FEATURES)
+    assert not set(features.CLIMATE_FEATURES) & set(features.FULL_FEATURES)
     unknown = rows.assign(**{features.RIDGE_FEATURE: np.nan})
     made = features.forecast(forecaster, pd.concat([rows.iloc[:5], unknown.iloc[:5]]))
     assert np.isfinite(made).all()

@@ -603,6 +603,31 @@ def test_ground_truth_is_read_a_few_files_at_a_time_with_the_same_scores(project
     assert truth["date"].min() >= "2021-06-01" and truth["station"].is_monotonic_increasing
 
 
+def test_a_held_out_station_of_another_climate_is_forecast_from_its_own(tmp_path):
+    """A held-out station 14 °C colder than the stations trained on (a mountain beside lowlands) is forecast
+    from its own climate, learned from its days before the test period, not pulled towards theirs."""
+    (tmp_path / "own").mkdir()
+    days = pd.date_range("2018-01-01", periods=3 * 365, freq="D")
+    rng = np.random.default_rng(1)
+    season = -np.cos(2 * np.pi * (days.day_of_year.to_numpy() - 20) / 365.25)
+    shared = np.zeros(len(days))
+    for day in range(1, len(days)):  # the region's weather: an AR(1) that every station reads
+        shared[day] = 0.7 * shared[day - 1] + rng.normal(0, 2.5)
+    for name, mean, amplitude in (("LOW1", 13.0, 9.0), ("LOW2", 12.0, 10.0), ("LOW3", 14.0, 8.0),
+                                  ("PEAK", -1.0, 7.0)):  # the last by name is held out
+        values = np.round(mean + amplitude * season + shared + rng.normal(0, 0.7, len(days)), 1)
+        pd.DataFrame({"date": days.strftime("%Y-%m-%d"), "temperature": values}).to_csv(
+            tmp_path / f"own/{name}.csv", index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=1)
+    run_all(tmp_path / "root", params)
+    predictions = pd.read_csv(tmp_path / "root/reports/predictions.csv").query("station == 'PEAK'")
+    error = (predictions["model"] - predictions["observed"]).dropna()
+    assert abs(error.mean()) < 0.5, f"held-out station forecast {error.mean():+.2f} °C off on average"
+    held_out = json.loads((tmp_path / "root/models/metrics.json").read_text())[
+        "forecast"]["observed"]["holdout_stations"]
+    assert held_out["model"]["mae"] < held_out["persistence"]["mae"]
+
+
 def test_a_station_never_trained_on_without_held_out_stations_is_named(tmp_path, capsys):
     """With data.holdout_stations = 0, a station whose days all fall in the test period is scored on the
     holdout_stations rows: stage 4 says which and why."""

@@ -26,6 +26,9 @@ STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
 STAGES = list(STAGE_SECTIONS)
 MAX_PARAMS_BYTES = 1 << 20
 MAX_MISSING_CODES = 100
+# The years a simulation may span. Its dates beyond pandas' time stamps (nanoseconds since 1970 end on
+# 2262-04-11) were written as times of another day, and stage 2 refused its own raw files.
+FIRST_YEAR, LAST_YEAR = 1800, 2261
 
 
 LOCAL_CLUSTER = "local:"
@@ -313,9 +316,10 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
         start = dt.date.fromisoformat(sim["start_date"])
     except ValueError:
         raise PipelineError(f"{path}: simulation.start_date must be YYYY-MM-DD, got {sim['start_date']!r}") from None
-    if not 1800 <= start.year <= 9999 - sim["n_years"]:
+    if not FIRST_YEAR <= start.year <= LAST_YEAR - sim["n_years"]:
         raise PipelineError(f"{path}: simulation.start_date {sim['start_date']!r} plus simulation.n_years = "
-                            f"{sim['n_years']} must stay within the years 1800 to 9999")
+                            f"{sim['n_years']} must stay within the years {FIRST_YEAR} to {LAST_YEAR} (pandas' "
+                            "time stamps end in April 2262)")
     if pre["min_temp"] >= pre["max_temp"]:
         raise PipelineError(f"{path}: preprocessing.min_temp must be below preprocessing.max_temp")
     imp = s["import"]

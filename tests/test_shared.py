@@ -35,7 +35,8 @@ from station_forecast.params import load_params
     (lambda t: t.replace('date_column = "date"', 'date_column = 3'), "import.date_column must be str or list, got 3"),
     (lambda t: t.replace('temperature_column = "temperature"', 'temperature_column = ["TMAX", "TMIN", "TAVG"]'),
      "or two different columns whose mean is the day's reading"),
-    (lambda t: t.replace('"2019-01-01"', '"9999-01-01"'), "must stay within the years 1800 to 9999"),
+    (lambda t: t.replace('"2019-01-01"', '"9999-01-01"'), "must stay within the years 1800 to 2261"),
+    (lambda t: t.replace('"2019-01-01"', '"2258-01-01"'), "must stay within the years 1800 to 2261"),
 ])
 def test_bad_parameters_get_one_clear_message(tmp_path, edit, message):
     path = tmp_path / "params.toml"

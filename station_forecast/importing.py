@@ -57,7 +57,10 @@ LOWEST_ELEVATION = -500.0
 # is dropped quietly, but that many are a unit read wrongly (°F as °C: every summer day) or an undeclared code.
 IMPOSSIBLE_SHARE = 0.01
 # Spellings of "no reading" in real station files; compared in lower case.
-MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "m", "missing"]
+MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "---", "m", "missing"]
+# Marks some archives write right after a value: the UK Met Office's historic station data "7.2*" (estimated),
+# NOAA's Global Summary of the Day "87.1*" (from hourly readings). The value is a reading, read without its mark.
+VALUE_MARKS = "*#"
 DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
                 "impossible", "conflicting_duplicate", "incomplete_day"]
 # Readings at several times of a day make one daily value (the day's quantity: mean, max or min) where the day
@@ -105,7 +108,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
-    values, missing, code = _readings_as_written(table, imp)
+    values, missing, code, marked = _readings_as_written(table, imp)
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
@@ -145,10 +148,12 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "preamble": int(table.attrs.get("preamble", 0)),
         "other_elements": int(table.attrs.get("other_elements", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
+        "marked": int(marked.sum()),
     }
-    for reason in ("impossible", "not_a_number"):  # the first such value as written says what to set, or fix
+    examples = {**reasons, "marked": marked}
+    for reason in ("impossible", "not_a_number", "marked"):  # the first such value as written says what to set, or fix
         if report[reason]:
-            row = int(np.argmax(reasons[reason].to_numpy()))
+            row = int(np.argmax(examples[reason].to_numpy()))
             report[f"{reason}_example"] = "/".join(table[name].iat[row].strip() for name in temperature_columns(imp))
     if kept.empty and not _misread(report):  # a station without readings (one closed before the archive's years)
         report.update(frequency="unknown", steps_without_reading=0)
@@ -421,6 +426,8 @@ def _describe(report: dict) -> str:
 
     parts = [f"{report[reason]} {reason.replace('_', ' ')}{example(reason)}" for reason in DROP_REASONS
              if report.get(reason)]
+    if report.get("marked"):
+        parts.append(f"{report['marked']} values read without their mark (e.g. {report['marked_example']!r})")
     if report.get("repeated_rows"):
         parts.append(f"{report['repeated_rows']} repeated rows merged")
     if report.get("within_days"):
@@ -565,38 +572,48 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     return stations
 
 
-def _readings_as_written(table: pd.DataFrame, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series]:
+def _readings_as_written(table: pd.DataFrame, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series, pd.Series]:
     """A table's readings (``import.temperature_column``; the mean of the two where it names a day's maximum and
     minimum) as numbers in the file's unit (NaN where not a number), where it says "no reading" (empty,
-    ``MISSING_MARKERS``; either column, for two) and where it holds a declared missing code (either column). A
-    decimal comma ("12,5", as European archives write it) is a point where the comma is not the delimiter, and
-    the minus sign of typeset tables (U+2212) a minus."""
+    ``MISSING_MARKERS``; either column, for two), where it holds a declared missing code (either column) and
+    where a value was read without a mark after it (``VALUE_MARKS``; either column). A decimal comma ("12,5", as
+    European archives write it) is a point where the comma is not the delimiter, and the minus sign of typeset
+    tables (U+2212) a minus."""
     columns = [_column_as_written(table[name], imp) for name in temperature_columns(imp)]
     if len(columns) == 1:
         return columns[0]
-    (high, high_missing, high_code), (low, low_missing, low_code) = columns
-    return (high + low) / 2, high_missing | low_missing, high_code | low_code
+    (high, high_missing, high_code, high_marked), (low, low_missing, low_code, low_marked) = columns
+    return (high + low) / 2, high_missing | low_missing, high_code | low_code, high_marked | low_marked
 
 
-def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series]:
+def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Series, pd.Series, pd.Series]:
     text = column.str.strip()
     if imp["delimiter"] != ",":
         text = text.str.replace(",", ".", regex=False)
     missing = text.str.lower().isin(MISSING_MARKERS)
     values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)  # whole degrees too
-    # The minus sign of typeset tables (U+2212, as web pages and word processors write it) is a minus; looked
-    # for only in what did not read as a number, which is few values or none.
-    retry = values.isna() & ~missing & text.notna()
-    if retry.any():
-        values[retry] = pd.to_numeric(text[retry].str.replace("\u2212", "-", regex=False), errors="coerce")
+    # The minus sign of typeset tables (U+2212, as web pages and word processors write it) is a minus, and a
+    # value may carry a mark after it; looked for only in what did not read as a number, few values or none.
+    retry = np.flatnonzero((values.isna() & ~missing & text.notna()).to_numpy())
+    marked = np.zeros(len(text), dtype=bool)
+    if len(retry):
+        typeset = text.iloc[retry].str.replace("\u2212", "-", regex=False)
+        read = np.array(pd.to_numeric(typeset, errors="coerce"), dtype=float)  # a copy: it is written to
+        unmarked = typeset.str.rstrip(VALUE_MARKS)
+        again = np.isnan(read) & (unmarked != typeset).to_numpy()
+        read[again] = pd.to_numeric(unmarked[again], errors="coerce")
+        marked[retry[again]] = ~np.isnan(read[again])
+        values = values.copy()
+        values.iloc[retry] = read
     # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
-    return values, missing, values.isin([float(value) for value in imp["missing_values"]])
+    return (values, missing, values.isin([float(value) for value in imp["missing_values"]]),
+            pd.Series(marked, index=text.index))
 
 
 def _holds_readings(table: pd.DataFrame, imp: dict) -> bool:
     """Whether a station's rows hold a reading: anything but empty fields, "no reading" markers and declared
     codes."""
-    _, missing, code = _readings_as_written(table, imp)
+    _, missing, code, _ = _readings_as_written(table, imp)
     return not (missing | code).all()
 
 

@@ -1082,6 +1082,32 @@ def test_a_typeset_minus_and_kelvins_read_as_the_plain_file_in_celsius(tmp_path)
     pd.testing.assert_frame_equal(table, expected)
 
 
+def test_a_met_office_station_file_reads_its_marked_values_and_dashes(tmp_path, capsys):
+    """The UK Met Office's historic station data, as shipped: notes, then monthly columns aligned with spaces
+    under a header and a line of units, estimated values marked "7.2*", missing ones "---", "Provisional" after
+    the latest months. A marked value is the reading (the log counts them), dashes are no reading."""
+    notes = ["Oxford", "Location: 450900E 207200N, Lat 51.761 Lon -1.262, 63 metres amsl",
+             "Estimated data is marked with a * after the value.",
+             "Missing data (more than 2 days missing in month) is marked by  ---.",
+             "   yyyy  mm   tmax    tmin      af    rain     sun", "              degC    degC    days      mm   hours"]
+    months = pd.date_range("2015-01-01", periods=96, freq="MS")
+    tmax = np.round(14 + 7 * np.sin(2 * np.pi * (months.month.to_numpy() - 4) / 12), 1)
+    written = [f"{value:.1f}" for value in tmax]
+    written[3], written[10], written[40] = f"{tmax[3]:.1f}*", "---", f"{tmax[40]:.1f}#"
+    rows = [f"   {day.year}  {day.month:2d}  {value:>6}    2.0       0    50.0     ---" for day, value in zip(
+        months, written, strict=True)]
+    rows[-1] += "  Provisional"
+    path = tmp_path / "OXFORD.csv"
+    path.write_text("\n".join(notes + rows) + "\n")
+    imp = {**_import_params()["import"], "date_column": ["yyyy", "mm"], "temperature_column": "tmax",
+           "date_format": "%Y %m", "delimiter": "whitespace", "unit": "C"}
+    table, report = importing.read_user_station(path, imp, -90.0, 60.0)
+    assert len(table) == 95 and report["missing_value"] == 1 and report["not_a_number"] == 0
+    assert report["marked"] == 2 and report["marked_example"] == f"{tmax[3]:.1f}*"
+    np.testing.assert_allclose(table["temperature"], np.delete(tmax, 10))
+    assert "2 values read without their mark (e.g. '" in importing._describe(report)
+
+
 def test_files_in_fahrenheit_read_as_celsius_are_named_in_one_warning(tmp_path, capsys):
     """°F read as °C loses every summer day as impossible and keeps the rest, wrong: the log says so once. A
     sentinel now and then (the real-format file's one 999.9 in 1,078 rows) is dropped without it."""

@@ -146,6 +146,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         "out_of_order": bool(not usable["date"].is_monotonic_increasing),
         "repeated_header": int(table.attrs.get("repeated_header", 0)),
         "preamble": int(table.attrs.get("preamble", 0)),
+        "notes": int(table.attrs.get("notes", 0)),
         "other_elements": int(table.attrs.get("other_elements", 0)),
         "encoding": table.attrs.get("encoding", "utf-8"),
         "marked": int(marked.sum()),
@@ -275,7 +276,7 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
             raise PipelineError(f"{path}: a GHCN-Daily .dly file is read as its by-station CSV file would be: "
                                 f"{BY_STATION_SETTINGS}")
         text = dly_as_csv(text, path)
-    text, preamble = (text, 0) if headerless else _from_header(text, set(named), imp["delimiter"])
+    text, preamble = _from_first_reading(text, imp) if headerless else _from_header(text, set(named), imp["delimiter"])
 
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
@@ -311,7 +312,8 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     if table.empty:
         raise PipelineError(f"{path}: header only, no data rows")
     table = table.fillna("")  # a short last line (a truncated file) leaves its fields empty
-    attrs = {"repeated_header": int(repeats.sum()), "encoding": encoding, "preamble": preamble}
+    attrs = {"repeated_header": int(repeats.sum()), "encoding": encoding,
+             "notes" if headerless else "preamble": preamble}
     if imp["element_column"]:
         table = elements_as_columns(table, imp, path)
     table.attrs.update(attrs)
@@ -420,6 +422,28 @@ def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]
     return text, 0
 
 
+def _from_first_reading(text: str, imp: dict) -> tuple[str, int]:
+    """A file without a header from its first reading on, and how many lines came before it. Some archives
+    (the Japan Meteorological Agency's downloads among them) open their files with the time of the download, the
+    station's name and lines of column titles, none of which hold a date: the readings begin at the first of the
+    first ``PREAMBLE_LINES`` lines whose date column(s) read under ``date_format``; the file as it is where
+    none does (its first line then stops the stage, or counts as a bad date)."""
+    positions = [int(name[1:]) - 1 for name in date_columns(imp)]
+    start = 0
+    for number in range(PREAMBLE_LINES):
+        end = text.find("\n", start)
+        line = (text[start:] if end < 0 else text[start:end]).rstrip("\r")
+        fields = line.split() if imp["delimiter"] == WHITESPACE else line.split(separator(imp["delimiter"]))
+        if line.strip() and max(positions) < len(fields):
+            written = " ".join(fields[i].strip().strip('"') for i in positions)
+            if parse_stamps(pd.Series([written]), imp["date_format"]).notna().iat[0]:
+                return (text[start:], number) if number else (text, 0)
+        if end < 0:
+            break
+        start = end + 1
+    return text, 0
+
+
 def _describe(report: dict) -> str:
     def example(reason: str) -> str:  # the impossible ones are shown by the warning of many
         return f" (e.g. {report['not_a_number_example']!r})" if reason == "not_a_number" else ""
@@ -439,6 +463,8 @@ def _describe(report: dict) -> str:
         parts.append(LATIN1_READ)
     if report.get("preamble"):
         parts.append(f"{report['preamble']} lines before the header skipped")
+    if report.get("notes"):
+        parts.append(f"{report['notes']} lines before the first reading skipped")
     if report.get("repeated_header"):
         parts.append(f"{report['repeated_header']} repeated header line(s) skipped (files joined together)")
     if report.get("other_elements"):
@@ -529,7 +555,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     for path in files:
         table = _read_user_csv(path, imp)
         skipped = {key: table.attrs.get(key, 0)  # the file's lines, no station's
-                   for key in ("preamble", "repeated_header", "other_elements")}
+                   for key in ("preamble", "notes", "repeated_header", "other_elements")}
         if any(skipped.values()):
             log.info("%s: %s", path.name, _describe(skipped))
         encodings[path.name] = table.attrs["encoding"]

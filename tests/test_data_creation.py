@@ -1108,6 +1108,26 @@ def test_a_met_office_station_file_reads_its_marked_values_and_dashes(tmp_path, 
     assert "2 values read without their mark (e.g. '" in importing._describe(report)
 
 
+def test_a_file_without_a_header_skips_the_notes_before_its_first_reading(tmp_path):
+    """The Japan Meteorological Agency's downloads, as shipped: Shift_JIS, the time of the download, blank lines,
+    the station's name and two lines of column titles, then "2015/1/1,6.7,8,1" (date, reading, quality,
+    homogeneity). Read by position, the readings are those of the file without the lines before them."""
+    days = pd.date_range("2015-01-01", periods=90, freq="D")
+    readings = [f"{day.year}/{day.month}/{day.day},{5 + i / 10:.1f},8,1" for i, day in enumerate(days)]
+    notes = ["ダウンロードした時刻：2023/01/05 10:00:00", "", "", "東京,東京,東京",
+             "年月日,平均気温(℃),平均気温(℃),平均気温(℃)", ",,品質情報,均質番号"]
+    shipped, plain = tmp_path / "TOKYO.csv", tmp_path / "PLAIN.csv"
+    shipped.write_bytes(("\r\n".join(notes + readings) + "\r\n").encode("shift_jis"))
+    plain.write_text("\n".join(readings) + "\n")
+    imp = {**_import_params()["import"], "date_column": "#1", "temperature_column": "#2",
+           "date_format": "%Y/%m/%d", "delimiter": ",", "unit": "C"}
+    expected, _ = importing.read_user_station(plain, imp, -90.0, 60.0)
+    table, report = importing.read_user_station(shipped, imp, -90.0, 60.0)
+    pd.testing.assert_frame_equal(table, expected)
+    assert len(table) == 90 and report["notes"] == 6 and report["bad_date"] == 0
+    assert "6 lines before the first reading skipped" in importing._describe(report)
+
+
 def test_files_in_fahrenheit_read_as_celsius_are_named_in_one_warning(tmp_path, capsys):
     """°F read as °C loses every summer day as impossible and keeps the rest, wrong: the log says so once. A
     sentinel now and then (the real-format file's one 999.9 in 1,078 rows) is dropped without it."""

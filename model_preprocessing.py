@@ -804,7 +804,10 @@ def log_without_neighbours(detector: dict, min_correlation: float) -> None:
     lonely = quality_control.without_neighbours(detector)
     if not lonely or len(detector.get("stations", {})) < 2:  # a station alone has none to have
         return
-    named = [f"{station}: best {nearest['correlation']:.2f}, {nearest['station']}" if nearest else
+    def best(nearest: dict) -> str:  # rounded down: 0.6996 under min_correlation = 0.7 reads 0.69, not 0.70
+        return f"best {np.floor(nearest['correlation'] * 100) / 100:.2f}, {nearest['station']}"
+
+    named = [f"{station}: {best(nearest)}" if nearest else
              f"{station}: none shares {quality_control.MIN_OVERLAP_DAYS} days with it"
              for station, nearest in list(lonely.items())[:3]]
     log.warning("%d station(s) with no neighbour whose daily anomalies correlate at least "

@@ -1114,7 +1114,7 @@ def test_a_file_without_a_header_skips_the_notes_before_its_first_reading(tmp_pa
     homogeneity). Read by position, the readings are those of the file without the lines before them."""
     days = pd.date_range("2015-01-01", periods=90, freq="D")
     readings = [f"{day.year}/{day.month}/{day.day},{5 + i / 10:.1f},8,1" for i, day in enumerate(days)]
-    notes = ["ダウンロードした時刻：2023/01/05 10:00:00", "", "", "東京,東京,東京",
+    notes = ["ダウンロードした時刻\uff1a2023/01/05 10:00:00", "", "", "東京,東京,東京",
              "年月日,平均気温(℃),平均気温(℃),平均気温(℃)", ",,品質情報,均質番号"]
     shipped, plain = tmp_path / "TOKYO.csv", tmp_path / "PLAIN.csv"
     shipped.write_bytes(("\r\n".join(notes + readings) + "\r\n").encode("shift_jis"))

@@ -454,6 +454,16 @@ def test_stage_2_names_a_station_left_without_a_neighbour(project, tmp_path, cap
     assert quality_control.without_neighbours(detector).keys() == {station}
 
 
+def test_a_best_correlation_just_under_the_least_is_not_shown_as_reaching_it(caplog):
+    """0.6996 under min_correlation = 0.7 reads "best 0.69": "0.70" would read as meeting the least."""
+    detector = {"stations": {"HILL": {"neighbours": {"buddies": [], "nearest": {"station": "VALE", "correlation":
+                                                                                 0.6996}}},
+                             "VALE": {"neighbours": {"buddies": [{"station": "HILL"}]}}}}
+    with caplog.at_level("WARNING", logger="pipeline"):
+        model_preprocessing.log_without_neighbours(detector, 0.7)
+    assert "(HILL: best 0.69, VALE)" in caplog.text
+
+
 def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
     """A station list that names one station twice: stage 2 says which two files, and neither is the other's
     neighbour in the detector or in the forecast features."""

@@ -399,7 +399,7 @@ def forecast_neighbours(departure: pd.DataFrame, period: pd.DataFrame, forecast:
 def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.DataFrame, accepted: pd.DataFrame,
                    horizon: int = 1, climatology: pd.DataFrame | None = None,
                    ridge: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None,
-                   network: dict[str, pd.DataFrame] | None = None, levels: pd.DataFrame | None = None
+                   network: dict[str, pd.DataFrame] | None = None, climates: pd.DataFrame | None = None
                    ) -> pd.DataFrame:
     """Rows per station, forecast origin t and step h = 1..``horizon``: the features for forecasting t+h.
 
@@ -415,7 +415,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
     trained on), and ``neighbours_ridge`` the baseline forecast ``ridge`` made for
     step h (``neighbours_ridge``; empty without it): baselines; the feature
     ``ridge_change`` is made from its stacked forecast. ``network`` holds the
-    block's ``network_features`` (all 0 without it: no neighbours). ``levels``: the stations'
+    block's ``network_features`` (all 0 without it: no neighbours). ``climates``: the stations'
     ``station_climatology`` (made here if None), which ``features.CLIMATE_FEATURES`` read at t and t+h.
     ``change_sd60`` is the spread of recent step-to-step changes, which scales
     the prediction interval. The ``period`` of a row is that of its target; from
@@ -429,8 +429,8 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
 
     repaired_today = (repaired != observed).astype(float).where(period != OUTSIDE)
     coefs = baseline_climatology(observed, period, accepted) if climatology is None else climatology
-    levels = station_climatology(observed, period, accepted, coefs) if levels is None else levels
-    normal = quality_control.climatology_at(levels, dates, stations)
+    climates = station_climatology(observed, period, accepted, coefs) if climates is None else climates
+    normal = quality_control.climatology_at(climates, dates, stations)
     wide = {name: feature(repaired, repaired_today) for name, feature in features.STATION_FEATURES.items()}
     wide.update(network or {name: table(0.0) for name in features.NETWORK_FEATURES})
     wide[SPREAD_COLUMN] = features.spread(repaired)
@@ -444,7 +444,7 @@ def build_features(observed: pd.DataFrame, period: pd.DataFrame, repaired: pd.Da
         # Origins within ``step`` steps of a station's last test step forecast beyond its record.
         ahead = last_test.iloc[::-1].astype(float).rolling(step, min_periods=1).max().iloc[::-1].astype(bool)
         target_period = period.shift(-step, fill_value=OUTSIDE)
-        target_normal = table(quality_control.climatology_at(levels, target_dates, stations).to_numpy())
+        target_normal = table(quality_control.climatology_at(climates, target_dates, stations).to_numpy())
         long = to_long({
             **wide,
             "temp_today": repaired,
@@ -485,7 +485,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     took the stage about a second); a block takes its stations' columns and their neighbours' from them."""
     repaired, accepted = verdict["repaired"], verdict["flag"] == Flag.NONE
     coefs = baseline_climatology(observed, period, accepted, detector)
-    levels = station_climatology(observed, period, accepted, coefs, detector)
+    climates = station_climatology(observed, period, accepted, coefs, detector)
     departure, compared = departures(repaired, coefs), compared_values(repaired)
     located = None if positions is None else positions[observed.columns.get_indexer(departure.columns)]
     near = forecast_neighbours(departure, period, forecast, detector, located) if forecast else {}
@@ -495,7 +495,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
         stations = list(blocks[i])
         halo = list(dict.fromkeys([*stations, *(n for s in stations for n in near.get(s, []))]))
         return (observed[stations], period[stations], repaired[stations], accepted[stations],
-                coefs[[s for s in stations if s in coefs]], levels[[s for s in stations if s in levels]],
+                coefs[[s for s in stations if s in coefs]], climates[[s for s in stations if s in climates]],
                 departure[[s for s in halo if s in departure]],
                 {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations})
 
@@ -540,11 +540,11 @@ def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     """The feature columns of one block of stations (observed, period, repaired and accepted readings,
     climatology coefficients of the baseline and of the features, and the departures, compared values and
     neighbours its ridges and network features read), split into "train" and "test"."""
-    observed, period, repaired, accepted, climatology, levels, departure, compared, near = block
+    observed, period, repaired, accepted, climatology, climates, departure, compared, near = block
     stations = list(observed.columns)
     ridge = neighbours_ridge(stations, departure, observed, period, accepted, climatology, near, horizon)
     network = network_features(stations, compared, near)
-    rows = build_features(observed, period, repaired, accepted, horizon, climatology, ridge, network, levels)
+    rows = build_features(observed, period, repaired, accepted, horizon, climatology, ridge, network, climates)
     train = (rows["period"] == TRAIN).to_numpy()  # build_features keeps training and test rows only
     return {name: {column: rows[column].to_numpy()[chosen] for column in rows.columns}
             for name, chosen in (("train", train), ("test", ~train))}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -409,17 +410,8 @@ def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]
     """The text from its header on, and how many lines came before it. Some archives (ECA&D among them) open
     their files with lines of licence and notes: the header is then the first of the first
     ``PREAMBLE_LINES`` lines that names every column ``wanted``."""
-    start = 0
-    for number in range(PREAMBLE_LINES):
-        end = text.find("\n", start)
-        line = text[start:] if end < 0 else text[start:end]
-        fields = line.split() if delimiter == WHITESPACE else line.split(delimiter)
-        if wanted <= {field.strip().strip('"') for field in fields}:
-            return (text[start:], number) if number else (text, 0)
-        if end < 0:
-            break
-        start = end + 1
-    return text, 0
+    return _from_first_line(text, lambda line: wanted <= {field.strip().strip('"')
+                                                          for field in _fields(line, delimiter)})
 
 
 def _from_first_reading(text: str, imp: dict) -> tuple[str, int]:
@@ -429,19 +421,33 @@ def _from_first_reading(text: str, imp: dict) -> tuple[str, int]:
     first ``PREAMBLE_LINES`` lines whose date column(s) read under ``date_format``; the file as it is where
     none does (its first line then stops the stage, or counts as a bad date)."""
     positions = [int(name[1:]) - 1 for name in date_columns(imp)]
+
+    def dated(line: str) -> bool:
+        fields = _fields(line, imp["delimiter"])
+        if not line.strip() or max(positions) >= len(fields):
+            return False
+        written = " ".join(fields[i].strip().strip('"') for i in positions)
+        return bool(parse_stamps(pd.Series([written]), imp["date_format"]).notna().iat[0])
+
+    return _from_first_line(text, dated)
+
+
+def _from_first_line(text: str, wanted: Callable[[str], bool]) -> tuple[str, int]:
+    """The text from the first of its first ``PREAMBLE_LINES`` lines that is ``wanted`` on, and how many lines
+    came before it; the whole text and 0 where none is."""
     start = 0
     for number in range(PREAMBLE_LINES):
         end = text.find("\n", start)
-        line = (text[start:] if end < 0 else text[start:end]).rstrip("\r")
-        fields = line.split() if imp["delimiter"] == WHITESPACE else line.split(separator(imp["delimiter"]))
-        if line.strip() and max(positions) < len(fields):
-            written = " ".join(fields[i].strip().strip('"') for i in positions)
-            if parse_stamps(pd.Series([written]), imp["date_format"]).notna().iat[0]:
-                return (text[start:], number) if number else (text, 0)
+        if wanted((text[start:] if end < 0 else text[start:end]).rstrip("\r")):
+            return (text[start:], number) if number else (text, 0)
         if end < 0:
             break
         start = end + 1
     return text, 0
+
+
+def _fields(line: str, delimiter: str) -> list[str]:
+    return line.split() if delimiter == WHITESPACE else line.split(delimiter)
 
 
 def _describe(report: dict) -> str:

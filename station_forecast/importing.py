@@ -195,11 +195,17 @@ def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:
     """Dates (and times) as written, NaT where one does not match ``date_format``. A UTC offset at the end
     (``%z``: ``+02:00``, ``+0200`` or ``Z``, as ISO 8601 time stamps carry it) is dropped, not applied: the
     local date and time as written is the station's day, which a daily value means, and an offset that
-    changes with daylight saving time would otherwise mix time zones in one column."""
+    changes with daylight saving time would otherwise mix time zones in one column. A two-digit year (``%y``)
+    is of the hundred years up to today (Python reads 00-68 as 2000-2068)."""
     if date_format.rstrip().endswith("%z"):
         text = text.str.replace(r"\s*(?:[+-]\d{2}:?\d{2}|Z)$", "", regex=True)
         date_format = date_format.rstrip()[:-2].rstrip()
-    return pd.to_datetime(text, format=date_format, errors="coerce")
+    stamps = pd.to_datetime(text, format=date_format, errors="coerce")
+    if "%y" in date_format:  # "65" is 1965, not 2065: no record holds readings from the future
+        future = stamps > pd.Timestamp.now(tz="UTC").tz_localize(None)
+        if future.any():
+            stamps = stamps.where(~future, stamps - pd.DateOffset(years=100))
+    return stamps
 
 
 def _daily(readings: pd.DataFrame, quantity: str) -> tuple[pd.DataFrame, int, int]:

@@ -1128,6 +1128,22 @@ def test_a_file_without_a_header_skips_the_notes_before_its_first_reading(tmp_pa
     assert "6 lines before the first reading skipped" in importing._describe(report)
 
 
+def test_two_digit_years_are_of_the_hundred_years_up_to_today(tmp_path):
+    """An old record written "01/01/55" is from 1955: read as 2055 (Python's rule for 00-68), its days up to
+    1968 were dropped as from the future."""
+    days = pd.date_range("1950-01-01", "1979-12-31", freq="D")
+    values = np.round(10 + 10 * np.sin(np.arange(len(days)) / 58.0), 1)
+    imp = {**_import_params()["import"], "date_column": "date", "temperature_column": "temperature",
+           "delimiter": ",", "unit": "C"}
+    tables = {}
+    for name, written in (("FOUR", "%d/%m/%Y"), ("TWO", "%d/%m/%y")):
+        path = tmp_path / f"{name}.csv"
+        pd.DataFrame({"date": days.strftime(written), "temperature": values}).to_csv(path, index=False)
+        tables[name], report = importing.read_user_station(path, {**imp, "date_format": written}, -90.0, 60.0)
+        assert report["future_date"] == 0 and report["kept"] == len(days)
+    pd.testing.assert_frame_equal(tables["TWO"], tables["FOUR"])
+
+
 def test_files_in_fahrenheit_read_as_celsius_are_named_in_one_warning(tmp_path, capsys):
     """°F read as °C loses every summer day as impossible and keeps the rest, wrong: the log says so once. A
     sentinel now and then (the real-format file's one 999.9 in 1,078 rows) is dropped without it."""

@@ -108,7 +108,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     if dates.isna().all():
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
-                            f"{imp['date_format']!r} (the first is {date_text.iat[0]!r})")
+                            f"{imp['date_format']!r} (the first is {date_text.iat[0]!r}){_numbered_days(date_text)}")
     values, missing, code, marked = _readings_as_written(table, imp)
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
@@ -206,6 +206,20 @@ def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:
         if future.any():
             stamps = stamps.where(~future, stamps - pd.DateOffset(years=100))
     return stamps
+
+
+def _numbered_days(dates: pd.Series) -> str:
+    """What dates written as whole numbers are, if they look like a spreadsheet's serial day numbers (43831 is
+    2020-01-01) or seconds since 1970, which no ``date_format`` reads; "" otherwise."""
+    numbers = pd.to_numeric(dates.head(100), errors="coerce")
+    if numbers.isna().any() or (numbers % 1 != 0).any():
+        return ""
+    if numbers.between(10_000, 80_000).all():  # 1927 to 2119
+        return ("; they look like a spreadsheet's serial day numbers (43831 is 2020-01-01): save the column "
+                "formatted as dates, e.g. YYYY-MM-DD")
+    if numbers.between(1e8, 1e10).all():
+        return "; they look like seconds since 1970 (Unix time): write them as dates, e.g. YYYY-MM-DD"
+    return ""
 
 
 def _daily(readings: pd.DataFrame, quantity: str) -> tuple[pd.DataFrame, int, int]:

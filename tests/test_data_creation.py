@@ -1144,6 +1144,20 @@ def test_two_digit_years_are_of_the_hundred_years_up_to_today(tmp_path):
     pd.testing.assert_frame_equal(tables["TWO"], tables["FOUR"])
 
 
+@pytest.mark.parametrize(("first", "said"), [(43831, "a spreadsheet's serial day numbers"),
+                                             (1577836800, "seconds since 1970")])
+def test_dates_written_as_day_or_second_numbers_are_named_as_such(tmp_path, first, said):
+    """A spreadsheet saved with its dates formatted as numbers (43831 for 2020-01-01), or Unix time: no
+    date_format reads them, and the message says what they look like."""
+    step = 1 if first < 100_000 else 86_400
+    path = tmp_path / "NUMBERED.csv"
+    pd.DataFrame({"date": first + step * np.arange(100), "temperature": 10.0}).to_csv(path, index=False)
+    imp = {**_import_params()["import"], "date_column": "date", "temperature_column": "temperature",
+           "date_format": "%Y-%m-%d", "delimiter": ",", "unit": "C"}
+    with pytest.raises(errors.PipelineError, match=f"look like {said}"):
+        importing.read_user_station(path, imp, -90.0, 60.0)
+
+
 def test_files_in_fahrenheit_read_as_celsius_are_named_in_one_warning(tmp_path, capsys):
     """°F read as °C loses every summer day as impossible and keeps the rest, wrong: the log says so once. A
     sentinel now and then (the real-format file's one 999.9 in 1,078 rows) is dropped without it."""

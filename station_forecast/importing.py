@@ -24,7 +24,7 @@ from station_forecast.errors import PipelineError
 from station_forecast.runtime import lazy_import, log
 from station_forecast.station_files import FILES_PER_CHUNK
 from station_forecast.steps import FREQUENCIES
-from station_forecast.units import to_celsius
+from station_forecast.units import WRITTEN_AFTER, to_celsius
 
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
@@ -60,7 +60,8 @@ IMPOSSIBLE_SHARE = 0.01
 # Spellings of "no reading" in real station files; compared in lower case.
 MISSING_MARKERS = ["", "na", "n/a", "nan", "null", "none", "-", "--", "---", "m", "missing"]
 # Marks some archives write right after a value: the UK Met Office's historic station data "7.2*" (estimated),
-# NOAA's Global Summary of the Day "87.1*" (from hourly readings). The value is a reading, read without its mark.
+# NOAA's Global Summary of the Day "87.1*" (from hourly readings). The value is a reading, read without its mark,
+# as is one written with the unit import.unit names ("12.5 °C": units.WRITTEN_AFTER).
 VALUE_MARKS = "*#"
 DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "ancient_date", "not_a_number",
                 "impossible", "conflicting_duplicate", "incomplete_day"]
@@ -477,7 +478,8 @@ def _describe(report: dict) -> str:
     parts = [f"{report[reason]} {reason.replace('_', ' ')}{example(reason)}" for reason in DROP_REASONS
              if report.get(reason)]
     if report.get("marked"):
-        parts.append(f"{report['marked']} values read without their mark (e.g. {report['marked_example']!r})")
+        parts.append(f"{report['marked']} values read without the mark or unit after them "
+                     f"(e.g. {report['marked_example']!r})")
     if report.get("repeated_rows"):
         parts.append(f"{report['repeated_rows']} repeated rows merged")
     if report.get("within_days"):
@@ -652,6 +654,8 @@ def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Seri
         typeset = text.iloc[retry].str.replace("\u2212", "-", regex=False)
         read = np.array(pd.to_numeric(typeset, errors="coerce"), dtype=float)  # a copy: it is written to
         unmarked = typeset.str.rstrip(VALUE_MARKS)
+        if imp["unit"] in WRITTEN_AFTER:  # "12.5 °C" where import.unit = "C" is the reading 12.5
+            unmarked = unmarked.str.replace(f"(?i){WRITTEN_AFTER[imp['unit']]}$", "", regex=True)
         again = np.isnan(read) & (unmarked != typeset).to_numpy()
         read[again] = pd.to_numeric(unmarked[again], errors="coerce")
         marked[retry[again]] = ~np.isnan(read[again])

@@ -17,6 +17,11 @@ UNITS = {
 }
 
 
+# unit -> how a value written with its unit ends ("12.5 °C", as web pages and exports of them write it; "º" is the
+# ordinal sign keyboards put in its place)
+WRITTEN_AFTER = {"C": r"\s*[°º]?\s*C", "F": r"\s*[°º]?\s*F", "K": r"\s*K"}
+
+
 # unit -> its short name in a report's "converted from ..." (none for °C and for series that are not temperatures)
 SHORT_NAMES = {"0.1C": "tenths of °C", "F": "°F", "K": "kelvins"}
 

@@ -1105,7 +1105,7 @@ def test_a_met_office_station_file_reads_its_marked_values_and_dashes(tmp_path, 
     assert len(table) == 95 and report["missing_value"] == 1 and report["not_a_number"] == 0
     assert report["marked"] == 2 and report["marked_example"] == f"{tmax[3]:.1f}*"
     np.testing.assert_allclose(table["temperature"], np.delete(tmax, 10))
-    assert "2 values read without their mark (e.g. '" in importing._describe(report)
+    assert "2 values read without the mark or unit after them (e.g. '" in importing._describe(report)
 
 
 def test_a_file_without_a_header_skips_the_notes_before_its_first_reading(tmp_path):
@@ -1126,6 +1126,19 @@ def test_a_file_without_a_header_skips_the_notes_before_its_first_reading(tmp_pa
     pd.testing.assert_frame_equal(table, expected)
     assert len(table) == 90 and report["notes"] == 6 and report["bad_date"] == 0
     assert "6 lines before the first reading skipped" in importing._describe(report)
+
+
+@pytest.mark.parametrize(("unit", "written", "read"), [
+    ("C", ["12.5 °C", "-3.0°C", "4 C", "5.5ºC", "7 °F"], [12.5, -3.0, 4.0, 5.5, None]),
+    ("F", ["54 °F", "60F", "12 °C"], [54.0, 60.0, None]),
+    ("K", ["285.1 K", "280K"], [285.1, 280.0])])
+def test_a_value_written_with_the_unit_import_names_is_read(unit, written, read):
+    """Tables copied from web pages write "12.5 °C": the unit import.unit names is read away; another unit is
+    not a number (54 °F is no reading in °C)."""
+    imp = {**_import_params()["import"], "unit": unit, "delimiter": ","}
+    values, _, _, marked = importing._column_as_written(pd.Series(written), imp)
+    np.testing.assert_array_equal(values, np.array(read, dtype=float))
+    assert list(marked) == [value is not None for value in read]
 
 
 def test_two_digit_years_are_of_the_hundred_years_up_to_today(tmp_path):

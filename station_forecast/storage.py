@@ -170,6 +170,15 @@ class Paths:
                 self.train_flags, self.test_flags, self.scaler, self.detector, self.model, self.model_record,
                 self.metrics, self.manifest]
 
+    @property
+    def replaced_whole(self) -> dict[str, tuple[list[Path], Callable[[str], bool]]]:
+        """Per stage, the folders and files it replaces whole on every run (a swap deletes whatever else they
+        hold), and the names of the files it writes there."""
+        return {"data_creation": ([self.train_raw, self.test_raw, self.truth, self.station_list],
+                                  lambda name: name.endswith(".csv")),
+                "model_testing": ([self.reports],
+                                  lambda name: name in ("summary.md", "predictions.csv") or name.endswith(".png"))}
+
     def owns(self, path: Path) -> bool:
         """Whether ``path`` is one of the folders the pipeline writes, or inside one."""
         resolved = Path(os.path.realpath(path))

@@ -792,6 +792,34 @@ def test_a_source_inside_a_folder_the_pipeline_writes_is_refused_before_anything
     assert snapshot(root) == before and (folder / "README.txt").read_text() == "the user's own notes"
 
 
+@pytest.mark.parametrize(("module", "place", "name"), [
+    (0, "data/train/raw", "MINE.csv"), (0, "data/truth", "notes.txt"), (0, "data/test/raw", "README"),
+    (3, "reports", "thesis.md")])
+def test_a_stage_never_replaces_a_folder_that_holds_a_file_it_did_not_write(project, capsys, module, place, name):
+    """A stage swaps its folders whole (data/train/raw, reports/): a person's file dropped into one would go with
+    the swap. The stage refuses, naming it, before it touches anything; its own files, and the hidden ones a
+    file manager leaves, are no reason to."""
+    root, params = project
+    (root / place / ".DS_Store").write_bytes(b"\0")
+    (root / place / name).write_text("a person's own")
+    before = snapshot(root)
+    assert run_stage(STAGES[module], root, params) == errors.EXIT_BAD_INPUT
+    assert f"{root / place / name}: not written by {STAGES[module].STAGE}.py" in capsys.readouterr().err
+    assert snapshot(root) == before
+    (root / place / name).unlink()
+    assert run_stage(STAGES[module], root, params) == 0
+
+
+def test_the_pipeline_refuses_a_foreign_file_before_any_stage_runs(project):
+    """pipeline.sh checks every folder a stage replaces whole before the first stage: a thesis in reports/
+    stops the run at once, not after three stages."""
+    root, _ = project
+    (root / "reports" / "thesis.md").write_text("a person's own")
+    assert cli.up_to_date(["layout", "--root", str(root)]) == errors.EXIT_BAD_INPUT
+    (root / "reports" / "thesis.md").unlink()
+    assert cli.up_to_date(["layout", "--root", str(root)]) == 0
+
+
 def test_accepting_a_model_never_deletes_what_the_pipeline_did_not_make(project, tmp_path):
     from station_forecast import registry
 

@@ -561,7 +561,6 @@ def main(args) -> None:
     if folder is not None and paths.owns(folder):  # the swap below would replace the user's files with ours
         raise PipelineError(f"data.source = {params['data']['source']!r} is {folder}, inside a folder the pipeline "
                             "writes and replaces; keep your station files elsewhere (e.g. own/ beside params.toml)")
-    manifest.refuse_foreign_files(paths, STAGE)
     if folder is None:  # an imported network is sized once its files are read
         sim = params["simulation"]
         runtime.check_memory(sim["n_stations"] * (sim["n_years"] * 365 + sim["n_years"] // 4),

@@ -358,7 +358,6 @@ def main(args) -> None:
         return
     paths = Paths(args.root)
     params: Params = load_params(args.params)
-    manifest.refuse_foreign_files(paths, STAGE)
     with compute.pool(params["compute"]["scheduler"], paths.root) as pool:
         _, bundle, record = load_verified(paths)
         manifest.verify_outputs_of(paths, "data_creation", storage.station_files(paths.truth))

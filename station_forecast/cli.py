@@ -308,10 +308,7 @@ def up_to_date(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stage == "layout":
         try:
-            paths = Paths(project_root(args.root))
-            check_project_layout(paths)
-            for stage in paths.replaced_whole:  # before any stage runs, not at the stage that would delete
-                manifest.refuse_foreign_files(paths, stage)
+            check_project_layout(Paths(project_root(args.root)))
         except PipelineError as exc:
             print(f"pipeline: error: {one_line(str(exc))}", file=sys.stderr)
             return exc.exit_code

@@ -327,36 +327,6 @@ def stage_entry(paths: Paths, stage: str) -> dict[str, Any]:
     return entry
 
 
-# Files a file manager or a sync client leaves in any folder a person opens: nobody's work.
-SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}
-
-
-def refuse_foreign_files(paths: Paths, stage: str) -> None:
-    """Refuse to run ``stage`` where the folders and files it replaces whole (``Paths.replaced_whole``) hold a
-    file it did not write: the swap would delete a person's file (notes in reports/, a station file dropped into
-    data/train/raw/). The stage's files are those its record in the manifest lists; with no record (a first run,
-    a damaged manifest), those whose names it writes there. Hidden files and ``SYSTEM_FILES`` are no one's
-    work and go with the folder."""
-    places, ours = paths.replaced_whole.get(stage, ([], None))
-    entry = read_manifest(paths, fresh_if_damaged=True)["stages"].get(stage)
-    recorded = entry.get("outputs") if isinstance(entry, dict) else None
-    found = []
-    for place in places:
-        files = [place] if not place.is_dir() or place.is_symlink() else sorted(place.rglob("*"))
-        for path in files:
-            if (not path.exists() and not path.is_symlink()) or (path.is_dir() and not path.is_symlink()) \
-                    or path.name.startswith(".") or path.name in SYSTEM_FILES:
-                continue
-            mine = relative(paths, path, follow=False) in recorded if isinstance(recorded, dict) else ours(path.name)
-            if not mine:
-                found.append(path)
-    if found:
-        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-        raise PipelineError(f"{found[0]}{more}: not written by {stage}.py, in a place it replaces whole on every run, "
-                            "which would delete it; move it elsewhere (your own files belong outside data/, models/ "
-                            "and reports/) and run again")
-
-
 def verify_outputs_of(paths: Paths, stage: str, files: list[Path]) -> None:
     """Refuse files that are not exactly what ``stage`` last wrote."""
     entry = stage_entry(paths, stage)

@@ -171,13 +171,14 @@ class Paths:
                 self.metrics, self.manifest]
 
     @property
-    def replaced_whole(self) -> dict[str, tuple[list[Path], Callable[[str], bool]]]:
-        """Per stage, the folders and files it replaces whole on every run (a swap deletes whatever else they
-        hold), and the names of the files it writes there."""
-        return {"data_creation": ([self.train_raw, self.test_raw, self.truth, self.station_list],
-                                  lambda name: name.endswith(".csv")),
-                "model_testing": ([self.reports],
-                                  lambda name: name in ("summary.md", "predictions.csv") or name.endswith(".png"))}
+    def replaced_whole(self) -> dict[Path, Callable[[str], bool]]:
+        """The folders a stage replaces whole on every run (the swap deletes whatever else they hold), each with
+        the names of the files it writes there (never a folder)."""
+        def station_file(name: str) -> bool:
+            return name.endswith(".csv")
+
+        return {self.train_raw: station_file, self.test_raw: station_file, self.truth: station_file,
+                self.reports: lambda name: name in ("summary.md", "predictions.csv") or name.endswith(".png")}
 
     def owns(self, path: Path) -> bool:
         """Whether ``path`` is one of the folders the pipeline writes, or inside one."""
@@ -186,10 +187,16 @@ class Paths:
                    for folder in (Path(os.path.realpath(f)) for f in self.own_folders))
 
 
+# Files a file manager leaves in any folder a person opens: nobody's work, they go with a swapped folder.
+SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}
+
+
 def check_project_layout(paths: Paths) -> None:
     """Refuse to start when a folder the pipeline writes, deletes in or swaps is a symbolic link or not a
-    folder, or when the lock or its pid file is not a regular file: through a link, a write or a delete would
-    reach files that are not the pipeline's, and opening a FIFO would hang the run."""
+    folder, when the lock or its pid file is not a regular file, or when a folder a stage replaces whole holds
+    a file or folder of a name the stage never writes there: through a link, a write or a delete would reach
+    files that are not the pipeline's, opening a FIFO would hang the run, and a swap would delete a person's
+    file (notes in reports/). Hidden files and ``SYSTEM_FILES`` go with the folder."""
     for folder in paths.own_folders:
         refuse_link(folder)
         if folder.exists() and not folder.is_dir():
@@ -200,6 +207,15 @@ def check_project_layout(paths: Paths) -> None:
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise PipelineError(f"{path}: not a regular file (a link, FIFO or folder); remove it (rm -r {path}); "
                                 "the pipeline makes it again")
+    foreign = [path for folder, ours in paths.replaced_whole.items() if folder.is_dir() and not folder.is_symlink()
+               for path in sorted(folder.iterdir())
+               if not (path.name.startswith(".") or path.name in SYSTEM_FILES
+                       or (ours(path.name) and not path.is_dir()))]
+    if foreign:  # a person's file dropped there would go with the next swap
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise PipelineError(f"{foreign[0]}{more}: not the pipeline's, in a folder it replaces whole on every run, "
+                            "which would delete it; move it elsewhere (your own files belong outside data/, models/ "
+                            "and reports/) and run again")
 
 
 # ------------------------------------------------------------------- atomic writes

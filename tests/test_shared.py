@@ -793,20 +793,22 @@ def test_a_source_inside_a_folder_the_pipeline_writes_is_refused_before_anything
 
 
 @pytest.mark.parametrize(("module", "place", "name"), [
-    (0, "data/train/raw", "MINE.csv"), (0, "data/truth", "notes.txt"), (0, "data/test/raw", "README"),
-    (3, "reports", "thesis.md")])
+    (0, "data/train/raw", "notes.txt"), (0, "data/truth", "old/ST001.csv"), (0, "data/test/raw", "README"),
+    (3, "reports", "thesis.md"), (3, "reports", "drafts/summary.md")])
 def test_a_stage_never_replaces_a_folder_that_holds_a_file_it_did_not_write(project, capsys, module, place, name):
-    """A stage swaps its folders whole (data/train/raw, reports/): a person's file dropped into one would go with
-    the swap. The stage refuses, naming it, before it touches anything; its own files, and the hidden ones a
-    file manager leaves, are no reason to."""
+    """A stage swaps some folders whole (data/train/raw, reports/): a person's file dropped into one would go
+    with the swap. The stage refuses, naming it, before it touches anything; the names it writes there, and
+    the hidden files a file manager leaves, are no reason to."""
     root, params = project
     (root / place / ".DS_Store").write_bytes(b"\0")
+    top = (root / place / name).relative_to(root / place).parts[0]
+    (root / place / name).parent.mkdir(exist_ok=True)
     (root / place / name).write_text("a person's own")
     before = snapshot(root)
     assert run_stage(STAGES[module], root, params) == errors.EXIT_BAD_INPUT
-    assert f"{root / place / name}: not written by {STAGES[module].STAGE}.py" in capsys.readouterr().err
+    assert f"{root / place / top}: not the pipeline's, in a folder it replaces whole" in capsys.readouterr().err
     assert snapshot(root) == before
-    (root / place / name).unlink()
+    storage.remove_tree(root / place / top)
     assert run_stage(STAGES[module], root, params) == 0
 
 

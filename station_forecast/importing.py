@@ -303,13 +303,17 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
 
+    # Without a header, the columns named by position that the first line has: a word after some lines' values
+    # (the Met Office's "Provisional") is then no reason to refuse the file.
+    width = len(_fields(text.split("\n", 1)[0].rstrip("\r"), imp["delimiter"]))
+    positions = sorted({int(name[1:]) - 1 for name in named if int(name[1:]) <= width}) if headerless else None
     try:
         table = _parsed(text, sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
                         skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
-                        usecols=None if headerless else used)
+                        usecols=positions if headerless else used)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
-    table.columns = [f"#{i + 1}" for i in range(table.shape[1])] if headerless else \
+    table.columns = [f"#{int(c) + 1}" for c in table.columns] if headerless else \
         [str(c).strip() for c in table.columns]
     header = text.split("\n", 1)[0].rstrip("\r")[:200]
     absent = [name for name in named if name not in table.columns]

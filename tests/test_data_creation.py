@@ -1106,6 +1106,11 @@ def test_a_met_office_station_file_reads_its_marked_values_and_dashes(tmp_path, 
     assert report["marked"] == 2 and report["marked_example"] == f"{tmax[3]:.1f}*"
     np.testing.assert_allclose(table["temperature"], np.delete(tmax, 10))
     assert "2 values read without the mark or unit after them (e.g. '" in importing._describe(report)
+    # Read by position, past the notes and titles, the word after the last month no reason to refuse the file.
+    by_position, report = importing.read_user_station(
+        path, {**imp, "date_column": ["#1", "#2"], "temperature_column": "#3"}, -90.0, 60.0)
+    pd.testing.assert_frame_equal(by_position, table)
+    assert report["notes"] == 6 and report["marked"] == 2
 
 
 def test_a_file_without_a_header_skips_the_notes_before_its_first_reading(tmp_path):

@@ -179,6 +179,9 @@ outcome() {
   fi
 }
 child="" child_stage=""
+elapsed() {  # seconds since the running stage started, to a tenth
+  awk -v a="$stage_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'
+}
 stop() {
   local signal_name="$1" code="$2"
   # The signal may come outside the main loop's `set +e` window; the stopped stage's non-zero status
@@ -195,7 +198,7 @@ stop() {
     wait "$child" 2>/dev/null
     local status=$?
     end_within 5 "${tees[@]}"  # its last words reach the terminal and the log before these lines
-    say "stage $child_stage: end, exit $status"
+    say "stage $child_stage: end, $(elapsed)s, exit $status"
     [ "$status" -eq 0 ] && ran+=("$child_stage")  # it may have finished before the signal reached it
   fi
   say "pipeline: stopped by SIG$signal_name; $(outcome)"
@@ -293,8 +296,7 @@ for i in "${!run_stages[@]}"; do
   set -e
   child=""
   wait "${tees[@]}" || true
-  duration=$(awk -v a="$stage_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-  say "stage $stage: end, ${duration}s, exit $status"
+  say "stage $stage: end, $(elapsed)s, exit $status"
   if [ "$status" -ne 0 ]; then
     end_ahead
     # A stage stopped by a signal this script did not see (bash passes over a Ctrl-C that reaches it while a

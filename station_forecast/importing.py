@@ -692,7 +692,7 @@ def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
             continue
         text = table[columns[key]].astype(str).str.strip()
         text = text[text != ""]
-        values = pd.to_numeric(text, errors="coerce")
+        values = coordinate_values(text, key)
         bad = values.isna() | (values > limit if key == "elevation" else values.abs() > limit)
         if bad.any():
             raise PipelineError(f"{where}: {key} {text[bad].iat[0]!r} is not {_coordinate(key)}")
@@ -701,6 +701,30 @@ def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:
         if values.notna().any():
             found[key] = float(values.mode().iat[0])
     return found if {"latitude", "longitude"} <= set(found) else {}  # half a position is none
+
+
+# A position in degrees as lists write it besides decimals: "+51:28:39" (ECA&D's station list), 51°28'39"N,
+# "51 28.6 N", "0.45W": an optional hemisphere or sign, degrees, then optional minutes and seconds.
+DEGREES = re.compile(r"^([NSEW])?\s*([+-])?\s*(\d+(?:\.\d+)?)\s*[:°º]?\s*"  # hemisphere, sign, degrees
+                     r"(?:(\d+(?:\.\d+)?)\s*[:'\u2032]?\s*)?"  # minutes (' or the prime sign)
+                     r'(?:(\d+(?:\.\d+)?)\s*["\u2033]?\s*)?([NSEW])?$', re.IGNORECASE)  # seconds, hemisphere
+
+
+def coordinate_values(text: pd.Series, key: str) -> pd.Series:
+    """A column of coordinates as numbers (NaN where one does not read): decimal degrees, or for latitude and
+    longitude also degrees, minutes and seconds with a sign or a hemisphere (``DEGREES``); south and west are
+    negative."""
+    values = pd.to_numeric(text, errors="coerce").astype(float)
+    retry = values.isna() & (text.str.strip() != "")
+    if key == "elevation" or not retry.any():
+        return values
+    parts = text[retry].str.strip().str.extract(DEGREES)
+    degrees = parts[2].astype(float) + parts[3].astype(float).fillna(0) / 60 + parts[4].astype(float).fillna(0) / 3600
+    hemisphere = parts[0].fillna(parts[5]).str.upper()
+    west_or_south = hemisphere.isin(["S", "W"]) | (parts[1] == "-")
+    wrong_axis = hemisphere.isin(["E", "W"] if key == "latitude" else ["N", "S"])
+    values[retry] = degrees.where(~west_or_south, -degrees).mask(wrong_axis | (parts[0].notna() & parts[5].notna()))
+    return values
 
 
 def _coordinate(key: str) -> str:
@@ -862,7 +886,7 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
     if half.any():
         raise PipelineError(f"{path}: station {table['station'][half].iat[0]!r} has a latitude or a longitude "
                             "but not both")
-    numbers = table[columns[1:]].apply(pd.to_numeric, errors="coerce").astype(float)
+    numbers = pd.DataFrame({column: coordinate_values(table[column], column) for column in columns[1:]})
     if "elevation" in numbers:
         coded = numbers["elevation"] < LOWEST_ELEVATION
         numbers["elevation"] = unknown_elevations(numbers["elevation"], path, table["station"])

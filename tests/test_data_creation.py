@@ -823,6 +823,22 @@ def test_a_broken_station_list_is_named(tmp_path, capsys, content, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_station_list_in_degrees_minutes_and_seconds_reads_as_decimal_degrees(tmp_path):
+    """ECA&D's station list writes "+51:28:39" and "-000:26:56"; other lists 51°28'39"N or 0.45W."""
+    path = tmp_path / "stations.csv"
+    path.write_text("station,name,latitude,longitude,elevation\n"
+                    "LONDON,London,+51:28:39,-000:26:56,25\n"
+                    "SYDNEY,Sydney,33°52'S,151°12'30\"E,39\n"
+                    "LISBON,Lisbon,38.72N,9.14W,77\n")
+    table = importing.read_station_list(path, ",", {"LONDON", "SYDNEY", "LISBON"}).set_index("station")
+    np.testing.assert_allclose(table.loc[["LONDON", "SYDNEY", "LISBON"], ["latitude", "longitude"]].to_numpy(),
+                               [[51 + 28 / 60 + 39 / 3600, -(26 / 60 + 56 / 3600)],
+                                [-(33 + 52 / 60), 151 + 12 / 60 + 30 / 3600], [38.72, -9.14]])
+    path.write_text("station,latitude,longitude\nLONDON,51:28:39E,0\n")
+    with pytest.raises(errors.PipelineError, match="latitude '51:28:39E' is not a number within"):
+        importing.read_station_list(path, ",", {"LONDON"})
+
+
 def test_unknowns_in_a_station_list_are_unknown_not_errors(tmp_path, capsys):
     """As archives write them: an empty elevation, GHCN's -999.9 for one, a station listed without a position."""
     root, _ = imported_with_station_list(
@@ -1430,8 +1446,8 @@ def test_a_long_form_export_s_coordinate_columns_become_the_station_list(tmp_pat
     assert listed["latitude"].tolist() == [61.0, 61.1]
     assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
     table["LATITUDE"] = table["LATITUDE"].astype(object)
-    table.loc[table.index[-1], "LATITUDE"] = "N61"
+    table.loc[table.index[-1], "LATITUDE"] = "61 North"  # (N61 reads as 61)
     table.to_csv(own / "export.csv", index=False)
     capsys.readouterr()
     assert run_stage(data_creation, root, params) == 2
-    assert "export.csv [station USW0002]: latitude 'N61' is not a number within ±90" in capsys.readouterr().err
+    assert "export.csv [station USW0002]: latitude '61 North' is not a number within ±90" in capsys.readouterr().err

@@ -303,10 +303,7 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
 
-    # Without a header, the columns named by position that the first line has: a word after some lines' values
-    # (the Met Office's "Provisional") is then no reason to refuse the file.
-    width = len(_fields(text.split("\n", 1)[0].rstrip("\r"), imp["delimiter"]))
-    positions = sorted({int(name[1:]) - 1 for name in named if int(name[1:]) <= width}) if headerless else None
+    positions = _positions_read(text, named, imp["delimiter"]) if headerless else None
     try:
         table = _parsed(text, sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
                         skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
@@ -469,6 +466,14 @@ def _from_first_line(text: str, wanted: Callable[[str], bool]) -> tuple[str, int
             break
         start = end + 1
     return text, 0
+
+
+def _positions_read(text: str, named: dict[str, str], delimiter: str) -> list[int]:
+    """The columns (from 0) a file without a header is read for: those named by position that its first line
+    has. Only those: a word after some lines' values (the Met Office's "Provisional") is then no reason to
+    refuse the file."""
+    width = len(_fields(text.split("\n", 1)[0].rstrip("\r"), delimiter))
+    return sorted({int(name[1:]) - 1 for name in named if int(name[1:]) <= width})
 
 
 def _fields(line: str, delimiter: str) -> list[str]:

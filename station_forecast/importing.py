@@ -605,9 +605,10 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
             rows.setdefault(name, []).append((path, part))
     seen: dict[str, str] = {}
     for name in rows:
-        other = seen.setdefault(name.lower(), name)
+        other = seen.setdefault(storage.name_key(name), name)
         if other != name:
-            raise PipelineError(f"station {name!r} differs from {other!r} only in case (import.station_column); "
+            raise PipelineError(f"station {name!r} differs from {other!r} only in case or in how an accent is "
+                                "encoded (import.station_column); "
                                 "one would hide the other")
     stations, without = {}, []
     for name, parts in rows.items():
@@ -877,11 +878,11 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
                             f"({', '.join(STATION_LIST_COLUMNS)}) or remove the file")
     columns = [c for c in [*STATION_LIST_COLUMNS, "elevation"] if c in table.columns]
     table = table[columns].astype(object).apply(lambda column: column.str.strip())
-    # Names are matched whatever their case (station names may not differ only in case): a list that writes
-    # "Helsinki" names the station of HELSINKI.csv.
-    imported = {name.lower(): name for name in stations}
-    table["station"] = table["station"].map(lambda name: imported.get(name.lower(), name))
-    repeated = table["station"][table["station"].str.lower().duplicated()]
+    # Names are matched whatever their case or Unicode form (station names may not differ only so): a list that
+    # writes "Helsinki" names the station of HELSINKI.csv.
+    imported = {storage.name_key(name): name for name in stations}
+    table["station"] = table["station"].map(lambda name: imported.get(storage.name_key(name), name))
+    repeated = table["station"][table["station"].map(storage.name_key).duplicated()]
     if len(repeated):
         raise PipelineError(f"{path}: station {repeated.iat[0]!r} is listed twice")
     # An empty cell is unknown: an elevation, or a station's whole position (it is then one without

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -794,6 +795,13 @@ COMPRESSED = ".gz"  # a user's station file may come gzip-compressed, as archive
 FIXED_WIDTH = ".dly"  # GHCN-Daily's by-station files in its own fixed-width layout: <station>.dly
 
 
+def name_key(name: str) -> str:
+    """What two names of one station share: the name in Unicode's composed form (NFC), lower case. A file
+    copied from macOS keeps its name decomposed ("Zu\u0308rich", NFD) where a station list typed elsewhere
+    writes "Z\u00fcrich": the same name to a reader, other bytes to the disk."""
+    return unicodedata.normalize("NFC", name).lower()
+
+
 def station_name(path: Path) -> str:
     """The station a file holds: its name without ``.csv`` (and ``.gz`` for a compressed one)."""
     name = path.name[:-len(COMPRESSED)] if path.name.lower().endswith(COMPRESSED) else path.name
@@ -827,8 +835,9 @@ def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
         if any(ord(char) < 32 or char == "\x7f" for char in name):
             raise PipelineError(f"{path!r}: a station name with a control character (a line break or a tab); "
                                 "rename the file")
-        other = seen.setdefault(name.lower(), path)
+        other = seen.setdefault(name_key(name), path)
         if other != path:
             raise PipelineError(f"{path}: names the same station as {other.name} (station names may not differ "
-                                "only in case, and a file may not be there in two forms); rename or remove one")
+                                "only in case or in how an accent is encoded, and a file may not be there in two "
+                                "forms); rename or remove one")
     return files

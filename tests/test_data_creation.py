@@ -791,6 +791,18 @@ def test_a_station_list_is_read_by_the_names_archives_give_its_columns(tmp_path,
     assert by_station.loc["C"].isna().all()  # matched whatever the case: B in the list is station b
 
 
+def test_a_station_list_names_a_station_whatever_the_unicode_form_of_its_file_name(tmp_path):
+    """macOS keeps a file's name decomposed (NFD: "u" and a combining diaeresis); a list typed elsewhere
+    writes the composed "\u00fc" (NFC). The same name to a reader: the station keeps its coordinates, under
+    its file's name."""
+    decomposed, composed = "Zu\u0308rich", "Z\u00fcrich"
+    path = tmp_path / "stations.csv"
+    path.write_text(f"station,latitude,longitude\n{composed},47.4,8.5\nK\u00f6ln,50.9,6.9\n", encoding="utf-8")
+    listed = importing.read_station_list(path, ",", {decomposed, "Ko\u0308ln"}).set_index("station")
+    assert sorted(listed.index) == sorted([decomposed, "Ko\u0308ln"])
+    assert listed.loc[decomposed].tolist() == [47.4, 8.5] and listed.loc["Ko\u0308ln"].tolist() == [50.9, 6.9]
+
+
 @pytest.mark.parametrize("separator", [",", ";", "\t", "|"])
 def test_a_station_list_is_read_with_the_delimiter_its_header_is_written_with(tmp_path, separator):
     """A list saved by hand from a spreadsheet (";" or tabs) beside station files separated by commas, or the

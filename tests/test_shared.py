@@ -539,6 +539,20 @@ def test_two_station_files_differing_only_in_case_are_refused(tmp_path, capsys):
     assert "st001.CSV: names the same station as ST001.csv (station names may not differ only in case" in err
 
 
+def test_two_station_files_differing_only_in_unicode_form_are_refused(tmp_path, capsys):
+    """"Zu\u0308rich.csv" copied from macOS (decomposed) beside "Z\u00fcrich.csv": one name to a reader."""
+    from conftest import REAL_FORMAT, write_real_format_station
+
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "Z\u00fcrich.csv")
+    write_real_format_station(own / "Zu\u0308rich.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(STAGES[0], tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "names the same station as" in err and "in how an accent is encoded" in err
+
+
 def test_a_failed_promotion_changes_neither_the_accepted_nor_the_previous_model(project, monkeypatch):
     from station_forecast import registry
 

@@ -208,7 +208,9 @@ def load_params(path: Path | str | None = None) -> Params:
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read parameters file ({exc.strerror})") from None
     try:
-        raw = tomllib.loads(raw_bytes.decode("utf-8-sig"))  # an editor's byte-order mark is not an error
+        # An editor's byte-order mark is not an error, nor Windows Notepad's "Unicode" (UTF-16 with its mark).
+        text = raw_bytes.decode("utf-16" if raw_bytes.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+        raw = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PipelineError(f"{path}: malformed parameters file ({exc})") from None
     sections = {name: _check_section(path, name, raw.get(name), schema)

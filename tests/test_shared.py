@@ -160,10 +160,13 @@ def test_killed_stage_leaves_no_partial_file_and_the_rerun_succeeds(built, tmp_p
     assert subprocess.run(stage, env=env, capture_output=True).returncode == 0
 
 
-def test_a_byte_order_mark_in_the_parameters_file_is_accepted(tmp_path):
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be"])
+def test_a_parameters_file_saved_with_a_byte_order_mark_is_accepted(tmp_path, encoding):
+    """An editor's UTF-8 mark, and Windows Notepad's "Unicode" (UTF-16 with its mark), with Windows' line ends."""
     path = tmp_path / "params.toml"
-    path.write_bytes(b"\xef\xbb\xbf" + (ROOT / "params.toml").read_bytes())
-    assert load_params(path)["simulation"]["seed"] == 42
+    text = (ROOT / "params.toml").read_text(encoding="utf-8").replace("\n", "\r\n")
+    path.write_bytes((b"\xfe\xff" if encoding == "utf-16-be" else b"") + text.encode(encoding))
+    assert load_params(path).sections == load_params(ROOT / "params.toml").sections
 
 
 def test_a_source_is_found_relative_to_the_parameters_file_or_the_home_folder(tmp_path, monkeypatch):

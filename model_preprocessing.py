@@ -749,10 +749,13 @@ def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
     to declare it (as written in the files) a missing-value code."""
     for value, code in probable_codes.iterrows():
         written = units.as_written(value, unit)
-        log.warning("%g read by up to %d stations on the same day (%d readings on %d days), far outside every "
-                    "station's climate: probably a missing-value code (%s as written in the files); the readings "
-                    "are flagged gross; declare it in [import] missing_values", value, code["most_stations"],
-                    code["readings"], code["days"], written)
+        elsewhere = code["readings"] - code["flagged"]
+        also = f"; {elsewhere} reading(s) of the same value on other days pass as weather, and declaring it " \
+               "would lose them" if elsewhere else ""
+        log.warning("%g read by up to %d stations on the same day, far outside every station's climate: probably "
+                    "a missing-value code (%s as written in the files); %d reading(s) on %d day(s) flagged gross%s; "
+                    "declare it in [import] missing_values", value, code["most_stations"], written, code["flagged"],
+                    code["flagged_days"], also)
 
 
 def log_mostly_flagged(unusable: pd.DataFrame) -> None:

@@ -40,7 +40,7 @@ def to_celsius(written: Any, unit: str) -> Any:
 def as_written(celsius: float, unit: str) -> str:
     """A value in °C as the files write it, with its unit, for messages that advise what to declare."""
     if unit == "F":
-        return f"{celsius * 9 / 5 + 32:.1f} °F"
+        return f"{round(celsius * 9 / 5 + 32, 1) + 0.0:.1f} °F"  # + 0.0: 0 °F read back is no "-0.0"
     if unit == "0.1C":
         return f"{celsius * 10:g} (tenths of °C)"
     if unit == "K":

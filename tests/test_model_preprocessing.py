@@ -464,6 +464,20 @@ def test_a_best_correlation_just_under_the_least_is_not_shown_as_reaching_it(cap
     assert "(HILL: best 0.69, VALE)" in caplog.text
 
 
+@pytest.mark.parametrize("elsewhere", [0, 2])
+def test_a_probable_code_is_named_as_written_with_what_declaring_it_would_lose(caplog, elsewhere):
+    """0 °F written for missing July days at four stations: named as written ("0.0 °F", never "-0.0"), its
+    flagged readings counted, and any reading of the same value that passed as weather (a January day at 0 °F)
+    named as what declaring the code would lose."""
+    code = round((0 - 32) * 5 / 9, 2)
+    found = pd.DataFrame({"most_stations": [4], "flagged": [8], "flagged_days": [2], "readings": [8 + elsewhere],
+                          "days": [2 + elsewhere]}, index=[code])
+    with caplog.at_level("WARNING", logger="pipeline"):
+        model_preprocessing.log_probable_codes(found, "F")
+    assert "(0.0 °F as written in the files); 8 reading(s) on 2 day(s) flagged gross" in caplog.text
+    assert ("2 reading(s) of the same value on other days pass as weather" in caplog.text) == bool(elsewhere)
+
+
 def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):
     """A station list that names one station twice: stage 2 says which two files, and neither is the other's
     neighbour in the detector or in the forecast features."""

@@ -613,7 +613,23 @@ def test_a_missing_value_code_that_every_station_writes_on_the_same_days_is_gros
         assert thresholds[station] == pytest.approx(entry["gross_threshold"] * entry["jump_scale"], rel=0.1)
     shared = verdicts.shared_values(observed, result["flag"])
     assert list(shared.index) == [round(code, 2)]
-    assert shared.iloc[0].tolist() == [6, 6 * len(shared_days) + len(lone), len(shared_days) + len(lone)]
+    flagged = [6 * len(shared_days) + len(lone), len(shared_days) + len(lone)]
+    assert shared.iloc[0].tolist() == [6, *flagged, *flagged]
+
+
+def test_a_shared_code_is_told_apart_from_the_same_value_read_as_weather_on_other_days():
+    """0 °F written for a missing July day at two stations is a code; 0 °F on a January day is weather. Both are
+    counted, apart: declaring the value missing would lose the January reading."""
+    from station_forecast.flags import Flag
+
+    code = round((0 - 32) * 5 / 9, 2)
+    observed = pd.DataFrame({"A": [20.0, code, 21.0, code], "B": [19.0, code, 22.0, 3.0],
+                             "C": [18.0, 17.0, 20.0, 4.0]}, index=pd.date_range("2020-07-01", periods=4))
+    flag = pd.DataFrame(Flag.NONE.value, index=observed.index, columns=observed.columns)
+    flag.iloc[1, :2] = Flag.GROSS.value
+    shared = verdicts.shared_values(observed, flag)
+    assert list(shared.index) == [code]
+    assert shared.loc[code].tolist() == [2, 2, 1, 3, 2]  # most stations a day; flagged, their days; all, days
 
 
 def test_no_learned_jump_threshold_allows_a_jump_beyond_the_ceiling(settings):

@@ -374,19 +374,23 @@ def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.D
 def shared_values(observed: pd.DataFrame, flag: pd.DataFrame, least_stations: int = 2) -> pd.DataFrame:
     """Values flagged gross that at least ``least_stations`` stations read exactly on the same day: probable
     missing-value codes an archive writes. Per value (rounded to 0.01), the most stations that read it on one
-    day, and its readings and days in all (flagged or not), most readings first."""
+    day, its readings and days flagged gross, and its readings and days in all (flagged or not: the value may
+    also be an ordinary reading in another season, which declaring it missing would lose), most readings
+    first."""
     gross = flag.eq(Flag.GROSS).to_numpy()
     rows, columns = np.nonzero(gross)
     found = pd.DataFrame({"value": np.round(observed.to_numpy()[rows, columns], 2), "row": rows})
     per_day = found.groupby(["value", "row"]).size()
     shared = per_day[per_day >= least_stations]
     if shared.empty:
-        return pd.DataFrame(columns=["most_stations", "readings", "days"])
+        return pd.DataFrame(columns=["most_stations", "flagged", "flagged_days", "readings", "days"])
     values = shared.index.get_level_values("value").unique()
     rounded = np.round(observed.to_numpy(), 2)
     every = {value: np.nonzero(rounded == value) for value in values}
     return pd.DataFrame({
         "most_stations": shared.groupby(level="value").max(),
+        "flagged": found.groupby("value").size().reindex(values),
+        "flagged_days": found.groupby("value")["row"].nunique().reindex(values),
         "readings": pd.Series({value: len(where[0]) for value, where in every.items()}),
         "days": pd.Series({value: len(np.unique(where[0])) for value, where in every.items()}),
     }).sort_values(["readings", "most_stations"], ascending=False)

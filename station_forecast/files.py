@@ -6,6 +6,7 @@ safe to read lives here, below both. Standard library only.
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def check_regular_file(path: Path, limit: int | None = MAX_INPUT_BYTES) -> int:
     try:
         info = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():  # a link left behind when what it named was moved or deleted
+            raise PipelineError(f"{path}: a link to {os.readlink(path)}, which is not there; remove the link or "
+                                "restore its file") from None
         raise PipelineError(f"{path}: file not found") from None
     except OSError as exc:  # a symlink loop, a permission problem
         raise PipelineError(f"{path}: cannot be read ({exc.strerror})") from None

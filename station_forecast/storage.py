@@ -549,6 +549,7 @@ def forget_reads() -> None:
 def note_read(paths: list[Path]) -> None:
     """Note what files are like as a stage starts to read them, where its workers (on a cluster) read them."""
     for path in paths:
+        check_regular_file(path, limit=None)  # a broken link or a FIFO named like a station file: say so
         file, state = _file_state(path)
         _READ_STATES.setdefault(file, state)
 

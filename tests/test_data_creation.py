@@ -1,5 +1,6 @@
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -667,6 +668,24 @@ def imported_with_station_list(tmp_path: Path, listing: str) -> tuple[Path, Path
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
     return root, params
+
+
+@pytest.mark.parametrize("kind", ["broken link", "fifo"])
+def test_a_station_entry_that_is_no_readable_file_stops_stage_1_naming_it(tmp_path, capsys, kind):
+    """A link left behind when its file was moved (or a FIFO) named like a station file: one line naming it
+    (and where the link points), never an internal error."""
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    if kind == "fifo":
+        os.mkfifo(own / "GONE.csv")
+    else:
+        (own / "GONE.csv").symlink_to(tmp_path / "moved.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()[-1]
+    said = f"a link to {tmp_path / 'moved.csv'}, which is not there" if kind == "broken link" else "(a FIFO)"
+    assert err.startswith(f"data_creation: error: {own / 'GONE.csv'}: ") and said in err, err
 
 
 def test_data_source_may_name_one_file(tmp_path, capsys):

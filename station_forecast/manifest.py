@@ -299,8 +299,8 @@ def record_stage(paths: Paths, stage: str, params: Any, inputs: list[Path], outp
     read = {relative(paths, p): digest_as_read(p) for p in sorted(inputs)}
     changed = [name for name, digest in read.items() if digest == CHANGED_SINCE_READ]
     if changed:
-        log.warning("%d input(s) changed after %s read them, e.g. %s: its outputs are from what it read, and the "
-                    "next run reads them again", len(changed), stage, changed[0])
+        log.warning("%d input(s) changed or removed after %s read them, e.g. %s: its outputs are from what it "
+                    "read, and the next run reads them again", len(changed), stage, changed[0])
     manifest["stages"][stage] = {
         "params": {"file": str(params.path), "sha256": params.sha256},
         "params_read": params.stage_hash(stage),

@@ -556,8 +556,11 @@ def note_read(paths: list[Path]) -> None:
 
 def digest_as_read(path: Path) -> str:
     """The SHA-256 of a file a stage read, or ``CHANGED_SINCE_READ`` when it has changed since the stage read
-    it (then no digest can say what the stage read)."""
-    file, state = _file_state(path)
+    it, or gone (then no digest can say what the stage read)."""
+    try:
+        file, state = _file_state(path)
+    except FileNotFoundError:  # deleted (or moved) by someone else after the stage read it
+        return CHANGED_SINCE_READ
     read = _READ_STATES.get(file)
     return CHANGED_SINCE_READ if read is not None and read != state else sha256_file(path)
 

@@ -744,7 +744,7 @@ def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_
     monkeypatch.setattr(importing, "read_user_station", read_then_appended)
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
-    assert "1 input(s) changed after data_creation read them, e.g. " in capsys.readouterr().err
+    assert "1 input(s) changed or removed after data_creation read them, e.g. " in capsys.readouterr().err
     assert "HOME.csv changed" in manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
     monkeypatch.undo()
     read_bytes = Path.read_bytes
@@ -758,6 +758,30 @@ def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_
     monkeypatch.setattr(Path, "read_bytes", read_while_written)
     with pytest.raises(PipelineError, match=r"AWAY\.csv: changed while it was read \(a download or copy still "):
         importing.read_user_station(own / "AWAY.csv", load_params(params)["import"], -90.0, 60.0)
+
+
+def test_a_station_file_removed_after_stage_1_read_it_leaves_a_record_the_next_run_reads_again(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    """A sync job deleting a station file after stage 1 read it: the stage ends (its outputs are from what it
+    read) with a warning, where it stopped with an internal error when it recorded what it had read."""
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "HOME.csv")
+    write_real_format_station(own / "AWAY.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    read = importing.read_user_station
+
+    def read_then_removed(path: Path, *args: object) -> tuple:
+        result = read(path, *args)
+        if path.name == "HOME.csv":
+            path.unlink()
+        return result
+
+    monkeypatch.setattr(importing, "read_user_station", read_then_removed)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert "1 input(s) changed or removed after data_creation read them, e.g. " in capsys.readouterr().err
+    assert manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
 
 
 def test_a_station_file_added_while_stage_1_runs_is_read_by_the_next_run(tmp_path, monkeypatch):

@@ -469,7 +469,11 @@ def write_station_files(staging: Path, network: Network, params: Params, pool: c
     counts = pool.map(write_block, list(range(len(network.blocks))), what="station blocks simulated and written",
                       network=pool.share(network), staging=staging, params=params)
     network.climates.round(4).to_csv(staging / "truth" / "stations.csv", index=False, lineterminator="\n")
-    return {key: sum(count[key] for count in counts) for key in counts[0]} if counts else {}
+    if not counts:
+        return {}
+    lowest, highest = min(count.pop("lowest") for count in counts), max(count.pop("highest") for count in counts)
+    _check_possible_range(lowest, highest, params)
+    return {key: sum(count[key] for count in counts) for key in counts[0]}
 
 
 def write_block(block: int, network: Network, staging: Path, params: Params) -> dict[str, int]:
@@ -484,8 +488,22 @@ def write_block(block: int, network: Network, staging: Path, params: Params) -> 
     for folder, (table, sizes) in tables.items():
         storage.write_csv_parts([staging / folder / f"{station}.csv" for station in simulation.climates["station"]],
                                 table, sizes, fixed={k: v for k, v in places.items() if k in table})
+    observed = np.round(simulation.observed[~np.isnan(simulation.observed)], 2)  # as the files write them
     return {**{kind: int((simulation.labels == kind).sum()) for kind in INJECTED},
-            "weather": int((simulation.events != "none").sum())}
+            "weather": int((simulation.events != "none").sum()),
+            "lowest": float(observed.min(initial=np.inf)), "highest": float(observed.max(initial=-np.inf))}
+
+
+def _check_possible_range(lowest: float, highest: float, params: Params) -> None:
+    """PipelineError, naming the parameters, if a simulated reading lies outside the range stage 2 accepts as
+    possible: it would refuse the raw files this stage wrote, naming a line of one as if it were the user's."""
+    pre = params["preprocessing"]
+    for value, bound, key in ((lowest, pre["min_temp"], "min_temp"), (highest, pre["max_temp"], "max_temp")):
+        if (value < bound) if key == "min_temp" else (value > bound):
+            raise PipelineError(f"{params.path}: the simulated readings reach {value:.1f} °C, outside "
+                                f"preprocessing.min_temp .. max_temp = [{pre['min_temp']:g}, {pre['max_temp']:g}], "
+                                "which stage 2 would refuse as impossible; widen the range (it bounds what a sensor "
+                                "can read, not the climate) or simulate a milder climate")
 
 
 def _chunks(stations: int) -> int:

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,22 @@ def test_same_seed_same_bytes_and_other_seed_other_data(tmp_path):
         files[name] = {f.relative_to(root): f.read_bytes() for f in sorted((root / "data").rglob("*.csv"))}
     assert files["a"] == files["b"]
     assert files["a"].keys() == files["c"].keys() and files["a"] != files["c"]
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [("min_temp", 0.0, "reach -"), ("max_temp", 20.0, "reach [2-9]")])
+def test_a_simulation_beyond_the_possible_range_stops_stage_1_naming_the_parameters(tmp_path, capsys, key, value,
+                                                                                   said):
+    """preprocessing.min_temp above the simulated winter (or max_temp below its summer): stage 2 refused a
+    line of a raw file stage 1 had just written, as if it were the user's. Stage 1 names the parameters and
+    leaves the last good run's files."""
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, write_params(tmp_path / "p.toml", **TINY)) == 0
+    before = snapshot(root)
+    narrow = write_params(tmp_path / "narrow.toml", **TINY, **{key: value})
+    assert run_stage(data_creation, root, narrow) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.search(f"narrow.toml: the simulated readings {said}", err) and "min_temp .. max_temp" in err, err
+    assert snapshot(root) == before
 
 
 def test_station_files_are_the_same_bytes_on_any_number_of_threads(tmp_path, monkeypatch, capsys):

@@ -270,6 +270,13 @@ end_ahead() {  # a stage started ahead that will not run: it has only imported, 
 }
 
 pipeline_start=$(date +%s.%N)
+# --from reuses the artifacts of the stages before it as they are: say so where they no longer match the
+# parameters, code or inputs (the later stages would otherwise call themselves up to date on top of them).
+for stage in "${STAGES[@]:0:$start_index}"; do
+  if ! verdict="$(ask "$stage" --params "$params" --root "$project" 2>&1)"; then
+    say "pipeline: warning: $stage is not up to date (${verdict#*: runs (}; --from ${STAGES[$start_index]} reuses its artifacts as they are: run from $stage to remake them"
+  fi
+done
 run_stages=("${STAGES[@]:$start_index}")
 for i in "${!run_stages[@]}"; do
   stage="${run_stages[$i]}"

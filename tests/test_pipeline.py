@@ -129,6 +129,14 @@ def test_one_copy_of_the_code_serves_projects_in_other_folders(copy, tmp_path):
     assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == before
     again = pipeline(copy, "--params", "tiny.toml", "--root", str(project))
     assert again.returncode == 0 and again.stdout.count(": up to date") == 4
+    assert "warning" not in again.stdout
+    # --from reuses an earlier stage's artifacts as they are, and says so where they no longer match
+    (copy / "wider.toml").write_text((copy / "tiny.toml").read_text().replace("window = 5 ", "window = 7 ", 1))
+    reused = pipeline(copy, "--params", "wider.toml", "--root", str(project), "--from", "model_preparation")
+    assert reused.returncode == 0 and reused.stdout.count(": up to date") == 2, reused.stdout
+    assert ("pipeline: warning: model_preprocessing is not up to date (its parameters changed); --from "
+            "model_preparation reuses its artifacts as they are: run from model_preprocessing") in reused.stdout
+    assert "data_creation is not up to date" not in reused.stdout
     missing = pipeline(copy, "--params", "tiny.toml", "--root", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "--root" in missing.stderr and "folder not found" in missing.stderr
 

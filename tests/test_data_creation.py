@@ -740,10 +740,12 @@ def test_data_source_may_name_one_file(tmp_path, capsys):
         assert f"{own / name}: {message}" in capsys.readouterr().err
 
 
-def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_run(tmp_path, monkeypatch, capsys):
-    """A sync job appending to a station file while stage 1 runs: the outputs come from what the stage read,
-    so its record must not say the file is what it read (it said "up to date", with the new day never read);
-    a file that changes while it is being read stops the stage, naming it."""
+@pytest.mark.parametrize("change", ["appended", "removed"])
+def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_run(tmp_path, monkeypatch, capsys,
+                                                                                     change):
+    """A sync job appending to (or deleting) a station file while stage 1 runs: the outputs come from what the
+    stage read, so its record must not say the file is what it read (it said "up to date", with the new day
+    never read; a deleted file stopped the stage with an internal error as it recorded what it read)."""
     own = tmp_path / "own"
     own.mkdir()
     write_real_format_station(own / "HOME.csv")
@@ -751,19 +753,27 @@ def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_
     params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     read = importing.read_user_station
 
-    def read_then_appended(path: Path, *args: object) -> tuple:
+    def read_then_changed(path: Path, *args: object) -> tuple:
         result = read(path, *args)
-        if path.name == "HOME.csv":
+        if path.name == "HOME.csv" and change == "removed":
+            path.unlink()
+        elif path.name == "HOME.csv":
             with path.open("a") as handle:
                 handle.write("01/01/2023;50\n")
         return result
 
-    monkeypatch.setattr(importing, "read_user_station", read_then_appended)
+    monkeypatch.setattr(importing, "read_user_station", read_then_changed)
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
     assert "1 input(s) changed or removed after data_creation read them, e.g. " in capsys.readouterr().err
-    assert "HOME.csv changed" in manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
-    monkeypatch.undo()
+    assert "HOME.csv" in manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
+
+
+def test_a_station_file_changed_while_it_is_read_stops_stage_1_naming_it(tmp_path, monkeypatch):
+    own = tmp_path / "own"
+    own.mkdir()
+    write_real_format_station(own / "AWAY.csv")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     read_bytes = Path.read_bytes
 
     def read_while_written(path: Path) -> bytes:
@@ -775,30 +785,6 @@ def test_a_station_file_changed_after_stage_1_read_it_is_read_again_by_the_next_
     monkeypatch.setattr(Path, "read_bytes", read_while_written)
     with pytest.raises(PipelineError, match=r"AWAY\.csv: changed while it was read \(a download or copy still "):
         importing.read_user_station(own / "AWAY.csv", load_params(params)["import"], -90.0, 60.0)
-
-
-def test_a_station_file_removed_after_stage_1_read_it_leaves_a_record_the_next_run_reads_again(tmp_path,
-                                                                                                   monkeypatch, capsys):
-    """A sync job deleting a station file after stage 1 read it: the stage ends (its outputs are from what it
-    read) with a warning, where it stopped with an internal error when it recorded what it had read."""
-    own = tmp_path / "own"
-    own.mkdir()
-    write_real_format_station(own / "HOME.csv")
-    write_real_format_station(own / "AWAY.csv")
-    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
-    read = importing.read_user_station
-
-    def read_then_removed(path: Path, *args: object) -> tuple:
-        result = read(path, *args)
-        if path.name == "HOME.csv":
-            path.unlink()
-        return result
-
-    monkeypatch.setattr(importing, "read_user_station", read_then_removed)
-    root = tmp_path / "root"
-    assert run_stage(data_creation, root, params) == 0
-    assert "1 input(s) changed or removed after data_creation read them, e.g. " in capsys.readouterr().err
-    assert manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
 
 
 def test_a_station_file_added_while_stage_1_runs_is_read_by_the_next_run(tmp_path, monkeypatch):

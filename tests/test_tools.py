@@ -1,5 +1,6 @@
 """tools/: scripts that are not stages."""
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -37,6 +38,18 @@ def test_compare_real_scores_every_predictor_on_the_same_readings_beside_a_singl
     lines = capsys.readouterr().out.splitlines()[1:]
     assert [line.split()[0] for line in lines] == [*sorted(first["station"].unique())[:-1], "all"]
     assert lines[-1].split()[1:4] == [str(row["stations"]), str(row["readings"]), f"{row['model']:.3f}"]
+
+
+def test_the_tools_answer_a_mistyped_argument_with_one_line_not_a_traceback(tmp_path, capsys):
+    compare_real, benchmark = load_tool("compare_real"), load_tool("benchmark")
+    with pytest.raises(SystemExit) as stopped:
+        compare_real.main([str(tmp_path)])  # a folder where no run finished
+    assert stopped.value.code == 2
+    assert f"{tmp_path}: no reports/predictions.csv; run ./pipeline.sh --root" in capsys.readouterr().err
+    assert benchmark.pairs("1000x10, 3000X10") == [(1000, 10), (3000, 10)]
+    for typo in ("foo", "10x", "10x10x2", "-1x10"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not two whole numbers joined by x"):
+            benchmark.pairs(typo)
 
 
 def test_the_difference_interval_covers_the_year_s_luck_and_not_a_real_gap():

@@ -340,22 +340,32 @@ def print_networks(networks: list[tuple[int, int]]) -> None:
         print(f"{kind:>14}{len(times):>8}{f'{len(seen) / len(times):.0%}' if len(times) else '-':>9}{cells}")
 
 
+def pairs(text: str) -> list[tuple[int, int]]:
+    """``"1000x10,3000x10"`` as [(1000, 10), (3000, 10)]: an argparse type, so a typo is a usage error."""
+    found = []
+    for part in filter(None, text.split(",")):
+        numbers = part.strip().lower().split("x")
+        if len(numbers) != 2 or not all(number.isdigit() for number in numbers):
+            raise argparse.ArgumentTypeError(f"{part!r} is not two whole numbers joined by x, such as 1000x10")
+        found.append((int(numbers[0]), int(numbers[1])))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100x10", help="comma-separated STATIONSxYEARS (default 100x10)")
+    parser.add_argument("--sizes", default="100x10", type=pairs,
+                        help="comma-separated STATIONSxYEARS (default 100x10)")
     parser.add_argument("--scheduler", default="", help="compute.scheduler for the --sizes runs, e.g. local:2")
     parser.add_argument("--floor", action="store_true",
                         help="also time the default run against the import floor of its four processes")
-    parser.add_argument("--networks", default="",
+    parser.add_argument("--networks", default="", type=pairs,
                         help="comma-separated SEEDxSTATIONS: the detector's scores on these simulated networks")
     args = parser.parse_args()
     print(f"{len(os.sched_getaffinity(0))} usable CPUs, python {sys.version.split()[0]}")
-    for size in filter(None, args.sizes.split(",")):
-        stations, years = (int(part) for part in size.lower().split("x"))
+    for stations, years in args.sizes:
         run_size(stations, years, args.scheduler)
     if args.networks:
-        print_networks([(int(seed), int(stations)) for seed, stations in
-                        (network.lower().split("x") for network in args.networks.split(","))])
+        print_networks(args.networks)
     if args.floor:
         print_floor()
 

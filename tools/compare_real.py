@@ -107,6 +107,10 @@ def main(argv: list[str]) -> int:
                         help="pool the projects' readings (e.g. runs of one station with other test years) and "
                              "print a row per station, then all of them")
     args = parser.parse_args(argv)
+    unfinished = [project for project in args.projects if not (project / "reports/predictions.csv").is_file()]
+    if unfinished:
+        parser.error(f"{unfinished[0]}: no reports/predictions.csv; run ./pipeline.sh --root {unfinished[0]} to the "
+                     "end first")
     print(f"{'project':<16}{'stations':>9}{'readings':>9}" + "".join(f"{name:>18}" for name in PREDICTORS)
           + "  model - station ridge [95 %]  model <= neighbours ridge / station ridge (stations)")
     if args.by_station:

@@ -108,17 +108,24 @@ def _busy_jiffies() -> float:
 # The largest stage's peak per station-step of the days x stations table, measured with benchmark.py (stage 3
 # at 1,000 and 10,000 stations x 10 years: 1.8 GB per 3.65 M station-days), rounded up.
 PEAK_BYTES_PER_STATION_STEP = 520
+# Each step ahead past the first adds a row per station-step to stage 2's features (its peak grows by about
+# 600 bytes per station-step and step: 69 MB a step on a real network of 16 stations x 7,037 days, 87 MB on
+# 100 simulated stations x 4 years, horizons 1-30), rounded up.
+PEAK_BYTES_PER_STATION_STEP_AHEAD = 640
 
 
-def check_memory(station_steps: int, what: str) -> None:
+def check_memory(station_steps: int, what: str, horizon: int = 1) -> None:
     """Refuse, before any work, a network whose largest stage would need more memory than this machine has
-    free (a MemoryError or the kernel's out-of-memory killer would otherwise end it part-way)."""
-    needed = station_steps * PEAK_BYTES_PER_STATION_STEP
+    free (a MemoryError or the kernel's out-of-memory killer would otherwise end it part-way), forecasting
+    ``horizon`` steps ahead."""
+    needed = station_steps * (PEAK_BYTES_PER_STATION_STEP + PEAK_BYTES_PER_STATION_STEP_AHEAD * (horizon - 1))
     free = available_memory()
     if free is not None and needed > free:
-        raise PipelineError(f"{what} is {station_steps:,} station-steps: about {needed / 2**30:.1f} GiB for the "
-                            f"largest stage, and {free / 2**30:.1f} GiB is free here; run fewer stations or years, "
-                            "or on a machine with more memory")
+        ahead = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""
+        raise PipelineError(f"{what} is {station_steps:,} station-steps{ahead}: about {needed / 2**30:.1f} GiB for "
+                            f"the largest stage, and {free / 2**30:.1f} GiB is free here; run fewer stations or "
+                            f"years{', or a shorter horizon' if horizon > 1 else ''}, or on a machine with more "
+                            "memory")
 
 
 def available_memory() -> int | None:

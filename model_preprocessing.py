@@ -485,6 +485,12 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     took the stage about a second); a block takes its stations' columns and their neighbours' from them."""
     repaired, accepted = verdict["repaired"], verdict["flag"] == Flag.NONE
     coefs = baseline_climatology(observed, period, accepted, detector)
+    if coefs.empty:  # then no station has a ridge or a climate either, and no model could learn from any row
+        most = int(((period == TRAIN) & accepted & observed.notna()).sum().max())
+        raise PipelineError(f"the training period (before {test_start.date()}) is too short to learn a forecast "
+                            f"from: no station has the {quality_control.CLIMATOLOGY_LEAST_READINGS} accepted "
+                            "training readings its climatology needs "
+                            f"(the most: {most}); lower data.test_steps, or add earlier readings")
     climates = station_climatology(observed, period, accepted, coefs, detector)
     departure, compared = departures(repaired, coefs), compared_values(repaired)
     located = None if positions is None else positions[observed.columns.get_indexer(departure.columns)]

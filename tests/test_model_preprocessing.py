@@ -440,6 +440,20 @@ def stage_2_warnings(project, tmp_path, capsys, edit, marker: str, **params) -> 
     return first.stem, [line for line in capsys.readouterr().err.splitlines() if marker in line]
 
 
+def test_a_training_period_too_short_for_any_climatology_stops_stage_2_with_what_to_change(tmp_path, capsys):
+    """66 training days (data.test_steps leaves more than min_steps): no station gets a climatology or its
+    own ridge, so every training row lacked its climate features and stage 3 stopped with scikit-learn's
+    "Input X contains NaN" as an internal error."""
+    params = write_params(tmp_path / "p.toml", **{**TINY, "test_steps": 1030})
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "is too short to learn a forecast from: no station has the 70 accepted training readings its " \
+           "climatology needs (the most: 66); lower data.test_steps" in err, err
+    assert not (root / "data/train/features.csv").exists()
+
+
 def test_stage_2_names_a_station_left_without_a_neighbour(project, tmp_path, capsys):
     """A record whose unit changed partway (°C written where °F is read, from the middle of its years on)
     correlates with none of its neighbours, and only the gross checks judge it: stage 2 names it and how near

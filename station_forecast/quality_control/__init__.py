@@ -110,6 +110,9 @@ what the stages use.
 
 from station_forecast.quality_control.checks import STATION_BLOCK
 from station_forecast.quality_control.climatology import (
+    LEAST_READINGS as CLIMATOLOGY_LEAST_READINGS,
+)
+from station_forecast.quality_control.climatology import (
     borrow_seasons,
     climatology_at,
     covers_the_year,
@@ -125,6 +128,7 @@ from station_forecast.quality_control.neighbours import (
 )
 from station_forecast.quality_control.verdict import detect, mostly_flagged, no_detection, shared_values
 
-__all__ = ["JUMP_CEILING", "MIN_OVERLAP_DAYS", "STATION_BLOCK", "borrow_seasons", "climatology_at", "covers_the_year",
-           "detect", "fit_climatology", "forecast_neighbours", "learn", "learn_neighbours", "mostly_flagged",
-           "no_detection", "other_units", "same_records", "shared_values", "without_neighbours"]
+__all__ = ["CLIMATOLOGY_LEAST_READINGS", "JUMP_CEILING", "MIN_OVERLAP_DAYS", "STATION_BLOCK", "borrow_seasons",
+           "climatology_at", "covers_the_year", "detect", "fit_climatology", "forecast_neighbours", "learn",
+           "learn_neighbours", "mostly_flagged", "no_detection", "other_units", "same_records", "shared_values",
+           "without_neighbours"]

@@ -11,6 +11,8 @@ from station_forecast.runtime import lazy_import
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
 HARMONICS = 3  # yearly harmonics of the seasonal climatology
+LEAST_READINGS_PER_TERM = 10  # a station's climatology is fitted from at least this many readings per coefficient
+LEAST_READINGS = LEAST_READINGS_PER_TERM * (1 + 2 * HARMONICS)  # ... of its mean and harmonics
 MONTH_SHARE = 0.2  # a calendar month counts as seen with at least this share of an average month's readings
 # A station seeing part of the year takes its neighbours' seasons scaled to its own swing, when the seasons
 # it saw vary by at least SEASONS_SEEN °C (standard deviation) and within this ratio either way.
@@ -81,7 +83,7 @@ def fit_climatology(values: pd.DataFrame) -> pd.DataFrame:
     design = harmonic_design(values.index)
     terms = design.shape[1]
     present = values.notna().to_numpy()
-    enough = present.sum(axis=0) >= 10 * terms
+    enough = present.sum(axis=0) >= LEAST_READINGS_PER_TERM * terms
     whole_year = enough & covers_the_year(values).to_numpy()
     data = np.where(present[:, whole_year], values.to_numpy()[:, whole_year], 0.0)
     gram = (_outer_products(design) @ present[:, whole_year]).T.reshape(-1, terms, terms)

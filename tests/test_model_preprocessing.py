@@ -533,8 +533,8 @@ def test_stage_2_names_a_station_whose_readings_are_mostly_flagged(project, tmp_
 
 def test_a_station_with_weeks_of_history_alone_ends_in_a_clear_line_not_an_internal_error(project, tmp_path, capsys,
                                                                                           recwarn):
-    """Too few readings for any climatology (a station opened weeks before the test period): stage 2 runs
-    without one, quietly, and stage 3 says there is too little to train on."""
+    """Too few readings for any climatology (a station opened weeks before the test period): stage 2 says
+    the training period is too short, without a numerical warning on the way, and writes no features."""
     root, params = project
     own = own_files_of(root, tmp_path / "own")
     files = sorted(own.glob("*.csv"))
@@ -543,10 +543,12 @@ def test_a_station_with_weeks_of_history_alone_ends_in_a_clear_line_not_an_inter
         other.unlink()
     params = write_params(tmp_path / "own.toml", **TINY, source=str(own), holdout_stations=0)
     assert run_stage(data_creation, root, params) == 0
-    assert run_stage(model_preprocessing, root, params) == 0
+    features = snapshot(root)
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
     assert not [warning for warning in recwarn if issubclass(warning.category, RuntimeWarning)]
-    assert run_stage(model_preparation, root, params) == errors.EXIT_BAD_INPUT
-    assert "too few training steps" in capsys.readouterr().err
+    assert "no station has the 70 accepted training readings its climatology needs (the most: 35)" \
+        in capsys.readouterr().err
+    assert snapshot(root) == features
 
 
 def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys):

@@ -50,7 +50,9 @@ pd = runtime.lazy_import("pandas")
 STAGE = "model_preprocessing"
 # What the stage loads when it runs: imported ahead by --wait-for-go, and its import floor in benchmark.py.
 IMPORTS = ["numpy", "pandas", "sklearn.preprocessing", "joblib"]
-STATION_BLOCK = 100  # stations whose features are built at a time: bounds the memory at scale
+# Stations whose features are built at a time, one step ahead: bounds the memory at scale. A block holds a row
+# per station-step and step ahead, so forecasting further ahead builds fewer stations at a time.
+STATION_BLOCK = 100
 PROBABLE_CODES = 3  # values shared by stations on a day and far outside every climate the log names
 # Training rows past this many bytes of columns wait on disk, a block of stations at a time, until they are
 # written (about 300 stations x 10 years; the default run's stay in memory). At 1,000 x 10 that took the
@@ -474,7 +476,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
                            forecast: dict | None = None, positions: np.ndarray | None = None
                            ) -> tuple[spill.Blocks, spill.Blocks, set[str]]:
     """The feature rows of the training period and of the test period (each in their blocks, unscaled, kept
-    in ``spill_folder`` and ``test_spill(spill_folder)`` when large), built ``STATION_BLOCK`` stations at a
+    in ``spill_folder`` and ``test_spill(spill_folder)`` when large), built ``STATION_BLOCK // horizon`` stations at a
     time on ``pool``, and the stations with test rows; PipelineError when either is empty or no test station
     was trained on. What every block needs of the whole network is made once: the climatology baseline
     (``baseline_climatology``, with the ``detector``'s seasons) and every station's climate for the features
@@ -495,7 +497,7 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     departure, compared = departures(repaired, coefs), compared_values(repaired)
     located = None if positions is None else positions[observed.columns.get_indexer(departure.columns)]
     near = forecast_neighbours(departure, period, forecast, detector, located) if forecast else {}
-    blocks = runtime.chunks(observed.columns, STATION_BLOCK)
+    blocks = runtime.chunks(observed.columns, max(1, STATION_BLOCK // horizon))
 
     def block_input(i: int) -> tuple:  # a block's stations, and the departures and values of them and their neighbours
         stations = list(blocks[i])

@@ -108,10 +108,11 @@ def _busy_jiffies() -> float:
 # The largest stage's peak per station-step of the days x stations table, measured with benchmark.py (stage 3
 # at 1,000 and 10,000 stations x 10 years: 1.8 GB per 3.65 M station-days), rounded up.
 PEAK_BYTES_PER_STATION_STEP = 520
-# Each step ahead past the first adds a row per station-step to stage 2's features (its peak grows by about
-# 600 bytes per station-step and step: 69 MB a step on a real network of 16 stations x 7,037 days, 87 MB on
-# 100 simulated stations x 4 years, horizons 1-30), rounded up.
-PEAK_BYTES_PER_STATION_STEP_AHEAD = 640
+# Each step ahead past the first adds a row per station-step to the features. Stage 3, which fits on them, then
+# has the largest peak: it grows by about 420 bytes per station-step and step (47 MB a step on a real network of
+# 16 stations x 7,037 days, horizons 1-30; 45 MB on 100 simulated stations x 4 years, horizons 1-15; stage 2,
+# building fewer stations at a time the further ahead, by 180), rounded up.
+PEAK_BYTES_PER_STATION_STEP_AHEAD = 440
 
 
 def check_memory(station_steps: int, what: str, horizon: int = 1) -> None:

@@ -95,6 +95,31 @@ def test_feature_rows_kept_on_disk_a_block_at_a_time_are_written_byte_for_byte(p
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
 
 
+def test_features_further_ahead_are_built_fewer_stations_at_a_time_and_the_same(project, tmp_path, monkeypatch):
+    """A block holds a row per station-step and step ahead: 366 steps ahead on 16 real stations in one block
+    was killed by the kernel at 22 GB. Forecasting h steps ahead, a block is STATION_BLOCK // h stations (at
+    least one), and the feature tables are the bytes of one block holding every station."""
+    root, _ = project
+    params = write_params(tmp_path / "ahead.toml", **TINY, horizon=2)
+    paths = Paths(root)
+    built = model_preprocessing.block_rows
+    sizes = []
+
+    def recorded(block: tuple, horizon: int) -> dict:
+        sizes.append(block[0].shape[1])
+        return built(block, horizon)
+
+    monkeypatch.setattr(model_preprocessing, "block_rows", recorded)
+    tables = {}
+    for block in (100, 4):
+        monkeypatch.setattr(model_preprocessing, "STATION_BLOCK", block)
+        sizes.clear()
+        assert run_stage(model_preprocessing, root, params) == 0
+        tables[block] = [path.read_bytes() for path in (paths.train_features, paths.test_features)]
+        assert sizes == ([5] if block == 100 else [2, 2, 1])
+    assert tables[4] == tables[100]
+
+
 def test_test_data_does_not_change_what_is_learned(project):
     """Neighbours, scales and the scaler are learned before the test period: changing every test reading
     (a held-out station's earlier days are its history, not test data) changes none of them."""

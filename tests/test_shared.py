@@ -952,9 +952,9 @@ def test_a_network_larger_than_the_free_memory_is_refused_before_any_work(tmp_pa
 
 def test_a_horizon_whose_features_outgrow_the_free_memory_is_refused_before_stage_2_works(tmp_path, monkeypatch,
                                                                                           capsys):
-    """Stage 2's rows grow with the steps ahead: 366 steps on a real network of 16 stations x 19 years was
+    """The features grow with the steps ahead: 366 steps on a real network of 16 stations x 19 years was
     killed by the kernel at 22 GB, with no word of why. 5 stations x 1,096 days at 200 steps ahead need about
-    0.7 GiB; with 0.1 GiB free the stage refuses, naming the horizon, and writes nothing."""
+    0.4 GiB; with 0.1 GiB free stage 2 refuses, naming the horizon, and writes nothing."""
     root = tmp_path / "root"
     assert run_stage(STAGES[0], root, write_params(tmp_path / "p.toml", **TINY)) == 0
     monkeypatch.setattr(runtime, "available_memory", lambda: 2**30 // 10)
@@ -962,7 +962,7 @@ def test_a_horizon_whose_features_outgrow_the_free_memory_is_refused_before_stag
     far = write_params(tmp_path / "far.toml", **TINY, horizon=200)
     assert run_stage(STAGES[1], root, far) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "5 stations x 1096 steps is 5,480 station-steps forecast 200 steps ahead (forecast.horizon): about 0.7 GiB" \
+    assert "5 stations x 1096 steps is 5,480 station-steps forecast 200 steps ahead (forecast.horizon): about 0.4 GiB" \
         in err and "or a shorter horizon" in err, err
     assert snapshot(root) == before
     assert run_stage(STAGES[1], root, write_params(tmp_path / "near.toml", **TINY)) == 0  # one step: 3 MB

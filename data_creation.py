@@ -596,7 +596,7 @@ def main(args) -> None:
                 inputs, source, summary = imported_files(staging, folder, params, pool)
             for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                storage.replace_folder(staging / name, target)
+                storage.replace_folder(staging / name, target, paths.replaced_whole[target])
             if (staging / importing.STATION_LIST).exists():
                 os.replace(staging / importing.STATION_LIST, paths.station_list)
             else:  # an earlier import's list describes other stations

@@ -336,7 +336,7 @@ def write_report(paths: Paths, figures: report.FigureRows, predicted: spill.Bloc
         summary = report.summary_markdown(metrics, source, names, evaluation["interval_tolerance"],
                                           largest_flags(paths.flagged, evaluation["report_flags"]))
         storage.write_bytes(staged / "summary.md", summary.encode())
-        storage.replace_folder(staged, paths.reports)
+        storage.replace_folder(staged, paths.reports, paths.replaced_whole[paths.reports])
     finally:
         storage.remove_tree(staged)
     log.info("wrote %s (summary.md, predictions.csv, %d figures)", paths.reports, len(names))

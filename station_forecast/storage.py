@@ -208,15 +208,39 @@ def check_project_layout(paths: Paths) -> None:
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise PipelineError(f"{path}: not a regular file (a link, FIFO or folder); remove it (rm -r {path}); "
                                 "the pipeline makes it again")
-    foreign = [path for folder, ours in paths.replaced_whole.items() if folder.is_dir() and not folder.is_symlink()
-               for path in sorted(folder.iterdir())
-               if not (path.name.startswith(".") or path.name in SYSTEM_FILES
-                       or (ours(path.name) and not path.is_dir()))]
+    for folder, ours in paths.replaced_whole.items():
+        refuse_foreign(folder, ours)
+
+
+# In a folder a stage replaces whole, the names the stage put there (hidden: it goes with the folder, and no
+# listing of station files or record of the folder sees it).
+WRITTEN = ".written"
+
+
+def refuse_foreign(folder: Path, ours: Callable[[str], bool]) -> None:
+    """PipelineError naming what in ``folder``, one a stage replaces whole, is not the stage's: a folder, a
+    file of a name it never writes there, or one of its names that it did not put there (the names it put
+    there are listed in the folder's ``WRITTEN``; a folder made before that list judges by names alone).
+    Hidden files and ``SYSTEM_FILES`` go with the folder."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    written = _written_names(folder)
+    foreign = [path for path in sorted(folder.iterdir())
+               if not (path.name.startswith(".") or path.name in SYSTEM_FILES)
+               and (path.is_dir() or not ours(path.name) or (written is not None and path.name not in written))]
     if foreign:  # a person's file dropped there would go with the next swap
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise PipelineError(f"{foreign[0]}{more}: not the pipeline's, in a folder it replaces whole on every run, "
                             "which would delete it; move it elsewhere (your own files belong outside data/, models/ "
                             "and reports/) and run again")
+
+
+def _written_names(folder: Path) -> set[str] | None:
+    path = folder / WRITTEN
+    if not path.exists() and not path.is_symlink():
+        return None
+    check_regular_file(path, limit=1 << 24)  # a FIFO planted there would hang the check
+    return set(path.read_text(encoding="utf-8").splitlines())
 
 
 # ------------------------------------------------------------------- atomic writes
@@ -471,14 +495,23 @@ def write_joblib(target: Path, obj: Any) -> None:
         joblib.dump(obj, tmp)
 
 
-def replace_folder(staged: Path, target: Path) -> None:
+def replace_folder(staged: Path, target: Path, ours: Callable[[str], bool]) -> None:
     """Put a fully written folder in place of ``target`` by renames only.
 
     The old ``target`` is parked beside it, then deleted once the new one is in
     place; if putting ``staged`` in place fails, the old one is put back. A
-    ``target`` that is a link is refused: the folder it leads to is not ours.
+    ``target`` that is a link is refused: the folder it leads to is not ours;
+    so is one that holds anything the stage did not put there (``refuse_foreign``
+    with ``ours``, the names it writes there), checked again just before the
+    swap, which would delete it. The staged folder lists what it holds in its
+    ``WRITTEN`` before it moves.
     """
     refuse_link(target)
+    with open(staged / WRITTEN, "w", encoding="utf-8") as handle:  # fsync'ed: a list lost would refuse all
+        handle.write("".join(f"{name}\n" for name in listing(staged)))
+        handle.flush()
+        os.fsync(handle.fileno())
+    refuse_foreign(target, ours)
     parking = target.with_name(f".{target.name}.old")
     remove_tree(parking)
     stopping.check()

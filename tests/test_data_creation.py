@@ -362,7 +362,7 @@ def test_importing_writes_the_raw_contract_and_no_ground_truth(built, tmp_path):
     write_real_format_station(own / "HOME.csv")
     params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
     assert run_stage(data_creation, root, params) == 0
-    assert not list((root / "data/truth").iterdir())
+    assert not list((root / "data/truth").glob("[!.]*"))
     train, test = (pd.read_csv(root / f"data/{s}/raw/HOME.csv") for s in ("train", "test"))
     assert list(train.columns) == ["date", "temperature"]
     assert train["date"].max() < test["date"].min() and test["date"].max() == "2022-12-31"
@@ -722,7 +722,7 @@ def test_data_source_may_name_one_file(tmp_path, capsys):
     by_folder = write_params(tmp_path / "folder.toml", **TINY, **REAL_FORMAT, source="alone")
     assert run_stage(data_creation, tmp_path / "folder", by_folder) == 0
     for split in ("train", "test"):
-        assert sorted(p.name for p in (tmp_path / "file/data" / split / "raw").iterdir()) == ["HOME.csv"]
+        assert sorted(p.name for p in (tmp_path / "file/data" / split / "raw").glob("[!.]*")) == ["HOME.csv"]
         assert (tmp_path / "file/data" / split / "raw/HOME.csv").read_bytes() == \
             (tmp_path / "folder/data" / split / "raw/HOME.csv").read_bytes()
     assert not (tmp_path / "file/data/stations.csv").exists()  # a list is read beside a folder's files only
@@ -804,7 +804,7 @@ def test_a_station_file_added_while_stage_1_runs_is_read_by_the_next_run(tmp_pat
     monkeypatch.setattr(importing, "read_user_station", read_while_a_station_arrives)
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
-    assert sorted(p.name for p in (root / "data/train/raw").iterdir()) == ["HOME.csv"]
+    assert sorted(p.name for p in (root / "data/train/raw").glob("[!.]*")) == ["HOME.csv"]
     assert "files were added" in manifest.why_stale(storage.Paths(root), "data_creation", load_params(params))
 
 
@@ -816,7 +816,7 @@ def test_a_station_list_is_metadata_not_a_station_and_its_coordinates_are_kept(t
     listed = pd.read_csv(root / "data/stations.csv", dtype={"station": str})
     assert list(listed["station"]) == ["A", "B", "C"] and listed["latitude"].iloc[:2].tolist() == [52.1, 52.4]
     assert listed["latitude"].isna().iloc[2]
-    assert sorted(p.stem for p in (root / "data/train/raw").iterdir()) == ["A", "B", "C"]
+    assert sorted(p.stem for p in (root / "data/train/raw").glob("[!.]*")) == ["A", "B", "C"]
     assert json.loads((root / "data/source.json").read_text())["coordinates"] == 2
     (own / "stations.csv").unlink()  # a later import without a list leaves no stale coordinates
     assert run_stage(data_creation, root, params) == 0 and not (root / "data/stations.csv").exists()
@@ -938,7 +938,7 @@ def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
                           temperature_column="TMAX", unit="F", missing_values=[-99], holdout_stations=0)
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
-    assert sorted(p.stem for p in (root / "data/train/raw").iterdir()) == ["USC0003", "USW0001", "USW0002"]
+    assert sorted(p.stem for p in (root / "data/train/raw").glob("[!.]*")) == ["USC0003", "USW0001", "USW0002"]
     source = json.loads((root / "data/source.json").read_text())
     entry = source["files"]["USW0002"]
     assert entry["files"] == ["export-1.csv", "export-2.csv"] and entry["missing_code"] == 1
@@ -962,7 +962,7 @@ def test_an_export_s_stations_without_any_reading_in_the_column_are_left_out_wit
                           temperature_column="TMAX", missing_values=[-99], holdout_stations=0)
     root = tmp_path / "root"
     assert run_stage(data_creation, root, params) == 0
-    assert sorted(p.stem for p in (root / "data/train/raw").iterdir()) == ["USW0001", "USW0004"]
+    assert sorted(p.stem for p in (root / "data/train/raw").glob("[!.]*")) == ["USW0001", "USW0004"]
     assert ("warning: 2 station(s) left out, with no reading in column 'TMAX' (every value empty or a declared "
             "missing code: stations that measure other things), e.g. USC0002, USC0003") in capsys.readouterr().err
     pd.DataFrame({"STATION": "USC0002", "DATE": dates.strftime("%Y-%m-%d"), "TMAX": ""}).to_csv(
@@ -1029,7 +1029,7 @@ def test_exports_joined_with_cat_import_as_the_parts_did(tmp_path, capsys):
         params = write_params(tmp_path / f"{name}.toml", **TINY, source=name, station_column="STATION",
                               date_column="DATE", temperature_column="TMAX", holdout_stations=0)
         assert run_stage(data_creation, tmp_path / f"root-{name}", params) == 0
-        raw[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root-{name}/data/train/raw").iterdir())}
+        raw[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root-{name}/data/train/raw").glob("[!.]*"))}
     assert raw["joined"] == raw["parts"] and sorted(raw["joined"]) == ["USW0001.csv", "USW0002.csv"]
     assert "export.csv: 1 repeated header line(s) skipped (files joined together)" in capsys.readouterr().err
 
@@ -1053,7 +1053,7 @@ def test_files_in_the_encodings_archives_ship_import_as_the_utf8_file_does(tmp_p
                               **{k: v for k, v in REAL_FORMAT.items() if k != "unit"})
         root = tmp_path / f"root-{encoding}-{len(raw)}"
         assert run_stage(data_creation, root, params) == 0
-        raw[encoding, line_end] = {p.name: p.read_bytes() for p in sorted((root / "data/train/raw").iterdir())}
+        raw[encoding, line_end] = {p.name: p.read_bytes() for p in sorted((root / "data/train/raw").glob("[!.]*"))}
         said = capsys.readouterr().err
         assert ("warning: SÃO (export.csv): 731 of 731 rows kept; not UTF-8: read as Latin-1" in said) \
             == (encoding == "latin-1")
@@ -1081,7 +1081,7 @@ def test_dates_written_in_year_month_and_day_columns_import_as_one_date_column_d
                               station_column="Bureau of Meteorology station number",
                               temperature_column="Maximum temperature (Degree C)", **dated)
         assert run_stage(data_creation, tmp_path / f"root {how}", params) == 0
-        raw[how] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root {how}/data/train/raw").iterdir())}
+        raw[how] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"root {how}/data/train/raw").glob("[!.]*"))}
     assert raw["three columns"] == raw["one column"] and sorted(raw["one column"]) == ["066062.csv", "086071.csv"]
 
 

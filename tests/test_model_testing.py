@@ -232,7 +232,7 @@ def test_report_has_the_summary_predictions_and_valid_figures(built):
     reports = root / "reports"
     stations = sorted(pd.read_csv(root / "data/test/features.csv")["station"].unique())
     expected = {f"forecast_{s}.png" for s in stations[:3]} | {"error_by_station.png", "residuals.png"}
-    assert {p.name for p in reports.iterdir()} == expected | {"summary.md", "predictions.csv"}
+    assert {p.name for p in reports.glob("[!.]*")} == expected | {"summary.md", "predictions.csv"}
     for name in expected:
         size = _png_size(reports / name)
         assert size == ((1200, 450) if name.startswith("forecast_") else (1000, 500)), name

@@ -802,11 +802,13 @@ def test_a_source_inside_a_folder_the_pipeline_writes_is_refused_before_anything
 
 @pytest.mark.parametrize(("module", "place", "name"), [
     (0, "data/train/raw", "notes.txt"), (0, "data/truth", "old/ST001.csv"), (0, "data/test/raw", "README"),
-    (3, "reports", "thesis.md"), (3, "reports", "drafts/summary.md")])
+    (0, "data/train/raw", "MINE.csv"), (3, "reports", "thesis.md"), (3, "reports", "drafts/summary.md"),
+    (3, "reports", "figure.png")])
 def test_a_stage_never_replaces_a_folder_that_holds_a_file_it_did_not_write(project, capsys, module, place, name):
     """A stage swaps some folders whole (data/train/raw, reports/): a person's file dropped into one would go
-    with the swap. The stage refuses, naming it, before it touches anything; the names it writes there, and
-    the hidden files a file manager leaves, are no reason to."""
+    with the swap, even of a kind the stage writes there (a station's .csv, a figure). The stage refuses,
+    naming it, before it touches anything; the files it put there, and the hidden files a file manager
+    leaves, are no reason to."""
     root, params = project
     (root / place / ".DS_Store").write_bytes(b"\0")
     top = (root / place / name).relative_to(root / place).parts[0]
@@ -818,6 +820,28 @@ def test_a_stage_never_replaces_a_folder_that_holds_a_file_it_did_not_write(proj
     assert snapshot(root) == before
     storage.remove_tree(root / place / top)
     assert run_stage(STAGES[module], root, params) == 0
+
+
+def test_a_file_dropped_into_reports_while_stage_4_runs_is_not_swapped_away(project, capsys, monkeypatch):
+    """The layout check runs as the stage starts; a file a person saves into reports/ while the stage runs is
+    checked for again just before the swap, which would delete it: the stage stops, naming it, and accepts
+    nothing."""
+    from station_forecast import report
+
+    root, params = project
+    written = report.summary_markdown
+
+    def saved_meanwhile(*args: object) -> str:
+        (root / "reports" / "figure.png").write_bytes(b"a person's own")
+        return written(*args)
+
+    monkeypatch.setattr(report, "summary_markdown", saved_meanwhile)
+    accepted = sorted((root / "models/sets").iterdir())
+    assert run_stage(STAGES[3], root, params) == errors.EXIT_BAD_INPUT
+    assert f"{root / 'reports/figure.png'}: not the pipeline's" in capsys.readouterr().err
+    assert (root / "reports/figure.png").read_bytes() == b"a person's own"
+    assert (root / "reports/summary.md").is_file() and not (root / "reports").with_name(".reports.new").exists()
+    assert sorted((root / "models/sets").iterdir()) == accepted
 
 
 def test_the_pipeline_refuses_a_foreign_file_before_any_stage_runs(project):

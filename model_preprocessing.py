@@ -760,12 +760,12 @@ def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
     for value, code in probable_codes.iterrows():
         written = units.as_written(value, unit)
         elsewhere = code["readings"] - code["flagged"]
-        also = f"; {elsewhere} reading(s) of the same value on other days pass as weather, and declaring it " \
-               "would lose them" if elsewhere else ""
+        advice = f"{elsewhere} reading(s) of the same value on other days pass as weather: declaring it in [import] " \
+                 "missing_values would drop those too, so check them first" if elsewhere else \
+                 "declare it in [import] missing_values"
         log.warning("%g read by up to %d stations on the same day, far outside every station's climate: probably "
-                    "a missing-value code (%s as written in the files); %d reading(s) on %d day(s) flagged gross%s; "
-                    "declare it in [import] missing_values", value, code["most_stations"], written, code["flagged"],
-                    code["flagged_days"], also)
+                    "a missing-value code (%s as written in the files); %d reading(s) on %d day(s) flagged gross; %s",
+                    value, code["most_stations"], written, code["flagged"], code["flagged_days"], advice)
 
 
 def log_mostly_flagged(unusable: pd.DataFrame) -> None:

@@ -514,7 +514,9 @@ def test_a_probable_code_is_named_as_written_with_what_declaring_it_would_lose(c
     with caplog.at_level("WARNING", logger="pipeline"):
         model_preprocessing.log_probable_codes(found, "F")
     assert "(0.0 °F as written in the files); 8 reading(s) on 2 day(s) flagged gross" in caplog.text
-    assert ("2 reading(s) of the same value on other days pass as weather" in caplog.text) == bool(elsewhere)
+    assert ("2 reading(s) of the same value on other days pass as weather: declaring it in [import] missing_values "
+            "would drop those too" in caplog.text) == bool(elsewhere)
+    assert ("flagged gross; declare it in [import] missing_values" in caplog.text) == (not elsewhere)
 
 
 def test_stage_2_names_two_files_that_hold_one_record(project, tmp_path, capsys):

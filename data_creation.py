@@ -498,12 +498,12 @@ def _check_possible_range(lowest: float, highest: float, params: Params) -> None
     """PipelineError, naming the parameters, if a simulated reading lies outside the range stage 2 accepts as
     possible: it would refuse the raw files this stage wrote, naming a line of one as if it were the user's."""
     pre = params["preprocessing"]
-    for value, bound, key in ((lowest, pre["min_temp"], "min_temp"), (highest, pre["max_temp"], "max_temp")):
-        if (value < bound) if key == "min_temp" else (value > bound):
-            raise PipelineError(f"{params.path}: the simulated readings reach {value:.1f} °C, outside "
-                                f"preprocessing.min_temp .. max_temp = [{pre['min_temp']:g}, {pre['max_temp']:g}], "
-                                "which stage 2 would refuse as impossible; widen the range (it bounds what a sensor "
-                                "can read, not the climate) or simulate a milder climate")
+    if lowest < pre["min_temp"] or highest > pre["max_temp"]:
+        beyond = lowest if lowest < pre["min_temp"] else highest
+        raise PipelineError(f"{params.path}: the simulated readings reach {beyond:.1f} °C, outside "
+                            f"preprocessing.min_temp .. max_temp = [{pre['min_temp']:g}, {pre['max_temp']:g}], "
+                            "which stage 2 would refuse as impossible; widen the range (it bounds what a sensor "
+                            "can read, not the climate) or simulate a milder climate")
 
 
 def _chunks(stations: int) -> int:

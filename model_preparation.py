@@ -61,6 +61,11 @@ TRAIN_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "target
 STREAM_BYTES = 1 << 30
 STREAM_BATCH_ROWS = 1 << 19
 BOOSTING_MAX_ROWS = 1_500_000
+# The rows the second reading keeps (each step's sample and boosting rows) are held for at most this many bytes
+# of steps at a time: further ahead, the table is read again for the next steps, so the stage's memory does not
+# grow with the horizon. A row held takes about ROW_BYTES (8 per column, and the station's name as text).
+STEP_GROUP_BYTES = 1 << 30
+ROW_BYTES = 8 * len(TRAIN_COLUMNS) + 64
 
 
 def candidates(model: dict) -> dict:
@@ -327,12 +332,42 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
     sampled = {step: set(sampled_stations(sorted(counts[step].index), total[step], model_params["cv_max_rows"]))
                for step in steps}
     stride = {step: -(-total[step] // BOOSTING_MAX_ROWS) for step in steps}
-    parts: dict[int, dict[str, list]] = {step: {"cv": [], "boosting": []} for step in steps}
-    sums = {step: {"full": NormalEquations(FULL_FEATURES), "fallback": NormalEquations(FALLBACK_FEATURES)}
+    held = {step: (-(-total[step] // stride[step]) + int(counts[step][list(sampled[step])].sum())) * ROW_BYTES
             for step in steps}
-    seen = dict.fromkeys(steps, 0)
+    groups = step_groups(steps, held, STEP_GROUP_BYTES)
+    if len(groups) > 1:
+        log.info("%d steps ahead: the table is read once for each of %d groups of steps, so that at most about "
+                 "%d MiB of rows is held at a time", len(steps), len(groups), STEP_GROUP_BYTES >> 20)
+    fitted = []
+    for group in groups:
+        fitted += _streamed_group(path, group, sampled, stride, total, model_params, pool, steps)
+    return steps, fitted, sum(total.values())
+
+
+def step_groups(steps: list[int], held: dict[int, int], budget: int) -> list[list[int]]:
+    """``steps`` cut into runs of consecutive steps whose ``held`` bytes add up to at most ``budget`` (a step
+    alone may hold more)."""
+    groups: list[list[int]] = []
+    used = 0
+    for step in steps:
+        if not groups or used + held[step] > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(step)
+        used += held[step]
+    return groups
+
+
+def _streamed_group(path: Path, group: list[int], sampled: dict, stride: dict, total: dict, model_params: dict,
+                    pool: compute.Pool, steps: list[int]) -> list[dict]:
+    """``streamed_steps``' second reading and fits for the steps of ``group``: each step's rows in the
+    table's order, whatever the group, so the fits are those of one reading for all steps."""
+    parts: dict[int, dict[str, list]] = {step: {"cv": [], "boosting": []} for step in group}
+    sums = {step: {"full": NormalEquations(FULL_FEATURES), "fallback": NormalEquations(FALLBACK_FEATURES)}
+            for step in group}
+    seen = dict.fromkeys(group, 0)
     for batch in storage.read_table_batches(path, TRAIN_COLUMNS, STREAM_BATCH_ROWS):
-        batch = batch[(batch["target_ok"] == 1).to_numpy()]
+        batch = batch[((batch["target_ok"] == 1) & batch["step"].isin(group)).to_numpy()]
         for step, rows in batch.groupby("step"):
             step = int(step)
             parts[step]["cv"].append(rows[rows["station"].isin(sampled[step])])
@@ -343,7 +378,7 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
             sums[step]["full"].add(rows[known])
             sums[step]["fallback"].add(rows)
     fitted = []
-    for step in steps:
+    for step in group:
         sample = training_rows(pd.concat(parts[step].pop("cv"), ignore_index=True))
         boosting_rows = training_rows(pd.concat(parts[step].pop("boosting"), ignore_index=True))
         how = {"ridge": f"normal equations summed over all {total[step]} training rows, in batches",
@@ -357,7 +392,7 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
 
         fitted.append(select_and_fit(sample, total[step], model_params, pool, final_fit, fit=how))
         log_step(steps, step, fitted[-1]["record"])
-    return steps, fitted, sum(total.values())
+    return fitted
 
 
 class NormalEquations:

@@ -108,22 +108,27 @@ def _busy_jiffies() -> float:
 # The largest stage's peak per station-step of the days x stations table, measured with benchmark.py (stage 3
 # at 1,000 and 10,000 stations x 10 years: 1.8 GB per 3.65 M station-days), rounded up.
 PEAK_BYTES_PER_STATION_STEP = 520
-# Each step ahead past the first adds a row per station-step to the features. Stage 3, which fits on them, then
-# has the largest peak: it grows by about 420 bytes per station-step and step (47 MB a step on a real network of
-# 16 stations x 7,037 days, horizons 1-30; 45 MB on 100 simulated stations x 4 years, horizons 1-15; stage 2,
-# building fewer stations at a time the further ahead, by 180), rounded up.
+# Each step ahead past the first adds a row per station-step to the features. While stage 2 builds a block of
+# them and stage 3 holds the table whole, the larger peak grows by about 420 bytes per station-step and step
+# (stage 3, 47 MB a step on a real network of 16 stations x 7,037 days, horizons 1-30; 45 MB on 100 simulated
+# stations x 4 years, horizons 1-15), rounded up. Further ahead it stops growing: stage 2 builds fewer stations
+# at a time, and stage 3 reads a table past 1 GiB in batches and holds at most 1 GiB of rows at a time (the
+# network above, 120 steps ahead: 1.2 GB in stage 2, 1.4 GB of its own memory in stage 3), so what the horizon
+# adds is counted up to HORIZON_BYTES_CAP.
 PEAK_BYTES_PER_STATION_STEP_AHEAD = 440
+HORIZON_BYTES_CAP = 3 << 30
 
 
 def check_memory(station_steps: int, what: str, horizon: int = 1) -> None:
     """Refuse, before any work, a network whose largest stage would need more memory than this machine has
     free (a MemoryError or the kernel's out-of-memory killer would otherwise end it part-way), forecasting
     ``horizon`` steps ahead."""
-    needed = station_steps * (PEAK_BYTES_PER_STATION_STEP + PEAK_BYTES_PER_STATION_STEP_AHEAD * (horizon - 1))
+    ahead = min(station_steps * PEAK_BYTES_PER_STATION_STEP_AHEAD * (horizon - 1), HORIZON_BYTES_CAP)
+    needed = station_steps * PEAK_BYTES_PER_STATION_STEP + ahead
     free = available_memory()
     if free is not None and needed > free:
-        ahead = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""
-        raise PipelineError(f"{what} is {station_steps:,} station-steps{ahead}: about {needed / 2**30:.1f} GiB for "
+        steps = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""
+        raise PipelineError(f"{what} is {station_steps:,} station-steps{steps}: about {needed / 2**30:.1f} GiB for "
                             f"the largest stage, and {free / 2**30:.1f} GiB is free here; run fewer stations or "
                             f"years{', or a shorter horizon' if horizon > 1 else ''}, or on a machine with more "
                             "memory")

@@ -304,6 +304,30 @@ def test_a_features_table_too_large_to_hold_is_read_in_batches_with_the_same_cho
     np.testing.assert_allclose(_forecasts(root), whole_forecasts, rtol=0, atol=1e-9)
 
 
+def test_a_streamed_table_is_read_again_for_each_group_of_steps_with_the_same_models(horizon_built, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Read in batches, the rows kept for every step at once grew with the horizon (4.8 GB at 120 steps on 16
+    real stations). Past STEP_GROUP_BYTES the table is read again for each group of steps: the same models,
+    byte for byte, as from one reading."""
+    import shutil
+
+    root = tmp_path / "horizon"
+    shutil.copytree(horizon_built, root, symlinks=True)
+    params = root / "params.toml"
+    monkeypatch.setattr(model_preparation, "STREAM_BYTES", 0)
+    monkeypatch.setattr(model_preparation, "STREAM_BATCH_ROWS", 997)
+    models = {}
+    for budget in (1 << 40, 1):
+        monkeypatch.setattr(model_preparation, "STEP_GROUP_BYTES", budget)
+        assert run_stage(model_preparation, root, params) == 0
+        models[budget] = (root / "models/model.joblib").read_bytes()
+    steps = json.loads((root / "models/model.json").read_text())["steps"]
+    assert len(steps) > 1 and f"the table is read once for each of {len(steps)} groups of steps" in \
+        capsys.readouterr().err
+    assert models[1] == models[1 << 40]
+    assert model_preparation.step_groups([1, 2, 3, 4], {1: 5, 2: 5, 3: 12, 4: 1}, 10) == [[1, 2], [3], [4]]
+
+
 def test_gradient_boosting_on_a_table_too_large_to_hold_is_fitted_on_every_k_th_row(project, monkeypatch):
     root, params = project
     boosting_only = model_preparation.candidates

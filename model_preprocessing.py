@@ -672,8 +672,10 @@ def main(args) -> None:
         test_start, frequency, unit = read_source(paths.source_record)
         observed, period = to_calendar(frame, test_start, frequency)
         del frame
-        runtime.check_memory(observed.size, f"{observed.shape[1]} stations x {observed.shape[0]} steps",
-                             params["forecast"]["horizon"])
+        horizon = params["forecast"]["horizon"]
+        # Up to STATION_BLOCK steps ahead a block can shrink to hold as many rows as one step ahead; beyond, not.
+        runtime.check_memory(observed.size, f"{observed.shape[1]} stations x {observed.shape[0]} steps", horizon,
+                             bounded=horizon <= STATION_BLOCK)
         positions = station_positions(paths.station_list, list(observed.columns))
         threads = runtime.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
         detector, verdict = quality_control_flags(observed, period, params["quality_control"], pool, threads,

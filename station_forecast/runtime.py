@@ -113,18 +113,19 @@ PEAK_BYTES_PER_STATION_STEP = 520
 # (stage 3, 47 MB a step on a real network of 16 stations x 7,037 days, horizons 1-30; 45 MB on 100 simulated
 # stations x 4 years, horizons 1-15), rounded up. Further ahead it stops growing: stage 2 builds fewer stations
 # at a time, and stage 3 reads a table past 1 GiB in batches and holds at most 1 GiB of rows at a time (the
-# network above, 120 steps ahead: 1.2 GB in stage 2, 1.4 GB of its own memory in stage 3), so what the horizon
-# adds is counted up to HORIZON_BYTES_CAP.
+# network above, 120 steps ahead: 1.2 GB in stage 2, 1.4 GB of its own memory in stage 3), so while stage 2
+# can still build fewer stations at a time, what the horizon adds is counted up to HORIZON_BYTES_CAP.
 PEAK_BYTES_PER_STATION_STEP_AHEAD = 440
 HORIZON_BYTES_CAP = 3 << 30
 
 
-def check_memory(station_steps: int, what: str, horizon: int = 1) -> None:
+def check_memory(station_steps: int, what: str, horizon: int = 1, bounded: bool = False) -> None:
     """Refuse, before any work, a network whose largest stage would need more memory than this machine has
     free (a MemoryError or the kernel's out-of-memory killer would otherwise end it part-way), forecasting
-    ``horizon`` steps ahead."""
-    ahead = min(station_steps * PEAK_BYTES_PER_STATION_STEP_AHEAD * (horizon - 1), HORIZON_BYTES_CAP)
-    needed = station_steps * PEAK_BYTES_PER_STATION_STEP + ahead
+    ``horizon`` steps ahead; ``bounded``: the stages hold a bounded share of the rows of the steps ahead (up to
+    ``HORIZON_BYTES_CAP``)."""
+    ahead = station_steps * PEAK_BYTES_PER_STATION_STEP_AHEAD * (horizon - 1)
+    needed = station_steps * PEAK_BYTES_PER_STATION_STEP + (min(ahead, HORIZON_BYTES_CAP) if bounded else ahead)
     free = available_memory()
     if free is not None and needed > free:
         steps = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""

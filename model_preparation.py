@@ -54,10 +54,10 @@ STOPPING_ROUNDS = 10
 TEXT_COLUMNS = ["station", "date", "target_date"]
 TRAIN_COLUMNS = ["station", "date", "step", "target_date", "temp_today", "target", "target_ok", SPREAD_COLUMN,
                  *FEATURES]
-# A features table larger than this is never held whole (a national network's): it is read twice in batches of
-# STREAM_BATCH_ROWS, first for each step's training rows per station, then for the cross-validation sample (the
-# same whole stations as ``cv_sample`` takes), the Ridge's normal equations summed over every training row, and
-# every k-th training row for gradient boosting, at most BOOSTING_MAX_ROWS of them.
+# A features table larger than this is never held whole (a national network's): it is read in batches of
+# STREAM_BATCH_ROWS, first for each step's training rows per station, then (once per group of steps, far ahead)
+# for the cross-validation sample (the same whole stations as ``cv_sample`` takes), the Ridge's normal equations
+# summed over every training row, and every k-th training row for gradient boosting, at most BOOSTING_MAX_ROWS.
 STREAM_BYTES = 1 << 30
 STREAM_BATCH_ROWS = 1 << 19
 BOOSTING_MAX_ROWS = 1_500_000
@@ -319,7 +319,8 @@ def streamed_steps(path: Path, model_params: dict, pool: compute.Pool) -> tuple[
     batches; returns the steps, their fits and the training rows of all steps. The same candidate is chosen as
     from the whole table (its cross-validation sample is the same rows); a Ridge is the same fit, up to the
     rounding of sums over batches; gradient boosting is fitted on every k-th training row in the table's order
-    (stations, then dates), at most ``BOOSTING_MAX_ROWS``."""
+    (stations, then dates), at most ``BOOSTING_MAX_ROWS``. The second reading is made once per group of steps
+    whose rows kept fit in ``STEP_GROUP_BYTES`` (``step_groups``)."""
     counts: dict[int, pd.Series] = {}
     for batch in storage.read_table_batches(path, ["station", "step", "target_ok"], STREAM_BATCH_ROWS):
         for step, per_station in batch[batch["target_ok"] == 1].groupby("step")["station"]:

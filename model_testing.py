@@ -379,7 +379,9 @@ def main(args) -> None:
     outputs = [paths.metrics, *sorted(paths.reports.iterdir())]
     if not passed:
         manifest.record_stage(paths, STAGE, params, inputs, outputs, gate_passed=False)
-        raise errors.GateFailed(f"quality gate failed: {verdict}; {paths.accepted} keeps the last accepted model")
+        aside = scoring.flagged_aside(metrics)
+        raise errors.GateFailed(f"quality gate failed: {verdict}; {aside + '; ' if aside else ''}"
+                                f"{paths.accepted} keeps the last accepted model")
     signatures = {**manifest.stage_entry(paths, "model_preprocessing")["signatures"],
                   **manifest.stage_entry(paths, "model_preparation")["signatures"]}
     registry.accept(paths, {path: signatures.get(manifest.relative(paths, path))

@@ -322,3 +322,21 @@ def gate(metrics: dict, min_improvement: float) -> tuple[bool, str]:
     verdict = (f"model MAE {model:.3f} vs persistence {persistence:.3f} "
                f"({metrics['gate_reference']} reference; must be below {limit:.3f})")
     return model < limit, verdict
+
+
+def flagged_aside(metrics: dict) -> str:
+    """Beside a failed gate on the ``observed`` reference, when the detector flagged some of the readings it
+    scored: how many, and the model and persistence against the others (``accepted``). A stuck sensor in the
+    test period makes persistence look perfect on its readings; the gate still judges every reading, and this
+    only says where to look. Empty where no scored reading was flagged or the reference is the truth."""
+    if metrics["gate_reference"] != "observed" or "accepted" not in metrics["forecast"]:
+        return ""
+    every, accepted = (metrics["forecast"][name]["all_stations"] for name in ("observed", "accepted"))
+    rows, kept = every["model"]["n"], accepted.get("model", {}).get("n", 0)
+    if kept >= rows:
+        return ""
+    aside = f"{rows - kept:,} of the {rows:,} readings scored were flagged by the detector"
+    if kept:
+        aside += (f"; against the other {kept:,} (accepted, a reference beside the gate) model MAE "
+                  f"{accepted['model']['mae']:.3f} vs persistence {accepted['persistence']['mae']:.3f}")
+    return aside + ": check the flags (reports/summary.md) before trusting either"

@@ -66,6 +66,40 @@ def test_gate_failure_exits_3_with_a_clear_line(project, capsys):
     assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("model_testing: error: quality gate failed: model MAE")
+    assert "flagged by the detector" not in err  # judged against the truth, which no flag changes
+
+
+def _scores(model: float, persistence: float, n: int) -> dict:
+    return {"all_stations": {"model": {"mae": model, "n": n}, "persistence": {"mae": persistence, "n": n}}}
+
+
+def test_a_failed_gate_on_the_readings_says_how_many_were_flagged_and_the_scores_without_them():
+    metrics = {"gate_reference": "observed",
+               "forecast": {"observed": _scores(1.978, 1.897, 365), "accepted": _scores(2.288, 2.592, 267)}}
+    assert scoring.flagged_aside(metrics) == (
+        "98 of the 365 readings scored were flagged by the detector; against the other 267 (accepted, a "
+        "reference beside the gate) model MAE 2.288 vs persistence 2.592: check the flags (reports/summary.md) "
+        "before trusting either")
+    metrics["forecast"]["accepted"] = _scores(1.978, 1.897, 365)
+    assert scoring.flagged_aside(metrics) == ""
+    metrics["forecast"]["accepted"] = {"all_stations": {}}
+    assert scoring.flagged_aside(metrics).startswith("365 of the 365 readings scored were flagged by the detector:")
+    assert scoring.flagged_aside({**metrics, "gate_reference": "truth"}) == ""
+
+
+def test_a_failed_gate_without_ground_truth_names_the_flagged_readings_it_scored(project, capsys):
+    root, _ = project
+    for path in (root / "data/truth").glob("ST*.csv"):
+        path.unlink()
+    strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,
+                          cv_folds=3, gate_min_improvement=0.5)
+    assert run_stage(model_testing, root, strict) == errors.EXIT_GATE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    scores = json.loads((root / "models/metrics.json").read_text())["forecast"]
+    rows, kept = (scores[name]["all_stations"]["model"]["n"] for name in ("observed", "accepted"))
+    assert 0 < kept < rows
+    assert f"; {rows - kept:,} of the {rows:,} readings scored were flagged by the detector; against the other " \
+           f"{kept:,} (accepted" in err and err.endswith("keeps the last accepted model")
 
 
 def _truncate(path):

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY, data_creation, model_preparation, model_preprocessing, run_stage, snapshot, write_params
 
 from station_forecast import errors, features, manifest, quality_control, station_files, storage
-from station_forecast.features import FEATURES
+from station_forecast.features import FEATURES, SPREAD_COLUMN
 from station_forecast.flags import Flag
 from station_forecast.params import load_params
 from station_forecast.storage import Paths
@@ -576,6 +576,46 @@ def test_a_station_with_weeks_of_history_alone_ends_in_a_clear_line_not_an_inter
     assert "no station has the 70 accepted training readings its climatology needs (the most: 35)" \
         in capsys.readouterr().err
     assert snapshot(root) == features
+
+
+def test_only_the_test_steps_the_quality_control_left_empty_hold_the_climatology():
+    days = pd.date_range("2020-01-01", periods=6, freq="D")
+    outside, train, test = model_preprocessing.OUTSIDE, TRAIN, TEST
+    period = pd.DataFrame({"A": [outside, train, train, test, test, outside], "B": [train] * 3 + [test] * 3},
+                          index=days)
+    repaired = pd.DataFrame({"A": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan], "B": [1.0] * 6}, index=days)
+    climates = pd.DataFrame({"A": [10.0] + [0.0] * 6})  # a level of 10 and no seasons
+    filled, in_gaps = model_preprocessing.climate_in_gaps(repaired, period, climates)
+    # Outside the record, and a gap of the training years, stay empty.
+    assert filled["A"].fillna(-1.0).tolist() == [-1.0, 1.0, -1.0, 10.0, 2.0, -1.0]
+    assert filled["B"].equals(repaired["B"])
+    assert in_gaps.to_numpy().sum() == 1 and in_gaps["A"].iat[3]
+    assert model_preprocessing.climate_in_gaps(repaired.fillna(0.0), period, climates)[1] is None
+
+
+@pytest.mark.parametrize("gap", [20, 50])
+def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of_weeks(project, tmp_path, gap):
+    """A station without neighbours had no value on the days of a gap of over a week, and no forecast until
+    weeks after it: the readings after the gap went unscored. Every test reading now has its forecast row, and
+    the interval's spread is never made of the climatology put in the gap."""
+    root, _ = project
+    own = own_files_of(root, tmp_path / "own")
+    files = sorted(own.glob("*.csv"))
+    for other in files[1:]:
+        other.unlink()
+    table = pd.read_csv(files[0])
+    first_test = len(table) - TINY["test_steps"]
+    table.drop(table.index[first_test + 10:first_test + 10 + gap]).to_csv(files[0], index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own), holdout_stations=0)
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == 0
+    rows = pd.read_csv(root / "data/test/features.csv")
+    read = pd.read_csv(root / "data/test/raw" / files[0].name)
+    assert sorted(rows["target_date"][rows["target"].notna()]) == sorted(read["date"])
+    in_gap = rows[rows["date"].isin(table["date"].iloc[first_test + 10:first_test + 10 + gap])]
+    assert len(in_gap) == gap and (in_gap["repaired_today"] == 1).all()
+    trained = pd.read_csv(root / "data/train/features.csv")
+    assert in_gap[SPREAD_COLUMN].min() >= 0.5 * trained[SPREAD_COLUMN].median()
 
 
 def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys):

@@ -753,6 +753,7 @@ def main(args) -> None:
     log_without_neighbours(detector, params["quality_control"]["min_correlation"])
     if unit != "none":
         log_other_units(detector, unit)
+        log_unit_changes(quality_control.unit_changes(observed), unit)
     untested = sorted(set(observed.columns) - tested)
     if untested:
         log.warning("no test days for station(s) %s: they are not scored", ", ".join(map(str, untested)))
@@ -839,6 +840,16 @@ def log_other_units(detector: dict, unit: str) -> None:
                     "times theirs: its file is probably in another unit than import.unit = %r says (°C among °F "
                     "files, or the reverse); convert it, or import it in a run of its own", found["station"],
                     found["mean"], abs(found["mean"] - found["neighbours_mean"]), found["ratio"], unit)
+
+
+def log_unit_changes(changes: list[dict], unit: str) -> None:
+    """Warn of each station whose record changes unit part of the way through (``quality_control.unit_changes``)."""
+    for found in changes:
+        log.warning("station %s: its readings from %s on lie %.0f °C %s those of the same months before, and swing "
+                    "%.2f times as far from day to day: that part of its file is probably in another unit than "
+                    "import.unit = %r says (°C after °F, or the reverse); convert it", found["station"],
+                    found["from"].strftime("%Y-%m"), abs(found["change"]),
+                    "below" if found["change"] < 0 else "above", found["ratio"], unit)
 
 
 def log_same_records(detector: dict) -> None:

@@ -479,18 +479,43 @@ def test_a_training_period_too_short_for_any_climatology_stops_stage_2_with_what
     assert not (root / "data/train/features.csv").exists()
 
 
-def test_stage_2_names_a_station_left_without_a_neighbour(project, tmp_path, capsys):
-    """A record whose unit changed partway (°C written where °F is read, from the middle of its years on)
-    correlates with none of its neighbours, and only the gross checks judge it: stage 2 names it and how near
-    its best candidate came; the network's other stations keep theirs."""
-    def unit_changed(table: pd.DataFrame) -> pd.Series:
-        later = table.index >= len(table) // 2
-        return table["temperature"].where(~later, ((table["temperature"] - 32) * 5 / 9).round(1))
+def unit_changed(table: pd.DataFrame) -> pd.Series:
+    """°C written where °F is read, from the middle of the record's years on."""
+    later = table.index >= len(table) // 2
+    return table["temperature"].where(~later, ((table["temperature"] - 32) * 5 / 9).round(1))
 
+
+def test_stage_2_names_a_station_left_without_a_neighbour(project, tmp_path, capsys):
+    """A record whose unit changed partway correlates with none of its neighbours, and only the gross checks
+    judge it: stage 2 names it and how near its best candidate came; the network's other stations keep theirs."""
     station, warned = stage_2_warnings(project, tmp_path, capsys, unit_changed, "with no neighbour whose daily")
     assert len(warned) == 1 and warned[0].count(": best 0.") == 1 and f"({station}: best 0." in warned[0]
     detector = json.loads((project[0] / "models/detector.json").read_text())
     assert quality_control.without_neighbours(detector).keys() == {station}
+
+
+def test_stage_2_names_a_record_whose_unit_changed_partway_and_from_when(project, tmp_path, capsys):
+    station, warned = stage_2_warnings(project, tmp_path, capsys, unit_changed, "that part of its file")
+    own = pd.read_csv(tmp_path / "own" / f"{station}.csv")
+    changed = pd.Timestamp(own["date"].iat[len(own) // 2])
+    month = changed.strftime("%Y-%m") if changed.day <= 15 else (changed + pd.offsets.MonthBegin()).strftime("%Y-%m")
+    assert len(warned) == 1 and f"station {station}: its readings from {month} on lie" in warned[0]
+    assert "°C below those of the same months before, and swing 0." in warned[0]
+
+
+def test_a_change_of_unit_is_found_in_a_station_alone_and_weather_is_not_one():
+    days = pd.date_range("2000-01-01", "2009-12-31", freq="D")
+    rng = np.random.default_rng(0)
+    season = 10 - 12 * np.cos(2 * np.pi * days.day_of_year / 365.25)
+    weather = pd.Series(rng.normal(0, 3, len(days))).ewm(alpha=0.4).mean().to_numpy()
+    celsius = pd.DataFrame({"A": season + weather}, index=days)
+    celsius.iloc[::7] = np.nan  # a day a week unread
+    assert quality_control.unit_changes(celsius) == []
+    written = celsius.copy()
+    written.loc["2006-03-01":] = written.loc["2006-03-01":] * 9 / 5 + 32  # °F from March 2006, read as °C
+    found = quality_control.unit_changes(written)
+    assert [(f["station"], f["from"]) for f in found] == [("A", pd.Timestamp("2006-03-01"))]
+    assert 30 < found[0]["change"] < 40 and 1.7 < found[0]["ratio"] < 1.9
 
 
 def test_a_best_correlation_just_under_the_least_is_not_shown_as_reaching_it(caplog):

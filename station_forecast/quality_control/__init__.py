@@ -118,7 +118,7 @@ from station_forecast.quality_control.climatology import (
     covers_the_year,
     fit_climatology,
 )
-from station_forecast.quality_control.learning import JUMP_CEILING, learn, other_units
+from station_forecast.quality_control.learning import JUMP_CEILING, learn, other_units, unit_changes
 from station_forecast.quality_control.neighbours import (
     MIN_OVERLAP_DAYS,
     forecast_neighbours,
@@ -131,4 +131,4 @@ from station_forecast.quality_control.verdict import detect, mostly_flagged, no_
 __all__ = ["CLIMATOLOGY_LEAST_READINGS", "JUMP_CEILING", "MIN_OVERLAP_DAYS", "STATION_BLOCK", "borrow_seasons",
            "climatology_at", "covers_the_year", "detect", "fit_climatology", "forecast_neighbours", "learn",
            "learn_neighbours", "mostly_flagged", "no_detection", "other_units", "same_records", "shared_values",
-           "without_neighbours"]
+           "unit_changes", "without_neighbours"]

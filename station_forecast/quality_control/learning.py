@@ -231,6 +231,42 @@ def since_onset(onset: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(earliest_later <= rows, index=onset.index, columns=onset.columns, copy=False)
 
 
+def unit_changes(observed: pd.DataFrame, least_months: int = 12) -> list[dict]:
+    """The stations whose record changes unit part of the way through (an export in °F joined to one in °C, all
+    read with one import.unit), which no neighbour need show: from some month on, the station's monthly means lie
+    more than ``UNIT_LEVEL_GAP`` from those of the same calendar months before, and its step-to-step changes swing
+    5/9 (or 9/5) times as far (``UNIT_RATIOS``, ``UNIT_TOLERANCE``). Each with the first month of the changed
+    part, the change in level and that ratio. A month counts where at least half its steps were read; each side
+    of the change holds at least ``least_months`` of them."""
+    read, steps = observed.notna(), observed.index.to_series().resample("MS").size()
+    monthly = observed.resample("MS").mean().where(read.resample("MS").sum().ge(steps / 2, axis=0)).to_numpy()
+    counted = ~np.isnan(monthly)
+    calendar = steps.index.month.to_numpy()[:, None]
+    # For each month k as the last before a change: the mean over calendar months of (mean after k - mean up to
+    # k) of that calendar month, so neither the seasons nor the changed part itself make the yardstick.
+    total, pairs = np.zeros(monthly.shape), np.zeros(monthly.shape)
+    for month in range(1, 13):
+        chosen = counted & (calendar == month)
+        sums, counts = np.cumsum(np.where(chosen, monthly, 0.0), axis=0), np.cumsum(chosen, axis=0)
+        after_sums, after_counts = sums[-1] - sums, counts[-1] - counts
+        both = (counts > 0) & (after_counts > 0)
+        total += np.where(both, after_sums / np.maximum(after_counts, 1) - sums / np.maximum(counts, 1), 0.0)
+        pairs += both
+    before = np.cumsum(counted, axis=0)
+    step = np.where((before >= least_months) & (before[-1] - before >= least_months),
+                    total / np.maximum(pairs, 1), 0.0)
+    found = []
+    for column in np.flatnonzero(np.abs(step).max(axis=0) > UNIT_LEVEL_GAP):  # a few stations at most
+        split = int(np.abs(step[:, column]).argmax())
+        start = steps.index[split + 1]
+        series = observed.iloc[:, column]
+        ratio = series[series.index >= start].diff().std() / series[series.index < start].diff().std()
+        if any(abs(ratio / r - 1) < UNIT_TOLERANCE for r in UNIT_RATIOS):
+            found.append({"station": observed.columns[column], "from": start, "change": float(step[split, column]),
+                          "ratio": float(ratio)})
+    return found
+
+
 def other_units(detector: dict) -> list[dict]:
     """The stations whose learned mean and spread say their readings were written in another unit than their
     neighbours' (``UNIT_LEVEL_GAP``, ``UNIT_RATIOS``): each with its mean, its neighbours' median mean and the

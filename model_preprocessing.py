@@ -150,12 +150,14 @@ def to_calendar(frame: pd.DataFrame, test_start: pd.Timestamp, frequency: str = 
     split = np.full(by_station.shape, -1, dtype=np.int8)  # -1 no reading, 0 train, 1 test
     split[column[on], row[on]] = (frame["split"] == "test").to_numpy()[on]
     del by_station
-    # A missing day belongs to the period of the day before it; days before a
-    # station's first or after its last day belong to none.
+    # A missing day belongs to the period of the day before it, and from the test period's first day on to the
+    # test period (a gap begun in training is not training: no row with a test day's features may reach the
+    # scaler); days before a station's first or after its last day belong to none.
     step = np.arange(len(calendar))
     last = np.maximum.accumulate(np.where(split >= 0, step, -1), axis=1)  # the last day read, up to each day
     after = np.minimum.accumulate(np.where(split >= 0, step, len(step))[:, ::-1], axis=1)[:, ::-1]
-    period = np.where(np.take_along_axis(split, np.maximum(last, 0), axis=1) == 1, TEST, TRAIN).astype(np.int8)
+    period = np.where((np.take_along_axis(split, np.maximum(last, 0), axis=1) == 1)
+                      | np.asarray(calendar >= test_start)[None, :], TEST, TRAIN).astype(np.int8)
     period[(last < 0) | (after >= len(step))] = OUTSIDE
     period[(period == TEST) & np.asarray(calendar < test_start)[None, :]] = HISTORY
     columns = pd.Index(stations, dtype=object, name="station")

@@ -120,14 +120,26 @@ def test_features_further_ahead_are_built_fewer_stations_at_a_time_and_the_same(
     assert tables[4] == tables[100]
 
 
-def test_test_data_does_not_change_what_is_learned(project):
+@pytest.mark.parametrize("gap_across_the_start", [False, True])
+def test_test_data_does_not_change_what_is_learned(project, gap_across_the_start):
     """Neighbours, scales and the scaler are learned before the test period: changing every test reading
-    (a held-out station's earlier days are its history, not test data) changes none of them."""
+    (a held-out station's earlier days are its history, not test data) changes none of them. With a station's
+    gap running from its last training days into the test period, its days from the test's start on were
+    training days filled from the neighbours' test readings, and the scaler learned from them."""
     root, params = project
     paths = Paths(root)
+    test_start = json.loads(paths.source_record.read_text())["test_start"]
+    if gap_across_the_start:
+        first = sorted(paths.train_raw.glob("*.csv"))[0]
+        for path, keep in ((first, lambda dates: dates < "2021-08-30"),
+                           (paths.test_raw / first.name, lambda dates: dates >= "2021-09-10")):
+            raw = pd.read_csv(path)
+            raw[keep(raw["date"])].to_csv(path, index=False, float_format="%.1f")
+        assert "2021-08-30" < test_start < "2021-09-10"
+        _rerecord_raw(paths, params)
+        assert run_stage(model_preprocessing, root, params) == 0
     before = {p: p.read_bytes() for p in (paths.detector, paths.train_features)}
     scaler_mean = joblib.load(paths.scaler).mean_
-    test_start = json.loads(paths.source_record.read_text())["test_start"]
     for path in paths.test_raw.glob("*.csv"):
         raw = pd.read_csv(path)
         in_test = raw["date"] >= test_start
@@ -329,6 +341,16 @@ def test_the_calendar_gives_each_station_its_days_and_each_day_its_period():
     assert list(period["A"]) == [TRAIN, TRAIN, TRAIN, TRAIN, TEST, OUTSIDE]
     assert list(period["B"]) == [OUTSIDE, TRAIN, TRAIN, HISTORY, TEST, TEST]
     assert period.dtypes.eq(np.int8).all() and observed.to_numpy().flags["C_CONTIGUOUS"]
+
+
+def test_a_gap_begun_in_training_belongs_to_the_test_period_from_its_first_day():
+    """The days of a gap from the test period's first day on are test days: as training days, the rows of
+    forecasts made from them (target-less) reached the scaler with a test day's features."""
+    rows = [("A", "2020-01-01", 1.0, "train"), ("A", "2020-01-02", 2.0, "train"), ("A", "2020-01-06", 3.0, "test")]
+    frame = pd.DataFrame(rows, columns=["station", "date", "temperature", "split"])
+    frame["date"] = pd.to_datetime(frame["date"])
+    _, period = model_preprocessing.to_calendar(frame, pd.Timestamp("2020-01-04"))
+    assert list(period["A"]) == [TRAIN, TRAIN, TRAIN, TEST, TEST, TEST]
 
 
 def test_the_climatology_baseline_of_a_station_that_started_months_ago_is_not_guessed():
@@ -611,18 +633,20 @@ def test_only_the_test_steps_the_quality_control_left_empty_hold_the_climatology
     repaired = pd.DataFrame({"A": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan], "B": [1.0] * 6}, index=days)
     climates = pd.DataFrame({"A": [10.0] + [0.0] * 6})  # a level of 10 and no seasons
     filled, in_gaps = model_preprocessing.climate_in_gaps(repaired, period, climates)
-    # Outside the record, and a gap of the training years, stay empty.
+    # Outside the record, and a gap of the training days, stay empty.
     assert filled["A"].fillna(-1.0).tolist() == [-1.0, 1.0, -1.0, 10.0, 2.0, -1.0]
     assert filled["B"].equals(repaired["B"])
-    assert in_gaps.to_numpy().sum() == 1 and in_gaps["A"].iat[3]
+    assert in_gaps["A"].tolist() == [False, False, False, True, False, False] and not in_gaps["B"].any()
     assert model_preprocessing.climate_in_gaps(repaired.fillna(0.0), period, climates)[1] is None
 
 
-@pytest.mark.parametrize("gap", [20, 50])
-def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of_weeks(project, tmp_path, gap):
+@pytest.mark.parametrize(("begins", "gap"), [(10, 20), (10, 50), (-30, 60)])
+def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of_weeks(project, tmp_path, begins,
+                                                                                        gap):
     """A station without neighbours had no value on the days of a gap of over a week, and no forecast until
-    weeks after it: the readings after the gap went unscored. Every test reading now has its forecast row, and
-    the interval's spread is never made of the climatology put in the gap."""
+    weeks after it: the readings after the gap went unscored. Every test reading now has its forecast row (after
+    a gap begun ``begins`` days into the test period, or before it), and the interval's spread is never made of
+    the climatology put in the gap."""
     root, _ = project
     own = own_files_of(root, tmp_path / "own")
     files = sorted(own.glob("*.csv"))
@@ -630,15 +654,21 @@ def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of
         other.unlink()
     table = pd.read_csv(files[0])
     first_test = len(table) - TINY["test_steps"]
-    table.drop(table.index[first_test + 10:first_test + 10 + gap]).to_csv(files[0], index=False)
+    dropped = table["date"].iloc[first_test + begins:first_test + begins + gap]
+    table.drop(dropped.index).to_csv(files[0], index=False)
     params = write_params(tmp_path / "own.toml", **TINY, source=str(own), holdout_stations=0)
     assert run_stage(data_creation, root, params) == 0
     assert run_stage(model_preprocessing, root, params) == 0
     rows = pd.read_csv(root / "data/test/features.csv")
     read = pd.read_csv(root / "data/test/raw" / files[0].name)
     assert sorted(rows["target_date"][rows["target"].notna()]) == sorted(read["date"])
-    in_gap = rows[rows["date"].isin(table["date"].iloc[first_test + 10:first_test + 10 + gap])]
-    assert len(in_gap) == gap and (in_gap["repaired_today"] == 1).all()
+    in_gap = rows[rows["date"].isin(dropped)]
+    test_start = json.loads((root / "data/source.json").read_text())["test_start"]
+    in_test = (dropped >= test_start).sum()
+    # Begun in training, the gap leaves the 30-day features undefined until 20 of their days hold a value.
+    assert (len(in_gap) == in_test if begins >= 0 else 0 < len(in_gap) < in_test)
+    assert rows["repaired_today"].nunique() == 2  # scaled: repaired or not
+    assert (in_gap["repaired_today"] == rows["repaired_today"].max()).all()
     trained = pd.read_csv(root / "data/train/features.csv")
     assert in_gap[SPREAD_COLUMN].min() >= 0.5 * trained[SPREAD_COLUMN].median()
 

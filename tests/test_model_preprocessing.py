@@ -4,6 +4,7 @@ import json
 import pickle
 import re
 import shutil
+import warnings
 
 import joblib
 import numpy as np
@@ -538,6 +539,11 @@ def test_a_change_of_unit_is_found_in_a_station_alone_and_weather_is_not_one():
     found = quality_control.unit_changes(written)
     assert [(f["station"], f["from"]) for f in found] == [("A", pd.Timestamp("2006-03-01"))]
     assert 30 < found[0]["change"] < 40 and 1.7 < found[0]["ratio"] < 1.9
+    coded = celsius.copy()
+    coded.loc[:"2003-12-31"] = -72.8  # years of an undeclared missing-value code: no unit, and no warning either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quality_control.unit_changes(coded) == []
 
 
 def test_a_best_correlation_just_under_the_least_is_not_shown_as_reaching_it(caplog):

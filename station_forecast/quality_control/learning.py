@@ -260,7 +260,9 @@ def unit_changes(observed: pd.DataFrame, least_months: int = 12) -> list[dict]:
         split = int(np.abs(step[:, column]).argmax())
         start = steps.index[split + 1]
         series = observed.iloc[:, column]
-        ratio = series[series.index >= start].diff().std() / series[series.index < start].diff().std()
+        after, before = (float(part.diff().std()) for part in (series[series.index >= start],
+                                                                series[series.index < start]))
+        ratio = after / before if before > 0 else float("inf")  # a part that never changes: a code, no unit
         if any(abs(ratio / r - 1) < UNIT_TOLERANCE for r in UNIT_RATIOS):
             found.append({"station": observed.columns[column], "from": start, "change": float(step[split, column]),
                           "ratio": float(ratio)})

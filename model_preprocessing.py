@@ -281,13 +281,13 @@ def departures(repaired: pd.DataFrame, coefs: pd.DataFrame) -> pd.DataFrame:
 
 
 def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.DataFrame, period: pd.DataFrame,
-                     accepted: pd.DataFrame, coefs: pd.DataFrame, neighbours: dict[str, list[str]], horizon: int
-                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+                     accepted: pd.DataFrame, coefs: pd.DataFrame, neighbours: dict[str, list[str]], horizon: int,
+                     in_gaps: pd.DataFrame | None = None) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """The neighbours-ridge forecasts of t+h from every origin t, per step h: dates x ``stations`` arrays, NaN
     where the station has no ridge (never trained on, too few training rows) or lacks a reading among its last
     ``RIDGE_LAGS``. Fitted per station on its training targets that were observed and not flagged; a
     neighbour's missing reading counts as its climatology (a departure of 0). ``departure``: ``departures`` of
-    the whole network.
+    the whole network. It is never fitted on a row whose readings ``in_gaps`` (``climate_in_gaps``) filled.
 
     Two forecasts: the baseline, and the feature's, which also reads the neighbours a step before the origin
     and forecasts each training block of dates from a fit on the others (``RIDGE_FOLDS``)."""
@@ -314,9 +314,14 @@ def neighbours_ridge(stations: list[str], departure: pd.DataFrame, observed: pd.
         near = np.nan_to_num(values[:, [column[n] for n in neighbours.get(station, []) if n in column]])
         before = np.vstack([np.zeros((1, near.shape[1])), near[:-1]])
         known = ~np.isnan(lags).any(axis=1)
+        learnable = known
+        if in_gaps is not None and station in in_gaps:
+            filled = in_gaps[station].to_numpy()
+            learnable = known & ~np.column_stack([np.concatenate([np.zeros(lag, bool), filled[:len(filled) - lag]])
+                                                  for lag in range(RIDGE_LAGS)]).any(axis=1)
         for step in baseline:
             target, usable, calendar = targets[step]
-            fit = known & ~np.isnan(target[:, j]) & usable[:, j]
+            fit = learnable & ~np.isnan(target[:, j]) & usable[:, j]
             if fit.sum() < RIDGE_LEAST_ROWS:
                 continue
             # One design: the baseline's inputs are the stacked ridge's without the neighbours' step before.
@@ -360,17 +365,19 @@ def _ridge_forecasts(inputs: np.ndarray, target: np.ndarray, fit: np.ndarray, kn
     return forecast_plain, crossed[known]
 
 
-def climate_in_gaps(repaired: pd.DataFrame, period: pd.DataFrame, climates: pd.DataFrame
+def climate_in_gaps(repaired: pd.DataFrame, period: pd.DataFrame, climates: pd.DataFrame, test_start: pd.Timestamp
                     ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """The repaired readings with each station's climatology (``station_climatology``) in the steps of its test
-    period that the quality control left empty, and where it was put (None where none was). A step is empty
+    """The repaired readings with each station's climatology (``station_climatology``) in the steps the quality
+    control left empty in its test period and in the ``features.HISTORY_STEPS`` steps before ``test_start``
+    (which the first test rows' features read), and where it was put (None where none was). A step is empty
     where no neighbour reported and the station read too few of the days before it (a gap of over a week at a
     station alone): without a value there, no forecast could be made until weeks after the gap, and those
     readings went unscored (57 of Nairobi's 309 test readings). The climatology is the best guess of a step
-    unread that long, and ``repaired_today`` tells a model the step was not read. The training rows stay those
-    the readings make: filled in the training years too, the gaps of Valdez WSO's century-long record cost its
-    model 0.08 °C on the test readings it forecast before."""
-    empty = repaired.isna() & (period == TEST)
+    unread that long, and ``repaired_today`` tells a model the step was not read. The training rows are made
+    without it (``block_rows``): filled in the training years too, the gaps of Valdez WSO's century-long record
+    cost its model 0.08 °C on the test readings it forecast before."""
+    history = repaired.index >= repaired.index[max(0, repaired.index.searchsorted(test_start) - features.HISTORY_STEPS)]
+    empty = repaired.isna() & ((period == TEST) | ((period == TRAIN) & np.asarray(history)[:, None]))
     stations = [station for station in empty.columns[empty.to_numpy().any(axis=0)] if station in climates]
     if not stations:
         return repaired, None
@@ -532,20 +539,29 @@ def training_and_test_rows(observed: pd.DataFrame, period: pd.DataFrame, verdict
     located = None if positions is None else positions[observed.columns.get_indexer(departure.columns)]
     # Neighbours are chosen on the days read (or filled from neighbours), not on a climatology put in gaps.
     near = forecast_neighbours(departure, period, forecast, detector, located) if forecast else {}
-    repaired, in_gaps = climate_in_gaps(repaired, period, climates)
+    filled, in_gaps = climate_in_gaps(repaired, period, climates, test_start)
+    # Where the climatology went into training days (those the first test rows read), the training rows of the
+    # stations that read them are made from the tables without it.
+    touched = set() if in_gaps is None else set(in_gaps.columns[(in_gaps & (period == TRAIN)).to_numpy().any(axis=0)])
+    as_read = (repaired, departure, compared_values(repaired)) if touched else None
     if in_gaps is not None:
-        departure = departures(repaired, coefs)
+        repaired, departure = filled, departures(filled, coefs)
     compared = compared_values(repaired)
     blocks = runtime.chunks(observed.columns, max(1, STATION_BLOCK // horizon))
 
     def block_input(i: int) -> tuple:  # a block's stations, and the departures and values of them and their neighbours
         stations = list(blocks[i])
         halo = list(dict.fromkeys([*stations, *(n for s in stations for n in near.get(s, []))]))
-        return (observed[stations], period[stations], repaired[stations], accepted[stations],
-                coefs[[s for s in stations if s in coefs]], climates[[s for s in stations if s in climates]],
-                departure[[s for s in halo if s in departure]],
-                {name: values[halo] for name, values in compared.items()}, {s: near.get(s, []) for s in stations},
-                None if in_gaps is None else in_gaps[stations])
+
+        def tables(repaired, departure, compared, in_gaps) -> tuple:
+            return (observed[stations], period[stations], repaired[stations], accepted[stations],
+                    coefs[[s for s in stations if s in coefs]], climates[[s for s in stations if s in climates]],
+                    departure[[s for s in halo if s in departure]],
+                    {name: values[halo] for name, values in compared.items()},
+                    {s: near.get(s, []) for s in stations}, None if in_gaps is None else in_gaps[stations])
+
+        return (tables(repaired, departure, compared, in_gaps),
+                tables(*as_read, None) if as_read and touched.intersection(halo) else None)
 
     # The rows stay in their blocks (on disk past SPILL_BYTES) until they are written.
     train, test = spill.Blocks(spill_folder, SPILL_BYTES), spill.Blocks(test_spill(spill_folder), SPILL_BYTES)
@@ -584,13 +600,26 @@ def test_spill(spill_folder: Path) -> Path:
     return spill_folder.with_name(spill_folder.name + ".test")
 
 
-def block_rows(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
+def block_rows(tables: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
+    """The feature columns of one block of stations, split into "train" and "test" (``block_features``).
+    ``tables``: the block's tables, and None or, where a climatology went into training days its stations read
+    (``climate_in_gaps``), the same tables without it: its training rows are made from those, as the readings
+    alone make them."""
+    with_gaps, as_read = tables
+    rows = block_features(with_gaps, horizon)
+    if as_read is not None:
+        rows["train"] = block_features(as_read, horizon)["train"]
+    return rows
+
+
+def block_features(block: tuple, horizon: int) -> dict[str, dict[str, np.ndarray]]:
     """The feature columns of one block of stations (observed, period, repaired and accepted readings,
-    climatology coefficients of the baseline and of the features, and the departures, compared values and
-    neighbours its ridges and network features read), split into "train" and "test"."""
+    climatology coefficients of the baseline and of the features, the departures, compared values and
+    neighbours its ridges and network features read, and ``climate_in_gaps``'s marks), split into "train" and
+    "test"."""
     observed, period, repaired, accepted, climatology, climates, departure, compared, near, in_gaps = block
     stations = list(observed.columns)
-    ridge = neighbours_ridge(stations, departure, observed, period, accepted, climatology, near, horizon)
+    ridge = neighbours_ridge(stations, departure, observed, period, accepted, climatology, near, horizon, in_gaps)
     network = network_features(stations, compared, near)
     rows = build_features(observed, period, repaired, accepted, horizon, climatology, ridge, network, climates,
                           in_gaps)

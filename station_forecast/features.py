@@ -27,6 +27,8 @@ TEMPERATURE_FEATURES: dict[str, Callable[[Any, Any], Any]] = {
     "temp_mean7": lambda t, _: t.rolling(7).mean(),
     "temp_mean30": lambda t, _: t.rolling(30, min_periods=20).mean(),
 }
+# The most steps before the origin a feature reads (``temp_mean30``).
+HISTORY_STEPS = 30
 STATION_FEATURES: dict[str, Callable[[Any, Any], Any]] = {
     **TEMPERATURE_FEATURES,
     "temp_std7": lambda t, _: t.rolling(7).std(),

@@ -107,7 +107,7 @@ def test_features_further_ahead_are_built_fewer_stations_at_a_time_and_the_same(
     sizes = []
 
     def recorded(block: tuple, horizon: int) -> dict:
-        sizes.append(block[0].shape[1])
+        sizes.append(block[0][0].shape[1])  # the observed readings of the block's tables
         return built(block, horizon)
 
     monkeypatch.setattr(model_preprocessing, "block_rows", recorded)
@@ -631,24 +631,27 @@ def test_a_station_with_weeks_of_history_alone_ends_in_a_clear_line_not_an_inter
     assert snapshot(root) == features
 
 
-def test_only_the_test_steps_the_quality_control_left_empty_hold_the_climatology():
-    days = pd.date_range("2020-01-01", periods=6, freq="D")
+def test_only_the_steps_the_first_test_rows_read_that_the_quality_control_left_empty_hold_the_climatology(
+        monkeypatch):
+    days = pd.date_range("2020-01-01", periods=8, freq="D")
     outside, train, test = model_preprocessing.OUTSIDE, TRAIN, TEST
-    period = pd.DataFrame({"A": [outside, train, train, test, test, outside], "B": [train] * 3 + [test] * 3},
-                          index=days)
-    repaired = pd.DataFrame({"A": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan], "B": [1.0] * 6}, index=days)
+    period = pd.DataFrame({"A": [outside, train, train, train, train, test, test, outside],
+                           "B": [train] * 5 + [test] * 3}, index=days)
+    repaired = pd.DataFrame({"A": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan, 3.0, np.nan], "B": [1.0] * 8},
+                            index=days)
     climates = pd.DataFrame({"A": [10.0] + [0.0] * 6})  # a level of 10 and no seasons
-    filled, in_gaps = model_preprocessing.climate_in_gaps(repaired, period, climates)
-    # Outside the record, and a gap of the training days, stay empty.
-    assert filled["A"].fillna(-1.0).tolist() == [-1.0, 1.0, -1.0, 10.0, 2.0, -1.0]
+    monkeypatch.setattr(features, "HISTORY_STEPS", 2)  # the first test rows read the two days before the test
+    filled, in_gaps = model_preprocessing.climate_in_gaps(repaired, period, climates, days[5])
+    # Outside the record, and training days no test row reads, stay empty.
+    assert filled["A"].fillna(-1.0).tolist() == [-1.0, 1.0, -1.0, 10.0, 2.0, 10.0, 3.0, -1.0]
     assert filled["B"].equals(repaired["B"])
-    assert in_gaps["A"].tolist() == [False, False, False, True, False, False] and not in_gaps["B"].any()
-    assert model_preprocessing.climate_in_gaps(repaired.fillna(0.0), period, climates)[1] is None
+    assert in_gaps["A"].tolist() == [False, False, False, True, False, True, False, False] and not in_gaps["B"].any()
+    assert model_preprocessing.climate_in_gaps(repaired.fillna(0.0), period, climates, days[5])[1] is None
 
 
 @pytest.mark.parametrize(("begins", "gap"), [(10, 20), (10, 50), (-30, 60)])
-def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of_weeks(project, tmp_path, begins,
-                                                                                        gap):
+def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of_weeks(project, tmp_path, monkeypatch,
+                                                                                        begins, gap):
     """A station without neighbours had no value on the days of a gap of over a week, and no forecast until
     weeks after it: the readings after the gap went unscored. Every test reading now has its forecast row (after
     a gap begun ``begins`` days into the test period, or before it), and the interval's spread is never made of
@@ -670,13 +673,17 @@ def test_a_station_alone_is_forecast_again_from_the_first_reading_after_a_gap_of
     assert sorted(rows["target_date"][rows["target"].notna()]) == sorted(read["date"])
     in_gap = rows[rows["date"].isin(dropped)]
     test_start = json.loads((root / "data/source.json").read_text())["test_start"]
-    in_test = (dropped >= test_start).sum()
-    # Begun in training, the gap leaves the 30-day features undefined until 20 of their days hold a value.
-    assert (len(in_gap) == in_test if begins >= 0 else 0 < len(in_gap) < in_test)
+    first_origin = (pd.Timestamp(test_start) - pd.Timedelta(days=1)).strftime("%Y-%m-%d")  # forecasts the first
+    assert len(in_gap) == (dropped >= first_origin).sum()
     assert rows["repaired_today"].nunique() == 2  # scaled: repaired or not
     assert (in_gap["repaired_today"] == rows["repaired_today"].max()).all()
     trained = pd.read_csv(root / "data/train/features.csv")
     assert in_gap[SPREAD_COLUMN].min() >= 0.5 * trained[SPREAD_COLUMN].median()
+    # What is learned is what the readings alone teach: the same training rows and scaler as with no gap filled.
+    learned = [(root / name).read_bytes() for name in ("data/train/features.csv", "models/scaler.joblib")]
+    monkeypatch.setattr(model_preprocessing, "climate_in_gaps", lambda repaired, *_: (repaired, None))
+    assert run_stage(model_preprocessing, root, params) == 0
+    assert [(root / name).read_bytes() for name in ("data/train/features.csv", "models/scaler.joblib")] == learned
 
 
 def test_stage_2_names_a_file_written_in_another_unit(project, tmp_path, capsys):

@@ -185,9 +185,21 @@ def quality_control_flags(observed: pd.DataFrame, period: pd.DataFrame, qc: dict
     ceiling = quality_control.JUMP_CEILING if temperature else float("inf")
     detector = quality_control.learn(observed, learning, qc, pool, ceiling, positions)
     if not any("jump_scale" in entry for entry in detector["stations"].values()):
-        raise PipelineError("the training period is too short or too constant to learn the quality control's "
-                            "scales; more training days are needed")
+        raise PipelineError(why_no_scales(observed.where(learning)))
     return detector, quality_control.detect(observed, detector, pool)
+
+
+def why_no_scales(learned: pd.DataFrame) -> str:
+    """Why the quality control learned no station's scales from the ``learned`` readings (NaN elsewhere): they
+    never change (a stuck sensor or a fill value read as the temperature), or there are too few of them."""
+    readings = learned.notna().sum()
+    if readings.max() > 1 and not (learned.diff().abs() > 0).to_numpy().any():
+        named = ", ".join(f"{station}: {learned[station].dropna().iat[0]:g} at all {readings[station]:,} steps"
+                          for station in readings.index[readings > 0][:3])
+        return (f"no station's training readings ever change ({named}): a stuck sensor or a fill value, not a "
+                "temperature record; check the files and import.temperature_column")
+    return (f"the training period is too short to learn the quality control's scales (the most training readings "
+            f"at one station: {readings.max():,}); lower data.test_steps, or add earlier readings")
 
 
 # -------------------------------------------------------------------------- features

@@ -611,6 +611,30 @@ def test_stage_2_names_a_station_whose_readings_are_mostly_flagged(project, tmp_
     assert int(said[1]) >= 0.5 * len(dead)
 
 
+def test_a_record_that_never_changes_is_named_as_no_temperature_record(project, tmp_path, capsys):
+    """A file whose readings are one value throughout (a stuck sensor, a fill value read as the temperature)
+    leaves the quality control nothing to learn; the line said more training days were needed."""
+    root, _ = project
+    own = own_files_of(root, tmp_path / "own")
+    files = sorted(own.glob("*.csv"))
+    for other in files[1:]:
+        other.unlink()
+    pd.read_csv(files[0]).assign(temperature=5.0).to_csv(files[0], index=False)
+    params = write_params(tmp_path / "own.toml", **TINY, source=str(own), holdout_stations=0)
+    assert run_stage(data_creation, root, params) == 0
+    assert run_stage(model_preprocessing, root, params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"no station's training readings ever change ({files[0].stem}: 5 at all " in err
+    assert "a stuck sensor or a fill value" in err and "more training days" not in err
+
+
+def test_too_few_training_readings_for_the_quality_control_say_what_to_change():
+    learned = pd.DataFrame({"A": [1.0, np.nan, np.nan], "B": [np.nan, 2.0, np.nan]})
+    assert model_preprocessing.why_no_scales(learned) == (
+        "the training period is too short to learn the quality control's scales (the most training readings at "
+        "one station: 1); lower data.test_steps, or add earlier readings")
+
+
 def test_a_station_with_weeks_of_history_alone_ends_in_a_clear_line_not_an_internal_error(project, tmp_path, capsys,
                                                                                           recwarn):
     """Too few readings for any climatology (a station opened weeks before the test period): stage 2 says

@@ -388,8 +388,10 @@ def climate_in_gaps(repaired: pd.DataFrame, period: pd.DataFrame, climates: pd.D
     unread that long, and ``repaired_today`` tells a model the step was not read. The training rows are made
     without it (``block_rows``): filled in the training years too, the gaps of Valdez WSO's century-long record
     cost its model 0.08 °C on the test readings it forecast before."""
-    history = repaired.index >= repaired.index[max(0, repaired.index.searchsorted(test_start) - features.HISTORY_STEPS)]
-    empty = repaired.isna() & ((period == TEST) | ((period == TRAIN) & np.asarray(history)[:, None]))
+    # From test_start on a day of a record is a test day (to_calendar), so the steps the test rows read are a
+    # station's training and test days from HISTORY_STEPS before it (HISTORY is a held-out station's past).
+    first_read = repaired.index[max(0, repaired.index.searchsorted(test_start) - features.HISTORY_STEPS)]
+    empty = repaired.isna() & period.isin([TRAIN, TEST]) & np.asarray(repaired.index >= first_read)[:, None]
     stations = [station for station in empty.columns[empty.to_numpy().any(axis=0)] if station in climates]
     if not stations:
         return repaired, None

@@ -758,8 +758,10 @@ def main(args) -> None:
         del frame
         horizon = params["forecast"]["horizon"]
         # Up to STATION_BLOCK steps ahead a block can shrink to hold as many rows as one step ahead; beyond, not.
-        runtime.check_memory(observed.size, f"{observed.shape[1]} stations x {observed.shape[0]} steps", horizon,
-                             bounded=horizon <= STATION_BLOCK)
+        network = f"{observed.shape[1]} stations x {observed.shape[0]} steps"
+        runtime.check_memory(observed.size, network, horizon, bounded=horizon <= STATION_BLOCK)
+        runtime.check_disk(int(np.count_nonzero(period.to_numpy() != OUTSIDE)), network, horizon, paths.data,
+                           SPILL_BYTES)
         positions = station_positions(paths.station_list, list(observed.columns))
         threads = runtime.work_threads(-(-observed.shape[1] // quality_control.STATION_BLOCK))
         detector, verdict = quality_control_flags(observed, period, params["quality_control"], pool, threads,

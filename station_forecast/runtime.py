@@ -135,6 +135,41 @@ def check_memory(station_steps: int, what: str, horizon: int = 1, bounded: bool 
                             "memory")
 
 
+# What stage 2 puts on disk per station-step (``du -b``; 100 simulated stations x 4 years at 1 and 5 steps ahead,
+# and a real network of 16 stations x 7,037 days at 120): a feature row per step ahead, 222-229 bytes of CSV
+# text (a longer station name adds its length), while the same rows lie spilled beside it, 217 bytes each in
+# binary, until their text is written; and a row of flags, 47 bytes. Rounded up.
+FEATURE_TEXT_BYTES = 240
+SPILLED_ROW_BYTES = 220
+FLAG_ROW_DISK_BYTES = 50
+
+
+def check_disk(station_steps: int, what: str, horizon: int, folder: Path, spilled_above: int) -> None:
+    """Refuse, before any work, to build features ``horizon`` steps ahead that the disk holding ``folder``
+    has no room for: a run far ahead writes gigabytes, and would otherwise stop with a full disk only when
+    its work is done. ``spilled_above``: the bytes of rows beyond which stage 2 keeps them on disk."""
+    import shutil
+
+    rows = station_steps * horizon
+    spilled = rows * SPILLED_ROW_BYTES if rows * SPILLED_ROW_BYTES > spilled_above else 0
+    needed = rows * FEATURE_TEXT_BYTES + spilled + station_steps * FLAG_ROW_DISK_BYTES
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # cannot tell: the write itself will say if the disk fills
+        return
+    if needed > free:
+        steps = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""
+        raise PipelineError(f"{what}, {station_steps:,} station-steps in the stations' records{steps}: their "
+                            f"features and flags take about {_in_bytes(needed)} on disk while they are written, "
+                            f"and {_in_bytes(free)} is free in {folder}; free space there (or move "
+                            "the project to a disk with room), or run fewer stations or years"
+                            f"{', or a shorter horizon' if horizon > 1 else ''}")
+
+
+def _in_bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
 def available_memory() -> int | None:
     """Bytes this process could still allocate: the system's available memory, or its control group's limit
     less what the group uses, whichever is lower; None where neither can be read."""

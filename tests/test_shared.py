@@ -1000,6 +1000,39 @@ def test_a_horizon_whose_features_outgrow_the_free_memory_is_refused_before_stag
         runtime.check_memory(112_592, "the Ohio valley", horizon=366)
 
 
+def test_features_the_disk_has_no_room_for_are_refused_before_stage_2_works(tmp_path, monkeypatch, capsys):
+    """Features far ahead take gigabytes (a real network of 16 stations x 19 years, 120 steps ahead: 3.0 GB of
+    CSV). Without room on the disk stage 2 refuses before its work, naming the folder and the horizon, and
+    writes nothing; and what it estimates is what a run writes, not far above it."""
+    import shutil
+
+    root = tmp_path / "root"
+    assert run_stage(STAGES[0], root, write_params(tmp_path / "p.toml", **TINY)) == 0
+    before = snapshot(root)
+    real_usage = shutil.disk_usage
+    free = {"bytes": 2 << 20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free["bytes"]))
+    far = write_params(tmp_path / "far.toml", **TINY, horizon=4)
+    assert run_stage(STAGES[1], root, far) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert (f"5 stations x 1096 steps, 5,480 station-steps in the stations' records forecast 4 steps ahead "
+            f"(forecast.horizon): their features and flags take about 5 MiB on disk while they are written, "
+            f"and 2 MiB is free in {root / 'data'}; free space there") in err and "or a shorter horizon" in err
+    assert snapshot(root) == before
+    # Rows past stage 2's spill limit lie on disk in binary too while their text is written.
+    free["bytes"] = 5480 * 4 * runtime.FEATURE_TEXT_BYTES + 5480 * runtime.FLAG_ROW_DISK_BYTES + 1
+    runtime.check_disk(5480, "five stations", 4, root, spilled_above=2**28)
+    with pytest.raises(errors.PipelineError, match="their features and flags take about 10 MiB"):
+        runtime.check_disk(5480, "five stations", 4, root, spilled_above=2**20)
+
+    station_steps = []
+    monkeypatch.setattr(runtime, "check_disk", lambda steps, *_: station_steps.append(steps))
+    assert run_stage(STAGES[1], root, far) == 0
+    text = sum(path.stat().st_size for path in (root / "data").rglob("*.csv") if "raw" not in path.parts)
+    estimated = station_steps[0] * (runtime.FEATURE_TEXT_BYTES * 4 + runtime.FLAG_ROW_DISK_BYTES)
+    assert 0.7 * estimated < text < estimated
+
+
 # --------------------------------------------------------------------------- what makes a stage stale
 
 FOLDERS_WRITTEN_WHOLE = [("data/train/raw", "data_creation"), ("data/test/raw", "data_creation"),

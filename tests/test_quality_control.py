@@ -308,6 +308,38 @@ def test_above_the_all_pairs_size_each_station_is_compared_with_its_candidates_a
     assert sum(len(found["buddies"]) for found in learned.values()) > 300  # most stations have their 5
 
 
+def test_without_positions_the_stations_compared_together_are_those_that_share_weather(monkeypatch):
+    """Where no station list places the stations, the blocks compared at a time follow the leading patterns
+    of the network's weather, which on a network wider than its weather systems put near each other the
+    stations near each other on the map: a block's candidates then overlap (at 10,000 simulated stations x 10
+    years, 3,571 stations' worth of pairs a block instead of 5,505), and the order is the same every run."""
+    import data_creation
+
+    params = load_params()
+    sim = {**params["simulation"], "n_stations": 120, "n_years": 3, "seed": 5, "region_km": 1500.0}
+    simulation = data_creation.simulate(sim, 0, params["anomalies"])
+    observed = pd.DataFrame(simulation.observed.T, index=pd.DatetimeIndex(simulation.dates))
+    anomaly = observed - climatology.climatology_at(climatology.fit_climatology(observed), observed.index,
+                                                    observed.columns)
+    sketch = qc_neighbours._standardised(anomaly.to_numpy())
+    order = qc_neighbours._weather_order(sketch)
+    assert sorted(order) == list(range(120)) and np.array_equal(order, qc_neighbours._weather_order(sketch))
+    places = data_creation.station_list(simulation.climates)[["latitude", "longitude"]].to_numpy()
+
+    def apart(ordered: np.ndarray) -> float:  # mean distance in degrees from one station to the next
+        return float(np.hypot(*np.diff(places[ordered], axis=0).T).mean())
+
+    assert apart(order) < 0.5 * apart(np.arange(120))
+
+    def pairs_compared(ordered: np.ndarray) -> int:  # the stations' worth of pairs blocks of 16 compare, in all
+        similar = sketch.T @ sketch
+        np.fill_diagonal(similar, -np.inf)
+        chosen = np.argpartition(-similar, 15, axis=1)[:, :16]
+        return sum(len(np.unique(chosen[ordered[begin:begin + 16]])) for begin in range(0, 120, 16))
+
+    assert pairs_compared(order) < 0.8 * pairs_compared(np.arange(120))
+
+
 @pytest.mark.parametrize("threads, block", [(1, qc_neighbours.EXPECTED_BLOCK), (3, 2)])
 def test_the_expected_anomaly_is_the_joint_line_where_all_neighbours_report_else_their_lines_median(
         monkeypatch, threads, block):

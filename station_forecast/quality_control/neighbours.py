@@ -44,7 +44,9 @@ def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positio
     nearest stations (one call at 10,000 stations x 10 years: 12-13 s against 68-162 s). Otherwise they
     are the stations whose standardised anomalies (missing days as 0) correlate best with its own, a
     sketch of the pairwise-complete correlation. A station's best neighbours are among them (tests check
-    the choice is the all-pairs one).
+    the choice is the all-pairs one). Without positions the blocks are stations alike in the network's
+    leading weather patterns (``_weather_order``), near each other on the map as a rule: at 10,000 x 10, one
+    call 59 -> 35 s for same-day pairs and 68 -> 42 s a day ahead, with the same candidates.
     """
     target, predictor = (anomaly[lead:], anomaly[:len(anomaly) - lead]) if lead else (anomaly, anomaly)
     stations = anomaly.shape[1]
@@ -53,7 +55,6 @@ def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positio
         return index, *_pair_sums(target, predictor, symmetric=not lead)
     width = min(max(CANDIDATES, CANDIDATES_PER_NEIGHBOUR * wanted), stations - 1)
     located = positions is not None and np.isfinite(positions).all()
-    order = _spatial_order(positions) if located else np.arange(stations)
     if located and by_position:
         units = _unit_vectors(positions)
 
@@ -64,6 +65,7 @@ def pair_statistics(anomaly: np.ndarray, lead: int = 0, wanted: int = 1, positio
 
         def likeness(rows: np.ndarray) -> np.ndarray:
             return sketch_t[:, rows].T @ sketch_p
+    order = _spatial_order(positions) if located else _weather_order(sketch_p)
     index = np.empty((stations, width), dtype=int)
     statistics = [np.empty((stations, width)) for _ in range(4)]
     for begin in range(0, stations, PAIR_BLOCK):
@@ -88,15 +90,34 @@ def _unit_vectors(positions: np.ndarray) -> np.ndarray:
 
 def _spatial_order(positions: np.ndarray) -> np.ndarray:
     """The stations along a Z-order curve over latitude and longitude: consecutive ones are near each other."""
-    def spread(values: np.ndarray) -> np.ndarray:  # 16 bits to the even bits of 32
-        bits = values.astype(np.uint64)
-        for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-            bits = (bits | (bits << np.uint64(shift))) & np.uint64(mask)
-        return bits
+    return _z_order(np.column_stack([(positions[:, 0] + 90.0) / 180.0, (positions[:, 1] + 180.0) / 360.0]), 16)
 
-    latitude = np.round((positions[:, 0] + 90.0) / 180.0 * 65535)
-    longitude = np.round((positions[:, 1] + 180.0) / 360.0 * 65535)
-    return np.argsort(spread(latitude) | (spread(longitude) << np.uint64(1)), kind="stable")
+
+def _weather_order(sketch: np.ndarray, patterns: int = 3) -> np.ndarray:
+    """Stations without positions along a Z-order curve over their loadings on the ``patterns`` leading
+    patterns of the network's weather (``sketch``: ``_standardised`` anomalies, days x stations): stations that
+    share weather are near each other there, as on the map, so a block of them has more candidates in common.
+    The loadings come from a few rounds of subspace iteration from a fixed start (a truncated SVD)."""
+    stations = sketch.shape[1]
+    if min(sketch.shape) <= patterns:
+        return np.arange(stations)
+    basis = np.random.default_rng(0).standard_normal((stations, patterns + 8))
+    for _ in range(3):
+        basis = np.linalg.qr(sketch.T @ (sketch @ basis))[0]
+    loadings = basis @ np.linalg.svd(sketch @ basis, full_matrices=False)[2].T[:, :patterns]
+    low, high = loadings.min(axis=0), loadings.max(axis=0)
+    return _z_order((loadings - low) / np.where(high > low, high - low, 1.0), 64 // patterns)
+
+
+def _z_order(unit: np.ndarray, bits: int) -> np.ndarray:
+    """The order of points in the unit cube (rows of ``unit``, one column per dimension) along a Z-order curve of
+    ``bits`` bits per dimension: each coordinate's bits interleaved with the others', the first column's lowest."""
+    cells = np.round(np.clip(unit, 0.0, 1.0) * ((1 << bits) - 1)).astype(np.uint64)
+    key, dimensions = np.zeros(len(unit), dtype=np.uint64), unit.shape[1]
+    for bit in range(bits):
+        for dimension in range(dimensions):
+            key |= ((cells[:, dimension] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(bit * dimensions + dimension)
+    return np.argsort(key, kind="stable")
 
 
 def _standardised(values: np.ndarray) -> np.ndarray:

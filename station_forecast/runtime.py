@@ -154,8 +154,11 @@ def check_disk(station_steps: int, what: str, horizon: int, folder: Path, spille
     spilled = rows * SPILLED_ROW_BYTES if rows * SPILLED_ROW_BYTES > spilled_above else 0
     needed = rows * FEATURE_TEXT_BYTES + spilled + station_steps * FLAG_ROW_DISK_BYTES
     try:
-        free = shutil.disk_usage(folder).free
+        usage = shutil.disk_usage(folder)
     except OSError:  # cannot tell: the write itself will say if the disk fills
+        return
+    free = usage.free
+    if usage.total == 0:  # a file system that reports no size at all (some network mounts): nothing to go by
         return
     if needed > free:
         steps = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""

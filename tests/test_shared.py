@@ -1024,6 +1024,9 @@ def test_features_the_disk_has_no_room_for_are_refused_before_stage_2_works(tmp_
     runtime.check_disk(5480, "five stations", 4, root, spilled_above=2**28)
     with pytest.raises(errors.PipelineError, match="their features and flags take about 10 MiB"):
         runtime.check_disk(5480, "five stations", 4, root, spilled_above=2**20)
+    # A file system that reports no size at all (some network mounts) gives nothing to go by.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(total=0, free=0))
+    runtime.check_disk(5480, "five stations", 4, root, spilled_above=2**20)
 
     station_steps = []
     monkeypatch.setattr(runtime, "check_disk", lambda steps, *_: station_steps.append(steps))

@@ -338,6 +338,11 @@ def test_without_positions_the_stations_compared_together_are_those_that_share_w
         return sum(len(np.unique(chosen[ordered[begin:begin + 16]])) for begin in range(0, 120, 16))
 
     assert pairs_compared(order) < 0.8 * pairs_compared(np.arange(120))
+    blank = anomaly.to_numpy().copy()
+    blank[:, 0] = np.nan  # a station with no reading on the days compared: no warning, nothing to compare
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not qc_neighbours._standardised(blank)[:, 0].any()
 
 
 @pytest.mark.parametrize("threads, block", [(1, qc_neighbours.EXPECTED_BLOCK), (3, 2)])

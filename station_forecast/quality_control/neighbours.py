@@ -4,6 +4,7 @@ should be.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from station_forecast import runtime
@@ -123,7 +124,8 @@ def _z_order(unit: np.ndarray, bits: int) -> np.ndarray:
 def _standardised(values: np.ndarray) -> np.ndarray:
     """Each column less its mean, over its standard deviation times the square root of the rows; missing
     values 0: so that one column's products with another sum to about their correlation."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a station with no reading there: its column is 0
         centred = values - np.nanmean(values, axis=0)
         scaled = centred / (np.nanstd(values, axis=0) * np.sqrt(len(values)))
     return np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)

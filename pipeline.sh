@@ -36,7 +36,8 @@ Options:
 Interpreter: \$PYTHON if set, else .venv/bin/python (created with python3, or python,
 and requirements.txt installed on first use). Logs go to logs/pipeline-<time>.log.
 Exit status: that of the first failing stage (1 internal error, 2 bad input,
-3 quality gate failed), $EXIT_BUSY if another run holds the lock, 0 on success;
+3 quality gate failed; 2 too if the parameters file changed during the run),
+$EXIT_BUSY if another run holds the lock, 0 on success;
 128+N when stopped by signal N (129 SIGHUP, 130 SIGINT/Ctrl-C, 143 SIGTERM: the
 running stage stops cleanly, or is killed if it has not within \$PIPELINE_STOP_GRACE
 seconds, default 30; 137 SIGKILL, e.g. the kernel out of memory).
@@ -270,6 +271,17 @@ end_ahead() {  # a stage started ahead that will not run: it has only imported, 
 }
 
 pipeline_start=$(date +%s.%N)
+# Each stage reads the parameters file when it starts. Edited during the run, the stages after the edit would
+# read other parameters than those before it, and the run would end "done" with outputs no one parameters file
+# made: the run stops at the next stage instead (the next run remakes what the change touches).
+params_digest() { sha256sum < "$params" 2>/dev/null | cut -d' ' -f1 || true; }
+params_at_start="$(params_digest)"
+params_unchanged() {  # $1: where the run is
+  [ "$(params_digest)" = "$params_at_start" ] && return 0
+  end_ahead
+  say "pipeline: STOPPED $1: $params changed (or went) during this run, so the stages after the change would read other parameters than the stages before it; run ./pipeline.sh again: it reruns the stages whose parameters changed; $(outcome)"
+  exit 2
+}
 # --from reuses the artifacts of the stages before it as they are: say so where they no longer match the
 # parameters, code or inputs (the later stages would otherwise call themselves up to date on top of them).
 for stage in "${STAGES[@]:0:$start_index}"; do
@@ -280,6 +292,7 @@ done
 run_stages=("${STAGES[@]:$start_index}")
 for i in "${!run_stages[@]}"; do
   stage="${run_stages[$i]}"
+  params_unchanged "before stage $stage"
   # A stage whose parameters, code, inputs and outputs are as the manifest recorded them is skipped.
   if [ "$force" = 0 ] && verdict="$(ask "$stage" --params "$params" --root "$project" 2>&1)"; then
     say "$verdict"
@@ -316,5 +329,6 @@ for i in "${!run_stages[@]}"; do
   fi
   ran+=("$stage")
 done
+params_unchanged "at its end"
 total=$(awk -v a="$pipeline_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 say "pipeline: done in ${total}s. Metrics: $project/models/metrics.json"

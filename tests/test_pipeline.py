@@ -439,6 +439,31 @@ def test_a_bad_option_is_one_accurate_line_before_anything_is_touched(copy, args
     assert not (copy / "logs").exists()
 
 
+def test_parameters_edited_during_a_run_stop_it_before_the_next_stage_reads_them(copy, tmp_path):
+    """Each stage reads the parameters file as it starts: edited while stage 1 ran, stages 2-4 would have
+    worked from other parameters than stage 1 (a horizon changed mid-run gave a model accepted for one
+    step ahead under a file saying three) and the run ended "done". It stops instead, and the next run
+    remakes what the change touched."""
+    params = copy / "tiny.toml"
+    editing = tmp_path / "python"  # the interpreter as stage 1 starts: the user saves an edit meanwhile
+    editing.write_text(f"""#!/bin/bash
+case "$*" in *data_creation.py*) sed -i 's/^window = 5 /window = 7 /' {params} ;; esac
+exec {sys.executable} "$@"
+""")
+    editing.chmod(0o755)
+    result = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", str(params)], cwd=copy,
+                            env=dict(os.environ, PYTHON=str(editing)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "stage data_creation: end" in result.stdout and "stage model_preprocessing: start" not in result.stdout
+    assert (f"pipeline: STOPPED before stage model_preprocessing: {params} changed (or went) during this run"
+            in result.stdout), result.stdout
+    assert "stages that ran and replaced their outputs: data_creation;" in result.stdout
+    assert "window = 7 " in params.read_text()
+    again = pipeline(copy, "--params", "tiny.toml")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "data_creation: up to date" in again.stdout and "stage model_preprocessing: start" in again.stdout
+
+
 def test_parameters_on_standard_input_are_read_from_the_file_behind_it(copy):
     with open(copy / "tiny.toml") as stdin:
         result = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", "/dev/stdin", "--from",

@@ -274,7 +274,7 @@ pipeline_start=$(date +%s.%N)
 # Each stage reads the parameters file when it starts. Edited during the run, the stages after the edit would
 # read other parameters than those before it, and the run would end "done" with outputs no one parameters file
 # made: the run stops at the next stage instead (the next run remakes what the change touches).
-params_digest() { sha256sum < "$params" 2>/dev/null | cut -d' ' -f1 || true; }
+params_digest() { sha256sum 2>/dev/null < "$params" | cut -d' ' -f1 || true; }
 params_at_start="$(params_digest)"
 params_unchanged() {  # $1: where the run is
   [ "$(params_digest)" = "$params_at_start" ] && return 0

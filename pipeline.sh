@@ -329,6 +329,6 @@ for i in "${!run_stages[@]}"; do
   fi
   ran+=("$stage")
 done
-params_unchanged "at its end"
+params_unchanged "after the last stage"
 total=$(awk -v a="$pipeline_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 say "pipeline: done in ${total}s. Metrics: $project/models/metrics.json"

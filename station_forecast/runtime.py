@@ -157,9 +157,9 @@ def check_disk(station_steps: int, what: str, horizon: int, folder: Path, spille
         usage = shutil.disk_usage(folder)
     except OSError:  # cannot tell: the write itself will say if the disk fills
         return
-    free = usage.free
     if usage.total == 0:  # a file system that reports no size at all (some network mounts): nothing to go by
         return
+    free = usage.free
     if needed > free:
         steps = f" forecast {horizon} steps ahead (forecast.horizon)" if horizon > 1 else ""
         raise PipelineError(f"{what}, {station_steps:,} station-steps in the stations' records{steps}: their "

@@ -539,6 +539,9 @@ def test_a_change_of_unit_is_found_in_a_station_alone_and_weather_is_not_one():
     found = quality_control.unit_changes(written)
     assert [(f["station"], f["from"]) for f in found] == [("A", pd.Timestamp("2006-03-01"))]
     assert 30 < found[0]["change"] < 40 and 1.7 < found[0]["ratio"] < 1.9
+    moved = celsius.copy()  # to a mountain top: 16 °C colder, its weather 1.3 times as wild; no unit reads so
+    moved.loc["2006-03-01":] = moved.loc["2006-03-01":] * 1.3 - 16 - 0.3 * moved["A"].mean()
+    assert quality_control.unit_changes(moved) == []
     coded = celsius.copy()
     coded.loc[:"2003-12-31"] = -72.8  # years of an undeclared missing-value code: no unit, and no warning either
     with warnings.catch_warnings():

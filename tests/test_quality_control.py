@@ -889,3 +889,8 @@ def test_a_station_written_in_another_unit_than_its_neighbours_is_named(settings
     assert [f["station"] for f in found] == ["S4"]
     assert abs(found[0]["ratio"] / (5 / 9) - 1) < 0.3 and found[0]["neighbours_mean"] - found[0]["mean"] > 15
     assert learning.other_units(learning.learn(clean, learning_days(clean), settings)) == []
+    # A mountain top among valleys: 16 °C colder, its weather 1.25 times as wild. Colder in another unit swings
+    # 5/9 times as far, never more: it is no unit mix-up.
+    mountain = clean.copy()
+    mountain["S4"] = clean["S4"].mean() - 16 + 1.25 * (clean["S4"] - clean["S4"].mean())
+    assert learning.other_units(learning.learn(mountain, learning_days(mountain), settings)) == []

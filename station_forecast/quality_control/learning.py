@@ -40,6 +40,10 @@ GROSS_QUANTILE = 0.999
 # mean lies tens of degrees from its neighbours' (10 °C read as °F is -12.2 °C; stations of one network differ
 # by at most a few, 3.7 °C at most on nine real ones) and its anomalies swing 5/9 (or 9/5) times theirs.
 UNIT_LEVEL_GAP = 15.0
+# Read in the other unit, a mean of t °C reads as 9/5 t + 32 (°F numbers read as °C) and swings 9/5 times as far,
+# or as (t - 32) 5/9 (°C numbers read as °F) and swings 5/9 times as far: warmer with the one ratio, colder with
+# the other (above -40 °C). A station colder than its neighbours whose weather swings more (a mountain top among
+# valleys), or warmer and swinging less, is no unit mix-up.
 UNIT_RATIOS = (5 / 9, 9 / 5)
 # Stations of one network differ in how far their weather swings (0.72-1.32 times their neighbours' on nine real
 # networks), so a station in another unit swings that much either side of 5/9 or 9/5 of theirs.
@@ -235,7 +239,8 @@ def unit_changes(observed: pd.DataFrame, least_months: int = 12) -> list[dict]:
     """The stations whose record changes unit part of the way through (an export in °F joined to one in °C, all
     read with one import.unit), which no neighbour need show: from some month on, the station's monthly means lie
     more than ``UNIT_LEVEL_GAP`` from those of the same calendar months before, and its step-to-step changes swing
-    5/9 (or 9/5) times as far (``UNIT_RATIOS``, ``UNIT_TOLERANCE``). Each with the first month of the changed
+    5/9 (or 9/5) times as far, lower where they swing less and higher where more (``UNIT_RATIOS``,
+    ``UNIT_TOLERANCE``). Each with the first month of the changed
     part, the change in level and that ratio. A month counts where at least half its steps were read; each side
     of the change holds at least ``least_months`` of them."""
     read, steps = observed.notna(), observed.index.to_series().resample("MS").size()
@@ -263,16 +268,17 @@ def unit_changes(observed: pd.DataFrame, least_months: int = 12) -> list[dict]:
         after, before = (float(part.diff().std()) for part in (series[series.index >= start],
                                                                 series[series.index < start]))
         ratio = after / before if before > 0 else float("inf")  # a part that never changes: a code, no unit
-        if any(abs(ratio / r - 1) < UNIT_TOLERANCE for r in UNIT_RATIOS):
-            found.append({"station": observed.columns[column], "from": start, "change": float(step[split, column]),
+        change = step[split, column]
+        if any(abs(ratio / r - 1) < UNIT_TOLERANCE and (change > 0) == (r > 1) for r in UNIT_RATIOS):
+            found.append({"station": observed.columns[column], "from": start, "change": float(change),
                           "ratio": float(ratio)})
     return found
 
 
 def other_units(detector: dict) -> list[dict]:
     """The stations whose learned mean and spread say their readings were written in another unit than their
-    neighbours' (``UNIT_LEVEL_GAP``, ``UNIT_RATIOS``): each with its mean, its neighbours' median mean and the
-    ratio of its anomalies' spread to theirs."""
+    neighbours' (``UNIT_LEVEL_GAP``, ``UNIT_RATIOS``: warmer where it swings more): each with its mean, its neighbours'
+    median mean and the ratio of its anomalies' spread to theirs."""
     stations, found = detector.get("stations", {}), []
     for station, entry in stations.items():
         known = [stations[b["station"]] for b in entry.get("neighbours", {}).get("buddies", [])
@@ -281,6 +287,7 @@ def other_units(detector: dict) -> list[dict]:
             continue
         level, theirs = entry["climatology"][0], float(np.median([k["climatology"][0] for k in known]))
         ratio = entry["anomaly_scale"] / float(np.median([k["anomaly_scale"] for k in known]))
-        if abs(level - theirs) > UNIT_LEVEL_GAP and any(abs(ratio / r - 1) < UNIT_TOLERANCE for r in UNIT_RATIOS):
+        if abs(level - theirs) > UNIT_LEVEL_GAP and any(
+                abs(ratio / r - 1) < UNIT_TOLERANCE and (level > theirs) == (r > 1) for r in UNIT_RATIOS):
             found.append({"station": station, "mean": level, "neighbours_mean": theirs, "ratio": ratio})
     return found

@@ -271,23 +271,28 @@ class Progress:
 
 
 def lazy_import(name: str) -> ModuleType:
-    """``name`` as a module that is really imported on first use (importlib's LazyLoader).
+    """``name`` as a module that is really imported on first use, from whichever thread uses it first.
 
     The stages import numpy and pandas this way, so ``--help`` and an argument
-    error answer before the 0.3 s those imports take.
+    error answer before the 0.3 s those imports take. (importlib's LazyLoader,
+    used before, is not safe for threads before Python 3.12: a stage run alone
+    whose threads first touched pandas together failed with "module 'pandas' has
+    no attribute 'errors'", the module half made.)
     """
-    import importlib.util
+    return sys.modules.get(name) or _DeferredModule(name)
 
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"No module named {name!r}")
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+
+class _DeferredModule(ModuleType):
+    """A module imported when one of its names is first looked up. The import system's lock on the module
+    makes any other thread that looks one up meanwhile wait until it is whole. Then its names are copied
+    in, so later look-ups cost what a module's do."""
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        module = importlib.import_module(self.__name__)
+        self.__dict__.update(module.__dict__)
+        return getattr(module, attr)
 
 
 class Threads:

@@ -227,11 +227,11 @@ def _stopped(args: argparse.Namespace, stage: str, signum: int) -> int:
 
 
 def load_ahead(modules: list[str] | tuple[str, ...]) -> Exception | None:
-    """Import ``modules`` now (touching one the stage imported lazily loads it); the error that stopped
-    an import, to be raised when the stage runs, or None."""
+    """Import ``modules`` now (those the stage imports on first use then find them loaded); the error that
+    stopped an import, to be raised when the stage runs, or None."""
     try:
         for name in modules:
-            dir(importlib.import_module(name))
+            importlib.import_module(name)
     except Terminated:
         raise
     except Exception as exc:  # raised in the stage's turn, where it becomes the usual one line

@@ -294,6 +294,11 @@ class _DeferredModule(ModuleType):
         self.__dict__.update(module.__dict__)
         return getattr(module, attr)
 
+    def __reduce__(self) -> tuple:  # sent to a Dask worker (a stage's functions, run as a script, go by value)
+        import importlib
+
+        return importlib.import_module, (self.__name__,)
+
 
 class Threads:
     """Chunks run in this process, on ``threads`` threads (one: in order, in this thread)."""

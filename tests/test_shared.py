@@ -640,6 +640,10 @@ def test_a_module_imported_on_first_use_is_whole_for_every_thread_that_uses_it_f
              "print(len(set(found)), pd.__name__)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.split() == ["1", "pandas"], result.stderr
+    # A stage run as a script sends its functions to Dask's workers by value, with the modules they use.
+    import pickle
+
+    assert pickle.loads(pickle.dumps(runtime._DeferredModule("json"))) is __import__("json")
 
 
 def test_tables_round_trip_with_awkward_text_and_missing_values(tmp_path):

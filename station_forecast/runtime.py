@@ -291,7 +291,8 @@ class _DeferredModule(ModuleType):
         import importlib
 
         module = importlib.import_module(self.__name__)
-        self.__dict__.update(module.__dict__)
+        if self.__spec__ is None:  # not copied in yet (a name the module makes on demand comes here each time)
+            self.__dict__.update(module.__dict__)
         return getattr(module, attr)
 
     def __reduce__(self) -> tuple:  # sent to a Dask worker (a stage's functions, run as a script, go by value)

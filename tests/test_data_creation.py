@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     REAL_FORMAT,
     REAL_FORMAT_FLAWS,
+    ROOT,
     TINY,
     data_creation,
     run_stage,
@@ -1509,3 +1510,28 @@ def test_a_long_form_export_s_coordinate_columns_become_the_station_list(tmp_pat
     capsys.readouterr()
     assert run_stage(data_creation, root, params) == 2
     assert "export.csv [station USW0002]: latitude '61 North' is not a number within ±90" in capsys.readouterr().err
+
+
+def test_run_alone_as_a_script_it_imports_a_folder_of_many_files_on_several_threads(tmp_path):
+    """The script run by hand, not by pipeline.sh (which loads its modules ahead): past FILES_PER_CHUNK files
+    it reads them on threads, and those touched pandas first together. With Python 3.11's lazy loader every
+    such run failed: "internal error: module 'pandas' has no attribute 'errors'"."""
+    import subprocess
+    import sys
+
+    from station_forecast.station_files import FILES_PER_CHUNK
+
+    own = tmp_path / "own"
+    own.mkdir()
+    days = pd.date_range("2019-01-01", periods=800, freq="D").strftime("%Y-%m-%d")
+    rng = np.random.default_rng(0)
+    for i in range(2 * FILES_PER_CHUNK + 1):
+        readings = 10 + 8 * np.sin(np.arange(800) / 58) + rng.normal(0, 2, 800)
+        pd.DataFrame({"date": days, "temperature": readings.round(1)}).to_csv(own / f"S{i:03d}.csv", index=False)
+    params = write_params(tmp_path / "p.toml", **TINY, source=str(own), holdout_stations=0)
+    (tmp_path / "root").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "data_creation.py"), "--root", str(tmp_path / "root"),
+                             "--params", str(params)], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PIPELINE_THREADS="2"))
+    assert result.returncode == 0, result.stderr[-500:]
+    assert len(list((tmp_path / "root/data/train/raw").glob("*.csv"))) == 2 * FILES_PER_CHUNK + 1

@@ -212,6 +212,10 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
                                "(docs/scale_plan.md)", EXIT_INTERNAL)
         if isinstance(exc, PipelineError):
             return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
+        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in manifest.LIBRARIES.values():
+            return _fail(args, f"{stage}: error: {exc.name} is not installed for {sys.executable}: run the stages "
+                               "with .venv/bin/python (./pipeline.sh --setup-only makes it), or pip install -r "
+                               "requirements.txt into this Python", EXIT_INTERNAL)
         # The one place that turns bugs into a clear line.
         return _fail(args, f"{stage}: internal error: {one_line(f'{type(exc).__name__}: {exc}')} "
                            "(rerun with --debug for the traceback)", EXIT_INTERNAL)

@@ -126,6 +126,24 @@ def test_running_out_of_memory_is_one_line_with_the_way_out(tmp_path, capsys):
                    "run fewer stations or years, or on a machine with more memory (docs/scale_plan.md)")
 
 
+def test_a_library_missing_from_the_python_that_runs_a_stage_is_named_with_the_way_out(tmp_path, capsys):
+    """A stage run by hand with a Python that lacks the requirements (the system's python3) imports them on
+    first use, inside its work: it names the library and the interpreter, not an internal error."""
+    def imports(args):
+        raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+
+    assert cli.run("stage", imports, cli.stage_parser("test"), ["--root", str(tmp_path)]) == errors.EXIT_INTERNAL
+    assert capsys.readouterr().err.strip() == (
+        f"stage: error: numpy is not installed for {sys.executable}: run the stages with .venv/bin/python "
+        "(./pipeline.sh --setup-only makes it), or pip install -r requirements.txt into this Python")
+
+    def has_a_bug(args):  # a module of no library the stages need: a bug, said as one
+        raise ModuleNotFoundError("No module named 'station_forecast.gone'", name="station_forecast.gone")
+
+    assert cli.run("stage", has_a_bug, cli.stage_parser("test"), ["--root", str(tmp_path)]) == errors.EXIT_INTERNAL
+    assert "internal error: ModuleNotFoundError" in capsys.readouterr().err
+
+
 def test_killed_stage_leaves_no_partial_file_and_the_rerun_succeeds(built, tmp_path):
     """SIGKILL model_preprocessing while it writes, then check and rerun."""
     import shutil

@@ -308,11 +308,11 @@ def test_above_the_all_pairs_size_each_station_is_compared_with_its_candidates_a
     assert sum(len(found["buddies"]) for found in learned.values()) > 300  # most stations have their 5
 
 
-def test_without_positions_the_stations_compared_together_are_those_that_share_weather(monkeypatch):
+def test_without_positions_the_stations_compared_together_are_those_that_share_weather():
     """Where no station list places the stations, the blocks compared at a time follow the leading patterns
     of the network's weather, which on a network wider than its weather systems put near each other the
     stations near each other on the map: a block's candidates then overlap (at 10,000 simulated stations x 10
-    years, 3,571 stations' worth of pairs a block instead of 5,505), and the order is the same every run."""
+    years, 2,907 stations' worth of pairs a block instead of 5,505), and the order is the same every run."""
     import data_creation
 
     params = load_params()

@@ -1064,7 +1064,9 @@ def test_features_the_disk_has_no_room_for_are_refused_before_stage_2_works(tmp_
     station_steps = []
     monkeypatch.setattr(runtime, "check_disk", lambda steps, *_: station_steps.append(steps))
     assert run_stage(STAGES[1], root, far) == 0
-    text = sum(path.stat().st_size for path in (root / "data").rglob("*.csv") if "raw" not in path.parts)
+    paths = storage.Paths(root)
+    text = sum(path.stat().st_size for path in (paths.train_features, paths.test_features, paths.train_flags,
+                                                   paths.test_flags, paths.flagged))
     estimated = station_steps[0] * (runtime.FEATURE_TEXT_BYTES * 4 + runtime.FLAG_ROW_DISK_BYTES)
     assert 0.7 * estimated < text < estimated
 

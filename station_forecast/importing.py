@@ -315,8 +315,16 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     header = text.split("\n", 1)[0].rstrip("\r")[:200]
     absent = [name for name in named if name not in table.columns]
     in_header = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
-    if len(absent) == len(named) and not in_header:  # most likely not a station's file at all
-        raise PipelineError(f"{path}: no column {' nor '.join(map(repr, named))} (header is "
+    readings = [name for name, key in named.items() if key != "station_column"]
+    if set(readings) <= set(absent) and not in_header:  # most likely not a station's file at all
+        lowered = {str(column).lower() for column in table.columns}
+        if all(lowered & set(STATION_LIST_NAMES[key]) for key in ("latitude", "longitude")):
+            raise PipelineError(f"{path}: coordinates but no column {' nor '.join(map(repr, readings))} (header is "
+                                f"{header!r}): a station list under another name? Only {STATION_LIST} is read as "
+                                f"one (every other *.csv in data.source as readings): rename it to {STATION_LIST} "
+                                "to use its coordinates, or move it out of the folder; if it holds readings, set "
+                                "import.date_column, import.temperature_column or import.delimiter")
+        raise PipelineError(f"{path}: no column {' nor '.join(map(repr, readings))} (header is "
                             f"{header!r}): every *.csv in data.source but {STATION_LIST} is read as one station's "
                             "readings; move this file out of the folder if it is not a station's, else set "
                             "import.date_column, import.temperature_column or import.delimiter")

@@ -919,6 +919,21 @@ def test_a_file_that_is_not_a_station_s_is_named_with_the_way_out(tmp_path):
         importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
 
 
+def test_a_station_list_under_another_name_is_named_as_one_with_the_way_out(tmp_path):
+    """As course repositories ship a network (``hawaii_measurements.csv`` beside ``hawaii_stations.csv``): the
+    list shares the station column with the readings, so it lacks only the date and the temperature."""
+    path = tmp_path / "hawaii_stations.csv"
+    path.write_text('station,name,latitude,longitude,elevation\nUSC0001,"WAIKIKI, HI US",21.27,-157.82,3\n')
+    imp = {**_import_params()["import"], "station_column": "station", "delimiter": ","}
+    with pytest.raises(PipelineError, match=r"hawaii_stations.csv: coordinates but no column 'DATE' nor 'TMAX' .*"
+                                            r"a station list under another name\? Only stations.csv is read as one "
+                                            r".* rename it to stations.csv"):
+        importing.read_user_station(path, imp, -90.0, 60.0)
+    imp["station_column"] = ""  # without a station column, the same
+    with pytest.raises(PipelineError, match=r"a station list under another name\?"):
+        importing.read_user_station(path, imp, -90.0, 60.0)
+
+
 def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
     """As NOAA's exports come: a station column beside the date and the readings, several files by period."""
     own = tmp_path / "own"

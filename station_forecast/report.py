@@ -308,10 +308,13 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
                      flags: pd.DataFrame) -> str:
     """The report's text: data source, gate, forecast errors, intervals, detector, flagged readings, figures."""
     level = metrics["interval"]["level"]
-    quantity = {"mean": "daily mean", "max": "daily maximum", "min": "daily minimum"}[source.get("quantity", "mean")]
+    quantity = {"mean": "mean", "max": "maximum", "min": "minimum"}[source.get("quantity", "mean")]
+    # A monthly series of daily maxima is not the month's maximum: the step is said apart from the quantity.
+    quantity = f"{quantity} temperature in monthly steps" if source.get("frequency") == "monthly" \
+        else f"daily {quantity} temperature"
     lines = ["# Test report", ""]
     if source.get("source") == "simulation":
-        lines.append(f"Data: {source['stations']} simulated stations ({quantity} temperature, °C).")
+        lines.append(f"Data: {source['stations']} simulated stations ({quantity}, °C).")
     elif source.get("unit") == "none":
         n = source.get("stations", 0)
         lines.append(f"Data: {n} series from `{source.get('source')}`, {source.get('frequency', 'daily')}, used as "
@@ -321,7 +324,7 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
         written = units.SHORT_NAMES.get(source.get("unit", "C"))
         converted = f", converted from {written}" if written else ""
         lines.append(f"Data: {n} station file{'s' if n != 1 else ''} from `{source.get('source')}` "
-                     f"({quantity} temperature{converted}).")
+                     f"({quantity}{converted}).")
     passed = metrics["gate"]["passed"]
     lines += ["", f"**Quality gate: {'passed' if passed else 'FAILED'}** — {metrics['gate']['verdict']}. "
               f"Model: `{metrics['model']}`.", ""]

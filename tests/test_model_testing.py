@@ -691,3 +691,16 @@ def test_the_report_says_which_unit_readings_were_converted_from(built, unit, sa
     source = {"source": "own", "unit": unit, "stations": 2, "quantity": "mean", "frequency": "daily"}
     text = report.summary_markdown(metrics, source, {}, 0.05, pd.DataFrame())
     assert f"2 station files from `own` (daily mean temperature{said})." in text.splitlines()[2]
+
+
+def test_the_report_of_monthly_readings_names_their_step_apart_from_what_they_measure(built):
+    """A monthly series of daily maxima (an archive's "monthly average maximum") is not the month's maximum, and
+    not a daily record either."""
+    from station_forecast import report
+
+    root, _ = built
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    source = {"source": "own", "unit": "F", "stations": 1, "quantity": "max", "frequency": "monthly"}
+    text = report.summary_markdown(metrics, source, {}, 0.05, pd.DataFrame())
+    said = "1 station file from `own` (maximum temperature in monthly steps, converted from °F)."
+    assert said in text.splitlines()[2]

@@ -512,3 +512,17 @@ def test_a_run_writes_nothing_outside_its_data_models_reports_and_logs_folders(c
                                            or ("README.txt" in result.stderr and "not the pipeline's" in result.stderr))
         assert (copy / source / "README.txt").read_text() == "the user's"
         (copy / "inside.toml").unlink()
+
+
+def test_the_default_run_prints_the_scores_the_results_page_shows(copy):
+    """docs/results.md shows what a fresh clone's ``./pipeline.sh`` prints: a change that moves a figure must
+    regenerate the page, or this fails (the held-out rows had gone stale once)."""
+    run = pipeline(copy)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    begin = next(i for i, line in enumerate(lines) if line.startswith("Test MAE / RMSE in °C against the truth"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("  flagged on fronts"))
+    printed = "\n".join(lines[begin:end + 1])
+    page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    shown = page.split("```\n", 2)[1]  # the page's first block: the default run's output
+    assert printed + "\n" == shown

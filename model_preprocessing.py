@@ -922,12 +922,17 @@ def log_without_neighbours(detector: dict, min_correlation: float) -> None:
     named = [f"{station}: {best(nearest)}" if nearest else
              f"{station}: none shares {quality_control.MIN_OVERLAP_DAYS} days with it"
              for station, nearest in list(lonely.items())[:3]]
+    # Every station alone is the network's nature, not a record to check (an island's stations, each read at
+    # its own hour: Oahu's best pair correlates 0.67).
+    why = ("no station of the network has one: they share too little day-to-day weather (far apart, or read at "
+           "different hours of the day); a lower min_correlation lets them check each other loosely"
+           if len(lonely) == len(detector["stations"]) else
+           "a record that changed unit, instrument or site partway correlates poorly with its neighbours (check "
+           "it); so does a station far from the others or in weather of its own (a mountain top, a coast)")
     log.warning("%d station(s) with no neighbour whose daily anomalies correlate at least "
                 "quality_control.min_correlation = %g with theirs on the training days (%s%s): only the gross "
-                "checks judge their readings. A record that changed unit, instrument or site partway correlates "
-                "poorly with its neighbours (check it); so does a station far from the others or in weather of its "
-                "own (a mountain top, a coast)", len(lonely),
-                min_correlation, "; ".join(named), "; ..." if len(lonely) > 3 else "")
+                "checks judge their readings; %s", len(lonely),
+                min_correlation, "; ".join(named), "; ..." if len(lonely) > 3 else "", why)
 
 
 if __name__ == "__main__":

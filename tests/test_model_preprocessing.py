@@ -513,8 +513,20 @@ def test_stage_2_names_a_station_left_without_a_neighbour(project, tmp_path, cap
     judge it: stage 2 names it and how near its best candidate came; the network's other stations keep theirs."""
     station, warned = stage_2_warnings(project, tmp_path, capsys, unit_changed, "with no neighbour whose daily")
     assert len(warned) == 1 and warned[0].count(": best 0.") == 1 and f"({station}: best 0." in warned[0]
+    assert "changed unit, instrument or site partway" in warned[0]
     detector = json.loads((project[0] / "models/detector.json").read_text())
     assert quality_control.without_neighbours(detector).keys() == {station}
+
+
+def test_a_network_none_of_whose_stations_has_a_neighbour_is_told_so_not_to_check_its_records(caplog):
+    """Oahu's cooperative stations, each read at its observer's hour, correlate 0.67 at best: every station
+    alone is the network's nature, and the warning says so instead of asking for each record to be checked."""
+    def alone(best: str, correlation: float) -> dict:
+        return {"neighbours": {"buddies": [], "nearest": {"station": best, "correlation": correlation}}}
+
+    model_preprocessing.log_without_neighbours({"stations": {"A": alone("B", 0.67), "B": alone("A", 0.67)}}, 0.7)
+    assert "no station of the network has one" in caplog.text and "check it" not in caplog.text
+    assert "(A: best 0.67, B; B: best 0.67, A)" in caplog.text
 
 
 def test_stage_2_names_a_record_whose_unit_changed_partway_and_from_when(project, tmp_path, capsys):

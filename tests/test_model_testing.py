@@ -704,3 +704,18 @@ def test_the_report_of_monthly_readings_names_their_step_apart_from_what_they_me
     text = report.summary_markdown(metrics, source, {}, 0.05, pd.DataFrame())
     said = "1 station file from `own` (maximum temperature in monthly steps, converted from °F)."
     assert said in text.splitlines()[2]
+
+
+def test_a_model_the_stations_seasons_beat_is_named_though_it_passes_the_gate(caplog):
+    """At monthly steps persistence is a low bar (Boston's monthly mean maxima: persistence 4.280, the model
+    1.670, climatology 1.575): the gate passes, and the warning says the seasons alone did better."""
+    def scores(model: float, climatology: float) -> dict:
+        return {"gate_reference": "observed", "forecast": {"observed": {"all_stations": {
+            "model": {"mae": model}, "climatology": {"mae": climatology}, "persistence": {"mae": 4.28}}}}}
+
+    model_testing.log_behind_climatology(scores(1.670, 1.575))
+    assert "climatology forecast the test period better than the model (all stations, observed reference: MAE " \
+           "1.575 against 1.670)" in caplog.text
+    caplog.clear()
+    model_testing.log_behind_climatology(scores(1.5, 1.575))
+    assert not caplog.text

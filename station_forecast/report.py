@@ -308,10 +308,10 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
                      flags: pd.DataFrame) -> str:
     """The report's text: data source, gate, forecast errors, intervals, detector, flagged readings, figures."""
     level = metrics["interval"]["level"]
-    quantity = {"mean": "mean", "max": "maximum", "min": "minimum"}[source.get("quantity", "mean")]
+    measured = {"mean": "mean", "max": "maximum", "min": "minimum"}[source.get("quantity", "mean")]
     # A monthly series of daily maxima is not the month's maximum: the step is said apart from the quantity.
-    quantity = f"{quantity} temperature in monthly steps" if source.get("frequency") == "monthly" \
-        else f"daily {quantity} temperature"
+    quantity = f"{measured} temperature in monthly steps" if source.get("frequency") == "monthly" \
+        else f"daily {measured} temperature"
     lines = ["# Test report", ""]
     if source.get("source") == "simulation":
         lines.append(f"Data: {source['stations']} simulated stations ({quantity}, °C).")

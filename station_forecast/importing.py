@@ -291,6 +291,7 @@ def date_columns(imp: dict) -> list[str]:
 
 def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     text, encoding = storage.read_archive_text(path, imp["delimiter"])
+    _refuse_merge_conflict(text, path)
     named = named_columns(imp)
     headerless = all(re.fullmatch(r"#[1-9][0-9]{0,2}", name) for name in named)  # "#1": the first column
     if path.name.lower().endswith(storage.FIXED_WIDTH):
@@ -425,6 +426,23 @@ def separator(delimiter: str) -> str:
     """``import.delimiter`` as pandas reads it: "whitespace" is any run of spaces and tabs, as older
     archives' fixed-width text files are laid out."""
     return r"\s+" if delimiter == WHITESPACE else delimiter
+
+
+# The lines git writes around the two versions of a conflicting merge: a file committed with them holds both.
+MERGE_CONFLICT = re.compile(r"^(<{7}|={7}|>{7})(?: .*)?$", re.MULTILINE)
+
+
+def _refuse_merge_conflict(text: str, path: Path) -> None:
+    """Stop on a file that holds an unresolved git merge conflict (a course repository ships one): its rows are
+    two versions of the same days, and which one is right only its owner can say."""
+    if "<<<<<<<" not in text and ">>>>>>>" not in text:
+        return
+    found = MERGE_CONFLICT.search(text)
+    if found:
+        line = text.count("\n", 0, found.start()) + 1
+        raise PipelineError(f"{path}: line {line} is {found.group(1)!r}, a git merge conflict's marker: the file "
+                            "holds two versions of the lines in conflict; resolve the conflict (keep one version, "
+                            "delete the marker lines) and run again")
 
 
 def named_columns(imp: dict) -> dict[str, str]:

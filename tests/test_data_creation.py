@@ -934,6 +934,18 @@ def test_a_station_list_under_another_name_is_named_as_one_with_the_way_out(tmp_
         importing.read_user_station(path, imp, -90.0, 60.0)
 
 
+def test_a_file_committed_with_a_git_merge_conflict_in_it_is_refused_naming_the_marker_line(tmp_path):
+    """A course repository ships its network's table so: both versions of the rows between the markers, which
+    stage 1 had read as two stations named by the markers plus conflicting duplicates of every day."""
+    path = tmp_path / "HOME.csv"
+    path.write_text("DATE;TMAX\n<<<<<<< HEAD\n01/01/2020;41.5\n=======\n01/01/2020;41.7\n>>>>>>> 20e750c\n"
+                    "02/01/2020;43.0\n")
+    with pytest.raises(PipelineError, match=r"HOME.csv: line 2 is '<<<<<<<', a git merge conflict's marker"):
+        importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+    path.write_text("DATE;TMAX\n01/01/2020;41.5\n02/01/2020;43.0\n")  # resolved: read
+    assert len(importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)[0]) == 2
+
+
 def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
     """As NOAA's exports come: a station column beside the date and the readings, several files by period."""
     own = tmp_path / "own"

@@ -936,7 +936,8 @@ def test_a_station_list_under_another_name_is_named_as_one_with_the_way_out(tmp_
 
 def test_a_file_committed_with_a_git_merge_conflict_in_it_is_refused_naming_the_marker_line(tmp_path):
     """A course repository ships its network's table so: both versions of the rows between the markers, which
-    stage 1 had read as two stations named by the markers plus conflicting duplicates of every day."""
+    stage 1 had read as two stations named by the markers and every day twice (merged where the versions
+    agree, as there, and dropped as a conflicting duplicate where they differ)."""
     path = tmp_path / "HOME.csv"
     path.write_text("DATE;TMAX\n<<<<<<< HEAD\n01/01/2020;41.5\n=======\n01/01/2020;41.7\n>>>>>>> 20e750c\n"
                     "02/01/2020;43.0\n")

@@ -94,7 +94,7 @@ for i in "${!STAGES[@]}"; do [ "${STAGES[$i]}" = "$from" ] || [ "$((i + 1))" = "
 # A marker holding the hash of requirements.txt tells whether the install finished
 # and is current, so an interrupted install is redone rather than trusted.
 setup_venv() {
-  local venv="$ROOT/.venv" marker="$ROOT/.venv/.requirements.sha256" want base
+  local venv="$ROOT/.venv" marker="$ROOT/.venv/.requirements.sha256" want base aside
   want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
   if [ -x "$venv/bin/python" ] && [ "$(cat "$marker" 2>/dev/null)" = "$want" ]; then
     return 0
@@ -103,6 +103,14 @@ setup_venv() {
   [ -n "$base" ] || die "no python3 or python on PATH; install Python 3.11 or newer"
   "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$("$base" --version 2>&1) is too old; Python 3.11 or newer is required"
+  # A .venv whose Python no longer runs (the Python it was made from removed or upgraded) is moved aside, never
+  # deleted: it may hold what its owner installed.
+  if { [ -e "$venv" ] || [ -L "$venv" ]; } && ! "$venv/bin/python" -c '' >/dev/null 2>&1; then
+    aside="$venv.broken-$(date +%Y%m%d-%H%M%S)-$$"
+    mv -T -- "$venv" "$aside" || die "$venv's Python does not run, and it could not be moved aside; delete $venv"
+    echo "pipeline: .venv's Python does not run (the Python it was made from was removed or upgraded): moved it" \
+      "aside to $(basename "$aside") (delete it when you like); making a new one" >&2
+  fi
   echo "pipeline: installing requirements.txt into .venv (once)" >&2
   [ -x "$venv/bin/python" ] || "$base" -m venv "$venv" \
     || die "could not create .venv (on Debian/Ubuntu: apt-get install python3-venv)"

@@ -526,3 +526,31 @@ def test_the_default_run_prints_the_scores_the_results_page_shows(copy):
     page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
     shown = page.split("```\n", 2)[1]  # the page's first block: the default run's output
     assert printed + "\n" == shown
+
+
+def test_a_venv_whose_python_no_longer_runs_is_moved_aside_and_made_again(copy, tmp_path):
+    """The Python a .venv was made from removed or upgraded (its interpreter a dangling link): the run stopped
+    with 'could not create .venv (on Debian/Ubuntu: apt-get install python3-venv)'. The old .venv is moved aside,
+    never deleted, and a new one made (here by a stand-in python3 that makes a venv and installs nothing)."""
+    venv = copy / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/nonexistent/python3")
+    (venv / "owned.txt").write_text("installed by its owner\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "python3"
+    stand_in.write_text('#!/bin/bash\n'
+                        'if [ "$1" = -m ] && [ "$2" = venv ]; then\n'
+                        '  mkdir -p "$3/bin" && printf "#!/bin/bash\\nexit 0\\n" > "$3/bin/python"\n'
+                        '  chmod +x "$3/bin/python"\n'
+                        'fi\n')
+    stand_in.chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    run = subprocess.run(["bash", str(copy / "pipeline.sh"), "--setup-only"], cwd=copy, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    aside = list(copy.glob(".venv.broken-*"))
+    assert len(aside) == 1 and (aside[0] / "owned.txt").read_text() == "installed by its owner\n"
+    assert f"moved it aside to {aside[0].name}" in run.stderr
+    assert (venv / "bin" / "python").is_file() and (venv / ".requirements.sha256").is_file()

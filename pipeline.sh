@@ -8,7 +8,8 @@ if [ -z "${BASH_VERSION:-}" ]; then
 fi
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The project's folder is the script's own, wherever a link to it was called from (a link in ~/bin).
+ROOT="$(cd "$(dirname "$(realpath -e -- "${BASH_SOURCE[0]}")")" && pwd)"
 STAGES=()  # the one list of stages, in stages.txt (read by the benchmark and the tests too)
 while read -r name _; do
   [ -n "$name" ] && [ "${name:0:1}" != "#" ] && STAGES+=("$name")

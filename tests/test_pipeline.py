@@ -141,6 +141,19 @@ def test_one_copy_of_the_code_serves_projects_in_other_folders(copy, tmp_path):
     assert missing.returncode == 2 and "--root" in missing.stderr and "folder not found" in missing.stderr
 
 
+def test_a_link_to_the_script_elsewhere_runs_the_project_it_links_to(copy, tmp_path):
+    """As a user puts a command on the PATH (``ln -s …/pipeline.sh ~/bin/pipeline``): the script found its
+    stage list beside the link, not beside itself, and stopped at its first lines."""
+    link = tmp_path / "bin" / "pipeline"
+    link.parent.mkdir()
+    link.symlink_to(copy / "pipeline.sh")
+    run = subprocess.run(["bash", str(link), "--params", str(copy / "tiny.toml"), "--setup-only"], cwd=tmp_path,
+                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    usage = subprocess.run(["bash", str(link), "--help"], capture_output=True, text=True, timeout=60)
+    assert "Runs data_creation model_preprocessing model_preparation model_testing in order" in usage.stdout
+
+
 def test_a_second_run_is_turned_away_while_one_holds_the_lock(copy):
     with lock_held(copy):
         result = pipeline(copy, "--params", "tiny.toml")

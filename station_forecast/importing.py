@@ -1,6 +1,7 @@
 """The import of a user's own station files into the files the stages read: any column names, date
 format, delimiter, unit and missing-value codes (``[import]``), one station per file or many per file
-(``import.station_column``), with a station list of coordinates beside them.
+(``import.station_column``) or a column per station (a wide table), with a station list of coordinates beside
+them.
 
 The import is lenient where the stages are strict: a row it cannot use (no
 date, no reading, a declared code, a value outside [min_temp, max_temp], two
@@ -12,6 +13,7 @@ reader of the stages' station files.
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import re
@@ -21,6 +23,7 @@ from typing import Any
 
 from station_forecast import compute, runtime, storage
 from station_forecast.errors import PipelineError
+from station_forecast.params import EVERY_COLUMN
 from station_forecast.runtime import lazy_import, log
 from station_forecast.station_files import FILES_PER_CHUNK
 from station_forecast.steps import FREQUENCIES
@@ -33,9 +36,11 @@ pd = lazy_import("pandas")
 STATION_LIST = "stations.csv"
 STATION_LIST_COLUMNS = ["station", "latitude", "longitude"]
 # The names station lists give these columns as archives ship them (any case; the first found is read): GHCN's
-# derived packages name the station "id", others "station_id"; lat / lon as many tools write them, and
-# Environment Canada's daily files "Latitude (y)".
-STATION_LIST_NAMES = {"station": ("station", "station_id", "stationid", "station id", "id"),
+# derived packages name the station "id", others "station_id", lists of cities "City" (a name comes last: a list
+# with an id and a name names its stations by the id); lat / lon as many tools write them, and Environment
+# Canada's daily files "Latitude (y)".
+STATION_LIST_NAMES = {"station": ("station", "station_id", "stationid", "station id", "id", "city", "location",
+                                  "site", "name"),
                       "latitude": ("latitude", "lat", "latitude (y)"),
                       "longitude": ("longitude", "lon", "lng", "long", "longitude (x)"),
                       "elevation": ("elevation", "elev", "altitude", "alt")}
@@ -70,6 +75,10 @@ DROP_REASONS = ["missing_value", "missing_code", "bad_date", "future_date", "anc
 COMPLETE_DAY = 0.5
 PREAMBLE_LINES = 100  # lines of notes a file may have before its header
 WHITESPACE = "whitespace"  # the import.delimiter of files whose fields are separated by runs of spaces
+# A wide table (import.temperature_column = EVERY_COLUMN) is read as the long form of many stations a file would
+# be, the readings in a column named EVERY_COLUMN and the stations in this one (names read from a header are
+# stripped, so no column of a file is named so).
+WIDE_STATION = " station"
 LATIN1_READ = "not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong"
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
@@ -304,11 +313,12 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
 
+    wide = imp["temperature_column"] == EVERY_COLUMN
     positions = _positions_read(text, named, imp["delimiter"]) if headerless else None
     try:
         table = _parsed(text, sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
                         skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
-                        usecols=positions if headerless else used)
+                        usecols=positions if headerless else None if wide else used)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [f"#{int(c) + 1}" for c in table.columns] if headerless else \
@@ -317,7 +327,7 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     absent = [name for name in named if name not in table.columns]
     in_header = any(name.lower() in header.lower() for name in absent)  # else another delimiter would do
     readings = [name for name, key in named.items() if key != "station_column"]
-    if set(readings) <= set(absent) and not in_header:  # most likely not a station's file at all
+    if readings and set(readings) <= set(absent) and not in_header:  # most likely not a station's file at all
         lowered = {str(column).lower() for column in table.columns}
         if all(lowered & set(STATION_LIST_NAMES[key]) for key in ("latitude", "longitude")):
             raise PipelineError(f"{path}: coordinates but no column {' nor '.join(map(repr, readings))} (header is "
@@ -348,8 +358,36 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
              "notes" if headerless else "preamble": preamble}
     if imp["element_column"]:
         table = elements_as_columns(table, imp, path)
+    if wide:
+        table = stations_as_rows(table, text, imp, path)
     table.attrs.update(attrs)
     return table
+
+
+def stations_as_rows(table: pd.DataFrame, text: str, imp: dict, path: Path) -> pd.DataFrame:
+    """A wide table (``import.temperature_column = "*"``: beside the date's, a column per station, named by its
+    header, as many archives' and courses' tables of cities come) as the long form of many stations: a row per
+    date and station, the station in ``WIDE_STATION`` and its reading under ``EVERY_COLUMN``. A header that
+    names a column twice, or leaves one unnamed, would hide a station or invent one, and is refused."""
+    dates = date_columns(imp)
+    line = text.split("\n", 1)[0].rstrip("\r")
+    header = line.split() if imp["delimiter"] == WHITESPACE else \
+        next(csv.reader([line], delimiter=separator(imp["delimiter"])), [])
+    names = [name.strip() for name in header]
+    for number, name in enumerate(names, 1):
+        if not name:
+            raise PipelineError(f"{path}: column {number} of the header has no name, and with "
+                                f"import.temperature_column = {EVERY_COLUMN!r} every column but the date's is a "
+                                "station named by its header: name it, or delete the column")
+        if names.index(name) + 1 != number:
+            raise PipelineError(f"{path}: the header names {name!r} twice (columns {names.index(name) + 1} and "
+                                f"{number}); with import.temperature_column = {EVERY_COLUMN!r} each column is a "
+                                "station, and one would hide the other")
+    if len(table.columns) == len(dates):
+        raise PipelineError(f"{path}: no column but the date's (header is {line[:200]!r}); with "
+                            f"import.temperature_column = {EVERY_COLUMN!r} each other column holds a station's "
+                            "readings: check import.delimiter, or name the temperature column")
+    return table.melt(id_vars=dates, var_name=WIDE_STATION, value_name=EVERY_COLUMN)
 
 
 def dly_as_csv(text: str, path: Path) -> str:
@@ -449,7 +487,8 @@ def named_columns(imp: dict) -> dict[str, str]:
     """Every column ``[import]`` names, and the parameter that names it. Names that are all positions ("#1",
     "#2") are a file without a header line, as some archives' bulk files are."""
     readings = {imp["element_column"]: "element_column", imp["value_column"]: "value_column"} \
-        if imp["element_column"] else dict.fromkeys(temperature_columns(imp), "temperature_column")
+        if imp["element_column"] else {} if imp["temperature_column"] == EVERY_COLUMN \
+        else dict.fromkeys(temperature_columns(imp), "temperature_column")
     return ({name: "date_column" for name in date_columns(imp)} | readings
             | ({imp["station_column"]: "station_column"} if imp["station_column"] else {}))
 
@@ -584,7 +623,7 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             "';', tab, '|' or whitespace; without a header line, columns named by position, "
                             "\"#1\"), and from GHCN-Daily's .dly files: rename text tables to <station>.csv "
                             "(<station>.csv.gz), convert anything else")
-    if imp["station_column"]:
+    if imp["station_column"] or imp["temperature_column"] == EVERY_COLUMN:
         return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"], imp["unit"])
     if pool is None or not pool.cluster:
         pool = runtime.Threads(runtime.work_threads(-(-len(files) // FILES_PER_CHUNK)))
@@ -613,8 +652,11 @@ def source_files(source: Path) -> list[Path]:
 
 def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Files that hold many stations each, a station per value of ``import.station_column`` (as archives'
-    exports come): each station's rows, from every file, cleaned as one station's file is."""
-    column, rows, encodings = imp["station_column"], {}, {}
+    exports come) or per column (a wide table: ``stations_as_rows``): each station's rows, from every file,
+    cleaned as one station's file is."""
+    wide = imp["temperature_column"] == EVERY_COLUMN
+    column, rows, encodings = WIDE_STATION if wide else imp["station_column"], {}, {}
+    named_by = "the header's column" if wide else f"column {column!r}"
     for path in files:
         table = _read_user_csv(path, imp)
         skipped = {key: table.attrs.get(key, 0)  # the file's lines, no station's
@@ -625,7 +667,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         for name, part in table.groupby(table[column].str.strip(), sort=True):
             if not name or len(name.encode()) > storage.MAX_NAME_BYTES or name.startswith(".") \
                     or not re.fullmatch(r"[^/\\\x00-\x1f\x7f]+", name):
-                raise PipelineError(f"{path}: station {name[:60]!r} in column {column!r} cannot name a station "
+                raise PipelineError(f"{path}: station {name[:60]!r} in {named_by} cannot name a station "
                                     f"(empty, over {storage.MAX_NAME_BYTES} bytes, a leading dot, a slash or a "
                                     "control character such as a line break)")
             rows.setdefault(name, []).append((path, part))
@@ -634,7 +676,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         other = seen.setdefault(storage.name_key(name), name)
         if other != name:
             raise PipelineError(f"station {name!r} differs from {other!r} only in case or in how an accent is "
-                                "encoded (import.station_column); "
+                                f"encoded ({'the header' if wide else 'import.station_column'}); "
                                 "one would hide the other")
     stations, without = {}, []
     for name, parts in rows.items():
@@ -652,12 +694,12 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
                                  **({"coordinates": coordinates} if coordinates else {})}
     if without:
+        read_from = "its column" if wide else f"column {imp['temperature_column']!r}"
         if not stations:
-            raise PipelineError(f"{files[0].parent}: no station has a reading in column "
-                                f"{imp['temperature_column']!r} (import.temperature_column); every value is empty "
-                                "or a declared missing code")
-        log.warning("%d station(s) left out, with no reading in column %r (every value empty or a declared missing "
-                    "code: stations that measure other things), e.g. %s", len(without), imp["temperature_column"],
+            raise PipelineError(f"{files[0].parent}: no station has a reading in {read_from} "
+                                "(import.temperature_column); every value is empty or a declared missing code")
+        log.warning("%d station(s) left out, with no reading in %s (every value empty or a declared missing "
+                    "code: stations that measure other things), e.g. %s", len(without), read_from,
                     ", ".join(without[:3]))
     return stations
 
@@ -874,9 +916,10 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
     header = text.lstrip().split("\n", 1)[0]
 
     def names_a_list(other: str) -> bool:
-        fields = header.split() if other == WHITESPACE else header.split(other)
-        found = found_in([field.strip().strip('"').lower() for field in fields])
-        return all(found[column] for column in STATION_LIST_COLUMNS)
+        fields = [field.strip().strip('"').lower() for field in (header.split() if other == WHITESPACE
+                                                                 else header.split(other))]
+        found = found_in(fields)
+        return all(found[column] or (column == "station" and not fields[0]) for column in STATION_LIST_COLUMNS)
 
     written = next((other for other in dict.fromkeys([delimiter, ",", ";", "\t", "|"]) if names_a_list(other)),
                    delimiter)
@@ -889,6 +932,10 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
         raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
     found = found_in(list(table.columns))
+    if found["station"] is None and table.columns[0].startswith("unnamed: "):  # as pandas names an empty header
+        table = table.rename(columns={table.columns[0]: "station"})  # pandas writes an index so, unnamed
+        found["station"] = "station"
+        log.info("%s: read its first column, which the header leaves unnamed, as the station", path.name)
     missing = [c for c in STATION_LIST_COLUMNS if found[c] is None]
     if missing:
         raise PipelineError(f"{path}: the station list has no column {missing[0]!r} (any of "

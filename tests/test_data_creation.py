@@ -977,6 +977,61 @@ def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
     assert sorted(Path(key).name for key in manifest_inputs) == ["export-1.csv", "export-2.csv"]
 
 
+def test_a_wide_table_of_a_column_per_station_imports_as_its_long_form(tmp_path, capsys):
+    """Tables of cities come wide: the date, then a column per station named by its header (hourly, in kelvins,
+    ";"-separated in one course's copy), with a list of the cities' coordinates whose first column pandas left
+    unnamed. ``temperature_column = "*"`` reads each column as a station: the same raw files as the long form
+    of the same readings, and the list's coordinates."""
+    stamps = pd.date_range("2020-01-01", "2022-12-31 23:00", freq="h")
+    rng = np.random.default_rng(5)
+    cities = ["San Francisco", "Los Angeles", "Portland"]
+    wide = pd.DataFrame({"datetime": stamps.strftime("%d.%m.%Y %H:%M")})
+    for k, city in enumerate(cities):
+        wide[city] = np.round(283 + 8 * np.sin(np.arange(len(stamps)) / 1400.0 + k) + rng.normal(0, 1, len(stamps)), 2)
+    wide.loc[wide.index[:30], "Portland"] = np.nan  # the archive's first hours, before the city's readings begin
+    (tmp_path / "wide").mkdir()
+    wide.to_csv(tmp_path / "wide" / "temperature.csv", sep=";", index=False)
+    pd.DataFrame({"Country": "US", "Latitude": [37.77, 34.05, 45.52], "Longitude": [-122.4, -118.2, -122.7]},
+                 index=cities).to_csv(tmp_path / "wide" / "stations.csv")
+    settings = dict(**TINY, date_column="datetime", date_format="%d.%m.%Y %H:%M", unit="K", holdout_stations=0)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, write_params(tmp_path / "wide.toml", source="wide", delimiter=";",
+                                                       temperature_column="*", **settings)) == 0
+    assert "stations.csv: read its first column, which the header leaves unnamed, as the station" \
+        in capsys.readouterr().err
+    assert sorted(p.stem for p in (root / "data/train/raw").glob("[!.]*")) == sorted(cities)
+    assert json.loads((root / "data/source.json").read_text())["coordinates"] == 3
+
+    (tmp_path / "long").mkdir()
+    wide.melt(id_vars="datetime", var_name="city", value_name="K").to_csv(tmp_path / "long" / "all.csv", index=False)
+    other = tmp_path / "other"
+    assert run_stage(data_creation, other, write_params(tmp_path / "long.toml", source="long", station_column="city",
+                                                        temperature_column="K", **settings)) == 0
+    for part in ("train", "test"):
+        for city in cities:
+            assert (root / f"data/{part}/raw/{city}.csv").read_bytes() == \
+                (other / f"data/{part}/raw/{city}.csv").read_bytes()
+
+
+@pytest.mark.parametrize("header, settings, message", [
+    ("datetime;A;;B", {}, "column 3 of the header has no name"),
+    ("datetime;A;B;A", {}, "the header names 'A' twice (columns 2 and 4)"),
+    ("datetime", {}, "no column but the date's"),
+    ("datetime;A;B", {"station_column": "A"}, 'import.temperature_column = "*" reads a wide table'),
+    ("datetime;A;B", {"temperature_column": ["*", "A"]}, 'either "*" (a wide table'),
+])
+def test_a_wide_table_whose_header_would_hide_or_invent_a_station_is_refused(tmp_path, capsys, header, settings,
+                                                                               message):
+    width = len(header.split(";"))
+    rows = [";".join([f"2021-01-0{day}", *["1.5"] * (width - 1)]) for day in range(1, 4)]
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "wide" / "cities.csv").write_text("\n".join([header, *rows]) + "\n")
+    params = write_params(tmp_path / "wide.toml", **TINY, source="wide", delimiter=";", date_column="datetime",
+                          **{"temperature_column": "*", **settings})
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+
+
 def test_an_export_s_stations_without_any_reading_in_the_column_are_left_out_with_a_warning(tmp_path, capsys):
     """Archives' exports of an area list every station in it; many measure rain or snow only, their
     temperature fields empty: they are left out, named, and the others imported."""

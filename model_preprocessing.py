@@ -905,10 +905,11 @@ def log_same_records(detector: dict) -> None:
     for station, copies in quality_control.same_records(detector).items():
         for copy in copies:
             if station < copy["station"]:
-                log.warning("stations %s and %s read the same on %.0f %% of the %d training days both read: "
-                            "probably one station's record under two names; neither is used as the other's "
-                            "neighbour (its faults would look like shared weather); keep one of the two files",
-                            station, copy["station"], 100 * copy["share"], copy["days"])
+                log.warning("stations %s and %s read the same (to within %g °C) on %.0f %% of the %d training days "
+                            "both read: probably one station's record under two names (or a gridded product's "
+                            "one cell); neither is used as the other's neighbour (its faults would look like shared "
+                            "weather); keep one of the two files", station, copy["station"],
+                            quality_control.SAME_RECORD_TOLERANCE, 100 * copy["share"], copy["days"])
 
 
 def log_without_neighbours(detector: dict, min_correlation: float) -> None:

@@ -90,11 +90,13 @@ def test_a_3_degree_shift_at_one_of_five_stations_is_found_within_days_and_mostl
 
 def test_a_record_listed_twice_is_not_its_own_neighbour_so_its_faults_are_still_found(settings):
     """An archive that lists one station under two names: each copy would be the other's perfect neighbour and
-    every fault in the record would pass as weather. Neither is the other's neighbour; the shift and spike
-    in the record are found in both copies; a whole-degree neighbour that often reads the same is no copy."""
+    every fault in the record would pass as weather. Neither is the other's neighbour, also where one copy is in
+    whole °F; the shift and spike in the record are found in both copies; a whole-degree neighbour that often
+    reads the same is no copy."""
     observed = network(6)
     observed["S5"] = observed["S0"]
     observed["W"] = observed["S1"].round() + 0.4  # agrees with S1 to the degree, never to 0.1
+    observed["F"] = (((observed["S2"] * 1.8 + 32).round() - 32) / 1.8).round(2)  # S2's record in whole °F
     start = TEST_FROM + 40
     observed.iloc[start: start + 40, [0, 5]] += 4.0
     observed.iloc[TEST_FROM + 150, [0, 5]] += 9.0
@@ -105,7 +107,11 @@ def test_a_record_listed_twice_is_not_its_own_neighbour_so_its_faults_are_still_
         assert [c["station"] for c in found["same_record"]] == [copy] and found["same_record"][0]["share"] == 1.0
         assert faults(result)[station].iloc[start + 7: start + 40].mean() > 0.9
         assert result["flag"][station].iloc[TEST_FROM + 150] == "spike"
-    assert qc_neighbours.same_records(detector).keys() == {"S0", "S5"}
+    for station, copy in (("S2", "F"), ("F", "S2")):  # a copy at another resolution is a copy too
+        found = detector["stations"][station]["neighbours"]
+        assert copy not in [b["station"] for b in found["buddies"]]
+        assert [c["station"] for c in found["same_record"]] == [copy] and found["same_record"][0]["share"] == 1.0
+    assert qc_neighbours.same_records(detector).keys() == {"S0", "S5", "S2", "F"}
 
 
 @pytest.mark.parametrize("size", [15.0, 25.0, -20.0])  # far beyond the weather: a sensor gone to °F, a lost sign

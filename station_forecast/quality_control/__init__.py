@@ -121,6 +121,7 @@ from station_forecast.quality_control.climatology import (
 from station_forecast.quality_control.learning import JUMP_CEILING, learn, other_units, unit_changes
 from station_forecast.quality_control.neighbours import (
     MIN_OVERLAP_DAYS,
+    SAME_RECORD_TOLERANCE,
     forecast_neighbours,
     learn_neighbours,
     same_records,
@@ -128,7 +129,7 @@ from station_forecast.quality_control.neighbours import (
 )
 from station_forecast.quality_control.verdict import detect, mostly_flagged, no_detection, shared_values
 
-__all__ = ["CLIMATOLOGY_LEAST_READINGS", "JUMP_CEILING", "MIN_OVERLAP_DAYS", "STATION_BLOCK", "borrow_seasons",
-           "climatology_at", "covers_the_year", "detect", "fit_climatology", "forecast_neighbours", "learn",
-           "learn_neighbours", "mostly_flagged", "no_detection", "other_units", "same_records", "shared_values",
-           "unit_changes", "without_neighbours"]
+__all__ = ["CLIMATOLOGY_LEAST_READINGS", "JUMP_CEILING", "MIN_OVERLAP_DAYS", "SAME_RECORD_TOLERANCE", "STATION_BLOCK",
+           "borrow_seasons", "climatology_at", "covers_the_year", "detect", "fit_climatology", "forecast_neighbours",
+           "learn", "learn_neighbours", "mostly_flagged", "no_detection", "other_units", "same_records",
+           "shared_values", "unit_changes", "without_neighbours"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from station_forecast import compute, runtime, storage
 from station_forecast.errors import PipelineError
-from station_forecast.params import EVERY_COLUMN
+from station_forecast.params import EVERY_COLUMN, MONTH_COLUMNS
 from station_forecast.runtime import lazy_import, log
 from station_forecast.station_files import FILES_PER_CHUNK
 from station_forecast.steps import FREQUENCIES
@@ -79,6 +79,11 @@ WHITESPACE = "whitespace"  # the import.delimiter of files whose fields are sepa
 # be, the readings in a column named EVERY_COLUMN and the stations in this one (names read from a header are
 # stripped, so no column of a file is named so).
 WIDE_STATION = " station"
+# A table of a row per year and a column per month (import.temperature_column = MONTH_COLUMNS) is read as a row
+# per month: the year's column and this one (the month's number) make the date, the value is under MONTH_COLUMNS.
+MONTH_OF_ROW = " month"
+MONTH_NAMES = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+               "november", "december"]
 LATIN1_READ = "not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong"
 # No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
 # station's days x stations table over centuries.
@@ -90,7 +95,7 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
     """One of the user's station files as (date, temperature in °C) and a count of what was dropped
     (``clean_readings``), with the coordinates its rows carry (``row_coordinates``) if any."""
     table = _read_user_csv(path, imp)
-    kept, report = clean_readings(table, path, imp, min_temp, max_temp)
+    kept, report = clean_readings(table, path, reading_settings(imp), min_temp, max_temp)
     coordinates = row_coordinates(table, path)
     return kept, {**report, **({"coordinates": coordinates} if coordinates else {})}
 
@@ -314,11 +319,12 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
 
     wide = imp["temperature_column"] == EVERY_COLUMN
+    every = imp["temperature_column"] in (EVERY_COLUMN, MONTH_COLUMNS)  # the readings' columns are found after
     positions = _positions_read(text, named, imp["delimiter"]) if headerless else None
     try:
         table = _parsed(text, sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
                         skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
-                        usecols=positions if headerless else None if wide else used)
+                        usecols=positions if headerless else None if every else used)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [f"#{int(c) + 1}" for c in table.columns] if headerless else \
@@ -360,8 +366,49 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
         table = elements_as_columns(table, imp, path)
     if wide:
         table = stations_as_rows(table, text, imp, path)
+    if imp["temperature_column"] == MONTH_COLUMNS:
+        table = months_as_rows(table, imp, path)
     table.attrs.update(attrs)
     return table
+
+
+def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
+    """A table of a row per year and a column per month (``import.temperature_column = "months"``: Jan ... Dec or
+    January ... December, any case, as NASA GISS's station files, the Met Office's and many national services'
+    monthly tables write them) as a row per month, in the file's order: the year's column, ``MONTH_OF_ROW`` (01
+    to 12) and the month's value under ``MONTH_COLUMNS``. Other columns (seasons, the year's mean) are not
+    read; a month without a column, or with two, is refused."""
+    found: dict[int, list[str]] = {}
+    for column in table.columns:
+        name = str(column).strip().lower()
+        for number, month in enumerate(MONTH_NAMES, 1):
+            if name in (month, month[:3]) or (number == 9 and name == "sept"):
+                found.setdefault(number, []).append(column)
+    header = ",".join(map(str, table.columns))[:200]
+    absent = [MONTH_NAMES[number - 1][:3].title() for number in range(1, 13) if number not in found]
+    if absent:
+        raise PipelineError(f"{path}: no column for {', '.join(absent)} (header is {header!r}); with "
+                            f"import.temperature_column = {MONTH_COLUMNS!r} each row is a year and each month a column "
+                            "named Jan ... Dec (or January ... December): check import.delimiter, or name the "
+                            "temperature column")
+    twice = next((columns for columns in found.values() if len(columns) > 1), None)
+    if twice:
+        raise PipelineError(f"{path}: columns {twice[0]!r} and {twice[1]!r} both name one month (header is "
+                            f"{header!r}); keep one")
+    kept = [*date_columns(imp), *([imp["station_column"]] if imp["station_column"] else [])]
+    values = table[[found[number][0] for number in range(1, 13)]].to_numpy()
+    rows = {column: np.repeat(table[column].to_numpy(), 12) for column in kept}
+    rows[MONTH_OF_ROW] = np.tile([f"{number:02d}" for number in range(1, 13)], len(table))
+    rows[MONTH_COLUMNS] = values.reshape(-1)
+    return pd.DataFrame(rows)
+
+
+def reading_settings(imp: dict) -> dict:
+    """The ``[import]`` settings that read the rows ``_read_user_csv`` returns: a year-by-month table's rows are
+    dated by the year's column and ``MONTH_OF_ROW`` joined; every other layout's as the user's settings say."""
+    if imp["temperature_column"] != MONTH_COLUMNS:
+        return imp
+    return {**imp, "date_column": [*date_columns(imp), MONTH_OF_ROW], "date_format": "%Y %m"}
 
 
 def stations_as_rows(table: pd.DataFrame, text: str, imp: dict, path: Path) -> pd.DataFrame:
@@ -487,7 +534,7 @@ def named_columns(imp: dict) -> dict[str, str]:
     """Every column ``[import]`` names, and the parameter that names it. Names that are all positions ("#1",
     "#2") are a file without a header line, as some archives' bulk files are."""
     readings = {imp["element_column"]: "element_column", imp["value_column"]: "value_column"} \
-        if imp["element_column"] else {} if imp["temperature_column"] == EVERY_COLUMN \
+        if imp["element_column"] else {} if imp["temperature_column"] in (EVERY_COLUMN, MONTH_COLUMNS) \
         else dict.fromkeys(temperature_columns(imp), "temperature_column")
     return ({name: "date_column" for name in date_columns(imp)} | readings
             | ({imp["station_column"]: "station_column"} if imp["station_column"] else {}))
@@ -689,7 +736,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         read_in = {encodings[path.name] for path, _ in parts}
         whole.attrs = {"encoding": "latin-1" if "latin-1" in read_in else read_in.pop()}
         where = first.with_name(f"{first.name} [station {name}]")
-        table, counts = clean_readings(whole, where, imp, pre["min_temp"], pre["max_temp"])
+        table, counts = clean_readings(whole, where, reading_settings(imp), pre["min_temp"], pre["max_temp"])
         coordinates = row_coordinates(whole, where)
         stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
                                  **({"coordinates": coordinates} if coordinates else {})}

@@ -28,6 +28,9 @@ MAX_PARAMS_BYTES = 1 << 20
 MAX_MISSING_CODES = 100
 # import.temperature_column of a wide table: beside the date's, a column per station, named by its header.
 EVERY_COLUMN = "*"
+# import.temperature_column of a table of a row per year and a column per month (Jan ... Dec), as monthly
+# station series are often published; date_column names the year's column.
+MONTH_COLUMNS = "months"
 # The years a simulation may span. Its dates beyond pandas' time stamps (nanoseconds since 1970 end on
 # 2262-04-11) were written as times of another day, and stage 2 refused its own raw files.
 FIRST_YEAR, LAST_YEAR = 1800, 2261
@@ -293,8 +296,9 @@ def _date_columns_problem(value: str | list) -> str | None:
 def _temperature_columns_problem(value: str | list) -> str | None:
     """``import.temperature_column``: one column's name, ``EVERY_COLUMN`` (a wide table), or two different
     columns, a day's maximum and minimum, whose mean is the day's reading (archives that keep no daily mean)."""
-    if isinstance(value, list) and EVERY_COLUMN in value:
-        return 'either "*" (a wide table: every column but the date\'s is a station) or column names, not both'
+    if isinstance(value, list) and {EVERY_COLUMN, MONTH_COLUMNS} & set(value):
+        return (f'either "{EVERY_COLUMN}" (a wide table: every column but the date\'s is a station), '
+                f'"{MONTH_COLUMNS}" (a row per year, a column per month) or column names, not both')
     return _columns_problem(value, 2, "two different columns whose mean is the day's reading, e.g. "
                                       '["TMAX", "TMIN"] with quantity = "mean"')
 
@@ -333,13 +337,19 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
         raise PipelineError(f"{path}: import.element_column and import.value_column go together: a file with a row "
                             "per day and element (GHCN-Daily's by-station files) names both, e.g. "
                             'element_column = "#3", value_column = "#4"; any other file neither')
+    dates = [imp["date_column"]] if isinstance(imp["date_column"], str) else imp["date_column"]
+    by_position = all(name.startswith("#") for name in dates)  # a file without a header: no column is named
+    if imp["temperature_column"] == MONTH_COLUMNS and (imp["date_format"] != "%Y" or imp["element_column"].strip()
+                                                       or by_position):
+        raise PipelineError(f"{path}: import.temperature_column = \"{MONTH_COLUMNS}\" reads a row per year and a "
+                            "column per month, named Jan ... Dec in the header: date_column names the year's column, "
+                            'with date_format = "%Y", and element_column is "" (a station_column may name each row\'s '
+                            "station)")
     if imp["temperature_column"] == EVERY_COLUMN and (imp["station_column"].strip() or imp["element_column"].strip()
-                                             or all(name.startswith("#") for name in
-                                                    ([imp["date_column"]] if isinstance(imp["date_column"], str)
-                                                     else imp["date_column"]))):
-        raise PipelineError(f"{path}: import.temperature_column = \"*\" reads a wide table, a column per station "
-                            "named by its header beside the date's: it needs a header (date_column by name), and "
-                            "neither station_column nor element_column")
+                                                      or by_position):
+        raise PipelineError(f"{path}: import.temperature_column = \"{EVERY_COLUMN}\" reads a wide table, a column "
+                            "per station named by its header beside the date's: it needs a header (date_column by "
+                            "name), and neither station_column nor element_column")
     if data["source"] != SIMULATION:
         return  # the next checks are about the simulated stations; imported ones are checked when read
     if data["holdout_stations"] >= sim["n_stations"]:

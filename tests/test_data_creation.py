@@ -1013,12 +1013,55 @@ def test_a_wide_table_of_a_column_per_station_imports_as_its_long_form(tmp_path,
                 (other / f"data/{part}/raw/{city}.csv").read_bytes()
 
 
+def test_a_table_of_a_row_per_year_and_a_column_per_month_imports_as_its_months(tmp_path):
+    """Monthly station series are often published a year to a row (NASA GISS's station files: ``YEAR,JAN, ...,
+    DEC,D-J-F, ...,metANN``, 999.90 on months without a reading; the Met Office's tables ``Year Jan ... Dec``).
+    ``temperature_column = "months"`` reads the twelve months' columns, and not the seasons' or the year's:
+    the same raw files as the readings written a month to a row. With a station column, one table holds
+    many stations."""
+    months = pd.date_range("2001-01-01", "2012-12-01", freq="MS")
+    rng = np.random.default_rng(2)
+    season = 15 + 10 * np.sin(2 * np.pi * (months.month.to_numpy() - 4) / 12)
+    values = np.round(season + rng.normal(0, 1, len(months)), 2)
+    values[[5, 40]] = 999.9
+    by_year = values.reshape(-1, 12)
+    names = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+    giss = pd.DataFrame(by_year, columns=names)
+    giss.insert(0, "YEAR", range(2001, 2013))
+    giss["D-J-F"], giss["metANN"] = 999.9, by_year.mean(axis=1).round(2)
+    for folder in ("years", "long", "many"):
+        (tmp_path / folder).mkdir()
+    giss.rename(columns=str.title).rename(columns={"Year": "YEAR"}).to_csv(tmp_path / "years" / "RIO.csv",
+                                                                           index=False)  # Jan ... Dec
+    pd.DataFrame({"date": months.strftime("%Y-%m-%d"), "t": values}).to_csv(tmp_path / "long" / "RIO.csv", index=False)
+    pd.concat([giss.assign(STATION="RIO"), giss.assign(STATION="SAO")]).to_csv(tmp_path / "many" / "all.csv",
+                                                                              index=False)
+    settings = dict(**TINY | {"test_steps": 24}, holdout_stations=0, missing_values=[999.9])
+    runs = {
+        "years": dict(date_column="YEAR", date_format="%Y", temperature_column="months"),
+        "long": dict(date_column="date", date_format="%Y-%m-%d", temperature_column="t"),
+        "many": dict(date_column="YEAR", date_format="%Y", temperature_column="months", station_column="STATION"),
+    }
+    for name, columns in runs.items():
+        params = write_params(tmp_path / f"{name}.toml", source=name, **settings, **columns)
+        assert run_stage(data_creation, tmp_path / name / "root", params) == 0, name
+    raw = {name: {part: (tmp_path / name / f"root/data/{part}/raw/RIO.csv").read_bytes() for part in ("train", "test")}
+           for name in runs}
+    assert raw["years"] == raw["long"] == raw["many"]
+    assert (tmp_path / "many/root/data/train/raw/SAO.csv").read_bytes() == raw["years"]["train"]
+    source = json.loads((tmp_path / "years/root/data/source.json").read_text())
+    assert source["frequency"] == "monthly" and source["files"]["RIO"]["missing_code"] == 2
+
+
 @pytest.mark.parametrize("header, settings, message", [
     ("datetime;A;;B", {}, "column 3 of the header has no name"),
     ("datetime;A;B;A", {}, "the header names 'A' twice (columns 2 and 4)"),
     ("datetime", {}, "no column but the date's"),
     ("datetime;A;B", {"station_column": "A"}, 'import.temperature_column = "*" reads a wide table'),
     ("datetime;A;B", {"temperature_column": ["*", "A"]}, 'either "*" (a wide table'),
+    ("datetime;Jan;Feb", {"temperature_column": "months"}, 'date_column names the year\'s column, with date_format'),
+    ("datetime;Jan;Feb", {"temperature_column": "months", "date_format": "%Y"}, "no column for Mar, Apr, May"),
+    ("datetime;Jan;January", {"temperature_column": "months", "date_format": "%Y"}, "no column for Feb"),
 ])
 def test_a_wide_table_whose_header_would_hide_or_invent_a_station_is_refused(tmp_path, capsys, header, settings,
                                                                                message):

@@ -181,6 +181,10 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
             hint = (f"; read as unit {imp['unit']!r} its readings lie outside preprocessing's [min_temp, max_temp] = "
                     f"[{min_temp:g}, {max_temp:g}] °C (the first: {report['impossible_example']!r}): is import.unit "
                     "right for it?")
+        elif report["not_a_number"] >= report["rows"] // 2 and imp["temperature_column"] == EVERY_COLUMN:
+            hint = (f"; most of its values do not read as numbers: with import.temperature_column = {EVERY_COLUMN!r} "
+                    "every column but the date's is read as a station's, so a column of text (a description, a "
+                    "flag) has to go: delete it from the table")
         elif report["not_a_number"] >= report["rows"] // 2:
             hint = ("; most of its values do not read as numbers: a unit or a flag written beside them, or another "
                     f"column than import.temperature_column = {imp['temperature_column']!r} meant?")

@@ -1012,6 +1012,13 @@ def test_a_wide_table_of_a_column_per_station_imports_as_its_long_form(tmp_path,
             assert (root / f"data/{part}/raw/{city}.csv").read_bytes() == \
                 (other / f"data/{part}/raw/{city}.csv").read_bytes()
 
+    wide["weather_description"] = "light rain"  # a column of text is no station: the message says to delete it
+    wide.to_csv(tmp_path / "wide" / "temperature.csv", sep=";", index=False)
+    assert run_stage(data_creation, root, tmp_path / "wide.toml") == errors.EXIT_BAD_INPUT
+    assert ("temperature.csv [station weather_description]: no usable readings (26304 not a number (e.g. 'light "
+            "rain')); most of its values do not read as numbers: with import.temperature_column = '*' every column "
+            "but the date's is read as a station's, so a column of text") in capsys.readouterr().err
+
 
 def test_a_table_of_a_row_per_year_and_a_column_per_month_imports_as_its_months(tmp_path):
     """Monthly station series are often published a year to a row (NASA GISS's station files: ``YEAR,JAN, ...,

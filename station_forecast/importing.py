@@ -425,6 +425,11 @@ def stations_as_rows(table: pd.DataFrame, text: str, imp: dict, path: Path) -> p
     header = line.split() if imp["delimiter"] == WHITESPACE else \
         next(csv.reader([line], delimiter=separator(imp["delimiter"])), [])
     names = [name.strip() for name in header]
+    if len(names) == len(table.columns):  # a delimiter that ends every line leaves a last column, unnamed and empty
+        empty = [column for name, column in zip(names, table.columns, strict=True)
+                 if not name and not table[column].str.strip().astype(bool).any()]
+        names = [name for name, column in zip(names, table.columns, strict=True) if column not in empty]
+        table = table.drop(columns=empty)
     for number, name in enumerate(names, 1):
         if not name:
             raise PipelineError(f"{path}: column {number} of the header has no name, and with "

@@ -1060,6 +1060,19 @@ def test_a_table_of_a_row_per_year_and_a_column_per_month_imports_as_its_months(
     assert source["frequency"] == "monthly" and source["files"]["RIO"]["missing_code"] == 2
 
 
+def test_a_wide_table_whose_lines_all_end_in_the_delimiter_reads_without_its_empty_last_column(tmp_path):
+    """Some exports end every line with the delimiter: the header's last column has no name and no value, and
+    is no station."""
+    days = pd.date_range("2020-01-01", "2022-12-31")
+    (tmp_path / "wide").mkdir()
+    lines = ["date;A;B;", *(f"{day:%Y-%m-%d};{k % 7}.5;{k % 5}.25;" for k, day in enumerate(days))]
+    (tmp_path / "wide" / "both.csv").write_text("\n".join(lines) + "\n")
+    params = write_params(tmp_path / "wide.toml", **TINY, source="wide", delimiter=";", temperature_column="*",
+                          holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == 0
+    assert sorted(p.stem for p in (tmp_path / "root/data/train/raw").glob("[!.]*")) == ["A", "B"]
+
+
 @pytest.mark.parametrize("header, settings, message", [
     ("datetime;A;;B", {}, "column 3 of the header has no name"),
     ("datetime;A;B;A", {}, "the header names 'A' twice (columns 2 and 4)"),

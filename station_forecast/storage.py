@@ -845,6 +845,16 @@ def station_name(path: Path) -> str:
     return Path(name).stem
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` is text, not bytes of another encoding that the file system's decoding kept as
+    surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def holds_a_table(path: Path, as_shipped: bool = False) -> bool:
     """Whether a file's name says it is a station table: ``*.csv`` (and, ``as_shipped`` by archives, ``*.csv.gz``
     and GHCN-Daily's ``*.dly``)."""
@@ -866,6 +876,11 @@ def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
     seen: dict[str, Path] = {}
     for path in files:
         name = station_name(path)
+        if not _utf8(name):  # the bytes of another encoding, which UTF-8 does not decode
+            written = os.fsencode(path.name)
+            raise PipelineError(f"{folder}: the file name {written!r} is not UTF-8 (an older system's encoding; as "
+                                f"Latin-1 it reads {written.decode('latin-1')!r}): rename it, e.g. convmv -f latin1 "
+                                "-t utf8 --notest on the folder's files")
         if len(name.encode()) > MAX_NAME_BYTES:
             raise PipelineError(f"{path}: a station name of {len(name.encode())} bytes; at most "
                                 f"{MAX_NAME_BYTES} (the name becomes part of report file names); rename the file")

@@ -338,6 +338,18 @@ def test_own_folder_problems_are_named(tmp_path):
         importing.import_stations(tmp_path, dict(p["data"], test_steps=5000), p["import"], p["pre"])
 
 
+def test_a_station_file_named_in_another_encoding_than_utf_8_is_named_with_the_rename(tmp_path):
+    """An archive unpacked from an old zip keeps its names' Latin-1 bytes ("M\xfcnchen.csv"), which the file
+    system hands over undecoded: the stage stops naming the file's bytes and how they read, where writing the
+    station's name stopped it with an internal error."""
+    p = _import_params()
+    write_real_format_station(tmp_path / "HOME.csv")
+    os.rename(tmp_path / "HOME.csv", os.path.join(os.fsencode(tmp_path), b"M\xfcnchen.csv"))
+    with pytest.raises(PipelineError, match=r"the file name b'M\\xfcnchen.csv' is not UTF-8 \(an older system's "
+                                            r"encoding; as Latin-1 it reads 'M\u00fcnchen.csv'\): rename it"):
+        importing.import_stations(tmp_path, p["data"], p["import"], p["pre"])
+
+
 def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
     def station(start: str, end: str) -> pd.DataFrame:
         dates = pd.date_range(start, end, freq="D")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from station_forecast import manifest, runtime, stopping
-from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError, cannot_write
+from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError, UnfitEnvironment, cannot_write
 from station_forecast.params import DEFAULT_PARAMS, STAGES, load_params
 from station_forecast.runtime import INHERITED_LOCK
 from station_forecast.stopping import STOP_SIGNALS, Terminated, signal_of
@@ -190,6 +190,7 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
                 return 128 + signal_of(exc)
             return _stopped(args, stage, signal_of(exc))
     try:
+        check_environment()
         if failed_import is not None:  # reported in the stage's turn, as it would have been without waiting
             raise failed_import
         _stop_with_the_pipeline()
@@ -223,6 +224,19 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
         log.info("a stop signal (%s) came after the stage's last output was written; the stage finished",
                  STOP_SIGNALS[stopping.received[0]])
     return EXIT_OK
+
+
+def check_environment() -> None:
+    """Refuse a Python environment in a folder whose path is not UTF-8 (a folder above it named in another
+    encoding): ctypes decodes the loader's messages, which name the library's path, as UTF-8, so threadpoolctl
+    (loaded with scikit-learn) stops stage 3 with a UnicodeDecodeError. The project itself may be there."""
+    try:
+        sys.prefix.encode()
+    except UnicodeEncodeError:
+        raise UnfitEnvironment(f"the Python environment's folder {os.fsencode(sys.prefix)!r} is not UTF-8 (a folder "
+                               "above it is named in another encoding), and scikit-learn's threadpoolctl fails to "
+                               "load its libraries there: rename that folder, or keep the project there and run "
+                               "with PYTHON set to a Python installed elsewhere") from None
 
 
 def _stopped(args: argparse.Namespace, stage: str, signum: int) -> int:

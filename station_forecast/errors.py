@@ -31,6 +31,12 @@ class Busy(PipelineError):
     exit_code = EXIT_BUSY
 
 
+class UnfitEnvironment(PipelineError):
+    """The Python environment cannot run the stages as it is installed (exit 1): the machine, not the input."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class CannotWrite(PipelineError):
     """The machine cannot take a stage's writes: a full, over-quota or read-only disk (exit 1). Every write
     goes to a temporary file first, so the artifacts of the last good run are intact."""

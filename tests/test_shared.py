@@ -144,6 +144,21 @@ def test_a_library_missing_from_the_python_that_runs_a_stage_is_named_with_the_w
     assert "internal error: ModuleNotFoundError" in capsys.readouterr().err
 
 
+def test_a_python_environment_in_a_folder_not_named_in_utf_8_is_refused_before_any_work(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """A project unpacked under a folder named in Latin-1 ("caf\xe9") has its .venv there too: threadpoolctl then
+    stopped stage 3 with a UnicodeDecodeError, after stages 1 and 2 had run. Every stage now refuses such an
+    environment first, naming its folder's bytes and the way out."""
+    ran = []
+    monkeypatch.setattr(sys, "prefix", os.fsdecode(b"/srv/caf\xe9/project/.venv"))
+    assert cli.run("stage", ran.append, cli.stage_parser("test"), ["--root", str(tmp_path)]) == errors.EXIT_INTERNAL
+    assert not ran
+    assert capsys.readouterr().err.strip() == (
+        "stage: error: the Python environment's folder b'/srv/caf\\xe9/project/.venv' is not UTF-8 (a folder above "
+        "it is named in another encoding), and scikit-learn's threadpoolctl fails to load its libraries there: "
+        "rename that folder, or keep the project there and run with PYTHON set to a Python installed elsewhere")
+
+
 def test_killed_stage_leaves_no_partial_file_and_the_rerun_succeeds(built, tmp_path):
     """SIGKILL model_preprocessing while it writes, then check and rerun."""
     import shutil

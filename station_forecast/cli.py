@@ -152,6 +152,11 @@ def run(stage: str, main: Callable[[argparse.Namespace], None], parser: argparse
     ``--wait-for-go``, the modules in ``imports`` are loaded first and the stage runs only once told
     to (``wait_for_go``); stopped before that, it ends without a word.
     """
+    # A terminal in the C locale without Python's UTF-8 mode writes ASCII: a "°C" in the report's table would stop
+    # the stage after its work is done. Such characters are written as escapes instead.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = parser.parse_args(argv)
     manifest.note_code(stage)  # its modules are loaded: what it runs is what they were as it started
     forget_reads()

@@ -163,7 +163,8 @@ def read_manifest(paths: Paths, fresh_if_damaged: bool = False) -> dict[str, Any
         return {"stages": {}}
     try:
         check_regular_file(paths.manifest)
-        manifest = json.loads(paths.manifest.read_text())  # RecursionError: brackets nested thousands deep
+        # RecursionError: brackets nested thousands deep
+        manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) \
                 or not all(isinstance(entry, dict) for entry in manifest["stages"].values()):
             raise ValueError("no valid 'stages'")

@@ -21,7 +21,7 @@ from station_forecast.units import UNITS
 DEFAULT_PARAMS = PROJECT / "params.toml"
 # stage -> the parameter sections it reads, in the order pipeline.sh runs the stages (stages.txt)
 STAGE_SECTIONS = {line.split()[0]: line.split()[1:]
-                  for line in (PROJECT / "stages.txt").read_text().splitlines()
+                  for line in (PROJECT / "stages.txt").read_text(encoding="utf-8").splitlines()
                   if line.strip() and not line.startswith("#")}
 STAGES = list(STAGE_SECTIONS)
 MAX_PARAMS_BYTES = 1 << 20
@@ -163,7 +163,7 @@ def params_text_with(overrides: dict[str, Any], base: Path = DEFAULT_PARAMS) -> 
     """The text of a parameters file with some values replaced; keys are unique across sections."""
     import re
 
-    text = base.read_text()
+    text = base.read_text(encoding="utf-8")
     for key, value in overrides.items():
         rendered = f'"{value}"' if isinstance(value, str) else repr(value)
         text, count = re.subn(rf"^{key} = [^#\n]*", f"{key} = {rendered}  ", text, flags=re.M)

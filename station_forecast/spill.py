@@ -84,13 +84,13 @@ class Blocks:
             np.save(place / f"{i:03d}.npy", values, allow_pickle=values.dtype == object)
         # Text columns are pickled objects, read back whole; the others are mapped.
         (place / "columns").write_text("".join(f"{name}\t{values.dtype == object:d}\n"
-                                               for name, values in block.items()))
+                                               for name, values in block.items()), encoding="utf-8")
         return place
 
     @staticmethod
     def _columns(block: dict[str, Any] | Path, names: list[str] | None = None) -> dict[str, Any]:
         if not isinstance(block, Path):
             return block if names is None else {name: block[name] for name in names}
-        stored = [line.split("\t") for line in (block / "columns").read_text().splitlines()]
+        stored = [line.split("\t") for line in (block / "columns").read_text(encoding="utf-8").splitlines()]
         return {name: np.load(block / f"{i:03d}.npy", mmap_mode=None if text == "1" else "r", allow_pickle=text == "1")
                 for i, (name, text) in enumerate(stored) if names is None or name in names}

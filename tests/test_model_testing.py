@@ -295,6 +295,21 @@ def test_rerun_gives_byte_identical_metrics_and_report(project):
         assert (root / name).read_bytes() == before[name], name
 
 
+def test_a_terminal_that_writes_ascii_only_gets_the_table_with_escapes_not_a_failed_stage(project):
+    """In the C locale without Python's UTF-8 mode (a minimal container, a cron job) standard output is ASCII:
+    the table's "°C" stopped stage 4 after its work, exit 1. It is written as an escape instead."""
+    import os
+    import subprocess
+    import sys
+
+    root, params = project
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, str(storage.ROOT / "model_testing.py"), "--root", str(root), "--params",
+                           str(params)], env=env, capture_output=True, text=True, encoding="ascii")
+    assert done.returncode == 0, done.stderr
+    assert "Test MAE / RMSE in \\xb0C against the truth temperature" in done.stdout
+
+
 def test_a_failed_gate_still_writes_the_report_and_says_so(project):
     root, _ = project
     strict = write_params(root / "strict.toml", n_stations=5, n_years=3, test_steps=120, gbr_max_iter=60,

@@ -663,6 +663,10 @@ def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[st
     nul = raw.find(b"\0")
     if nul >= 0:
         raise PipelineError(f"{path}: binary data (a NUL byte at offset {nul:,}), not a CSV text file")
+    if raw[:MAX_HEADER_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
+        raise PipelineError(f"{path}: a web page (HTML), not a CSV table: saved from the page that shows the file "
+                            "rather than from the file itself (on GitHub, its Raw link: raw.githubusercontent.com/"
+                            "...); download the file again")
     start = raw[:MAX_HEADER_BYTES + 1]
     if other_encodings and b"\r" in start and b"\n" not in start:  # lines ended by CR alone, as old Macs wrote
         raw = raw.replace(b"\r", b"\n")

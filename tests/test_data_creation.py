@@ -306,6 +306,9 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
                                                       "[min_temp, max_temp] = [-90, 60] °C (the first: '999'): is "
                                                       "import.unit right for it?"),
     (b"DATE;TMAX\n01/01/2020;272.1\n02/01/2020;275.3\n", "no usable readings (2 impossible); read as unit 'F'"),
+    (b"\n\n\n<!DOCTYPE html>\n<html lang=\"en\">\n<title>HOME.csv at main</title><table><tr><td>DATE,TMAX</td>",
+     "a web page (HTML), not a CSV table: saved from the page that shows the file rather than from the file itself"),
+    (b"\xef\xbb\xbf<HTML><BODY>DATE;TMAX<BR>01/01/2020;50", "a web page (HTML), not a CSV table"),
     (b"\0" * 20_000_000, "binary data (a NUL byte at offset 0), not a CSV text file"),
     (b"DATE;TMAX\n01/01/2020;5\0\n", "binary data (a NUL byte at offset 22)"),
     (";".join(f"c{i}" for i in range(10**6)).encode() + b"\n1;2\n" * 1435,

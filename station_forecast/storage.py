@@ -663,6 +663,10 @@ def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[st
     nul = raw.find(b"\0")
     if nul >= 0:
         raise PipelineError(f"{path}: binary data (a NUL byte at offset {nul:,}), not a CSV text file")
+    if raw.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise PipelineError(f"{path}: a Git LFS pointer ({len(raw)} bytes naming the file's content), not the table "
+                            "itself: the repository it came from keeps its data in Git LFS; run git lfs install and "
+                            "git lfs pull there (or download the file from the repository's web page)")
     if raw[:MAX_HEADER_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
         raise PipelineError(f"{path}: a web page (HTML), not a CSV table: saved from the page that shows the file "
                             "rather than from the file itself (on GitHub, its Raw link: raw.githubusercontent.com/"

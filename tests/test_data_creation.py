@@ -309,6 +309,8 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     (b"\n\n\n<!DOCTYPE html>\n<html lang=\"en\">\n<title>HOME.csv at main</title><table><tr><td>DATE,TMAX</td>",
      "a web page (HTML), not a CSV table: saved from the page that shows the file rather than from the file itself"),
     (b"\xef\xbb\xbf<HTML><BODY>DATE;TMAX<BR>01/01/2020;50", "a web page (HTML), not a CSV table"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d"
+     b"17e2393\nsize 3162758\n", "a Git LFS pointer (132 bytes naming the file's content), not the table itself"),
     (b"\0" * 20_000_000, "binary data (a NUL byte at offset 0), not a CSV text file"),
     (b"DATE;TMAX\n01/01/2020;5\0\n", "binary data (a NUL byte at offset 22)"),
     (";".join(f"c{i}" for i in range(10**6)).encode() + b"\n1;2\n" * 1435,

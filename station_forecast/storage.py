@@ -629,6 +629,14 @@ def read_text_file(path: Path, delimiter: str = ",") -> str:
     return _checked_text(path, delimiter, other_encodings=False)[0]
 
 
+# Files a station file's name is often given by mistake, by their first bytes, with the way to a CSV text file.
+BINARY_KINDS = {
+    b"PK\x03\x04": "a zip archive (an Excel .xlsx workbook is one), not CSV text: save the sheet as CSV, or unzip it",
+    b"\xd0\xcf\x11\xe0": "an old Excel .xls workbook, not CSV text: save the sheet as CSV",
+    b"\x1f\x8b": "gzip-compressed, not CSV text: name it <station>.csv.gz, and it is read as archives ship it",
+}
+
+
 def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
     """A user's CSV file's text and the encoding it was read in, checked as ``read_text_file`` checks, but
     read as archives ship it: UTF-16 where it starts with UTF-16's byte-order mark (a spreadsheet's "Unicode
@@ -660,6 +668,9 @@ def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[st
         raw = text.encode("utf-8", errors="replace")  # the checks below count in UTF-8 bytes
     else:
         text, encoding = None, "utf-8"
+    for magic, what in BINARY_KINDS.items():
+        if raw.startswith(magic):
+            raise PipelineError(f"{path}: {what}")
     nul = raw.find(b"\0")
     if nul >= 0:
         raise PipelineError(f"{path}: binary data (a NUL byte at offset {nul:,}), not a CSV text file")

@@ -311,6 +311,10 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     (b"\xef\xbb\xbf<HTML><BODY>DATE;TMAX<BR>01/01/2020;50", "a web page (HTML), not a CSV table"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d"
      b"17e2393\nsize 3162758\n", "a Git LFS pointer (132 bytes naming the file's content), not the table itself"),
+    (b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00", "a zip archive (an Excel .xlsx workbook is one), not CSV "
+                                                     "text: save the sheet as CSV, or unzip it"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\x00\x00", "an old Excel .xls workbook, not CSV text: save the sheet as CSV"),
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "gzip-compressed, not CSV text: name it <station>.csv.gz"),
     (b"\0" * 20_000_000, "binary data (a NUL byte at offset 0), not a CSV text file"),
     (b"DATE;TMAX\n01/01/2020;5\0\n", "binary data (a NUL byte at offset 22)"),
     (";".join(f"c{i}" for i in range(10**6)).encode() + b"\n1;2\n" * 1435,

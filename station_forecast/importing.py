@@ -419,7 +419,8 @@ def stations_as_rows(table: pd.DataFrame, text: str, imp: dict, path: Path) -> p
     """A wide table (``import.temperature_column = "*"``: beside the date's, a column per station, named by its
     header, as many archives' and courses' tables of cities come) as the long form of many stations: a row per
     date and station, the station in ``WIDE_STATION`` and its reading under ``EVERY_COLUMN``. A header that
-    names a column twice, or leaves one unnamed, would hide a station or invent one, and is refused."""
+    names a column twice, or leaves one unnamed that holds values, would hide a station or invent one, and is
+    refused; an unnamed column without values (a delimiter ending every line) is no station."""
     dates = date_columns(imp)
     line = text.split("\n", 1)[0].rstrip("\r")
     header = line.split() if imp["delimiter"] == WHITESPACE else \

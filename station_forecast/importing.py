@@ -352,7 +352,9 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
     for name in absent:
         alike = re.search(rf"(?i)(?<![\w]){re.escape(name)}(?![\w])", header)
         hint = f"; its {alike.group()!r} differs only in case, and names must match exactly" \
-            if alike and alike.group() != name else ""
+            if alike and alike.group() != name else \
+            _layout_hint(_fields(text.split("\n", 1)[0].rstrip("\r"), imp["delimiter"]), imp) \
+            if named[name] == "temperature_column" else ""
         raise PipelineError(f"{path}: no column {name!r} (header is {header!r}){hint}; "
                             f"set import.{named[name]} or import.delimiter")
     # Exports downloaded in parts and joined with `cat` repeat the header where each part begins.
@@ -374,6 +376,22 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
         table = months_as_rows(table, imp, path)
     table.attrs.update(attrs)
     return table
+
+
+def _layout_hint(columns: list[str], imp: dict) -> str:
+    """A hint at the layouts a file without the temperature column may have, from its header's ``columns``: a
+    column per month (a year to a row), or many columns beside the date's, each a station's (a wide table)."""
+    columns = [column.strip().strip('"') for column in columns]
+    names = {column.lower() for column in columns}
+    if {month[:3] for month in MONTH_NAMES} <= names or set(MONTH_NAMES) <= names:
+        return (f'; a year to a row and a column per month? set import.temperature_column = "{MONTH_COLUMNS}" (with '
+                'date_format = "%Y")')
+    others = [column for column in columns if column not in date_columns(imp)]
+    # Columns named as a temperature (TMAX, TG, "Temp (°C)") say the file is a station's, its column misnamed.
+    quantities = [column for column in others if re.search(r"(?i)temp|°|^t(max|min|avg|mean|g|x|n|obs)?\b", column)]
+    if len(others) >= 3 and not quantities and not imp["station_column"]:
+        return f'; a column per station? set import.temperature_column = "{EVERY_COLUMN}"'
+    return ""
 
 
 def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:

@@ -298,6 +298,14 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     (b"DATE;TEMP\n01/01/2020;50\n", "no column 'TMAX'"),
     (b"DATE;Tmax\n01/01/2020;50\n", "no column 'TMAX' (header is 'DATE;Tmax'); its 'Tmax' differs only in case, "
                                     "and names must match exactly; set import.temperature_column"),
+    (b"DATE;Oslo;Bergen;Troms\xc3\xb8\n01/01/2020;1;2;3\n",
+     "no column 'TMAX' (header is 'DATE;Oslo;Bergen;Troms\u00f8'); a column per station? set "
+     'import.temperature_column = "*"'),
+    (b"DATE;" + ";".join(["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]).encode()
+     + b"\n2020;1;2;3;4;5;6;7;8;9;10;11;12\n",
+     "no column 'TMAX' (header is 'DATE;JAN;FEB;MAR;APR;MAY;JUN;JUL;AUG;SEP;OCT;NOV;DEC'); a year to a row and a "
+     'column per month? set import.temperature_column = "months" (with date_format = "%Y")'),
+    (b"DATE;TEMP\n01/01/2020;50\n", "no column 'TMAX' (header is 'DATE;TEMP'); set import.temperature_column"),
     (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
                                     "(the first is '2020-01-01')"),
     (b"\xff\xfeD\x00A\x00\x00\xd8", "starts with UTF-16's byte-order mark but is not UTF-16 text"),

@@ -382,11 +382,11 @@ def _layout_hint(columns: list[str], imp: dict) -> str:
     """A hint at the layouts a file without the temperature column may have, from its header's ``columns``: a
     column per month (a year to a row), or many columns beside the date's, each a station's (a wide table)."""
     columns = [column.strip().strip('"') for column in columns]
-    names = {column.lower() for column in columns}
-    if {month[:3] for month in MONTH_NAMES} <= names or set(MONTH_NAMES) <= names:
+    if {_month_of(column) for column in columns} >= set(range(1, 13)):
         return (f'; a year to a row and a column per month? set import.temperature_column = "{MONTH_COLUMNS}" (with '
                 'date_format = "%Y")')
-    others = [column for column in columns if column not in date_columns(imp)]
+    dates = set(date_columns(imp))
+    others = [column for column in columns if column not in dates]
     # Columns named as a temperature (TMAX, TG, "Temp (°C)") say the file is a station's, its column misnamed.
     quantities = [column for column in others if re.search(r"(?i)temp|°|^t(max|min|avg|mean|g|x|n|obs)?\b", column)]
     if len(others) >= 3 and not quantities and not imp["station_column"]:
@@ -402,10 +402,9 @@ def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
     read; a month without a column, or with two, is refused."""
     found: dict[int, list[str]] = {}
     for column in table.columns:
-        name = str(column).strip().lower()
-        for number, month in enumerate(MONTH_NAMES, 1):
-            if name in (month, month[:3]) or (number == 9 and name == "sept"):
-                found.setdefault(number, []).append(column)
+        number = _month_of(str(column))
+        if number:
+            found.setdefault(number, []).append(column)
     header = ",".join(map(str, table.columns))[:200]
     absent = [MONTH_NAMES[number - 1][:3].title() for number in range(1, 13) if number not in found]
     if absent:
@@ -423,6 +422,13 @@ def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
     rows[MONTH_OF_ROW] = np.tile([f"{number:02d}" for number in range(1, 13)], len(table))
     rows[MONTH_COLUMNS] = values.reshape(-1)
     return pd.DataFrame(rows)
+
+
+def _month_of(name: str) -> int | None:
+    """The month (1-12) a column's name names, as tables write it (Jan, JAN, January, Sept), else None."""
+    name = name.strip().lower()
+    return next((number for number, month in enumerate(MONTH_NAMES, 1) if name in (month, month[:3])),
+                9 if name == "sept" else None)
 
 
 def reading_settings(imp: dict) -> dict:

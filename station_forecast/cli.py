@@ -26,7 +26,15 @@ from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError,
 from station_forecast.params import DEFAULT_PARAMS, STAGES, load_params
 from station_forecast.runtime import INHERITED_LOCK
 from station_forecast.stopping import STOP_SIGNALS, Terminated, signal_of
-from station_forecast.storage import ROOT, Paths, check_project_layout, forget_reads, pid_alive, write_bytes
+from station_forecast.storage import (
+    ROOT,
+    Paths,
+    check_project_layout,
+    forget_reads,
+    is_utf8,
+    pid_alive,
+    write_bytes,
+)
 
 log = logging.getLogger("pipeline")
 MAX_MESSAGE = 500  # characters of one error line; a binary or one-line 5 MB file must not flood the terminal
@@ -235,13 +243,11 @@ def check_environment() -> None:
     """Refuse a Python environment in a folder whose path is not UTF-8 (a folder above it named in another
     encoding): ctypes decodes the loader's messages, which name the library's path, as UTF-8, so threadpoolctl
     (loaded with scikit-learn) stops stage 3 with a UnicodeDecodeError. The project itself may be there."""
-    try:
-        sys.prefix.encode()
-    except UnicodeEncodeError:
+    if not is_utf8(sys.prefix):
         raise UnfitEnvironment(f"the Python environment's folder {os.fsencode(sys.prefix)!r} is not UTF-8 (a folder "
                                "above it is named in another encoding), and scikit-learn's threadpoolctl fails to "
                                "load its libraries there: rename that folder, or keep the project there and run "
-                               "with PYTHON set to a Python installed elsewhere") from None
+                               "with PYTHON set to a Python installed elsewhere")
 
 
 def _stopped(args: argparse.Namespace, stage: str, signum: int) -> int:

@@ -294,8 +294,9 @@ def _date_columns_problem(value: str | list) -> str | None:
 
 
 def _temperature_columns_problem(value: str | list) -> str | None:
-    """``import.temperature_column``: one column's name, ``EVERY_COLUMN`` (a wide table), or two different
-    columns, a day's maximum and minimum, whose mean is the day's reading (archives that keep no daily mean)."""
+    """``import.temperature_column``: one column's name, ``EVERY_COLUMN`` (a wide table), ``MONTH_COLUMNS`` (a
+    year to a row), or two different columns, a day's maximum and minimum, whose mean is the day's reading
+    (archives that keep no daily mean)."""
     if isinstance(value, list) and {EVERY_COLUMN, MONTH_COLUMNS} & set(value):
         return (f'either "{EVERY_COLUMN}" (a wide table: every column but the date\'s is a station), '
                 f'"{MONTH_COLUMNS}" (a row per year, a column per month) or column names, not both')

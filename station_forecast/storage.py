@@ -864,7 +864,7 @@ def station_name(path: Path) -> str:
     return Path(name).stem
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """Whether ``text`` is text, not bytes of another encoding that the file system's decoding kept as
     surrogates."""
     try:
@@ -895,7 +895,7 @@ def station_files(folder: Path, as_shipped: bool = False) -> list[Path]:
     seen: dict[str, Path] = {}
     for path in files:
         name = station_name(path)
-        if not _utf8(name):  # the bytes of another encoding, which UTF-8 does not decode
+        if not is_utf8(name):  # the bytes of another encoding, which UTF-8 does not decode
             written = os.fsencode(path.name)
             raise PipelineError(f"{folder}: the file name {written!r} is not UTF-8 (an older system's encoding; as "
                                 f"Latin-1 it reads {written.decode('latin-1')!r}): rename it, e.g. convmv -f latin1 "

@@ -163,7 +163,9 @@ class Cluster:
         for attempt in range(1, ALLOWED_FAILURES + 1):
             try:
                 return self.client.scatter(data, broadcast=broadcast, hash=False)
-            except OSError:  # the connection to a dead worker closed (distributed's CommClosedError)
+            # The connection to a dead worker closed (distributed's CommClosedError), or the scheduler dropped the
+            # worker it had just placed the data on before it recorded it there (a KeyError naming the worker).
+            except (OSError, KeyError):
                 time.sleep(SCATTER_RETRY_SECONDS * attempt)
         raise PipelineError(f"cannot send chunks to the Dask workers of {self.scheduler}: they died "
                             f"{ALLOWED_FAILURES} times in a row; check their memory and restarts")

@@ -157,6 +157,27 @@ def test_every_kind_of_dask_cancellation_is_a_chunk_to_run_again():
     assert not compute._cancelled(OSError("connection closed"))
 
 
+def test_sending_a_chunk_to_a_worker_that_has_just_died_is_tried_again(monkeypatch):
+    """A worker killed while chunks are sent: the connection closes (an OSError), or the scheduler, which had
+    placed the data on that worker, drops it before recording it there and answers with a KeyError naming the
+    worker (seen once in the test below). Either is tried again; the third in a row stops the stage."""
+    class Client:
+        def __init__(self, failures):
+            self.failures, self.calls = list(failures), 0
+
+        def scatter(self, data, broadcast=False, hash=True):
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            return data
+
+    monkeypatch.setattr(compute, "SCATTER_RETRY_SECONDS", 0.0)
+    client = Client([KeyError("tcp://127.0.0.1:42069"), OSError("closed")])
+    assert compute.Cluster(client, "tcp://here:8786")._scatter(["chunk"]) == ["chunk"] and client.calls == 3
+    with pytest.raises(PipelineError, match="they died 3 times in a row"):
+        compute.Cluster(Client([KeyError("tcp://a:1")] * 3), "tcp://here:8786")._scatter(["chunk"])
+
+
 def test_a_killed_worker_s_chunks_run_again_on_the_others(tmp_path):
     marker = tmp_path / "died"
     with compute.pool("local:2", tmp_path) as pool:

@@ -629,6 +629,10 @@ def read_text_file(path: Path, delimiter: str = ",") -> str:
     return _checked_text(path, delimiter, other_encodings=False)[0]
 
 
+# What to do with a table larger than a data file may be (GHCN-Daily's by-year files of recent years are 1.3 GB).
+SPLIT_LARGE_FILE = ("split a table of many stations' rows (import.station_column) between lines into several files, "
+                    "each with the header if it has one, and they are read as one table; or keep only the rows you "
+                    "need (e.g. grep -E 'TMAX|TMIN' for GHCN-Daily's elements)")
 # Files a station file's name is often given by mistake, by their first bytes, with the way to a CSV text file.
 BINARY_KINDS = {
     b"PK\x03\x04": "a zip archive (an Excel .xlsx workbook is one), not CSV text: save the sheet as CSV, or unzip it",
@@ -648,7 +652,10 @@ def read_archive_text(path: Path, delimiter: str = ",") -> tuple[str, str]:
 
 
 def _checked_text(path: Path, delimiter: str, other_encodings: bool) -> tuple[str, str]:
-    check_regular_file(path)
+    size = check_regular_file(path, limit=None)
+    if size > MAX_INPUT_BYTES:
+        raise PipelineError(f"{path}: {size:,} bytes, more than the {MAX_INPUT_BYTES:,} a data file may have; "
+                            f"{SPLIT_LARGE_FILE}")
     try:
         file, state = _file_state(path)
         raw = _decompressed(path) if other_encodings and path.name.lower().endswith(COMPRESSED) \
@@ -719,7 +726,8 @@ def _decompressed(path: Path) -> bytes:
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise PipelineError(f"{path}: not a complete gzip file ({exc or 'it ends too early'})") from None
     if len(raw) > MAX_INPUT_BYTES:
-        raise PipelineError(f"{path}: decompresses to more than the {MAX_INPUT_BYTES:,} bytes a data file may have")
+        raise PipelineError(f"{path}: decompresses to more than the {MAX_INPUT_BYTES:,} bytes a data file may have; "
+                            f"{SPLIT_LARGE_FILE}")
     return raw
 
 

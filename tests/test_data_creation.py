@@ -425,7 +425,13 @@ def test_a_station_file_compressed_as_archives_ship_it_imports_as_the_plain_file
         importing.import_stations(packed, p["data"], p["import"], p["pre"])
     (packed / "AWAY.csv.gz").write_bytes(gzip.compress(b"0" * 5000))
     monkeypatch.setattr(storage, "MAX_INPUT_BYTES", 4096)  # a small file may expand to any size
-    with pytest.raises(PipelineError, match=r"AWAY.csv.gz: decompresses to more than the 4,096 bytes"):
+    with pytest.raises(PipelineError, match=r"AWAY.csv.gz: decompresses to more than the 4,096 bytes a data file may "
+                                            r"have; split a table of many stations' rows"):
+        importing.import_stations(packed, p["data"], p["import"], p["pre"])
+    (packed / "AWAY.csv.gz").unlink()
+    (packed / "AWAY.csv").write_bytes(b"0" * 5000)  # a plain one the same, before it is read
+    with pytest.raises(PipelineError, match=r"AWAY.csv: 5,000 bytes, more than the 4,096 a data file may have; split "
+                                            r"a table of many stations' rows \(import.station_column\) between lines"):
         importing.import_stations(packed, p["data"], p["import"], p["pre"])
 
 

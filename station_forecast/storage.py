@@ -629,7 +629,7 @@ def read_text_file(path: Path, delimiter: str = ",") -> str:
     return _checked_text(path, delimiter, other_encodings=False)[0]
 
 
-# What to do with a table larger than a data file may be (GHCN-Daily's by-year files of recent years are 1.3 GB).
+# What to do with a table larger than a data file may be (GHCN-Daily's by-year files of recent years are over 1 GiB).
 SPLIT_LARGE_FILE = ("split a table of many stations' rows (import.station_column) between lines into several files, "
                     "each with the header if it has one, and they are read as one table; or keep only the rows you "
                     "need (e.g. grep -E 'TMAX|TMIN' for GHCN-Daily's elements)")

@@ -324,11 +324,11 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
 
     wide = imp["temperature_column"] == EVERY_COLUMN
     every = imp["temperature_column"] in (EVERY_COLUMN, MONTH_COLUMNS)  # the readings' columns are found after
-    positions = _positions_read(text, named, imp["delimiter"]) if headerless else None
+    positions = _positions_read(text, named, imp["delimiter"]) if headerless and not every else None
     try:
         table = _parsed(text, sep=separator(imp["delimiter"]), dtype=str, keep_default_na=False,
                         skipinitialspace=True, on_bad_lines="error", header=None if headerless else "infer",
-                        usecols=positions if headerless else None if every else used)
+                        usecols=None if every else positions if headerless else used)
     except pd.errors.ParserError as exc:
         raise PipelineError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     table.columns = [f"#{int(c) + 1}" for c in table.columns] if headerless else \
@@ -400,7 +400,11 @@ def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
     monthly tables write them) as a row per month, in the file's order: the year's column, ``MONTH_OF_ROW`` (01
     to 12) and the month's value under ``MONTH_COLUMNS``. Other columns (seasons, the year's mean) are not
     read; a month without a column, or with two, is refused."""
+    dates = date_columns(imp)
     found: dict[int, list[str]] = {}
+    if all(name.startswith("#") for name in dates):  # no header: the twelve columns after the date's
+        after = max(int(name[1:]) for name in dates)
+        found = {number: [f"#{after + number}"] for number in range(1, 13) if f"#{after + number}" in table.columns}
     for column in table.columns:
         number = _month_of(str(column))
         if number:
@@ -416,12 +420,21 @@ def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
     if twice:
         raise PipelineError(f"{path}: columns {twice[0]!r} and {twice[1]!r} both name one month (header is "
                             f"{header!r}); keep one")
-    kept = [*date_columns(imp), *([imp["station_column"]] if imp["station_column"] else [])]
+    kept = [*dates, *([imp["station_column"]] if imp["station_column"] else [])]
     values = table[[found[number][0] for number in range(1, 13)]].to_numpy()
-    rows = {column: np.repeat(table[column].to_numpy(), 12) for column in kept}
+    rows = pd.DataFrame({column: np.repeat(table[column].to_numpy(), 12) for column in kept})
     rows[MONTH_OF_ROW] = np.tile([f"{number:02d}" for number in range(1, 13)], len(table))
     rows[MONTH_COLUMNS] = values.reshape(-1)
-    return pd.DataFrame(rows)
+    if "%d" not in imp["date_format"]:
+        return rows
+    # A row per day of the month holds 31 days of every month: 30 February is no day, whatever its placeholder
+    # (-999 in the Met Office's daily series); a row whose own date does not read stays, to be counted as such.
+    # Its rows run across the months (1 January, 1 February, ...): in date order they are what a file of a day
+    # to a row holds, and the log does not call them out of order.
+    own = rows[dates[0]].str.strip().str.cat([rows[name].str.strip() for name in dates[1:]], sep=" ")
+    stamps = parse_stamps(own + " " + rows[MONTH_OF_ROW], reading_settings(imp)["date_format"])
+    rows = rows[stamps.notna() | parse_stamps(own, imp["date_format"]).isna()]
+    return rows.iloc[np.argsort(stamps[rows.index].to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def _month_of(name: str) -> int | None:
@@ -433,10 +446,11 @@ def _month_of(name: str) -> int | None:
 
 def reading_settings(imp: dict) -> dict:
     """The ``[import]`` settings that read the rows ``_read_user_csv`` returns: a year-by-month table's rows are
-    dated by the year's column and ``MONTH_OF_ROW`` joined; every other layout's as the user's settings say."""
+    dated by its date columns (the year's; the year's and the day's) and ``MONTH_OF_ROW`` joined; every other
+    layout's as the user's settings say."""
     if imp["temperature_column"] != MONTH_COLUMNS:
         return imp
-    return {**imp, "date_column": [*date_columns(imp), MONTH_OF_ROW], "date_format": "%Y %m"}
+    return {**imp, "date_column": [*date_columns(imp), MONTH_OF_ROW], "date_format": f"{imp['date_format']} %m"}
 
 
 def stations_as_rows(table: pd.DataFrame, text: str, imp: dict, path: Path) -> pd.DataFrame:

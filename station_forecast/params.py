@@ -340,12 +340,13 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
                             'element_column = "#3", value_column = "#4"; any other file neither')
     dates = [imp["date_column"]] if isinstance(imp["date_column"], str) else imp["date_column"]
     by_position = all(name.startswith("#") for name in dates)  # a file without a header: no column is named
-    if imp["temperature_column"] == MONTH_COLUMNS and (imp["date_format"] != "%Y" or imp["element_column"].strip()
-                                                       or by_position):
-        raise PipelineError(f"{path}: import.temperature_column = \"{MONTH_COLUMNS}\" reads a row per year and a "
-                            "column per month, named Jan ... Dec in the header: date_column names the year's column, "
-                            'with date_format = "%Y", and element_column is "" (a station_column may name each row\'s '
-                            "station)")
+    if imp["temperature_column"] == MONTH_COLUMNS and (imp["date_format"] not in ("%Y", "%Y %d")
+                                                       or imp["element_column"].strip()):
+        raise PipelineError(f"{path}: import.temperature_column = \"{MONTH_COLUMNS}\" reads a row per year (or per "
+                            "year and day of the month) and a column per month, Jan ... Dec in the header or, without "
+                            "one, the twelve columns after the date's: date_column names the year's column, with "
+                            'date_format = "%Y" (or the year\'s and the day\'s, with "%Y %d"), and element_column is '
+                            '"" (a station_column may name each row\'s station)')
     if imp["temperature_column"] == EVERY_COLUMN and (imp["station_column"].strip() or imp["element_column"].strip()
                                                       or by_position):
         raise PipelineError(f"{path}: import.temperature_column = \"{EVERY_COLUMN}\" reads a wide table, a column "

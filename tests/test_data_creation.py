@@ -1108,6 +1108,37 @@ def test_a_wide_table_whose_lines_all_end_in_the_delimiter_reads_without_its_emp
     assert sorted(p.stem for p in (tmp_path / "root/data/train/raw").glob("[!.]*")) == ["A", "B"]
 
 
+def test_a_table_of_a_row_per_year_and_day_and_a_column_per_month_imports_as_its_days(tmp_path):
+    """The Met Office's daily Central England series as long shipped: no header, a row per year and day of the
+    month, then twelve months in tenths of °C, -999 on the days a month does not have (30 February). Read with
+    ``date_column = ["#1", "#2"]``, ``date_format = "%Y %d"``, ``temperature_column = "months"``: the same raw
+    files as the readings written a day to a row, and the days no month has are no rows at all."""
+    days = pd.date_range("2001-01-01", "2006-12-31")
+    rng = np.random.default_rng(4)
+    tenths = np.round(95 + 60 * np.sin(2 * np.pi * (days.day_of_year.to_numpy() - 110) / 365.25)
+                      + rng.normal(0, 25, len(days))).astype(int)
+    grid = np.full((6, 31, 12), -999)
+    grid[days.year - 2001, days.day - 1, days.month - 1] = tenths
+    lines = [f" {2001 + y:4d} {d + 1:4d}" + "".join(f"{v:5d}" for v in grid[y, d]) for y in range(6) for d in range(31)]
+    for folder in ("cet", "long"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "cet" / "CET.csv").write_text("\n".join(lines) + "\n")
+    pd.DataFrame({"date": days.strftime("%Y-%m-%d"), "t": tenths}).to_csv(tmp_path / "long" / "CET.csv", index=False)
+    settings = dict(**TINY, holdout_stations=0, unit="0.1C", missing_values=[-999])
+    runs = {"cet": dict(date_column=["#1", "#2"], date_format="%Y %d", temperature_column="months",
+                        delimiter="whitespace"),
+            "long": dict(date_column="date", date_format="%Y-%m-%d", temperature_column="t")}
+    for name, columns in runs.items():
+        params = write_params(tmp_path / f"{name}.toml", source=name, **settings, **columns)
+        assert run_stage(data_creation, tmp_path / name / "root", params) == 0, name
+    for part in ("train", "test"):
+        assert (tmp_path / f"cet/root/data/{part}/raw/CET.csv").read_bytes() == \
+            (tmp_path / f"long/root/data/{part}/raw/CET.csv").read_bytes()
+    entry = json.loads((tmp_path / "cet/root/data/source.json").read_text())["files"]["CET"]
+    assert entry["rows"] == len(days) and entry["bad_date"] == entry["missing_code"] == 0
+    assert not entry["out_of_order"]  # its rows run across the months, but that is the layout, not the file's fault
+
+
 @pytest.mark.parametrize("header, settings, message", [
     ("datetime;A;;B", {}, "column 3 of the header has no name"),
     ("datetime;A;B;A", {}, "the header names 'A' twice (columns 2 and 4)"),

@@ -100,8 +100,8 @@ def read_user_station(path: Path, imp: dict, min_temp: float, max_temp: float) -
     return kept, {**report, **({"coordinates": coordinates} if coordinates else {})}
 
 
-def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, max_temp: float
-                   ) -> tuple[pd.DataFrame, dict]:
+def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, max_temp: float,
+                   written: tuple | None = None) -> tuple[pd.DataFrame, dict]:
     """One station's rows of ``path`` (text columns as read) as (date, temperature in °C) and a count of what
     was dropped.
 
@@ -114,7 +114,8 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     become the day's ``quantity`` (mean, max or min) where the day is complete enough (``COMPLETE_DAY``). A
     decimal comma is read as a decimal point where the comma is not the delimiter. A file with no usable row
     raises PipelineError, unless most of its rows hold no reading (empty, a marker or a declared code): that
-    station has no readings, an empty table, and is left out like a short one.
+    station has no readings, an empty table, and is left out like a short one. ``written``: the table's
+    ``_readings_as_written``, where the caller has it already.
     """
     first, *others = date_columns(imp)
     date_text = table[first].str.strip().str.cat([table[name].str.strip() for name in others], sep=" ")
@@ -124,7 +125,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
                             f"{imp['date_format']!r} (the first is {date_text.iat[0]!r}){_numbered_days(date_text)}")
-    values, missing, code, marked = _readings_as_written(table, imp)
+    values, missing, code, marked = written or _readings_as_written(table, imp)
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
     with np.errstate(over="ignore"):  # a huge °F value overflows to infinity: impossible, like any other
@@ -777,14 +778,16 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file
         whole = pd.concat([part for _, part in parts], ignore_index=True)
-        if not _holds_readings(whole, imp):
+        written = _readings_as_written(whole, imp)
+        _, missing, code, _ = written
+        if (missing | code).all():  # no reading in any row: empty, a "no reading" marker or a declared code
             without.append(name)  # an export's stations that measure other things (rain, snow) only
             continue
         # The files' repeated headers were reported with the files, not with a station's rows.
         read_in = {encodings[path.name] for path, _ in parts}
         whole.attrs = {"encoding": "latin-1" if "latin-1" in read_in else read_in.pop()}
         where = first.with_name(f"{first.name} [station {name}]")
-        table, counts = clean_readings(whole, where, reading_settings(imp), pre["min_temp"], pre["max_temp"])
+        table, counts = clean_readings(whole, where, reading_settings(imp), pre["min_temp"], pre["max_temp"], written)
         coordinates = row_coordinates(whole, where)
         stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
                                  **({"coordinates": coordinates} if coordinates else {})}
@@ -837,13 +840,6 @@ def _column_as_written(column: pd.Series, imp: dict) -> tuple[pd.Series, pd.Seri
     # A declared code is compared as written, before any conversion: -99 in a °F file is -99, not -72.8.
     return (values, missing, values.isin([float(value) for value in imp["missing_values"]]),
             pd.Series(marked, index=text.index))
-
-
-def _holds_readings(table: pd.DataFrame, imp: dict) -> bool:
-    """Whether a station's rows hold a reading: anything but empty fields, "no reading" markers and declared
-    codes."""
-    _, missing, code, _ = _readings_as_written(table, imp)
-    return not (missing | code).all()
 
 
 def row_coordinates(table: pd.DataFrame, where: Path) -> dict[str, float]:

@@ -554,8 +554,9 @@ def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Po
                             if "coordinates" in entry], columns=["station", *importing.COORDINATE_LIMITS])
     coordinates = None
     if listed is not None:  # the list's coordinates first; a station it lacks takes those of its rows
+        own = importing.station_columns(params["import"])  # the list names a station as the files do, if by one
         coordinates = importing.read_station_list(listed, params["import"]["delimiter"], set(parts),
-                                                  params["import"]["station_column"])
+                                                  own[0] if len(own) == 1 else "")
         coordinates = coordinates.set_index("station").combine_first(in_rows.set_index("station")) \
             .reindex(columns=coordinates.columns[1:]).reset_index()
         inputs.append(listed)

@@ -176,6 +176,12 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     if kept.empty and not _misread(report):  # a station without readings (one closed before the archive's years)
         report.update(frequency="unknown", steps_without_reading=0)
         return kept, report  # left out with the short stations (``_report_and_split``)
+    if 2 * report["conflicting_duplicate"] >= report["rows"]:  # most of its time stamps hold two readings
+        merged = ("two stations' rows under one name (name them by more columns: import.station_column = "
+                  '["City", "State"], say)') if station_columns(imp) else "two stations' rows in one file"
+        raise PipelineError(f"{path}: {report['conflicting_duplicate']:,} of its {report['rows']:,} rows share their "
+                            f"time with a different reading: {merged}, or readings at several times of a day whose "
+                            "time import.date_column does not read")
     if kept.empty:
         hint = ""
         if report["impossible"] and report["impossible"] >= report["rows"] // 2:
@@ -303,6 +309,13 @@ def temperature_columns(imp: dict) -> list[str]:
     return names
 
 
+def station_columns(imp: dict) -> list[str]:
+    """The column, or the columns whose values joined by a space, that name a row's station; none where each
+    file is a station."""
+    column = imp["station_column"]
+    return [column] if isinstance(column, str) and column else [] if isinstance(column, str) else list(column)
+
+
 def date_columns(imp: dict) -> list[str]:
     """The column, or the columns whose values joined by a space, that hold a row's date."""
     return [imp["date_column"]] if isinstance(imp["date_column"], str) else list(imp["date_column"])
@@ -390,7 +403,7 @@ def _layout_hint(columns: list[str], imp: dict) -> str:
     others = [column for column in columns if column not in dates]
     # Columns named as a temperature (TMAX, TG, "Temp (°C)") say the file is a station's, its column misnamed.
     quantities = [column for column in others if re.search(r"(?i)temp|°|^t(max|min|avg|mean|g|x|n|obs)?\b", column)]
-    if len(others) >= 3 and not quantities and not imp["station_column"]:
+    if len(others) >= 3 and not quantities and not station_columns(imp):
         return f'; a column per station? set import.temperature_column = "{EVERY_COLUMN}"'
     return ""
 
@@ -421,7 +434,7 @@ def months_as_rows(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFrame:
     if twice:
         raise PipelineError(f"{path}: columns {twice[0]!r} and {twice[1]!r} both name one month (header is "
                             f"{header!r}); keep one")
-    kept = [*dates, *([imp["station_column"]] if imp["station_column"] else [])]
+    kept = [*dates, *station_columns(imp)]
     values = table[[found[number][0] for number in range(1, 13)]].to_numpy()
     rows = pd.DataFrame({column: np.repeat(table[column].to_numpy(), 12) for column in kept})
     rows[MONTH_OF_ROW] = np.tile([f"{number:02d}" for number in range(1, 13)], len(table))
@@ -530,7 +543,7 @@ def elements_as_columns(table: pd.DataFrame, imp: dict, path: Path) -> pd.DataFr
     other empty, a missing value. Rows keep the file's order."""
     element = table[imp["element_column"]].str.strip()
     wanted = temperature_columns(imp)
-    keys = [*date_columns(imp), *([imp["station_column"]] if imp["station_column"] else [])]
+    keys = [*date_columns(imp), *station_columns(imp)]
     if not element.isin(wanted).any():
         held = ", ".join(map(repr, element.drop_duplicates().head(8)))
         raise PipelineError(f"{path}: no row of element {' nor '.join(map(repr, wanted))} in column "
@@ -586,7 +599,7 @@ def named_columns(imp: dict) -> dict[str, str]:
         if imp["element_column"] else {} if imp["temperature_column"] in (EVERY_COLUMN, MONTH_COLUMNS) \
         else dict.fromkeys(temperature_columns(imp), "temperature_column")
     return ({name: "date_column" for name in date_columns(imp)} | readings
-            | ({imp["station_column"]: "station_column"} if imp["station_column"] else {}))
+            | dict.fromkeys(station_columns(imp), "station_column"))
 
 
 def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]:
@@ -751,8 +764,10 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
     exports come) or per column (a wide table: ``stations_as_rows``): each station's rows, from every file,
     cleaned as one station's file is."""
     wide = imp["temperature_column"] == EVERY_COLUMN
-    column, rows, encodings = WIDE_STATION if wide else imp["station_column"], {}, {}
-    named_by = "the header's column" if wide else f"column {column!r}"
+    columns = [WIDE_STATION] if wide else station_columns(imp)
+    rows, encodings = {}, {}
+    named_by = "the header's column" if wide else f"column {columns[0]!r}" if len(columns) == 1 \
+        else f"columns {', '.join(map(repr, columns))} joined"
     for path in files:
         table = _read_user_csv(path, imp)
         skipped = {key: table.attrs.get(key, 0)  # the file's lines, no station's
@@ -760,7 +775,11 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
         if any(skipped.values()):
             log.info("%s: %s", path.name, _describe(skipped))
         encodings[path.name] = table.attrs["encoding"]
-        for name, part in table.groupby(table[column].str.strip(), sort=True):
+        named = table[columns[0]].str.strip()
+        if len(columns) > 1:  # joined by a space, an empty one (a state only American cities have) left out
+            named = named.str.cat([table[column].str.strip() for column in columns[1:]], sep=" ") \
+                .str.replace(r"\s+", " ", regex=True).str.strip()
+        for name, part in table.groupby(named, sort=True):
             if not name or len(name.encode()) > storage.MAX_NAME_BYTES or name.startswith(".") \
                     or not re.fullmatch(r"[^/\\\x00-\x1f\x7f]+", name):
                 raise PipelineError(f"{path}: station {name[:60]!r} in {named_by} cannot name a station "

@@ -105,7 +105,8 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "unit": (str, tuple(UNITS), None),
         "quantity": (str, ("mean", "max", "min"), None),
         "missing_values": (list, MAX_MISSING_CODES, None),
-        "station_column": (str, lambda value: None, None),  # "" (one station per file) or a column's name
+        # "" (one station per file), a column's name, or the columns whose values joined name the station
+        "station_column": ((str, list), lambda value: _station_columns_problem(value), None),
         "element_column": (str, lambda value: None, None),  # "" (a column per quantity) or a column's name
         "value_column": (str, lambda value: None, None),  # with element_column: the column of the values
     },
@@ -293,6 +294,15 @@ def _date_columns_problem(value: str | list) -> str | None:
                                       'time), e.g. ["Year", "Month", "Day"] with date_format = "%Y %m %d"')
 
 
+def _station_columns_problem(value: str | list) -> str | None:
+    """``import.station_column``: "" (a station per file), one column's name, or the columns whose values, joined
+    by a space, name each row's station (an archive whose names repeat: Portland, Maine and Portland, Oregon)."""
+    if value == "":
+        return None
+    return _columns_problem(value, 4, '2 to 4 different columns whose values joined by a space name the station, '
+                                      'e.g. ["City", "State"]')
+
+
 def _temperature_columns_problem(value: str | list) -> str | None:
     """``import.temperature_column``: one column's name, ``EVERY_COLUMN`` (a wide table), ``MONTH_COLUMNS`` (a
     year to a row), or two different columns, a day's maximum and minimum, whose mean is the day's reading
@@ -347,7 +357,7 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
                             "one, the twelve columns after the date's: date_column names the year's column, with "
                             'date_format = "%Y" (or the year\'s and the day\'s, with "%Y %d"), and element_column is '
                             '"" (a station_column may name each row\'s station)')
-    if imp["temperature_column"] == EVERY_COLUMN and (imp["station_column"].strip() or imp["element_column"].strip()
+    if imp["temperature_column"] == EVERY_COLUMN and (imp["station_column"] or imp["element_column"].strip()
                                                       or by_position):
         raise PipelineError(f"{path}: import.temperature_column = \"{EVERY_COLUMN}\" reads a wide table, a column "
                             "per station named by its header beside the date's: it needs a header (date_column by "

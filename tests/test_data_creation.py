@@ -306,6 +306,9 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
      "no column 'TMAX' (header is 'DATE;JAN;FEB;MAR;APR;MAY;JUN;JUL;AUG;SEP;OCT;NOV;DEC'); a year to a row and a "
      'column per month? set import.temperature_column = "months" (with date_format = "%Y")'),
     (b"DATE;TEMP\n01/01/2020;50\n", "no column 'TMAX' (header is 'DATE;TEMP'); set import.temperature_column"),
+    (b"DATE;TMAX\n01/01/2020;50\n01/01/2020;40\n02/01/2020;51\n02/01/2020;42\n03/01/2020;52\n",
+     "4 of its 5 rows share their time with a different reading: two stations' rows in one file, or readings at "
+     "several times of a day whose time import.date_column does not read"),
     (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
                                     "(the first is '2020-01-01')"),
     (b"\xff\xfeD\x00A\x00\x00\xd8", "starts with UTF-16's byte-order mark but is not UTF-16 text"),
@@ -1159,6 +1162,36 @@ def test_a_wide_table_whose_header_would_hide_or_invent_a_station_is_refused(tmp
                           **{"temperature_column": "*", **settings})
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
+
+
+def test_stations_whose_names_repeat_are_told_apart_by_more_columns(tmp_path, capsys):
+    """Kaggle's table of major cities' daily means names Portland, Maine and Portland, Oregon both "Portland",
+    with the state beside it (empty outside the United States). By the city alone their rows merge, every day
+    twice with two readings (but the few days two draws agree): the stage says so and how to name them, where it
+    said the readings were 179 days apart. ``station_column = ["City", "State"]`` names them by both, an empty
+    state left out."""
+    days = pd.date_range("2019-01-01", "2021-12-31")
+    rng = np.random.default_rng(8)
+    season = 50 + 20 * np.sin(2 * np.pi * (days.day_of_year.to_numpy() - 110) / 365.25)
+    rows = [pd.DataFrame({"Country": country, "State": state, "City": city, "Month": days.month, "Day": days.day,
+                          "Year": days.year,
+                          "AvgTemperature": np.round(season + offset + rng.normal(0, 5, len(days)), 1)})
+            for country, state, city, offset in [("US", "Maine", "Portland", -5), ("US", "Oregon", "Portland", 3),
+                                                 ("France", "", "Paris", 0)]]
+    (tmp_path / "kaggle").mkdir()
+    pd.concat(rows).to_csv(tmp_path / "kaggle" / "city_temperature.csv", index=False)
+    settings = dict(**TINY, source="kaggle", date_column=["Year", "Month", "Day"], date_format="%Y %m %d",
+                    temperature_column="AvgTemperature", unit="F", holdout_stations=0)
+    root = tmp_path / "root"
+    assert run_stage(data_creation, root, write_params(tmp_path / "city.toml", station_column="City", **settings)) \
+        == errors.EXIT_BAD_INPUT
+    assert ("city_temperature.csv [station Portland]: 2,188 of its 2,192 rows share their time with a different "
+            "reading: two stations' rows under one name (name them by more columns: import.station_column = "
+            '["City", "State"], say), or readings at several times of a day') in capsys.readouterr().err
+    params = write_params(tmp_path / "both.toml", station_column=["City", "State"], **settings)
+    assert run_stage(data_creation, root, params) == 0
+    assert sorted(p.stem for p in (root / "data/train/raw").glob("[!.]*")) == ["Paris", "Portland Maine",
+                                                                              "Portland Oregon"]
 
 
 def test_an_export_s_stations_without_any_reading_in_the_column_are_left_out_with_a_warning(tmp_path, capsys):

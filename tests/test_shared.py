@@ -35,6 +35,9 @@ from station_forecast.params import load_params
     (lambda t: t.replace('date_column = "date"', 'date_column = 3'), "import.date_column must be str or list, got 3"),
     (lambda t: t.replace('temperature_column = "temperature"', 'temperature_column = ["TMAX", "TMIN", "TAVG"]'),
      "or two different columns whose mean is the day's reading"),
+    (lambda t: t.replace('station_column = ""', 'station_column = ["City", "City"]'),
+     "or 2 to 4 different columns whose values joined by a space name the station"),
+    (lambda t: t.replace('station_column = ""', 'station_column = ["City", ""]'), "import.station_column = "),
     (lambda t: t.replace('"2019-01-01"', '"9999-01-01"'), "must stay within the years 1800 to 2261"),
     (lambda t: t.replace('"2019-01-01"', '"2258-01-01"'), "must stay within the years 1800 to 2261"),
 ])

@@ -178,7 +178,9 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
         return kept, report  # left out with the short stations (``_report_and_split``)
     if 2 * report["conflicting_duplicate"] >= report["rows"]:  # most of its time stamps hold two readings
         merged = ("two stations' rows under one name (name them by more columns: import.station_column = "
-                  '["City", "State"], say)') if station_columns(imp) else "two stations' rows in one file"
+                  '["City", "State"], say)') if station_columns(imp) else \
+            "two stations' columns of one name in several files (rename one)" \
+            if imp["temperature_column"] == EVERY_COLUMN else "two stations' rows in one file"
         raise PipelineError(f"{path}: {report['conflicting_duplicate']:,} of its {report['rows']:,} rows share their "
                             f"time with a different reading: {merged}, or readings at several times of a day whose "
                             "time import.date_column does not read")

@@ -1142,6 +1142,19 @@ def test_a_table_of_a_row_per_year_and_day_and_a_column_per_month_imports_as_its
     assert not entry["out_of_order"]  # its rows run across the months, but that is the layout, not the file's fault
 
 
+def test_two_wide_tables_with_a_column_of_one_name_and_other_readings_are_named(tmp_path, capsys):
+    """Two wide tables whose columns of one name hold different readings of the same days are two stations under
+    one name: the message says to rename one, not to name stations by more columns (which a wide table has not)."""
+    days = pd.date_range("2020-01-01", "2022-12-31").strftime("%Y-%m-%d")
+    (tmp_path / "wide").mkdir()
+    pd.DataFrame({"date": days, "A": 1.5, "B": 2.5}).to_csv(tmp_path / "wide" / "one.csv", index=False)
+    pd.DataFrame({"date": days, "B": 7.5}).to_csv(tmp_path / "wide" / "two.csv", index=False)
+    params = write_params(tmp_path / "wide.toml", **TINY, source="wide", temperature_column="*", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert ("one.csv [station B]: 2,192 of its 2,192 rows share their time with a different reading: two stations' "
+            "columns of one name in several files (rename one)") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("header, settings, message", [
     ("datetime;A;;B", {}, "column 3 of the header has no name"),
     ("datetime;A;B;A", {}, "the header names 'A' twice (columns 2 and 4)"),

@@ -315,7 +315,9 @@ def station_columns(imp: dict) -> list[str]:
     """The column, or the columns whose values joined by a space, that name a row's station; none where each
     file is a station."""
     column = imp["station_column"]
-    return [column] if isinstance(column, str) and column else [] if isinstance(column, str) else list(column)
+    if isinstance(column, str):
+        return [column] if column.strip() else []
+    return list(column)
 
 
 def date_columns(imp: dict) -> list[str]:

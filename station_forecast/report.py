@@ -323,8 +323,11 @@ def summary_markdown(metrics: dict, source: dict, names: dict[str, str], toleran
         n = source.get("stations", 0)
         written = units.SHORT_NAMES.get(source.get("unit", "C"))
         converted = f", converted from {written}" if written else ""
-        lines.append(f"Data: {n} station file{'s' if n != 1 else ''} from `{source.get('source')}` "
-                     f"({quantity}{converted}).")
+        read = {name for entry in source.get("files", {}).values() for name in entry.get("files", [entry["file"]])}
+        # A table of many stations (a row or a column per station) is not a station's file.
+        held = f"station file{'s' if n != 1 else ''}" if len(read) in (0, n) else \
+            f"station{'s' if n != 1 else ''} in {len(read)} file{'s' if len(read) != 1 else ''}"
+        lines.append(f"Data: {n} {held} from `{source.get('source')}` ({quantity}{converted}).")
     passed = metrics["gate"]["passed"]
     lines += ["", f"**Quality gate: {'passed' if passed else 'FAILED'}** — {metrics['gate']['verdict']}. "
               f"Model: `{metrics['model']}`.", ""]

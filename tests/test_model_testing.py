@@ -708,6 +708,22 @@ def test_the_report_says_which_unit_readings_were_converted_from(built, unit, sa
     assert f"2 station files from `own` (daily mean temperature{said})." in text.splitlines()[2]
 
 
+def test_the_report_counts_the_files_a_table_of_many_stations_came_in(built):
+    """36 cities read from one wide table, or a long table's stations, are not 36 station files."""
+    from station_forecast import report
+
+    root, _ = built
+    metrics = json.loads((root / "models/metrics.json").read_text())
+    counts = dict.fromkeys(["rows", "kept", "missing_value", "missing_code", "bad_date", "future_date", "ancient_date",
+                            "not_a_number", "impossible", "conflicting_duplicate", "repeated_rows", "train_steps",
+                            "test_steps"], 0)
+    files = {f"C{k}": {**counts, "file": "temperature.csv", "files": ["temperature.csv"], "out_of_order": False}
+             for k in range(36)}
+    source = {"source": "own", "unit": "K", "stations": 36, "quantity": "mean", "frequency": "daily", "files": files}
+    text = report.summary_markdown(metrics, source, {}, 0.05, pd.DataFrame())
+    assert "36 stations in 1 file from `own` (daily mean temperature, converted from kelvins)." in text.splitlines()[2]
+
+
 def test_the_report_of_monthly_readings_names_their_step_apart_from_what_they_measure(built):
     """A monthly series of daily maxima (an archive's "monthly average maximum") is not the month's maximum, and
     not a daily record either."""

@@ -336,6 +336,8 @@ def _read_user_csv(path: Path, imp: dict) -> pd.DataFrame:
                                 f"{BY_STATION_SETTINGS}")
         text = dly_as_csv(text, path)
     text, preamble = _from_first_reading(text, imp) if headerless else _from_header(text, set(named), imp["delimiter"])
+    if not headerless:
+        text = _index_named(text, imp, path)
 
     def used(name: str) -> bool:  # an export's other columns (names, flags, other elements) are never read
         return str(name).strip() in named or str(name).strip().lower() in COORDINATE_NAMES
@@ -604,6 +606,20 @@ def named_columns(imp: dict) -> dict[str, str]:
         else dict.fromkeys(temperature_columns(imp), "temperature_column")
     return ({name: "date_column" for name in date_columns(imp)} | readings
             | dict.fromkeys(station_columns(imp), "station_column"))
+
+
+def _index_named(text: str, imp: dict, path: Path) -> str:
+    """``text`` with its header's first field named as ``import.date_column`` where pandas left it empty (a table
+    written with its dates as the index: ``,temperature`` or ``,Vancouver,Portland``) and no field has that name."""
+    dates = date_columns(imp)
+    if imp["delimiter"] == WHITESPACE or len(dates) != 1 or not text.startswith(separator(imp["delimiter"])):
+        return text
+    header = text.split("\n", 1)[0].rstrip("\r")
+    if dates[0] in {field.strip().strip('"') for field in _fields(header, imp["delimiter"])}:
+        return text
+    log.info("%s: its first column, unnamed in the header, read as the date column %r (as pandas writes a table's "
+             "index)", path.name, dates[0])
+    return dates[0] + text
 
 
 def _from_header(text: str, wanted: set[str], delimiter: str) -> tuple[str, int]:

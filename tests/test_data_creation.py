@@ -1155,6 +1155,34 @@ def test_two_wide_tables_with_a_column_of_one_name_and_other_readings_are_named(
             "columns of one name in several files (rename one)") in capsys.readouterr().err
 
 
+def test_a_table_written_by_pandas_with_its_dates_as_the_index_reads_its_first_column_as_the_date(tmp_path, capsys):
+    """``series.to_csv()`` of a station's readings indexed by date writes ``,temperature``, and a wide table's
+    ``frame.to_csv()`` ``,A,B``: the header leaves the date's column unnamed, and no setting could name it. That
+    first column is read as ``import.date_column``, and the log says so: the same raw files as the column named."""
+    days = pd.date_range("2020-01-01", "2022-12-31")
+    rng = np.random.default_rng(6)
+    frame = pd.DataFrame({"A": np.round(10 + rng.normal(0, 3, len(days)), 1),
+                          "B": np.round(12 + rng.normal(0, 3, len(days)), 1)}, index=days)
+    for folder in ("indexed", "named", "wide_indexed", "wide_named"):
+        (tmp_path / folder).mkdir()
+    frame["A"].rename("temperature").to_csv(tmp_path / "indexed" / "A.csv")
+    frame["A"].rename("temperature").rename_axis("date").to_csv(tmp_path / "named" / "A.csv")
+    frame.to_csv(tmp_path / "wide_indexed" / "both.csv")
+    frame.rename_axis("date").to_csv(tmp_path / "wide_named" / "both.csv")
+    assert (tmp_path / "indexed" / "A.csv").read_text().startswith(",temperature\n")
+    for name in ("indexed", "named", "wide_indexed", "wide_named"):
+        columns = {"temperature_column": "*"} if name.startswith("wide") else {}
+        params = write_params(tmp_path / f"{name}.toml", **TINY, source=name, holdout_stations=0, **columns)
+        assert run_stage(data_creation, tmp_path / name / "root", params) == 0, name
+    assert "A.csv: its first column, unnamed in the header, read as the date column 'date'" in capsys.readouterr().err
+    for part in ("train", "test"):
+        assert (tmp_path / f"indexed/root/data/{part}/raw/A.csv").read_bytes() == \
+            (tmp_path / f"named/root/data/{part}/raw/A.csv").read_bytes()
+        for station in ("A", "B"):
+            assert (tmp_path / f"wide_indexed/root/data/{part}/raw/{station}.csv").read_bytes() == \
+                (tmp_path / f"wide_named/root/data/{part}/raw/{station}.csv").read_bytes()
+
+
 @pytest.mark.parametrize("header, settings, message", [
     ("datetime;A;;B", {}, "column 3 of the header has no name"),
     ("datetime;A;B;A", {}, "the header names 'A' twice (columns 2 and 4)"),

@@ -615,8 +615,8 @@ def _index_named(text: str, imp: dict, path: Path) -> str:
     if imp["delimiter"] == WHITESPACE or len(dates) != 1 or not text.startswith(separator(imp["delimiter"])):
         return text
     header = text.split("\n", 1)[0].rstrip("\r")
-    if dates[0] in {field.strip().strip('"') for field in _fields(header, imp["delimiter"])}:
-        return text
+    if dates[0].lower() in {field.strip().strip('"').lower() for field in _fields(header, imp["delimiter"])}:
+        return text  # named there (in another case, which the message about the missing column points out)
     log.info("%s: its first column, unnamed in the header, read as the date column %r (as pandas writes a table's "
              "index)", path.name, dates[0])
     return dates[0] + text

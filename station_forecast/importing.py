@@ -1062,8 +1062,9 @@ def read_station_list(path: Path, delimiter: str, stations: set[str], station_co
         raise PipelineError(f"{path}: malformed station list ({str(exc).strip()})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
     found = found_in(list(table.columns))
-    if found["station"] is None and table.columns[0].startswith("unnamed: "):  # as pandas names an empty header
-        table = table.rename(columns={table.columns[0]: "station"})  # pandas writes an index so, unnamed
+    # A list pandas wrote with the stations as its index leaves their column unnamed ("unnamed: 0" once read).
+    if found["station"] is None and table.columns[0].startswith("unnamed: "):
+        table = table.rename(columns={table.columns[0]: "station"})
         found["station"] = "station"
         log.info("%s: read its first column, which the header leaves unnamed, as the station", path.name)
     missing = [c for c in STATION_LIST_COLUMNS if found[c] is None]

@@ -609,9 +609,11 @@ def main(args) -> None:
     storage.write_json(paths.source_record, source)
     outputs = sorted(p for folder in (paths.train_raw, paths.test_raw, paths.truth) for p in folder.glob("*.csv"))
     outputs += [paths.station_list] if paths.station_list.exists() else []
+    # A folder of the user's (and each folder inside it that its files came from) is listed: a file added or
+    # removed makes the stage stale.
+    read_from = sorted({folder, *(path.parent for path in inputs)}) if folder is not None and folder.is_dir() else []
     manifest.record_stage(paths, STAGE, params, inputs, [*outputs, paths.source_record],
-                          folders=[*([folder] if folder is not None and folder.is_dir() else []),
-                                   paths.train_raw, paths.test_raw, paths.truth])
+                          folders=[*read_from, paths.train_raw, paths.test_raw, paths.truth])
 
     log.info("%s", summary)
     log.info("wrote %s, %s, %s", paths.train_raw, paths.test_raw, paths.source_record)

@@ -738,9 +738,9 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
         inside = sorted(path.name for path in folder.iterdir() if path.is_dir())
         if inside and not others:
             raise PipelineError(f"{folder}: the data.source folder holds folders only ({', '.join(inside[:3])}"
-                                f"{', ...' if len(inside) > 3 else ''}), and files inside them are not read: put the "
-                                "station files (<station>.csv, .csv.gz or .dly) in one folder and point data.source "
-                                "at it")
+                                f"{', ...' if len(inside) > 3 else ''}), and none of them holds station files "
+                                "(<station>.csv, .csv.gz or .dly; folders a level deeper are not read): point "
+                                "data.source at the folder that holds them")
         packed = sorted(path.name for path in folder.iterdir() if path.suffix.lower() in (".zip", ".tar", ".7z"))
         if packed and set(others) <= {".zip", ".tar", ".7z", ".txt", ".pdf", ".md"}:
             raise PipelineError(f"{folder}: no .csv files in the data.source folder, but archives "
@@ -752,8 +752,9 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             "';', tab, '|' or whitespace; without a header line, columns named by position, "
                             "\"#1\"), and from GHCN-Daily's .dly files: rename text tables to <station>.csv "
                             "(<station>.csv.gz), convert anything else")
-    if imp["station_column"] or imp["temperature_column"] == EVERY_COLUMN:
-        return _report_and_split(read_long_form(files, imp, pre), data, folder, pre["min_steps"], imp["unit"])
+    if imp["station_column"] or imp["temperature_column"] == EVERY_COLUMN or folder not in {p.parent for p in files}:
+        return _report_and_split(read_long_form(files, imp, pre, folder), data, folder, pre["min_steps"],
+                                 imp["unit"])
     if pool is None or not pool.cluster:
         pool = runtime.Threads(runtime.work_threads(-(-len(files) // FILES_PER_CHUNK)))
     read = pool.map(read_user_stations, runtime.chunks(files, FILES_PER_CHUNK), what="station files read (chunks)",
@@ -776,25 +777,45 @@ def source_files(source: Path) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise PipelineError(f"{source}: data.source not found (a folder of station files, or one file)")
-    return [path for path in storage.station_files(source, as_shipped=True) if path.name.lower() != STATION_LIST]
+    files = [path for path in storage.station_files(source, as_shipped=True) if path.name.lower() != STATION_LIST]
+    # Archives that grow by the year ship a folder a year, each with a file per station (NOAA's GSOD:
+    # 1995/72530094846.csv, 1996/72530094846.csv, ...): read as one folder, a station's files joined.
+    return files or [path for folder in station_folders(source)
+                     for path in storage.station_files(folder, as_shipped=True) if path.name.lower() != STATION_LIST]
 
 
-def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[pd.DataFrame, dict]]:
+def station_folders(source: Path) -> list[Path]:
+    """The folders inside ``source`` (not hidden), sorted: where its station files are when it holds none
+    itself (``source_files``)."""
+    return [source / name for name in storage.listing(source) if (source / name).is_dir()]
+
+
+def file_label(path: Path, source: Path) -> str:
+    """A station file's name as the report gives it: with its folder's when it is in one inside ``source``."""
+    return path.name if source in (path, path.parent) else f"{path.parent.name}/{path.name}"
+
+
+def read_long_form(files: list[Path], imp: dict, pre: dict, source: Path) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Files that hold many stations each, a station per value of ``import.station_column`` (as archives'
-    exports come) or per column (a wide table: ``stations_as_rows``): each station's rows, from every file,
-    cleaned as one station's file is."""
+    exports come) or per column (a wide table: ``stations_as_rows``), or files of the folders inside
+    ``source`` with a station's years in files of its name (``source_files``): each station's rows, from every
+    file, cleaned as one station's file is."""
     wide = imp["temperature_column"] == EVERY_COLUMN
     columns = [WIDE_STATION] if wide else station_columns(imp)
     rows, encodings = {}, {}
-    named_by = "the header's column" if wide else f"column {columns[0]!r}" if len(columns) == 1 \
-        else f"columns {', '.join(map(repr, columns))} joined"
+    named_by = "the header's column" if wide else "its file's name" if not columns \
+        else f"column {columns[0]!r}" if len(columns) == 1 else f"columns {', '.join(map(repr, columns))} joined"
     for path in files:
         table = _read_user_csv(path, imp)
+        label = file_label(path, source)
         skipped = {key: table.attrs.get(key, 0)  # the file's lines, no station's
                    for key in ("preamble", "notes", "repeated_header", "other_elements")}
         if any(skipped.values()):
-            log.info("%s: %s", path.name, _describe(skipped))
-        encodings[path.name] = table.attrs["encoding"]
+            log.info("%s: %s", label, _describe(skipped))
+        encodings[label] = table.attrs["encoding"]
+        if not columns:  # a station per file, its name the file's
+            rows.setdefault(storage.station_name(path), []).append((path, table))
+            continue
         named = table[columns[0]].str.strip()
         if len(columns) > 1:  # joined by a space, an empty one (a state only American cities have) left out
             named = named.str.cat([table[column].str.strip() for column in columns[1:]], sep=" ") \
@@ -823,17 +844,18 @@ def read_long_form(files: list[Path], imp: dict, pre: dict) -> dict[str, tuple[p
             without.append(name)  # an export's stations that measure other things (rain, snow) only
             continue
         # The files' repeated headers were reported with the files, not with a station's rows.
-        read_in = {encodings[path.name] for path, _ in parts}
+        read_in = {encodings[file_label(path, source)] for path, _ in parts}
         whole.attrs = {"encoding": "latin-1" if "latin-1" in read_in else read_in.pop()}
         where = first.with_name(f"{first.name} [station {name}]")
         table, counts = clean_readings(whole, where, reading_settings(imp), pre["min_temp"], pre["max_temp"], written)
         coordinates = row_coordinates(whole, where)
-        stations[name] = table, {**counts, "file": first.name, "files": [path.name for path, _ in parts],
+        stations[name] = table, {**counts, "file": file_label(first, source),
+                                 "files": [file_label(path, source) for path, _ in parts],
                                  **({"coordinates": coordinates} if coordinates else {})}
     if without:
         read_from = "its column" if wide else f"column {imp['temperature_column']!r}"
         if not stations:
-            raise PipelineError(f"{files[0].parent}: no station has a reading in {read_from} "
+            raise PipelineError(f"{source}: no station has a reading in {read_from} "
                                 "(import.temperature_column); every value is empty or a declared missing code")
         log.warning("%d station(s) left out, with no reading in %s (every value empty or a declared missing "
                     "code: stations that measure other things), e.g. %s", len(without), read_from,
@@ -966,8 +988,7 @@ def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, fo
                       unit: str) -> tuple[dict, dict, str]:
     """The parts, report and first test day of the stations read (``import_stations``; their ``unit``), without
     those with fewer than ``min_steps`` readings (too few to build features from; one would stop the run)."""
-    labels = {name: counts["file"] if storage.station_name(Path(counts["file"])) == name
-              else f"{name} ({', '.join(counts['files'])})" for name, (_, counts) in read.items()}
+    labels = {name: _station_label(name, counts.get("files", [counts["file"]])) for name, (_, counts) in read.items()}
     for name, (_, counts) in read.items():
         # Dates from the future or before any record are typos worth a look, not just dropped rows.
         level = logging.WARNING if counts["future_date"] or counts["ancient_date"] \
@@ -1000,6 +1021,13 @@ def _report_and_split(read: dict[str, tuple[pd.DataFrame, dict]], data: dict, fo
     for name, part in parts.items():
         report[name].update(train_steps=len(part["train"]), test_steps=len(part["test"]))
     return parts, report, str(cutoff.date())
+
+
+def _station_label(name: str, files: list[str]) -> str:
+    """How the log names a station: by its file, or with its files (the first and last of many)."""
+    if len(files) == 1 and storage.station_name(Path(files[0])) == name:
+        return files[0]
+    return f"{name} ({', '.join(files) if len(files) <= 3 else f'{len(files)} files, {files[0]} to {files[-1]}'})"
 
 
 def read_user_stations(paths: list[Path], imp: dict, min_temp: float, max_temp: float) -> list[tuple]:

@@ -2,6 +2,7 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,6 @@ def test_the_simulated_network_s_station_list_places_it_on_the_globe_as_its_kilo
 
 
 def test_fewer_stations_leave_no_stale_files(built, tmp_path):
-    import shutil
 
     root = tmp_path / "p"
     shutil.copytree(built[0], root)
@@ -386,7 +386,6 @@ def test_own_stations_share_one_time_cut_and_the_last_can_be_held_out():
 
 
 def test_importing_writes_the_raw_contract_and_no_ground_truth(built, tmp_path):
-    import shutil
 
     root = tmp_path / "p"
     shutil.copytree(built[0], root)  # a simulated run first: its truth must not survive the import
@@ -449,14 +448,14 @@ def test_a_day_s_maximum_and_minimum_make_its_mean_where_an_archive_keeps_no_mea
     imp = {**p["import"], "station_column": "STATION", "date_column": "DATE", "date_format": "%Y-%m-%d",
            "delimiter": ",", "temperature_column": ["TMAX", "TMIN"], "quantity": "mean", "unit": "F",
            "missing_values": [-99]}
-    stations = importing.read_long_form([tmp_path / "export.csv"], imp, p["pre"])
+    stations = importing.read_long_form([tmp_path / "export.csv"], imp, p["pre"], tmp_path)
     assert list(stations) == ["HOME"]  # the rain gauge, without a temperature, is left out
     table, counts = stations["HOME"]
     expected = ((np.arange(1, 29) * 2 + 80) / 2 - 32) * 5 / 9
     np.testing.assert_allclose(table["temperature"], expected.round(2))
     assert counts["missing_value"] == 1 and counts["missing_code"] == 1
     with pytest.raises(PipelineError, match=r"import.quantity is 'max': set quantity = \"mean\""):
-        importing.read_long_form([tmp_path / "export.csv"], {**imp, "quantity": "max"}, p["pre"])
+        importing.read_long_form([tmp_path / "export.csv"], {**imp, "quantity": "max"}, p["pre"], tmp_path)
 
 
 GHCN_BY_STATION = {"date_column": "#2", "date_format": "%Y%m%d", "delimiter": ",", "element_column": "#3",
@@ -564,7 +563,6 @@ def test_element_column_and_value_column_go_together(tmp_path):
 
 
 def test_a_bad_own_file_changes_nothing(built, tmp_path, capsys):
-    import shutil
 
     root = tmp_path / "p"
     shutil.copytree(built[0], root)
@@ -1013,6 +1011,44 @@ def test_files_that_hold_many_stations_import_as_shipped(tmp_path, capsys):
     assert "USW0002 (export-1.csv, export-2.csv): 1095 of 1096 rows kept; 1 missing code" in capsys.readouterr().err
     manifest_inputs = json.loads((root / "models/manifest.json").read_text())["stages"]["data_creation"]["inputs"]
     assert sorted(Path(key).name for key in manifest_inputs) == ["export-1.csv", "export-2.csv"]
+
+
+@pytest.mark.parametrize("named_by", ["file", "STATION"])
+def test_a_folder_a_year_with_a_file_per_station_imports_as_one_file_a_station(tmp_path, capsys, named_by):
+    """NOAA's GSOD ships a folder a year, each with a file per station named by its id (1995/72530094846.csv,
+    1996/72530094846.csv, ...; every field quoted, the station in each row): a station's files in every folder
+    are one station, read as its years in one file are, whether it is named by the files or by its column; a
+    file added to a year's folder makes the stage stale."""
+    days = pd.date_range("2019-01-01", "2021-12-31", freq="D")
+    rng = np.random.default_rng(3)
+    (tmp_path / "flat").mkdir()
+    for station in ("72530094846", "72534014819"):
+        readings = 50 + 20 * np.sin(np.arange(len(days)) / 58) + rng.normal(0, 4, len(days))
+        table = pd.DataFrame({"STATION": station, "DATE": days.strftime("%Y-%m-%d"), "TEMP": readings.round(1)})
+        table.to_csv(tmp_path / "flat" / f"{station}.csv", index=False)
+        for year, part in table.groupby(days.year):
+            (tmp_path / "years" / str(year)).mkdir(parents=True, exist_ok=True)
+            part.to_csv(tmp_path / "years" / str(year) / f"{station}.csv", index=False, quoting=1)
+    settings = dict(**TINY, date_column="DATE", temperature_column="TEMP", unit="F", holdout_stations=0,
+                    station_column="" if named_by == "file" else named_by)
+    flat, years = tmp_path / "flat_root", tmp_path / "years_root"
+    assert run_stage(data_creation, flat, write_params(tmp_path / "flat.toml", source="flat", **settings)) == 0
+    params = write_params(tmp_path / "years.toml", source="years", **settings)
+    assert run_stage(data_creation, years, params) == 0
+    for part in ("train", "test"):
+        assert sorted(p.name for p in (years / f"data/{part}/raw").glob("[!.]*")) == \
+            ["72530094846.csv", "72534014819.csv"]
+        for station in ("72530094846", "72534014819"):
+            assert (years / f"data/{part}/raw/{station}.csv").read_bytes() == \
+                (flat / f"data/{part}/raw/{station}.csv").read_bytes()
+    entry = json.loads((years / "data/source.json").read_text())["files"]["72530094846"]
+    assert entry["files"] == ["2019/72530094846.csv", "2020/72530094846.csv", "2021/72530094846.csv"]
+    assert "72530094846 (2019/72530094846.csv, 2020/72530094846.csv, 2021/72530094846.csv): 1096 of 1096 rows kept" \
+        in capsys.readouterr().err
+    assert not manifest.why_stale(storage.Paths(years), data_creation.STAGE, load_params(params))
+    shutil.copy(tmp_path / "years/2020/72530094846.csv", tmp_path / "years/2020/72599999999.csv")
+    assert "files were added to or removed from" in manifest.why_stale(storage.Paths(years), data_creation.STAGE,
+                                                                      load_params(params))
 
 
 def test_a_wide_table_of_a_column_per_station_imports_as_its_long_form(tmp_path, capsys):
@@ -1608,9 +1644,9 @@ def test_an_archive_s_notes_before_the_header_and_tenths_of_a_degree_import_as_a
      ["no .csv files in the data.source folder (it holds .txt files)", "rename text tables to <station>.csv"]),
     ({"ECA_blend_tg.zip": "PK", "readme.txt": "ECA&D"},  # an archive as downloaded
      ["no .csv files in the data.source folder, but archives (ECA_blend_tg.zip): unpack them (unzip, tar -xf)"]),
-    ({"2019/OSLO.csv": "date,temperature\n", "2020/OSLO.csv": "date,temperature\n"},  # an archive's years
-     ["the data.source folder holds folders only (2019, 2020), and files inside them are not read",
-      "point data.source at it"])])
+    ({"2019/OSLO.txt": " 1  1  2019  24.0\n", "2020/ECA.zip": "PK"},  # folders of no station files
+     ["the data.source folder holds folders only (2019, 2020), and none of them holds station files",
+      "point data.source at the folder that holds them"])])
 def test_a_source_folder_without_csv_files_says_what_it_holds_and_what_is_read(tmp_path, capsys, files, said):
     (tmp_path / "own").mkdir()
     for name, text in files.items():

@@ -8,6 +8,7 @@ library is imported, so ``--help`` and parameter errors answer at once.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,18 @@ def _check_length_range(where: str, value: list, low: float, high: float) -> Non
         raise PipelineError(f"{where} must be [min, max] {what} with {low} <= min <= max <= {high}")
 
 
+def _check_source(path: Path, source: str) -> None:
+    """A ``data.source`` that names no file as a web address or a file pattern would: said as what it is, where
+    the folder it does not name would be "not found"."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", source.strip()):
+        raise PipelineError(f"{path}: data.source = {source!r} is a URL; the pipeline reads files on disk: "
+                            "download them (e.g. curl -O, or wget -r for a folder of files) and point data.source "
+                            "at the folder or the file")
+    if re.search(r"[*?\[]", source) and not (path.parent / Path(source).expanduser()).exists():
+        raise PipelineError(f"{path}: data.source = {source!r} is a pattern, which is not expanded: name the folder "
+                            "that holds the station files (every .csv, .csv.gz and .dly there is read) or one file")
+
+
 def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
     data, sim, pre = s["data"], s["simulation"], s["preprocessing"]
     import datetime as dt
@@ -363,6 +376,7 @@ def _check_cross_constraints(path: Path, s: dict[str, dict[str, Any]]) -> None:
                             "per station named by its header beside the date's: it needs a header (date_column by "
                             "name), and neither station_column nor element_column")
     if data["source"] != SIMULATION:
+        _check_source(path, data["source"])
         return  # the next checks are about the simulated stations; imported ones are checked when read
     if data["holdout_stations"] >= sim["n_stations"]:
         raise PipelineError(f"{path}: data.holdout_stations must leave at least one training station")

@@ -4,6 +4,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,6 +213,18 @@ def test_a_source_is_found_relative_to_the_parameters_file_or_the_home_folder(tm
                            (str(tmp_path / "x/own"), tmp_path / "x/own")]:
         params = write_params(tmp_path / "p/params.toml", **TINY, source=source)
         assert load_params(params).source_folder == folder.resolve()
+
+
+@pytest.mark.parametrize(("source", "said"), [
+    ("https://www.ncei.noaa.gov/data/global-summary-of-the-day/access/2020/72530094846.csv", "is a URL"),
+    ("s3://noaa-gsod-pds/2020/", "is a URL"), ("own/*.csv", "is a pattern, which is not expanded")])
+def test_a_source_written_as_a_url_or_a_pattern_is_named_as_one(tmp_path, source, said):
+    """Either would otherwise be a folder "not found" under the parameters file's: /p/https:/www.ncei.noaa.gov/..."""
+    (tmp_path / "own").mkdir()
+    with pytest.raises(errors.PipelineError, match=f"data.source = '{re.escape(source)}' {said}"):
+        load_params(write_params(tmp_path / "params.toml", **TINY, source=source))
+    (tmp_path / "[2020]").mkdir()  # a folder whose name only looks like a pattern is a folder
+    assert load_params(write_params(tmp_path / "params.toml", **TINY, source="[2020]")).source_folder.name == "[2020]"
 
 
 def test_code_replaced_while_a_stage_runs_leaves_the_stage_to_run_again(project, monkeypatch):

@@ -540,10 +540,12 @@ def simulated_files(staging: Path, params: Params, pool: compute.Pool) -> tuple[
     return [], source, summary
 
 
-def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Pool) -> tuple[list[Path], dict, str]:
-    """Import the user's files from ``folder`` into ``staging``; returns them, the source record and a summary."""
+def imported_files(staging: Path, folder: Path, params: Params, pool: compute.Pool, paths: Paths
+                   ) -> tuple[list[Path], dict, str]:
+    """Import the user's files from ``folder`` into ``staging`` (never from the folders of ``paths`` the
+    pipeline writes); returns them, the source record and a summary."""
     parts, report, test_start = importing.import_stations(folder, params["data"], params["import"],
-                                                          params["preprocessing"], pool)
+                                                          params["preprocessing"], pool, skip=paths.owns)
     importing.write_imported_files(staging, parts)
     # data.source is a folder of files (the station list among them), or one file: a station's or many's
     base = folder if folder.is_dir() else folder.parent
@@ -594,7 +596,7 @@ def main(args) -> None:
             if folder is None:
                 inputs, source, summary = simulated_files(staging, params, pool)
             else:
-                inputs, source, summary = imported_files(staging, folder, params, pool)
+                inputs, source, summary = imported_files(staging, folder, params, pool, paths)
             for name, target in (("train", paths.train_raw), ("test", paths.test_raw), ("truth", paths.truth)):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 storage.replace_folder(staging / name, target, paths.replaced_whole[target])

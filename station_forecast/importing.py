@@ -727,11 +727,11 @@ def split_in_time(stations: dict[str, pd.DataFrame], test_steps: int, holdout_st
     return parts, cutoff
 
 
-def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: compute.Pool | None = None
-                    ) -> tuple[dict, dict, str]:
+def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: compute.Pool | None = None,
+                    skip: Callable[[Path], bool] | None = None) -> tuple[dict, dict, str]:
     """Read, clean and split every <station>.csv (or .csv.gz) in ``folder``, or the one file it is (read on
-    ``pool``); returns the parts, a report and the first test day."""
-    files = source_files(folder)
+    ``pool``); returns the parts, a report and the first test day. ``skip``: see ``source_files``."""
+    files = source_files(folder, skip)
     storage.note_read(files)  # the record of what was read must not take a file written since for it
     if not files:
         others = sorted({path.suffix.lower() or path.name for path in folder.iterdir() if path.is_file()})
@@ -764,9 +764,10 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     return _report_and_split(stations, data, folder, pre["min_steps"], imp["unit"])
 
 
-def source_files(source: Path) -> list[Path]:
+def source_files(source: Path, skip: Callable[[Path], bool] | None = None) -> list[Path]:
     """The station files ``data.source`` names: those of its folder but the station list, or the one file it
-    names (a single station's, or many stations' in long form)."""
+    names (a single station's, or many stations' in long form); where the folder holds none, those of each
+    folder in it for which ``skip`` is not true (the pipeline's own, where the folder is the project's)."""
     if source.is_file():
         if source.name.lower() == STATION_LIST:
             raise PipelineError(f"{source}: data.source names the station list, which is never a station; point "
@@ -780,7 +781,7 @@ def source_files(source: Path) -> list[Path]:
     files = [path for path in storage.station_files(source, as_shipped=True) if path.name.lower() != STATION_LIST]
     # Archives that grow by the year ship a folder a year, each with a file per station (NOAA's GSOD:
     # 1995/72530094846.csv, 1996/72530094846.csv, ...): read as one folder, a station's files joined.
-    return files or [path for folder in station_folders(source)
+    return files or [path for folder in station_folders(source) if not (skip and skip(folder))
                      for path in storage.station_files(folder, as_shipped=True) if path.name.lower() != STATION_LIST]
 
 

@@ -1051,6 +1051,23 @@ def test_a_folder_a_year_with_a_file_per_station_imports_as_one_file_a_station(t
                                                                       load_params(params))
 
 
+def test_the_project_s_own_folders_are_never_read_as_a_folder_of_folders(tmp_path):
+    """``data.source = "."`` beside params.toml in the project folder, which holds no station file itself: its
+    folders are read, but never data/ or models/, where the pipeline's own tables (flags, features) are."""
+    root = tmp_path / "project"
+    (root / "own").mkdir(parents=True)
+    days = pd.date_range("2019-01-01", "2021-12-31", freq="D")
+    pd.DataFrame({"date": days.strftime("%Y-%m-%d"), "temperature": 10 + 8 * np.sin(np.arange(len(days)) / 58)}) \
+        .round(1).to_csv(root / "own" / "HOME.csv", index=False)
+    params = write_params(root / "params.toml", **TINY, source=".", holdout_stations=0)
+    for own in ("data/flagged.csv", "models/table.csv"):
+        (root / own).parent.mkdir(exist_ok=True)
+        (root / own).write_text("station,date,flag\nHOME,2020-01-01,spike\n")
+    assert run_stage(data_creation, root, params) == 0
+    assert json.loads((root / "data/source.json").read_text())["files"]["HOME"]["file"] == "own/HOME.csv"
+    assert sorted(p.name for p in (root / "data/train/raw").glob("[!.]*")) == ["HOME.csv"]
+
+
 def test_a_wide_table_of_a_column_per_station_imports_as_its_long_form(tmp_path, capsys):
     """Tables of cities come wide: the date, then a column per station named by its header (hourly, in kelvins,
     ";"-separated in one course's copy), with a list of the cities' coordinates whose first column pandas left

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import statistics
-
 from station_forecast import runtime
 from station_forecast.compute import Pool
 from station_forecast.flags import CODE, Flag
@@ -18,6 +16,11 @@ pd = lazy_import("pandas")
 NATURAL_REPEATS_FLAGGED = 0.0005
 ORDINARY_RUN = 0.05  # a run of repeats at least this likely by chance is no evidence of a stuck sensor
 REPEAT_PRIOR_PAIRS = 180  # pairs of days at the network's repeat share every station starts from
+# Pairs of days at the station's repeat share each calendar month's share starts from. At whole degrees a
+# steady season repeats far more than the year does (Gulf-coast summers in whole °C: most of the stuck flags of
+# a whole-degree network with the year's share alone).
+MONTH_PRIOR_PAIRS = 30
+RESOLUTION_FLOOR = 1e-6  # °C: a change smaller than this is a repeat written with rounding noise
 
 
 def lag_grid(first: int, last: int, daily_until: int = 8, ratio: float = 1.15) -> tuple[int, ...]:
@@ -159,13 +162,37 @@ def repeat_share(observed: pd.DataFrame) -> pd.Series:
     return share.clip(lower=1e-4, upper=0.9)
 
 
-def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: pd.Series, least: float
-               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def repeat_share_by_month(observed: pd.DataFrame, share: pd.Series) -> pd.DataFrame:
+    """``repeat_share`` in each calendar month (month x station), each shrunk towards the station's ``share``
+    as if it had MONTH_PRIOR_PAIRS more pairs at that rate."""
+    values = observed.to_numpy()
+    pairs = ~np.isnan(values[1:]) & ~np.isnan(values[:-1])
+    repeats = pairs & (values[1:] == values[:-1])
+    month = observed.index.month.to_numpy()[1:]  # a pair's month is its second day's
+    months = range(1, 13)
+    pairs = pd.DataFrame([pairs[month == m].sum(axis=0) for m in months], index=months, columns=observed.columns)
+    repeats = pd.DataFrame([repeats[month == m].sum(axis=0) for m in months], index=months, columns=observed.columns)
+    found = (repeats + MONTH_PRIOR_PAIRS * share) / (pairs + MONTH_PRIOR_PAIRS)
+    return found.fillna(share).clip(lower=1e-4, upper=0.9)
+
+
+def reading_resolution(observed: pd.DataFrame) -> pd.Series:
+    """Per station, the smallest step its readings change by: the 1st percentile of its day-to-day changes
+    that are not zero (1 at whole degrees C, 0.56 at whole degrees F; NaN without any)."""
+    changes = observed.diff().abs()
+    return changes.where(changes > RESOLUTION_FLOOR).quantile(0.01)
+
+
+def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: pd.DataFrame, least: float,
+               hidden: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Which readings are a stuck sensor repeating itself, and by how much evidence.
 
     A run of ``m`` identical readings happens naturally with probability about
-    p^(m-1), where ``p`` is the station's share of days repeating the day before
-    (learned: whole-degree °F readings repeat far more often than 0.1 °C ones).
+    p^(m-1), where ``p`` (``share``, date x station) is the station's share of days repeating the day before
+    in that day's calendar month, never less than its year's (learned: whole-degree readings repeat far more
+    often than 0.1 °C ones, and in steady summer weather more than in winter's). A repeated reading may
+    have moved by up to the station's resolution without showing it (``hidden``, per station, in departure
+    scales), so the neighbours' distance counts only beyond that.
     While the sensor repeats, its neighbours keep moving: ``z`` (the departure
     from them in robust standard deviations) changes since the run began. A
     repeat is stuck when natural runs that long, and that far from what the
@@ -177,19 +204,18 @@ def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: p
     is, or the distance moved beyond the threshold, whichever is larger. ``run`` and ``start`` are
     ``repeat_runs`` of the readings.
     """
+    from scipy.special import ndtri
+
     length, start = run.to_numpy().astype(int), start.to_numpy()
-    natural = np.exp((length - 1) * np.log(share.to_numpy())[None, :])
-    # The distance needed depends on the station and the run's length only: a small table, looked up.
-    longest = min(int(length.max(initial=1)), 60)
-    table_natural = np.exp(np.arange(longest)[:, None] * np.log(share.to_numpy())[None, :])
-    normal = statistics.NormalDist()
-    table = np.array([[max(least, normal.inv_cdf(1 - t)) if t < 0.5 else least for t in row]
-                      for row in NATURAL_REPEATS_FLAGGED / (2 * table_natural)])
-    needed = np.take_along_axis(table, np.minimum(length, longest) - 1, axis=0)
+    natural = np.exp((length - 1) * np.log(share.to_numpy()))
+    tail = NATURAL_REPEATS_FLAGGED / (2 * natural)
+    needed = np.where(tail < 0.5, np.maximum(least, ndtri(1 - np.minimum(tail, 0.5))), least)
     # Standard deviations of the difference of two independent departures: what neighbours show
-    # around a sensor that really did not change.
+    # around a sensor that really did not change. A reading that repeats may have moved by up to the
+    # station's resolution (``hidden``, in departure scales) without showing it.
     values = z.to_numpy() / np.sqrt(2)
     moved = np.abs(values - np.take_along_axis(values, start, axis=0))
+    moved = np.maximum(moved - np.nan_to_num(hidden.to_numpy())[None, :] / np.sqrt(2), 0.0)
     by_length = np.where(natural <= NATURAL_REPEATS_FLAGGED,
                          np.log(NATURAL_REPEATS_FLAGGED / np.maximum(natural, 1e-300)), -np.inf)
     # A repeat the station's resolution makes ordinary is no evidence, however the neighbours moved: at whole

@@ -10,7 +10,9 @@ from station_forecast.quality_control.checks import (
     departure_innovation,
     offset_alignment,
     reading_facts,
+    reading_resolution,
     repeat_share,
+    repeat_share_by_month,
     trailing_median,
     written_codes,
 )
@@ -174,10 +176,14 @@ def _fit(observed: pd.DataFrame, learning: pd.DataFrame, trusted: pd.DataFrame, 
               "innovation_scale": robust_scale(innovation, threads), **gross,
               "anomaly_scale": robust_scale(values - climatology, threads), "change_scale": change_scale}
     share = repeat_share(values)
+    share_by_month, resolution = repeat_share_by_month(values, share), reading_resolution(values)
 
     detector = {**settings, "stations": {}}
     for station in observed.columns:
-        entry = {"neighbours": neighbours[station], "repeat_share": round(float(share[station]), 6)}
+        entry = {"neighbours": neighbours[station], "repeat_share": round(float(share[station]), 6),
+                 "repeat_share_by_month": _by_month(share_by_month[station], share[station])}
+        if np.isfinite(resolution[station]):
+            entry["resolution"] = round(float(resolution[station]), 6)
         if np.isfinite(alignment[station]):
             entry["offset_alignment"] = round(float(alignment[station]), 6)
             entry["offset_alignment_by_month"] = _by_month(by_month[station], alignment[station])

@@ -78,6 +78,8 @@ class StationValues(NamedTuple):
     jump_scale: pd.Series
     gross_threshold: pd.Series
     repeat_share: pd.Series
+    repeat_share_by_month: pd.DataFrame  # month x station: the only field with more than one value per station
+    resolution: pd.Series
     seen_months: pd.Series
     change_scale: pd.Series
 
@@ -167,10 +169,12 @@ def _classify(observed: pd.DataFrame, facts: dict[str, pd.DataFrame], detector: 
     in blocks on the pool's threads or workers, or one after the other on one thread (the same values as in
     one piece)."""
     stations = observed.columns
-    learned = {key: _station_table(detector, stations, key) for key in StationValues._fields}
+    learned = {key: _station_table(detector, stations, key) for key in StationValues._fields
+               if key != "repeat_share_by_month"}
     # A station with no learning days at all gets the checks of the typical station.
     for key in ("jump_scale", "gross_threshold", "repeat_share"):
         learned[key] = learned[key].fillna(learned[key].median())
+    learned["repeat_share_by_month"] = season_repeat_share(detector, stations, learned["repeat_share"])
     learned["seen_months"] = learned["seen_months"].fillna(ALL_MONTHS)
     per_station = StationValues(**learned)
     innovation = departure_innovation(network["departure"], per_station.persistence, per_station.departure_scale)
@@ -250,7 +254,10 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     climate_excess = tables["climate_z"] - settings["climate_margin"]
     gross = (jump_z.abs() > gross_threshold) | (climate_excess > 0)
 
-    stuck, stuck_score = stuck_test(tables["run"], tables["start"], z, share, settings["stuck_threshold"])
+    share_by_day = pd.DataFrame(per_station.repeat_share_by_month.to_numpy()[observed.index.month.to_numpy() - 1],
+                                index=observed.index, columns=stations, copy=False)
+    stuck, stuck_score = stuck_test(tables["run"], tables["start"], z, share_by_day, settings["stuck_threshold"],
+                                    per_station.resolution.fillna(0.0) / scale)
     # A stuck or gross reading's change says nothing of its date; a spike's may (on a stormy day a reading
     # keyed a day apart is one), so it stays: leaving spikes out too cost date-offset F1 0.02-0.08 on four
     # simulated networks.
@@ -338,6 +345,15 @@ def season_departure_scale(detector: dict, observed: pd.DataFrame) -> pd.DataFra
     the year's where a detector learned none by month, NaN where it learned none at all)."""
     overall, by_day = _by_month(detector, observed, "departure_scale")
     return pd.DataFrame(np.maximum(by_day, overall), index=observed.index, columns=observed.columns, copy=False)
+
+
+def season_repeat_share(detector: dict, stations: pd.Index, share: pd.Series) -> pd.DataFrame:
+    """Each station's share of readings repeating the day before in each calendar month (month x station),
+    never less than its ``share`` for the year (the one to use where it learned none by month)."""
+    entries = [detector["stations"].get(station, {}) for station in stations]
+    by_month = np.array([entry.get("repeat_share_by_month", [np.nan] * 12) for entry in entries], dtype=float)
+    return pd.DataFrame(np.fmax(by_month.reshape(len(entries), 12).T, share.to_numpy()[None, :]),
+                        index=pd.RangeIndex(1, 13, name="month"), columns=stations, copy=False)
 
 
 def _by_month(detector: dict, observed: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:

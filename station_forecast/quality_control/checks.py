@@ -208,7 +208,7 @@ def stuck_test(run: pd.DataFrame, start: pd.DataFrame, z: pd.DataFrame, share: p
 
     length, start = run.to_numpy().astype(int), start.to_numpy()
     natural = np.exp((length - 1) * np.log(share.to_numpy()))
-    tail = NATURAL_REPEATS_FLAGGED / (2 * natural)
+    tail = NATURAL_REPEATS_FLAGGED / (2 * np.maximum(natural, 1e-300))  # a long run: no chance at all
     needed = np.where(tail < 0.5, np.maximum(least, ndtri(1 - np.minimum(tail, 0.5))), least)
     # Standard deviations of the difference of two independent departures: what neighbours show
     # around a sensor that really did not change. A reading that repeats may have moved by up to the

@@ -752,7 +752,8 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             "';', tab, '|' or whitespace; without a header line, columns named by position, "
                             "\"#1\"), and from GHCN-Daily's .dly files: rename text tables to <station>.csv "
                             "(<station>.csv.gz), convert anything else")
-    if imp["station_column"] or imp["temperature_column"] == EVERY_COLUMN or folder not in {p.parent for p in files}:
+    in_folders = folder.is_dir() and any(path.parent != folder for path in files)  # a folder of folders
+    if imp["station_column"] or imp["temperature_column"] == EVERY_COLUMN or in_folders:
         return _report_and_split(read_long_form(files, imp, pre, folder), data, folder, pre["min_steps"],
                                  imp["unit"])
     if pool is None or not pool.cluster:

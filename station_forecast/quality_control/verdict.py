@@ -257,7 +257,7 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
     share_by_day = pd.DataFrame(per_station.repeat_share_by_month.to_numpy()[observed.index.month.to_numpy() - 1],
                                 index=observed.index, columns=stations, copy=False)
     stuck, stuck_score = stuck_test(tables["run"], tables["start"], z, share_by_day, settings["stuck_threshold"],
-                                    per_station.resolution.fillna(0.0) / scale)
+                                    per_station.resolution / scale)
     # A stuck or gross reading's change says nothing of its date; a spike's may (on a stormy day a reading
     # keyed a day apart is one), so it stays: leaving spikes out too cost date-offset F1 0.02-0.08 on four
     # simulated networks.

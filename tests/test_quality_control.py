@@ -724,6 +724,20 @@ def test_the_resolution_is_the_smallest_step_a_station_s_readings_change_by():
     assert np.isnan(found["none"])  # a station that never changes has no step to tell
 
 
+def test_a_sensor_stuck_for_months_while_learning_does_not_teach_its_months_that_runs_are_natural(settings):
+    """The learning rounds leave the faults they find out of the repeat shares, so two stuck months in one
+    learning July leave July's share near the year's, and a stuck week in a later July is found as before."""
+    observed = network(6, seed=3, resolution=5 / 9)  # whole °F
+    july = observed.index.get_loc(pd.Timestamp("2020-07-01"))
+    observed.iloc[july: july + 60, 2] = observed.iloc[july, 2]
+    later = observed.index.get_loc(pd.Timestamp("2022-07-05"))
+    observed.iloc[later: later + 10, 2] = observed.iloc[later, 2]
+    detector, result = verdict(observed, settings)
+    learned = detector["stations"]["S2"]
+    assert learned["repeat_share_by_month"][6] < 1.5 * learned["repeat_share"]
+    assert (result["flag"]["S2"].iloc[later + 2: later + 10] == "stuck").all()
+
+
 def steady_summer_network(seed: int, n_stations: int = 6) -> pd.DataFrame:
     """Whole °C readings of a climate whose summer weather barely moves (a Gulf coast): in summer a day repeats
     the day before far more often than over the year."""

@@ -725,8 +725,9 @@ def test_the_resolution_is_the_smallest_step_a_station_s_readings_change_by():
 
 
 def test_a_sensor_stuck_for_months_while_learning_does_not_teach_its_months_that_runs_are_natural(settings):
-    """The learning rounds leave the faults they find out of the repeat shares, so two stuck months in one
-    learning July leave July's share near the year's, and a stuck week in a later July is found as before."""
+    """The learning rounds leave the faults they find out of the repeat shares, so a sensor stuck through July and
+    August of a learning year leaves July's share near the year's, and a stuck run in a later July is found
+    from its third day, as before."""
     observed = network(6, seed=3, resolution=5 / 9)  # whole °F
     july = observed.index.get_loc(pd.Timestamp("2020-07-01"))
     observed.iloc[july: july + 60, 2] = observed.iloc[july, 2]

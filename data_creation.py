@@ -605,7 +605,8 @@ def main(args) -> None:
             else:  # an earlier import's list describes other stations
                 paths.station_list.unlink(missing_ok=True)
         except OSError as exc:  # the staged files are written straight, not each through a temporary file
-            raise cannot_write(exc, exc.filename or staging) or exc from None
+            ours = exc.filename is None or paths.owns(Path(exc.filename))  # not a station file it read
+            raise (cannot_write(exc, exc.filename or staging) if ours else None) or exc from None
         finally:
             storage.remove_tree(staging)
     storage.write_json(paths.source_record, source)

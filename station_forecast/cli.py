@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from station_forecast import manifest, runtime, stopping
-from station_forecast.errors import EXIT_INTERNAL, EXIT_OK, Busy, PipelineError, UnfitEnvironment, cannot_write
+from station_forecast.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    Busy,
+    PipelineError,
+    UnfitEnvironment,
+    cannot_write,
+)
 from station_forecast.params import DEFAULT_PARAMS, STAGES, load_params
 from station_forecast.runtime import INHERITED_LOCK
 from station_forecast.stopping import STOP_SIGNALS, Terminated, signal_of
@@ -220,6 +228,10 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
             return _stopped(args, stage, stopping.received[0])
         if isinstance(exc, OSError):  # a full or read-only disk met outside the writers that name their file
             exc = cannot_write(exc) or exc
+        if isinstance(exc, PermissionError):  # a file or folder this user may not read here (a station file)
+            return _fail(args, f"{stage}: error: {exc.filename or 'a file or folder'}: no permission "
+                               f"({exc.strerror}): check the owner and mode of it and of its folders (ls -ld), "
+                               "then rerun", EXIT_BAD_INPUT)
         if isinstance(exc, MemoryError):
             return _fail(args, f"{stage}: error: out of memory ({one_line(str(exc)) or 'an allocation failed'});"
                                " run fewer stations or years, or on a machine with more memory "

@@ -120,6 +120,28 @@ def test_a_disk_that_cannot_take_a_write_is_one_line_naming_the_file_and_the_las
     assert snapshot(root) == before  # nothing replaced, no temporary file left
 
 
+def test_a_station_file_this_user_may_not_read_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A file copied in by another user, mode 600: reading it raises PermissionError, which was an "internal
+    error" (exit 1) though the user can fix it."""
+    from conftest import data_creation
+
+    from station_forecast import importing
+
+    (tmp_path / "own").mkdir()
+    locked = tmp_path / "own" / "HOME.csv"
+    locked.write_text("date,temperature\n2020-01-01,1.0\n")
+
+    def not_readable(path, imp):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(importing, "_read_user_csv", not_readable)
+    params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"data_creation: error: {locked}: no permission (Permission denied): check the owner and mode of "
+                   "it and of its folders (ls -ld), then rerun")
+
+
 def test_running_out_of_memory_is_one_line_with_the_way_out(tmp_path, capsys):
     def allocates(args):
         raise MemoryError("Unable to allocate 2.27 GiB for an array with shape (3652, 83333)")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, STAGES, TINY, lock_held, run_stage, snapshot, write_params
@@ -120,25 +121,27 @@ def test_a_disk_that_cannot_take_a_write_is_one_line_naming_the_file_and_the_las
     assert snapshot(root) == before  # nothing replaced, no temporary file left
 
 
-def test_a_station_file_this_user_may_not_read_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
-    """A file copied in by another user, mode 600: reading it raises PermissionError, which was an "internal
-    error" (exit 1) though the user can fix it."""
+def test_a_data_folder_this_user_may_not_list_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A folder of station files made by another user with mode 700 (checked for real as an unprivileged user;
+    root lists any folder, so here listing it raises as it would): stage 1 said "cannot write (Permission
+    denied) ... the last good run's artifacts are intact" (exit 1) of the user's own folder."""
     from conftest import data_creation
 
-    from station_forecast import importing
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "HOME.csv").write_text("date,temperature\n2020-01-01,1.0\n")
+    listing = storage.listing
 
-    (tmp_path / "own").mkdir()
-    locked = tmp_path / "own" / "HOME.csv"
-    locked.write_text("date,temperature\n2020-01-01,1.0\n")
+    def not_listable(folder):
+        if Path(folder) == own:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+        return listing(folder)
 
-    def not_readable(path, imp):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-
-    monkeypatch.setattr(importing, "_read_user_csv", not_readable)
+    monkeypatch.setattr(storage, "listing", not_listable)
     params = write_params(tmp_path / "own.toml", **TINY, source="own", holdout_stations=0)
     assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"data_creation: error: {locked}: no permission (Permission denied): check the owner and mode of "
+    assert err == (f"data_creation: error: {own}: no permission (Permission denied): check the owner and mode of "
                    "it and of its folders (ls -ld), then rerun")
 
 

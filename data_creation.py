@@ -605,7 +605,7 @@ def main(args) -> None:
             else:  # an earlier import's list describes other stations
                 paths.station_list.unlink(missing_ok=True)
         except OSError as exc:  # the staged files are written straight, not each through a temporary file
-            ours = exc.filename is None or paths.owns(Path(exc.filename))  # not a station file it read
+            ours = exc.filename is None or paths.owns(Path(exc.filename))  # not the user's folder or file it read
             raise (cannot_write(exc, exc.filename or staging) if ours else None) or exc from None
         finally:
             storage.remove_tree(staging)

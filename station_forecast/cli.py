@@ -228,7 +228,7 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
             return _stopped(args, stage, stopping.received[0])
         if isinstance(exc, OSError):  # a full or read-only disk met outside the writers that name their file
             exc = cannot_write(exc) or exc
-        if isinstance(exc, PermissionError):  # a file or folder this user may not read here (a station file)
+        if isinstance(exc, PermissionError):  # a file or folder this user may not read (the station files' folder)
             return _fail(args, f"{stage}: error: {exc.filename or 'a file or folder'}: no permission "
                                f"({exc.strerror}): check the owner and mode of it and of its folders (ls -ld), "
                                "then rerun", EXIT_BAD_INPUT)

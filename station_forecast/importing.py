@@ -833,9 +833,11 @@ def read_long_form(files: list[Path], imp: dict, pre: dict, source: Path) -> dic
     for name in rows:
         other = seen.setdefault(storage.name_key(name), name)
         if other != name:
+            named_in = "the header" if wide else "import.station_column" if columns else \
+                f"the file names {file_label(rows[other][0][0], source)} and {file_label(rows[name][0][0], source)}"
+            way_out = "" if wide or columns else ": rename one (to the other's name, if they are one station)"
             raise PipelineError(f"station {name!r} differs from {other!r} only in case or in how an accent is "
-                                f"encoded ({'the header' if wide else 'import.station_column'}); "
-                                "one would hide the other")
+                                f"encoded ({named_in}); one would hide the other{way_out}")
     stations, without = {}, []
     for name, parts in rows.items():
         first = parts[0][0]  # errors name the station in its (first) file

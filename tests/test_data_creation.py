@@ -1051,6 +1051,19 @@ def test_a_folder_a_year_with_a_file_per_station_imports_as_one_file_a_station(t
                                                                       load_params(params))
 
 
+def test_a_station_named_in_two_cases_across_year_folders_is_named_with_both_files(tmp_path, capsys):
+    """1995/abc.csv and 1996/ABC.csv: on a disk that ignores case they are one file, and in the report one would
+    hide the other; the message names both files (it named import.station_column, which is not set)."""
+    for year, name in (("1995", "abc"), ("1996", "ABC")):
+        (tmp_path / "years" / year).mkdir(parents=True)
+        (tmp_path / "years" / year / f"{name}.csv").write_text(f"date,temperature\n{year}-01-01,1.0\n")
+    params = write_params(tmp_path / "p.toml", **TINY, source="years", holdout_stations=0)
+    assert run_stage(data_creation, tmp_path / "root", params) == errors.EXIT_BAD_INPUT
+    assert ("station 'ABC' differs from 'abc' only in case or in how an accent is encoded (the file names "
+            "1995/abc.csv and 1996/ABC.csv); one would hide the other: rename one (to the other's name, if they are "
+            "one station)") in capsys.readouterr().err
+
+
 def test_the_project_s_own_folders_are_never_read_as_a_folder_of_folders(tmp_path):
     """``data.source = "."`` beside params.toml in the project folder, which holds no station file itself: its
     folders are read, but never data/ or models/, where the pipeline's own tables (flags, features) are."""

@@ -805,8 +805,8 @@ def read_long_form(files: list[Path], imp: dict, pre: dict, source: Path) -> dic
     wide = imp["temperature_column"] == EVERY_COLUMN
     columns = [WIDE_STATION] if wide else station_columns(imp)
     rows, encodings = {}, {}
-    named_by = "the header's column" if wide else "its file's name" if not columns \
-        else f"column {columns[0]!r}" if len(columns) == 1 else f"columns {', '.join(map(repr, columns))} joined"
+    named_by = "the header's column" if wide else f"column {columns[0]!r}" if len(columns) == 1 \
+        else f"columns {', '.join(map(repr, columns))} joined"
     for path in files:
         table = _read_user_csv(path, imp)
         label = file_label(path, source)
@@ -814,7 +814,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict, source: Path) -> dic
                    for key in ("preamble", "notes", "repeated_header", "other_elements")}
         if any(skipped.values()):
             log.info("%s: %s", label, _describe(skipped))
-        encodings[label] = table.attrs["encoding"]
+        encodings[path] = table.attrs["encoding"]
         if not columns:  # a station per file, its name the file's
             rows.setdefault(storage.station_name(path), []).append((path, table))
             continue
@@ -848,7 +848,7 @@ def read_long_form(files: list[Path], imp: dict, pre: dict, source: Path) -> dic
             without.append(name)  # an export's stations that measure other things (rain, snow) only
             continue
         # The files' repeated headers were reported with the files, not with a station's rows.
-        read_in = {encodings[file_label(path, source)] for path, _ in parts}
+        read_in = {encodings[path] for path, _ in parts}
         whole.attrs = {"encoding": "latin-1" if "latin-1" in read_in else read_in.pop()}
         where = first.with_name(f"{first.name} [station {name}]")
         table, counts = clean_readings(whole, where, reading_settings(imp), pre["min_temp"], pre["max_temp"], written)

@@ -350,20 +350,25 @@ def season_departure_scale(detector: dict, observed: pd.DataFrame) -> pd.DataFra
 def season_repeat_share(detector: dict, stations: pd.Index, share: pd.Series) -> pd.DataFrame:
     """Each station's share of readings repeating the day before in each calendar month (month x station),
     never less than its ``share`` for the year (the one to use where it learned none by month)."""
-    entries = [detector["stations"].get(station, {}) for station in stations]
-    by_month = np.array([entry.get("repeat_share_by_month", [np.nan] * 12) for entry in entries], dtype=float)
-    return pd.DataFrame(np.fmax(by_month.reshape(len(entries), 12).T, share.to_numpy()[None, :]),
-                        index=pd.RangeIndex(1, 13, name="month"), columns=stations, copy=False)
+    _, months = _month_table(detector, stations, "repeat_share")
+    return pd.DataFrame(np.fmax(months, share.to_numpy()[None, :]), index=pd.RangeIndex(1, 13, name="month"),
+                        columns=stations, copy=False)
 
 
 def _by_month(detector: dict, observed: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     """A learned value of each station (``key``; NaN where not learned) and, at each day of ``observed``, its
     value for the day's calendar month (``key``_by_month; the station's own where none was learned by month)."""
-    entries = [detector["stations"].get(station, {}) for station in observed.columns]
+    overall, months = _month_table(detector, observed.columns, key)
+    return overall[None, :], months[observed.index.month.to_numpy() - 1]
+
+
+def _month_table(detector: dict, stations: pd.Index, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A learned value of each station (``key``; NaN where not learned) and its value in each calendar month,
+    month x station (``key``_by_month; the station's own where none was learned by month)."""
+    entries = [detector["stations"].get(station, {}) for station in stations]
     overall = np.array([entry.get(key, np.nan) for entry in entries], dtype=float)
     by_month = [entry.get(f"{key}_by_month", [value] * 12) for entry, value in zip(entries, overall, strict=True)]
-    months = np.array(by_month, dtype=float).reshape(len(entries), 12)
-    return overall[None, :], months.T[observed.index.month.to_numpy() - 1]
+    return overall, np.array(by_month, dtype=float).reshape(len(entries), 12).T
 
 
 def date_offsets(observed: pd.DataFrame, expected: pd.DataFrame, reporting: pd.DataFrame, tested: pd.DataFrame,

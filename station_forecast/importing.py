@@ -85,9 +85,9 @@ MONTH_OF_ROW = " month"
 MONTH_NAMES = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
                "november", "december"]
 LATIN1_READ = "not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names may be wrong"
-# No instrumental record is older: an earlier date is a typo (0001-01-01), and keeping it would stretch every
-# station's days x stations table over centuries.
-EARLIEST_DATE = "1700-01-01"
+# No instrumental record is older (Central England's monthly means, the oldest, begin in 1659): an earlier date is
+# a typo (0001-01-01), and keeping it would stretch every station's days x stations table over centuries.
+EARLIEST_DATE = "1600-01-01"
 MONTHLY_STRETCH = 12  # this many month-apart readings in a row make a daily file mixed
 
 
@@ -124,7 +124,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     if dates.isna().all():
         where = f"column {first!r}" if not others else f"columns {', '.join(map(repr, [first, *others]))} joined"
         raise PipelineError(f"{path}: no value in {where} matches import.date_format "
-                            f"{imp['date_format']!r} (the first is {date_text.iat[0]!r}){_numbered_days(date_text)}")
+                            f"{imp['date_format']!r} (the first is {date_text.iat[0]!r}){_date_hint(date_text)}")
     values, missing, code, marked = written or _readings_as_written(table, imp)
     missing, values = missing | code, values.mask(code)
     not_number = ~missing & ~np.isfinite(values)
@@ -234,6 +234,37 @@ def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:
         if future.any():
             stamps = stamps.where(~future, stamps - pd.DateOffset(years=100))
     return stamps
+
+
+# Ways archives write dates and times, tried on dates that ``date_format`` does not read, to name one that does.
+COMMON_DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%m-%Y", "%m-%d-%Y", "%Y%m%d",
+                       "%Y %m %d", "%d-%b-%Y", "%d %b %Y", "%b %d %Y", "%Y-%m", "%Y%m", "%Y",
+                       "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M",
+                       "%d/%m/%Y %H:%M", "%m/%d/%Y %H:%M", "%d.%m.%Y %H:%M", "%Y%m%d%H", "%Y%m%d%H%M")
+HINT_DATES = 1000  # distinct dates a guessed format must read
+
+
+def _date_hint(dates: pd.Series) -> str:
+    """How to read dates that ``date_format`` does not: the formats of ``COMMON_DATE_FORMATS`` (or one with a
+    UTC offset, ``%z``) that read every one of the first ``HINT_DATES`` distinct dates, or what whole numbers
+    stand for (``_numbered_days``); "" when none fits."""
+    written = pd.Series(dates.dropna().str.strip().unique()[:HINT_DATES])
+    written = written[written != ""]
+    if written.empty:
+        return ""
+    numbered = _numbered_days(written)
+    if numbered:
+        return numbered
+    fits = [form for form in COMMON_DATE_FORMATS if parse_stamps(written, form).notna().all()]
+    if not fits:
+        fits = [f"{form}%z" for form in COMMON_DATE_FORMATS if "%H" in form
+                and parse_stamps(written, f"{form}%z").notna().all()]
+    if not fits:
+        return ""
+    if len(fits) == 1:
+        return f'; they read as import.date_format = "{fits[0]}"'
+    named = " or ".join(f'"{form}"' for form in fits[:3])
+    return f"; they read as import.date_format = {named} (every date fits each: which is meant, only the source says)"
 
 
 def _numbered_days(dates: pd.Series) -> str:

@@ -290,6 +290,24 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
     assert (report["first"], report["last"]) == ("2020-01-01", "2022-12-31")
 
 
+@pytest.mark.parametrize(("dates", "hint"), [
+    (["2020-01-01T06:00:00Z", "2020-01-02T06:00:00Z"], '; they read as import.date_format = "%Y-%m-%dT%H:%M:%S%z"'),
+    (["2020-01-02 06:00", "2020-01-13 06:00"], '; they read as import.date_format = "%Y-%m-%d %H:%M"'),
+    (["02/01/2020", "03/01/2020"], '; they read as import.date_format = "%d/%m/%Y" or "%m/%d/%Y" (every date fits '
+                                   "each: which is meant, only the source says)"),
+    ([f"{day}/01/2020" for day in range(1, 14)], '; they read as import.date_format = "%d/%m/%Y"'),
+    (["2020-13-01", "2020-14-01"], ""),
+])
+def test_dates_the_format_does_not_read_are_named_with_a_common_format_that_reads_them(tmp_path, dates, hint):
+    path = tmp_path / "HOME.csv"
+    path.write_text("DATE;TMAX\n" + "".join(f"{date};50\n" for date in dates))
+    params = _import_params()["import"] | {"date_format": "%Y%j"}
+    with pytest.raises(PipelineError) as caught:
+        importing.read_user_station(path, params, -90.0, 60.0)
+    assert str(caught.value) == (f"{path}: no value in column 'DATE' matches import.date_format '%Y%j' "
+                                 f"(the first is {dates[0]!r}){hint}")
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "empty file"),
     (b"DATE;TMAX\n", "header only, no data rows"),
@@ -310,7 +328,8 @@ def test_a_real_format_file_is_cleaned_and_every_dropped_row_counted(tmp_path):
      "4 of its 5 rows share their time with a different reading: two stations' rows in one file, or readings at "
      "several times of a day whose time import.date_column does not read"),
     (b"DATE;TMAX\n2020-01-01;50\n", "no value in column 'DATE' matches import.date_format '%d/%m/%Y' "
-                                    "(the first is '2020-01-01')"),
+                                    '(the first is \'2020-01-01\'); they read as import.date_format = "%Y-%m-%d"'),
+
     (b"\xff\xfeD\x00A\x00\x00\xd8", "starts with UTF-16's byte-order mark but is not UTF-16 text"),
     (b"DATE;TMAX\n01/01/2020;NaN\n02/01/2020;999\n", "no usable readings (1 missing value, 1 impossible); read "
                                                       "as unit 'F' its readings lie outside preprocessing's "
@@ -589,6 +608,16 @@ def test_a_future_or_ancient_date_and_an_overflowing_reading_are_dropped_and_cou
     assert report["missing_value"] == 6
     assert report["kept"] == 28 and report["steps_without_reading"] == 0  # no gap of centuries
     assert table["date"].max() == pd.Timestamp("2020-01-28") and np.isfinite(table["temperature"]).all()
+
+
+def test_the_oldest_instrumental_record_is_read_from_its_first_month(tmp_path):
+    path = tmp_path / "CET.csv"  # Central England's monthly means begin in January 1659
+    months = pd.date_range("1659-01-01", "1662-12-01", freq="MS")
+    path.write_text("DATE;TMAX\n" + "".join(f"{month:%d/%m/%Y};{50 + month.month}\n" for month in months)
+                    + "01/12/1599;50\n")
+    table, report = importing.read_user_station(path, _import_params()["import"], -90.0, 60.0)
+    assert report["kept"] == len(months) and report["ancient_date"] == 1
+    assert table["date"].min() == pd.Timestamp("1659-01-01")
 
 
 def test_an_ancient_date_is_named_in_a_warning_and_never_stretches_the_network(tmp_path, capsys):

@@ -784,6 +784,8 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
                             "\"#1\"), and from GHCN-Daily's .dly files: rename text tables to <station>.csv "
                             "(<station>.csv.gz), convert anything else")
     in_folders = folder.is_dir() and any(path.parent != folder for path in files)  # a folder of folders
+    if folder.is_dir() and not in_folders:
+        _warn_unread_folders(folder, skip)
     if imp["station_column"] or imp["temperature_column"] == EVERY_COLUMN or in_folders:
         return _report_and_split(read_long_form(files, imp, pre, folder), data, folder, pre["min_steps"],
                                  imp["unit"])
@@ -794,6 +796,19 @@ def import_stations(folder: Path, data: dict, imp: dict, pre: dict, pool: comput
     stations = {storage.station_name(path): one
                 for path, one in zip(files, (one for chunk in read for one in chunk), strict=True)}
     return _report_and_split(stations, data, folder, pre["min_steps"], imp["unit"])
+
+
+def _warn_unread_folders(folder: Path, skip: Callable[[Path], bool] | None) -> None:
+    """A warning naming the folders inside ``folder`` that hold station files, which are not read where
+    ``folder`` holds station files of its own (``source_files``): files a user put there would be left out
+    unsaid."""
+    unread = [inside for inside in station_folders(folder) if not (skip and skip(inside))
+              and any(storage.holds_a_table(inside / name, as_shipped=True) for name in storage.listing(inside))]
+    if unread:
+        log.warning("%s: the station files in %d folder(s) inside data.source are not read (%s%s), only those of "
+                    "the folder itself; a folder of folders is read only where it holds no station files of its "
+                    "own", folder, len(unread), ", ".join(f"{inside.name}/" for inside in unread[:3]),
+                    ", ..." if len(unread) > 3 else "")
 
 
 def source_files(source: Path, skip: Callable[[Path], bool] | None = None) -> list[Path]:

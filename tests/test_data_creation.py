@@ -1080,6 +1080,20 @@ def test_a_folder_a_year_with_a_file_per_station_imports_as_one_file_a_station(t
                                                                       load_params(params))
 
 
+def test_station_files_in_a_folder_beside_station_files_are_named_as_not_read(tmp_path, capsys):
+    own = tmp_path / "own"
+    (own / "extra").mkdir(parents=True)
+    (own / "notes").mkdir()
+    write_real_format_station(own / "HOME.csv")
+    write_real_format_station(own / "extra" / "AWAY.csv")
+    (own / "notes" / "readme.txt").write_text("not a station\n")
+    params = write_params(tmp_path / "own.toml", **TINY, **REAL_FORMAT, source="own")
+    assert run_stage(data_creation, tmp_path / "root", params) == 0
+    assert sorted(p.name for p in (tmp_path / "root/data/train/raw").glob("[!.]*")) == ["HOME.csv"]
+    assert (f"warning: {own}: the station files in 1 folder(s) inside data.source are not read (extra/), only "
+            "those of the folder itself") in capsys.readouterr().err
+
+
 def test_a_station_named_in_two_cases_across_year_folders_is_named_with_both_files(tmp_path, capsys):
     """1995/abc.csv and 1996/ABC.csv: on a disk that ignores case they are one file, and in the report one would
     hide the other; the message names both files (it named import.station_column, which is not set)."""

@@ -135,6 +135,16 @@ if missing:
 ' 2>&1 | tail -n 1)" || problem="does not run"
   [ -z "$problem" ] || die "PYTHON=$PYTHON $problem"
 else
+  # .venv holds everything the stages import. A PYTHONPATH or PYTHONHOME set for other work (a cluster's module
+  # system, another Python's packages) would put other copies of numpy or pandas, or another Python's standard
+  # library, before it: the stages would fail to import, and a .venv that runs would look broken.
+  for variable in PYTHONPATH PYTHONHOME; do
+    if [ -n "${!variable:-}" ]; then
+      echo "pipeline: $variable=${!variable} is ignored: .venv holds what the stages import (set PYTHON to run" \
+        "them with a Python of your own, which keeps it)" >&2
+    fi
+    unset "$variable"
+  done
   setup_venv
   py="$ROOT/.venv/bin/python"
 fi

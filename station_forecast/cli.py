@@ -238,6 +238,12 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
                                "(docs/scale_plan.md)", EXIT_INTERNAL)
         if isinstance(exc, PipelineError):
             return _fail(args, f"{stage}: error: {one_line(str(exc))}", exc.exit_code)
+        shadowing = isinstance(exc, ImportError) and imported_from_pythonpath(exc)
+        if shadowing:
+            return _fail(args, f"{stage}: error: {one_line(f'{type(exc).__name__}: {exc}')[:200]} in {shadowing}, "
+                               f"which PYTHONPATH={os.environ['PYTHONPATH']} puts before this Python's own packages: "
+                               "unset PYTHONPATH, or run ./pipeline.sh, which ignores it with its .venv",
+                         EXIT_INTERNAL)
         if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in manifest.LIBRARIES.values():
             return _fail(args, f"{stage}: error: {exc.name} is not installed for {sys.executable}: run the stages "
                                "with .venv/bin/python (./pipeline.sh --setup-only makes it), or pip install -r "
@@ -249,6 +255,19 @@ def _run_stopping_on_a_signal(stage: str, main: Callable[[argparse.Namespace], N
         log.info("a stop signal (%s) came after the stage's last output was written; the stage finished",
                  STOP_SIGNALS[stopping.received[0]])
     return EXIT_OK
+
+
+def imported_from_pythonpath(exc: BaseException) -> str:
+    """The file under a ``PYTHONPATH`` folder that a failed import ran through (another copy of numpy or pandas
+    than this Python's, put first by a PYTHONPATH set for other work), or ""."""
+    folders = [os.path.realpath(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    frame = exc.__traceback__
+    while frame is not None:
+        name = os.path.realpath(frame.tb_frame.f_code.co_filename)
+        if any(name.startswith(folder + os.sep) for folder in folders):
+            return name
+        frame = frame.tb_next
+    return ""
 
 
 def check_environment() -> None:

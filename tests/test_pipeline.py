@@ -1,5 +1,6 @@
 """End to end: pipeline.sh on the tiny configuration in a temporary copy of the project."""
 
+import hashlib
 import json
 import os
 import re
@@ -539,6 +540,43 @@ def test_the_default_run_prints_the_scores_the_results_page_shows(copy):
     page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
     shown = page.split("```\n", 2)[1]  # the page's first block: the default run's output
     assert printed + "\n" == shown
+
+
+def broken_pandas(folder: Path) -> Path:
+    """A folder whose ``pandas`` fails to import, as another Python's copy put first by PYTHONPATH does."""
+    (folder / "pandas").mkdir(parents=True)
+    (folder / "pandas" / "__init__.py").write_text('raise ImportError("built for another Python")\n')
+    return folder
+
+
+def test_a_stage_that_imports_another_copy_of_a_library_through_pythonpath_names_it(copy, tmp_path):
+    other = broken_pandas(tmp_path / "site")
+    run = subprocess.run([sys.executable, "data_creation.py", "--params", "tiny.toml"], cwd=copy,
+                         env=dict(os.environ, PYTHONPATH=str(other)), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        f"data_creation: error: ImportError: built for another Python in {other}/pandas/__init__.py, which "
+        f"PYTHONPATH={other} puts before this Python's own packages: unset PYTHONPATH, or run ./pipeline.sh, "
+        "which ignores it with its .venv")
+
+
+def test_the_pipeline_runs_its_venv_without_a_pythonpath_or_pythonhome_set_for_other_work(copy, tmp_path):
+    """A cluster's module system sets PYTHONPATH to another Python's packages (or PYTHONHOME to its home): the
+    .venv's Python imported them first and the stages failed, or did not start at all."""
+    (copy / ".venv" / "bin").mkdir(parents=True)
+    (copy / ".venv" / "bin" / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    (copy / ".venv" / "bin" / "python").chmod(0o755)
+    marker = hashlib.sha256((copy / "requirements.txt").read_bytes()).hexdigest()
+    (copy / ".venv" / ".requirements.sha256").write_text(marker + "\n")
+    other = broken_pandas(tmp_path / "site")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    env.update(PYTHONPATH=str(other), PYTHONHOME="/nonexistent")
+    run = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"pipeline: PYTHONPATH={other} is ignored: .venv holds what the stages import" in run.stderr
+    assert "pipeline: PYTHONHOME=/nonexistent is ignored" in run.stderr
+    assert not list(copy.glob(".venv.broken-*"))
 
 
 def test_a_venv_whose_python_no_longer_runs_is_moved_aside_and_made_again(copy, tmp_path):

@@ -623,4 +623,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0]), imports=IMPORTS))
+    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__), imports=IMPORTS))

@@ -937,4 +937,4 @@ def log_without_neighbours(detector: dict, min_correlation: float) -> None:
 
 
 if __name__ == "__main__":
-    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__.splitlines()[0]), imports=IMPORTS))
+    cli.exit_now(cli.run(STAGE, main, cli.stage_parser(__doc__), imports=IMPORTS))

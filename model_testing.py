@@ -430,7 +430,7 @@ def restore(args) -> None:
 
 
 def parser():
-    parser = cli.stage_parser(__doc__.splitlines()[0])
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--restore", action="store_true",
                         help="swap models/accepted with models/previous (undo the last acceptance) and exit")
     return parser

@@ -50,8 +50,10 @@ PIPELINE_PID = "PIPELINE_PID"  # the pipeline.sh process that started this stage
 GO = "go"  # the line that starts a stage waiting with --wait-for-go
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def stage_parser(docstring: str | None) -> argparse.ArgumentParser:
+    """A stage script's options, described by the first line of its ``docstring`` (None where Python runs with
+    docstrings stripped, ``-OO`` or ``PYTHONOPTIMIZE=2``)."""
+    parser = argparse.ArgumentParser(description=(docstring or "").partition("\n")[0] or None)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
                         help="parameters file (default: params.toml beside this script)")
     parser.add_argument("--root", type=Path, default=ROOT,

@@ -52,7 +52,7 @@ def run_stage(module, root: Path, params: Path, *extra: str) -> int:
     """Run a stage's command line in this process, in ``root`` made as a user makes a project folder (a stage
     never makes it); returns its exit code."""
     root.mkdir(parents=True, exist_ok=True)
-    parser = module.parser() if hasattr(module, "parser") else cli.stage_parser(module.__doc__.splitlines()[0])
+    parser = module.parser() if hasattr(module, "parser") else cli.stage_parser(module.__doc__)
     return cli.run(module.STAGE, module.main, parser, ["--root", str(root), "--params", str(params), *extra])
 
 

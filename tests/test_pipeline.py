@@ -542,6 +542,15 @@ def test_the_default_run_prints_the_scores_the_results_page_shows(copy):
     assert printed + "\n" == shown
 
 
+def test_the_stages_run_with_docstrings_stripped(copy):
+    """PYTHONOPTIMIZE=2 (python -OO) strips docstrings: every stage stopped at once, its options described by
+    its docstring's first line."""
+    run = subprocess.run(["bash", str(copy / "pipeline.sh"), "--params", "tiny.toml"], cwd=copy,
+                         env=dict(os.environ, PYTHON=sys.executable, PYTHONOPTIMIZE="2"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
 def broken_pandas(folder: Path) -> Path:
     """A folder whose ``pandas`` fails to import, as another Python's copy put first by PYTHONPATH does."""
     (folder / "pandas").mkdir(parents=True)

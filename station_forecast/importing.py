@@ -88,6 +88,7 @@ LATIN1_READ = "not UTF-8: read as Latin-1 (ISO-8859-1), so text such as names ma
 # No instrumental record is older (Central England's monthly means, the oldest, begin in 1659): an earlier date is
 # a typo (0001-01-01), and keeping it would stretch every station's days x stations table over centuries.
 EARLIEST_DATE = "1600-01-01"
+LATEST_UTC_OFFSET = 14  # hours: the Line Islands' time zone, the first to reach a date
 MONTHLY_STRETCH = 12  # this many month-apart readings in a row make a daily file mixed
 
 
@@ -133,7 +134,7 @@ def clean_readings(table: pd.DataFrame, path: Path, imp: dict, min_temp: float, 
     impossible = ~missing & ~not_number & ~values.between(min_temp, max_temp)
     # A date out of time is a typo worth a warning where it carries a reading; an archive's rows for the rest of
     # the current year, empty until the days come (as national services' yearly files are), are missing days.
-    future = (dates > pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()) & ~missing
+    future = (dates > latest_date()) & ~missing
     ancient = (dates < pd.Timestamp(EARLIEST_DATE)) & ~missing
     bad_date = dates.isna() | future | ancient
     reasons = {
@@ -219,6 +220,16 @@ def _misread(report: dict) -> bool:
     return 2 * unread >= max(1, report["rows"])
 
 
+def utc_now() -> pd.Timestamp:
+    return pd.Timestamp.now(tz="UTC")
+
+
+def latest_date() -> pd.Timestamp:
+    """The date it is now where the day is furthest on (UTC+14): a station's local date may be a day ahead of
+    this machine's, and a reading of that day is not from the future."""
+    return (utc_now() + pd.Timedelta(hours=LATEST_UTC_OFFSET)).tz_localize(None).normalize()
+
+
 def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:
     """Dates (and times) as written, NaT where one does not match ``date_format``. A UTC offset at the end
     (``%z``: ``+02:00``, ``+0200`` or ``Z``, as ISO 8601 time stamps carry it) is dropped, not applied: the
@@ -230,7 +241,7 @@ def parse_stamps(text: pd.Series, date_format: str) -> pd.Series:
         date_format = date_format.rstrip()[:-2].rstrip()
     stamps = pd.to_datetime(text, format=date_format, errors="coerce")
     if "%y" in date_format:  # "65" is 1965, not 2065: no record holds readings from the future
-        future = stamps > pd.Timestamp.now(tz="UTC").tz_localize(None)
+        future = stamps.dt.normalize() > latest_date()
         if future.any():
             stamps = stamps.where(~future, stamps - pd.DateOffset(years=100))
     return stamps

@@ -610,6 +610,23 @@ def test_a_future_or_ancient_date_and_an_overflowing_reading_are_dropped_and_cou
     assert table["date"].max() == pd.Timestamp("2020-01-28") and np.isfinite(table["temperature"]).all()
 
 
+@pytest.mark.parametrize("date_format", ["%d/%m/%Y", "%d/%m/%y"])
+def test_a_reading_of_a_date_a_station_far_east_has_reached_is_not_from_the_future(tmp_path, monkeypatch,
+                                                                                   date_format):
+    """A station's local date runs up to 14 hours ahead of UTC: at 20:00 UTC on 8 December it is 9 December in
+    New Zealand, and a reading of that day (hourly readings of a day under way) was dropped as from the future,
+    with a warning (with two-digit years, put a hundred years back)."""
+    monkeypatch.setattr(importing, "utc_now", lambda: pd.Timestamp("2026-12-08 20:00", tz="UTC"))
+    path = tmp_path / "HOME.csv"
+    days = pd.date_range(end="2026-12-10", periods=40)
+    path.write_text("DATE;TMAX\n" + "".join(f"{day.strftime(date_format)};{50 + i % 7}\n"
+                                           for i, day in enumerate(days)))
+    params = _import_params()["import"] | {"date_format": date_format}
+    table, _ = importing.read_user_station(path, params, -90.0, 60.0)
+    assert table["date"].max() == pd.Timestamp("2026-12-09")  # 10 December is from the future
+    assert (table["date"] >= days[0]).sum() == len(days) - 1
+
+
 def test_the_oldest_instrumental_record_is_read_from_its_first_month(tmp_path):
     path = tmp_path / "CET.csv"  # Central England's monthly means begin in January 1659
     months = pd.date_range("1659-01-01", "1662-12-01", freq="MS")

@@ -8,6 +8,21 @@ if [ -z "${BASH_VERSION:-}" ]; then
 fi
 set -euo pipefail
 
+# Written for Linux: bash 4.1 or newer, GNU coreutils (realpath -e, date +%N, sha256sum, mv -T) and util-linux's
+# flock. Elsewhere (macOS: bash 3.2, BSD tools) one line names what is missing, before anything is touched.
+missing=""
+(( BASH_VERSINFO[0] > 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] >= 1) )) \
+  || missing+="; bash 4.1 or newer (this is $BASH_VERSION)"
+{ realpath -e / && [[ "$(date +%N)" =~ ^[0-9]+$ ]] && command -v sha256sum; } >/dev/null 2>&1 \
+  || missing+="; GNU coreutils (realpath -e, date +%N, sha256sum, mv -T)"
+command -v flock >/dev/null 2>&1 || missing+="; flock (util-linux)"
+if [ -n "$missing" ]; then
+  echo "pipeline: error: this system lacks ${missing#; }: pipeline.sh is written for Linux; on macOS, Homebrew's" \
+    "bash, coreutils (first on PATH) and flock may serve (untested), or run the stages one by one in the order" \
+    "of stages.txt (python data_creation.py, ...)" >&2
+  exit 2
+fi
+
 # The project's folder is the script's own, wherever a link to it was called from (a link in ~/bin).
 ROOT="$(cd "$(dirname "$(realpath -e -- "${BASH_SOURCE[0]}")")" && pwd)"
 STAGES=()  # the one list of stages, in stages.txt (read by the benchmark and the tests too)

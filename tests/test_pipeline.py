@@ -542,6 +542,30 @@ def test_the_default_run_prints_the_scores_the_results_page_shows(copy):
     assert printed + "\n" == shown
 
 
+@pytest.mark.parametrize("bsd_realpath", [False, True])
+def test_a_system_without_linux_s_tools_is_told_what_it_lacks_before_anything_is_touched(copy, tmp_path,
+                                                                                           bsd_realpath):
+    """macOS has bash 3.2, BSD tools (a realpath without -e, a date without %N) and no flock: the script failed
+    on its first lines with an unrelated message."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("date", "sha256sum", "dirname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    if bsd_realpath:
+        (bin_dir / "realpath").write_text('#!/bin/bash\n[ "$1" = -e ] && exit 1\necho "$@"\n')
+        (bin_dir / "realpath").chmod(0o755)
+    else:
+        (bin_dir / "realpath").symlink_to(shutil.which("realpath"))
+    before = sorted(path.name for path in copy.iterdir())
+    run = subprocess.run([shutil.which("bash"), str(copy / "pipeline.sh")], cwd=copy, env={"PATH": str(bin_dir)},
+                         capture_output=True, text=True, timeout=60)
+    lacks = "GNU coreutils (realpath -e, date +%N, sha256sum, mv -T); flock (util-linux)" if bsd_realpath \
+        else "flock (util-linux)"
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"pipeline: error: this system lacks {lacks}: pipeline.sh is written for Linux;")
+    assert sorted(path.name for path in copy.iterdir()) == before
+
+
 def test_the_stages_run_with_docstrings_stripped(copy):
     """PYTHONOPTIMIZE=2 (python -OO) strips docstrings: every stage stopped at once, its options described by
     its docstring's first line."""

@@ -78,8 +78,81 @@ def chosen_threads() -> int | None:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity, not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs this process may use: its affinity, not the machine's count, and no more than its control
+    group's CPU quota allows (a container run with ``--cpus 2``, a cluster job's limit), rounded up."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+# Control groups: where Linux keeps the CPU and memory limits of a container, a cluster job or a systemd
+# service. Read with cgroup v2's files, or v1's where a machine mounts one tree per controller.
+CGROUPS = Path("/sys/fs/cgroup")
+OWN_CGROUPS = Path("/proc/self/cgroup")
+UNLIMITED_V1 = 2**62  # v1 writes "no memory limit" as a number near 2^63
+
+
+def control_groups(controller: str) -> list[Path]:
+    """The folders of this process's control group for ``controller`` ("cpu", "memory") and of every group above
+    it, innermost first, as mounted here: a limit set on any of them holds. A container sees its own group as
+    the root of the tree (a path of its group that does not exist there is skipped)."""
+    try:
+        lines = OWN_CGROUPS.read_text().splitlines()
+    except OSError:
+        return []
+    folders: list[Path] = []
+    for line in lines:
+        hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if hierarchy == "0" and not controllers:  # v2: one tree for every controller, where it is mounted here
+            if not (CGROUPS / "cgroup.controllers").exists():  # (v1 beside an empty v2 tree elsewhere)
+                continue
+            tree = CGROUPS
+        elif controller in controllers.split(","):  # v1: a tree per controller
+            tree = CGROUPS / controller
+        else:
+            continue
+        parts = Path(path).relative_to("/").parts if path.startswith("/") else ()
+        folders += [tree.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)
+                    if tree.joinpath(*parts[:depth]).is_dir()]
+    return folders
+
+
+def _read_numbers(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def cpu_quota() -> int | None:
+    """The most CPUs the control groups' quotas allow this process (quota over period, rounded up); None where
+    no quota is set or none can be read."""
+    limits = []
+    for folder in control_groups("cpu"):
+        quota, period = (_read_numbers(folder / "cpu.max") or ["", ""])[:2]  # v2: "max 100000", "200000 100000"
+        if not quota:
+            quota, period = (_read_numbers(folder / "cpu.cfs_quota_us") or [""])[0], \
+                (_read_numbers(folder / "cpu.cfs_period_us") or [""])[0]  # v1: -1 for no quota
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            limits.append(-(-int(quota) // int(period)))
+    return min(limits) if limits else None
+
+
+def cgroup_memory_free() -> int | None:
+    """Bytes the control groups' memory limits leave this process: per group, its limit less what it uses
+    but could not give back (the page cache of files read, which the kernel reclaims first, not counted);
+    the least over the groups; None where no limit is set or none can be read."""
+    free = []
+    for folder in control_groups("memory"):
+        names = ("memory.max", "memory.current", "inactive_file") if (folder / "memory.max").exists() else \
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        limit, used = (_read_numbers(folder / name) for name in names[:2])
+        if not (limit and limit[0].isdigit() and int(limit[0]) < UNLIMITED_V1 and used and used[0].isdigit()):
+            continue
+        stat = _read_numbers(folder / "memory.stat")
+        cache = dict(zip(stat[::2], stat[1::2], strict=False)).get(names[2], "0")
+        free.append(int(limit[0]) - int(used[0]) + (int(cache) if cache.isdigit() else 0))
+    return min(free) if free else None
 
 
 def _siblings_jiffies(parent: int | None = None) -> dict[int, int]:
@@ -183,12 +256,9 @@ def available_memory() -> int | None:
                 found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
+    limited = cgroup_memory_free()
+    if limited is not None:
+        found.append(limited)
     return min(found) if found else None
 
 

@@ -1052,6 +1052,55 @@ def test_a_signing_key_that_would_not_keep_its_secret_is_refused(project, tmp_pa
         key.unlink(missing_ok=True)
 
 
+def fake_cgroups(tmp_path: Path, monkeypatch, own: str, files: dict[str, str]) -> None:
+    """A control-group tree in ``tmp_path`` (``files``: path inside it -> content) and this process's line(s)
+    of /proc/self/cgroup, as runtime reads them."""
+    for name, text in files.items():
+        (tmp_path / "tree" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / name).write_text(text)
+    (tmp_path / "self").write_text(own)
+    monkeypatch.setattr(runtime, "CGROUPS", tmp_path / "tree")
+    monkeypatch.setattr(runtime, "OWN_CGROUPS", tmp_path / "self")
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("own", "files", "cpus", "free"), [
+    # v2, a container (its group the tree's root): --cpus 1.5 and --memory 2g, 1.5 GiB used of which 1 GiB the
+    # page cache of files read
+    ("0::/\n", {"cgroup.controllers": "cpu memory", "cpu.max": "150000 100000", "memory.max": str(2 * GIB),
+                 "memory.current": str(3 * GIB // 2), "memory.stat": f"anon 1\ninactive_file {GIB}\n"}, 2,
+     3 * GIB // 2),
+    # v2, a cluster job's group inside a user's: the job's own limit unset, its parent's set
+    ("0::/user.slice/job_7\n", {"cgroup.controllers": "", "user.slice/cpu.max": "100000 100000",
+                                  "user.slice/job_7/cpu.max": "max 100000", "user.slice/memory.max": str(4 * GIB),
+                                  "user.slice/memory.current": str(GIB), "user.slice/job_7/memory.max": "max"},
+     1, 3 * GIB),
+    # v1, a tree per controller (older clusters): a job's limits
+    ("4:memory:/slurm/job_9\n2:cpu,cpuacct:/slurm/job_9\n", {
+        "cpu/slurm/job_9/cpu.cfs_quota_us": "300000", "cpu/slurm/job_9/cpu.cfs_period_us": "100000",
+        "memory/slurm/job_9/memory.limit_in_bytes": str(8 * GIB),
+        "memory/slurm/job_9/memory.usage_in_bytes": str(2 * GIB),
+        "memory/slurm/job_9/memory.stat": "cache 5\ntotal_inactive_file 0\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712"}, 3, 6 * GIB),
+    # v1 with no limits at all (this machine's kind)
+    ("4:memory:/\n1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000",
+                                 "memory/memory.limit_in_bytes": "9223372036854771712",
+                                 "memory/memory.usage_in_bytes": "1000"}, None, None),
+])
+def test_thread_and_memory_budgets_hold_to_the_control_group_s_limits(tmp_path, monkeypatch, own, files, cpus,
+                                                                      free):
+    """A container run with --cpus 2 on a 32-CPU host, or a cluster job, sees every CPU of the host in its
+    affinity: sized by it, a stage ran 32 threads on the CPU time of 2. Its memory limit was read only where
+    cgroup v2's tree was mounted, and counted the page cache of the files read as used."""
+    fake_cgroups(tmp_path, monkeypatch, own, files)
+    assert runtime.cpu_quota() == cpus
+    assert runtime.cgroup_memory_free() == free
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert runtime.usable_cpus() == (cpus or 32)
+
+
 def test_a_network_larger_than_the_free_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "available_memory", lambda: 2 * 2**30)
     params = write_params(tmp_path / "p.toml", **{**TINY, "n_stations": 2000, "n_years": 10})

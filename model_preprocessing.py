@@ -53,7 +53,7 @@ IMPORTS = ["numpy", "pandas", "sklearn.preprocessing", "joblib"]
 # Stations whose features are built at a time, one step ahead: bounds the memory at scale. A block holds a row
 # per station-step and step ahead, so forecasting further ahead builds fewer stations at a time.
 STATION_BLOCK = 100
-PROBABLE_CODES = 3  # values shared by stations on a day and far outside every climate the log names
+PROBABLE_CODES = 3  # values shared by stations on a day and flagged gross that the log names
 # Training rows past this many bytes of columns wait on disk, a block of stations at a time, until they are
 # written (about 300 stations x 10 years; the default run's stay in memory). At 1,000 x 10 that took the
 # stage's peak from 1.52 to 1.29 GB at no measurable cost in time.
@@ -844,16 +844,18 @@ def write_tables(paths: Paths, handed: dict[str, list], observed: pd.DataFrame, 
 
 
 def log_probable_codes(probable_codes: pd.DataFrame, unit: str) -> None:
-    """Warn of each value far outside every climate that several stations read on one day, with the advice
-    to declare it (as written in the files) a missing-value code."""
+    """Warn of each value several stations read on one day that is flagged gross (beyond every climate, or read
+    by them all far from their neighbours: ``shared_far_values``), with the advice to declare it (as written in
+    the files) a missing-value code."""
     for value, code in probable_codes.iterrows():
         written = units.as_written(value, unit)
         elsewhere = code["readings"] - code["flagged"]
         advice = f"{elsewhere} reading(s) of the same value on other days pass as weather: declaring it in [import] " \
                  "missing_values would drop those too, so check them first" if elsewhere else \
                  "declare it in [import] missing_values"
-        log.warning("%g read by up to %d stations on the same day, far outside every station's climate: probably "
-                    "a missing-value code (%s as written in the files); %d reading(s) on %d day(s) flagged gross; %s",
+        log.warning("%g read by up to %d stations on the same day, each far from its neighbours' weather or beyond "
+                    "its climate: probably a missing-value code (%s as written in the files); %d reading(s) on %d "
+                    "day(s) flagged gross; %s",
                     value, code["most_stations"], written, code["flagged"], code["flagged_days"], advice)
 
 

@@ -675,6 +675,27 @@ def test_a_shared_code_is_told_apart_from_the_same_value_read_as_weather_on_othe
     assert shared.loc[code].tolist() == [2, 2, 1, 3, 2]  # most stations a day; flagged, their days; all, days
 
 
+@pytest.mark.parametrize(("stations", "resolution", "coded"), [(2, 0.1, False), (3, 0.1, True), (4, 1.0, False),
+                                                                 (5, 1.0, True)])
+def test_a_code_some_stations_share_within_the_climate_is_gross_not_a_front(settings, stations, resolution, coded):
+    """0 °C written for missing July days at some stations of a network: within any station's climate, and each
+    coded station's neighbours reading it too drew lines it lay between, as a front's split does; of six Ohio
+    stations sharing it, five passed as weather. Three stations that far from their neighbours do not read the
+    same value by chance (two nearby ones on the same side of a front may; at whole degrees, four), so it is a
+    code; the stations that read their weather are left alone."""
+    observed = network(n_stations=8 if resolution < 1 else 16, resolution=resolution)
+    days = [TEST_FROM + 30, TEST_FROM + 95, TEST_FROM + 160]
+    # far below the day's weather, not beyond any climate
+    code = ((observed.iloc[days].mean(axis=1) - 14.0) / resolution).round() * resolution
+    for day, value in zip(days, code, strict=True):
+        observed.iloc[day, :stations] = value
+    _, result = verdict(observed, settings)
+    assert (result["flag"].iloc[days, :stations] == "gross").all().all() == coded
+    assert not coded or not faults(result).iloc[days, stations:].any().any()
+    shared = verdicts.shared_values(observed, result["flag"])
+    assert sorted(shared.index) == (sorted(code.round(2)) if coded else [])
+
+
 def test_no_learned_jump_threshold_allows_a_jump_beyond_the_ceiling(settings):
     observed = network(n_stations=1)
     observed.iloc[::50, 0] += 60.0  # gross faults on 2 % of the days, too many for the 99.9th percentile

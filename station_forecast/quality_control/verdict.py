@@ -28,6 +28,7 @@ from station_forecast.quality_control.checks import (
     offset_evidence,
     reading_facts,
     recent_evidence,
+    shared_far_values,
     storminess,
     stuck_test,
     trailing_median,
@@ -98,6 +99,25 @@ def local_threads(pool: Pool | None) -> int:
     workers get only the verdict's blocks and wait meanwhile): the pool's threads, or a cluster's own
     ``threads``; one without a pool."""
     return pool.threads if pool is not None else 1
+
+
+def record_numbers(detector: dict, stations: pd.Index) -> np.ndarray:
+    """Per station, the position of the first of ``stations`` that holds its record (itself, or a station
+    listed among its ``same_record``, or theirs): one number for one record under several names."""
+    position = {station: i for i, station in enumerate(stations)}
+    number = np.arange(len(stations))
+
+    def root(i: int) -> int:  # the record's first station
+        while number[i] != i:
+            i = number[i]
+        return i
+
+    for station, entry in detector["stations"].items():
+        for copy in entry.get("neighbours", {}).get("same_record", []):
+            if station in position and copy["station"] in position:
+                low, high = sorted((root(position[station]), root(position[copy["station"]])))
+                number[high] = low
+    return np.array([root(i) for i in range(len(stations))])
 
 
 def _station_table(detector: dict, stations: pd.Index, key: str) -> pd.Series:
@@ -180,6 +200,10 @@ def _classify(observed: pd.DataFrame, facts: dict[str, pd.DataFrame], detector: 
     innovation = departure_innovation(network["departure"], per_station.persistence, per_station.departure_scale)
     tables = {"observed": observed, "departure": network["departure"], "expected": network["expected"],
               "innovation": innovation, **facts}
+    # A code needs the whole network, as the day's storminess does: the stations reading it may be in two blocks.
+    tables["shared_code"] = shared_far_values(observed, network["departure"], per_station.departure_scale,
+                                              per_station.resolution, record_numbers(detector, stations),
+                                              detector["spike_threshold"])
     beyond_climate = facts["climate_z"] > detector["climate_margin"]  # no weather: not the day's storminess
     day = storminess((innovation / per_station.innovation_scale).mask(beyond_climate))
     settings = {key: detector[key] for key in VERDICT_SETTINGS}
@@ -252,7 +276,7 @@ def verdict(block: tuple[dict[str, pd.DataFrame], StationValues], day: pd.Series
         & (~persistent | ((departure - offset).abs() > settings["spike_threshold"] * innovation_scale))
     # Gross: a jump no weather of the station makes, or a reading beyond its climate however many agree.
     climate_excess = tables["climate_z"] - settings["climate_margin"]
-    gross = (jump_z.abs() > gross_threshold) | (climate_excess > 0)
+    gross = (jump_z.abs() > gross_threshold) | (climate_excess > 0) | tables["shared_code"]
 
     share_by_day = pd.DataFrame(per_station.repeat_share_by_month.to_numpy()[observed.index.month.to_numpy() - 1],
                                 index=observed.index, columns=stations, copy=False)
